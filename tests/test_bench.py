@@ -1,0 +1,115 @@
+"""``moe-tune bench`` on the CPU (Triton interpreter, one logical GPU) and its gate's exit codes.
+
+Wall-clock timing under the interpreter is noise, so the gate tests make latencies a fixed
+function of the candidate (the worker's test-only fault hook, ``MOE_TUNE_FAULTS``); the kernels
+still run and are still checked against the reference.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+from tuner.cli import main
+from tuner.models import derive_shape, load_model
+from tuner.writers import write_sglang, write_vllm
+from workers.default_config import default_config
+from workers.faults import FaultPlan
+from workers.records import Candidate, Config, DType
+
+MODEL = str(Path(__file__).parent / "fixtures" / "job-tiny-moe.json")
+BATCH_SIZES = (2, 6)  # one decode-sized (M <= E) and one prefill-sized default config
+SHAPE = derive_shape(load_model(MODEL), dtype=DType.BF16)
+POOL = [Config(*v) for v in itertools.product([16, 32], [32, 64], [32, 64], [1, 8], [4], [2, 3])]
+LATENCY = FaultPlan(deterministic_latency=True)
+
+
+def _latency(config: Config, M: int) -> float:
+    return LATENCY.latency_us(Candidate(SHAPE, M, config))
+
+
+def _extremes(M: int) -> tuple[Config, Config]:
+    """The fastest and the slowest config of the pool at M under the deterministic latencies."""
+    ranked = sorted(POOL, key=lambda c: _latency(c, M))
+    return ranked[0], ranked[-1]
+
+
+@pytest.fixture
+def deterministic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    def use(raise_on: Config | None = None) -> None:
+        faults = [{"config": raise_on.label, "action": "raise"}] if raise_on else []
+        plan = tmp_path / "faults.json"
+        plan.write_text(json.dumps({"deterministic_latency": True, "faults": faults}))
+        monkeypatch.setenv("MOE_TUNE_FAULTS", str(plan))
+    return use
+
+
+def _folder(root: Path, name: str, configs: dict[int, Config], sglang: bool = False) -> Path:
+    folder = root / name
+    folder.mkdir()
+    if sglang:
+        write_sglang(folder, SHAPE, "cpu", configs, None, "3.9.0")
+    else:
+        write_vllm(folder, SHAPE, "cpu", configs, "3.9.0")
+    return folder
+
+
+def _bench(*extra: str) -> list[str]:
+    return ["bench", "--model", MODEL, "--batch-sizes", ",".join(map(str, BATCH_SIZES)), "--interpret",
+            "--rounds", "2", *extra]
+
+
+def test_gate_passes_when_no_folder_is_slower(tmp_path: Path, deterministic, capsys) -> None:
+    deterministic()
+    fast = _folder(tmp_path, "fast", {M: _extremes(M)[0] for M in BATCH_SIZES}, sglang=True)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code = main(_bench("--configs", str(fast), str(empty), "--fail-if-slower", "0.999"))
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "gate: PASS" in out
+    assert "* no file for this shape in that folder" in out  # the empty folder fell back, and says so
+    for M in BATCH_SIZES:
+        best = _extremes(M)[0]
+        heuristic = _latency(default_config(SHAPE, M), M)
+        row = next(line for line in out.splitlines() if line.split()[:1] == [str(M)])
+        assert f"{_latency(best, M):.1f} ({heuristic / _latency(best, M):.2f}x)" in row
+        assert f"{heuristic:.1f}* (1.00x)" in row
+
+
+def test_gate_fails_on_a_slower_or_broken_folder(tmp_path: Path, deterministic, capsys) -> None:
+    slow_configs = {M: _extremes(M)[1] for M in BATCH_SIZES}
+    broken = next(c for c in POOL if c not in slow_configs.values()
+                  and all(c != default_config(SHAPE, M) for M in BATCH_SIZES))
+    deterministic(raise_on=broken)
+    slow = _folder(tmp_path, "slow", slow_configs)
+    broken_folder = _folder(tmp_path, "broken", {M: broken for M in BATCH_SIZES})
+    code = main(_bench("--configs", str(slow), str(broken_folder), "--fail-if-slower", "0.999", "--json"))
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "gate failed" in captured.err.strip().splitlines()[-1]
+    result = json.loads(captured.out)
+    assert result["reference"] == "default" and result["gate"]["passed"] is False
+    for row in result["rows"]:
+        M, cells = row["M"], row["results"]
+        expected = _latency(default_config(SHAPE, M), M) / _latency(slow_configs[M], M)
+        assert cells["slow"]["ratio_vs_reference"] == pytest.approx(expected)
+        assert cells["broken"]["status"] == "crashed" and cells["broken"]["latency_us"] is None
+        assert f"broken at M={M}: crashed ({broken.label})" in result["gate"]["regressions"]
+        assert any(r.startswith(f"slow at M={M}:") for r in result["gate"]["regressions"]) == (expected < 0.999)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--configs", "/nonexistent/folder", "--batch-sizes", "2"], "not a folder"),
+    (["--configs", ".", "--batch-sizes", "2", "--fail-if-slower", "1.5"], "(0, 1]"),
+    (["--configs", ".", "--batch-sizes", "2", "--routing", "zipf:-1"], "alpha"),
+    (["--configs", "."], "--interpret takes batch sizes up to"),
+])
+def test_bad_input_exits_2_with_one_line(argv: list[str], message: str, capsys) -> None:
+    code = main(["bench", "--model", MODEL, "--interpret", *argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and message in err

@@ -1,0 +1,162 @@
+"""Job specs: valid and invalid files, their expansion into tune runs, the manifests' embedded
+specs, and one ``moe-tune job run`` end to end on the CPU (tune, then a failing gate)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tuner.cli import main
+from tuner.commands.job import _tune_args
+from tuner.jobspec import JobSpec, gate_checks, load_job_spec, tune_runs
+from tuner.models import derive_shape, load_model
+from tuner.spaces import load_space
+from tuner.writers import write_vllm
+from workers.default_config import default_config
+from workers.faults import FaultPlan
+from workers.records import Candidate, Config, DType
+
+ROOT = Path(__file__).parent.parent
+FIXTURES = Path(__file__).parent / "fixtures"
+MODEL = str(FIXTURES / "job-tiny-moe.json")
+SPACE = str(FIXTURES / "job-space.yaml")
+
+
+def _write(tmp_path: Path, data: dict | str) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def _minimal(**overrides) -> dict:
+    return {"models": [MODEL], "dtypes": ["bf16"], **overrides}
+
+
+def test_fixture_validates(capsys) -> None:
+    code = main(["job", "validate", str(FIXTURES / "job-tiny.yaml")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "valid: 2 tune run(s), 4 shape(s); gate vs out/accepted at 0.5" in out
+
+
+def test_spec_expands_into_tune_invocations_tune_accepts() -> None:
+    rng = random.Random()
+    layouts = rng.sample([{"tp": 1}, {"tp": 2}, {"tp": 2, "ep": 2}, {"tp": 4, "ep": 2}], rng.randint(1, 3))
+    routings = rng.sample(["uniform", "zipf:1.2", "zipf:0.5"], rng.randint(1, 2))
+    dtypes = rng.sample(["bf16", "fp8_w8a8", "mxfp4"], 2)
+    spec = JobSpec.model_validate(_minimal(dtypes=dtypes, layouts=layouts, routing=routings, batch_sizes=[8, 2, 8],
+                                           output={"dir": "o", "format": "sglang"}, workers=3,
+                                           gate={"reference": "ref"}))
+    runs = tune_runs(spec)
+    assert [(r.layout.tp, r.layout.ep, r.routing) for r in runs] == \
+        [(layout.get("tp"), layout.get("ep", 1), r) for layout in layouts for r in routings]
+    for run in runs:
+        args = _tune_args(run)
+        assert (args.model, args.dtype, args.tp, args.ep, args.routing) == \
+            ([MODEL], dtypes, run.layout.tp, run.layout.ep, run.routing)
+        assert (args.batch_sizes, args.out, args.format, args.workers) == ([2, 8], "o", "sglang", 3)
+    assert len(gate_checks(spec)) == len(layouts) * len(routings) * len(dtypes)
+
+
+@pytest.mark.parametrize("data,message", [
+    ("models: [a\n", "not valid YAML (line 2)"),
+    ("- bf16\n", "a job spec is a YAML mapping"),
+    (_minimal(bogus=1), "bogus: Extra inputs are not permitted"),
+    (_minimal(dtypes=["fp9"]), "dtypes.0: Input should be"),
+    (_minimal(models=[]), "models: List should have at least 1 item"),
+    (_minimal(layouts=[{"tp": 2, "ep": 3}]), "layouts.0.ep: Value error, ep=3 must divide tp=2"),
+    (_minimal(batch_sizes=[0]), "batch_sizes.0: Input should be greater than 0"),
+    (_minimal(gate={"reference": "r", "fail_if_slower": 1.5}), "gate.fail_if_slower: Input should be less than"),
+    (_minimal(gate={"fail_if_slower": 0.9}), "gate.reference: Field required"),
+    (_minimal(output={"format": "tensorrt"}), "output.format: Input should be 'vllm', 'sglang' or 'both'"),
+    (_minimal(models=["no-such-model"]), "no-such-model: not a config.json"),
+    (_minimal(layouts=[{"tp": 3}]), "does not split over tp/ep=3"),
+    (_minimal(routing=["zipf:x"]), "alpha must be a number"),
+    (_minimal(interpret=True, batch_sizes=[128]), "--interpret takes batch sizes up to"),
+    (_minimal(strategy="magic"), "tune flags from the job spec: argument --strategy: invalid choice"),
+])
+def test_invalid_specs_exit_2_with_one_line(tmp_path: Path, data, message: str, capsys) -> None:
+    for action in ("validate", "run"):
+        code = main(["job", action, str(_write(tmp_path, data))])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert err.count("\n") == 1 and message in err, err
+
+
+def test_missing_spec_file_and_missing_gate_reference(tmp_path: Path, capsys) -> None:
+    assert main(["job", "validate", str(tmp_path / "absent.yaml")]) == 2
+    assert "cannot read job spec" in capsys.readouterr().err
+    spec = _write(tmp_path, _minimal(gate={"reference": str(tmp_path / "accepted")}, output={"dir": str(tmp_path)}))
+    assert main(["job", "validate", str(spec)]) == 0  # the reference is runtime state: checked by run
+    assert main(["job", "run", str(spec)]) == 2
+    assert "gate.reference" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.json"))  # nothing tuned, nothing written
+
+
+@pytest.mark.parametrize("manifest", ["rayjob.yaml", "raycronjob-nightly.yaml"])
+def test_kuberay_manifests_carry_a_valid_job_spec(manifest: str, tmp_path: Path, capsys) -> None:
+    docs = list(yaml.safe_load_all((ROOT / "docker" / manifest).read_text()))
+    config_map = next(d for d in docs if d["kind"] == "ConfigMap")
+    spec_path = tmp_path / "job.yaml"
+    spec_path.write_text(config_map["data"]["job.yaml"])
+    assert main(["job", "validate", str(spec_path)]) == 0, capsys.readouterr().err
+
+    ray_doc = next(d for d in docs if d["apiVersion"] == "ray.io/v1")
+    job = ray_doc["spec"]["jobTemplate"] if ray_doc["kind"] == "RayCronJob" else ray_doc["spec"]
+    head = job["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    mount = next(m for m in head["containers"][0]["volumeMounts"] if m["name"] == "job-spec")
+    volume = next(v for v in head["volumes"] if v["name"] == "job-spec")
+    assert volume["configMap"]["name"] == config_map["metadata"]["name"]
+    assert f"moe-tune job run {mount['mountPath']}/job.yaml" in job["entrypoint"]
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert f"ARG RAY_VERSION={job['rayClusterSpec']['rayVersion']}" in dockerfile
+    spec = load_job_spec(spec_path)
+    results = next(m["mountPath"] for m in head["containers"][0]["volumeMounts"] if m["name"] == "results")
+    assert str(spec.output.dir).startswith(results)
+    if spec.gate:
+        assert str(spec.gate.reference).startswith(results) and f"mkdir -p {spec.gate.reference}" in job["entrypoint"]
+
+
+def test_job_run_tunes_then_fails_the_gate_on_a_regression(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Latencies are a fixed function of the candidate (the worker's test hook), so the test knows
+    which config the tune picks and can put a faster one in the reference folder."""
+    plan = tmp_path / "faults.json"
+    plan.write_text(json.dumps({"deterministic_latency": True}))
+    monkeypatch.setenv("MOE_TUNE_FAULTS", str(plan))
+    latency = FaultPlan(deterministic_latency=True).latency_us
+    shapes = {d: derive_shape(load_model(MODEL), dtype=d) for d in (DType.BF16, DType.FP8_W8A8)}
+    space = load_space(SPACE).expand()
+    pool = [Config(*v) for v in itertools.product([16, 32], [32, 64], [32, 64], [1, 8], [4], [2, 3])]
+
+    def pick(dtype: DType, M: int, configs) -> Config:
+        return min(configs, key=lambda c: latency(Candidate(shapes[dtype], M, c)))
+
+    M = next(M for M in range(1, 9)
+             if latency(Candidate(shapes[DType.BF16], M, pick(DType.BF16, M, pool)))
+             < 0.99 * latency(Candidate(shapes[DType.BF16], M, pick(DType.BF16, M, space))))
+    accepted = tmp_path / "accepted"
+    write_vllm(accepted, shapes[DType.BF16], "cpu", {M: pick(DType.BF16, M, pool)}, "3.9.0")
+    spec = _write(tmp_path, {
+        "name": "nightly-test", "models": [MODEL], "dtypes": ["bf16", "fp8_w8a8"], "batch_sizes": [M],
+        "search_space": SPACE, "interpret": True, "workers": 1,
+        "output": {"dir": str(tmp_path / "nightly"), "format": "vllm"},
+        "gate": {"reference": str(accepted), "fail_if_slower": 0.999, "rounds": 1}})
+
+    code = main(["job", "run", str(spec)])
+    captured = capsys.readouterr()
+    assert code == 1
+    written = sorted(p.name for p in (tmp_path / "nightly").glob("E=*.json"))
+    assert written == ["E=4,N=64,device_name=cpu,dtype=fp8_w8a8.json", "E=4,N=64,device_name=cpu.json"]
+    tables = re.findall(r"^gate .*? (bf16|fp8_w8a8) routing=uniform$", captured.out, re.MULTILINE)
+    assert tables == ["bf16", "fp8_w8a8"]  # both shapes gated, on one worker
+    fp8 = shapes[DType.FP8_W8A8]
+    fp8_tuned = pick(DType.FP8_W8A8, M, space)
+    fp8_ratio = latency(Candidate(fp8, M, default_config(fp8, M))) / latency(Candidate(fp8, M, fp8_tuned))
+    failing = ["bf16"] + (["fp8_w8a8"] if fp8_ratio < 0.999 else [])
+    assert f"gate failed at {len(failing)} point(s)" in captured.err.strip().splitlines()[-1]

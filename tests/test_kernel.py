@@ -1,0 +1,131 @@
+"""The fused-MoE kernel under the Triton interpreter, every dtype against ``reference_moe``.
+
+Tiny shapes chosen to hit the edge cases: K and N not multiples of the tile sizes, fewer routed
+rows than BLOCK_SIZE_M, experts with no tokens, top-1, and a down GEMM tiled with another
+BLOCK_SIZE_M than the up GEMM. Every buffer the kernels write starts as NaN (or, in the sort, as a
+row index the GEMM masks out), so an unwritten element fails the error check.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are decorated
+
+import pytest
+import torch
+
+from workers.align import TokenAligner
+from workers.fused_moe_kernel import check_config, launch_moe_gemm
+from workers.moe import MoERunner
+from workers.problem import rel_error
+from workers.quant import QuantizedWeight, activation_dtype, quantize_weight
+from workers.records import Config, DType
+from workers.reference import reference_moe
+
+# Explicit bounds, about 2.5x what each dtype measures here (the product bounds in
+# workers.problem.ERROR_BOUNDS are looser, for real shapes and every routing).
+BOUNDS = {
+    DType.BF16: 1e-2,        # measures ~4e-3: bf16 intermediate and output
+    DType.FP16: 2e-3,        # ~5e-4
+    DType.FP8_W8A8: 1e-2,    # ~2.5e-3 (the reference emulates the activation quantization)
+    DType.INT8_W8A16: 1e-2,  # ~4e-3
+    DType.MXFP4: 1e-2,       # ~4e-3
+    DType.NVFP4: 1e-2,       # ~4e-3
+}
+SMALL = Config(BLOCK_SIZE_M=16, BLOCK_SIZE_N=32, BLOCK_SIZE_K=32, GROUP_SIZE_M=1, num_warps=4, num_stages=2)
+
+
+@pytest.fixture
+def generator() -> torch.Generator:
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"seed {seed}")  # shown by pytest when the test fails
+    return torch.Generator().manual_seed(seed)
+
+
+def make_problem(M, E, N, K, topk, dtype, generator, block_shape=None, experts_used=None):
+    """Random inputs (x ~ N(0,1), weights scaled so outputs are O(1)) and distinct experts per token."""
+    x = torch.randn((M, K), generator=generator).to(activation_dtype(dtype))
+    w13 = quantize_weight(torch.randn((E, 2 * N, K), generator=generator) * K ** -0.5, dtype, block_shape)
+    w2 = quantize_weight(torch.randn((E, K, N), generator=generator) * N ** -0.5, dtype, block_shape)
+    pool = experts_used or E
+    topk_ids = torch.stack([torch.randperm(pool, generator=generator)[:topk] for _ in range(M)]).to(torch.int32)
+    topk_weights = torch.rand((M, topk), generator=generator).softmax(dim=-1)
+    return x, w13, w2, topk_weights, topk_ids
+
+
+def run_checked(problem, config, down_config=None) -> float:
+    runner = MoERunner(*problem, config, down_config)
+    runner.poison_buffers()
+    out = runner.run()
+    return rel_error(out, reference_moe(*problem))
+
+
+@pytest.mark.parametrize("dtype, block_shape, N, K", [
+    (DType.BF16, None, 48, 80),
+    (DType.FP16, None, 48, 80),
+    (DType.FP8_W8A8, None, 48, 80),
+    (DType.FP8_W8A8, (32, 32), 48, 80),  # block scales, partial blocks at the N and K edges
+    (DType.INT8_W8A16, None, 48, 80),
+    (DType.MXFP4, None, 64, 96),         # fp4 needs K and N multiples of the scale group
+    (DType.NVFP4, None, 48, 80),
+])
+def test_every_dtype_matches_reference(dtype, block_shape, N, K, generator):
+    problem = make_problem(12, 4, N, K, 2, dtype, generator, block_shape)
+    assert run_checked(problem, SMALL) < BOUNDS[dtype]
+
+
+@pytest.mark.parametrize("M, topk, experts_used", [
+    (3, 2, None),  # 6 routed rows < BLOCK_SIZE_M, two of four experts idle
+    (9, 1, 2),     # top-1, experts 2 and 3 get nothing
+])
+def test_small_and_sparse_routing(M, topk, experts_used, generator):
+    problem = make_problem(M, 4, 48, 80, topk, DType.BF16, generator, experts_used=experts_used)
+    assert run_checked(problem, SMALL) < BOUNDS[DType.BF16]
+
+
+def test_down_gemm_with_its_own_tiles(generator):
+    """SGLang tunes the GEMMs apart: a down config with another BLOCK_SIZE_M gets its own sort."""
+    problem = make_problem(20, 4, 48, 80, 2, DType.FP16, generator)
+    down = Config(BLOCK_SIZE_M=32, BLOCK_SIZE_N=16, BLOCK_SIZE_K=64, GROUP_SIZE_M=2, num_warps=4, num_stages=2)
+    assert run_checked(problem, SMALL, down) < BOUNDS[DType.FP16]
+
+
+def test_split_parts_reproduce_the_whole_call(generator):
+    """run_down (the down GEMM alone, top-1 so it writes the output) recomputes run()'s output."""
+    problem = make_problem(10, 4, 48, 80, 1, DType.FP16, generator)
+    runner = MoERunner(*problem, SMALL)
+    expected = runner.run().clone()
+    runner.output.fill_(float("nan"))
+    runner.run_up()
+    runner.run_down()
+    assert torch.equal(runner.output, expected)
+
+
+def test_interpreter_switch_is_what_makes_bf16_right(generator):
+    """Triton's interpreter computes bf16 dots on raw bit patterns: without the switch the up GEMM
+    is garbage; with it, it matches a plain torch computation."""
+    M, E, N, K, topk = 8, 2, 32, 64, 1
+    x, w13, _, _, topk_ids = make_problem(M, E, N, K, topk, DType.BF16, generator)
+    sort = TokenAligner(M * topk, E, SMALL.BLOCK_SIZE_M, "cpu").run(topk_ids)
+    expected = torch.stack([x[m].float() @ w13.data[topk_ids[m, 0]].float().T for m in range(M)])
+
+    def up_gemm(interpreter: bool) -> torch.Tensor:
+        out = torch.full((M * topk, 2 * N), float("nan"), dtype=torch.bfloat16)
+        launch_moe_gemm(x, None, w13, out, sort, None, top_k=topk, config=SMALL, interpreter=interpreter)
+        return out
+
+    assert rel_error(up_gemm(True), expected) < 1e-2
+    assert not rel_error(up_gemm(False), expected) < 0.5
+
+
+@pytest.mark.parametrize("dtype, block_shape, config, message", [
+    (DType.FP8_W8A8, (32, 32), Config(16, 32, 64, 1, 4, 2), "block_k % BLOCK_SIZE_K"),
+    (DType.FP8_W8A8, (32, 32), Config(16, 64, 32, 1, 4, 2), "block_n % BLOCK_SIZE_N"),
+    (DType.MXFP4, None, Config(16, 32, 16, 1, 4, 2), "mxfp4 needs BLOCK_SIZE_K % 32"),
+    (DType.BF16, None, Config(8, 32, 32, 1, 4, 2), ">= 16"),
+])
+def test_configs_the_kernel_cannot_run_are_refused(dtype, block_shape, config, message):
+    weight = QuantizedWeight(dtype, torch.zeros((1, 32, 32)), torch.ones(1), block_shape=block_shape)
+    with pytest.raises(ValueError, match=message):
+        check_config(config, weight)

@@ -1,0 +1,149 @@
+"""``build_plan`` and the ``moe-tune plan`` command: shapes, file names, counts, JSON schema, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+import tuner.cli as cli
+from tuner.commands import plan as plan_command
+from tuner.errors import UsageError
+from tuner.plan import DEFAULT_BATCH_SIZES, build_plan
+from tuner.spaces import DeviceLimits, load_space, prune
+from workers.records import DType, MoEShape
+
+FIXTURES = Path(__file__).parent / "fixtures"
+MIXTRAL = str(FIXTURES / "mixtral-8x7b.json")
+
+
+@pytest.fixture
+def moe_tune(monkeypatch, capsys):
+    """Run ``moe-tune`` in-process with only the plan subcommand registered; return (rc, out, err)."""
+    monkeypatch.setattr(cli, "COMMANDS", {"plan": cli.COMMANDS["plan"]})
+
+    def run(*argv: str):
+        rc = cli.main(list(argv))
+        captured = capsys.readouterr()
+        return rc, captured.out, captured.err
+
+    return run
+
+
+def test_done_when_mixtral_fp8_tp2_on_h200(moe_tune):
+    rc, out, err = moe_tune("plan", "--model", MIXTRAL, "--tp", "2", "--dtype", "fp8_w8a8",
+                            "--device-name", "NVIDIA H200", "--json")
+    assert (rc, err) == (0, "")
+    (job,) = json.loads(out)["jobs"]
+    assert {k: job[k] for k in ("model", "dtype", "E", "N", "K", "topk", "block_shape", "file_name")} == {
+        "model": "mixtral-8x7b", "dtype": "fp8_w8a8", "E": 8, "N": 7168, "K": 4096, "topk": 2,
+        "block_shape": None, "file_name": "E=8,N=7168,device_name=NVIDIA_H200,dtype=fp8_w8a8.json"}
+    assert job["batch_sizes"] == list(DEFAULT_BATCH_SIZES)
+    assert list(job["configs_per_batch"]) == [str(M) for M in DEFAULT_BATCH_SIZES]
+
+
+def test_json_schema_types(moe_tune):
+    rc, out, _ = moe_tune("plan", "--model", "deepseek-v3", "--model", MIXTRAL, "--tp", "8", "--dtype",
+                          "fp8_w8a8", "--batch-sizes", "64,1,64", "--device-name", "NVIDIA H100", "--json")
+    assert rc == 0
+    jobs = json.loads(out)["jobs"]
+    assert len(jobs) == 2
+    types = {"model": str, "dtype": str, "E": int, "N": int, "K": int, "topk": int, "file_name": str,
+             "batch_sizes": list, "configs_per_batch": dict}
+    for job in jobs:
+        for key, kind in types.items():
+            assert isinstance(job[key], kind), key
+        assert job["batch_sizes"] == [1, 64]
+        assert all(isinstance(v, int) and v > 0 for v in job["configs_per_batch"].values())
+    assert jobs[0]["block_shape"] == [128, 128]
+    assert jobs[0]["file_name"] == "E=256,N=256,device_name=NVIDIA_H100,dtype=fp8_w8a8,block_shape=[128,128].json"
+
+
+def test_counts_are_prune_counts():
+    seed = int.from_bytes(os.urandom(4), "little")
+    sizes = sorted(random.Random(seed).sample(range(1, 8193), 4))
+    plan = build_plan([MIXTRAL], tp=2, ep=1, dtypes=["bf16"], block_shape=None, batch_sizes=sizes,
+                      space="default", device_name="NVIDIA H200")
+    (job,) = plan.jobs
+    configs = load_space("default").expand()
+    shape = MoEShape(8, 7168, 4096, 2, DType.BF16)
+    assert job.shape == shape
+    for M in sizes:
+        expected = prune(configs, shape, M, DeviceLimits.for_device("NVIDIA H200"))
+        assert job.candidates[M] == expected.kept, f"seed {seed} M={M}"
+        assert job.dropped_by_reason[M] == expected.dropped_by_reason, f"seed {seed} M={M}"
+        assert len(job.candidates[M]) + sum(job.dropped_by_reason[M].values()) == 1920
+    assert plan.total_candidates == sum(len(job.candidates[M]) for M in sizes)
+
+
+def test_same_shape_shares_one_job_and_dtypes_multiply():
+    plan = build_plan(["qwen3-30b-a3b", str(FIXTURES / "qwen3-vl-30b-a3b.json"), "qwen3-30b-a3b"], tp=1, ep=1,
+                      dtypes=["bf16", "fp8_w8a8"], block_shape=None, batch_sizes=[16], space="default",
+                      device_name="NVIDIA H200")
+    assert [(j.model, j.shape.dtype) for j in plan.jobs] == [
+        ("qwen3-30b-a3b, qwen3-vl-30b-a3b", DType.BF16), ("qwen3-30b-a3b, qwen3-vl-30b-a3b", DType.FP8_W8A8)]
+
+
+def test_natural_dtypes_without_dtype_flag():
+    plan = build_plan(["gpt-oss-120b", "deepseek-v3", MIXTRAL], tp=1, ep=1, dtypes=None, block_shape=None,
+                      batch_sizes=[1], space="default", device_name="NVIDIA H200")
+    assert [(j.shape.dtype, j.shape.block_shape) for j in plan.jobs] == [
+        (DType.MXFP4, None), (DType.FP8_W8A8, (128, 128)), (DType.BF16, None)]
+    assert plan.jobs[0].file_name == "E=128,N=2880,device_name=NVIDIA_H200,dtype=mxfp4_w4a16.json"
+
+
+def test_block_shape_flag_applies_to_fp8_jobs_only():
+    plan = build_plan([MIXTRAL], tp=2, ep=1, dtypes=["bf16", "fp8_w8a8"], block_shape=(128, 128),
+                      batch_sizes=[8], space="default", device_name="NVIDIA H200")
+    assert [j.shape.block_shape for j in plan.jobs] == [None, (128, 128)]
+    with pytest.raises(UsageError, match="add --dtype fp8_w8a8"):
+        build_plan([MIXTRAL], tp=2, ep=1, dtypes=["bf16"], block_shape=(128, 128), batch_sizes=[8],
+                   space="default", device_name="NVIDIA H200")
+
+
+def test_human_table(moe_tune):
+    rc, out, _ = moe_tune("plan", "--model", MIXTRAL, "--tp", "2", "--dtype", "fp8_w8a8", "--batch-sizes",
+                          "1,4096", "--device-name", "NVIDIA H200")
+    assert rc == 0
+    assert "E=8,N=7168,device_name=NVIDIA_H200,dtype=fp8_w8a8.json" in out
+    assert "search space default (1920 configs)" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()
+            if line.startswith("  ") and line.split()[0].isdigit()}
+    assert set(rows) == {"1", "4096"}
+    assert "before pruning" in out.splitlines()[-1]
+
+
+def test_detected_device_is_the_default(moe_tune, monkeypatch):
+    monkeypatch.setattr(plan_command, "detect_device_name", lambda: "NVIDIA H100 80GB HBM3")
+    rc, out, _ = moe_tune("plan", "--model", MIXTRAL, "--batch-sizes", "1", "--json")
+    assert rc == 0
+    assert json.loads(out)["jobs"][0]["file_name"] == "E=8,N=14336,device_name=NVIDIA_H100_80GB_HBM3.json"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "no-such-model"], "not a config.json"),
+    (["--model", str(FIXTURES / "llama-3-8b.json")], "no MoE layers"),
+    (["--model", MIXTRAL, "--tp", "3"], "does not split"),
+    (["--model", MIXTRAL, "--tp", "2", "--ep", "4"], "must divide"),
+    (["--model", MIXTRAL, "--batch-sizes", "1,x"], "comma-separated integers"),
+    (["--model", MIXTRAL, "--batch-sizes", "0,4"], ">= 1"),
+    (["--model", MIXTRAL, "--dtype", "int4"], "invalid choice"),
+    (["--model", MIXTRAL, "--block-shape", "128"], "BN,BK"),
+    (["--model", MIXTRAL, "--block-shape", "128,128"], "add --dtype fp8_w8a8"),
+    (["--model", MIXTRAL, "--search-space", "nope"], "search space 'nope' not found"),
+    (["--tp", "2"], "--model"),
+])
+def test_bad_input_exits_2_with_one_line(moe_tune, argv, message):
+    rc, out, err = moe_tune("plan", *argv, "--device-name", "NVIDIA H200")
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+def test_no_gpu_and_no_device_name(moe_tune, monkeypatch):
+    monkeypatch.setattr(plan_command, "detect_device_name", lambda: None)
+    rc, out, err = moe_tune("plan", "--model", MIXTRAL)
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and "--device-name" in err

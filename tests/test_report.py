@@ -1,0 +1,173 @@
+"""The comparison report: its arithmetic, its recommendations and its three files (HTML checked
+in headless Chromium)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from tuner import report, roofline
+from workers.default_config import default_config
+from workers.quant import quantize_weight
+from workers.records import DType, MoEShape
+
+SEED = int.from_bytes(os.urandom(4), "little")
+PLOTS = ("latency", "speedup", "roofline")
+
+
+@pytest.fixture
+def rng() -> random.Random:
+    print(f"seed={SEED}")
+    return random.Random(SEED)
+
+
+def _random_results(rng: random.Random, device: str = "NVIDIA H200") -> report.ComparisonResults:
+    """Latencies and errors drawn at random: the report must follow the data, whatever it is."""
+    peaks = roofline.device_peaks(device)
+    dtypes = [DType.BF16] + rng.sample([DType.FP8_W8A8, DType.INT8_W8A16, DType.MXFP4, DType.NVFP4], 3)
+    layers = rng.randint(1, 48)
+    results = report.ComparisonResults(
+        model="tiny-moe", layout="tp=1", device=device, versions={"torch": "x", "triton": "y"}, routing="uniform",
+        moe_layers=layers, memory_budget_bytes=rng.randint(1, 64) * 2**30, dtypes={})
+    batch_sizes = sorted(rng.sample([1, 2, 4, 8, 16, 32, 64, 128, 256, 512], 6))
+    for dtype in dtypes:
+        shape = MoEShape(E=rng.choice([8, 64]), N=256, K=512, topk=2, dtype=dtype)
+        results.dtypes[dtype] = report.summarize_dtype(shape, layers)
+        for M in batch_sizes:
+            if dtype is not DType.BF16 and rng.random() < 0.1:
+                continue  # no correct config at this M
+            results.points.append(report.measured_point(
+                shape, M, rng.uniform(5.0, 500.0), default_config(shape, M),
+                0.0 if dtype is DType.BF16 else rng.uniform(0.001, 0.2),
+                roofline.expected_experts_touched(shape.E, shape.topk, M), peaks))
+    return results
+
+
+@pytest.mark.parametrize("dtype,block_shape", [(DType.BF16, None), (DType.FP8_W8A8, None), (DType.FP8_W8A8, (32, 64)),
+                                               (DType.INT8_W8A16, None), (DType.MXFP4, None), (DType.NVFP4, None)])
+def test_weight_bytes_match_the_quantized_tensors(dtype: DType, block_shape, rng: random.Random) -> None:
+    E, N, K = rng.choice([2, 3]), rng.choice([64, 96]), rng.choice([64, 128])
+    shape = MoEShape(E=E, N=N, K=K, topk=1, dtype=dtype, block_shape=block_shape)
+    actual = 0
+    for rows, cols in ((2 * N, K), (K, N)):
+        q = quantize_weight(torch.randn(E, rows, cols), dtype, block_shape)
+        actual += sum(t.nbytes for t in (q.data, q.scale, q.global_scale) if t is not None)
+    assert roofline.weight_bytes(shape) == actual
+
+
+def test_memory_budget_arithmetic(rng: random.Random) -> None:
+    weights, per_token = rng.randint(1, 10**9), rng.randint(1, 10**6)
+    budget = weights + rng.randint(0, 10**9)
+    fits = roofline.max_batch_in_budget(weights, per_token, budget)
+    assert weights + fits * per_token <= budget < weights + (fits + 1) * per_token
+    assert roofline.max_batch_in_budget(weights, per_token, weights - 1) == 0
+
+
+def test_floor_fractions_scale_inversely_with_latency(rng: random.Random) -> None:
+    shape = MoEShape(E=128, N=2880, K=2880, topk=4, dtype=DType.MXFP4)
+    peaks = roofline.device_peaks("NVIDIA H100 80GB HBM3")
+    M, touched = rng.randint(1, 4096), rng.uniform(1, 128)
+    floor_us = roofline.min_bytes_moved(shape, M, touched) / peaks.hbm_bytes_per_s * 1e6
+    at_floor = roofline.floor_fractions(shape, M, floor_us, peaks, touched)
+    assert at_floor.hbm == pytest.approx(1.0)
+    assert roofline.floor_fractions(shape, M, 2 * floor_us, peaks, touched).hbm == pytest.approx(0.5)
+    assert roofline.device_peaks("cpu") is None
+    assert roofline.device_peaks("NVIDIA H100 PCIe").hbm_bytes_per_s < peaks.hbm_bytes_per_s
+
+
+def test_recommendation_is_the_fastest_dtype_per_m_merged_into_ranges(rng: random.Random) -> None:
+    results = _random_results(rng)
+    recommendations = report.recommend(results)
+    covered = []
+    for rec in recommendations:
+        for M in results.batch_sizes:
+            if rec.m_low <= M <= rec.m_high:
+                fastest = min((p for p in results.points if p.M == M), key=lambda p: p.latency_us)
+                assert fastest.dtype is rec.dtype, (M, rec)
+                covered.append(M)
+    assert covered == results.batch_sizes
+    assert all(a.dtype is not b.dtype for a, b in zip(recommendations, recommendations[1:]))
+    assert recommendations[0].first and recommendations[-1].last
+
+    tolerance = rng.uniform(0.01, 0.1)
+    for rec in report.recommend(results, max_rel_err=tolerance):
+        assert rec.max_rel_err <= tolerance
+
+
+def test_recommendation_text_states_the_speedup_and_regime(rng: random.Random) -> None:
+    results = _random_results(rng)
+    for rec in report.recommend(results):
+        point = results.point(rec.dtype, rec.m_low)
+        assert rec.text.startswith(f"{rec.range_text}: {rec.dtype.value} — ")
+        assert point.regime in rec.text
+        if rec.dtype is not DType.BF16:
+            assert f"{results.speedup_vs_bf16(point):.2f}" in rec.text
+
+
+def test_writes_three_consistent_reports(tmp_path: Path, rng: random.Random) -> None:
+    results = _random_results(rng)
+    paths = report.write_reports(results, tmp_path / "out")
+    assert [p.name for p in paths] == list(report.REPORT_FILES)
+
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert len(data["points"]) == len(results.points)
+    for row, point in zip(data["points"], results.points):
+        assert row["latency_us"] == point.latency_us and row["M"] == point.M
+        assert row["tokens_per_s"] == pytest.approx(point.M / point.latency_us * 1e6)
+    for dtype, summary in data["dtypes"].items():
+        assert summary["max_batch_in_budget"] == results.max_batch_in_budget(DType(dtype))
+    assert [r["text"] for r in data["recommendations"]] == [r.text for r in report.recommend(results)]
+
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    for rec in data["recommendations"]:
+        assert rec["text"] in markdown
+    for point in results.points:
+        assert re.search(rf"\| {point.M} \| {point.dtype.value} \| {point.latency_us:.1f} \|", markdown)
+
+    page = (tmp_path / "out" / "report.html").read_text()
+    images = re.findall(r'<img id="plot-(\w+)"[^>]*src="data:image/png;base64,', page)
+    assert tuple(images) == PLOTS
+    assert "src=\"http" not in page and "<script" not in page  # self-contained
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (apt-get install -y chromium)")
+        pytest.skip("chromium not installed here (apt-get install -y chromium)")
+    return path
+
+
+_PROBE = """<script>window.addEventListener('load', () => {
+  const out = document.createElement('pre'); out.id = 'probe';
+  out.textContent = JSON.stringify([...document.images].map(i => [i.id, i.complete, i.naturalWidth, i.naturalHeight]));
+  document.body.appendChild(out);
+});</script>"""
+
+
+def test_html_loads_in_headless_chromium_with_every_plot_decoded(tmp_path: Path, rng: random.Random) -> None:
+    chromium = _chromium()
+    results = _random_results(rng, device="cpu")  # unknown peaks: the roofline plot carries a note instead
+    report.write_reports(results, tmp_path / "out")
+    probed = tmp_path / "probed.html"  # the report plus a probe script; the report itself has none
+    probed.write_text((tmp_path / "out" / "report.html").read_text().replace("</body>", _PROBE + "</body>"))
+    command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run",
+               f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom",
+               probed.as_uri()]
+    dom = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
+    match = re.search(r'<pre id="probe">(.*?)</pre>', dom)
+    assert match, f"page did not finish loading: {dom[:300]}"
+    images = json.loads(match.group(1))
+    assert [i[0] for i in images] == [f"plot-{name}" for name in PLOTS]
+    for image_id, complete, width, height in images:
+        assert complete and width > 200 and height > 100, image_id

@@ -1,0 +1,179 @@
+"""Server file names, atomic writes, reading both layouts back, and vLLM's nearest-batch lookup."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import pytest
+
+from tuner.errors import UsageError
+from tuner.spaces import load_space
+from tuner.writers import (device_file_name, lookup, read_config_folder, sglang_file_name, vllm_file_name,
+                           write_sglang, write_vllm)
+from workers.records import Config, DType, MoEShape
+
+MIXTRAL_TP2 = dict(E=8, N=7168, K=4096, topk=2)
+
+
+@pytest.fixture
+def rng():
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"seed {seed}")  # shown by pytest when a test fails
+    return random.Random(seed)
+
+
+def _random_configs(rng: random.Random, batch_sizes) -> dict[int, Config]:
+    space = load_space("default").expand()
+    return {M: rng.choice(space) for M in batch_sizes}
+
+
+@pytest.mark.parametrize("device,expected", [
+    ("NVIDIA H100 80GB HBM3", "NVIDIA_H100_80GB_HBM3"),
+    ("NVIDIA H200", "NVIDIA_H200"),
+    ("NVIDIA H200 NVL", "NVIDIA_H200"),
+    ("NVIDIA_H200_141GB", "NVIDIA_H200"),
+    ("NVIDIA GH200 480GB", "NVIDIA_GH200_480GB"),  # not an H200 word: kept as is, like vLLM
+    ("NVIDIA A100-SXM4-80GB", "NVIDIA_A100-SXM4-80GB"),
+])
+def test_device_file_name(device, expected):
+    assert device_file_name(device) == expected
+
+
+@pytest.mark.parametrize("dtype,block,expected", [
+    (DType.BF16, None, "E=8,N=7168,device_name=NVIDIA_H200.json"),
+    (DType.FP16, None, "E=8,N=7168,device_name=NVIDIA_H200.json"),
+    (DType.FP8_W8A8, None, "E=8,N=7168,device_name=NVIDIA_H200,dtype=fp8_w8a8.json"),
+    (DType.FP8_W8A8, (128, 128), "E=8,N=7168,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json"),
+    (DType.INT8_W8A16, None, "E=8,N=7168,device_name=NVIDIA_H200,dtype=int8_w8a16.json"),
+    (DType.MXFP4, None, "E=8,N=7168,device_name=NVIDIA_H200,dtype=mxfp4_w4a16.json"),
+    (DType.NVFP4, None, "E=8,N=7168,device_name=NVIDIA_H200,dtype=nvfp4_w4a16.json"),
+])
+def test_vllm_file_names(dtype, block, expected):
+    shape = MoEShape(**MIXTRAL_TP2, dtype=dtype, block_shape=block)
+    assert vllm_file_name(shape, "NVIDIA H200 NVL") == expected
+
+
+def test_sglang_file_names():
+    block = MoEShape(E=256, N=256, K=7168, topk=8, dtype=DType.FP8_W8A8, block_shape=(128, 128))
+    assert (sglang_file_name(block, "NVIDIA H20")
+            == "E=256,N=256,device_name=NVIDIA_H20,dtype=fp8_w8a8,block_shape=[128, 128].json")
+    assert (sglang_file_name(block, "NVIDIA H20", down=True)
+            == "E=256,N=256,device_name=NVIDIA_H20,dtype=fp8_w8a8,block_shape=[128, 128]_down.json")
+    plain = MoEShape(**MIXTRAL_TP2, dtype=DType.BF16)
+    # SGLang maps no device family: an H200 NVL keeps its own name.
+    assert sglang_file_name(plain, "NVIDIA H200 NVL") == "E=8,N=7168,device_name=NVIDIA_H200_NVL.json"
+
+
+def _load_like_vllm(path) -> dict[int, dict]:
+    data = json.loads(path.read_text())
+    data.pop("triton_version", None)
+    return {int(k): v for k, v in data.items()}
+
+
+def test_vllm_write_read_lookup(tmp_path, rng):
+    shape = MoEShape(**MIXTRAL_TP2, dtype=DType.FP8_W8A8)
+    configs = _random_configs(rng, rng.sample([1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024], 8))
+    path = write_vllm(tmp_path, shape, "NVIDIA H200", configs, "3.4.0")
+    assert path == tmp_path / "E=8,N=7168,device_name=NVIDIA_H200,dtype=fp8_w8a8.json"
+
+    raw = json.loads(path.read_text())
+    assert raw["triton_version"] == "3.4.0"
+    batch_keys = [k for k in raw if k != "triton_version"]
+    assert batch_keys == [str(M) for M in sorted(configs)]
+    assert {M: Config.from_dict(v) for M, v in _load_like_vllm(path).items()} == configs
+
+    read = read_config_folder(tmp_path)
+    assert read == {path.name: configs}
+    as_written = dict(sorted(configs.items()))  # ascending, so ties go to the smaller batch size
+    for M in range(1, 1500, 7):
+        assert lookup(read[path.name], M) == lookup(as_written, M)
+
+
+def test_sglang_layout_and_down_file(tmp_path, rng):
+    shape = MoEShape(E=256, N=256, K=7168, topk=8, dtype=DType.FP8_W8A8, block_shape=(128, 128))
+    up = _random_configs(rng, [1, 64, 4096])
+    down = {M: Config(c.BLOCK_SIZE_M, 128, 64, 1, 4, 3) for M, c in up.items()}
+    paths = write_sglang(tmp_path, shape, "NVIDIA H200", up, down, "3.4.0")
+    folder = tmp_path / "triton_3_4_0"
+    assert paths == [folder / sglang_file_name(shape, "NVIDIA H200"),
+                     folder / sglang_file_name(shape, "NVIDIA H200", down=True)]
+    for path in paths:
+        assert all(key.isdigit() for key in json.loads(path.read_text()))  # SGLang int()s every key
+
+    read = read_config_folder(tmp_path)
+    assert read == {f"triton_3_4_0/{paths[0].name}": up, f"triton_3_4_0/{paths[1].name}": down}
+    assert write_sglang(tmp_path, shape, "NVIDIA H200", up, None, "3.5.1") == [
+        tmp_path / "triton_3_5_1" / paths[0].name]
+
+
+def test_sglang_down_configs_must_match_up(tmp_path):
+    shape = MoEShape(**MIXTRAL_TP2, dtype=DType.BF16)
+    up = {1: Config(16, 64, 64, 1, 4, 2), 8: Config(32, 64, 64, 1, 4, 2)}
+    with pytest.raises(ValueError, match="BLOCK_SIZE_M"):
+        write_sglang(tmp_path, shape, "NVIDIA H200", up, {1: up[1], 8: Config(64, 64, 64, 1, 4, 2)}, "3.4.0")
+    with pytest.raises(ValueError, match="same batch sizes"):
+        write_sglang(tmp_path, shape, "NVIDIA H200", up, {1: up[1]}, "3.4.0")
+    assert not (tmp_path / "triton_3_4_0").exists()
+
+
+def test_reads_vllm_shipped_style_files(tmp_path):
+    # vLLM's shipped JSONs: some lead with triton_version, ROCm ones carry extra keys.
+    (tmp_path / "E=8,N=7168,device_name=AMD_Instinct_MI300X.json").write_text(json.dumps({
+        "triton_version": "3.2.0",
+        "1": {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 1,
+              "num_warps": 4, "num_stages": 2, "waves_per_eu": 0, "matrix_instr_nonkdim": 16, "kpack": 2},
+    }))
+    (tmp_path / "README").write_text("not a config")
+    assert read_config_folder(tmp_path) == {
+        "E=8,N=7168,device_name=AMD_Instinct_MI300X.json": {1: Config(16, 64, 128, 1, 4, 2)}}
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{", "cannot read"),
+    ('{"1": {"BLOCK_SIZE_M": 16}}', "lacks"),
+    ('{"big": {}}', "'big'"),
+    ("[]", "maps batch sizes"),
+])
+def test_malformed_config_files(tmp_path, content, message):
+    (tmp_path / "E=8,N=64,device_name=X.json").write_text(content)
+    with pytest.raises(UsageError, match=message) as info:
+        read_config_folder(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_read_needs_a_folder(tmp_path):
+    with pytest.raises(UsageError, match="not a folder"):
+        read_config_folder(tmp_path / "missing")
+
+
+def test_lookup_picks_nearest_batch_first_on_ties(rng):
+    keys = rng.sample(range(1, 5000), 12)
+    configs = _random_configs(rng, keys)
+    for M in [rng.randint(1, 6000) for _ in range(200)]:
+        chosen = lookup(configs, M)
+        best = min(abs(k - M) for k in keys)
+        first_nearest = next(k for k in keys if abs(k - M) == best)  # dict order, as vLLM iterates
+        assert chosen == configs[first_nearest], M
+    ordered = {2: Config(16, 32, 64, 1, 4, 2), 4: Config(32, 32, 64, 1, 4, 2)}
+    assert lookup(ordered, 3) == ordered[2]
+    with pytest.raises(ValueError):
+        lookup({}, 3)
+
+
+@pytest.mark.parametrize("failing", ["fsync", "replace"])
+def test_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch, rng, failing):
+    shape = MoEShape(**MIXTRAL_TP2, dtype=DType.BF16)
+    old = write_vllm(tmp_path, shape, "NVIDIA H200", _random_configs(rng, [1, 2]), "3.4.0")
+    before = old.read_text()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, failing, boom)
+    with pytest.raises(OSError, match="disk gone"):
+        write_vllm(tmp_path, shape, "NVIDIA H200", _random_configs(rng, [1, 2, 4]), "3.4.0")
+    monkeypatch.undo()
+    assert old.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [old.name]

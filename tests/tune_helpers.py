@@ -1,0 +1,66 @@
+"""Shared by the end-to-end tune tests: the tiny model and space, the CLI call, and the file a
+clean run must write when latencies come from the fault hook's deterministic function."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import triton
+
+from tuner.cli import main
+from tuner.models import load_model
+from tuner.plan import build_plan
+from tuner.spaces import load_space
+from workers.faults import FaultPlan
+from workers.records import Candidate
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY_MODEL = FIXTURES / "tiny-moe.json"
+TINY_SPACE = FIXTURES / "tune-space.yaml"
+BATCH_SIZES = (1, 4)
+VLLM_FILE = "E=4,N=64,device_name=cpu.json"  # E=4 experts, N=64 per GPU, interpreter device "cpu"
+
+
+def tune_argv(out: Path, *extra: str, timeout_s: float = 120) -> list[str]:
+    return ["tune", "--model", str(TINY_MODEL), "--search-space", str(TINY_SPACE),
+            "--batch-sizes", ",".join(map(str, BATCH_SIZES)), "--interpret", "--workers", "2",
+            "--out", str(out), "--timeout", str(timeout_s), "--json", *extra]
+
+
+def run_tune(argv: list[str]) -> tuple[int, dict]:
+    """``moe-tune`` in this process; returns the exit code and the --json summary (stdout must be exactly it)."""
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(argv)
+    text = stdout.getvalue()
+    return code, json.loads(text) if text.strip() else {}
+
+
+def write_fault_plan(path: Path, faults: list[dict] | None = None) -> Path:
+    path.write_text(json.dumps({"deterministic_latency": True, "faults": faults or []}))
+    return path
+
+
+def tiny_candidates() -> list[Candidate]:
+    plan = build_plan([load_model(str(TINY_MODEL))], 1, 1, None, None, list(BATCH_SIZES), load_space(str(TINY_SPACE)),
+                      "cpu")
+    return [Candidate(job.shape, M, config) for job in plan.jobs for M, configs in job.candidates.items()
+            for config in configs]
+
+
+def deterministic_ranking() -> dict[int, list[Candidate]]:
+    """Per batch size, the tiny candidates from fastest to slowest under the deterministic latencies."""
+    plan = FaultPlan(deterministic_latency=True)
+    ranking: dict[int, list[Candidate]] = {}
+    for c in tiny_candidates():
+        ranking.setdefault(c.M, []).append(c)
+    return {M: sorted(cs, key=lambda c: (plan.latency_us(c), c.config)) for M, cs in ranking.items()}
+
+
+def expected_vllm_file() -> dict:
+    """What a clean deterministic run writes: per M the fastest config, plus the Triton version."""
+    best = {str(M): ranked[0].config.to_dict() for M, ranked in sorted(deterministic_ranking().items())}
+    return {"triton_version": triton.__version__, **best}

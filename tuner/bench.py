@@ -1,0 +1,261 @@
+"""Are these configs worth shipping? Time vLLM's default heuristic and each config folder's
+choice for one shape, per batch size, back to back on one GPU, and gate on the result.
+
+All variants of one batch size are timed in the same worker process, interleaved round by round
+(``BenchmarkWorker.retime``), so clock drift and neighbours hit them alike; each is first run
+once and checked against the fp32 reference, so a folder whose config fails or computes wrong
+on this GPU is reported as such, never timed as a winner. Variants that resolve to the same
+config share one timing (so an identical config always compares as exactly 1.00x).
+
+A folder with no file for the shape falls back to the heuristic, as the server would, and the
+result says so. The gate: every ``--configs`` folder must reach ``reference latency / latency
+>= fail_if_slower`` at every batch size where the reference ran; a folder config that fails
+where the reference ran is a regression too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+from ray.exceptions import RayActorError
+
+from tuner.errors import RunFailed, UsageError
+from tuner.naming import sglang_file_name, sglang_version_folder, vllm_file_name
+from tuner.ray_session import gpu_worker, ray_session
+from tuner.writers import lookup, read_config_folder
+from workers.default_config import default_config
+from workers.records import Candidate, Config, MoEShape, Status
+
+HEURISTIC = "default"
+HEURISTIC_SOURCE = "vLLM default heuristic"
+RETIME_ROUNDS = 20
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A config source: a folder of server files, or (``folder`` None) vLLM's default heuristic."""
+
+    label: str
+    folder: Path | None
+
+    @property
+    def is_heuristic(self) -> bool:
+        return self.folder is None
+
+
+@dataclass
+class Cell:
+    """One variant at one batch size."""
+
+    config: Config
+    source: str  # the file the config came from, or HEURISTIC_SOURCE
+    status: Status = Status.OK
+    latency_us: float | None = None
+    message: str = ""
+
+    @property
+    def fell_back(self) -> bool:
+        return self.source == HEURISTIC_SOURCE
+
+
+@dataclass
+class BenchResult:
+    shape: MoEShape
+    routing: str
+    device: str
+    versions: dict[str, str]
+    variants: list[Variant]
+    reference: Variant
+    rows: dict[int, dict[str, Cell]] = field(default_factory=dict)
+
+    def ratio(self, label: str, M: int) -> float | None:
+        """reference latency / this variant's latency (> 1: faster than the reference)."""
+        cell, ref = self.rows[M][label], self.rows[M][self.reference.label]
+        if cell.latency_us is None or ref.latency_us is None:
+            return None
+        return ref.latency_us / cell.latency_us
+
+    @property
+    def gated(self) -> list[Variant]:
+        return [v for v in self.variants if not v.is_heuristic and v != self.reference]
+
+    def regressions(self, fail_if_slower: float) -> list[str]:
+        """One line per (folder, M) that fails the gate."""
+        found = []
+        for M, cells in self.rows.items():
+            if cells[self.reference.label].latency_us is None:
+                continue  # nothing to compare with
+            for variant in self.gated:
+                cell, ratio = cells[variant.label], self.ratio(variant.label, M)
+                if cell.status is not Status.OK:
+                    found.append(f"{variant.label} at M={M}: {cell.status.value} ({cell.config.label})")
+                elif ratio is not None and ratio < fail_if_slower:
+                    found.append(f"{variant.label} at M={M}: {ratio:.3f}x the reference (< {fail_if_slower})")
+        return found
+
+    def to_json(self, fail_if_slower: float | None) -> dict:
+        data = {
+            "shape": self.shape.label, "routing": self.routing, "device": self.device, "versions": self.versions,
+            "reference": self.reference.label,
+            "variants": [{"label": v.label, "folder": str(v.folder) if v.folder else None} for v in self.variants],
+            "rows": [{"M": M, "results": {label: {
+                "latency_us": cell.latency_us, "status": cell.status.value, "config": cell.config.to_dict(),
+                "source": cell.source, "ratio_vs_reference": self.ratio(label, M), "message": cell.message}
+                for label, cell in cells.items()}} for M, cells in self.rows.items()],
+        }
+        if fail_if_slower is not None:
+            regressions = self.regressions(fail_if_slower)
+            data["gate"] = {"fail_if_slower": fail_if_slower, "passed": not regressions, "regressions": regressions}
+        return data
+
+
+def variants_for(config_dirs: list[Path], reference: Path | None) -> tuple[list[Variant], Variant]:
+    """The heuristic, each folder once, and the reference folder if it is not among them."""
+    heuristic = Variant(HEURISTIC, None)
+    folders: list[Path] = []
+    for folder in [*config_dirs, *([reference] if reference else [])]:
+        if not folder.is_dir():
+            raise UsageError(f"{folder}: not a folder of config files")
+        if folder.resolve() not in [f.resolve() for f in folders]:
+            folders.append(folder)
+    labels = _short_labels(folders)
+    variants = [heuristic] + [Variant(label, folder) for label, folder in zip(labels, folders)]
+    ref = heuristic if reference is None else next(v for v in variants if v.folder and
+                                                   v.folder.resolve() == reference.resolve())
+    return variants, ref
+
+
+def _short_labels(folders: list[Path]) -> list[str]:
+    """Folder names, or longer path tails where names repeat; never the heuristic's label."""
+    for depth in range(1, 1 + max((len(f.resolve().parts) for f in folders), default=1)):
+        labels = ["/".join(f.resolve().parts[-depth:]) for f in folders]
+        if len(set(labels)) == len(labels) and HEURISTIC not in labels:
+            return labels
+    return [str(f.resolve()) for f in folders]
+
+
+def resolve_config(variant: Variant, files: dict[str, dict[int, Config]] | None, shape: MoEShape,
+                   device: str, triton_version: str, M: int) -> tuple[Config, str]:
+    """The config a server would use from this source at batch size M, and where it came from:
+    vLLM's file for the shape, else SGLang's (this Triton version's folder first), else the
+    heuristic."""
+    if variant.is_heuristic or not files:
+        return default_config(shape, M), HEURISTIC_SOURCE
+    sglang_name = sglang_file_name(shape, device)
+    preferred = [vllm_file_name(shape, device), f"{sglang_version_folder(triton_version)}/{sglang_name}"]
+    others = sorted((k for k in files if k.endswith("/" + sglang_name)), reverse=True)
+    for name in [*preferred, *others]:
+        if name in files and files[name]:
+            return lookup(files[name], M), f"{variant.folder}/{name}"
+    return default_config(shape, M), HEURISTIC_SOURCE
+
+
+class GpuMeasurer:
+    """One BenchmarkWorker actor inside a ``ray_session``; a candidate that kills it is recorded as
+    crashed and a fresh actor takes over."""
+
+    def __init__(self) -> None:
+        self.worker = gpu_worker()
+        self.env = self._describe()
+
+    def _describe(self) -> dict[str, str]:
+        try:
+            return ray.get(self.worker.describe.remote())
+        except RayActorError as exc:
+            raise RunFailed(f"the GPU worker could not start: {str(exc).splitlines()[0]}") from None
+
+    def measure(self, candidate: Candidate):
+        try:
+            return ray.get(self.worker.measure.remote(candidate))
+        except RayActorError:
+            self.worker = gpu_worker()
+            self._describe()
+            return None
+
+    def retime(self, candidates: list[Candidate], rounds: int) -> list[float]:
+        try:
+            return ray.get(self.worker.retime.remote(candidates, rounds))
+        except RayActorError as exc:
+            raise RunFailed(f"the GPU worker died while re-timing at M={candidates[0].M}: "
+                            f"{str(exc).splitlines()[0]}") from None
+
+
+def bench_on(measurer: GpuMeasurer, shape: MoEShape, variants: list[Variant], reference: Variant,
+             batch_sizes: list[int], routing: str = "uniform", rounds: int = RETIME_ROUNDS) -> BenchResult:
+    """Bench one shape on an existing worker (a job's gate benches many shapes on one)."""
+    files = {v.label: read_config_folder(v.folder) for v in variants if not v.is_heuristic}
+    device = measurer.env["device"]
+    result = BenchResult(shape, routing, device, {k: v for k, v in measurer.env.items() if k != "device"},
+                         variants, reference)
+    for M in batch_sizes:
+        cells = {v.label: Cell(*resolve_config(v, files.get(v.label), shape, device, measurer.env["triton"], M))
+                 for v in variants}
+        _time_batch(measurer, shape, routing, M, cells, rounds)
+        result.rows[M] = cells
+    return result
+
+
+def run_bench(shape: MoEShape, variants: list[Variant], reference: Variant, batch_sizes: list[int],
+              routing: str = "uniform", rounds: int = RETIME_ROUNDS, address: str | None = None,
+              interpret: bool = False) -> BenchResult:
+    for variant in variants:
+        if variant.folder is not None:
+            read_config_folder(variant.folder)  # unreadable files fail before Ray starts
+    with ray_session(address, interpret):
+        return bench_on(GpuMeasurer(), shape, variants, reference, batch_sizes, routing, rounds)
+
+
+def _time_batch(measurer: GpuMeasurer, shape: MoEShape, routing: str, M: int, cells: dict[str, Cell],
+                rounds: int) -> None:
+    """Check each distinct config once, then time the correct ones interleaved."""
+    distinct = list(dict.fromkeys(cell.config for cell in cells.values()))
+    outcome: dict[Config, tuple[Status, str]] = {}
+    for config in distinct:
+        measurement = measurer.measure(Candidate(shape, M, config, routing=routing))
+        if measurement is None:
+            outcome[config] = (Status.CRASHED, "the worker process died on this config")
+        else:
+            outcome[config] = (measurement.status, measurement.message)
+    correct = [c for c in distinct if outcome[c][0] is Status.OK]
+    latencies = {}
+    if correct:
+        timed = measurer.retime([Candidate(shape, M, c, routing=routing) for c in correct], rounds)
+        latencies = dict(zip(correct, timed))
+    for cell in cells.values():
+        cell.status, cell.message = outcome[cell.config]
+        cell.latency_us = latencies.get(cell.config)
+
+
+def format_table(result: BenchResult, fail_if_slower: float | None) -> str:
+    labels = [v.label for v in result.variants]
+    lines = [f"bench {result.shape.label} routing={result.routing} on {result.device}",
+             f"reference: {result.reference.label}" + (f"; gate: fail if reference/latency < {fail_if_slower}"
+                                                       if fail_if_slower is not None else "")]
+    header = [f"{'M':>6}"] + [f"{label + ' µs':>24}" for label in labels]
+    lines.append("  ".join(header))
+    fell_back = False
+    for M, cells in result.rows.items():
+        row = [f"{M:>6}"]
+        for label in labels:
+            cell = cells[label]
+            mark = "*" if cell.fell_back and label != HEURISTIC else ""
+            fell_back |= bool(mark)
+            if cell.latency_us is None:
+                text = cell.status.value + mark
+            else:
+                ratio = result.ratio(label, M)
+                text = f"{cell.latency_us:.1f}{mark}" + (f" ({ratio:.2f}x)" if ratio is not None else "")
+            row.append(f"{text:>24}")
+        lines.append("  ".join(row))
+    if fell_back:
+        lines.append("* no file for this shape in that folder: the server would use vLLM's default heuristic")
+    lines.append("(x) = reference latency / latency: above 1 is faster than the reference")
+    for label in labels:
+        sources = sorted({cells[label].source for cells in result.rows.values()})
+        lines.append(f"{label}: {', '.join(sources)}")
+    if fail_if_slower is not None:
+        regressions = result.regressions(fail_if_slower)
+        lines.append("gate: PASS" if not regressions else "gate: FAIL\n  " + "\n  ".join(regressions))
+    return "\n".join(lines)

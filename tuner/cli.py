@@ -1,0 +1,57 @@
+"""The ``moe-tune`` command: parses arguments, dispatches to ``tuner.commands.<name>``.
+
+Exit codes: 0 success, 1 the run failed, 2 bad input (one line on stderr, nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from tuner.errors import RunFailed, UsageError
+
+COMMANDS = {
+    "plan": "list the tuning jobs a model, layout and dtypes need (no GPU)",
+    "check": "compare the fused-MoE kernel against the fp32 reference",
+    "tune": "tune configs on GPU workers through Ray and write server files",
+    "bench": "time config folders against vLLM's default heuristic, back to back; optional regression gate",
+    "compare": "tune every dtype of a model and report which to deploy per batch size (md/html/json)",
+    "job": "validate or run a job spec (models x dtypes x layouts, optional bench gate): the nightly entry point",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on bad flags already; keep its message to one line."""
+
+    def error(self, message: str) -> None:  # noqa: D401 - argparse API
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="moe-tune", description="Autotune fused-MoE Triton kernels for vLLM and SGLang.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, help_text in COMMANDS.items():
+        module = importlib.import_module(f"tuner.commands.{name}")
+        module.configure(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        module = importlib.import_module(f"tuner.commands.{args.command}")
+        return int(module.run(args) or 0)
+    except UsageError as exc:
+        print(f"moe-tune: error: {exc}".splitlines()[0], file=sys.stderr)
+        return 2
+    except RunFailed as exc:
+        print(f"moe-tune: run failed: {exc}".splitlines()[0], file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("moe-tune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per ``moe-tune`` subcommand; each exposes ``configure(parser)`` and ``run(args)``."""

@@ -1,0 +1,102 @@
+"""``moe-tune bench``: time vLLM's default heuristic and config folders back to back for one shape;
+``--fail-if-slower`` turns it into a regression gate (exit 1)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tuner import bench
+from tuner.commands.plan import block_shape_arg, int_list
+from tuner.errors import RunFailed, UsageError
+from tuner.models import derive_shape, load_model
+from tuner.commands.tune import INTERPRET_MAX_M, INTERPRET_MAX_WEIGHTS
+from tuner.plan import DEFAULT_BATCH_SIZES
+from workers.records import DType, MoEShape
+from workers.routing import parse_routing
+
+
+def ratio_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def routing_arg(text: str) -> str:
+    try:
+        return str(parse_routing(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="NAME|PATH", help="preset name, config.json or model folder")
+    parser.add_argument("--tp", type=int, default=1, help="GPUs serving the MoE layer")
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel size, dividing --tp")
+    parser.add_argument("--dtype", choices=[d.value for d in DType], help="kernel dtype (default: the model's own)")
+    parser.add_argument("--block-shape", type=block_shape_arg, metavar="BN,BK", help="fp8 weight block shape")
+    parser.add_argument("--batch-sizes", type=int_list, metavar="M,M,...",
+                        help=f"default: {','.join(map(str, DEFAULT_BATCH_SIZES))}")
+    parser.add_argument("--configs", type=Path, nargs="+", required=True, metavar="DIR",
+                        help="config folders to time (vLLM or SGLang layout)")
+    parser.add_argument("--reference", type=Path, metavar="DIR",
+                        help="the folder the others must not be slower than (default: vLLM's default heuristic)")
+    parser.add_argument("--fail-if-slower", type=ratio_arg, metavar="RATIO",
+                        help="exit 1 if a folder's reference latency / latency drops below RATIO at any batch size")
+    parser.add_argument("--routing", type=routing_arg, default="uniform", help="uniform | zipf:<alpha> | file:<path>")
+    parser.add_argument("--rounds", type=positive_int, default=bench.RETIME_ROUNDS,
+                        help="interleaved timing rounds per batch size")
+    parser.add_argument("--address", help="Ray cluster to run on (default: RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--interpret", action="store_true",
+                        help="run the kernels under the Triton interpreter on the CPU (tiny shapes only)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
+
+def bench_shape(model: str, tp: int, ep: int, dtype: str | None, block_shape: tuple[int, int] | None) -> MoEShape:
+    return derive_shape(load_model(model), tp=tp, ep=ep, dtype=dtype, block_shape=block_shape)
+
+
+def check_interpret_limits(shapes: list[MoEShape], batch_sizes: list[int]) -> None:
+    """The limits ``moe-tune tune --interpret`` applies: the interpreter runs on the CPU."""
+    for shape in shapes:
+        weights = shape.E * 2 * shape.N * shape.K
+        if weights > INTERPRET_MAX_WEIGHTS:
+            raise UsageError(f"--interpret runs the Triton interpreter on the CPU, tiny shapes only: {shape.label} "
+                             f"has E*2N*K = {weights} weights (limit {INTERPRET_MAX_WEIGHTS})")
+    if max(batch_sizes) > INTERPRET_MAX_M:
+        raise UsageError(f"--interpret takes batch sizes up to {INTERPRET_MAX_M} (got {max(batch_sizes)}); "
+                         "pass --batch-sizes")
+
+
+def run(args: argparse.Namespace) -> int:
+    shape = bench_shape(args.model, args.tp, args.ep, args.dtype, args.block_shape)
+    batch_sizes = sorted(set(args.batch_sizes or DEFAULT_BATCH_SIZES))
+    if min(batch_sizes) < 1:
+        raise UsageError(f"batch sizes must be >= 1 (got {min(batch_sizes)})")
+    if args.interpret:
+        check_interpret_limits([shape], batch_sizes)
+    variants, reference = bench.variants_for(args.configs, args.reference)
+    result = bench.run_bench(shape, variants, reference, batch_sizes, routing=args.routing, rounds=args.rounds,
+                             address=args.address, interpret=args.interpret)
+    if args.json:
+        print(json.dumps(result.to_json(args.fail_if_slower)))
+    else:
+        print(bench.format_table(result, args.fail_if_slower))
+    if args.fail_if_slower is not None and result.regressions(args.fail_if_slower):
+        raise RunFailed(f"gate failed: {result.regressions(args.fail_if_slower)[0]}")
+    return 0

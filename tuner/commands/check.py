@@ -1,0 +1,173 @@
+"""``moe-tune check``: run the fused-MoE kernel for each dtype and batch size and compare its output
+with the fp32 reference (``workers.reference``); exit 1 when any error exceeds its dtype's bound
+(``workers.problem.ERROR_BOUNDS``).
+
+On a CUDA GPU by default; ``--interpret`` runs the Triton interpreter on the CPU instead (slow:
+use a tiny ``--shape``). Without ``--config`` each M runs vLLM's fallback config for the shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from tuner.commands.plan import block_shape_arg, int_list
+from tuner.errors import RunFailed, UsageError
+from workers.records import CONFIG_KEYS, Config, DType, MoEShape
+
+FP4_GROUPS = {DType.MXFP4: 32, DType.NVFP4: 16}
+
+
+def dtype_list(text: str) -> list[DType]:
+    """``"bf16,fp8_w8a8"`` → dtypes (an argparse type, so a bad name is a one-line usage error)."""
+    try:
+        return [DType(part.strip()) for part in text.split(",") if part.strip()]
+    except ValueError:
+        choices = ", ".join(d.value for d in DType)
+        raise argparse.ArgumentTypeError(f"unknown dtype in {text!r} (choose from {choices})") from None
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", metavar="NAME|PATH", help="preset name, config.json, model folder or cached HF repo id")
+    source.add_argument("--shape", type=int_list, metavar="E,N,K,TOPK",
+                        help="experts, intermediate size per GPU, hidden size, top-k")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (with --model)")
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel size, dividing --tp (with --model)")
+    parser.add_argument("--dtype", type=dtype_list, action="append", metavar="D[,D...]",
+                        help="kernel dtype(s), repeatable; default: the model's own, or bf16 with --shape")
+    parser.add_argument("--block-shape", type=block_shape_arg, metavar="BN,BK", help="fp8 weight block shape, e.g. 128,128")
+    parser.add_argument("--batch-sizes", type=int_list, default=[1, 7, 33], metavar="M,M,...", help="default: 1,7,33")
+    parser.add_argument("--config", metavar="JSON|PATH",
+                        help="one kernel config for every M: a JSON object with the six keys, inline or in a file")
+    parser.add_argument("--interpret", action="store_true", help="run the Triton interpreter on the CPU (no GPU needed)")
+
+
+def run(args: argparse.Namespace) -> int:
+    dtypes = [d for group in args.dtype for d in group] if args.dtype else None
+    shapes = _shapes(args, dtypes)
+    config = _parse_config(args.config) if args.config else None
+    if min(args.batch_sizes) < 1:
+        raise UsageError(f"--batch-sizes must be positive, got {args.batch_sizes}")
+    if args.interpret and os.environ.get("TRITON_INTERPRET") != "1":
+        if "triton.language" in sys.modules:
+            return _run_in_fresh_interpreter(shapes, args.batch_sizes, config)
+        os.environ["TRITON_INTERPRET"] = "1"
+    if config is not None:
+        for shape in shapes:
+            _validate(config, shape)
+    if not args.interpret:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RunFailed("no CUDA GPU visible; pass --interpret to run the Triton interpreter on the CPU")
+    return run_checks(shapes, args.batch_sizes, config, "cpu" if args.interpret else "cuda")
+
+
+def run_checks(shapes: list[MoEShape], batch_sizes: list[int], config: Config | None, device: str) -> int:
+    """Print error vs bound per shape and M; 1 when any exceeds its bound, else 0."""
+    from workers.default_config import default_config
+    from workers.moe import fused_moe
+    from workers.problem import ERROR_BOUNDS, build_problem, release_weights, rel_error
+
+    print(f"device: {device_label(device)}", flush=True)
+    failures = 0
+    for shape in shapes:
+        print(f"\n{shape.label}")
+        print(f"  {'M':>6}  {'rel. error':>10}  {'bound':>7}  result  config", flush=True)
+        for M in batch_sizes:
+            used = config or default_config(shape, M)
+            problem = build_problem(shape, M, device=device)
+            out = fused_moe(problem.x, problem.w13, problem.w2, problem.topk_weights, problem.topk_ids, used)
+            error, bound = rel_error(out, problem.reference), ERROR_BOUNDS[shape.dtype]
+            passed = error <= bound
+            failures += not passed
+            print(f"  {M:>6}  {error:>10.3e}  {bound:>7.1e}  {'ok' if passed else 'FAIL':<6}  {used.label}", flush=True)
+        release_weights()
+    print(f"\n{'all within bounds' if not failures else f'{failures} check(s) exceed their bound'}")
+    return 1 if failures else 0
+
+
+def _run_in_fresh_interpreter(shapes: list[MoEShape], batch_sizes: list[int], config: Config | None) -> int:
+    """Triton reads TRITON_INTERPRET when ``triton.language`` is first imported, and this process has
+    imported it already (torch and other commands pull it in), so the interpreted checks run in a
+    new Python process that sets it first. Same output, same exit code."""
+    for shape in shapes:
+        if config is not None:
+            _validate(config, shape)
+    job = {"shapes": [asdict(shape) for shape in shapes], "batch_sizes": batch_sizes,
+           "config": config.to_dict() if config else None}
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    code = "import sys, tuner.commands.check as check; sys.exit(check.run_job_from_stdin())"
+    return subprocess.run([sys.executable, "-c", code], input=json.dumps(job), text=True, env=env).returncode
+
+
+def run_job_from_stdin() -> int:
+    """The child side of ``_run_in_fresh_interpreter``."""
+    job = json.loads(sys.stdin.read())
+    shapes = [MoEShape(**shape) for shape in job["shapes"]]
+    config = Config.from_dict(job["config"]) if job["config"] else None
+    return run_checks(shapes, job["batch_sizes"], config, "cpu")
+
+
+def device_label(device: str) -> str:
+    import torch
+    import triton
+
+    name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU (Triton interpreter)"
+    return f"{name} · torch {torch.__version__} · triton {triton.__version__}"
+
+
+def _shapes(args: argparse.Namespace, dtypes: list[DType] | None) -> list[MoEShape]:
+    if args.model:
+        from tuner.models import derive_shape, load_model
+
+        spec = load_model(args.model)
+        return [derive_shape(spec, args.tp, args.ep, dtype, args.block_shape) for dtype in (dtypes or [None])]
+    if len(args.shape) != 4 or min(args.shape) < 1:
+        raise UsageError(f"--shape needs four positive integers E,N,K,TOPK, got {args.shape}")
+    if args.tp != 1 or args.ep != 1:
+        raise UsageError("--tp/--ep apply to --model; --shape is already one GPU's shape")
+    E, N, K, topk = args.shape
+    if topk > E:
+        raise UsageError(f"--shape: top-k {topk} exceeds the {E} experts")
+    shapes = []
+    for dtype in dtypes or [DType.BF16]:
+        if args.block_shape is not None and dtype is not DType.FP8_W8A8:
+            raise UsageError(f"--block-shape applies to fp8_w8a8 only, not {dtype.value}")
+        group = FP4_GROUPS.get(dtype)
+        if group and (K % group or N % group):
+            raise UsageError(f"{dtype.value} needs K and N multiples of {group} (K={K}, N={N})")
+        shapes.append(MoEShape(E=E, N=N, K=K, topk=topk, dtype=dtype, block_shape=args.block_shape))
+    return shapes
+
+
+def _parse_config(text: str) -> Config:
+    path = Path(text)
+    try:
+        raw = json.loads(path.read_text() if not text.lstrip().startswith("{") and path.is_file() else text)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"--config: not a JSON object or a readable JSON file ({exc})") from None
+    if not isinstance(raw, dict):
+        raise UsageError("--config: expected a JSON object with the six config keys")
+    try:
+        config = Config.from_dict(raw)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"--config: {exc}") from None
+    if any(getattr(config, key) < 1 for key in CONFIG_KEYS):
+        raise UsageError(f"--config: every value must be a positive integer, got {config.to_dict()}")
+    return config
+
+
+def _validate(config: Config, shape: MoEShape) -> None:
+    from workers.fused_moe_kernel import validate_config
+
+    try:
+        validate_config(config, shape.dtype, shape.block_shape)
+    except ValueError as exc:
+        raise UsageError(f"--config cannot run {shape.dtype.value}: {exc}") from None

@@ -1,0 +1,112 @@
+"""``moe-tune compare``: tune (or reuse the journal for) every dtype of one model and layout, measure
+each against bf16 on the same inputs, and write report.md, report.html and report.json."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tuner import compare, report
+from tuner.commands.bench import check_interpret_limits, positive_int, routing_arg
+from tuner.commands.plan import int_list
+from tuner.errors import UsageError
+from tuner.journal import JOURNAL_NAME, JournalBusy
+from tuner.models import derive_shape, load_model
+from tuner.plan import DEFAULT_BATCH_SIZES, build_plan
+from tuner.search import STRATEGIES
+from tuner.spaces import load_space
+from workers.records import DType
+
+DEFAULT_DTYPES = "bf16,fp8_w8a8,int8_w8a16,mxfp4,nvfp4"
+
+
+def dtype_list(text: str) -> list[DType]:
+    try:
+        dtypes = [DType(part.strip()) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected dtypes from {', '.join(d.value for d in DType)}, got {text!r}") \
+            from None
+    if not dtypes:
+        raise argparse.ArgumentTypeError("expected at least one dtype")
+    return list(dict.fromkeys(dtypes))
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="NAME|PATH", help="preset name, config.json or model folder")
+    parser.add_argument("--tp", type=int, default=1, help="GPUs serving the MoE layer")
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel size, dividing --tp")
+    parser.add_argument("--dtypes", type=dtype_list, default=dtype_list(DEFAULT_DTYPES), metavar="D,D,...",
+                        help=f"dtypes to compare; bf16 is always included as the yardstick (default: {DEFAULT_DTYPES})")
+    parser.add_argument("--batch-sizes", type=int_list, metavar="M,M,...",
+                        help=f"default: {','.join(map(str, DEFAULT_BATCH_SIZES))}")
+    parser.add_argument("--routing", type=routing_arg, default="uniform", help="uniform | zipf:<alpha> | file:<path>")
+    parser.add_argument("--search-space", default="default", metavar="NAME|PATH", help="search space name or YAML file")
+    parser.add_argument("--strategy", default="exhaustive", choices=sorted(STRATEGIES), help="search strategy")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for report.md/.html/.json")
+    parser.add_argument("--configs-out", type=Path, default=Path("configs_out"), metavar="DIR",
+                        help="folder for the tuned config files (default: configs_out)")
+    parser.add_argument("--format", default="vllm", choices=("vllm", "sglang", "both"), help="config file layout")
+    parser.add_argument("--journal", type=Path,
+                        help=f"journal (default: <configs-out>/{JOURNAL_NAME}, shared with tune)")
+    parser.add_argument("--fresh", action="store_true", help="ignore the journal and measure everything")
+    parser.add_argument("--moe-layers", type=positive_int, default=1,
+                        help="MoE layers of the model, for the weight total per GPU (default 1: one layer)")
+    parser.add_argument("--memory-budget-gib", type=positive_float, metavar="GIB",
+                        help="memory per GPU for weights + MoE buffers (default: 90%% of the GPU's memory)")
+    parser.add_argument("--max-rel-err", type=positive_float, metavar="ERR",
+                        help="recommend only dtypes within this relative error of bf16")
+    parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--workers", type=positive_int, help="use at most N GPUs")
+    parser.add_argument("--interpret", action="store_true",
+                        help="run the kernels under the Triton interpreter on the CPU (tiny shapes only)")
+
+
+def _request(args: argparse.Namespace) -> compare.CompareRequest:
+    spec = load_model(args.model)
+    dtypes = [DType.BF16] + [d for d in args.dtypes if d is not DType.BF16]
+    shapes = {dtype: derive_shape(spec, tp=args.tp, ep=args.ep, dtype=dtype) for dtype in dtypes}
+    batch_sizes = sorted(set(args.batch_sizes or DEFAULT_BATCH_SIZES))
+    if min(batch_sizes) < 1:
+        raise UsageError(f"batch sizes must be >= 1 (got {min(batch_sizes)})")
+    if args.interpret:
+        check_interpret_limits(list(shapes.values()), batch_sizes)
+    for path, what in ((args.out, "--out"), (args.configs_out, "--configs-out")):
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"{what} {path}: exists and is not a folder")
+    space = load_space(args.search_space)
+    build_plan([spec], args.tp, args.ep, dtypes, None, batch_sizes, space, "cpu")  # fails fast on bad input
+
+    def plan_for_device(device_name: str):
+        return compare.search_jobs([spec], args.tp, args.ep, dtypes, batch_sizes, space, args.routing, device_name)
+
+    layout = f"tp={args.tp}" + (f",ep={args.ep}" if args.ep > 1 else "")
+    return compare.CompareRequest(
+        model=spec.name, layout=layout, shapes=shapes, batch_sizes=batch_sizes, routing=args.routing,
+        plan_for_device=plan_for_device, configs_out=args.configs_out, file_format=args.format,
+        journal=args.journal or args.configs_out / JOURNAL_NAME, fresh=args.fresh, address=args.address,
+        workers=args.workers, interpret=args.interpret, strategy=args.strategy, moe_layers=args.moe_layers,
+        memory_budget_bytes=int(args.memory_budget_gib * 2**30) if args.memory_budget_gib else None)
+
+
+def run(args: argparse.Namespace) -> int:
+    request = _request(args)
+    try:
+        results = compare.run_compare(request)
+    except JournalBusy as exc:
+        raise UsageError(str(exc)) from None
+    paths = report.write_reports(results, args.out, max_rel_err=args.max_rel_err)
+    for recommendation in report.recommend(results, args.max_rel_err):
+        print(recommendation.text)
+    for path in paths:
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,129 @@
+"""``moe-tune job validate|run JOB.yaml``: the nightly entry point (``ray job submit -- moe-tune job run``).
+
+``validate`` checks everything that can be checked without a GPU (the spec's fields, every
+model × layout × dtype shape, the search space, routing, each tune invocation's flags) and
+exits 0 or 2. ``run`` validates the same way, runs the tunes in order, and then, when the spec
+has a gate, benches the fresh configs against the reference folder on one GPU worker. Exit 1
+when a tune failed (the gate is then skipped: half a run proves nothing) or the gate failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tuner import bench
+from tuner.commands import tune
+from tuner.commands.bench import check_interpret_limits
+from tuner.errors import RunFailed, UsageError
+from tuner.jobspec import JobSpec, Layout, TuneRun, gate_checks, load_job_spec, tune_runs
+from tuner.models import derive_shape, load_model
+from tuner.plan import DEFAULT_BATCH_SIZES
+from tuner.ray_session import ray_session
+from tuner.spaces import load_space
+from workers.records import DType, MoEShape
+from workers.routing import parse_routing
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", required=True)
+    for name, text in (("validate", "check a job spec (no GPU); exit 0 or 2"),
+                       ("run", "run every tune of a job spec, then its bench gate")):
+        action = actions.add_parser(name, help=text, description=text)
+        action.add_argument("spec", type=Path, metavar="JOB.yaml")
+
+
+def _batch_sizes(spec: JobSpec) -> list[int]:
+    return spec.batch_sizes or list(DEFAULT_BATCH_SIZES)
+
+
+def _shapes(spec: JobSpec) -> dict[tuple[str, Layout, DType], MoEShape]:
+    """Every (model, layout, dtype) shape; a model or layout that does not fit fails here."""
+    shapes = {}
+    for model in spec.models:
+        model_spec = load_model(model)
+        for layout in spec.layouts:
+            for dtype in spec.dtypes:
+                block = spec.block_shape if dtype is DType.FP8_W8A8 else None
+                shapes[(model, layout, dtype)] = derive_shape(model_spec, tp=layout.tp, ep=layout.ep, dtype=dtype,
+                                                              block_shape=block)
+    return shapes
+
+
+class _TuneParser(argparse.ArgumentParser):
+    """``moe-tune tune``'s own parser: a spec value it rejects is a one-line usage error."""
+
+    def error(self, message: str) -> None:
+        raise UsageError(f"tune flags from the job spec: {message}")
+
+
+def _tune_args(run: TuneRun) -> argparse.Namespace:
+    parser = _TuneParser(prog="moe-tune tune")
+    tune.configure(parser)
+    return parser.parse_args(run.argv)
+
+
+def validate(spec: JobSpec) -> tuple[list[TuneRun], dict]:
+    shapes = _shapes(spec)
+    for routing in spec.routing:
+        try:
+            parse_routing(routing)
+        except ValueError as exc:
+            raise UsageError(f"routing: {exc}") from None
+    if spec.search_space:
+        load_space(str(spec.search_space))
+    if spec.interpret:
+        check_interpret_limits(list(shapes.values()), _batch_sizes(spec))
+    if spec.output.dir.exists() and not spec.output.dir.is_dir():
+        raise UsageError(f"output.dir {spec.output.dir}: exists and is not a folder")
+    runs = tune_runs(spec)
+    for tune_run in runs:
+        _tune_args(tune_run)
+    return runs, shapes
+
+
+def _gate(spec: JobSpec, shapes: dict) -> list[str]:
+    gate = spec.gate
+    variants, reference = bench.variants_for([spec.output.dir], gate.reference)
+    batch_sizes = gate.batch_sizes or _batch_sizes(spec)
+    regressions: list[str] = []
+    with ray_session(spec.address, spec.interpret):
+        measurer = bench.GpuMeasurer()
+        for check in gate_checks(spec):
+            shape = shapes[(check.model, check.layout, check.dtype)]
+            result = bench.bench_on(measurer, shape, variants, reference, batch_sizes, check.routing, gate.rounds)
+            print(f"gate {check.label}")
+            print(bench.format_table(result, gate.fail_if_slower), flush=True)
+            regressions += [f"{check.label}: {line}" for line in result.regressions(gate.fail_if_slower)]
+    return regressions
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = load_job_spec(args.spec)
+    runs, shapes = validate(spec)
+    if args.action == "validate":
+        gate = f"; gate vs {spec.gate.reference} at {spec.gate.fail_if_slower}" if spec.gate else ""
+        print(f"{args.spec}: valid: {len(runs)} tune run(s), {len(shapes)} shape(s){gate}")
+        return 0
+    if spec.gate is not None and not spec.gate.reference.is_dir():
+        raise UsageError(f"gate.reference {spec.gate.reference}: not a folder (an empty folder gates against "
+                         "vLLM's default heuristic)")
+
+    failed = []
+    for index, tune_run in enumerate(runs, 1):
+        print(f"job {spec.name}: tune {index}/{len(runs)}: {tune_run.label}", flush=True)
+        try:
+            tune.run(_tune_args(tune_run))
+        except RunFailed as exc:
+            print(f"job {spec.name}: tune {tune_run.label} failed: {exc}", flush=True)
+            failed.append(tune_run.label)
+    if failed:
+        raise RunFailed(f"{len(failed)} of {len(runs)} tune runs failed ({failed[0]}, ...); gate skipped")
+    if spec.gate is None:
+        print(f"job {spec.name}: {len(runs)} tune run(s) done; no gate")
+        return 0
+    regressions = _gate(spec, shapes)
+    if regressions:
+        raise RunFailed(f"gate failed at {len(regressions)} point(s): {regressions[0]}")
+    print(f"job {spec.name}: {len(runs)} tune run(s) done; gate passed")
+    return 0

@@ -1,0 +1,96 @@
+"""``moe-tune plan``: list the tuning jobs a model, layout and dtypes need (no GPU needed)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from tuner.errors import UsageError
+from tuner.plan import DEFAULT_BATCH_SIZES, Plan, build_plan
+from tuner.spaces import REASONS
+from workers.records import DType
+
+
+def int_list(text: str) -> list[int]:
+    """``"1,2,4"`` → ``[1, 2, 4]`` (an argparse type: errors become one-line usage errors)."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def block_shape_arg(text: str) -> tuple[int, int]:
+    values = int_list(text)
+    if len(values) != 2 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected BN,BK (two positive integers), got {text!r}")
+    return values[0], values[1]
+
+
+def detect_device_name() -> str | None:
+    """The local CUDA GPU's name as torch reports it, or None without one."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def resolve_device_name(given: str | None) -> str:
+    name = given or detect_device_name()
+    if not name:
+        raise UsageError('no CUDA GPU here: pass --device-name for the target GPU, e.g. --device-name "NVIDIA H200"')
+    return name
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", action="append", required=True, metavar="NAME|PATH",
+                        help="preset name, config.json, model folder or cached HF repo id (repeatable)")
+    parser.add_argument("--tp", type=int, default=1, help="GPUs serving the MoE layer (tensor-parallel size)")
+    parser.add_argument("--ep", type=int, default=1,
+                        help="expert-parallel size, dividing --tp (--tp 2 --ep 2 is vLLM's --enable-expert-parallel)")
+    parser.add_argument("--dtype", action="append", choices=[d.value for d in DType],
+                        help="kernel dtype (repeatable); default: each model's own")
+    parser.add_argument("--block-shape", type=block_shape_arg, metavar="BN,BK",
+                        help="fp8 weight block shape, e.g. 128,128")
+    parser.add_argument("--batch-sizes", type=int_list, metavar="M,M,...",
+                        help=f"default: {','.join(map(str, DEFAULT_BATCH_SIZES))}")
+    parser.add_argument("--search-space", default="default", metavar="NAME|PATH",
+                        help="search space name (search_spaces/<name>.yaml) or YAML file")
+    parser.add_argument("--device-name", help='target GPU as torch names it, e.g. "NVIDIA H200" (default: this GPU)')
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def format_plan(plan: Plan) -> str:
+    """A readable plan: per job its shape and file, then kept/dropped counts per batch size."""
+    space = plan.space
+    lines = [f"device {plan.device_name} · search space {space.name} ({space.size} configs)"]
+    for job in plan.jobs:
+        s = job.shape
+        block = f" block_shape=[{s.block_shape[0]},{s.block_shape[1]}]" if s.block_shape else ""
+        lines += [
+            "",
+            f"{job.model}: {s.dtype.value} E={s.E} N={s.N} K={s.K} topk={s.topk}{block} (tp={job.tp} ep={job.ep})",
+            f"  vLLM file:   {job.file_name}",
+            f"  SGLang file: {job.sglang_file_name}",
+        ]
+        reasons = [r for r in REASONS if any(r in d for d in job.dropped_by_reason.values())]
+        header = ["M", "kept"] + [f"-{r}" for r in reasons]
+        rows = [[str(M), str(len(kept))] + [str(job.dropped_by_reason[M].get(r, 0)) for r in reasons]
+                for M, kept in job.candidates.items()]
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+        for row in [header, *rows]:
+            lines.append("  " + "  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
+    total_before = space.size * sum(len(job.candidates) for job in plan.jobs)
+    lines += ["", f"{len(plan.jobs)} job(s): {plan.total_candidates} candidates to time "
+                  f"({total_before} before pruning)"]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    plan = build_plan(
+        models=args.model, tp=args.tp, ep=args.ep, dtypes=args.dtype, block_shape=args.block_shape,
+        batch_sizes=args.batch_sizes, space=args.search_space, device_name=resolve_device_name(args.device_name),
+    )
+    print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
+    return 0

@@ -1,0 +1,223 @@
+"""``moe-tune tune``: tune configs on GPU workers through Ray and write the server's files.
+
+Everything the user gave is validated here, before Ray starts and before anything is written:
+models, layout, dtypes, batch sizes, the search space, routing, the output and journal paths,
+and (with ``--interpret``) that the shapes are small enough for the CPU interpreter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tuner import driver
+from tuner.commands.plan import block_shape_arg, int_list
+from tuner.errors import RunFailed, UsageError
+from tuner.journal import JOURNAL_NAME, JournalBusy
+from tuner.models import ModelSpec, load_model
+from tuner.plan import DEFAULT_BATCH_SIZES, Plan, build_plan
+from tuner.progress import Progress, format_duration
+from tuner.search import STRATEGIES, SearchJob
+from tuner.spaces import SearchSpace, load_space
+from workers.records import DType, Status
+from workers.routing import parse_routing
+from workers.server_kernels import SUPPORTED_DTYPES
+
+FORMATS = tuple(driver.FORMATS)
+KERNELS = ("builtin", "vllm", "sglang")
+INTERPRET_MAX_WEIGHTS = 4 * 2 * 128 * 128
+"""--interpret refuses shapes with more than E·2N·K = 131072 weights (E=4, N=K=128): the
+interpreter runs each Triton program in numpy, so one candidate at that size takes seconds."""
+INTERPRET_MAX_M = 64
+PREFLIGHT_DEVICE = "preflight"
+"""Device name for the validation plan made before any worker exists (generic limits);
+each device group is planned again under its own name once the workers report it."""
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", action="append", required=True, metavar="NAME|PATH",
+                        help="preset name, config.json, model folder or cached HF repo id (repeatable)")
+    parser.add_argument("--tp", type=int, default=1, help="GPUs serving the MoE layer (tensor-parallel size)")
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel size, dividing --tp")
+    parser.add_argument("--dtype", action="append", choices=[d.value for d in DType],
+                        help="kernel dtype (repeatable); default: each model's own")
+    parser.add_argument("--block-shape", type=block_shape_arg, metavar="BN,BK", help="fp8 weight block shape")
+    parser.add_argument("--batch-sizes", type=int_list, metavar="M,M,...",
+                        help=f"default: {','.join(map(str, DEFAULT_BATCH_SIZES))}")
+    parser.add_argument("--search-space", default="default", metavar="NAME|PATH",
+                        help="search space name (search_spaces/<name>.yaml) or YAML file")
+    parser.add_argument("--routing", default="uniform", help="uniform (default), zipf:<alpha> or file:<topk_ids.pt|.npy>")
+    parser.add_argument("--strategy", default="exhaustive", choices=sorted(STRATEGIES), help="search strategy")
+    parser.add_argument("--kernel", default="builtin", choices=KERNELS,
+                        help="time our kernel (builtin) or the installed server's fused-MoE entry point")
+    parser.add_argument("--address", help="Ray cluster to join (auto, ray://host:port); default: start one here")
+    parser.add_argument("--workers", type=int, help="use at most N GPUs (default: every GPU Ray reports)")
+    parser.add_argument("--out", default="configs_out", help="output folder (default: configs_out)")
+    parser.add_argument("--format", default="vllm", choices=FORMATS, help="file layout to write (default: vllm)")
+    parser.add_argument("--journal", help=f"journal file (default: <out>/{JOURNAL_NAME})")
+    parser.add_argument("--fresh", action="store_true", help="ignore the journal (it is kept aside) and measure everything")
+    parser.add_argument("--interpret", action="store_true",
+                        help="no GPU: Triton interpreter on CPU workers (tiny shapes only)")
+    parser.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+                        help="per-candidate limit; a candidate running longer ends its worker (default 300)")
+    parser.add_argument("--finalists", type=int, default=3,
+                        help="fastest candidates per batch size re-timed back to back before choosing (default 3)")
+    parser.add_argument("--json", action="store_true", help="print the run summary as one JSON object")
+
+
+def _check_writable_location(path: Path, what: str) -> None:
+    """Refuse a path that cannot become a folder/file: an existing non-folder on its way."""
+    for parent in [path, *path.parents]:
+        if parent.exists():
+            if parent != path and not parent.is_dir():
+                raise UsageError(f"{what} {path}: {parent} is a file, not a folder")
+            return
+
+
+@dataclass(frozen=True)
+class _Validated:
+    specs: list[ModelSpec]
+    space: SearchSpace
+    out: Path
+    journal: Path
+    routing: str
+
+
+def _validate(args: argparse.Namespace) -> _Validated:
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be at least 1 (got {args.workers})")
+    if args.timeout <= 0:
+        raise UsageError(f"--timeout must be positive (got {args.timeout})")
+    if args.finalists < 1:
+        raise UsageError(f"--finalists must be at least 1 (got {args.finalists})")
+    try:
+        routing = parse_routing(args.routing)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if routing.kind == "file":
+        path = Path(routing.path).expanduser().resolve()
+        if not path.is_file():
+            raise UsageError(f"--routing {args.routing}: no such file")
+        routing = parse_routing(f"file:{path}")  # workers may run elsewhere than this folder
+    if args.kernel != "builtin" and args.interpret:
+        raise UsageError(f"--kernel {args.kernel} times the server's GPU kernel; it cannot run with --interpret")
+
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
+    _check_writable_location(out, "--out")
+    journal = Path(args.journal).expanduser() if args.journal else out / JOURNAL_NAME
+    if journal.exists() and not journal.is_file():
+        raise UsageError(f"--journal {journal}: exists and is not a file")
+    _check_writable_location(journal, "--journal")
+
+    specs = [load_model(m) for m in args.model]
+    space = load_space(args.search_space)
+    plan = build_plan(specs, args.tp, args.ep, args.dtype, args.block_shape, args.batch_sizes, space,
+                      "cpu" if args.interpret else PREFLIGHT_DEVICE)
+    if args.interpret:
+        _check_interpretable(plan)
+    if args.kernel != "builtin":
+        unsupported = sorted({job.shape.dtype.value for job in plan.jobs} - {d.value for d in SUPPORTED_DTYPES})
+        if unsupported:
+            raise UsageError(f"--kernel {args.kernel} runs {', '.join(d.value for d in SUPPORTED_DTYPES)}, "
+                             f"not {', '.join(unsupported)}")
+    empty = [(job.shape.label, M) for job in plan.jobs for M, configs in job.candidates.items() if not configs]
+    if empty:
+        raise UsageError(f"search space {space.name} leaves no config for {empty[0][0]} at M={empty[0][1]}")
+    return _Validated(specs, space, out, journal, str(routing))
+
+
+def _check_interpretable(plan: Plan) -> None:
+    for job in plan.jobs:
+        s = job.shape
+        weights = s.E * 2 * s.N * s.K
+        if weights > INTERPRET_MAX_WEIGHTS:
+            raise UsageError(f"--interpret runs the Triton interpreter on the CPU, tiny shapes only: {s.label} "
+                             f"has E*2N*K = {weights} weights (limit {INTERPRET_MAX_WEIGHTS})")
+        too_big = [M for M in job.batch_sizes if M > INTERPRET_MAX_M]
+        if too_big:
+            raise UsageError(f"--interpret takes batch sizes up to {INTERPRET_MAX_M} (got {too_big[0]}); "
+                             "pass --batch-sizes")
+
+
+def run(args: argparse.Namespace) -> int:
+    valid = _validate(args)
+
+    def jobs_for_device(device_name: str) -> list[SearchJob]:
+        plan = build_plan(valid.specs, args.tp, args.ep, args.dtype, args.block_shape, args.batch_sizes, valid.space,
+                          device_name)
+        return [SearchJob(shape=job.shape, configs_by_m={M: tuple(c) for M, c in job.candidates.items()},
+                          routing=valid.routing) for job in plan.jobs]
+
+    request = driver.TuneRequest(
+        jobs_for_device=jobs_for_device, write_outputs=driver.server_files_writer(valid.out, args.format), journal_path=valid.journal,
+        fresh=args.fresh, address=args.address, workers=args.workers, interpret=args.interpret, kernel=args.kernel,
+        timeout_s=args.timeout, finalists=args.finalists, strategy=args.strategy,
+    )
+    try:
+        result = driver.tune(request, Progress())
+    except JournalBusy as exc:
+        raise UsageError(str(exc)) from None
+    summary = summarize(result)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(format_summary(summary))
+    if not result.files_written:
+        raise RunFailed("no candidate produced a correct result; nothing was written")
+    return 0
+
+
+LISTED_FAILURES = (Status.WRONG_RESULT, Status.CRASHED, Status.TIMEOUT)
+"""Failures listed config by config in the summary; compile errors and out-of-resources are only
+counted (a large space has hundreds, and they say nothing about the machine or the kernel's health)."""
+
+
+def summarize(result: driver.TuneResult) -> dict:
+    """The run summary (``--json`` prints exactly this object)."""
+    devices = []
+    for d in result.devices:
+        best = {}
+        for key, s in sorted(d.selections.items()):
+            best.setdefault(key.shape_label, {})[str(key.M)] = {
+                "config": s.candidate.config.to_dict(), "latency_us": round(s.latency_us, 3),
+                "search_latency_us": round(s.search_latency_us, 3), "retimed": s.retimed}
+        failures = [{"shape": m.candidate.shape.label, "M": m.candidate.M, "config": m.candidate.config.label,
+                     "status": m.status.value, "message": m.message}
+                    for m in d.measurements if m.status in LISTED_FAILURES]
+        devices.append({"device": d.device, "workers": d.workers, "env": d.env, "best": best,
+                        "failures": failures,
+                        "without_winner": [{"shape": k.shape_label, "M": k.M} for k in d.without_winner]})
+    return {
+        "evaluations_run": result.evaluations_run,
+        "evaluations_reused": result.evaluations_reused,
+        "failed": dict(sorted(result.failed.items())),
+        "files_written": [str(p) for p in result.files_written],
+        "wall_s": round(result.wall_s, 3),
+        "retimed_groups": result.retimed_groups,
+        "retimes_reused": result.retimes_reused,
+        "devices": devices,
+    }
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"tuned in {format_duration(summary['wall_s'])}: {summary['evaluations_run']} evaluations run, "
+             f"{summary['evaluations_reused']} reused from the journal"]
+    if summary["failed"]:
+        lines.append("failed: " + ", ".join(f"{status} {n}" for status, n in summary["failed"].items()))
+    for device in summary["devices"]:
+        lines.append(f"{device['device']} ({device['workers']} worker(s)):")
+        for shape, per_m in device["best"].items():
+            lines.append(f"  {shape}")
+            for M, best in per_m.items():
+                c = best["config"]
+                label = (f"BLOCK_SIZE_M={c['BLOCK_SIZE_M']} N={c['BLOCK_SIZE_N']} K={c['BLOCK_SIZE_K']} "
+                         f"GROUP_SIZE_M={c['GROUP_SIZE_M']} warps={c['num_warps']} stages={c['num_stages']}")
+                lines.append(f"    M={M:>5}  {best['latency_us']:10.1f} us  {label}")
+        lines += [f"  no correct config: {gap['shape']} M={gap['M']}" for gap in device["without_winner"]]
+        lines += [f"  {f['status']}: {f['config']} at M={f['M']} ({f['message']})" for f in device["failures"]]
+    lines += [f"wrote {path}" for path in summary["files_written"]]
+    return "\n".join(lines)

@@ -1,0 +1,175 @@
+"""The job spec: one YAML file that says everything a nightly tuning run does.
+
+A platform team keeps this file in a ConfigMap and submits ``moe-tune job run job.yaml`` with
+``ray job submit`` (see docker/README.md). It is validated at the edge (pydantic, unknown keys
+refused) so a typo fails in seconds with one line, not hours into a GPU run. Relative paths are
+taken from the working directory, as the same values given as ``moe-tune tune`` flags would be.
+
+The spec expands into tune runs (one per parallel layout and routing; each run covers every
+model and dtype) and, when a gate is given, bench checks of the fresh configs against a
+reference folder (one per model, layout, dtype and routing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+
+from tuner.errors import UsageError
+from tuner.validation import one_line
+from workers.records import DType
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Layout(_Strict):
+    """GPUs per MoE layer as the server runs it: ``tp`` tensor-parallel size, ``ep`` expert-parallel
+    size dividing it (``tp: 2, ep: 2`` is vLLM's expert parallelism on 2 GPUs)."""
+
+    tp: PositiveInt = 1
+    ep: PositiveInt = 1
+
+    @field_validator("ep")
+    @classmethod
+    def _ep_divides_tp(cls, ep: int, info) -> int:
+        tp = info.data.get("tp", 1)
+        if tp % ep:
+            raise ValueError(f"ep={ep} must divide tp={tp}")
+        return ep
+
+    @property
+    def label(self) -> str:
+        return f"tp={self.tp}" + (f",ep={self.ep}" if self.ep > 1 else "")
+
+
+class Output(_Strict):
+    dir: Path = Path("configs_out")
+    format: Literal["vllm", "sglang", "both"] = "vllm"
+
+
+class Gate(_Strict):
+    """Fail the job when a fresh config is slower than the reference folder's at any batch size
+    by more than the ratio (reference latency / fresh latency < ``fail_if_slower``)."""
+
+    reference: Path
+    fail_if_slower: float = Field(0.98, gt=0.0, le=1.0)
+    batch_sizes: list[PositiveInt] | None = None  # default: the job's batch sizes
+    rounds: PositiveInt = 20  # interleaved timing rounds per batch size
+
+
+class JobSpec(_Strict):
+    name: str = "moe-tune-job"
+    models: list[str] = Field(min_length=1)
+    dtypes: list[DType] = Field(min_length=1)
+    block_shape: tuple[PositiveInt, PositiveInt] | None = None
+    layouts: list[Layout] = Field(default_factory=lambda: [Layout()], min_length=1)
+    batch_sizes: list[PositiveInt] | None = None
+    routing: list[str] = Field(default_factory=lambda: ["uniform"], min_length=1)
+    search_space: Path | None = None
+    strategy: str | None = None
+    output: Output = Output()
+    journal: Path | None = None
+    address: str | None = None
+    workers: PositiveInt | None = None
+    interpret: bool = False
+    gate: Gate | None = None
+
+    @field_validator("models", "routing")
+    @classmethod
+    def _no_blank_entries(cls, values: list[str]) -> list[str]:
+        if any(not v.strip() for v in values):
+            raise ValueError("entries must not be empty")
+        return values
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _sorted_unique(cls, values: list[int] | None) -> list[int] | None:
+        return None if values is None else sorted(set(values))
+
+
+@dataclass(frozen=True)
+class TuneRun:
+    """One ``moe-tune tune`` invocation of the job."""
+
+    layout: Layout
+    routing: str
+    argv: list[str]  # the equivalent command-line arguments after ``moe-tune tune``
+
+    @property
+    def label(self) -> str:
+        return f"{self.layout.label} routing={self.routing}"
+
+
+@dataclass(frozen=True)
+class GateCheck:
+    """One bench comparison of the job's fresh configs against the gate's reference folder."""
+
+    model: str
+    layout: Layout
+    dtype: DType
+    routing: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} {self.layout.label} {self.dtype.value} routing={self.routing}"
+
+
+def load_job_spec(path: Path) -> JobSpec:
+    """Read and validate a job file; every problem is a one-line UsageError naming the file."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read job spec: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise UsageError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: a job spec is a YAML mapping (models, dtypes, ...)")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise UsageError(one_line(exc, str(path))) from None
+
+
+def tune_runs(spec: JobSpec) -> list[TuneRun]:
+    """The tune invocations, in order: layouts outermost, then routings."""
+    common: list[str] = []
+    for model in spec.models:
+        common += ["--model", model]
+    for dtype in spec.dtypes:
+        common += ["--dtype", dtype.value]
+    if spec.block_shape:
+        common += ["--block-shape", f"{spec.block_shape[0]},{spec.block_shape[1]}"]
+    if spec.batch_sizes:
+        common += ["--batch-sizes", ",".join(map(str, spec.batch_sizes))]
+    if spec.search_space:
+        common += ["--search-space", str(spec.search_space)]
+    if spec.strategy:
+        common += ["--strategy", spec.strategy]
+    common += ["--out", str(spec.output.dir), "--format", spec.output.format]
+    if spec.journal:
+        common += ["--journal", str(spec.journal)]
+    if spec.address:
+        common += ["--address", spec.address]
+    if spec.workers:
+        common += ["--workers", str(spec.workers)]
+    if spec.interpret:
+        common.append("--interpret")
+    return [TuneRun(layout, routing, ["--tp", str(layout.tp), "--ep", str(layout.ep), "--routing", routing, *common])
+            for layout in spec.layouts for routing in spec.routing]
+
+
+def gate_checks(spec: JobSpec) -> list[GateCheck]:
+    if spec.gate is None:
+        return []
+    return [GateCheck(model, layout, dtype, routing)
+            for model in spec.models for layout in spec.layouts for dtype in spec.dtypes for routing in spec.routing]

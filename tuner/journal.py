@@ -1,0 +1,151 @@
+"""The append-only journal of measurements: the tuning cache and the resume point in one file.
+
+Each line is one orjson record, written and fsynced as its result arrives, so a driver killed at
+any instant (SIGKILL included) loses at most the line it was writing; a torn last line is cut off
+when the journal is opened again. A record is found again by its key, a SHA-256 over everything
+that changes a timing: the worker environment (kernel source hash, Triton and torch versions,
+device name, kernel flavour) and the candidate (shape with dtype and block shape, routing, M,
+GEMM part, config). Same key, never measured twice.
+
+Two kinds of records: ``measure`` (one candidate's final outcome, failures included, so a config
+that crashed twice is not tried again on resume) and ``retime`` (the back-to-back re-timing of one
+group of finalists, keyed by the finalists' keys, so a resumed run chooses as the first one did).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import orjson
+
+from workers.records import Candidate, Config, Gemm, Measurement, MoEShape, Status
+
+FORMAT_VERSION = 1
+JOURNAL_NAME = ".moe-tune-journal.jsonl"
+
+
+class JournalBusy(Exception):
+    """Another live run holds the journal."""
+
+
+def candidate_to_dict(candidate: Candidate) -> dict:
+    shape = candidate.shape
+    return {
+        "shape": {"E": shape.E, "N": shape.N, "K": shape.K, "topk": shape.topk, "dtype": shape.dtype.value,
+                  "block_shape": list(shape.block_shape) if shape.block_shape else None},
+        "M": candidate.M,
+        "config": candidate.config.to_dict(),
+        "gemm": candidate.gemm.value,
+        "routing": candidate.routing,
+    }
+
+
+def candidate_from_dict(data: dict) -> Candidate:
+    return Candidate(shape=MoEShape(**data["shape"]), M=int(data["M"]), config=Config.from_dict(data["config"]),
+                     gemm=Gemm(data["gemm"]), routing=data["routing"])
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha256(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def measurement_key(environment: dict[str, str], candidate: Candidate) -> str:
+    """The journal key of one candidate measured in one worker environment (``BenchmarkWorker.describe``)."""
+    return _digest({"env": environment, "candidate": candidate_to_dict(candidate)})
+
+
+def retime_key(finalist_keys: Iterable[str]) -> str:
+    return _digest({"retime": sorted(finalist_keys)})
+
+
+def measurement_to_record(key: str, measurement: Measurement, attempts: int) -> dict:
+    return {
+        "v": FORMAT_VERSION, "kind": "measure", "key": key, "time": time.time(),
+        "candidate": candidate_to_dict(measurement.candidate), "status": measurement.status.value,
+        "latency_us": measurement.latency_us, "spread_us": measurement.spread_us, "rel_err": measurement.rel_err,
+        "device": measurement.device, "versions": measurement.versions, "message": measurement.message,
+        "attempts": attempts,
+    }
+
+
+def retime_to_record(key: str, finalist_keys: list[str], latencies_us: list[float]) -> dict:
+    return {"v": FORMAT_VERSION, "kind": "retime", "key": key, "time": time.time(), "finalists": finalist_keys,
+            "latency_us": latencies_us}
+
+
+def record_to_measurement(record: dict) -> Measurement:
+    return Measurement(candidate=candidate_from_dict(record["candidate"]), status=Status(record["status"]),
+                       latency_us=record["latency_us"], spread_us=record["spread_us"], rel_err=record["rel_err"],
+                       device=record["device"], versions=dict(record["versions"]), message=record["message"])
+
+
+class Journal:
+    """An open journal: ``get`` looks a key up, ``append`` adds a record durably.
+
+    Holds an exclusive ``flock`` while open: two drivers appending to one journal would each
+    believe they own the queue, and the lock dies with its process, so a killed driver never
+    leaves a stale lock behind.
+    """
+
+    def __init__(self, path: Path, fresh: bool = False) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.set_aside: Path | None = None
+        self._handle = open(self.path, "a+b")
+        try:
+            fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._handle.close()
+            raise JournalBusy(f"journal {self.path} is in use by another moe-tune run") from None
+        if fresh and self.path.stat().st_size > 0:
+            self.set_aside = self.path.with_name(f"{self.path.name}.{time.strftime('%Y%m%d-%H%M%S')}.old")
+            os.replace(self.path, self.set_aside)
+            old = self._handle
+            self._handle = open(self.path, "a+b")
+            fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            old.close()
+        self.records: dict[str, dict] = {}
+        self.skipped_lines = 0
+        self._load()
+
+    def _load(self) -> None:
+        self._handle.seek(0)
+        data = self._handle.read()
+        complete = data.rfind(b"\n") + 1
+        if complete < len(data):
+            # A torn last line (the writer died mid-record): cut it so the next append starts clean.
+            self._handle.truncate(complete)
+            os.fsync(self._handle.fileno())
+        for line in data[:complete].splitlines():
+            if not line.strip():
+                continue
+            try:
+                record = orjson.loads(line)
+                self.records[record["key"]] = record
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                self.skipped_lines += 1
+
+    def get(self, key: str) -> dict | None:
+        return self.records.get(key)
+
+    def append(self, record: dict) -> None:
+        self._handle.seek(0, os.SEEK_END)
+        self._handle.write(orjson.dumps(record) + b"\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self.records[record["key"]] = record
+
+    def close(self) -> None:
+        if not self._handle.closed:
+            self._handle.close()
+
+    def __enter__(self) -> "Journal":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

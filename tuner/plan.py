@@ -1,0 +1,124 @@
+"""A tuning plan: one job per distinct kernel shape, with the pruned candidates per batch size.
+
+Jobs come from models × dtypes under one parallel layout; models that land on the same shape
+(same E, N, K, top-k, dtype, block shape) share one job and one output file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tuner.errors import UsageError
+from tuner.models import ModelSpec, derive_shape, load_model
+from tuner.naming import sglang_file_name, vllm_file_name
+from tuner.spaces import DeviceLimits, SearchSpace, load_space, prune
+from workers.records import Config, DType, MoEShape
+
+# vLLM's and SGLang's default tuning batch sizes.
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 3072, 4096)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One kernel shape to tune: its output file names and the candidates left per batch size."""
+
+    model: str
+    shape: MoEShape
+    tp: int
+    ep: int
+    file_name: str  # vLLM's
+    sglang_file_name: str
+    candidates: dict[int, list[Config]]
+    dropped_by_reason: dict[int, dict[str, int]]
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return list(self.candidates)
+
+    def to_json(self) -> dict:
+        shape = self.shape
+        return {
+            "model": self.model,
+            "dtype": shape.dtype.value,
+            "E": shape.E,
+            "N": shape.N,
+            "K": shape.K,
+            "topk": shape.topk,
+            "block_shape": list(shape.block_shape) if shape.block_shape else None,
+            "file_name": self.file_name,
+            "batch_sizes": self.batch_sizes,
+            "configs_per_batch": {str(M): len(c) for M, c in self.candidates.items()},
+            "tp": self.tp,
+            "ep": self.ep,
+            "sglang_file_name": self.sglang_file_name,
+            "dropped_per_batch": {str(M): d for M, d in self.dropped_by_reason.items()},
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    device_name: str
+    space: SearchSpace
+    jobs: list[Job]
+
+    @property
+    def total_candidates(self) -> int:
+        return sum(len(c) for job in self.jobs for c in job.candidates.values())
+
+    def to_json(self) -> dict:
+        return {
+            "jobs": [job.to_json() for job in self.jobs],
+            "device_name": self.device_name,
+            "search_space": self.space.name,
+            "space_size": self.space.size,
+            "total_candidates": self.total_candidates,
+        }
+
+
+def _batch_sizes(batch_sizes: Sequence[int] | None) -> list[int]:
+    if not batch_sizes:
+        return list(DEFAULT_BATCH_SIZES)
+    if min(batch_sizes) < 1:
+        raise UsageError(f"batch sizes must be >= 1 (got {min(batch_sizes)})")
+    return sorted(set(batch_sizes))
+
+
+def build_plan(models: Sequence[str | ModelSpec], tp: int, ep: int, dtypes: Sequence[DType | str] | None,
+               block_shape: tuple[int, int] | None, batch_sizes: Sequence[int] | None,
+               space: SearchSpace | str, device_name: str) -> Plan:
+    """Plan the jobs for ``models`` (names, paths or specs) served with ``tp``/``ep`` in each of
+    ``dtypes`` (None or empty: each model's own dtype) on ``device_name``."""
+    if not models:
+        raise UsageError("name at least one model")
+    if not device_name.strip():
+        raise UsageError("the device name is empty")
+    wanted = [DType(d) for d in dtypes] if dtypes else [None]
+    if block_shape is not None and DType.FP8_W8A8 not in wanted:
+        raise UsageError("--block-shape applies to fp8_w8a8; add --dtype fp8_w8a8")
+    sizes = _batch_sizes(batch_sizes)
+    space = space if isinstance(space, SearchSpace) else load_space(space)
+    configs = space.expand()
+    device = DeviceLimits.for_device(device_name)
+
+    by_shape: dict[MoEShape, list[str]] = {}
+    for model in models:
+        spec = model if isinstance(model, ModelSpec) else load_model(model)
+        for dtype in wanted:
+            block = block_shape if dtype is DType.FP8_W8A8 else None
+            shape = derive_shape(spec, tp=tp, ep=ep, dtype=dtype, block_shape=block)
+            names = by_shape.setdefault(shape, [])
+            if spec.name not in names:
+                names.append(spec.name)
+
+    jobs = []
+    for shape, names in by_shape.items():
+        results = {M: prune(configs, shape, M, device) for M in sizes}
+        jobs.append(Job(
+            model=", ".join(names), shape=shape, tp=tp, ep=ep,
+            file_name=vllm_file_name(shape, device_name),
+            sglang_file_name=sglang_file_name(shape, device_name),
+            candidates={M: r.kept for M, r in results.items()},
+            dropped_by_reason={M: r.dropped_by_reason for M, r in results.items()},
+        ))
+    return Plan(device_name=device_name, space=space, jobs=jobs)

@@ -1,0 +1,362 @@
+"""The dtype comparison report: which weight format to deploy at which batch size, and why.
+
+``ComparisonResults`` is the typed record ``moe-tune compare`` fills (one tuned point per dtype
+and batch size, plus what the memory model needs); ``write_reports`` turns it into report.md,
+one self-contained report.html (plots embedded as base64 PNG) and report.json. The report is a
+pure function of the record, so a committed report.json is everything needed to audit it.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+
+from tuner import report_plots, roofline
+from workers.records import Config, DType, MoEShape
+
+REFERENCE = DType.BF16
+REPORT_FILES = ("report.md", "report.html", "report.json")
+
+MEMORY_MODEL = (
+    "Memory per GPU at batch size M = (MoE expert weights of every MoE layer, scales included) + "
+    "M x (fused-MoE working buffers per token: input and output rows, per routed expert the "
+    "up-GEMM output (2N), SwiGLU output (N) and down-GEMM output (K) in bf16, routing tensors, and "
+    "for fp8_w8a8 the quantized activations). Working buffers are reused layer after layer. Not "
+    "counted: attention and embedding weights, the KV cache, CUDA-graph pools — subtract them from "
+    "the budget you pass."
+)
+ROOFLINE_MODEL = (
+    "HBM floor = (weights of the experts the batch touches + input read + output written) / peak "
+    "HBM bandwidth. Compute floor = 6·M·topk·N·K FLOPs / tensor-core peak (fp8 peak for fp8_w8a8; "
+    "bf16 peak for every other dtype, whose weights are dequantized into bf16 tiles). A fraction "
+    "is floor time / measured time; the larger floor names the regime."
+)
+
+
+@dataclass(frozen=True)
+class PointResult:
+    """The tuned result of one dtype at one batch size."""
+
+    dtype: DType
+    M: int
+    latency_us: float
+    config: Config
+    rel_err_vs_bf16: float  # ||out - out_bf16|| / ||out_bf16|| on the same inputs; 0 for bf16
+    hbm_floor_fraction: float | None  # None where the device's peaks are unknown
+    compute_floor_fraction: float | None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.M / (self.latency_us * 1e-6)
+
+    @property
+    def regime(self) -> str | None:
+        if self.hbm_floor_fraction is None or self.compute_floor_fraction is None:
+            return None
+        return roofline.FloorFractions(self.hbm_floor_fraction, self.compute_floor_fraction).regime
+
+
+@dataclass(frozen=True)
+class DTypeSummary:
+    """What does not depend on M: the shape and the memory model's two terms."""
+
+    shape: MoEShape
+    weight_bytes_per_gpu: int
+    working_bytes_per_token: int
+
+
+@dataclass
+class ComparisonResults:
+    model: str
+    layout: str  # e.g. "tp=2"
+    device: str
+    versions: dict[str, str]
+    routing: str
+    moe_layers: int
+    memory_budget_bytes: int
+    dtypes: dict[DType, DTypeSummary]
+    points: list[PointResult] = field(default_factory=list)
+
+    def max_batch_in_budget(self, dtype: DType) -> int:
+        summary = self.dtypes[dtype]
+        return roofline.max_batch_in_budget(summary.weight_bytes_per_gpu, summary.working_bytes_per_token,
+                                            self.memory_budget_bytes)
+
+    def point(self, dtype: DType, M: int) -> PointResult | None:
+        return next((p for p in self.points if p.dtype is dtype and p.M == M), None)
+
+    def speedup_vs_bf16(self, point: PointResult) -> float | None:
+        reference = self.point(REFERENCE, point.M)
+        return None if reference is None else reference.latency_us / point.latency_us
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return sorted({p.M for p in self.points})
+
+
+def summarize_dtype(shape: MoEShape, moe_layers: int) -> DTypeSummary:
+    return DTypeSummary(shape=shape, weight_bytes_per_gpu=moe_layers * roofline.weight_bytes(shape),
+                        working_bytes_per_token=roofline.working_bytes_per_token(shape))
+
+
+def measured_point(shape: MoEShape, M: int, latency_us: float, config: Config, rel_err_vs_bf16: float,
+                   experts_touched: float, peaks: roofline.DevicePeaks | None) -> PointResult:
+    """A point with its floor fractions (None when ``peaks`` is None, e.g. on CPU)."""
+    fractions = None if peaks is None else roofline.floor_fractions(shape, M, latency_us, peaks, experts_touched)
+    return PointResult(dtype=shape.dtype, M=M, latency_us=latency_us, config=config, rel_err_vs_bf16=rel_err_vs_bf16,
+                       hbm_floor_fraction=fractions.hbm if fractions else None,
+                       compute_floor_fraction=fractions.compute if fractions else None)
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The fastest dtype over a run of consecutive measured batch sizes."""
+
+    m_low: int
+    m_high: int
+    dtype: DType
+    speedups: tuple[float, ...]  # vs bf16, one per measured M in the range (where bf16 ran)
+    regimes: tuple[str, ...]
+    max_rel_err: float
+    first: bool
+    last: bool
+
+    @property
+    def range_text(self) -> str:
+        if self.first and self.last:
+            return "every M"
+        if self.first:
+            return f"M ≤ {self.m_high}"
+        if self.last:
+            return f"M ≥ {self.m_low}"
+        return f"{self.m_low} ≤ M ≤ {self.m_high}" if self.m_low != self.m_high else f"M = {self.m_low}"
+
+    @property
+    def reason(self) -> str:
+        parts = []
+        if self.dtype is REFERENCE:
+            parts.append("no other dtype is faster")
+        elif self.speedups:
+            low, high = min(self.speedups), max(self.speedups)
+            parts.append(f"{low:.2f}× bf16" if abs(high - low) < 0.005 else f"{low:.2f}–{high:.2f}× bf16")
+        if self.regimes:
+            parts.append(" then ".join(dict.fromkeys(self.regimes)))
+        if self.dtype is not REFERENCE:
+            parts.append(f"rel. err vs bf16 ≤ {_percent(self.max_rel_err)}")
+        return ", ".join(parts)
+
+    @property
+    def text(self) -> str:
+        return f"{self.range_text}: {self.dtype.value} — {self.reason}"
+
+
+def recommend(results: ComparisonResults, max_rel_err: float | None = None) -> list[Recommendation]:
+    """Per measured M the fastest dtype (optionally among those within ``max_rel_err`` of bf16),
+    merged into ranges of consecutive batch sizes with the same winner."""
+    winners: list[PointResult] = []
+    for M in results.batch_sizes:
+        eligible = [p for p in results.points if p.M == M
+                    and (max_rel_err is None or p.rel_err_vs_bf16 <= max_rel_err)]
+        if eligible:
+            winners.append(min(eligible, key=lambda p: p.latency_us))
+    runs: list[list[PointResult]] = []
+    for winner in winners:
+        if runs and runs[-1][-1].dtype is winner.dtype:
+            runs[-1].append(winner)
+        else:
+            runs.append([winner])
+    recommendations = []
+    for index, run in enumerate(runs):
+        speedups = tuple(s for s in (results.speedup_vs_bf16(p) for p in run) if s is not None)
+        recommendations.append(Recommendation(
+            m_low=run[0].M, m_high=run[-1].M, dtype=run[0].dtype, speedups=speedups,
+            regimes=tuple(p.regime for p in run if p.regime), max_rel_err=max(p.rel_err_vs_bf16 for p in run),
+            first=index == 0, last=index == len(runs) - 1))
+    return recommendations
+
+
+# ---- document model: one list of sections, rendered to markdown and to HTML ----
+
+@dataclass
+class _Table:
+    headers: list[str]
+    rows: list[list[str]]
+
+
+@dataclass
+class _Section:
+    title: str
+    paragraphs: list[str] = field(default_factory=list)
+    bullets: list[str] = field(default_factory=list)
+    table: _Table | None = None
+    plot: str | None = None  # key into the rendered PNGs (HTML only)
+
+
+def _percent(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.2f}%" if value < 0.1 else f"{100 * value:.1f}%"
+
+
+def _size(num_bytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.2f} {unit}"
+    return f"{num_bytes} B"
+
+
+def _sections(results: ComparisonResults, recommendations: list[Recommendation]) -> list[_Section]:
+    versions = ", ".join(f"{k} {v}" for k, v in sorted(results.versions.items())) or "unknown"
+    header = _Section(
+        title=f"MoE dtype comparison — {results.model} ({results.layout}) on {results.device}",
+        paragraphs=[f"Routing: {results.routing} · MoE layers: {results.moe_layers} · memory budget: "
+                    f"{_size(results.memory_budget_bytes)} per GPU · versions: {versions}.",
+                    "Latency is per fused-MoE call of one layer (both GEMMs, SwiGLU, top-k sum) with the "
+                    "tuned config; tokens/s = M / latency."])
+    recommendation = _Section(title="Recommendation", bullets=[r.text for r in recommendations]
+                              or ["no dtype produced a result"])
+    memory = _Section(
+        title="Weights and the largest batch that fits",
+        paragraphs=[MEMORY_MODEL],
+        table=_Table(["dtype", "shape", "weights / GPU", "working bytes / token", "largest M in budget"],
+                     [[d.value, s.shape.label, _size(s.weight_bytes_per_gpu), f"{s.working_bytes_per_token:,}",
+                       f"{results.max_batch_in_budget(d):,}"] for d, s in results.dtypes.items()]))
+    rows = []
+    for M in results.batch_sizes:
+        for dtype in results.dtypes:
+            point = results.point(dtype, M)
+            if point is None:
+                rows.append([str(M), dtype.value, "no correct config", "", "", "", "", "", ""])
+                continue
+            speedup = results.speedup_vs_bf16(point)
+            rows.append([str(M), dtype.value, f"{point.latency_us:.1f}", f"{point.tokens_per_s:,.0f}",
+                         "—" if speedup is None else f"{speedup:.2f}×",
+                         "reference" if dtype is REFERENCE else _percent(point.rel_err_vs_bf16),
+                         _percent(point.hbm_floor_fraction), _percent(point.compute_floor_fraction),
+                         point.config.label])
+    per_m = _Section(title="Per batch size", table=_Table(
+        ["M", "dtype", "latency µs", "tokens/s", "speed-up vs bf16", "rel. err vs bf16", "HBM floor",
+         "compute floor", "config"], rows))
+    plots = [_Section(title="Latency vs M", plot="latency"),
+             _Section(title="Speed-up over bf16", plot="speedup"),
+             _Section(title="Roofline fractions", paragraphs=[ROOFLINE_MODEL], plot="roofline")]
+    return [header, recommendation, memory, per_m, *plots]
+
+
+def _series(results: ComparisonResults, value) -> report_plots.Series:
+    series: report_plots.Series = {dtype.value: [] for dtype in results.dtypes}
+    for point in results.points:
+        y = value(point)
+        if y is not None:
+            series[point.dtype.value].append((point.M, y))
+    return series
+
+
+def render_plots(results: ComparisonResults) -> dict[str, bytes]:
+    unknown = None
+    if all(p.hbm_floor_fraction is None for p in results.points):
+        unknown = f"no peak bandwidth/FLOPs known for '{results.device}'"
+    return {
+        "latency": report_plots.latency_plot(_series(results, lambda p: p.latency_us)),
+        "speedup": report_plots.speedup_plot(_series(results, results.speedup_vs_bf16)),
+        "roofline": report_plots.roofline_plot(_series(results, lambda p: p.hbm_floor_fraction),
+                                               _series(results, lambda p: p.compute_floor_fraction), unknown),
+    }
+
+
+def render_markdown(sections: list[_Section]) -> str:
+    lines = []
+    for level, section in enumerate(sections):
+        lines += [("# " if level == 0 else "## ") + section.title, ""]
+        for paragraph in section.paragraphs:
+            lines += [paragraph, ""]
+        if section.bullets:
+            lines += [f"- {b}" for b in section.bullets] + [""]
+        if section.table:
+            lines.append("| " + " | ".join(section.table.headers) + " |")
+            lines.append("|" + "---|" * len(section.table.headers))
+            lines += ["| " + " | ".join(row) + " |" for row in section.table.rows]
+            lines.append("")
+        if section.plot:
+            lines += [f"_Plot `{section.plot}`: see report.html._", ""]
+    return "\n".join(lines)
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;font-size:0.85em;margin:1em 0}th,td{border:1px solid #ccc;padding:3px 8px;
+text-align:right}th{background:#f3f3f3}td:nth-child(2),td:last-child{text-align:left}
+img{max-width:100%;border:1px solid #eee}"""
+
+
+def render_html(sections: list[_Section], plots: dict[str, bytes]) -> str:
+    e = html.escape
+    body = []
+    for level, section in enumerate(sections):
+        body.append(f"<h1>{e(section.title)}</h1>" if level == 0 else f"<h2>{e(section.title)}</h2>")
+        body += [f"<p>{e(p)}</p>" for p in section.paragraphs]
+        if section.bullets:
+            body.append("<ul>" + "".join(f"<li>{e(b)}</li>" for b in section.bullets) + "</ul>")
+        if section.table:
+            head = "".join(f"<th>{e(h)}</th>" for h in section.table.headers)
+            rows = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in section.table.rows)
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        if section.plot:
+            data = base64.b64encode(plots[section.plot]).decode("ascii")
+            body.append(f'<figure><img id="plot-{section.plot}" alt="{e(section.title)}" '
+                        f'src="data:image/png;base64,{data}"></figure>')
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{e(sections[0].title)}</title>'
+            f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def to_json(results: ComparisonResults, recommendations: list[Recommendation]) -> dict:
+    return {
+        "model": results.model, "layout": results.layout, "device": results.device,
+        "versions": results.versions, "routing": results.routing, "moe_layers": results.moe_layers,
+        "memory_budget_bytes": results.memory_budget_bytes, "memory_model": MEMORY_MODEL,
+        "roofline_model": ROOFLINE_MODEL,
+        "dtypes": {d.value: {"shape": s.shape.label, "weight_bytes_per_gpu": s.weight_bytes_per_gpu,
+                             "working_bytes_per_token": s.working_bytes_per_token,
+                             "max_batch_in_budget": results.max_batch_in_budget(d)}
+                   for d, s in results.dtypes.items()},
+        "points": [{"dtype": p.dtype.value, "M": p.M, "latency_us": p.latency_us, "tokens_per_s": p.tokens_per_s,
+                    "speedup_vs_bf16": results.speedup_vs_bf16(p), "rel_err_vs_bf16": p.rel_err_vs_bf16,
+                    "hbm_floor_fraction": p.hbm_floor_fraction, "compute_floor_fraction": p.compute_floor_fraction,
+                    "config": p.config.to_dict()} for p in results.points],
+        "recommendations": [{"m_low": r.m_low, "m_high": r.m_high, "dtype": r.dtype.value, "text": r.text}
+                            for r in recommendations],
+    }
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fchmod(handle.fileno(), 0o644)
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_reports(results: ComparisonResults, out_dir: Path, max_rel_err: float | None = None) -> list[Path]:
+    """Write report.md, report.html and report.json into ``out_dir``; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    recommendations = recommend(results, max_rel_err)
+    sections = _sections(results, recommendations)
+    contents = {
+        "report.md": render_markdown(sections).encode(),
+        "report.html": render_html(sections, render_plots(results)).encode(),
+        "report.json": orjson.dumps(to_json(results, recommendations), option=orjson.OPT_INDENT_2),
+    }
+    paths = []
+    for name in REPORT_FILES:
+        _write_atomic(out_dir / name, contents[name])
+        paths.append(out_dir / name)
+    return paths

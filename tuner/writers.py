@@ -1,0 +1,132 @@
+"""Write tuned configs in the layouts vLLM and SGLang load unchanged, and read them back.
+
+vLLM: ``<folder>/<vllm_file_name>`` (point ``VLLM_TUNED_CONFIG_FOLDER`` at the folder), holding
+``{"triton_version": "X.Y.Z", "<M>": {six keys}, ...}``; vLLM's loader pops ``triton_version``
+and turns the other keys into ints.
+SGLang: ``<folder>/triton_<X_Y_Z>/<sglang_file_name>`` (``<folder>`` is the ``configs`` folder
+under ``SGLANG_MOE_CONFIG_DIR``), holding only ``{"<M>": {six keys}, ...}``: SGLang's loader
+int()s every key, so a ``triton_version`` key would break it; the folder carries the version.
+
+Every write is atomic (temp file in the same folder, fsync, ``os.replace``): a run killed at
+any instant leaves the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from tuner.errors import UsageError
+from tuner.naming import device_file_name, sglang_file_name, sglang_version_folder, vllm_file_name
+from workers.records import Config, MoEShape
+
+__all__ = [
+    "device_file_name", "vllm_file_name", "sglang_file_name", "write_vllm", "write_sglang",
+    "read_config_folder", "lookup", "atomic_write_text",
+]
+
+TRITON_VERSION_KEY = "triton_version"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so readers only ever see the old or the complete new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as tmp:
+            tmp.write(text)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def _entries(configs: dict[int, Config]) -> dict[str, dict[str, int]]:
+    if not configs:
+        raise ValueError("no configs to write")
+    return {str(M): configs[M].to_dict() for M in sorted(configs)}
+
+
+def _dump(data: dict) -> str:
+    return json.dumps(data, indent=4) + "\n"
+
+
+def write_vllm(folder: str | Path, shape: MoEShape, device_name: str, configs: dict[int, Config],
+               triton_version: str) -> Path:
+    """Write one vLLM config file; batch sizes ascending after the ``triton_version`` key,
+    as vLLM's own tuner writes them."""
+    path = Path(folder) / vllm_file_name(shape, device_name)
+    atomic_write_text(path, _dump({TRITON_VERSION_KEY: triton_version, **_entries(configs)}))
+    return path
+
+
+def write_sglang(folder: str | Path, shape: MoEShape, device_name: str, up_configs: dict[int, Config],
+                 down_configs: dict[int, Config] | None, triton_version: str) -> list[Path]:
+    """Write SGLang's file, plus the ``_down`` file when the down GEMM has its own configs.
+
+    SGLang aligns tokens once, with the up config's BLOCK_SIZE_M, and runs both GEMMs on that
+    alignment, so a down config must match the up config's batch sizes and BLOCK_SIZE_M.
+    """
+    target = Path(folder) / sglang_version_folder(triton_version)
+    files = [(sglang_file_name(shape, device_name), up_configs)]
+    if down_configs is not None:
+        if set(down_configs) != set(up_configs):
+            raise ValueError("up and down configs must cover the same batch sizes")
+        mismatched = sorted(M for M in up_configs
+                            if up_configs[M].BLOCK_SIZE_M != down_configs[M].BLOCK_SIZE_M)
+        if mismatched:
+            raise ValueError(f"down configs must keep the up configs' BLOCK_SIZE_M (batch sizes {mismatched})")
+        files.append((sglang_file_name(shape, device_name, down=True), down_configs))
+    paths = []
+    for name, configs in files:
+        path = target / name
+        atomic_write_text(path, _dump(_entries(configs)))
+        paths.append(path)
+    return paths
+
+
+def _read_config_file(path: Path) -> dict[int, Config]:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read config file ({exc})") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: a config file maps batch sizes to configs")
+    raw.pop(TRITON_VERSION_KEY, None)
+    configs = {}
+    for key, entry in raw.items():
+        try:
+            configs[int(key)] = Config.from_dict(entry)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"{path}: entry {key!r}: {exc}") from None
+    return configs
+
+
+def read_config_folder(path: str | Path) -> dict[str, dict[int, Config]]:
+    """Every MoE config file under ``path``: vLLM's flat layout (e.g. the JSONs shipped inside
+    the vllm package) keyed by file name, SGLang's ``triton_*/`` folders keyed by
+    ``triton_X_Y_Z/<file name>``. Extra keys in an entry (``num_ctas``, ``USE_TMA``, ROCm's
+    ``waves_per_eu``) are ignored."""
+    root = Path(path)
+    if not root.is_dir():
+        raise UsageError(f"{root}: not a folder")
+    files = sorted(root.glob("E=*.json")) + sorted(root.glob("triton_*/E=*.json"))
+    return {p.relative_to(root).as_posix(): _read_config_file(p) for p in files}
+
+
+def lookup(configs: dict[int, Config], M: int) -> Config:
+    """The config a server uses at batch size M: the key with the smallest |key - M|, ties
+    going to the key met first, exactly as vLLM and SGLang pick (files list keys ascending,
+    so the smaller one)."""
+    if not configs:
+        raise ValueError("no configs to look up")
+    return configs[min(configs, key=lambda key: abs(key - M))]

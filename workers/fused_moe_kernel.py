@@ -1,0 +1,336 @@
+"""The grouped GEMM of the fused MoE: one Triton kernel for both GEMMs and every weight dtype.
+
+``C[rows] = A[rows // top_k] @ B[expert]^T`` over the expert-sorted rows of ``workers.align``:
+each program owns one BLOCK_SIZE_M × BLOCK_SIZE_N output tile, all of whose rows belong to one
+expert. Config keys mean what they mean in vLLM's/SGLang's ``fused_moe_kernel`` (tile sizes,
+GROUP_SIZE_M tile swizzle for L2 reuse, warps, pipeline stages), so tuned files transfer.
+
+The grid is sized for the worst-case routing (static, so CUDA graphs can capture it); programs
+whose tile starts past ``num_tokens_post_padded`` return at once.
+
+Per weight dtype (the B operand, ``QuantizedWeight`` layouts):
+- bf16/fp16: plain dot.
+- fp8_w8a8 per tensor: fp8 × fp8 dot, times activation scale × the expert's weight scale at the end.
+- fp8_w8a8 block [bn, bk]: per K step, the dot times the token's K-group scale and the column's
+  weight-block scale (so a K step must stay inside one bk group: bk % BLOCK_SIZE_K == 0).
+- int8_w8a16: int8 tile converted to the activation dtype, per-output-channel scale at the end.
+- mxfp4 / nvfp4: packed nibbles decoded to bf16 and multiplied by their block scale (E8M0, resp.
+  E4M3) inside the kernel, then one bf16 dot; nvfp4's per-expert fp32 global scale is applied
+  to the fp32 accumulator at the end (the same product, one multiply per output instead of per
+  weight, and no extra bf16 rounding).
+
+Under Triton's interpreter bf16 arithmetic is wrong (see ``workers.interpreter``) and inline PTX
+cannot run; the constexpr ``INTERPRETER``, set only when interpreting, routes bf16 through fp32
+and decodes fp4 with plain Triton ops, at no cost on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from workers.align import AlignedTokens
+from workers.interpreter import dot, interpreting, round_to
+from workers.quant import QuantizedWeight
+from workers.records import Config, DType
+
+MXFP4_GROUP = 32
+NVFP4_GROUP = 16
+
+
+def validate_config(config: Config, dtype: DType, block_shape: tuple[int, int] | None = None) -> None:
+    """Raise ValueError when ``config`` cannot run weights of ``dtype`` (as vLLM's tuner filters)."""
+    bk = config.BLOCK_SIZE_K
+    if min(config.BLOCK_SIZE_M, config.BLOCK_SIZE_N, bk) < 16:
+        raise ValueError(f"tile sizes must be >= 16 (tl.dot), got {config.label}")
+    if dtype is DType.FP8_W8A8 and block_shape is not None:
+        group_n, group_k = block_shape
+        if group_k % bk or group_n % config.BLOCK_SIZE_N:
+            raise ValueError(f"block fp8 {list(block_shape)} needs block_n % BLOCK_SIZE_N == 0 and "
+                             f"block_k % BLOCK_SIZE_K == 0, got {config.label}")
+    if dtype is DType.MXFP4 and bk % MXFP4_GROUP:
+        raise ValueError(f"mxfp4 needs BLOCK_SIZE_K % {MXFP4_GROUP} == 0, got {config.label}")
+    if dtype is DType.NVFP4 and bk % NVFP4_GROUP:
+        raise ValueError(f"nvfp4 needs BLOCK_SIZE_K % {NVFP4_GROUP} == 0, got {config.label}")
+
+
+def check_config(config: Config, b: QuantizedWeight) -> None:
+    """``validate_config`` for the weight ``b``."""
+    validate_config(config, DType(b.dtype), b.block_shape)
+
+
+def launch_moe_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, b: QuantizedWeight, c: torch.Tensor,
+                    aligned: AlignedTokens, topk_weights: torch.Tensor | None, *, top_k: int,
+                    config: Config, interpreter: bool | None = None) -> None:
+    """``c[r] = a[r // top_k] @ b[expert(r)]^T`` (× ``topk_weights`` flat [r] when given) for sorted rows.
+
+    ``a [T, K]`` (fp8 for fp8_w8a8, else the activation dtype), ``a_scale`` fp32 ``[1]`` or
+    ``[T, ceil(K/bk)]`` for fp8, ``c [rows, R]`` with ``rows`` = the sort's sentinel. The one place
+    that launches the kernel (compile-ahead hooks in here). ``interpreter`` defaults to
+    "interpreting"; tests pass False to show what the switch guards against.
+    """
+    if config.BLOCK_SIZE_M != aligned.block_m:
+        raise ValueError(f"config BLOCK_SIZE_M {config.BLOCK_SIZE_M} != sort block {aligned.block_m}")
+    check_config(config, b)
+    E, N, K = b.shape
+    if a.shape[1] != K or c.shape[1] != N:
+        raise ValueError(f"shapes disagree: a {tuple(a.shape)}, b {b.shape}, c {tuple(c.shape)}")
+    dtype = b.dtype
+    fp4 = dtype in (DType.MXFP4, DType.NVFP4)
+    block_quant = dtype is DType.FP8_W8A8 and b.block_shape is not None
+    group_n, group_k = b.block_shape if block_quant else (0, 0)
+    scale = b.scale if b.scale is not None else c  # never read when the dtype has no scale
+    if dtype is DType.NVFP4:
+        scale = scale.view(torch.uint8)  # the interpreter cannot fill masked fp8 lanes
+    scale_strides = (scale.stride(0), scale.stride(1) if scale.dim() > 1 else 0,
+                     scale.stride(2) if scale.dim() > 2 else 0)
+    if dtype is DType.FP8_W8A8 and a_scale is None:
+        raise ValueError("fp8_w8a8 needs the activation scale")
+    a_scale_arg = a_scale if a_scale is not None else c
+    a_scale_strides = (a_scale.stride(0), a_scale.stride(1)) if block_quant else (0, 0)
+    global_scale = b.global_scale if b.global_scale is not None else c
+    weights = topk_weights if topk_weights is not None else c
+    capacity = aligned.sorted_token_ids.shape[0]
+    if interpreter is None:
+        interpreter = interpreting()
+
+    grid = (triton.cdiv(capacity, config.BLOCK_SIZE_M) * triton.cdiv(N, config.BLOCK_SIZE_N),)
+    _fused_moe_gemm_kernel[grid](
+        a, b.data, c, a_scale_arg, scale, global_scale, weights,
+        aligned.sorted_token_ids, aligned.expert_ids, aligned.num_tokens_post_padded,
+        N, K, capacity, c.shape[0],
+        a.stride(0), a.stride(1), b.data.stride(0), b.data.stride(1), b.data.stride(2),
+        c.stride(0), c.stride(1), *a_scale_strides, *scale_strides, group_n, group_k,
+        TOP_K=top_k, MUL_ROUTED_WEIGHT=topk_weights is not None,
+        FP8_W8A8=dtype is DType.FP8_W8A8, FP8_BLOCK=block_quant, INT8_W8A16=dtype is DType.INT8_W8A16,
+        FP4_GROUP=(MXFP4_GROUP if dtype is DType.MXFP4 else NVFP4_GROUP) if fp4 else 0,
+        EVEN_K=K % config.BLOCK_SIZE_K == 0, INTERPRETER=bool(interpreter),
+        FP4_PTX=os.environ.get("MOE_TUNE_FP4_DECODE", "ptx") == "ptx",  # TEMPORARY A/B switch
+        COMPUTE_TYPE=tl.float16 if c.dtype == torch.float16 else tl.bfloat16,
+        BLOCK_SIZE_M=config.BLOCK_SIZE_M, BLOCK_SIZE_N=config.BLOCK_SIZE_N,
+        BLOCK_SIZE_K=config.BLOCK_SIZE_K, GROUP_SIZE_M=config.GROUP_SIZE_M,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+
+
+# One packed byte per output register: for each of the 4 bytes in $4, the two bf16 of its nibbles
+# (low nibble in the low half, so K order) times the byte's scale ($5..$8, the bf16 scale in both
+# halves). Isolating the byte b and multiplying by 0x1001 places the low nibble at bits 0..3 and
+# the high one at 16..19 (they cannot overlap), so one shift per field serves both halves:
+# b·0x40040 = (b·0x1001) << 6 puts the magnitude bits (exponent, mantissa) at bf16 bits 8..6,
+# b·0x1001000 = (b·0x1001) << 12 the sign at bit 15. That reads as value·2^-126 (the 0.5 code as a
+# subnormal); exact multiplies by 2^126 (0x7E80) and the scale finish it (fma with -0.0: a multiply).
+_E2M1_PTX = tl.constexpr("""
+{
+.reg .b32 byte, mag, sign, two126, negzero;
+mov.b32 two126, 0x7E807E80;
+mov.b32 negzero, 0x80008000;
+prmt.b32 byte, $4, 0, 0x4440;
+mul.lo.u32 mag, byte, 0x40040;
+mul.lo.u32 sign, byte, 0x1001000;
+and.b32 mag, mag, 0x01C001C0;
+and.b32 sign, sign, 0x80008000;
+or.b32 mag, mag, sign;
+fma.rn.bf16x2 mag, mag, two126, negzero;
+fma.rn.bf16x2 $0, mag, $5, negzero;
+prmt.b32 byte, $4, 0, 0x4441;
+mul.lo.u32 mag, byte, 0x40040;
+mul.lo.u32 sign, byte, 0x1001000;
+and.b32 mag, mag, 0x01C001C0;
+and.b32 sign, sign, 0x80008000;
+or.b32 mag, mag, sign;
+fma.rn.bf16x2 mag, mag, two126, negzero;
+fma.rn.bf16x2 $1, mag, $6, negzero;
+prmt.b32 byte, $4, 0, 0x4442;
+mul.lo.u32 mag, byte, 0x40040;
+mul.lo.u32 sign, byte, 0x1001000;
+and.b32 mag, mag, 0x01C001C0;
+and.b32 sign, sign, 0x80008000;
+or.b32 mag, mag, sign;
+fma.rn.bf16x2 mag, mag, two126, negzero;
+fma.rn.bf16x2 $2, mag, $7, negzero;
+prmt.b32 byte, $4, 0, 0x4443;
+mul.lo.u32 mag, byte, 0x40040;
+mul.lo.u32 sign, byte, 0x1001000;
+and.b32 mag, mag, 0x01C001C0;
+and.b32 sign, sign, 0x80008000;
+or.b32 mag, mag, sign;
+fma.rn.bf16x2 mag, mag, two126, negzero;
+fma.rn.bf16x2 $3, mag, $8, negzero;
+}
+""")
+
+
+@triton.jit
+def _e2m1_to_bf16(codes):
+    """E2M1 nibbles (int32 0..15: sign, 2 exponent bits, 1 mantissa bit) → exact bf16 values.
+
+    A code with exponent e >= 1 and mantissa m is 2^(e-1)·(1 + m/2): bf16 exponent e + 126 and
+    top mantissa bit m, i.e. bits (magnitude + 252) << 6. Code 1 is the subnormal 0.5, code 0 zero.
+    """
+    magnitude = codes & 7
+    bits = tl.where(magnitude > 1, (magnitude + 252) << 6, tl.where(magnitude == 1, 0x3F00, 0))
+    bits = bits | ((codes & 8) << 12)
+    return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _e8m0_to_bf16(scales):
+    """E8M0 scale bytes → bf16 2^(s-127), the byte being the exponent field (s = 0: the subnormal
+    2^-127). The NaN code 0xFF reads as inf: its block's products are inf or NaN, non-finite
+    either way, for two instructions instead of four."""
+    bits = tl.maximum(scales.to(tl.int32) << 7, 0x0040)
+    return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _decode_scaled_nibbles(packed, scales, INTERPRETER: tl.constexpr, FP4_PTX: tl.constexpr):
+    """(low, high): the bf16 values of each byte's two nibbles times the byte's bf16 scale.
+
+    Exact: an E2M1 value has 2 significant bits and a scale is a power of two (E8M0) or has 4
+    (E4M3). Inline PTX on the GPU; the same arithmetic in Triton ops under the interpreter.
+    """
+    if INTERPRETER or not FP4_PTX:
+        codes = packed.to(tl.int32)
+        scales = scales.to(tl.float32)
+        low = (_e2m1_to_bf16(codes & 0xF).to(tl.float32) * scales).to(tl.bfloat16)
+        high = (_e2m1_to_bf16(codes >> 4).to(tl.float32) * scales).to(tl.bfloat16)
+        return low, high
+    scale_pairs = (scales.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) * 0x10001
+    words = tl.inline_asm_elementwise(_E2M1_PTX, "=r,=r,=r,=r,r,r,r,r,r", [packed, scale_pairs],
+                                      dtype=tl.int32, is_pure=True, pack=4)
+    low = words.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    high = (words >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    return low, high
+
+
+@triton.jit
+def _dequantize_fp4_tile(packed, scales, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
+                         FP4_GROUP: tl.constexpr, INTERPRETER: tl.constexpr, FP4_PTX: tl.constexpr):
+    """Packed ``[BN, BK/2]`` bytes and ``[BN, BK/FP4_GROUP]`` scales → bf16 ``[BN, BK]``.
+
+    Viewed as ``[BN, groups, bytes per group]`` so each scale broadcasts over its own bytes; byte
+    i holds element 2i in its low nibble, so joining the two decoded nibbles along a new minor
+    axis puts them back in K order without moving data between threads.
+    """
+    GROUPS: tl.constexpr = BLOCK_SIZE_K // FP4_GROUP
+    BYTES: tl.constexpr = FP4_GROUP // 2
+    packed = tl.reshape(packed, (BLOCK_SIZE_N, GROUPS, BYTES))
+    if FP4_GROUP == 32:
+        block_scales = _e8m0_to_bf16(scales)
+    else:
+        block_scales = scales.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
+    block_scales = tl.broadcast_to(block_scales[:, :, None], (BLOCK_SIZE_N, GROUPS, BYTES))
+    low, high = _decode_scaled_nibbles(packed, block_scales, INTERPRETER, FP4_PTX)
+    return tl.reshape(tl.join(low, high), (BLOCK_SIZE_N, BLOCK_SIZE_K))
+
+
+@triton.jit
+def _fused_moe_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, b_global_scale_ptr, topk_weights_ptr,
+    sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr,
+    N, K, EM, num_valid_tokens,
+    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
+    stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk, group_n, group_k,
+    TOP_K: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
+    FP8_W8A8: tl.constexpr, FP8_BLOCK: tl.constexpr, INT8_W8A16: tl.constexpr, FP4_GROUP: tl.constexpr,
+    EVEN_K: tl.constexpr, INTERPRETER: tl.constexpr, FP4_PTX: tl.constexpr, COMPUTE_TYPE: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
+    GROUP_SIZE_M: tl.constexpr,
+):
+    # Grouped ordering: GROUP_SIZE_M consecutive M-tiles walk the N-tiles together, so the
+    # weight tiles they share stay in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(EM, BLOCK_SIZE_M)
+    num_pid_n = tl.cdiv(N, BLOCK_SIZE_N)
+    num_pid_in_group = GROUP_SIZE_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_SIZE_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_SIZE_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    num_tokens_post_padded = tl.load(num_tokens_post_padded_ptr)
+    if pid_m * BLOCK_SIZE_M >= num_tokens_post_padded:
+        return
+
+    offs_token_id = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M).to(tl.int64)
+    offs_token = tl.load(sorted_token_ids_ptr + offs_token_id).to(tl.int64)
+    token_mask = offs_token < num_valid_tokens
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+
+    # Columns past N wrap around instead of being masked: the loads stay unmasked along N and
+    # the wrapped columns are dropped by the store mask.
+    offs_bn = (pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N).to(tl.int64)) % N
+    offs_k = tl.arange(0, BLOCK_SIZE_K)
+    a_ptrs = a_ptr + (offs_token[:, None] // TOP_K * stride_am + offs_k[None, :] * stride_ak)
+    b_expert_ptr = b_ptr + expert * stride_be
+    if FP4_GROUP > 0:
+        # Packed weights, read as [BN, BK/2] bytes with K contiguous.
+        offs_kp = tl.arange(0, BLOCK_SIZE_K // 2)
+        b_ptrs = b_expert_ptr + offs_bn[:, None] * stride_bn + offs_kp[None, :] * stride_bk
+        offs_group = tl.arange(0, BLOCK_SIZE_K // FP4_GROUP)
+        b_scale_ptrs = (b_scale_ptr + expert * stride_bse + offs_bn[:, None] * stride_bsn
+                        + offs_group[None, :] * stride_bsk)
+    else:
+        b_ptrs = b_expert_ptr + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
+    if FP8_BLOCK:
+        a_scale_ptrs = a_scale_ptr + offs_token // TOP_K * stride_asm
+        b_scale_ptrs = b_scale_ptr + expert * stride_bse + (offs_bn // group_n) * stride_bsn
+
+    accumulator = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    for k_step in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
+        k_left = K - k_step * BLOCK_SIZE_K
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=token_mask[:, None], other=0.0)
+        else:
+            a = tl.load(a_ptrs, mask=token_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        if FP4_GROUP > 0:
+            if EVEN_K:
+                packed = tl.load(b_ptrs)
+                scales = tl.load(b_scale_ptrs)
+            else:
+                packed = tl.load(b_ptrs, mask=offs_kp[None, :] < k_left // 2, other=0)
+                scales = tl.load(b_scale_ptrs, mask=offs_group[None, :] < k_left // FP4_GROUP, other=0)
+            b = _dequantize_fp4_tile(packed, scales, BLOCK_SIZE_N, BLOCK_SIZE_K, FP4_GROUP, INTERPRETER, FP4_PTX)
+            accumulator = dot(a, tl.trans(b), accumulator, INTERPRETER)
+            b_ptrs += (BLOCK_SIZE_K // 2) * stride_bk
+            b_scale_ptrs += (BLOCK_SIZE_K // FP4_GROUP) * stride_bsk
+        else:
+            if EVEN_K:
+                b = tl.load(b_ptrs)
+            else:
+                b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            if INT8_W8A16:
+                if INTERPRETER:
+                    b = b.to(tl.float32)
+                else:
+                    b = b.to(COMPUTE_TYPE)
+                accumulator = dot(a, b, accumulator, INTERPRETER)
+            elif FP8_BLOCK:
+                k_group = (k_step * BLOCK_SIZE_K) // group_k
+                a_scale = tl.load(a_scale_ptrs + k_group * stride_ask, mask=token_mask, other=0.0)
+                b_scale = tl.load(b_scale_ptrs + k_group * stride_bsk)
+                accumulator += tl.dot(a, b) * a_scale[:, None] * b_scale[None, :]
+            else:
+                accumulator = dot(a, b, accumulator, INTERPRETER)
+            b_ptrs += BLOCK_SIZE_K * stride_bk
+        a_ptrs += BLOCK_SIZE_K * stride_ak
+
+    if MUL_ROUTED_WEIGHT:
+        routed_weight = tl.load(topk_weights_ptr + offs_token, mask=token_mask, other=0.0)
+        accumulator *= routed_weight[:, None]
+    if FP8_W8A8 and not FP8_BLOCK:
+        accumulator *= tl.load(a_scale_ptr) * tl.load(b_scale_ptr + expert)
+    if INT8_W8A16:
+        accumulator *= tl.load(b_scale_ptr + expert * stride_bse + offs_bn * stride_bsn)[None, :]
+    if FP4_GROUP == 16:
+        accumulator *= tl.load(b_global_scale_ptr + expert)
+
+    offs_cn = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+    c_ptrs = c_ptr + offs_token[:, None] * stride_cm + offs_cn[None, :] * stride_cn
+    c_mask = token_mask[:, None] & (offs_cn[None, :] < N)
+    tl.store(c_ptrs, round_to(accumulator, COMPUTE_TYPE, INTERPRETER), mask=c_mask)

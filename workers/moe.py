@@ -1,0 +1,117 @@
+"""The whole fused-MoE call: sort → (fp8: quantize) → up GEMM → SwiGLU → down GEMM × routed
+weight → sum over top-k.
+
+``MoERunner`` allocates every buffer once so that ``run()`` only launches kernels: no host
+synchronisation and no shape-dependent allocation, which is what CUDA-graph capture and repeated
+timing need. The up and down GEMMs may take different configs (SGLang tunes them apart); when
+their BLOCK_SIZE_M differ, the routed pairs are sorted a second time for the down GEMM's tile
+height (a few µs) rather than forcing one tile height on both.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from workers.activation import swiglu
+from workers.align import TokenAligner
+from workers.fused_moe_kernel import check_config, launch_moe_gemm
+from workers.quant import QuantizedWeight, activation_dtype, quantize_fp8_activation
+from workers.records import Config, DType
+
+
+class MoERunner:
+    """One MoE problem (inputs, weights, configs) with its buffers, ready to launch repeatedly.
+
+    ``run()`` computes the whole op into ``output [M, K]`` (x's dtype). For split timing,
+    ``run_up()`` is the sort plus the up GEMM (plus the input's fp8 quantization) and
+    ``run_down()`` the down GEMM (plus the intermediate's fp8 quantization, and its own sort when
+    its BLOCK_SIZE_M differs); ``run_down`` reads the SwiGLU output and sort left by the last
+    ``run()``. ``topk_ids`` must hold experts in [0, E) (not checked: that would sync the host).
+    """
+
+    def __init__(self, x: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight,
+                 topk_weights: torch.Tensor, topk_ids: torch.Tensor, config: Config,
+                 down_config: Config | None = None) -> None:
+        M, K = x.shape
+        E, two_n, w13_k = w13.shape
+        N = two_n // 2
+        if w13.dtype is not w2.dtype or w13.block_shape != w2.block_shape:
+            raise ValueError(f"w13 ({w13.dtype.value}) and w2 ({w2.dtype.value}) must share dtype and block shape")
+        if two_n != 2 * N or w13_k != K or w2.shape != (E, K, N):
+            raise ValueError(f"shapes disagree: x {tuple(x.shape)}, w13 {w13.shape}, w2 {w2.shape}")
+        if x.dtype != activation_dtype(w13.dtype):
+            raise ValueError(f"{w13.dtype.value} takes {activation_dtype(w13.dtype)} activations, got {x.dtype}")
+        if topk_ids.dim() != 2 or topk_ids.shape[0] != M or topk_weights.shape != topk_ids.shape:
+            raise ValueError(f"routing must be [M={M}, topk], got ids {tuple(topk_ids.shape)}, "
+                             f"weights {tuple(topk_weights.shape)}")
+        down_config = down_config or config
+        check_config(config, w13)
+        check_config(down_config, w2)
+
+        self.x = x.contiguous()
+        self.w13, self.w2 = w13, w2
+        self.topk_ids = topk_ids.to(torch.int32).contiguous()
+        self.topk_weights = topk_weights.contiguous()
+        self.config, self.down_config = config, down_config
+        self.topk = topk_ids.shape[1]
+        pairs = M * self.topk
+        device = x.device
+        self._fp8_group_k = None
+        self._fp8 = w13.dtype is DType.FP8_W8A8
+        if self._fp8 and w13.block_shape is not None:
+            self._fp8_group_k = w13.block_shape[1]
+
+        self._up_sort = TokenAligner(pairs, E, config.BLOCK_SIZE_M, device)
+        self._down_sort = (self._up_sort if down_config.BLOCK_SIZE_M == config.BLOCK_SIZE_M
+                           else TokenAligner(pairs, E, down_config.BLOCK_SIZE_M, device))
+        self._gate_up = torch.empty((pairs, 2 * N), dtype=x.dtype, device=device)
+        self._activated = torch.empty((pairs, N), dtype=x.dtype, device=device)
+        self.output = torch.empty((M, K), dtype=x.dtype, device=device)
+        # With top-1 the down GEMM's rows are the output rows: no sum needed.
+        self._down = self.output if self.topk == 1 else torch.empty((pairs, K), dtype=x.dtype, device=device)
+
+    def poison_buffers(self) -> None:
+        """Fill every buffer the kernels write with values that fail a check if left unwritten.
+
+        NaN in the activations and the output; in the sort, an index past every token (a row the
+        GEMM would mask out, leaving NaN behind). Correctness checks call this before ``run()``.
+        """
+        for buffer in (self._gate_up, self._activated, self._down, self.output):
+            buffer.fill_(float("nan"))
+        for sort in {id(self._up_sort): self._up_sort, id(self._down_sort): self._down_sort}.values():
+            sort.aligned.sorted_token_ids.fill_(torch.iinfo(torch.int32).max)
+
+    def _quantized(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self._fp8:
+            return a, None
+        return quantize_fp8_activation(a, self._fp8_group_k)
+
+    def run_up(self) -> None:
+        aligned = self._up_sort.run(self.topk_ids)
+        a, a_scale = self._quantized(self.x)
+        launch_moe_gemm(a, a_scale, self.w13, self._gate_up, aligned, None, top_k=self.topk, config=self.config)
+
+    def run_down(self) -> None:
+        aligned = self._down_sort.run(self.topk_ids) if self._down_sort is not self._up_sort else self._up_sort.aligned
+        a, a_scale = self._quantized(self._activated)
+        launch_moe_gemm(a, a_scale, self.w2, self._down, aligned, self.topk_weights, top_k=1,
+                        config=self.down_config)
+
+    def run(self) -> torch.Tensor:
+        """The whole MoE call; returns ``output``."""
+        self.run_up()
+        swiglu(self._gate_up, self._activated)
+        self.run_down()
+        if self.topk > 1:
+            torch.sum(self._down.view(self.output.shape[0], self.topk, -1), dim=1, out=self.output)
+        return self.output
+
+
+def fused_moe(x: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, config: Config, down_config: Config | None = None) -> torch.Tensor:
+    """``[M, K]`` in x's dtype: sum_j topk_weights[m,j] · w2[e_j] @ (silu(gate_j) · up_j).
+
+    ``x [M, K]``; ``w13 [E, 2N, K]`` (gate rows first); ``w2 [E, K, N]``; routing ``[M, topk]``.
+    Allocates its buffers per call; repeated calls should keep a ``MoERunner``.
+    """
+    return MoERunner(x, w13, w2, topk_weights, topk_ids, config, down_config).run()

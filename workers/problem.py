@@ -1,0 +1,124 @@
+"""One benchmark problem: random weights, inputs and routing for a shape and batch size, and the
+fp32 reference output every kernel run is checked against.
+
+Pass bounds (``ERROR_BOUNDS``, relative Frobenius error of the kernel's output against
+``reference_moe``, which uses the dequantized weights and, for fp8_w8a8, emulates the activation
+quantization). "Seen" is our kernel under the Triton interpreter at E=4, N,K in 64..96, M in
+{1, 7, 33} (2026-11-22); the margin covers tiny-shape scatter and GPU accumulation order.
+
+- bf16 2e-2 (seen 3.7e-3..5.0e-3): bf16 storage of gate/up, SwiGLU output and output; vLLM's
+  kernel measured 4.3e-3 on real shapes.
+- fp16 2e-2 (seen 4.2e-4..5.0e-4): the same with 3 more mantissa bits.
+- fp8_w8a8 3e-2 (seen 2.2e-3..2.5e-3, per-tensor and block): the fp8 roundings are emulated
+  exactly, so what is left is bf16 storage. A kernel rounding the intermediate unlike vLLM would
+  see ~1.5e-2, up to ~6.5e-2 at tiny shapes (see ``workers.reference``).
+- int8_w8a16 3e-2 (seen 3.2e-3..4.2e-3): bf16 activations times exactly dequantized weights.
+- mxfp4 3e-2 (seen 3.6e-3..3.8e-3): as int8_w8a16 (E2M1 · 2^k is exact in bf16).
+- nvfp4 3e-2 (seen 3.8e-3..4.1e-3): as int8_w8a16, plus bf16 rounding of value · E4M3 scale ·
+  global scale.
+
+A wrong kernel (a skipped K tile, a wrong scale index, an unwritten row) is off by 0.1 or more.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from workers.quant import QuantizedWeight, activation_dtype, quantize_weight
+from workers.records import DType, MoEShape
+from workers.reference import reference_moe
+from workers.routing import make_routing
+
+ERROR_BOUNDS: dict[DType, float] = {
+    DType.BF16: 2e-2,
+    DType.FP16: 2e-2,
+    DType.FP8_W8A8: 3e-2,
+    DType.INT8_W8A16: 3e-2,
+    DType.MXFP4: 3e-2,
+    DType.NVFP4: 3e-2,
+}
+
+
+@dataclass
+class Problem:
+    """Inputs of one fused-MoE call and its reference output (fp32 ``[M, K]``)."""
+
+    shape: MoEShape
+    M: int
+    routing: str
+    x: torch.Tensor
+    topk_weights: torch.Tensor
+    topk_ids: torch.Tensor
+    w13: QuantizedWeight
+    w2: QuantizedWeight
+    reference: torch.Tensor
+
+
+def build_problem(shape: MoEShape, M: int, *, routing: str = "uniform", seed: int = 0,
+                  device: torch.device | str = "cpu") -> Problem:
+    """Random problem for ``shape`` at batch size ``M``; repeatable for equal arguments.
+
+    x ~ N(0, 1), w13 ~ N(0, 1/K), w2 ~ N(0, 1/N), so every GEMM output is O(1) whatever the shape.
+    The weights depend only on (shape, seed, device) and are kept for the next call, so a sweep
+    over batch sizes builds them once.
+    """
+    if M < 1:
+        raise ValueError(f"batch size must be >= 1, got {M}")
+    device = torch.device(device)
+    w13, w2 = _expert_weights(shape, seed, device)
+    generator = torch.Generator(device=device).manual_seed(_derive_seed(seed, "inputs", M))
+    x = torch.randn((M, shape.K), generator=generator, device=device).to(activation_dtype(shape.dtype))
+    routing_generator = torch.Generator().manual_seed(_derive_seed(seed, "routing", M))
+    topk_weights, topk_ids = make_routing(routing, M, shape.E, shape.topk, routing_generator, device)
+    reference = reference_moe(x, w13, w2, topk_weights, topk_ids)
+    return Problem(shape, M, routing, x, topk_weights, topk_ids, w13, w2, reference)
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref||_F / ||ref||_F in fp32; inf if ``out`` holds any NaN or inf (e.g. unwritten NaN fill)."""
+    out = out.float()
+    if not bool(torch.isfinite(out).all()):
+        return float("inf")
+    diff = torch.linalg.vector_norm(out - ref.float()).item()
+    norm = torch.linalg.vector_norm(ref.float()).item()
+    if norm == 0.0:
+        return 0.0 if diff == 0.0 else float("inf")
+    return diff / norm
+
+
+def release_weights() -> None:
+    """Drop the cached weights (they hold GPU memory until the next shape replaces them)."""
+    _weight_cache.clear()
+
+
+_weight_cache: dict[tuple, tuple[QuantizedWeight, QuantizedWeight]] = {}
+
+
+def _expert_weights(shape: MoEShape, seed: int, device: torch.device) -> tuple[QuantizedWeight, QuantizedWeight]:
+    key = (shape, seed, str(device))
+    if key not in _weight_cache:
+        _weight_cache.clear()  # free the previous shape's weights before allocating these
+        generator = torch.Generator(device=device).manual_seed(_derive_seed(seed, "weights"))
+        w13 = _random_weight((shape.E, 2 * shape.N, shape.K), shape.K ** -0.5, shape, generator)
+        w2 = _random_weight((shape.E, shape.K, shape.N), shape.N ** -0.5, shape, generator)
+        _weight_cache[key] = (w13, w2)
+    return _weight_cache[key]
+
+
+def _random_weight(size: tuple[int, int, int], std: float, shape: MoEShape,
+                   generator: torch.Generator) -> QuantizedWeight:
+    """N(0, std²) in the activation dtype, drawn one expert at a time (fp32 temporaries of one expert)."""
+    E, R, C = size
+    weight = torch.empty(size, dtype=activation_dtype(shape.dtype), device=generator.device)
+    for expert in range(E):
+        weight[expert] = torch.randn((R, C), generator=generator, device=generator.device) * std
+    return quantize_weight(weight, shape.dtype, shape.block_shape)
+
+
+def _derive_seed(seed: int, *parts: object) -> int:
+    """Independent, platform-stable seeds for each random stream of a problem."""
+    text = ":".join(str(p) for p in (seed, *parts))
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1

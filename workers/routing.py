@@ -1,0 +1,115 @@
+"""Synthetic and captured expert routing for benchmark problems.
+
+Routing changes a fused-MoE timing (how many tokens each expert gets decides how many M-tiles run
+and how many experts' weights are read), so the tuner can time under the load a deployment sees:
+
+- ``uniform``: every token picks ``topk`` distinct experts uniformly at random;
+- ``zipf:<alpha>``: expert ``e`` has popularity ∝ 1/(e+1)^alpha (expert 0 the hottest; alpha 0 is
+  uniform), still ``topk`` distinct experts per token;
+- ``file:<path>``: ``topk_ids`` captured from a real router (``.pt`` tensor or ``.npy`` array,
+  ``[rows, topk]``); tokens take rows of a generator-drawn permutation, cycling when M > rows.
+
+The synthetic kinds act like a router: logits = log(popularity) + Gumbel noise, the top-k logits
+choose the experts (Gumbel-top-k samples without replacement in proportion to popularity) and the
+weights are the softmax over the chosen logits. Captured ids get softmax weights over Gumbel
+logits. Everything is drawn from the caller's generator, so a (spec, M, E, topk, seed) is repeatable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class RoutingSpec:
+    """A parsed routing spec; ``str()`` gives back the canonical spec string."""
+
+    kind: str
+    alpha: float = 0.0
+    path: str | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "zipf":
+            return f"zipf:{self.alpha:g}"
+        if self.kind == "file":
+            return f"file:{self.path}"
+        return self.kind
+
+
+def parse_routing(spec: str) -> RoutingSpec:
+    """Parse ``uniform``, ``zipf:<alpha>`` (alpha finite, >= 0) or ``file:<path>``; ValueError otherwise."""
+    kind, sep, arg = spec.partition(":")
+    if kind == "uniform" and not sep:
+        return RoutingSpec("uniform")
+    if kind == "zipf" and sep:
+        try:
+            alpha = float(arg)
+        except ValueError:
+            raise ValueError(f"routing {spec!r}: alpha must be a number") from None
+        if not math.isfinite(alpha) or alpha < 0:
+            raise ValueError(f"routing {spec!r}: alpha must be finite and >= 0")
+        return RoutingSpec("zipf", alpha=alpha)
+    if kind == "file" and arg:
+        if Path(arg).suffix not in (".pt", ".npy"):
+            raise ValueError(f"routing {spec!r}: the file must be .pt or .npy")
+        return RoutingSpec("file", path=arg)
+    raise ValueError(f"unknown routing {spec!r}: expected uniform, zipf:<alpha> or file:<path.pt|path.npy>")
+
+
+def make_routing(spec: str, M: int, E: int, topk: int, generator: torch.Generator,
+                 device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(topk_weights fp32 [M, topk], topk_ids int32 [M, topk])`` on ``device``, distinct experts per token.
+
+    Random numbers are drawn on the generator's device, so the result does not depend on ``device``.
+    """
+    parsed = parse_routing(spec)
+    if M < 1 or E < 1 or not 1 <= topk <= E:
+        raise ValueError(f"routing needs M >= 1 and 1 <= topk <= E, got M={M}, E={E}, topk={topk}")
+    if parsed.kind == "file":
+        captured = load_topk_ids(parsed.path, E, topk)
+        rows = torch.randperm(captured.shape[0], generator=generator, device=generator.device)
+        picked = rows[torch.arange(M, device=generator.device) % captured.shape[0]]
+        ids = captured.to(generator.device)[picked]
+        logits = _gumbel((M, topk), generator)
+    else:
+        log_popularity = -parsed.alpha * torch.log(torch.arange(1, E + 1, dtype=torch.float32, device=generator.device))
+        logits, ids = (log_popularity + _gumbel((M, E), generator)).topk(topk, dim=-1)
+    weights = torch.softmax(logits, dim=-1)
+    return weights.to(device), ids.to(device=device, dtype=torch.int32)
+
+
+def _gumbel(size: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    uniform = torch.rand(size, generator=generator, device=generator.device)
+    return -torch.log(-torch.log(uniform.clamp_min(torch.finfo(torch.float32).tiny)))
+
+
+def load_topk_ids(path: str, E: int, topk: int) -> torch.Tensor:
+    """Captured ``topk_ids`` as int64 ``[rows, topk]`` on the CPU, checked against ``E`` and ``topk``."""
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"routing file {path} does not exist")
+    try:
+        if file.suffix == ".npy":
+            loaded = torch.from_numpy(np.load(file, allow_pickle=False))
+        else:
+            loaded = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input error
+        raise ValueError(f"routing file {path} is unreadable: {exc}") from None
+    if not isinstance(loaded, torch.Tensor):
+        raise ValueError(f"routing file {path} must hold one tensor of topk_ids, got {type(loaded).__name__}")
+    if loaded.dtype.is_floating_point or loaded.dtype.is_complex or loaded.dtype == torch.bool:
+        raise ValueError(f"routing file {path}: topk_ids must be integers, got {loaded.dtype}")
+    if loaded.dim() != 2 or loaded.shape[0] == 0 or loaded.shape[1] != topk:
+        raise ValueError(f"routing file {path}: expected topk_ids [rows, {topk}], got {list(loaded.shape)}")
+    ids = loaded.long()
+    if ids.min() < 0 or ids.max() >= E:
+        raise ValueError(f"routing file {path}: expert ids must be in [0, {E}), found {ids.min()}..{ids.max()}")
+    ordered = ids.sort(dim=1).values
+    if (ordered[:, 1:] == ordered[:, :-1]).any():
+        raise ValueError(f"routing file {path}: a token lists the same expert twice")
+    return ids

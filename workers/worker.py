@@ -1,0 +1,257 @@
+"""BenchmarkWorker: measures candidates on the one GPU it holds (a plain class; the driver makes it a Ray actor).
+
+Per candidate: build (or reuse) the problem, run the kernel once with the candidate's config,
+compare with the fp32 reference (``rel_error`` above ``ERROR_BOUNDS[dtype]`` or not finite →
+``wrong_result``, never a winner), then time it (``workers.timing``) and return a Measurement.
+
+Failures, and what happens to the process:
+- Triton compile errors → ``compile_error``; ``OutOfResources`` (shared memory, registers) →
+  ``out_of_resources``; any other Python exception → ``crashed``. All recorded, process lives on.
+- A CUDA error that poisons the context (illegal memory access, misaligned address, unspecified
+  launch failure, …): every later CUDA call in this process would fail too, so the process ends
+  (``os._exit``) and Ray restarts it; the driver retries the candidate once on another worker.
+- A hang: a watchdog thread ends the process when one candidate runs past ``timeout_s``.
+
+Problems are cached per (shape, routing, M): the driver hands out work grouped that way, so a
+worker builds weights, inputs and the reference once per group, not per candidate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import triton
+
+from workers import faults, server_kernels
+from workers.problem import ERROR_BOUNDS, Problem, build_problem, rel_error
+from workers.records import Candidate, Gemm, Measurement, Status
+from workers.timing import Timing, time_call, time_interleaved
+
+BUILTIN = "builtin"
+JIT_DECORATOR = b"@triton" + b".jit"  # spelled in two parts so this file does not match itself
+TIMED_PATH_SOURCES = ("moe.py", "quant.py", "timing.py")
+"""Besides every ``workers/*.py`` that defines a Triton kernel (a jit decorator): the launcher, the
+activation quantization it calls and the timing method. Their hash is part of every journal key,
+so editing the kernel invalidates old measurements instead of reusing them."""
+
+POISON_MARKERS = (
+    "illegal memory access", "misaligned address", "unspecified launch failure", "illegal instruction",
+    "device-side assert", "an illegal", "launch timed out", "hardware exception", "ECC error",
+    "CUDA error: unknown error", "cudaErrorLaunchFailure",
+)
+WATCHDOG_EXIT_CODE = 87
+POISON_EXIT_CODE = 88
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def kernel_source_hash() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        text = path.read_bytes()
+        if path.name in TIMED_PATH_SOURCES or JIT_DECORATOR in text:
+            digest.update(path.name.encode() + b"\0" + text + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    from triton.compiler import errors as compiler_errors
+    from triton.runtime import errors as runtime_errors
+
+    names = [(compiler_errors, "CompilationError"), (runtime_errors, "PTXASError"),
+             (runtime_errors, "InterpreterError")]
+    return tuple(getattr(module, name) for module, name in names if hasattr(module, name))
+
+
+class ConfigRejected(Exception):
+    """The kernel refuses this config for this dtype before compiling (e.g. a tile across fp8 blocks)."""
+
+
+def classify(exc: BaseException) -> Status | None:
+    """The status a failed candidate gets, or None when the error poisoned the CUDA context."""
+    from triton.runtime.errors import OutOfResources
+
+    if isinstance(exc, OutOfResources):
+        return Status.OUT_OF_RESOURCES
+    if isinstance(exc, (ConfigRejected, *_compile_errors())):
+        return Status.COMPILE_ERROR
+    text = str(exc)
+    if any(marker.lower() in text.lower() for marker in POISON_MARKERS):
+        return None
+    return Status.CRASHED
+
+
+class Watchdog:
+    """Ends the process when the guarded work outlives its deadline (a hung kernel never returns)."""
+
+    def __init__(self, timeout_s: float, poll_s: float = 0.25) -> None:
+        self.timeout_s = timeout_s
+        self._deadline: float | None = None
+        self._what = ""
+        self._poll_s = poll_s
+        threading.Thread(target=self._watch, name="moe-tune-watchdog", daemon=True).start()
+
+    @contextmanager
+    def guard(self, what: str) -> Iterator[None]:
+        self._what = what
+        self._deadline = time.monotonic() + self.timeout_s
+        try:
+            yield
+        finally:
+            self._deadline = None
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self._poll_s)
+            deadline = self._deadline
+            if deadline is not None and time.monotonic() > deadline:
+                print(f"moe-tune worker: {self._what} ran past {self.timeout_s:.0f}s; ending this process",
+                      file=sys.stderr, flush=True)
+                os._exit(WATCHDOG_EXIT_CODE)
+
+
+class BenchmarkWorker:
+    """Holds one GPU (or, with ``TRITON_INTERPRET=1``, the CPU) and measures candidates on it."""
+
+    def __init__(self, kernel: str = BUILTIN, timeout_s: float = 300.0) -> None:
+        if torch.cuda.is_available() and not interpreting():
+            self.device = "cuda"
+            self.device_name = torch.cuda.get_device_name()
+        elif interpreting():
+            self.device = "cpu"
+            self.device_name = "cpu"
+        else:
+            raise RuntimeError("this worker sees no CUDA GPU (run with --interpret to use the Triton interpreter)")
+        self.kernel = kernel
+        self.server = None if kernel == BUILTIN else server_kernels.load(kernel)
+        self.watchdog = Watchdog(timeout_s)
+        self.fault_plan = faults.active_plan()
+        self._problem_key: tuple | None = None
+        self._problem: Problem | None = None
+
+    def describe(self) -> dict[str, str]:
+        """Everything about this worker that changes a timing (part of every journal key)."""
+        env = {"device": self.device_name, "torch": torch.__version__, "triton": triton.__version__,
+               "kernel": self.kernel}
+        if self.server is None:
+            env["kernel_hash"] = kernel_source_hash()
+        else:
+            env.update(self.server.describe())
+        return env
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    # -- measuring -----------------------------------------------------------------------------
+
+    def measure(self, candidate: Candidate) -> Measurement:
+        with self.watchdog.guard(f"{candidate.config.label} at M={candidate.M}"):
+            try:
+                return self._measure(candidate)
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a recorded status
+                return self._failure(candidate, exc)
+
+    def retime(self, candidates: list[Candidate], rounds: int | None = None) -> list[float]:
+        """µs per call of each candidate, timed back to back and interleaved (see ``time_interleaved``).
+
+        The candidates are finalists of one group (same shape, routing, M, GEMM part): they all
+        passed the correctness check already, so a failure here is a crash, not a status.
+        """
+        what = f"re-timing {len(candidates)} finalists at M={candidates[0].M}"
+        with self.watchdog.guard(what):
+            try:
+                runners = [self._prepare(c)[1] for c in candidates]
+                for runner in runners:
+                    runner.run()
+                self._synchronize()
+                overrides = [self.fault_plan.latency_us(c) if self.fault_plan else None for c in candidates]
+                if all(o is not None for o in overrides):
+                    return overrides
+                calls = [self._timed_call(r, c) for r, c in zip(runners, candidates)]
+                return [t.median_us for t in time_interleaved(calls, self.device, rounds)]
+            except Exception as exc:  # noqa: BLE001
+                if classify(exc) is None:
+                    self._die_poisoned(exc)
+                raise
+
+    def _measure(self, candidate: Candidate) -> Measurement:
+        problem, runner = self._prepare(candidate)
+        if self.fault_plan is not None:
+            self.fault_plan.inject(candidate)
+        runner.output.fill_(float("nan"))
+        runner.run()
+        self._synchronize()
+        err = rel_error(runner.output, problem.reference)
+        bound = ERROR_BOUNDS[candidate.shape.dtype]
+        if not math.isfinite(err) or err > bound:
+            return self._measurement(candidate, Status.WRONG_RESULT, rel_err=err,
+                                     message=f"relative error {err:.3g} exceeds {bound:.3g}")
+        override = self.fault_plan.latency_us(candidate) if self.fault_plan else None
+        timing = Timing(override, 0.0, 0) if override is not None else time_call(self._timed_call(runner, candidate),
+                                                                                 self.device)
+        return self._measurement(candidate, Status.OK, latency_us=timing.median_us, spread_us=timing.spread_us,
+                                 rel_err=err)
+
+    def _prepare(self, candidate: Candidate) -> tuple[Problem, object]:
+        key = (candidate.shape, candidate.routing, candidate.M)
+        if key != self._problem_key:
+            self._problem, self._problem_key = None, None
+            self._problem = build_problem(candidate.shape, candidate.M, routing=candidate.routing, seed=0,
+                                          device=self.device)
+            self._problem_key = key
+        problem, config = self._problem, candidate.config
+        if self.server is not None:
+            return problem, self.server.runner(problem, config)
+        from workers.fused_moe_kernel import check_config
+        from workers.moe import MoERunner
+
+        try:
+            check_config(config, problem.w13)
+            check_config(config, problem.w2)
+        except ValueError as exc:
+            raise ConfigRejected(str(exc)) from None
+        return problem, MoERunner(problem.x, problem.w13, problem.w2, problem.topk_weights, problem.topk_ids, config)
+
+    def _timed_call(self, runner: object, candidate: Candidate) -> Callable[[], object]:
+        """The part of the MoE this candidate is tuned for (the down GEMM reads the up GEMM's output,
+        left in the runner's buffers by the correctness run)."""
+        if candidate.gemm is Gemm.BOTH:
+            return runner.run
+        if self.server is not None:
+            raise ValueError(f"--kernel {self.kernel} times the whole MoE call only, not the {candidate.gemm.value} GEMM")
+        return runner.run_up if candidate.gemm is Gemm.UP else runner.run_down
+
+    def _synchronize(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def _failure(self, candidate: Candidate, exc: Exception) -> Measurement:
+        status = classify(exc)
+        if status is None:
+            self._die_poisoned(exc)
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        message = f"{type(exc).__name__}: {first_line}"[:500]
+        if status is Status.CRASHED:
+            traceback.print_exc(file=sys.stderr)
+        return self._measurement(candidate, status, message=message)
+
+    def _die_poisoned(self, exc: BaseException) -> None:
+        print(f"moe-tune worker: CUDA context poisoned ({type(exc).__name__}: {exc}); ending this process",
+              file=sys.stderr, flush=True)
+        os._exit(POISON_EXIT_CODE)
+
+    def _measurement(self, candidate: Candidate, status: Status, **fields: object) -> Measurement:
+        return Measurement(candidate=candidate, status=status, device=self.device_name,
+                           versions={"torch": torch.__version__, "triton": triton.__version__}, **fields)
