@@ -11,7 +11,8 @@ import pytest
 from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
-from tune_helpers import VLLM_FILE, deterministic_ranking, expected_vllm_file, run_tune, tune_argv, write_fault_plan
+from tune_helpers import (VLLM_FILE, deterministic_ranking, expected_evaluations, expected_vllm_file, run_tune, tune_argv,
+                          write_fault_plan)
 from workers.faults import ENV_VAR, FaultPlan, InjectedFault
 from workers.records import Candidate, Config, DType, MoEShape, Status
 from workers.worker import WATCHDOG_EXIT_CODE, ConfigRejected, classify
@@ -76,7 +77,8 @@ def test_faulty_candidates_are_quarantined_and_the_files_equal_a_clean_runs(tmp_
     assert reported[(throw.config.label, 4)]["status"] == Status.CRASHED.value
     assert "InjectedFault" in reported[(throw.config.label, 4)]["message"]
     assert reported[(hang.config.label, 4)]["status"] == Status.TIMEOUT.value
-    assert summary["evaluations_run"] == sum(len(r) for r in ranking.values())
+    failing = frozenset({(kill.config.label, 1), (throw.config.label, 4), (hang.config.label, 4)})
+    assert summary["evaluations_run"] == expected_evaluations(failing)
     assert json.loads((out / VLLM_FILE).read_text()) == expected_vllm_file()
 
     # Quarantined candidates are journaled like any other, so a resumed run does not try them again.

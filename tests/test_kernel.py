@@ -15,11 +15,13 @@ os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are decorated
 import pytest
 import torch
 
+from workers.activation import swiglu, swiglu_fp8_groups
 from workers.align import TokenAligner
+from workers.fp8_activation import fp8_absmax, fp8_quantize_per_group, fp8_quantize_per_tensor
 from workers.fused_moe_kernel import check_config, launch_moe_gemm
 from workers.moe import MoERunner
 from workers.problem import rel_error
-from workers.quant import QuantizedWeight, activation_dtype, quantize_weight
+from workers.quant import FP8_DTYPE, QuantizedWeight, activation_dtype, quantize_fp8_activation, quantize_weight
 from workers.records import Config, DType
 from workers.reference import reference_moe
 
@@ -129,3 +131,42 @@ def test_configs_the_kernel_cannot_run_are_refused(dtype, block_shape, config, m
     weight = QuantizedWeight(dtype, torch.zeros((1, 32, 32)), torch.ones(1), block_shape=block_shape)
     with pytest.raises(ValueError, match=message):
         check_config(config, weight)
+
+
+@pytest.mark.parametrize("group_k", [None, 32])
+def test_fp8_activation_quantization_matches_quant_py(group_k, generator):
+    """The device quantizers reproduce quantize_fp8_activation bit for bit (scales and codes),
+    including a partial last group, an all-zero group and values in E4M3's subnormal range."""
+    x = (torch.randn((5, 80), generator=generator) * 3).to(torch.bfloat16)
+    x[1, :32] = 0
+    x[2] *= 1e-3
+    expected, expected_scale = quantize_fp8_activation(x, group_k)
+    out = torch.full(x.shape, float("nan"), dtype=FP8_DTYPE)
+    scale = torch.full(expected_scale.shape, float("nan"))
+    if group_k is None:
+        amax = torch.zeros(1)
+        fp8_absmax(x, amax)
+        fp8_quantize_per_tensor(x, amax, out, scale)
+    else:
+        fp8_quantize_per_group(x, out, scale, group_k)
+    assert torch.equal(scale, expected_scale)
+    assert torch.equal(out.view(torch.uint8), expected.view(torch.uint8))
+
+
+def test_swiglu_feeds_fp8_quantization(generator):
+    """SwiGLU's fused amax equals max |output|; its fused group quantization equals SwiGLU
+    followed by the group quantizer."""
+    gate_up = torch.randn((6, 2 * 72), generator=generator).to(torch.bfloat16)
+    gate, up = gate_up.float().chunk(2, dim=1)
+    activated = torch.full((6, 72), float("nan"), dtype=torch.bfloat16)
+    amax = torch.zeros(1)
+    swiglu(gate_up, activated, amax)
+    assert torch.allclose(activated.float(), torch.nn.functional.silu(gate) * up, rtol=1e-2, atol=1e-3)
+    assert float(amax) == float(activated.float().abs().max())
+
+    fused = torch.full((6, 72), float("nan"), dtype=FP8_DTYPE)
+    fused_scale = torch.full((6, 3), float("nan"))
+    swiglu_fp8_groups(gate_up, fused, fused_scale, 32, torch.bfloat16)
+    expected, expected_scale = quantize_fp8_activation(activated, 32)
+    assert torch.equal(fused_scale, expected_scale)
+    assert torch.equal(fused.view(torch.uint8), expected.view(torch.uint8))

@@ -2,8 +2,9 @@
 under the interpreter, the tiny fixture model (E=4, N=K=64, top-2), 8 configs × M ∈ {1, 4}.
 
 Latencies come from the fault hook's deterministic function (the kernel still runs and is still
-checked), so the files a run must write are known exactly; wall-clock timing itself is covered
-by tests/test_worker.py. One clean run is shared by the assertions that only read it.
+checked), so the files a run must write, and the measurements the default (fast) strategy makes,
+are known exactly; wall-clock timing itself is covered by tests/test_worker.py. One clean run is
+shared by the assertions that only read it.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import time
 
 import pytest
 
-from tune_helpers import VLLM_FILE, expected_vllm_file, run_tune, tiny_candidates, tune_argv, write_fault_plan
+from tune_helpers import (VLLM_FILE, expected_evaluations, expected_vllm_file, run_tune, tiny_candidates, tune_argv,
+                          write_fault_plan)
 from workers.faults import ENV_VAR
 
 pytestmark = pytest.mark.timeout(600)
-TOTAL = len(tiny_candidates())
+CANDIDATES = len(tiny_candidates())
+TOTAL = expected_evaluations()
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +46,9 @@ def clean_run(tmp_path_factory, deterministic):
 def test_clean_run_writes_the_vllm_file(clean_run):
     out, summary = clean_run
     assert {"evaluations_run", "evaluations_reused", "failed", "files_written", "wall_s"} <= set(summary)
-    assert summary["evaluations_run"] == TOTAL == 16
+    assert summary["evaluations_run"] == TOTAL
+    assert summary["devices"][0]["measured"] == {"both/screen": CANDIDATES, "both/full": TOTAL - CANDIDATES}
+    assert CANDIDATES == 16 and TOTAL > CANDIDATES and summary["budget_ended"] is False
     assert summary["evaluations_reused"] == 0
     assert summary["failed"] == {}
     assert summary["files_written"] == [str(out / VLLM_FILE)]

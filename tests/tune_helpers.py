@@ -13,6 +13,7 @@ import triton
 from tuner.cli import main
 from tuner.models import load_model
 from tuner.plan import build_plan
+from tuner.search import FAST_FULL_MAX, promoted
 from tuner.spaces import load_space
 from workers.faults import FaultPlan
 from workers.records import Candidate
@@ -64,3 +65,16 @@ def expected_vllm_file() -> dict:
     """What a clean deterministic run writes: per M the fastest config, plus the Triton version."""
     best = {str(M): ranked[0].config.to_dict() for M, ranked in sorted(deterministic_ranking().items())}
     return {"triton_version": triton.__version__, **best}
+
+
+def expected_evaluations(failing: frozenset[tuple[str, int]] = frozenset()) -> int:
+    """Measurements a deterministic run of the default (fast) strategy makes: a screen of every
+    tiny candidate (its first slice, at least 24 configs, holds all 8 of the tiny space, whose
+    neighbours are then all screened) plus the full timings the screening rule promotes.
+    ``failing``: (config label, M) of candidates whose screen fails."""
+    plan = FaultPlan(deterministic_latency=True)
+    total = 0
+    for M, ranked in deterministic_ranking().items():
+        screens = {c.config: None if (c.config.label, M) in failing else plan.latency_us(c) for c in ranked}
+        total += len(ranked) + len(promoted(screens, set(), FAST_FULL_MAX))
+    return total

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from tuner.errors import RunFailed, UsageError
@@ -38,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "--interpret" in (sys.argv[1:] if argv is None else argv):
+        # Triton reads this when its language module is first imported, which the commands' imports do.
+        os.environ["TRITON_INTERPRET"] = "1"
     try:
         args = build_parser().parse_args(argv)
         module = importlib.import_module(f"tuner.commands.{args.command}")

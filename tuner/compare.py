@@ -24,8 +24,6 @@ from tuner.progress import Progress
 from tuner.ray_session import ray_session
 from tuner.report import REFERENCE, ComparisonResults, measured_point, summarize_dtype
 from tuner.search import SearchJob
-from tuner.select import GroupKey, Selection, by_shape
-from tuner.writers import write_sglang, write_vllm
 from workers.default_config import default_config
 from workers.records import Config, DType, Gemm, MoEShape
 
@@ -58,21 +56,6 @@ def search_jobs(models: list, tp: int, ep: int, dtypes: list[DType], batch_sizes
     plan = build_plan(models, tp, ep, dtypes, None, batch_sizes, space, device_name)
     return [SearchJob(shape=job.shape, configs_by_m={M: tuple(c) for M, c in job.candidates.items()}, routing=routing)
             for job in plan.jobs]
-
-
-def _writer(out: Path, file_format: str) -> driver.OutputWriter:
-    def write(device: str, env: dict[str, str], chosen: dict[GroupKey, Selection]) -> list[Path]:
-        paths: list[Path] = []
-        for (shape, _routing, gemm), per_m in by_shape(chosen).items():
-            if gemm is not Gemm.BOTH:
-                continue
-            configs = {M: s.candidate.config for M, s in per_m.items()}
-            if file_format in ("vllm", "both"):
-                paths.append(write_vllm(out, shape, device, configs, env["triton"]))
-            if file_format in ("sglang", "both"):
-                paths += write_sglang(out, shape, device, configs, None, env["triton"])
-        return paths
-    return write
 
 
 @ray.remote(num_gpus=1)
@@ -108,7 +91,7 @@ def _errors_vs_bf16(shapes: dict[DType, MoEShape], configs: dict[DType, dict[int
 def run_compare(request: CompareRequest, progress: Progress | None = None) -> ComparisonResults:
     progress = progress or Progress()
     tuned = driver.tune(driver.TuneRequest(
-        jobs_for_device=request.plan_for_device, write_outputs=_writer(request.configs_out, request.file_format),
+        jobs_for_device=request.plan_for_device, write_outputs=driver.server_files_writer(request.configs_out, request.file_format),
         journal_path=request.journal, fresh=request.fresh, address=request.address, workers=request.workers,
         interpret=request.interpret, strategy=request.strategy), progress)
     if len(tuned.devices) != 1:

@@ -9,6 +9,12 @@ and no GPU idles while work remains). Results are journaled as they arrive. At t
 finalists of every (shape, M) are re-timed on one actor (``tuner.select``), the winners written
 through ``tuner.writers``.
 
+Compile-ahead (``tuner.compiling``): on a GPU, a candidate whose config is not compiled yet waits
+off the queue while CPU processes on its node compile it; compile errors, out-of-resources and
+compile time-outs found there are recorded as the candidate's outcome and never reach a GPU.
+A time budget (``budget_s``) stops the search where it is: nothing more is proposed or queued,
+calls in flight finish, and the best so far is chosen (without re-timing) and written.
+
 Retries are the engine's, not Ray's: a candidate whose actor died (crash, poisoned CUDA context,
 hang) is retried once on another actor and quarantined (``crashed`` / ``timeout``) if it fails
 again; calls that were queued behind it on the dead actor go back on the queue uncharged.
@@ -28,45 +34,55 @@ from pathlib import Path
 import ray
 
 from tuner import select as selection
+from tuner.compiling import DEFAULT_COMPILE_TIMEOUT_S, CompileAhead, CompileStats
 from tuner.errors import RunFailed
 from tuner.journal import (Journal, measurement_key, measurement_to_record, record_to_measurement, retime_key,
                            retime_to_record)
-from tuner.pool import Done, Lost, Raised, Slot, WorkerPool, WorkerStartFailed
+from tuner.pool import STARTUP_TIMEOUT_S, Done, Lost, Raised, Slot, WorkerPool, WorkerStartFailed
 from tuner.progress import Progress
 from tuner.search import STRATEGIES, SearchJob, Strategy
 from tuner.writers import write_sglang, write_vllm
 from workers import faults
-from workers.records import Candidate, Gemm, Measurement, Status
+from workers.compile_ahead import CompileTarget
+from workers.records import Candidate, Gemm, Measurement, MoEShape, Status
 
 MAX_ATTEMPTS = 2
 POLL_S = 0.5
+SHORT_POLL_S = 0.05
 INTERPRET_NUM_GPUS = 2
 
 
-OutputWriter = Callable[[str, dict[str, str], dict[selection.GroupKey, selection.Selection]], list[Path]]
-"""Writes the winners of one device group (device name, worker environment, selections); returns the paths."""
+SplitChoices = dict[tuple[MoEShape, str], dict[int, selection.SplitChoice]]
+OutputWriter = Callable[[str, dict[str, str], dict[selection.GroupKey, selection.Selection], SplitChoices], list[Path]]
+"""Writes the winners of one device group (device name, worker environment, whole-op selections,
+split up/down choices); returns the paths."""
 
 
 FORMATS = ("vllm", "sglang", "both")
 
 
 def server_files_writer(out: Path, formats: str) -> OutputWriter:
-    """Writes a device group's winners in vLLM's and/or SGLang's layout under ``out``: one config
-    per M for both GEMMs (vLLM applies one config to both; split up/down files are the fast
-    search's, tuner.search)."""
+    """Writes a device group's winners in vLLM's and/or SGLang's layout under ``out``. vLLM applies
+    one config to both GEMMs: its file holds the whole-op winner per M. SGLang's file holds the
+    up GEMM's config and its ``_down`` file the down GEMM's where the split search chose a pair
+    (batch sizes without a pair keep the whole-op winner for both)."""
     if formats not in FORMATS:
         raise ValueError(f"unknown format {formats!r}; expected one of {FORMATS}")
 
-    def write(device: str, env: dict[str, str], chosen: dict[selection.GroupKey, selection.Selection]) -> list[Path]:
+    def write(device: str, env: dict[str, str], chosen: dict[selection.GroupKey, selection.Selection],
+              split: SplitChoices) -> list[Path]:
         paths: list[Path] = []
-        for (shape, _routing, gemm), per_m in selection.by_shape(chosen).items():
+        for (shape, routing, gemm), per_m in selection.by_shape(chosen).items():
             if gemm is not Gemm.BOTH:
                 continue
             configs = {M: s.candidate.config for M, s in per_m.items()}
             if formats in ("vllm", "both"):
                 paths.append(write_vllm(out, shape, device, configs, env["triton"]))
             if formats in ("sglang", "both"):
-                paths += write_sglang(out, shape, device, configs, None, env["triton"])
+                pairs = split.get((shape, routing), {})
+                up = {M: pairs[M].up if M in pairs else c for M, c in configs.items()}
+                down = {M: pairs[M].down if M in pairs else c for M, c in configs.items()} if pairs else None
+                paths += write_sglang(out, shape, device, up, down, env["triton"])
         return paths
     return write
 
@@ -86,7 +102,11 @@ class TuneRequest:
     kernel: str = "builtin"
     timeout_s: float = 300.0
     finalists: int = selection.FINALISTS
-    strategy: str = "exhaustive"
+    strategy: str = "fast"
+    split_gemms: bool = False
+    budget_s: float | None = None
+    compile_ahead: bool = True
+    compile_timeout_s: float = DEFAULT_COMPILE_TIMEOUT_S
 
 
 @dataclass
@@ -100,6 +120,8 @@ class DeviceResult:
     selections: dict[selection.GroupKey, selection.Selection] = field(default_factory=dict)
     without_winner: list[selection.GroupKey] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
+    split: SplitChoices = field(default_factory=dict)
+    compile: CompileStats | None = None
 
 
 @dataclass
@@ -112,6 +134,7 @@ class TuneResult:
     retimed_groups: int = 0
     retimes_reused: int = 0
     wall_s: float = 0.0
+    budget_ended: bool = False
     devices: list[DeviceResult] = field(default_factory=list)
 
     @property
@@ -143,7 +166,9 @@ class _DeviceGroup:
     env: dict[str, str]
     slots: list[Slot]
     strategy: Strategy
+    compiler: CompileAhead | None = None
     queue: list[_Work] = field(default_factory=list)
+    compiling: list[_Work] = field(default_factory=list)
     known: set[str] = field(default_factory=set)
     measurements: list[Measurement] = field(default_factory=list)
 
@@ -157,13 +182,21 @@ def _env_key(env: dict[str, str]) -> tuple:
 
 
 class Engine:
-    """Runs the search phase of every device group over one pool of actors."""
+    """Runs the search phase of every device group over one pool of actors.
 
-    def __init__(self, pool: WorkerPool, groups: list[_DeviceGroup], journal: Journal, progress: Progress) -> None:
+    ``deadline`` (a ``clock()`` value) is the time budget's end; ``clock`` is injectable so the
+    budget can be tested without waiting for it.
+    """
+
+    def __init__(self, pool: WorkerPool, groups: list[_DeviceGroup], journal: Journal, progress: Progress,
+                 deadline: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.pool = pool
         self.groups = groups
         self.journal = journal
         self.progress = progress
+        self.deadline = deadline
+        self.clock = clock
+        self.budget_ended = False
         self.evaluations_run = 0
         self.evaluations_reused = 0
         self._group_of_slot = {slot.index: g for g in groups for slot in g.slots}
@@ -171,19 +204,40 @@ class Engine:
     def run(self) -> None:
         while True:
             proposed = False
-            for group in self.groups:
-                if not group.queue:
-                    proposed |= self._refill(group)
+            if self._within_budget():
+                for group in self.groups:
+                    if not group.queue:
+                        proposed |= self._refill(group)
+            self._settle_compiled()
             self._dispatch()
             queued = any(g.queue for g in self.groups)
-            if not self.pool.busy() and not queued:
+            compiling = [g.compiler for g in self.groups if g.compiling and g.compiler is not None]
+            if not self.pool.busy() and not queued and not compiling:
                 if proposed:
                     continue  # everything proposed was in the journal; the strategy may want more
                 return
             if not self.pool.live_slots():
                 raise RunFailed("every worker was lost; the journal keeps what was measured, run again to resume")
-            for event in self.pool.poll(POLL_S):
-                self._handle(event)
+            # While GPUs sit free and configs are still compiling, look at both often.
+            wait_s = SHORT_POLL_S if compiling and self.pool.free_slots() else POLL_S
+            if self.pool.busy():
+                for event in self.pool.poll(wait_s):
+                    self._handle(event)
+            elif compiling:
+                compiling[0].pump(wait_s)
+
+    def _within_budget(self) -> bool:
+        """False once the budget has ended: then everything not yet on a GPU is dropped (what is in
+        flight still finishes)."""
+        if self.budget_ended or self.deadline is None or self.clock() < self.deadline:
+            return not self.budget_ended
+        self.budget_ended = True
+        dropped = sum(len(g.queue) + len(g.compiling) for g in self.groups)
+        for group in self.groups:
+            group.queue.clear()
+            group.compiling.clear()
+        self.progress.note(f"time budget ended: {dropped} queued candidates dropped; keeping the best so far")
+        return False
 
     def _refill(self, group: _DeviceGroup) -> bool:
         """Ask the strategy for more; answer what the journal knows. True if anything new was proposed."""
@@ -198,12 +252,38 @@ class Engine:
             if record is not None and record.get("kind") == "measure":
                 self._finish(group, record_to_measurement(record), reused=True)
             else:
-                group.queue.append(_Work(candidate, key, group))
-        self.progress.set_total(max(hint, self.progress.done + sum(len(g.queue) for g in self.groups)))
+                self._route(_Work(candidate, key, group))
+        waiting = sum(len(g.queue) + len(g.compiling) for g in self.groups)
+        self.progress.set_total(max(hint, self.progress.done + waiting))
         return bool(proposals)
+
+    def _route(self, work: _Work) -> None:
+        """Queue a candidate for the GPUs once its config is compiled; settle it here if compiling failed."""
+        group = work.group
+        if group.compiler is None:
+            group.queue.append(work)
+            return
+        outcome = group.compiler.status(work.candidate.shape, work.candidate.config)
+        if outcome is None:
+            group.compiling.append(work)
+        elif outcome.verdict:
+            self._finish(group, self._failure(work, outcome.status, f"compile-ahead: {outcome.message}"),
+                         reused=False)
+        else:
+            group.queue.append(work)
+
+    def _settle_compiled(self) -> None:
+        for group in self.groups:
+            if group.compiler is not None and group.compiling:
+                group.compiler.pump(0)
+                waiting, group.compiling = group.compiling, []
+                for work in waiting:
+                    self._route(work)
 
     def _dispatch(self) -> None:
         for slot in self.pool.free_slots():
+            if not self._within_budget():
+                return
             group = self._group_of_slot[slot.index]
             work = self._take(group, slot)
             if work is not None:
@@ -316,7 +396,10 @@ def _start_ray(request: TuneRequest) -> None:
     runtime_env = {"env_vars": env_vars} if env_vars else None
     address = request.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env=runtime_env)
+        try:
+            ray.init(address=address, runtime_env=runtime_env)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise RunFailed(f"cannot join the Ray cluster at {address}: {exc}") from None
         return
     if request.interpret:
         gpus = request.workers or INTERPRET_NUM_GPUS
@@ -353,18 +436,58 @@ def _device_groups(pool: WorkerPool, request: TuneRequest) -> list[_DeviceGroup]
         raise RunFailed(f"workers on {clash[0]} differ in torch/Triton/kernel versions; "
                         "their results cannot share one config file")
     strategy_class = STRATEGIES[request.strategy]
-    return [_DeviceGroup(env=slots[0].env, slots=slots, strategy=strategy_class(request.jobs_for_device(slots[0].device)))
+    return [_DeviceGroup(env=slots[0].env, slots=slots,
+                         strategy=strategy_class(request.jobs_for_device(slots[0].device), request.split_gemms))
             for slots in by_env.values()]
 
 
-def _choose_and_write(group: _DeviceGroup, retimer: Retimer, request: TuneRequest, progress: Progress) -> DeviceResult:
-    chosen = selection.select(group.measurements, retimer, request.finalists)
-    missing = selection.groups_without_winner(group.measurements)
+def _compile_ahead(group: _DeviceGroup, request: TuneRequest, progress: Progress) -> CompileAhead | None:
+    """A compile-ahead service on each node of the group's workers, sized to the node's CPUs
+    minus one per GPU worker there; None where nothing compiles ahead (interpreter, a server's
+    kernel, ``compile_ahead`` off)."""
+    if request.interpret or request.kernel != "builtin" or not request.compile_ahead:
+        return None
+    try:
+        reports = ray.get([slot.actor.compile_target.remote() for slot in group.slots], timeout=STARTUP_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001 - compile-ahead is an optimisation; the workers can compile themselves
+        progress.note(f"compile-ahead skipped on {group.device}: {type(exc).__name__}: {exc}".splitlines()[0][:300])
+        return None
+    if any(r is None for r in reports):
+        return None
+    first = reports[0]
+    target = CompileTarget(first["backend"], first["arch"], first["warp_size"], first["max_shared_mem"])
+    cpus = {node["NodeID"]: int(node.get("Resources", {}).get("CPU", 1)) for node in ray.nodes() if node.get("Alive")}
+    workers_on = Counter(r["node_id"] for r in reports)
+    processes = {node: max(1, cpus.get(node, 1) - count) for node, count in workers_on.items()}
+    batch_sizes: dict[MoEShape, set[int]] = {}
+    for job in group.strategy.jobs:
+        batch_sizes.setdefault(job.shape, set()).update(job.batch_sizes)
+    compiler = CompileAhead(target, processes, {shape: tuple(sorted(ms)) for shape, ms in batch_sizes.items()},
+                            request.compile_timeout_s, progress.note)
+    if not compiler.available:
+        return None
+    progress.note(f"compile-ahead: {compiler.stats.processes} CPU processes for {group.device} "
+                  f"({target.backend} arch {target.arch})")
+    return compiler
+
+
+def _no_retiming(finalist_groups: list[list[Candidate]]) -> list[list[float] | None]:
+    """After the time budget: choose on the search's own numbers."""
+    return [None] * len(finalist_groups)
+
+
+def _choose_and_write(group: _DeviceGroup, retimer: selection.Retimer, request: TuneRequest,
+                      progress: Progress) -> DeviceResult:
+    whole = [m for m in group.measurements if m.candidate.gemm is Gemm.BOTH]
+    chosen = selection.select(whole, retimer, request.finalists)
+    split = selection.split_choices(group.measurements, chosen) if request.split_gemms else {}
+    missing = selection.groups_without_winner(whole)
     if missing:
         progress.note(f"no correct config on {group.device} at " + ", ".join(f"M={k.M}" for k in missing[:8])
                       + (" …" if len(missing) > 8 else ""))
-    files = request.write_outputs(group.device, group.env, chosen) if chosen else []
-    return DeviceResult(group.device, group.env, len(group.slots), group.measurements, chosen, missing, files)
+    files = request.write_outputs(group.device, group.env, chosen, split) if chosen else []
+    return DeviceResult(group.device, group.env, len(group.slots), group.measurements, chosen, missing, files, split,
+                        group.compiler.stats if group.compiler is not None else None)
 
 
 def tune(request: TuneRequest, progress: Progress | None = None) -> TuneResult:
@@ -380,22 +503,32 @@ def tune(request: TuneRequest, progress: Progress | None = None) -> TuneResult:
             progress.note(f"--fresh: previous journal kept as {journal.set_aside}")
         _start_ray(request)
         pool = None
+        groups: list[_DeviceGroup] = []
         try:
             pool = _create_pool(request, progress)
             groups = _device_groups(pool, request)
             for g in groups:
                 progress.note(f"{len(g.slots)} worker(s) on {g.device} (torch {g.env['torch']}, "
                               f"triton {g.env['triton']}, kernel {g.env['kernel']})")
-            engine = Engine(pool, groups, journal, progress)
+                g.compiler = _compile_ahead(g, request, progress)
+            deadline = started + request.budget_s if request.budget_s is not None else None
+            engine = Engine(pool, groups, journal, progress, deadline)
             engine.run()
             progress.close()
             result.evaluations_run, result.evaluations_reused = engine.evaluations_run, engine.evaluations_reused
+            result.budget_ended = engine.budget_ended
             for group in groups:
+                if group.compiler is not None:
+                    group.compiler.close()
                 retimer = Retimer(pool, group, journal, progress)
-                result.devices.append(_choose_and_write(group, retimer, request, progress))
+                result.devices.append(_choose_and_write(group, _no_retiming if engine.budget_ended else retimer,
+                                                        request, progress))
                 result.retimed_groups += retimer.fresh
                 result.retimes_reused += retimer.reused
         finally:
+            for group in groups:
+                if group.compiler is not None:
+                    group.compiler.close()
             if pool is not None:
                 pool.shutdown()
             ray.shutdown()

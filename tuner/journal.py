@@ -5,7 +5,7 @@ any instant (SIGKILL included) loses at most the line it was writing; a torn las
 when the journal is opened again. A record is found again by its key, a SHA-256 over everything
 that changes a timing: the worker environment (kernel source hash, Triton and torch versions,
 device name, kernel flavour) and the candidate (shape with dtype and block shape, routing, M,
-GEMM part, config). Same key, never measured twice.
+GEMM part, timing level, config). Same key, never measured twice.
 
 Two kinds of records: ``measure`` (one candidate's final outcome, failures included, so a config
 that crashed twice is not tried again on resume) and ``retime`` (the back-to-back re-timing of one
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import orjson
 
-from workers.records import Candidate, Config, Gemm, Measurement, MoEShape, Status
+from workers.records import Candidate, Config, Gemm, Level, Measurement, MoEShape, Status
 
 FORMAT_VERSION = 1
 JOURNAL_NAME = ".moe-tune-journal.jsonl"
@@ -42,12 +42,13 @@ def candidate_to_dict(candidate: Candidate) -> dict:
         "config": candidate.config.to_dict(),
         "gemm": candidate.gemm.value,
         "routing": candidate.routing,
+        "level": candidate.level.value,
     }
 
 
 def candidate_from_dict(data: dict) -> Candidate:
     return Candidate(shape=MoEShape(**data["shape"]), M=int(data["M"]), config=Config.from_dict(data["config"]),
-                     gemm=Gemm(data["gemm"]), routing=data["routing"])
+                     gemm=Gemm(data["gemm"]), routing=data["routing"], level=Level(data["level"]))
 
 
 def _digest(obj: object) -> str:

@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from typing import TextIO
 
-from workers.records import Measurement
+from workers.records import Gemm, Measurement
 
 LOG_INTERVAL_S = 15.0
 
@@ -53,11 +53,11 @@ class Progress:
             self.fresh += 1
             if self._first_fresh is None:
                 self._first_fresh = now
-        if measurement.ok and measurement.latency_us is not None:
+        if not measurement.ok:
+            self.failed[measurement.status.value] += 1
+        elif measurement.latency_us is not None and measurement.candidate.gemm is Gemm.BOTH:
             m = measurement.candidate.M
             self.best[m] = min(self.best.get(m, float("inf")), measurement.latency_us)
-        else:
-            self.failed[measurement.status.value] += 1
         self._show(now)
 
     def eta_s(self, now: float) -> float | None:

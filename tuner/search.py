@@ -3,18 +3,58 @@
 The split follows Kernel Tuner's strategies/runners: a strategy never compiles, times, retries
 or journals anything. The engine asks ``propose()`` for work whenever its queue runs dry, feeds
 every outcome (fresh or from the journal) to ``observe()``, and ends when the queue is empty,
-nothing is in flight and ``propose()`` returns nothing. An adaptive strategy (screening,
-successive halving, neighbour seeding) therefore proposes in rounds and decides the next round
-from what it observed; the exhaustive reference proposes everything at once.
+nothing is in flight and ``propose()`` returns nothing.
+
+Both strategies work per group — one (shape, batch size, GEMM part) — in rounds: a round's
+candidates are proposed together, and the next round is decided once all of them are back.
+Deciding on whole rounds, never on whichever result happened to arrive first, makes a search
+a function of the measurements alone: the same latencies give the same candidates and files
+whatever the number of workers or the order results came back in.
+
+Measuring only what matters (successive halving over repetitions):
+1. every candidate the strategy wants gets a screen (``Level.SCREEN``: a few graph replays);
+2. screened candidates within ``SCREEN_RATIO`` = 1.3× the group's best screen go on to the full
+   timing (``Level.FULL``), at least ``SCREEN_FLOOR`` = 3 of them (the best screens), so noise
+   in a screen can never leave the group with a single contender;
+3. the fastest full timings are re-timed back to back before the choice (``tuner.select``).
+A 1.3× margin drops only clear losers: screens of one candidate on a CUDA graph agree within a
+few per cent.
+
+``exhaustive`` screens every pruned config (the reference). ``fast`` (the default) screens the
+top of a cost-model ordering (``tuner.cost_model``) plus the best-modelled config of every
+(BLOCK_SIZE_N, BLOCK_SIZE_K) tile so a wrong model cannot hide a whole tile shape, then the
+best configs of the neighbouring batch sizes, then walks from the best screened config to its
+neighbours (each of the six keys one step up or down in the space; when none of those is new,
+every pair of keys moved one step each, which steps over configs that do not compile) until no
+neighbour is faster, and promotes at most ``FAST_FULL_MAX`` contenders to the full timing.
+
+With split GEMMs the up and the down GEMM are searched as groups of their own (``Gemm.UP``,
+``Gemm.DOWN``) next to the whole op (``Gemm.BOTH``, for the vLLM layout). Once all three of a
+batch size are done, a pairing round adds the full timings selection needs: each GEMM of the
+whole-op winner (the shared-config baseline of the split gain), and each GEMM's winner moved to
+the other's BLOCK_SIZE_M (the token sort is shared, so SGLang's up and down configs must agree
+on it).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
-from workers.records import Candidate, Config, Gemm, Measurement, MoEShape
+from tuner.cost_model import predict_seconds
+from workers.records import CONFIG_KEYS, Candidate, Config, Gemm, Level, Measurement, MoEShape
+
+SCREEN_RATIO = 1.3
+SCREEN_FLOOR = 3
+FAST_SLICE_MIN = 24
+FAST_SLICE_FRACTION = 0.02
+FAST_SEEDS_PER_NEIGHBOUR = 3
+FAST_MAX_LOCAL_ROUNDS = 12
+FAST_FULL_MAX = 6
+SPLIT_GEMMS = (Gemm.BOTH, Gemm.UP, Gemm.DOWN)
 
 
 @dataclass(frozen=True)
@@ -30,47 +70,242 @@ class SearchJob:
         return sorted(self.configs_by_m)
 
 
+def promoted(screens: dict[Config, float | None], already: set[Config], cap: int | None = None) -> list[Config]:
+    """The screened configs that earn a full timing (the rule in the module docstring), minus
+    those that have one already; ``cap`` bounds the total promoted (the fast strategy's)."""
+    ranked = sorted((latency, config) for config, latency in screens.items() if latency is not None)
+    if not ranked:
+        return []
+    best = ranked[0][0]
+    chosen = [c for i, (latency, c) in enumerate(ranked) if latency <= SCREEN_RATIO * best or i < SCREEN_FLOOR]
+    if cap is not None:
+        chosen = chosen[:max(cap, SCREEN_FLOOR)]
+    return [c for c in chosen if c not in already]
+
+
+@dataclass
+class Group:
+    """The search state of one (job, batch size, GEMM part)."""
+
+    job: SearchJob
+    M: int
+    gemm: Gemm
+    screens: dict[Config, float | None] = field(default_factory=dict)
+    fulls: dict[Config, float | None] = field(default_factory=dict)
+    waiting: set[tuple[Config, Level]] = field(default_factory=set)
+    phase: str = "start"
+    local_rounds: int = 0
+
+    @property
+    def configs(self) -> tuple[Config, ...]:
+        return self.job.configs_by_m[self.M]
+
+    @property
+    def key(self) -> tuple:
+        return (self.job.shape, self.job.routing, self.M, self.gemm)
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting
+
+    def ranked(self, level: Level) -> list[Config]:
+        """Configs measured at ``level`` without failure, fastest first (ties: config order)."""
+        results = self.screens if level is Level.SCREEN else self.fulls
+        return [c for _, c in sorted((latency, c) for c, latency in results.items() if latency is not None)]
+
+    def best(self, level: Level) -> Config | None:
+        ranked = self.ranked(level)
+        return ranked[0] if ranked else None
+
+    def candidate(self, config: Config, level: Level) -> Candidate:
+        return Candidate(shape=self.job.shape, M=self.M, config=config, gemm=self.gemm, routing=self.job.routing,
+                         level=level)
+
+
+Round = list[tuple[Group, Config, Level]]
+"""What to measure next: (the group it belongs to, config, level)."""
+
+
 class Strategy(ABC):
-    """Proposes candidates and learns from their measurements."""
+    """Proposes candidates in rounds per group and learns from their measurements."""
 
-    def __init__(self, jobs: Sequence[SearchJob]) -> None:
+    full_cap: int | None = None
+    """At most this many full timings per group (None: every candidate the screening rule keeps)."""
+
+    def __init__(self, jobs: Sequence[SearchJob], split_gemms: bool = False) -> None:
         self.jobs = list(jobs)
+        self.split_gemms = split_gemms
+        gemms = SPLIT_GEMMS if split_gemms else (Gemm.BOTH,)
+        self.groups = [Group(job, M, gemm) for job in self.jobs for M in job.batch_sizes for gemm in gemms]
+        self._by_key = {g.key: g for g in self.groups}
 
-    @abstractmethod
     def propose(self) -> list[Candidate]:
-        """The next candidates to measure; an empty list when the strategy has nothing more to ask."""
+        """The next candidates to measure; an empty list when nothing more can be decided now."""
+        out: list[Candidate] = []
+        moved = True
+        while moved:  # a group that moves on may release one that waits on it: go round until none moves
+            moved = False
+            for group in self.groups:
+                if not group.idle or group.phase == "done":
+                    continue
+                phase = group.phase
+                for target, config, level in self._advance(group):
+                    if (config, level) not in target.waiting:
+                        target.waiting.add((config, level))
+                        out.append(target.candidate(config, level))
+                moved |= group.phase != phase
+        return out
 
-    @abstractmethod
     def observe(self, measurement: Measurement) -> None:
-        """One outcome of a proposed candidate (any status)."""
+        """One outcome of a proposed candidate (any status; a failure counts as no latency)."""
+        c = measurement.candidate
+        group = self._by_key.get((c.shape, c.routing, c.M, c.gemm))
+        if group is None:
+            return
+        latency = measurement.latency_us if measurement.ok else None
+        (group.screens if c.level is Level.SCREEN else group.fulls)[c.config] = latency
+        group.waiting.discard((c.config, c.level))
 
     def total_hint(self) -> int | None:
         """How many candidates the whole search will measure, when known up front (for progress/ETA)."""
         return None
 
+    def _advance(self, group: Group) -> Round:
+        """Move an idle group on to its next round; empty when it is done or waits on others."""
+        while group.phase != "done":
+            work = self._step(group)
+            if work is None:
+                return []
+            if work:
+                return work
+        return []
+
+    def _step(self, group: Group) -> Round | None:
+        """One phase transition: the round it starts ([] if none), or None to wait on other groups."""
+        if group.phase == "promote":
+            group.phase = "timed"
+            return [(group, c, Level.FULL) for c in promoted(group.screens, set(group.fulls), self.full_cap)]
+        if group.phase == "timed":
+            group.phase = "pair" if group.gemm is Gemm.BOTH and self.split_gemms else "done"
+            return []
+        if group.phase == "pair":
+            return self._pairing(group)
+        return self._search_step(group)
+
+    @abstractmethod
+    def _search_step(self, group: Group) -> Round | None:
+        """The strategy's own phases, from "start"; it sets ``phase = "promote"`` when screening is over."""
+
+    def _pairing(self, both: Group) -> Round | None:
+        """Once the up and down groups of this batch size are done too: the full timings split
+        selection needs (module docstring)."""
+        shape, routing, M = both.job.shape, both.job.routing, both.M
+        up, down = self._by_key[(shape, routing, M, Gemm.UP)], self._by_key[(shape, routing, M, Gemm.DOWN)]
+        if up.phase != "done" or down.phase != "done":
+            return None
+        both.phase = "done"
+        shared, best_up, best_down = both.best(Level.FULL), up.best(Level.FULL), down.best(Level.FULL)
+        wanted: list[tuple[Group, Config]] = []
+        if shared is not None:
+            wanted += [(up, shared), (down, shared)]
+        if best_up is not None and best_down is not None and best_up.BLOCK_SIZE_M != best_down.BLOCK_SIZE_M:
+            wanted += [(down, replace(best_down, BLOCK_SIZE_M=best_up.BLOCK_SIZE_M)),
+                       (up, replace(best_up, BLOCK_SIZE_M=best_down.BLOCK_SIZE_M))]
+        return [(g, c, Level.FULL) for g, c in wanted if c in g.configs and c not in g.fulls]
+
 
 class Exhaustive(Strategy):
-    """Every pruned config at every batch size: the reference the faster strategies are judged by."""
+    """Every pruned config screened at every batch size, contenders fully timed: the reference
+    the faster strategies are judged by."""
 
-    def __init__(self, jobs: Sequence[SearchJob]) -> None:
-        super().__init__(jobs)
-        self._proposed = False
-
-    def _all(self) -> list[Candidate]:
-        return [Candidate(shape=job.shape, M=m, config=config, gemm=Gemm.BOTH, routing=job.routing)
-                for job in self.jobs for m in job.batch_sizes for config in job.configs_by_m[m]]
-
-    def propose(self) -> list[Candidate]:
-        if self._proposed:
-            return []
-        self._proposed = True
-        return self._all()
-
-    def observe(self, measurement: Measurement) -> None:
-        """Exhaustive search does not adapt."""
+    def _search_step(self, group: Group) -> Round:
+        group.phase = "promote"
+        return [(group, c, Level.SCREEN) for c in group.configs]
 
     def total_hint(self) -> int:
-        return sum(len(configs) for job in self.jobs for configs in job.configs_by_m.values())
+        return sum(len(g.configs) for g in self.groups)
 
 
-STRATEGIES: dict[str, type[Strategy]] = {"exhaustive": Exhaustive}
+class Fast(Strategy):
+    """Cost-model slice, the neighbours' best, local search; a few contenders fully timed."""
+
+    full_cap = FAST_FULL_MAX
+
+    def __init__(self, jobs: Sequence[SearchJob], split_gemms: bool = False) -> None:
+        super().__init__(jobs, split_gemms)
+        self._values = {job.shape: {k: sorted({getattr(c, k) for cs in job.configs_by_m.values() for c in cs})
+                                    for k in CONFIG_KEYS} for job in self.jobs}
+
+    def _search_step(self, group: Group) -> Round | None:
+        if group.phase == "start":
+            group.phase = "seed"
+            return [(group, c, Level.SCREEN) for c in self.initial_slice(group)]
+        if group.phase == "seed":
+            neighbours = self._neighbour_groups(group)
+            if any(n.phase == "start" or (n.phase == "seed" and not n.idle) for n in neighbours):
+                return None  # a neighbour's first slice is still out: its best is not known yet
+            group.phase = "local"
+            return [(group, c, Level.SCREEN) for c in self._seeds(group, neighbours)]
+        if group.phase == "local":
+            best = group.best(Level.SCREEN)
+            todo = [c for c in self.neighbours(group, best) if c not in group.screens] if best else []
+            if best and not todo:
+                # A one-key optimum can sit next to configs that do not compile (a larger tile needs
+                # fewer stages): moving two keys at once steps over such a hole.
+                todo = [c for c in self.neighbours(group, best, keys_moved=2) if c not in group.screens]
+            group.local_rounds += 1
+            if not todo or group.local_rounds > FAST_MAX_LOCAL_ROUNDS:
+                group.phase = "promote"
+                return []
+            return [(group, c, Level.SCREEN) for c in todo]
+        raise AssertionError(f"unknown phase {group.phase}")
+
+    def initial_slice(self, group: Group) -> list[Config]:
+        """The cost model's top ``max(FAST_SLICE_MIN, FAST_SLICE_FRACTION × n)`` configs, plus the
+        best-modelled config of each (BLOCK_SIZE_N, BLOCK_SIZE_K) tile not among them."""
+        shape = group.job.shape
+        ordered = sorted(group.configs, key=lambda c: (predict_seconds(shape, group.M, c, group.gemm), c))
+        size = max(FAST_SLICE_MIN, math.ceil(FAST_SLICE_FRACTION * len(ordered)))
+        chosen = list(ordered[:size])
+        tiles = {(c.BLOCK_SIZE_N, c.BLOCK_SIZE_K) for c in chosen}
+        for c in ordered[size:]:
+            if (c.BLOCK_SIZE_N, c.BLOCK_SIZE_K) not in tiles:
+                tiles.add((c.BLOCK_SIZE_N, c.BLOCK_SIZE_K))
+                chosen.append(c)
+        return chosen
+
+    def neighbours(self, group: Group, config: Config, keys_moved: int = 1) -> list[Config]:
+        """The group's configs that differ from ``config`` in ``keys_moved`` keys by one step of the
+        space each."""
+        values = self._values[group.job.shape]
+        allowed = set(group.configs)
+        out = []
+        for keys in itertools.combinations(CONFIG_KEYS, keys_moved):
+            options = []
+            for key in keys:
+                steps = values[key]
+                i = steps.index(getattr(config, key))
+                options.append([(key, steps[j]) for j in (i - 1, i + 1) if 0 <= j < len(steps)])
+            for moves in itertools.product(*options):
+                moved = replace(config, **dict(moves))
+                if moved in allowed:
+                    out.append(moved)
+        return out
+
+    def _neighbour_groups(self, group: Group) -> list[Group]:
+        """The same GEMM part at the adjacent batch sizes; for one GEMM, also the whole op at this one."""
+        shape, routing = group.job.shape, group.job.routing
+        sizes = group.job.batch_sizes
+        i = sizes.index(group.M)
+        keys = [(shape, routing, sizes[j], group.gemm) for j in (i - 1, i + 1) if 0 <= j < len(sizes)]
+        if group.gemm is not Gemm.BOTH:
+            keys.append((shape, routing, group.M, Gemm.BOTH))
+        return [self._by_key[k] for k in keys]
+
+    def _seeds(self, group: Group, neighbours: list[Group]) -> list[Config]:
+        allowed = set(group.configs)
+        seeds = [c for n in neighbours for c in n.ranked(Level.SCREEN)[:FAST_SEEDS_PER_NEIGHBOUR]]
+        return [c for c in dict.fromkeys(seeds) if c in allowed and c not in group.screens]
+
+
+STRATEGIES: dict[str, type[Strategy]] = {"exhaustive": Exhaustive, "fast": Fast}

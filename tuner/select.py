@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from workers.records import Candidate, Gemm, Measurement, MoEShape
+from workers.records import Candidate, Config, Gemm, Level, Measurement, MoEShape
 
 FINALISTS = 3
 
@@ -56,13 +56,20 @@ def _rank(latency_us: float, candidate: Candidate) -> tuple:
 
 
 def finalists(measurements: Iterable[Measurement], count: int = FINALISTS) -> dict[GroupKey, list[Measurement]]:
-    """The ``count`` fastest correct measurements of each group, fastest first."""
-    groups: dict[GroupKey, list[Measurement]] = defaultdict(list)
+    """The ``count`` fastest correct measurements of each group, fastest first.
+
+    Full timings compete; a group with none (a search cut short by its budget) falls back to
+    its screens, the best it has.
+    """
+    groups: dict[GroupKey, dict[Level, list[Measurement]]] = defaultdict(lambda: defaultdict(list))
     for m in measurements:
         if m.ok and m.latency_us is not None:
-            groups[GroupKey.of(m.candidate)].append(m)
-    return {key: sorted(ms, key=lambda m: _rank(m.latency_us, m.candidate))[:count]
-            for key, ms in sorted(groups.items())}
+            groups[GroupKey.of(m.candidate)][m.candidate.level].append(m)
+    tops = {}
+    for key, by_level in sorted(groups.items()):
+        ms = by_level.get(Level.FULL) or by_level[Level.SCREEN]
+        tops[key] = sorted(ms, key=lambda m: _rank(m.latency_us, m.candidate))[:count]
+    return tops
 
 
 Retimer = Callable[[list[list[Candidate]]], list[list[float] | None]]
@@ -101,3 +108,47 @@ def groups_without_winner(measurements: Sequence[Measurement]) -> list[GroupKey]
     seen = {GroupKey.of(m.candidate) for m in measurements}
     won = {GroupKey.of(m.candidate) for m in measurements if m.ok}
     return sorted(seen - won)
+
+
+@dataclass(frozen=True)
+class SplitChoice:
+    """SGLang's split configs at one batch size and what they gain over one shared config.
+
+    ``up``/``down`` share BLOCK_SIZE_M (the token sort is shared) and minimise the sum of the two
+    GEMMs' full timings; ``shared`` is the whole-op winner and ``shared_us`` the sum of its own
+    two GEMM timings, so both sides are measured the same way (the SwiGLU and the top-k sum,
+    common to both, are left out)."""
+
+    up: Config
+    down: Config
+    split_us: float
+    shared: Config | None
+    shared_us: float | None
+
+    @property
+    def gain(self) -> float | None:
+        """1 − split / shared: the fraction of the two GEMMs' time the split saves."""
+        return None if self.shared_us is None else 1.0 - self.split_us / self.shared_us
+
+
+def split_choices(measurements: Iterable[Measurement], shared: dict[GroupKey, Selection]
+                  ) -> dict[tuple[MoEShape, str], dict[int, SplitChoice]]:
+    """Per (shape, routing) and M, the best up/down pair with one BLOCK_SIZE_M (full timings of
+    the split search); ``shared`` holds the whole-op winners (``select``'s result)."""
+    timed: dict[tuple[MoEShape, str, int], dict[Gemm, dict[Config, float]]] = defaultdict(lambda: defaultdict(dict))
+    for m in measurements:
+        c = m.candidate
+        if m.ok and m.latency_us is not None and c.level is Level.FULL and c.gemm is not Gemm.BOTH:
+            timed[(c.shape, c.routing, c.M)][c.gemm][c.config] = m.latency_us
+    out: dict[tuple[MoEShape, str], dict[int, SplitChoice]] = defaultdict(dict)
+    for (shape, routing, M), parts in sorted(timed.items(), key=lambda kv: (kv[0][0].label, kv[0][1], kv[0][2])):
+        ups, downs = parts.get(Gemm.UP, {}), parts.get(Gemm.DOWN, {})
+        pairs = [(ups[u] + downs[d], u, d) for u in ups for d in downs if u.BLOCK_SIZE_M == d.BLOCK_SIZE_M]
+        if not pairs:
+            continue
+        split_us, up, down = min(pairs)
+        winner = shared.get(GroupKey(shape.label, routing, Gemm.BOTH.value, M))
+        config = winner.candidate.config if winner else None
+        shared_us = ups[config] + downs[config] if config in ups and config in downs else None
+        out[(shape, routing)][M] = SplitChoice(up, down, split_us, config, shared_us)
+    return dict(out)

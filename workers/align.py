@@ -112,7 +112,7 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int
     return aligned.sorted_token_ids, aligned.expert_ids, aligned.num_tokens_post_padded
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # batch-size dependent: one compile for every M
 def _count_experts_kernel(topk_ids_ptr, num_tokens_post_padded_ptr, cursor_ptr, padded_end_ptr,
                           valid_end_ptr, num_pairs, num_experts,
                           BLOCK_M: tl.constexpr, EXPERT_BINS: tl.constexpr, CHUNK: tl.constexpr):
@@ -135,7 +135,7 @@ def _count_experts_kernel(topk_ids_ptr, num_tokens_post_padded_ptr, cursor_ptr, 
     tl.store(num_tokens_post_padded_ptr, tl.sum(padded, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "blocks_per_program"])  # batch-size dependent
 def _scatter_pairs_kernel(topk_ids_ptr, sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr,
                           cursor_ptr, padded_end_ptr, valid_end_ptr,
                           num_pairs, num_experts, blocks_per_program,

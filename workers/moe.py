@@ -1,5 +1,5 @@
-"""The whole fused-MoE call: sort → (fp8: quantize) → up GEMM → SwiGLU → down GEMM × routed
-weight → sum over top-k.
+"""The whole fused-MoE call: sort → (fp8: quantize) → up GEMM → SwiGLU (fp8: with the
+intermediate's quantization) → down GEMM × routed weight → sum over top-k.
 
 ``MoERunner`` allocates every buffer once so that ``run()`` only launches kernels: no host
 synchronisation and no shape-dependent allocation, which is what CUDA-graph capture and repeated
@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from workers.activation import swiglu
+from workers.activation import swiglu, swiglu_fp8_groups
 from workers.align import TokenAligner
+from workers.fp8_activation import fp8_absmax, fp8_quantize_per_group, fp8_quantize_per_tensor
 from workers.fused_moe_kernel import check_config, launch_moe_gemm
-from workers.quant import QuantizedWeight, activation_dtype, quantize_fp8_activation
+from workers.quant import FP8_DTYPE, QuantizedWeight, activation_dtype
 from workers.records import Config, DType
 
 
@@ -24,9 +25,10 @@ class MoERunner:
 
     ``run()`` computes the whole op into ``output [M, K]`` (x's dtype). For split timing,
     ``run_up()`` is the sort plus the up GEMM (plus the input's fp8 quantization) and
-    ``run_down()`` the down GEMM (plus the intermediate's fp8 quantization, and its own sort when
-    its BLOCK_SIZE_M differs); ``run_down`` reads the SwiGLU output and sort left by the last
-    ``run()``. ``topk_ids`` must hold experts in [0, E) (not checked: that would sync the host).
+    ``run_down()`` the down GEMM (plus, for per-tensor fp8, the intermediate's quantization pass,
+    and its own sort when its BLOCK_SIZE_M differs); ``run_down`` reads the SwiGLU output and sort
+    left by the last ``run()``. ``topk_ids`` must hold experts in [0, E) (not checked: that would
+    sync the host).
     """
 
     def __init__(self, x: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight,
@@ -56,51 +58,81 @@ class MoERunner:
         self.topk = topk_ids.shape[1]
         pairs = M * self.topk
         device = x.device
-        self._fp8_group_k = None
         self._fp8 = w13.dtype is DType.FP8_W8A8
-        if self._fp8 and w13.block_shape is not None:
-            self._fp8_group_k = w13.block_shape[1]
+        self._group_k = w13.block_shape[1] if self._fp8 and w13.block_shape is not None else None
 
         self._up_sort = TokenAligner(pairs, E, config.BLOCK_SIZE_M, device)
         self._down_sort = (self._up_sort if down_config.BLOCK_SIZE_M == config.BLOCK_SIZE_M
                            else TokenAligner(pairs, E, down_config.BLOCK_SIZE_M, device))
         self._gate_up = torch.empty((pairs, 2 * N), dtype=x.dtype, device=device)
-        self._activated = torch.empty((pairs, N), dtype=x.dtype, device=device)
+        # Block fp8 quantizes inside the SwiGLU kernel: no activation-dtype intermediate.
+        self._activated = None if self._group_k else torch.empty((pairs, N), dtype=x.dtype, device=device)
         self.output = torch.empty((M, K), dtype=x.dtype, device=device)
         # With top-1 the down GEMM's rows are the output rows: no sum needed.
         self._down = self.output if self.topk == 1 else torch.empty((pairs, K), dtype=x.dtype, device=device)
+        if self._fp8:
+            self._x_fp8 = torch.empty((M, K), dtype=FP8_DTYPE, device=device)
+            self._activated_fp8 = torch.empty((pairs, N), dtype=FP8_DTYPE, device=device)
+            self._x_scale = self._scale_buffer(M, K, device)
+            self._activated_scale = self._scale_buffer(pairs, N, device)
+            self._x_amax = torch.empty(1, dtype=torch.float32, device=device)
+            self._activated_amax = torch.empty(1, dtype=torch.float32, device=device)
+
+    def _scale_buffer(self, rows: int, cols: int, device: torch.device) -> torch.Tensor:
+        shape = (rows, -(-cols // self._group_k)) if self._group_k else (1,)
+        return torch.empty(shape, dtype=torch.float32, device=device)
 
     def poison_buffers(self) -> None:
         """Fill every buffer the kernels write with values that fail a check if left unwritten.
 
-        NaN in the activations and the output; in the sort, an index past every token (a row the
-        GEMM would mask out, leaving NaN behind). Correctness checks call this before ``run()``.
+        NaN in activations, scales and the output; in the sort, an index past every token (a row
+        the GEMM would mask out, leaving NaN behind). Correctness checks call this before ``run()``.
         """
-        for buffer in (self._gate_up, self._activated, self._down, self.output):
-            buffer.fill_(float("nan"))
-        for sort in {id(self._up_sort): self._up_sort, id(self._down_sort): self._down_sort}.values():
+        buffers = [self._gate_up, self._activated, self._down, self.output]
+        if self._fp8:
+            buffers += [self._x_fp8, self._activated_fp8, self._x_scale, self._activated_scale]
+        for buffer in buffers:
+            if buffer is not None:
+                buffer.fill_(float("nan"))
+        for sort in (self._up_sort, self._down_sort):
             sort.aligned.sorted_token_ids.fill_(torch.iinfo(torch.int32).max)
-
-    def _quantized(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if not self._fp8:
-            return a, None
-        return quantize_fp8_activation(a, self._fp8_group_k)
 
     def run_up(self) -> None:
         aligned = self._up_sort.run(self.topk_ids)
-        a, a_scale = self._quantized(self.x)
+        a, a_scale = self.x, None
+        if self._fp8:
+            a, a_scale = self._x_fp8, self._x_scale
+            if self._group_k:
+                fp8_quantize_per_group(self.x, a, a_scale, self._group_k)
+            else:
+                self._x_amax.zero_()
+                fp8_absmax(self.x, self._x_amax)
+                fp8_quantize_per_tensor(self.x, self._x_amax, a, a_scale)
         launch_moe_gemm(a, a_scale, self.w13, self._gate_up, aligned, None, top_k=self.topk, config=self.config)
+
+    def _activate(self) -> None:
+        if self._group_k:
+            swiglu_fp8_groups(self._gate_up, self._activated_fp8, self._activated_scale, self._group_k, self.x.dtype)
+        elif self._fp8:
+            self._activated_amax.zero_()
+            swiglu(self._gate_up, self._activated, self._activated_amax)
+        else:
+            swiglu(self._gate_up, self._activated)
 
     def run_down(self) -> None:
         aligned = self._down_sort.run(self.topk_ids) if self._down_sort is not self._up_sort else self._up_sort.aligned
-        a, a_scale = self._quantized(self._activated)
+        a, a_scale = self._activated, None
+        if self._fp8:
+            a, a_scale = self._activated_fp8, self._activated_scale
+            if not self._group_k:
+                fp8_quantize_per_tensor(self._activated, self._activated_amax, a, a_scale)
         launch_moe_gemm(a, a_scale, self.w2, self._down, aligned, self.topk_weights, top_k=1,
                         config=self.down_config)
 
     def run(self) -> torch.Tensor:
         """The whole MoE call; returns ``output``."""
         self.run_up()
-        swiglu(self._gate_up, self._activated)
+        self._activate()
         self.run_down()
         if self.topk > 1:
             torch.sum(self._down.view(self.output.shape[0], self.topk, -1), dim=1, out=self.output)

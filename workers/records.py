@@ -86,6 +86,14 @@ class Gemm(str, Enum):
     DOWN = "down"
 
 
+class Level(str, Enum):
+    """How thoroughly a candidate is timed: a cheap screen to drop clear losers, or the full timing
+    that selection relies on (``workers.timing`` has the numbers). Part of the journal key."""
+
+    SCREEN = "screen"
+    FULL = "full"
+
+
 class Status(str, Enum):
     OK = "ok"
     COMPILE_ERROR = "compile_error"
@@ -104,6 +112,7 @@ class Candidate:
     config: Config
     gemm: Gemm = Gemm.BOTH
     routing: str = "uniform"
+    level: Level = Level.FULL
 
 
 @dataclass

@@ -11,8 +11,14 @@ latency = median over replays of (replay time / 10), spread = interquartile rang
 The median, not the mean, because a replay hit by a clock change or a neighbour's burst is an
 outlier to drop, not a cost to average in.
 
+Screening (``Level.SCREEN``), the cheap first look the search uses to drop clear losers before
+paying for the above: ``SCREEN_INVOCATIONS`` = 5 calls in one graph, ``SCREEN_WARMUP_REPLAYS`` = 1
+replay discarded, the median of ``SCREEN_REPLAYS`` = 2 timed replays (about a tenth of the full
+timing's GPU time). A screen is only compared with a generous margin (``tuner.search``).
+
 Under the interpreter (no GPU) the numbers are meaningless for tuning, but the path must run:
-``WALL_RUNS`` = 3 calls timed with ``time.perf_counter``, median and spread = max - min.
+``WALL_RUNS`` = 3 calls timed with ``time.perf_counter``, median and spread = max - min (1 call
+for a screen).
 """
 
 from __future__ import annotations
@@ -28,6 +34,10 @@ GRAPH_INVOCATIONS = 10
 WARMUP_REPLAYS = 3
 TIMED_REPLAYS = 20
 WALL_RUNS = 3
+SCREEN_INVOCATIONS = 5
+SCREEN_WARMUP_REPLAYS = 1
+SCREEN_REPLAYS = 2
+SCREEN_WALL_RUNS = 1
 
 
 @dataclass(frozen=True)
@@ -86,10 +96,11 @@ class GraphTimer:
         self.graph.reset()
 
 
-def time_cuda_graph(fn: Callable[[], object], replays: int = TIMED_REPLAYS) -> Timing:
-    timer = GraphTimer(fn)
+def time_cuda_graph(fn: Callable[[], object], replays: int = TIMED_REPLAYS, invocations: int = GRAPH_INVOCATIONS,
+                    warmup_replays: int = WARMUP_REPLAYS) -> Timing:
+    timer = GraphTimer(fn, invocations)
     try:
-        timer.warm_up()
+        timer.warm_up(warmup_replays)
         return summarize([timer.replay_us() for _ in range(replays)])
     finally:
         timer.release()
@@ -107,6 +118,13 @@ def time_wall_clock(fn: Callable[[], object], runs: int = WALL_RUNS) -> Timing:
 def time_call(fn: Callable[[], object], device: str) -> Timing:
     """The latency of ``fn`` on ``device`` ("cuda…": CUDA graph; "cpu": interpreter wall clock)."""
     return time_cuda_graph(fn) if device.startswith("cuda") else time_wall_clock(fn)
+
+
+def time_screen(fn: Callable[[], object], device: str) -> Timing:
+    """A cheap latency estimate of ``fn`` for screening (numbers in the module docstring)."""
+    if device.startswith("cuda"):
+        return time_cuda_graph(fn, SCREEN_REPLAYS, SCREEN_INVOCATIONS, SCREEN_WARMUP_REPLAYS)
+    return time_wall_clock(fn, SCREEN_WALL_RUNS)
 
 
 def time_interleaved(fns: Sequence[Callable[[], object]], device: str, rounds: int | None = None) -> list[Timing]:

@@ -3,6 +3,8 @@
 Per candidate: build (or reuse) the problem, run the kernel once with the candidate's config,
 compare with the fp32 reference (``rel_error`` above ``ERROR_BOUNDS[dtype]`` or not finite →
 ``wrong_result``, never a winner), then time it (``workers.timing``) and return a Measurement.
+A candidate for one GEMM (``gemm`` up or down) is checked on the whole op with its config on
+both GEMMs, and only its GEMM is timed (the down GEMM on the intermediate the check left behind).
 
 Failures, and what happens to the process:
 - Triton compile errors → ``compile_error``; ``OutOfResources`` (shared memory, registers) →
@@ -34,15 +36,15 @@ import triton
 
 from workers import faults, server_kernels
 from workers.problem import ERROR_BOUNDS, Problem, build_problem, rel_error
-from workers.records import Candidate, Gemm, Measurement, Status
-from workers.timing import Timing, time_call, time_interleaved
+from workers.records import Candidate, Gemm, Level, Measurement, Status
+from workers.timing import Timing, time_call, time_interleaved, time_screen
 
 BUILTIN = "builtin"
 JIT_DECORATOR = b"@triton" + b".jit"  # spelled in two parts so this file does not match itself
-TIMED_PATH_SOURCES = ("moe.py", "quant.py", "timing.py")
+TIMED_PATH_SOURCES = ("moe.py", "quant.py", "problem.py", "routing.py", "timing.py")
 """Besides every ``workers/*.py`` that defines a Triton kernel (a jit decorator): the launcher, the
-activation quantization it calls and the timing method. Their hash is part of every journal key,
-so editing the kernel invalidates old measurements instead of reusing them."""
+quantization it calls, the inputs it is timed on and the timing method. Their hash is part of
+every journal key, so editing any of them invalidates old measurements instead of reusing them."""
 
 POISON_MARKERS = (
     "illegal memory access", "misaligned address", "unspecified launch failure", "illegal instruction",
@@ -154,6 +156,21 @@ class BenchmarkWorker:
     def ping(self) -> int:
         return os.getpid()
 
+    def compile_target(self) -> dict | None:
+        """What compile-ahead processes need to build this worker's kernels without its GPU
+        (``workers.compile_ahead.CompileTarget`` fields) and the Ray node they must run on to
+        share its Triton cache; None where nothing is compiled ahead (interpreter, server kernels)."""
+        if self.device != "cuda" or self.server is not None:
+            return None
+        import ray
+        from triton.runtime.driver import driver
+
+        target = driver.active.get_current_target()
+        properties = driver.active.utils.get_device_properties(torch.cuda.current_device())
+        return {"backend": target.backend, "arch": target.arch, "warp_size": target.warp_size,
+                "max_shared_mem": int(properties["max_shared_mem"]),
+                "node_id": ray.get_runtime_context().get_node_id()}
+
     # -- measuring -----------------------------------------------------------------------------
 
     def measure(self, candidate: Candidate) -> Measurement:
@@ -199,8 +216,9 @@ class BenchmarkWorker:
             return self._measurement(candidate, Status.WRONG_RESULT, rel_err=err,
                                      message=f"relative error {err:.3g} exceeds {bound:.3g}")
         override = self.fault_plan.latency_us(candidate) if self.fault_plan else None
-        timing = Timing(override, 0.0, 0) if override is not None else time_call(self._timed_call(runner, candidate),
-                                                                                 self.device)
+        timer = time_screen if candidate.level is Level.SCREEN else time_call
+        timing = Timing(override, 0.0, 0) if override is not None else timer(self._timed_call(runner, candidate),
+                                                                             self.device)
         return self._measurement(candidate, Status.OK, latency_us=timing.median_us, spread_us=timing.spread_us,
                                  rel_err=err)
 

@@ -11,17 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
-from dataclasses import asdict
 from pathlib import Path
 
 from tuner.commands.plan import block_shape_arg, int_list
 from tuner.errors import RunFailed, UsageError
 from workers.records import CONFIG_KEYS, Config, DType, MoEShape
-
-FP4_GROUPS = {DType.MXFP4: 32, DType.NVFP4: 16}
-
 
 def dtype_list(text: str) -> list[DType]:
     """``"bf16,fp8_w8a8"`` → dtypes (an argparse type, so a bad name is a one-line usage error)."""
@@ -55,9 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if min(args.batch_sizes) < 1:
         raise UsageError(f"--batch-sizes must be positive, got {args.batch_sizes}")
     if args.interpret and os.environ.get("TRITON_INTERPRET") != "1":
-        if "triton.language" in sys.modules:
-            return _run_in_fresh_interpreter(shapes, args.batch_sizes, config)
-        os.environ["TRITON_INTERPRET"] = "1"
+        raise UsageError("--interpret needs TRITON_INTERPRET=1 before Triton is imported (moe-tune sets it)")
     if config is not None:
         for shape in shapes:
             _validate(config, shape)
@@ -93,28 +85,6 @@ def run_checks(shapes: list[MoEShape], batch_sizes: list[int], config: Config | 
     return 1 if failures else 0
 
 
-def _run_in_fresh_interpreter(shapes: list[MoEShape], batch_sizes: list[int], config: Config | None) -> int:
-    """Triton reads TRITON_INTERPRET when ``triton.language`` is first imported, and this process has
-    imported it already (torch and other commands pull it in), so the interpreted checks run in a
-    new Python process that sets it first. Same output, same exit code."""
-    for shape in shapes:
-        if config is not None:
-            _validate(config, shape)
-    job = {"shapes": [asdict(shape) for shape in shapes], "batch_sizes": batch_sizes,
-           "config": config.to_dict() if config else None}
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    code = "import sys, tuner.commands.check as check; sys.exit(check.run_job_from_stdin())"
-    return subprocess.run([sys.executable, "-c", code], input=json.dumps(job), text=True, env=env).returncode
-
-
-def run_job_from_stdin() -> int:
-    """The child side of ``_run_in_fresh_interpreter``."""
-    job = json.loads(sys.stdin.read())
-    shapes = [MoEShape(**shape) for shape in job["shapes"]]
-    config = Config.from_dict(job["config"]) if job["config"] else None
-    return run_checks(shapes, job["batch_sizes"], config, "cpu")
-
-
 def device_label(device: str) -> str:
     import torch
     import triton
@@ -133,6 +103,9 @@ def _shapes(args: argparse.Namespace, dtypes: list[DType] | None) -> list[MoESha
         raise UsageError(f"--shape needs four positive integers E,N,K,TOPK, got {args.shape}")
     if args.tp != 1 or args.ep != 1:
         raise UsageError("--tp/--ep apply to --model; --shape is already one GPU's shape")
+    from workers.quant import MXFP4_BLOCK, NVFP4_BLOCK
+
+    fp4_groups = {DType.MXFP4: MXFP4_BLOCK, DType.NVFP4: NVFP4_BLOCK}
     E, N, K, topk = args.shape
     if topk > E:
         raise UsageError(f"--shape: top-k {topk} exceeds the {E} experts")
@@ -140,7 +113,7 @@ def _shapes(args: argparse.Namespace, dtypes: list[DType] | None) -> list[MoESha
     for dtype in dtypes or [DType.BF16]:
         if args.block_shape is not None and dtype is not DType.FP8_W8A8:
             raise UsageError(f"--block-shape applies to fp8_w8a8 only, not {dtype.value}")
-        group = FP4_GROUPS.get(dtype)
+        group = fp4_groups.get(dtype)
         if group and (K % group or N % group):
             raise UsageError(f"{dtype.value} needs K and N multiples of {group} (K={K}, N={N})")
         shapes.append(MoEShape(E=E, N=N, K=K, topk=topk, dtype=dtype, block_shape=args.block_shape))

@@ -49,7 +49,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--search-space", default="default", metavar="NAME|PATH",
                         help="search space name (search_spaces/<name>.yaml) or YAML file")
     parser.add_argument("--routing", default="uniform", help="uniform (default), zipf:<alpha> or file:<topk_ids.pt|.npy>")
-    parser.add_argument("--strategy", default="exhaustive", choices=sorted(STRATEGIES), help="search strategy")
+    parser.add_argument("--strategy", default="fast", choices=sorted(STRATEGIES),
+                        help="fast (default: cost model, neighbours, local search) or exhaustive (every pruned config)")
+    parser.add_argument("--budget-minutes", type=float, metavar="MINUTES",
+                        help="stop searching after this long and write the best found so far")
+    parser.add_argument("--split-gemms", action="store_true",
+                        help="also tune the up and down GEMMs apart (SGLang's _down files; the summary reports the gain)")
+    parser.add_argument("--no-compile-ahead", action="store_true",
+                        help="let the GPU workers compile for themselves instead of CPU processes ahead of them")
+    parser.add_argument("--compile-timeout", type=float, default=180.0, metavar="SECONDS",
+                        help="a compile running longer is killed and its config recorded as timeout (default 180)")
     parser.add_argument("--kernel", default="builtin", choices=KERNELS,
                         help="time our kernel (builtin) or the installed server's fused-MoE entry point")
     parser.add_argument("--address", help="Ray cluster to join (auto, ray://host:port); default: start one here")
@@ -92,6 +101,10 @@ def _validate(args: argparse.Namespace) -> _Validated:
         raise UsageError(f"--timeout must be positive (got {args.timeout})")
     if args.finalists < 1:
         raise UsageError(f"--finalists must be at least 1 (got {args.finalists})")
+    if args.budget_minutes is not None and args.budget_minutes <= 0:
+        raise UsageError(f"--budget-minutes must be positive (got {args.budget_minutes})")
+    if args.compile_timeout <= 0:
+        raise UsageError(f"--compile-timeout must be positive (got {args.compile_timeout})")
     try:
         routing = parse_routing(args.routing)
     except ValueError as exc:
@@ -155,7 +168,9 @@ def run(args: argparse.Namespace) -> int:
     request = driver.TuneRequest(
         jobs_for_device=jobs_for_device, write_outputs=driver.server_files_writer(valid.out, args.format), journal_path=valid.journal,
         fresh=args.fresh, address=args.address, workers=args.workers, interpret=args.interpret, kernel=args.kernel,
-        timeout_s=args.timeout, finalists=args.finalists, strategy=args.strategy,
+        timeout_s=args.timeout, finalists=args.finalists, strategy=args.strategy, split_gemms=args.split_gemms,
+        budget_s=args.budget_minutes * 60 if args.budget_minutes is not None else None,
+        compile_ahead=not args.no_compile_ahead, compile_timeout_s=args.compile_timeout,
     )
     try:
         result = driver.tune(request, Progress())
@@ -188,9 +203,14 @@ def summarize(result: driver.TuneResult) -> dict:
         failures = [{"shape": m.candidate.shape.label, "M": m.candidate.M, "config": m.candidate.config.label,
                      "status": m.status.value, "message": m.message}
                     for m in d.measurements if m.status in LISTED_FAILURES]
-        devices.append({"device": d.device, "workers": d.workers, "env": d.env, "best": best,
-                        "failures": failures,
-                        "without_winner": [{"shape": k.shape_label, "M": k.M} for k in d.without_winner]})
+        device = {"device": d.device, "workers": d.workers, "env": d.env, "best": best, "failures": failures,
+                  "without_winner": [{"shape": k.shape_label, "M": k.M} for k in d.without_winner],
+                  "measured": _count_levels(d)}
+        if d.compile is not None:
+            device["compile_ahead"] = d.compile.to_json()
+        if d.split:
+            device["split_gemms"] = _split_summary(d)
+        devices.append(device)
     return {
         "evaluations_run": result.evaluations_run,
         "evaluations_reused": result.evaluations_reused,
@@ -199,13 +219,38 @@ def summarize(result: driver.TuneResult) -> dict:
         "wall_s": round(result.wall_s, 3),
         "retimed_groups": result.retimed_groups,
         "retimes_reused": result.retimes_reused,
+        "budget_ended": result.budget_ended,
         "devices": devices,
     }
+
+
+def _count_levels(d: driver.DeviceResult) -> dict[str, int]:
+    """Measurements by timing level (screens vs full timings): how much screening saved."""
+    counts: dict[str, int] = {}
+    for m in d.measurements:
+        key = f"{m.candidate.gemm.value}/{m.candidate.level.value}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _split_summary(d: driver.DeviceResult) -> dict:
+    """Per shape and M: the split pair, the shared config, and the split's gain over it."""
+    out: dict[str, dict] = {}
+    for (shape, _routing), per_m in d.split.items():
+        for M, choice in sorted(per_m.items()):
+            out.setdefault(shape.label, {})[str(M)] = {
+                "up": choice.up.label, "down": choice.down.label, "split_us": round(choice.split_us, 3),
+                "shared": choice.shared.label if choice.shared else None,
+                "shared_us": round(choice.shared_us, 3) if choice.shared_us is not None else None,
+                "gain_pct": round(100 * choice.gain, 2) if choice.gain is not None else None}
+    return out
 
 
 def format_summary(summary: dict) -> str:
     lines = [f"tuned in {format_duration(summary['wall_s'])}: {summary['evaluations_run']} evaluations run, "
              f"{summary['evaluations_reused']} reused from the journal"]
+    if summary["budget_ended"]:
+        lines.append("the time budget ended the search: the configs written are the best found by then")
     if summary["failed"]:
         lines.append("failed: " + ", ".join(f"{status} {n}" for status, n in summary["failed"].items()))
     for device in summary["devices"]:
@@ -218,6 +263,16 @@ def format_summary(summary: dict) -> str:
                          f"GROUP_SIZE_M={c['GROUP_SIZE_M']} warps={c['num_warps']} stages={c['num_stages']}")
                 lines.append(f"    M={M:>5}  {best['latency_us']:10.1f} us  {label}")
         lines += [f"  no correct config: {gap['shape']} M={gap['M']}" for gap in device["without_winner"]]
+        if "compile_ahead" in device:
+            c = device["compile_ahead"]
+            lines.append(f"  compile-ahead: {c['jobs']} configs on {c['processes']} processes, {c['compile_s']:.0f} "
+                         "CPU-s, " + ", ".join(f"{k} {v}" for k, v in c["outcomes"].items()))
+        for shape, per_m in device.get("split_gemms", {}).items():
+            lines.append(f"  split GEMMs {shape}:")
+            lines += [f"    M={M:>5}  up {s['up']}  down {s['down']}  {s['split_us']:.1f} us"
+                      + (f"  vs shared {s['shared']} {s['shared_us']:.1f} us: split saves {s['gain_pct']:.1f}%"
+                         if s["gain_pct"] is not None else "")
+                      for M, s in per_m.items()]
         lines += [f"  {f['status']}: {f['config']} at M={f['M']} ({f['message']})" for f in device["failures"]]
     lines += [f"wrote {path}" for path in summary["files_written"]]
     return "\n".join(lines)

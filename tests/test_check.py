@@ -1,0 +1,34 @@
+"""``moe-tune check``: the interpreted path end to end, and bad input as exit code 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from tuner.cli import main
+
+
+def test_interpreted_check_passes_and_prints_each_m(capfd):
+    code = main(["check", "--shape", "4,32,64,2", "--dtype", "bf16,fp8_w8a8", "--dtype", "mxfp4",
+                 "--batch-sizes", "3,20", "--interpret"])
+    out = capfd.readouterr().out
+    assert code == 0, out
+    assert "all within bounds" in out
+    for dtype in ("bf16", "fp8_w8a8", "mxfp4"):
+        assert f"dtype={dtype}" in out
+    assert sum(line.split()[:1] in (["3"], ["20"]) and " ok " in line for line in out.splitlines()) == 6
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--shape", "4,48,80"], "four positive integers"),
+    (["--shape", "4,48,80,2", "--dtype", "mxfp4"], "multiples of 32"),
+    (["--shape", "4,48,80,2", "--block-shape", "32,32"], "fp8_w8a8 only"),
+    (["--shape", "4,48,80,2", "--dtype", "fp8_w8a8", "--block-shape", "32,32",
+      "--config", '{"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 1, '
+                  '"num_warps": 4, "num_stages": 2}'], "block_k % BLOCK_SIZE_K"),
+    (["--shape", "4,48,80,2", "--config", '{"BLOCK_SIZE_M": 16}'], "lacks"),
+    (["--shape", "4,48,80,2", "--batch-sizes", "0"], "positive"),
+])
+def test_bad_input_exits_2_with_one_line(argv, message, capfd):
+    assert main(["check", *argv, "--interpret"]) == 2
+    err = capfd.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err

@@ -1,0 +1,169 @@
+"""Compile-ahead, driver side: which configs are compiled, where, and what came of it.
+
+The engine asks ``status(shape, config)`` for every candidate it is about to queue. The first
+ask submits one job per (shape, config) — the GEMMs do not depend on the batch size, so the job
+covers every batch size of the search at once — to the compile service of every node that hosts
+one of the device group's GPU workers (each node has its own Triton cache). The answer is None
+while no node has finished it; then the first outcome: ok (queue it; the worker will find the
+binaries in its cache) or a verdict (compile error, out of resources, compile time-out), which
+settles the candidate without the GPU.
+
+A node's service that fails (it could not start, or died) is dropped with a note; with none left
+the engine simply goes on without compile-ahead: the GPU workers compile for themselves, as
+they always could.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from workers.compile_ahead import CompileJob, CompileOutcome, CompileTarget
+from workers.compile_service import CompileService
+from workers.records import Config, MoEShape, Status
+
+COLLECT_WAIT_S = 0.5
+SERVICE_START_TIMEOUT_S = 120.0
+SERVICE_CLOSE_TIMEOUT_S = 10.0
+DEFAULT_COMPILE_TIMEOUT_S = 180.0
+NOT_AHEAD = CompileOutcome(Status.OK, "compile-ahead unavailable")
+
+
+@dataclass
+class CompileStats:
+    """What compile-ahead did in one run (the run summary's ``compile_ahead``)."""
+
+    jobs: int = 0
+    processes: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
+    compile_s: float = 0.0
+    not_ahead: int = 0
+    """Jobs that could not be compiled ahead for a reason that says nothing about the config."""
+
+    def to_json(self) -> dict:
+        return {"jobs": self.jobs, "processes": self.processes, "outcomes": dict(sorted(self.outcomes.items())),
+                "compile_s": round(self.compile_s, 1), "not_compiled_ahead": self.not_ahead}
+
+
+@dataclass
+class _Service:
+    node: str
+    actor: Any
+    size: int
+    collecting: Any = None
+    outstanding: int = 0
+
+
+class CompileAhead:
+    """Compile-ahead for one device group (one GPU target) over the nodes of its workers."""
+
+    def __init__(self, target: CompileTarget, processes_by_node: dict[str, int], batch_sizes: dict[MoEShape, tuple[int, ...]],
+                 timeout_s: float, note: Callable[[str], None]) -> None:
+        self.target = target
+        self.batch_sizes = batch_sizes
+        self.note = note
+        self.stats = CompileStats()
+        self._outcomes: dict[tuple[MoEShape, Config], CompileOutcome] = {}
+        self._asked: set[tuple[MoEShape, Config]] = set()
+        actor_class = ray.remote(CompileService)
+        self._services = []
+        for node, processes in processes_by_node.items():
+            actor = actor_class.options(
+                num_cpus=0, max_concurrency=2,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
+            ).remote(processes, timeout_s)
+            self._services.append(_Service(node, actor, processes))
+        try:
+            sizes = ray.get([s.actor.size.remote() for s in self._services], timeout=SERVICE_START_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - compile-ahead is an optimisation; the run goes on without it
+            self.note(f"compile-ahead unavailable ({type(exc).__name__}: {exc}); the GPU workers compile themselves")
+            self.close()
+            sizes = []
+        for service, size in zip(self._services, sizes):
+            service.size = size
+        self.stats.processes = sum(s.size for s in self._services)
+
+    @property
+    def available(self) -> bool:
+        return bool(self._services)
+
+    def status(self, shape: MoEShape, config: Config) -> CompileOutcome | None:
+        """The outcome of compiling ``config`` for ``shape``; None while it is being compiled."""
+        key = (shape, config)
+        if key in self._outcomes:
+            return self._outcomes[key]
+        if not self._services:
+            return NOT_AHEAD
+        if key not in self._asked:
+            self._asked.add(key)
+            self.stats.jobs += 1
+            job = CompileJob(shape, config, self.batch_sizes[shape], self.target)
+            for service in self._services:
+                service.actor.submit.remote([(key, job)])
+                service.outstanding += 1
+        return None
+
+    def pump(self, wait_s: float) -> bool:
+        """Take in finished outcomes (waiting up to ``wait_s`` for one); True if any arrived."""
+        for service in self._services:
+            if service.collecting is None and service.outstanding:
+                service.collecting = service.actor.collect.remote(COLLECT_WAIT_S)
+        refs = [s.collecting for s in self._services if s.collecting is not None]
+        if not refs:
+            return False
+        ready, _ = ray.wait(refs, num_returns=1, timeout=wait_s)
+        if not ready:
+            return False
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        arrived = False
+        for service in list(self._services):
+            if service.collecting not in ready:
+                continue
+            try:
+                results = ray.get(service.collecting)
+            except Exception as exc:  # noqa: BLE001
+                self._drop(service, f"{type(exc).__name__}: {exc}")
+                continue
+            service.collecting = None
+            service.outstanding -= len(results)
+            for key, outcome in results:
+                arrived |= self._record(key, outcome)
+        return arrived
+
+    def _record(self, key: tuple[MoEShape, Config], outcome: CompileOutcome) -> bool:
+        if key in self._outcomes:
+            return False  # another node finished it first
+        self._outcomes[key] = outcome
+        self.stats.outcomes[outcome.status.value] += 1
+        self.stats.compile_s += outcome.seconds
+        if outcome.message and not outcome.verdict:
+            self.stats.not_ahead += 1
+        return True
+
+    def _drop(self, service: _Service, reason: str) -> None:
+        self.note(f"compile service on node {service.node[:8]} failed ({reason.splitlines()[0][:200]}); "
+                  "going on without it")
+        self._services.remove(service)
+        if not self._services:
+            for key in self._asked - set(self._outcomes):
+                self._outcomes[key] = NOT_AHEAD
+
+    def close(self) -> None:
+        """Stop the compile processes (a killed actor would leave a hung compile running), then the actors."""
+        try:
+            ray.get([s.actor.close.remote() for s in self._services], timeout=SERVICE_CLOSE_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+        for service in self._services:
+            try:
+                ray.kill(service.actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - best effort at exit
+                pass
+        self._services = []
+
+
