@@ -8,7 +8,8 @@
 #
 #   run from the repository root on the GPU host:  bash benchmarks/tune_bench.sh
 #   knobs (environment): BATCH_SIZES (default 1,16,64,256,1024,4096), TOTAL_S (default 520),
-#   EXHAUSTIVE_M (default 64; empty skips it)
+#   EXHAUSTIVE_M (default 64; a comma list works; empty skips it), MODEL_ARGS (default
+#   "--model mixtral-8x7b --tp 2 --dtype bf16"), CACHE_CHECK (default 1; 0 skips that step)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)
@@ -20,7 +21,7 @@ LOG="$OUT/run.log"
 BATCH_SIZES=${BATCH_SIZES:-1,16,64,256,1024,4096}
 TOTAL_S=${TOTAL_S:-520}
 EXHAUSTIVE_M=${EXHAUSTIVE_M-64}
-MODEL=(--model mixtral-8x7b --tp 2 --dtype bf16)
+read -r -a MODEL <<<"${MODEL_ARGS:---model mixtral-8x7b --tp 2 --dtype bf16}"
 
 left() { echo $(( TOTAL_S - ($(date +%s) - START) )); }
 step() { echo "== $1 (t=$(( $(date +%s) - START ))s, $(left)s left)" | tee -a "$LOG"; }
@@ -33,16 +34,18 @@ nvidia-smi -L | tee -a "$LOG"
 python3 -c "import torch, triton, ray; print('torch', torch.__version__, 'triton', triton.__version__, 'ray', ray.__version__)" \
   2>&1 | tee -a "$LOG"
 
-step "compile-ahead cache check (a GPU process must find a CPU process's compile in the cache)"
-timeout 150 python3 benchmarks/compile_cache_check.py >"$WORK/cache_check.json" 2>>"$LOG"
-echo "cache check exit $?" >>"$LOG"
-rm -rf "$TRITON_CACHE_DIR"   # the tune below starts cold again
+if [ "${CACHE_CHECK:-1}" = 1 ]; then
+  step "compile-ahead cache check (a GPU process must find a CPU process's compile in the cache)"
+  timeout 150 python3 benchmarks/compile_cache_check.py >"$WORK/cache_check.json" 2>>"$LOG"
+  echo "cache check exit $?" >>"$LOG"
+  rm -rf "$TRITON_CACHE_DIR"   # the tune below starts cold again
+fi
 
 step "tune (fast strategy, cold cache)"
 timeout 330 python3 -m tuner.cli tune "${MODEL[@]}" --batch-sizes "$BATCH_SIZES" --budget-minutes 4.5 \
   --out "$WORK/tuned" --journal "$WORK/journal.jsonl" --json >"$OUT/tune.json" 2>>"$LOG"
 echo "tune exit $?" >>"$LOG"
-cp "$WORK"/tuned/E=8,N=7168,*.json "$OUT/tuned_config.json" 2>/dev/null
+cp "$WORK"/tuned/E=*.json "$OUT/tuned_config.json" 2>/dev/null
 
 if [ -n "$EXHAUSTIVE_M" ] && [ "$(left)" -gt 240 ]; then
   BUDGET=$(python3 -c "print(round(($(left) - 190) / 60, 2))")  # keeps ~3 min for the bench
