@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as exc:
         print(f"moe-tune: run failed: {exc}".splitlines()[0], file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader went away (``moe-tune plan | head``): not a failure; keep Python's exit flush quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("moe-tune: interrupted", file=sys.stderr)
         return 130
