@@ -70,9 +70,8 @@ def test_reference_matches_naive_dense(gen: torch.Generator, dtype: DType, block
 
 def test_reference_hand_computed_single_expert() -> None:
     # One token, one expert, identity-like weights: gate = x, up = 2x, out = 0.5 · W2 @ (silu(x) · 2x).
-    K = N = 4
     x = torch.tensor([[1.0, -2.0, 0.5, 0.0]], dtype=torch.bfloat16)
-    eye = torch.eye(4)
+    eye = torch.eye(4)  # K = N = 4
     w13 = quantize_weight(torch.cat([eye, 2 * eye])[None], DType.BF16)
     w2 = quantize_weight(3 * eye[None], DType.BF16)
     out = reference_moe(x, w13, w2, torch.tensor([[0.5]]), torch.tensor([[0]], dtype=torch.int32))

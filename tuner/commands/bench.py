@@ -8,40 +8,12 @@ import json
 from pathlib import Path
 
 from tuner import bench
-from tuner.commands.plan import block_shape_arg, int_list
+from tuner.commands.arguments import (block_shape_arg, check_interpret_limits, int_list, positive_int, ratio_arg,
+                                      routing_arg)
 from tuner.errors import RunFailed, UsageError
 from tuner.models import derive_shape, load_model
-from tuner.commands.tune import INTERPRET_MAX_M, INTERPRET_MAX_WEIGHTS
 from tuner.plan import DEFAULT_BATCH_SIZES
 from workers.records import DType, MoEShape
-from workers.routing import parse_routing
-
-
-def ratio_arg(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
-
-
-def routing_arg(text: str) -> str:
-    try:
-        return str(parse_routing(text))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -69,18 +41,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def bench_shape(model: str, tp: int, ep: int, dtype: str | None, block_shape: tuple[int, int] | None) -> MoEShape:
     return derive_shape(load_model(model), tp=tp, ep=ep, dtype=dtype, block_shape=block_shape)
-
-
-def check_interpret_limits(shapes: list[MoEShape], batch_sizes: list[int]) -> None:
-    """The limits ``moe-tune tune --interpret`` applies: the interpreter runs on the CPU."""
-    for shape in shapes:
-        weights = shape.E * 2 * shape.N * shape.K
-        if weights > INTERPRET_MAX_WEIGHTS:
-            raise UsageError(f"--interpret runs the Triton interpreter on the CPU, tiny shapes only: {shape.label} "
-                             f"has E*2N*K = {weights} weights (limit {INTERPRET_MAX_WEIGHTS})")
-    if max(batch_sizes) > INTERPRET_MAX_M:
-        raise UsageError(f"--interpret takes batch sizes up to {INTERPRET_MAX_M} (got {max(batch_sizes)}); "
-                         "pass --batch-sizes")
 
 
 def run(args: argparse.Namespace) -> int:

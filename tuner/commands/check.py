@@ -13,18 +13,9 @@ import json
 import os
 from pathlib import Path
 
-from tuner.commands.plan import block_shape_arg, int_list
+from tuner.commands.arguments import block_shape_arg, dtype_list, int_list
 from tuner.errors import RunFailed, UsageError
 from workers.records import CONFIG_KEYS, Config, DType, MoEShape
-
-def dtype_list(text: str) -> list[DType]:
-    """``"bf16,fp8_w8a8"`` → dtypes (an argparse type, so a bad name is a one-line usage error)."""
-    try:
-        return [DType(part.strip()) for part in text.split(",") if part.strip()]
-    except ValueError:
-        choices = ", ".join(d.value for d in DType)
-        raise argparse.ArgumentTypeError(f"unknown dtype in {text!r} (choose from {choices})") from None
-
 
 def configure(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)

@@ -7,8 +7,7 @@ import argparse
 from pathlib import Path
 
 from tuner import compare, report
-from tuner.commands.bench import check_interpret_limits, positive_int, routing_arg
-from tuner.commands.plan import int_list
+from tuner.commands.arguments import check_interpret_limits, dtype_list, int_list, positive_float, positive_int, routing_arg
 from tuner.errors import UsageError
 from tuner.journal import JOURNAL_NAME, JournalBusy
 from tuner.models import derive_shape, load_model
@@ -18,27 +17,6 @@ from tuner.spaces import load_space
 from workers.records import DType
 
 DEFAULT_DTYPES = "bf16,fp8_w8a8,int8_w8a16,mxfp4,nvfp4"
-
-
-def dtype_list(text: str) -> list[DType]:
-    try:
-        dtypes = [DType(part.strip()) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected dtypes from {', '.join(d.value for d in DType)}, got {text!r}") \
-            from None
-    if not dtypes:
-        raise argparse.ArgumentTypeError("expected at least one dtype")
-    return list(dict.fromkeys(dtypes))
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

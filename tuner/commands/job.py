@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tuner import bench
 from tuner.commands import tune
-from tuner.commands.bench import check_interpret_limits
+from tuner.commands.arguments import check_interpret_limits
 from tuner.errors import RunFailed, UsageError
 from tuner.jobspec import JobSpec, Layout, TuneRun, gate_checks, load_job_spec, tune_runs
 from tuner.models import derive_shape, load_model

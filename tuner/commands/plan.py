@@ -5,28 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from tuner.commands.arguments import block_shape_arg, int_list
 from tuner.errors import UsageError
 from tuner.plan import DEFAULT_BATCH_SIZES, Plan, build_plan
 from tuner.spaces import REASONS
 from workers.records import DType
-
-
-def int_list(text: str) -> list[int]:
-    """``"1,2,4"`` → ``[1, 2, 4]`` (an argparse type: errors become one-line usage errors)."""
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
-
-
-def block_shape_arg(text: str) -> tuple[int, int]:
-    values = int_list(text)
-    if len(values) != 2 or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected BN,BK (two positive integers), got {text!r}")
-    return values[0], values[1]
 
 
 def detect_device_name() -> str | None:

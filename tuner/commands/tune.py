@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tuner import driver
-from tuner.commands.plan import block_shape_arg, int_list
+from tuner.commands.arguments import block_shape_arg, check_interpret_limits, int_list
 from tuner.errors import RunFailed, UsageError
 from tuner.journal import JOURNAL_NAME, JournalBusy
 from tuner.models import ModelSpec, load_model
-from tuner.plan import DEFAULT_BATCH_SIZES, Plan, build_plan
+from tuner.plan import DEFAULT_BATCH_SIZES, build_plan
 from tuner.progress import Progress, format_duration
 from tuner.search import STRATEGIES, SearchJob
 from tuner.spaces import SearchSpace, load_space
@@ -27,10 +27,6 @@ from workers.server_kernels import SUPPORTED_DTYPES
 
 FORMATS = tuple(driver.FORMATS)
 KERNELS = ("builtin", "vllm", "sglang")
-INTERPRET_MAX_WEIGHTS = 4 * 2 * 128 * 128
-"""--interpret refuses shapes with more than E·2N·K = 131072 weights (E=4, N=K=128): the
-interpreter runs each Triton program in numpy, so one candidate at that size takes seconds."""
-INTERPRET_MAX_M = 64
 PREFLIGHT_DEVICE = "preflight"
 """Device name for the validation plan made before any worker exists (generic limits);
 each device group is planned again under its own name once the workers report it."""
@@ -131,7 +127,7 @@ def _validate(args: argparse.Namespace) -> _Validated:
     plan = build_plan(specs, args.tp, args.ep, args.dtype, args.block_shape, args.batch_sizes, space,
                       "cpu" if args.interpret else PREFLIGHT_DEVICE)
     if args.interpret:
-        _check_interpretable(plan)
+        check_interpret_limits([job.shape for job in plan.jobs], [M for job in plan.jobs for M in job.batch_sizes])
     if args.kernel != "builtin":
         unsupported = sorted({job.shape.dtype.value for job in plan.jobs} - {d.value for d in SUPPORTED_DTYPES})
         if unsupported:
@@ -141,19 +137,6 @@ def _validate(args: argparse.Namespace) -> _Validated:
     if empty:
         raise UsageError(f"search space {space.name} leaves no config for {empty[0][0]} at M={empty[0][1]}")
     return _Validated(specs, space, out, journal, str(routing))
-
-
-def _check_interpretable(plan: Plan) -> None:
-    for job in plan.jobs:
-        s = job.shape
-        weights = s.E * 2 * s.N * s.K
-        if weights > INTERPRET_MAX_WEIGHTS:
-            raise UsageError(f"--interpret runs the Triton interpreter on the CPU, tiny shapes only: {s.label} "
-                             f"has E*2N*K = {weights} weights (limit {INTERPRET_MAX_WEIGHTS})")
-        too_big = [M for M in job.batch_sizes if M > INTERPRET_MAX_M]
-        if too_big:
-            raise UsageError(f"--interpret takes batch sizes up to {INTERPRET_MAX_M} (got {too_big[0]}); "
-                             "pass --batch-sizes")
 
 
 def run(args: argparse.Namespace) -> int:

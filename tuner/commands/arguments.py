@@ -1,0 +1,99 @@
+"""Argument types and checks the subcommands share.
+
+Each ``*_arg``/``*_list`` function is an argparse ``type``: a bad value raises
+``ArgumentTypeError``, which the CLI prints as one line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable
+
+from tuner.errors import UsageError
+from workers.records import DType, MoEShape
+from workers.routing import parse_routing
+
+INTERPRET_MAX_WEIGHTS = 4 * 2 * 128 * 128
+"""--interpret refuses shapes with more than E·2N·K = 131072 weights (E=4, N=K=128): the
+interpreter runs each Triton program in numpy, so one candidate at that size takes seconds."""
+INTERPRET_MAX_M = 64
+
+
+def int_list(text: str) -> list[int]:
+    """``"1,2,4"`` → ``[1, 2, 4]``."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def block_shape_arg(text: str) -> tuple[int, int]:
+    values = int_list(text)
+    if len(values) != 2 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected BN,BK (two positive integers), got {text!r}")
+    return values[0], values[1]
+
+
+def dtype_list(text: str) -> list[DType]:
+    """``"bf16,fp8_w8a8"`` → the dtypes, each once, in the order given."""
+    try:
+        dtypes = [DType(part.strip()) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected dtypes from {', '.join(d.value for d in DType)}, got {text!r}") \
+            from None
+    if not dtypes:
+        raise argparse.ArgumentTypeError("expected at least one dtype")
+    return list(dict.fromkeys(dtypes))
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def ratio_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def routing_arg(text: str) -> str:
+    """The canonical routing spec (``uniform``, ``zipf:<alpha>``, ``file:<path>``)."""
+    try:
+        return str(parse_routing(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def check_interpret_limits(shapes: Iterable[MoEShape], batch_sizes: Iterable[int]) -> None:
+    """Refuse what ``--interpret`` cannot run in reasonable time: the interpreter runs on the CPU."""
+    for shape in shapes:
+        weights = shape.E * 2 * shape.N * shape.K
+        if weights > INTERPRET_MAX_WEIGHTS:
+            raise UsageError(f"--interpret runs the Triton interpreter on the CPU, tiny shapes only: {shape.label} "
+                             f"has E*2N*K = {weights} weights (limit {INTERPRET_MAX_WEIGHTS})")
+    largest = max(batch_sizes)
+    if largest > INTERPRET_MAX_M:
+        raise UsageError(f"--interpret takes batch sizes up to {INTERPRET_MAX_M} (got {largest}); pass --batch-sizes")
