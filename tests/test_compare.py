@@ -38,6 +38,7 @@ def test_compare_writes_three_reports_from_tuned_configs(tmp_path: Path, determi
 
     data = json.loads((out / "report.json").read_text())
     assert list(data["dtypes"]) == ["bf16", "fp8_w8a8"]  # bf16 is added as the yardstick
+    assert data["budget_ended"] is False and "time budget ended" not in (out / "report.md").read_text()
     points = {(p["dtype"], p["M"]): p for p in data["points"]}
     assert set(points) == {(d, M) for d in ("bf16", "fp8_w8a8") for M in (2, 6)}
 

@@ -65,7 +65,22 @@ def test_reference_matches_naive_dense(gen: torch.Generator, dtype: DType, block
     out = reference_moe(x, w13, w2, topk_weights, topk_ids)
     expected = naive_moe(x, w13, w2, topk_weights, topk_ids)
     assert out.dtype == torch.float32 and out.shape == (M, K)
-    assert torch.allclose(out, expected, rtol=1e-4, atol=1e-5), f"seed={SEED}"
+    _assert_matches(out, expected, fp8=dtype is DType.FP8_W8A8)
+
+
+def _assert_matches(out: torch.Tensor, expected: torch.Tensor, fp8: bool) -> None:
+    """Tight agreement, except that fp8 rounds twice on the way (gate/up to the activation dtype,
+    then SwiGLU to fp8): a 1e-7 difference in summation order can flip one rounding, which moves a
+    whole output row by up to a quantization step (1/8 relative for E4M3). Allow that for one row
+    in ten, never a wrong expert or weight, which would move most rows by far more."""
+    close = torch.isclose(out, expected, rtol=1e-4, atol=1e-5).all(dim=1)
+    if not fp8:
+        assert close.all(), f"seed={SEED}: rows {(~close).nonzero().flatten().tolist()} differ"
+        return
+    flipped = (~close).nonzero().flatten()
+    assert len(flipped) <= max(1, len(out) // 10), f"seed={SEED}: rows {flipped.tolist()} differ"
+    step = (out[flipped] - expected[flipped]).norm(dim=1) / expected[flipped].norm(dim=1)
+    assert (step <= 1 / 8).all(), f"seed={SEED}: relative row error {step.tolist()}"
 
 
 def test_reference_hand_computed_single_expert() -> None:

@@ -138,6 +138,15 @@ def test_writes_three_consistent_reports(tmp_path: Path, rng: random.Random) -> 
     assert "src=\"http" not in page and "<script" not in page  # self-contained
 
 
+def test_a_budget_cut_tuning_is_stated_in_every_report(tmp_path: Path, rng: random.Random) -> None:
+    results = _random_results(rng)
+    results.budget_ended = True
+    report.write_reports(results, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["budget_ended"] is True
+    for name in ("report.md", "report.html"):
+        assert "time budget ended the tuning" in (tmp_path / "out" / name).read_text()
+
+
 def _chromium() -> str:
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:

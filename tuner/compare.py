@@ -46,7 +46,8 @@ class CompareRequest:
     address: str | None = None
     workers: int | None = None
     interpret: bool = False
-    strategy: str = "exhaustive"
+    strategy: str = "fast"
+    budget_s: float | None = None
     moe_layers: int = 1
     memory_budget_bytes: int | None = None
 
@@ -93,7 +94,7 @@ def run_compare(request: CompareRequest, progress: Progress | None = None) -> Co
     tuned = driver.tune(driver.TuneRequest(
         jobs_for_device=request.plan_for_device, write_outputs=driver.server_files_writer(request.configs_out, request.file_format),
         journal_path=request.journal, fresh=request.fresh, address=request.address, workers=request.workers,
-        interpret=request.interpret, strategy=request.strategy), progress)
+        interpret=request.interpret, strategy=request.strategy, budget_s=request.budget_s), progress)
     if len(tuned.devices) != 1:
         raise RunFailed(f"compare needs one GPU type; the workers are on {len(tuned.devices)}: "
                         + ", ".join(d.device for d in tuned.devices))
@@ -122,7 +123,7 @@ def run_compare(request: CompareRequest, progress: Progress | None = None) -> Co
     results = ComparisonResults(
         model=request.model, layout=request.layout, device=device.device,
         versions={k: v for k, v in device.env.items() if k != "device"}, routing=request.routing,
-        moe_layers=request.moe_layers, memory_budget_bytes=budget,
+        moe_layers=request.moe_layers, memory_budget_bytes=budget, budget_ended=tuned.budget_ended,
         dtypes={dtype: summarize_dtype(shape, request.moe_layers) for dtype, shape in request.shapes.items()})
     for dtype, shape in request.shapes.items():
         for M, selection in sorted(winners[dtype].items()):

@@ -82,6 +82,7 @@ class ComparisonResults:
     memory_budget_bytes: int
     dtypes: dict[DType, DTypeSummary]
     points: list[PointResult] = field(default_factory=list)
+    budget_ended: bool = False  # the tuning stopped at --budget-minutes: configs are the best found by then
 
     def max_batch_in_budget(self, dtype: DType) -> int:
         summary = self.dtypes[dtype]
@@ -216,7 +217,9 @@ def _sections(results: ComparisonResults, recommendations: list[Recommendation])
         paragraphs=[f"Routing: {results.routing} · MoE layers: {results.moe_layers} · memory budget: "
                     f"{_size(results.memory_budget_bytes)} per GPU · versions: {versions}.",
                     "Latency is per fused-MoE call of one layer (both GEMMs, SwiGLU, top-k sum) with the "
-                    "tuned config; tokens/s = M / latency."])
+                    "tuned config; tokens/s = M / latency."]
+        + (["The time budget ended the tuning: every latency is the best config found by then, not the "
+            "end of the search."] if results.budget_ended else []))
     recommendation = _Section(title="Recommendation", bullets=[r.text for r in recommendations]
                               or ["no dtype produced a result"])
     memory = _Section(
@@ -315,7 +318,7 @@ def render_html(sections: list[_Section], plots: dict[str, bytes]) -> str:
 def to_json(results: ComparisonResults, recommendations: list[Recommendation]) -> dict:
     return {
         "model": results.model, "layout": results.layout, "device": results.device,
-        "versions": results.versions, "routing": results.routing, "moe_layers": results.moe_layers,
+        "versions": results.versions, "routing": results.routing, "moe_layers": results.moe_layers, "budget_ended": results.budget_ended,
         "memory_budget_bytes": results.memory_budget_bytes, "memory_model": MEMORY_MODEL,
         "roofline_model": ROOFLINE_MODEL,
         "dtypes": {d.value: {"shape": s.shape.label, "weight_bytes_per_gpu": s.weight_bytes_per_gpu,

@@ -29,7 +29,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"default: {','.join(map(str, DEFAULT_BATCH_SIZES))}")
     parser.add_argument("--routing", type=routing_arg, default="uniform", help="uniform | zipf:<alpha> | file:<path>")
     parser.add_argument("--search-space", default="default", metavar="NAME|PATH", help="search space name or YAML file")
-    parser.add_argument("--strategy", default="exhaustive", choices=sorted(STRATEGIES), help="search strategy")
+    parser.add_argument("--strategy", default="fast", choices=sorted(STRATEGIES),
+                        help="search strategy (default fast, as for tune)")
+    parser.add_argument("--budget-minutes", type=positive_float, metavar="MINUTES",
+                        help="stop tuning after this long; the report uses the best found by then and says so")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for report.md/.html/.json")
     parser.add_argument("--configs-out", type=Path, default=Path("configs_out"), metavar="DIR",
                         help="folder for the tuned config files (default: configs_out)")
@@ -72,7 +75,8 @@ def _request(args: argparse.Namespace) -> compare.CompareRequest:
         model=spec.name, layout=layout, shapes=shapes, batch_sizes=batch_sizes, routing=args.routing,
         plan_for_device=plan_for_device, configs_out=args.configs_out, file_format=args.format,
         journal=args.journal or args.configs_out / JOURNAL_NAME, fresh=args.fresh, address=args.address,
-        workers=args.workers, interpret=args.interpret, strategy=args.strategy, moe_layers=args.moe_layers,
+        workers=args.workers, interpret=args.interpret, strategy=args.strategy,
+        budget_s=args.budget_minutes * 60 if args.budget_minutes else None, moe_layers=args.moe_layers,
         memory_budget_bytes=int(args.memory_budget_gib * 2**30) if args.memory_budget_gib else None)
 
 
