@@ -52,7 +52,7 @@ def test_spec_expands_into_tune_invocations_tune_accepts() -> None:
     dtypes = rng.sample(["bf16", "fp8_w8a8", "mxfp4"], 2)
     spec = JobSpec.model_validate(_minimal(dtypes=dtypes, layouts=layouts, routing=routings, batch_sizes=[8, 2, 8],
                                            output={"dir": "o", "format": "sglang"}, workers=3,
-                                           gate={"reference": "ref"}))
+                                           budget_minutes=7.5, gate={"reference": "ref"}))
     runs = tune_runs(spec)
     assert [(r.layout.tp, r.layout.ep, r.routing) for r in runs] == \
         [(layout.get("tp"), layout.get("ep", 1), r) for layout in layouts for r in routings]
@@ -61,6 +61,7 @@ def test_spec_expands_into_tune_invocations_tune_accepts() -> None:
         assert (args.model, args.dtype, args.tp, args.ep, args.routing) == \
             ([MODEL], dtypes, run.layout.tp, run.layout.ep, run.routing)
         assert (args.batch_sizes, args.out, args.format, args.workers) == ([2, 8], "o", "sglang", 3)
+        assert args.budget_minutes == 7.5
     assert len(gate_checks(spec)) == len(layouts) * len(routings) * len(dtypes)
 
 
@@ -79,6 +80,7 @@ def test_spec_expands_into_tune_invocations_tune_accepts() -> None:
     (_minimal(layouts=[{"tp": 3}]), "does not split over tp/ep=3"),
     (_minimal(routing=["zipf:x"]), "alpha must be a number"),
     (_minimal(interpret=True, batch_sizes=[128]), "--interpret takes batch sizes up to"),
+    (_minimal(budget_minutes=0), "budget_minutes: Input should be greater than 0"),
     (_minimal(strategy="magic"), "tune flags from the job spec: argument --strategy: invalid choice"),
 ])
 def test_invalid_specs_exit_2_with_one_line(tmp_path: Path, data, message: str, capsys) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
 
 from tuner.errors import UsageError
 from tuner.validation import one_line
@@ -73,6 +73,7 @@ class JobSpec(_Strict):
     routing: list[str] = Field(default_factory=lambda: ["uniform"], min_length=1)
     search_space: Path | None = None
     strategy: str | None = None
+    budget_minutes: PositiveFloat | None = None  # per tune run: a nightly job must end before the next one
     output: Output = Output()
     journal: Path | None = None
     address: str | None = None
@@ -155,6 +156,8 @@ def tune_runs(spec: JobSpec) -> list[TuneRun]:
         common += ["--search-space", str(spec.search_space)]
     if spec.strategy:
         common += ["--strategy", spec.strategy]
+    if spec.budget_minutes:
+        common += ["--budget-minutes", str(spec.budget_minutes)]
     common += ["--out", str(spec.output.dir), "--format", spec.output.format]
     if spec.journal:
         common += ["--journal", str(spec.journal)]
