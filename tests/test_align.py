@@ -52,6 +52,7 @@ def check_sort(topk_ids: torch.Tensor, E: int, block_m: int, sorted_ids: torch.T
     (37, 16, 4, 16, None),   # several blocks, uneven counts
     (33, 8, 2, 32, 3),       # experts 3..7 get no tokens
     (600, 64, 8, 64, None),  # several programs in the scatter launch, E > block rows per step
+    (60, 128, 8, 16, None),  # one program labels ~150 blocks: many steps of its block loop
 ])
 def test_sort_matches_torch(M, E, topk, block_m, experts_used, generator):
     topk_ids = random_routing(M, E, topk, generator, experts_used)

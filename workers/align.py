@@ -25,8 +25,10 @@ _COUNT_CHUNK = 1024
 """Pairs one iteration of the counting loop histograms."""
 _SCATTER_CHUNK = 512
 """Pairs each program of launch 2 scatters."""
-_BLOCKS_PER_STEP_CELLS = 4096
-"""Launch 2 compares blocks with every expert's end in tiles of at most this many cells."""
+_BLOCKS_PER_STEP = 16
+"""Blocks launch 2 labels and pads per loop step. A constant, not a function of the batch size:
+a constexpr derived from M would compile the kernel anew for every M (and miss what compile-ahead
+compiled for another M). Tiles stay small: 16 x expert bins compares, 16 x BLOCK_M stores."""
 
 
 @dataclass(frozen=True)
@@ -77,8 +79,6 @@ class TokenAligner:
         self._expert_bins = triton.next_power_of_2(num_experts + 1)
         self._programs = triton.cdiv(num_pairs, _SCATTER_CHUNK)
         self._blocks_per_program = triton.cdiv(self.num_blocks, self._programs)
-        self._blocks_per_step = max(1, min(triton.next_power_of_2(self._blocks_per_program),
-                                           _BLOCKS_PER_STEP_CELLS // self._expert_bins))
 
     def run(self, topk_ids: torch.Tensor) -> AlignedTokens:
         """Sort ``topk_ids [M, topk]`` (int32, contiguous, values in [0, E))."""
@@ -96,7 +96,7 @@ class TokenAligner:
             cursor, padded_end, valid_end,
             self.num_pairs, self.num_experts, self._blocks_per_program,
             BLOCK_M=self.block_m, EXPERT_BINS=self._expert_bins, CHUNK=_SCATTER_CHUNK,
-            BLOCKS_PER_STEP=self._blocks_per_step)
+            BLOCKS_PER_STEP=_BLOCKS_PER_STEP)
         return aligned
 
 
