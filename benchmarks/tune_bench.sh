@@ -41,8 +41,10 @@ if [ "${CACHE_CHECK:-1}" = 1 ]; then
   rm -rf "$TRITON_CACHE_DIR"   # the tune below starts cold again
 fi
 
-step "tune (fast strategy, cold cache)"
-timeout 330 python3 -m tuner.cli tune "${MODEL[@]}" --batch-sizes "$BATCH_SIZES" --budget-minutes 4.5 \
+step "tune (fast strategy, cold cache; the shipped vLLM configs as baseline when carried)"
+BASELINE=()
+[ -d .vllm-shipped ] && BASELINE=(--baseline .vllm-shipped)
+timeout 330 python3 -m tuner.cli tune "${MODEL[@]}" --batch-sizes "$BATCH_SIZES" --budget-minutes 4.5 "${BASELINE[@]}" \
   --out "$WORK/tuned" --journal "$WORK/journal.jsonl" --json >"$OUT/tune.json" 2>>"$LOG"
 echo "tune exit $?" >>"$LOG"
 cp "$WORK"/tuned/E=*.json "$OUT/tuned_config.json" 2>/dev/null
@@ -90,6 +92,10 @@ if tune:
     print(f"fast tune: wall {tune['wall_s']:.0f}s, evaluations {tune['evaluations_run']} "
           f"(measured {dev.get('measured')}), failed {tune['failed']}, budget ended {tune['budget_ended']}")
     print(f"  compile-ahead: {dev.get('compile_ahead')}")
+    for shape, per_m in dev.get("best", {}).items():
+        ratios = {M: b["vs_baseline"] for M, b in per_m.items() if "vs_baseline" in b}
+        if ratios:
+            print(f"  {shape} tuned / baseline, same re-timing: " + " ".join(f"M={M}:{r:.3f}" for M, r in ratios.items()))
 bench = load(out / "bench.json")
 exhaustive = load(out / "exhaustive.json")
 ex_best = {}

@@ -52,7 +52,8 @@ def test_spec_expands_into_tune_invocations_tune_accepts() -> None:
     dtypes = rng.sample(["bf16", "fp8_w8a8", "mxfp4"], 2)
     spec = JobSpec.model_validate(_minimal(dtypes=dtypes, layouts=layouts, routing=routings, batch_sizes=[8, 2, 8],
                                            output={"dir": "o", "format": "sglang"}, workers=3,
-                                           budget_minutes=7.5, gate={"reference": "ref"}))
+                                           budget_minutes=7.5, baseline=["shipped", "accepted"],
+                                           gate={"reference": "ref"}))
     runs = tune_runs(spec)
     assert [(r.layout.tp, r.layout.ep, r.routing) for r in runs] == \
         [(layout.get("tp"), layout.get("ep", 1), r) for layout in layouts for r in routings]
@@ -61,7 +62,7 @@ def test_spec_expands_into_tune_invocations_tune_accepts() -> None:
         assert (args.model, args.dtype, args.tp, args.ep, args.routing) == \
             ([MODEL], dtypes, run.layout.tp, run.layout.ep, run.routing)
         assert (args.batch_sizes, args.out, args.format, args.workers) == ([2, 8], "o", "sglang", 3)
-        assert args.budget_minutes == 7.5
+        assert args.budget_minutes == 7.5 and [str(p) for p in args.baseline] == ["shipped", "accepted"]
     assert len(gate_checks(spec)) == len(layouts) * len(routings) * len(dtypes)
 
 

@@ -12,7 +12,7 @@ import itertools
 import os
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 
@@ -87,6 +87,37 @@ def test_strategies_find_the_known_optimum(strategy_class):
         # fast's budget: a small fraction of the exhaustive screens, at most FAST_FULL_MAX full timings per M
         assert screens <= 0.2 * len(CONFIGS) * len(batch_sizes)
         assert len(measured) - screens <= FAST_FULL_MAX * len(batch_sizes)
+
+
+@pytest.mark.parametrize("strategy_class", [Exhaustive, Fast])
+def test_baseline_configs_are_screened_first_and_always_fully_timed(strategy_class):
+    rng = random.Random(_seed())
+    optimum = {k: rng.choice(v) for k, v in SPACE.items()}
+    surface = bowl(optimum, rng)
+    worst = max(CONFIGS, key=lambda c: surface(c, 64, Gemm.BOTH))
+    outside = Config(48, 96, 64, 8, 4, 3)  # a shipped config need not lie in the search space
+    job = SearchJob(SHAPE, {M: CONFIGS for M in (1, 64)}, baseline_by_m={64: (worst, outside)})
+
+    def latency(config, M, gemm):
+        return surface(config, M, gemm) if config != outside else surface(Config(**optimum), M, gemm) + 1.0
+
+    strategy = strategy_class([job])
+    first_round = strategy.propose()
+    assert {(c.config, c.M) for c in first_round} >= {(worst, 64), (outside, 64)}
+    for c in first_round:
+        strategy.observe(Measurement(c, Status.OK, latency_us=latency(c.config, c.M, c.gemm)))
+    measured = drive(strategy, latency)
+    fulls = {(m.candidate.config, m.candidate.M) for m in measured if m.candidate.level is Level.FULL}
+    assert {(worst, 64), (outside, 64)} <= fulls  # however slow its screen
+    assert (worst, 1) not in fulls and (outside, 1) not in fulls  # baselines belong to their batch size
+    assert best_full(measured, 64) == Config(**optimum)
+
+
+def test_local_search_steps_from_a_baseline_outside_the_space_to_the_nearest_values():
+    off_space = Config(48, 64, 64, 16, 4, 3)  # BLOCK_SIZE_M=48 is not in the space
+    fast = Fast([SearchJob(SHAPE, {64: CONFIGS}, baseline_by_m={64: (off_space,)})])
+    assert set(fast.neighbours(fast.groups[0], off_space)) == {replace(off_space, BLOCK_SIZE_M=32),
+                                                               replace(off_space, BLOCK_SIZE_M=64)}
 
 
 def test_a_search_is_a_function_of_the_measurements_alone():

@@ -72,6 +72,26 @@ def test_retiming_decides_among_finalists(rng):
     assert winner.latency_us == 20.0 and winner.search_latency_us == 11.0
 
 
+def test_a_pinned_baseline_is_retimed_with_the_finalists_and_reported(rng):
+    cs = configs(6, rng)
+    ms = [measured(c, 64, 10.0 + i) for i, c in enumerate(cs)]  # cs[5], the baseline, ranks last
+    key = GroupKey.of(ms[0].candidate)
+    calls = []
+
+    def retime(groups):
+        calls.append(groups)
+        return [[12.0, 11.0, 13.0, 10.5] for _ in groups]  # back to back, the baseline is fastest
+
+    chosen = select(ms, retime, count=3, pinned={key: {cs[5]}})
+    assert calls == [[[m.candidate for m in (*ms[:3], ms[5])]]]
+    winner = chosen[key]
+    assert winner.candidate.config == cs[5] and winner.latency_us == winner.baseline_us == 10.5
+    # Without a re-timing the search's numbers decide, and the baseline's is still reported.
+    unretimed = select(ms, no_retime, count=3, pinned={key: {cs[5], cs[0]}})[key]
+    assert unretimed.candidate.config == cs[0] and unretimed.baseline_us == 10.0
+    assert select(ms, no_retime, count=3)[key].baseline_us is None
+
+
 def test_failed_retiming_falls_back_to_search_numbers(rng):
     ms = [measured(c, 8, rng.uniform(1, 50)) for c in configs(4, rng)]
     chosen = select(ms, no_retime)

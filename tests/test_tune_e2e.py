@@ -18,9 +18,12 @@ import time
 
 import pytest
 
-from tune_helpers import (VLLM_FILE, expected_evaluations, expected_vllm_file, run_tune, tiny_candidates, tune_argv,
-                          write_fault_plan)
-from workers.faults import ENV_VAR
+from tune_helpers import (VLLM_FILE, deterministic_ranking, expected_evaluations, expected_vllm_file, run_tune,
+                          tiny_candidates, tune_argv, write_fault_plan)
+from tuner.journal import JOURNAL_NAME
+from tuner.writers import write_vllm
+from workers.faults import ENV_VAR, FaultPlan
+from workers.records import Candidate, Config
 
 pytestmark = pytest.mark.timeout(600)
 CANDIDATES = len(tiny_candidates())
@@ -68,6 +71,41 @@ def test_second_run_reuses_every_measurement(clean_run):
     assert summary["evaluations_reused"] == TOTAL
     assert summary["retimed_groups"] == 0 and summary["retimes_reused"] == 2
     assert (out / VLLM_FILE).read_bytes() == before
+
+
+def test_a_baseline_folder_is_timed_against_the_winner(tmp_path, deterministic):
+    ranking = deterministic_ranking()
+    shape = ranking[1][0].shape
+    slowest = ranking[1][-1].config  # in the space, but the search would never fully time it
+    off_space = Config(16, 32, 32, 16, 4, 2)  # GROUP_SIZE_M=16 is not in the tiny space
+    baseline = {1: slowest, 4: off_space}
+    write_vllm(tmp_path / "shipped", shape, "cpu", baseline, "3.0.0")
+    code, summary = run_tune(tune_argv(tmp_path / "out", "--baseline", str(tmp_path / "shipped")))
+    assert code == 0, summary
+
+    latency = FaultPlan(deterministic_latency=True).latency_us
+    best = summary["devices"][0]["best"][shape.label]
+    written = json.loads((tmp_path / "out" / VLLM_FILE).read_text())
+    for M, config in baseline.items():
+        assert best[str(M)]["baseline_us"] == pytest.approx(latency(Candidate(shape, M, config)), abs=1e-3)
+        assert best[str(M)]["vs_baseline"] <= 1.0
+        fastest = min([ranking[M][0].config, config], key=lambda c: (latency(Candidate(shape, M, c)), c))
+        assert written[str(M)] == fastest.to_dict()
+    records = [json.loads(line) for line in (tmp_path / "out" / JOURNAL_NAME).read_text().splitlines()]
+    fulls = {(r["candidate"]["M"], Config.from_dict(r["candidate"]["config"])) for r in records
+             if r.get("kind") == "measure" and r["candidate"]["level"] == "full"}
+    assert set(baseline.items()) <= fulls
+
+
+def test_a_baseline_folder_without_config_files_is_refused(tmp_path, capsys):
+    from tuner.cli import main
+
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "empty", tmp_path / "absent"):
+        assert main(tune_argv(tmp_path / "out", "--baseline", str(folder))) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(folder) in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def _complete_records(journal) -> int:

@@ -22,9 +22,8 @@ import ray
 from ray.exceptions import RayActorError
 
 from tuner.errors import RunFailed, UsageError
-from tuner.naming import sglang_file_name, sglang_version_folder, vllm_file_name
 from tuner.ray_session import gpu_worker, ray_session
-from tuner.writers import lookup, read_config_folder
+from tuner.writers import lookup, read_config_folder, server_file
 from workers.default_config import default_config
 from workers.records import Candidate, Config, MoEShape, Status
 
@@ -143,13 +142,11 @@ def resolve_config(variant: Variant, files: dict[str, dict[int, Config]] | None,
     heuristic."""
     if variant.is_heuristic or not files:
         return default_config(shape, M), HEURISTIC_SOURCE
-    sglang_name = sglang_file_name(shape, device)
-    preferred = [vllm_file_name(shape, device), f"{sglang_version_folder(triton_version)}/{sglang_name}"]
-    others = sorted((k for k in files if k.endswith("/" + sglang_name)), reverse=True)
-    for name in [*preferred, *others]:
-        if name in files and files[name]:
-            return lookup(files[name], M), f"{variant.folder}/{name}"
-    return default_config(shape, M), HEURISTIC_SOURCE
+    found = server_file(files, shape, device, triton_version)
+    if found is None:
+        return default_config(shape, M), HEURISTIC_SOURCE
+    name, configs = found
+    return lookup(configs, M), f"{variant.folder}/{name}"
 
 
 class GpuMeasurer:

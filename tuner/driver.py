@@ -479,7 +479,9 @@ def _no_retiming(finalist_groups: list[list[Candidate]]) -> list[list[float] | N
 def _choose_and_write(group: _DeviceGroup, retimer: selection.Retimer, request: TuneRequest,
                       progress: Progress) -> DeviceResult:
     whole = [m for m in group.measurements if m.candidate.gemm is Gemm.BOTH]
-    chosen = selection.select(whole, retimer, request.finalists)
+    pinned = {selection.GroupKey(job.shape.label, job.routing, Gemm.BOTH.value, M): configs
+              for job in group.strategy.jobs for M, configs in job.baseline_by_m.items()}
+    chosen = selection.select(whole, retimer, request.finalists, pinned)
     split = selection.split_choices(group.measurements, chosen) if request.split_gemms else {}
     missing = selection.groups_without_winner(whole)
     if missing:

@@ -74,6 +74,7 @@ class JobSpec(_Strict):
     search_space: Path | None = None
     strategy: str | None = None
     budget_minutes: PositiveFloat | None = None  # per tune run: a nightly job must end before the next one
+    baseline: list[Path] = Field(default_factory=list)  # config folders the new configs are timed against
     output: Output = Output()
     journal: Path | None = None
     address: str | None = None
@@ -158,6 +159,8 @@ def tune_runs(spec: JobSpec) -> list[TuneRun]:
         common += ["--strategy", spec.strategy]
     if spec.budget_minutes:
         common += ["--budget-minutes", str(spec.budget_minutes)]
+    for folder in spec.baseline:
+        common += ["--baseline", str(folder)]
     common += ["--out", str(spec.output.dir), "--format", spec.output.format]
     if spec.journal:
         common += ["--journal", str(spec.journal)]

@@ -28,6 +28,9 @@ neighbours (each of the six keys one step up or down in the space; when none of 
 every pair of keys moved one step each, which steps over configs that do not compile) until no
 neighbour is faster, and promotes at most ``FAST_FULL_MAX`` contenders to the full timing.
 
+Baseline configs (``--baseline``: what the server runs today) join a batch size's first round in
+either strategy and are always fully timed, whatever their screen.
+
 With split GEMMs the up and the down GEMM are searched as groups of their own (``Gemm.UP``,
 ``Gemm.DOWN``) next to the whole op (``Gemm.BOTH``, for the vLLM layout). Once all three of a
 batch size are done, a pairing round adds the full timings selection needs: each GEMM of the
@@ -64,6 +67,9 @@ class SearchJob:
     shape: MoEShape
     configs_by_m: dict[int, tuple[Config, ...]]
     routing: str = "uniform"
+    baseline_by_m: dict[int, tuple[Config, ...]] = field(default_factory=dict)
+    """The configs a server runs today at each batch size (``tuner.baseline``): screened and fully
+    timed whatever the search thinks of them, so selection can put them against the winner."""
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -99,6 +105,11 @@ class Group:
     @property
     def configs(self) -> tuple[Config, ...]:
         return self.job.configs_by_m[self.M]
+
+    @property
+    def baseline(self) -> tuple[Config, ...]:
+        """The baseline configs of this batch size; they compete for the whole op only (vLLM's files)."""
+        return self.job.baseline_by_m.get(self.M, ()) if self.gemm is Gemm.BOTH else ()
 
     @property
     def key(self) -> tuple:
@@ -184,7 +195,10 @@ class Strategy(ABC):
         """One phase transition: the round it starts ([] if none), or None to wait on other groups."""
         if group.phase == "promote":
             group.phase = "timed"
-            return [(group, c, Level.FULL) for c in promoted(group.screens, set(group.fulls), self.full_cap)]
+            chosen = promoted(group.screens, set(group.fulls), self.full_cap)
+            chosen += [c for c in group.baseline
+                       if group.screens.get(c) is not None and c not in group.fulls and c not in chosen]
+            return [(group, c, Level.FULL) for c in chosen]
         if group.phase == "timed":
             group.phase = "pair" if group.gemm is Gemm.BOTH and self.split_gemms else "done"
             return []
@@ -220,10 +234,10 @@ class Exhaustive(Strategy):
 
     def _search_step(self, group: Group) -> Round:
         group.phase = "promote"
-        return [(group, c, Level.SCREEN) for c in group.configs]
+        return [(group, c, Level.SCREEN) for c in dict.fromkeys([*group.configs, *group.baseline])]
 
     def total_hint(self) -> int:
-        return sum(len(g.configs) for g in self.groups)
+        return sum(len(set(g.configs) | set(g.baseline)) for g in self.groups)
 
 
 class Fast(Strategy):
@@ -239,7 +253,7 @@ class Fast(Strategy):
     def _search_step(self, group: Group) -> Round | None:
         if group.phase == "start":
             group.phase = "seed"
-            return [(group, c, Level.SCREEN) for c in self.initial_slice(group)]
+            return [(group, c, Level.SCREEN) for c in dict.fromkeys([*self.initial_slice(group), *group.baseline])]
         if group.phase == "seed":
             neighbours = self._neighbour_groups(group)
             if any(n.phase == "start" or (n.phase == "seed" and not n.idle) for n in neighbours):
@@ -247,7 +261,9 @@ class Fast(Strategy):
             group.phase = "local"
             return [(group, c, Level.SCREEN) for c in self._seeds(group, neighbours)]
         if group.phase == "local":
-            best = group.best(Level.SCREEN)
+            # Walk from the best config of the space: a baseline outside it has no neighbours there.
+            in_space = set(group.configs)
+            best = next((c for c in group.ranked(Level.SCREEN) if c in in_space), None)
             todo = [c for c in self.neighbours(group, best) if c not in group.screens] if best else []
             if best and not todo:
                 # A one-key optimum can sit next to configs that do not compile (a larger tile needs
@@ -276,16 +292,17 @@ class Fast(Strategy):
 
     def neighbours(self, group: Group, config: Config, keys_moved: int = 1) -> list[Config]:
         """The group's configs that differ from ``config`` in ``keys_moved`` keys by one step of the
-        space each."""
+        space each (``config`` itself may lie outside the space: a baseline config)."""
         values = self._values[group.job.shape]
         allowed = set(group.configs)
         out = []
         for keys in itertools.combinations(CONFIG_KEYS, keys_moved):
             options = []
             for key in keys:
-                steps = values[key]
-                i = steps.index(getattr(config, key))
-                options.append([(key, steps[j]) for j in (i - 1, i + 1) if 0 <= j < len(steps)])
+                steps, value = values[key], getattr(config, key)
+                below = [v for v in steps if v < value][-1:]
+                above = [v for v in steps if v > value][:1]
+                options.append([(key, v) for v in below + above])
             for moves in itertools.product(*options):
                 moved = replace(config, **dict(moves))
                 if moved in allowed:

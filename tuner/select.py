@@ -3,7 +3,9 @@
 Only ``ok`` measurements compete (a wrong result, a crash or a timeout is never a winner). The
 search timed each candidate once, possibly on different GPUs and minutes apart, and machines
 drift by a few per cent; so the ``FINALISTS`` fastest of each group are re-timed back to back on
-one worker, interleaved, and the choice is made on those numbers. Ties (equal latency, e.g. the
+one worker, interleaved, and the choice is made on those numbers. Pinned configs (the baseline a
+server runs today, ``tuner.baseline``) always join their group's finalists, so the winner is
+confirmed against them in the same back-to-back timing. Ties (equal latency, e.g. the
 deterministic test latencies or a coarse interpreter clock) go to the smaller ``Config`` in field
 order, so the same measurements always give the same files.
 """
@@ -11,7 +13,7 @@ order, so the same measurements always give the same files.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from workers.records import Candidate, Config, Gemm, Level, Measurement, MoEShape
@@ -41,6 +43,8 @@ class Selection:
     latency_us: float
     search_latency_us: float
     retimed: bool
+    baseline_us: float | None = None
+    """The fastest pinned (baseline) config's latency, timed alongside the winner; None without one."""
 
     @property
     def shape(self) -> MoEShape:
@@ -55,8 +59,14 @@ def _rank(latency_us: float, candidate: Candidate) -> tuple:
     return (latency_us, candidate.config)
 
 
-def finalists(measurements: Iterable[Measurement], count: int = FINALISTS) -> dict[GroupKey, list[Measurement]]:
-    """The ``count`` fastest correct measurements of each group, fastest first.
+Pinned = Mapping[GroupKey, Collection[Config]]
+"""Per group, configs that are finalists whatever their rank (the baseline)."""
+
+
+def finalists(measurements: Iterable[Measurement], count: int = FINALISTS,
+              pinned: Pinned | None = None) -> dict[GroupKey, list[Measurement]]:
+    """The ``count`` fastest correct measurements of each group, fastest first, then the group's
+    pinned configs that are not among them.
 
     Full timings compete; a group with none (a search cut short by its budget) falls back to
     its screens, the best it has.
@@ -67,8 +77,15 @@ def finalists(measurements: Iterable[Measurement], count: int = FINALISTS) -> di
             groups[GroupKey.of(m.candidate)][m.candidate.level].append(m)
     tops = {}
     for key, by_level in sorted(groups.items()):
-        ms = by_level.get(Level.FULL) or by_level[Level.SCREEN]
-        tops[key] = sorted(ms, key=lambda m: _rank(m.latency_us, m.candidate))[:count]
+        level = by_level.get(Level.FULL) or by_level[Level.SCREEN]
+        ranked = sorted(level, key=lambda m: _rank(m.latency_us, m.candidate))
+        top = ranked[:count]
+        wanted = set((pinned or {}).get(key, ())) - {m.candidate.config for m in top}
+        for m in ranked[count:]:
+            if m.candidate.config in wanted:
+                top.append(m)
+                wanted.discard(m.candidate.config)
+        tops[key] = top
     return tops
 
 
@@ -76,21 +93,25 @@ Retimer = Callable[[list[list[Candidate]]], list[list[float] | None]]
 """Re-times groups of finalists; per group one latency per candidate, or None if that failed."""
 
 
-def select(measurements: Iterable[Measurement], retime: Retimer, count: int = FINALISTS) -> dict[GroupKey, Selection]:
+def select(measurements: Iterable[Measurement], retime: Retimer, count: int = FINALISTS,
+           pinned: Pinned | None = None) -> dict[GroupKey, Selection]:
     """The winner of every group that has at least one correct candidate."""
-    tops = finalists(measurements, count)
+    tops = finalists(measurements, count, pinned)
     contested = [key for key, ms in tops.items() if len(ms) > 1]
     retimed = dict(zip(contested, retime([[m.candidate for m in tops[key]] for key in contested])))
     chosen: dict[GroupKey, Selection] = {}
     for key, ms in tops.items():
         latencies = retimed.get(key)
         if latencies is None:
-            best = ms[0]
-            chosen[key] = Selection(best.candidate, best.latency_us, best.latency_us, retimed=False)
-            continue
-        winner_index = min(range(len(ms)), key=lambda i: _rank(latencies[i], ms[i].candidate))
+            latencies = [m.latency_us for m in ms]
+            winner_index = 0
+        else:
+            winner_index = min(range(len(ms)), key=lambda i: _rank(latencies[i], ms[i].candidate))
+        baseline = set((pinned or {}).get(key, ()))
+        baseline_us = min((latencies[i] for i, m in enumerate(ms) if m.candidate.config in baseline), default=None)
         winner = ms[winner_index]
-        chosen[key] = Selection(winner.candidate, latencies[winner_index], winner.latency_us, retimed=True)
+        chosen[key] = Selection(winner.candidate, latencies[winner_index], winner.latency_us,
+                                retimed=retimed.get(key) is not None, baseline_us=baseline_us)
     return chosen
 
 

@@ -123,6 +123,22 @@ def read_config_folder(path: str | Path) -> dict[str, dict[int, Config]]:
     return {p.relative_to(root).as_posix(): _read_config_file(p) for p in files}
 
 
+def server_file(files: dict[str, dict[int, Config]], shape: MoEShape, device_name: str,
+                triton_version: str | None = None) -> tuple[str, dict[int, Config]] | None:
+    """The file of ``files`` (``read_config_folder``'s result) a server would load for ``shape``
+    on ``device_name``: vLLM's, else SGLang's for this Triton version, else SGLang's newest
+    version folder; None when there is none (the server falls back to its heuristic)."""
+    sglang_name = sglang_file_name(shape, device_name)
+    preferred = [vllm_file_name(shape, device_name)]
+    if triton_version:
+        preferred.append(f"{sglang_version_folder(triton_version)}/{sglang_name}")
+    others = sorted((k for k in files if k.endswith("/" + sglang_name)), reverse=True)
+    for name in [*preferred, *others]:
+        if files.get(name):
+            return name, files[name]
+    return None
+
+
 def lookup(configs: dict[int, Config], M: int) -> Config:
     """The config a server uses at batch size M: the key with the smallest |key - M|, ties
     going to the key met first, exactly as vLLM and SGLang pick (files list keys ascending,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tuner import driver
+from tuner.baseline import Baseline
 from tuner.commands.arguments import block_shape_arg, check_interpret_limits, int_list
 from tuner.errors import RunFailed, UsageError
 from tuner.journal import JOURNAL_NAME, JournalBusy
@@ -49,6 +50,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="fast (default: cost model, neighbours, local search) or exhaustive (every pruned config)")
     parser.add_argument("--budget-minutes", type=float, metavar="MINUTES",
                         help="stop searching after this long and write the best found so far")
+    parser.add_argument("--baseline", action="append", type=Path, default=[], metavar="DIR",
+                        help="config folder a server uses today (vLLM's shipped JSONs, last night's output; "
+                             "repeatable): its config at each M is always timed against the winner, and the "
+                             "summary reports the ratio")
     parser.add_argument("--split-gemms", action="store_true",
                         help="also tune the up and down GEMMs apart (SGLang's _down files; the summary reports the gain)")
     parser.add_argument("--no-compile-ahead", action="store_true",
@@ -88,6 +93,7 @@ class _Validated:
     out: Path
     journal: Path
     routing: str
+    baseline: Baseline
 
 
 def _validate(args: argparse.Namespace) -> _Validated:
@@ -136,7 +142,7 @@ def _validate(args: argparse.Namespace) -> _Validated:
     empty = [(job.shape.label, M) for job in plan.jobs for M, configs in job.candidates.items() if not configs]
     if empty:
         raise UsageError(f"search space {space.name} leaves no config for {empty[0][0]} at M={empty[0][1]}")
-    return _Validated(specs, space, out, journal, str(routing))
+    return _Validated(specs, space, out, journal, str(routing), Baseline.load(args.baseline))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -146,7 +152,9 @@ def run(args: argparse.Namespace) -> int:
         plan = build_plan(valid.specs, args.tp, args.ep, args.dtype, args.block_shape, args.batch_sizes, valid.space,
                           device_name)
         return [SearchJob(shape=job.shape, configs_by_m={M: tuple(c) for M, c in job.candidates.items()},
-                          routing=valid.routing) for job in plan.jobs]
+                          routing=valid.routing,
+                          baseline_by_m=valid.baseline.configs_for(job.shape, device_name, job.batch_sizes))
+                for job in plan.jobs]
 
     request = driver.TuneRequest(
         jobs_for_device=jobs_for_device, write_outputs=driver.server_files_writer(valid.out, args.format), journal_path=valid.journal,
@@ -183,6 +191,9 @@ def summarize(result: driver.TuneResult) -> dict:
             best.setdefault(key.shape_label, {})[str(key.M)] = {
                 "config": s.candidate.config.to_dict(), "latency_us": round(s.latency_us, 3),
                 "search_latency_us": round(s.search_latency_us, 3), "retimed": s.retimed}
+            if s.baseline_us is not None:
+                best[key.shape_label][str(key.M)].update(
+                    baseline_us=round(s.baseline_us, 3), vs_baseline=round(s.latency_us / s.baseline_us, 4))
         failures = [{"shape": m.candidate.shape.label, "M": m.candidate.M, "config": m.candidate.config.label,
                      "status": m.status.value, "message": m.message}
                     for m in d.measurements if m.status in LISTED_FAILURES]
@@ -244,7 +255,8 @@ def format_summary(summary: dict) -> str:
                 c = best["config"]
                 label = (f"BLOCK_SIZE_M={c['BLOCK_SIZE_M']} N={c['BLOCK_SIZE_N']} K={c['BLOCK_SIZE_K']} "
                          f"GROUP_SIZE_M={c['GROUP_SIZE_M']} warps={c['num_warps']} stages={c['num_stages']}")
-                lines.append(f"    M={M:>5}  {best['latency_us']:10.1f} us  {label}")
+                versus = f"  ({best['vs_baseline']:.3f}x baseline {best['baseline_us']:.1f} us)" if "vs_baseline" in best else ""
+                lines.append(f"    M={M:>5}  {best['latency_us']:10.1f} us  {label}{versus}")
         lines += [f"  no correct config: {gap['shape']} M={gap['M']}" for gap in device["without_winner"]]
         if "compile_ahead" in device:
             c = device["compile_ahead"]

@@ -1,0 +1,51 @@
+"""The configs a server runs today, which a tune has to beat (``--baseline DIR``).
+
+A platform team ships new configs only if they are at least as fast as what the server already
+uses: vLLM's shipped JSONs, last night's output. Per batch size, the config a server would take
+from each baseline folder (the file for the shape and GPU, vLLM's nearest-M lookup; the server's
+default heuristic where the folder has no file for it) joins the search as a candidate that is
+always fully timed and always among the finalists re-timed back to back (``tuner.select``). So
+the file written is never slower than the baseline beyond that re-timing's noise, and the run
+summary states the ratio at every batch size, at no extra GPU time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tuner.errors import UsageError
+from tuner.writers import lookup, read_config_folder, server_file
+from workers.default_config import default_config
+from workers.records import Config, MoEShape
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The config files of the baseline folders, read once before any GPU work."""
+
+    folders: tuple[Path, ...]
+    files: tuple[dict[str, dict[int, Config]], ...]
+
+    @classmethod
+    def load(cls, folders: list[Path]) -> "Baseline":
+        files = []
+        for folder in folders:
+            found = read_config_folder(folder)  # UsageError for a missing folder or a bad file
+            if not found:
+                raise UsageError(f"--baseline {folder}: no MoE config files (E=*.json) in it")
+            files.append(found)
+        return cls(tuple(folders), tuple(files))
+
+    def configs_for(self, shape: MoEShape, device_name: str, batch_sizes: list[int]) -> dict[int, tuple[Config, ...]]:
+        """Per batch size, the distinct configs the baseline folders give a server for ``shape``
+        on ``device_name`` (empty when no folder was given)."""
+        out: dict[int, tuple[Config, ...]] = {}
+        for M in batch_sizes:
+            configs = []
+            for files in self.files:
+                found = server_file(files, shape, device_name)
+                configs.append(lookup(found[1], M) if found else default_config(shape, M))
+            if configs:
+                out[M] = tuple(dict.fromkeys(configs))
+        return out
