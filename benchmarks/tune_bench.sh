@@ -9,7 +9,8 @@
 #   run from the repository root on the GPU host:  bash benchmarks/tune_bench.sh
 #   knobs (environment): BATCH_SIZES (default 1,16,64,256,1024,4096), TOTAL_S (default 520),
 #   EXHAUSTIVE_M (default 64; a comma list works; empty skips it), MODEL_ARGS (default
-#   "--model mixtral-8x7b --tp 2 --dtype bf16"), CACHE_CHECK (default 1; 0 skips that step)
+#   "--model mixtral-8x7b --tp 2 --dtype bf16"), CACHE_CHECK (default 1; 0 skips that step),
+#   TUNE_EXTRA (more flags for the fast tune, e.g. "--split-gemms"; the summary prints the split gain)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)
@@ -22,6 +23,7 @@ BATCH_SIZES=${BATCH_SIZES:-1,16,64,256,1024,4096}
 TOTAL_S=${TOTAL_S:-520}
 EXHAUSTIVE_M=${EXHAUSTIVE_M-64}
 read -r -a MODEL <<<"${MODEL_ARGS:---model mixtral-8x7b --tp 2 --dtype bf16}"
+read -r -a TUNE_EXTRA <<<"${TUNE_EXTRA:-}"
 
 left() { echo $(( TOTAL_S - ($(date +%s) - START) )); }
 step() { echo "== $1 (t=$(( $(date +%s) - START ))s, $(left)s left)" | tee -a "$LOG"; }
@@ -44,7 +46,7 @@ fi
 step "tune (fast strategy, cold cache; the shipped vLLM configs as baseline when carried)"
 BASELINE=()
 [ -d .vllm-shipped ] && BASELINE=(--baseline .vllm-shipped)
-timeout 330 python3 -m tuner.cli tune "${MODEL[@]}" --batch-sizes "$BATCH_SIZES" --budget-minutes 4.5 "${BASELINE[@]}" \
+timeout 330 python3 -m tuner.cli tune "${MODEL[@]}" --batch-sizes "$BATCH_SIZES" --budget-minutes 4.5 "${BASELINE[@]}" "${TUNE_EXTRA[@]}" \
   --out "$WORK/tuned" --journal "$WORK/journal.jsonl" --json >"$OUT/tune.json" 2>>"$LOG"
 echo "tune exit $?" >>"$LOG"
 cp "$WORK"/tuned/E=*.json "$OUT/tuned_config.json" 2>/dev/null
@@ -96,6 +98,9 @@ if tune:
         ratios = {M: b["vs_baseline"] for M, b in per_m.items() if "vs_baseline" in b}
         if ratios:
             print(f"  {shape} tuned / baseline, same re-timing: " + " ".join(f"M={M}:{r:.3f}" for M, r in ratios.items()))
+    for shape, per_m in dev.get("split_gemms", {}).items():
+        print(f"  {shape} split up/down configs save (% of the two GEMMs' time vs one shared config): "
+              + " ".join(f"M={M}:{s['gain_pct']:.1f}" for M, s in per_m.items() if s["gain_pct"] is not None))
 bench = load(out / "bench.json")
 exhaustive = load(out / "exhaustive.json")
 ex_best = {}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,9 +23,8 @@ MIXTRAL = str(FIXTURES / "mixtral-8x7b.json")
 
 
 @pytest.fixture
-def moe_tune(monkeypatch, capsys):
-    """Run ``moe-tune`` in-process with only the plan subcommand registered; return (rc, out, err)."""
-    monkeypatch.setattr(cli, "COMMANDS", {"plan": cli.COMMANDS["plan"]})
+def moe_tune(capsys):
+    """Run ``moe-tune`` in-process; return (rc, out, err)."""
 
     def run(*argv: str):
         rc = cli.main(list(argv))
@@ -140,6 +141,16 @@ def test_bad_input_exits_2_with_one_line(moe_tune, argv, message):
     rc, out, err = moe_tune("plan", *argv, "--device-name", "NVIDIA H200")
     assert rc == 2 and out == ""
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+def test_plan_starts_without_torch_ray_or_matplotlib():
+    """Planning is the command people run on laptops: it must not pay seconds of heavy imports."""
+    probe = ("import sys; from tuner.cli import main; "
+             f"rc = main(['plan', '--model', {MIXTRAL!r}, '--device-name', 'NVIDIA H200', '--json']); "
+             "print(rc, sorted(m for m in ('torch', 'ray', 'matplotlib', 'triton') if m in sys.modules), file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parent.parent)
+    assert done.stderr.strip().splitlines()[-1] == "0 []", done.stderr
 
 
 def test_no_gpu_and_no_device_name(moe_tune, monkeypatch):

@@ -29,21 +29,30 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser, with the flags of ``command`` only (None: of every command): importing a
+    command's module pulls in torch, Ray or matplotlib, seconds that ``plan`` should not pay."""
     parser = _Parser(prog="moe-tune", description="Autotune fused-MoE Triton kernels for vLLM and SGLang.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, help_text in COMMANDS.items():
-        module = importlib.import_module(f"tuner.commands.{name}")
-        module.configure(sub.add_parser(name, help=help_text, description=help_text))
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if command in (None, name):
+            importlib.import_module(f"tuner.commands.{name}").configure(sub_parser)
     return parser
 
 
+def _command_of(argv: list[str]) -> str:
+    """The subcommand: the first word that is not an option ("" when there is none)."""
+    return next((word for word in argv if not word.startswith("-")), "")
+
+
 def main(argv: list[str] | None = None) -> int:
-    if "--interpret" in (sys.argv[1:] if argv is None else argv):
+    words = sys.argv[1:] if argv is None else argv
+    if "--interpret" in words:
         # Triton reads this when its language module is first imported, which the commands' imports do.
         os.environ["TRITON_INTERPRET"] = "1"
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(_command_of(words)).parse_args(argv)
         module = importlib.import_module(f"tuner.commands.{args.command}")
         return int(module.run(args) or 0)
     except UsageError as exc:

@@ -11,7 +11,6 @@ from collections.abc import Iterable
 
 from tuner.errors import UsageError
 from workers.records import DType, MoEShape
-from workers.routing import parse_routing
 
 INTERPRET_MAX_WEIGHTS = 4 * 2 * 128 * 128
 """--interpret refuses shapes with more than E·2N·K = 131072 weights (E=4, N=K=128): the
@@ -81,6 +80,8 @@ def ratio_arg(text: str) -> float:
 
 def routing_arg(text: str) -> str:
     """The canonical routing spec (``uniform``, ``zipf:<alpha>``, ``file:<path>``)."""
+    from workers.routing import parse_routing  # imports torch: only for commands that take --routing
+
     try:
         return str(parse_routing(text))
     except ValueError as exc:
@@ -97,3 +98,16 @@ def check_interpret_limits(shapes: Iterable[MoEShape], batch_sizes: Iterable[int
     largest = max(batch_sizes)
     if largest > INTERPRET_MAX_M:
         raise UsageError(f"--interpret takes batch sizes up to {INTERPRET_MAX_M} (got {largest}); pass --batch-sizes")
+
+
+def add_layout_arguments(parser: argparse.ArgumentParser, repeatable_model: bool = False) -> None:
+    """``--model``, ``--tp`` and ``--ep``: the model and the parallel layout, alike in every command."""
+    if repeatable_model:
+        parser.add_argument("--model", action="append", required=True, metavar="NAME|PATH",
+                            help="preset name, config.json, model folder or cached HF repo id (repeatable)")
+    else:
+        parser.add_argument("--model", required=True, metavar="NAME|PATH",
+                            help="preset name, config.json, model folder or cached HF repo id")
+    parser.add_argument("--tp", type=int, default=1, help="GPUs serving the MoE layer (tensor-parallel size)")
+    parser.add_argument("--ep", type=int, default=1,
+                        help="expert-parallel size, dividing --tp (--tp 2 --ep 2 is vLLM's --enable-expert-parallel)")

@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 
 from tuner import bench
-from tuner.commands.arguments import (block_shape_arg, check_interpret_limits, int_list, positive_int, ratio_arg,
-                                      routing_arg)
+from tuner.commands.arguments import (add_layout_arguments, block_shape_arg, check_interpret_limits, int_list,
+                                      positive_int, ratio_arg, routing_arg)
 from tuner.errors import RunFailed, UsageError
 from tuner.models import derive_shape, load_model
 from tuner.plan import DEFAULT_BATCH_SIZES
@@ -17,9 +17,7 @@ from workers.records import DType, MoEShape
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="NAME|PATH", help="preset name, config.json or model folder")
-    parser.add_argument("--tp", type=int, default=1, help="GPUs serving the MoE layer")
-    parser.add_argument("--ep", type=int, default=1, help="expert-parallel size, dividing --tp")
+    add_layout_arguments(parser)
     parser.add_argument("--dtype", choices=[d.value for d in DType], help="kernel dtype (default: the model's own)")
     parser.add_argument("--block-shape", type=block_shape_arg, metavar="BN,BK", help="fp8 weight block shape")
     parser.add_argument("--batch-sizes", type=int_list, metavar="M,M,...",

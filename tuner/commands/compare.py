@@ -7,7 +7,8 @@ import argparse
 from pathlib import Path
 
 from tuner import compare, report
-from tuner.commands.arguments import check_interpret_limits, dtype_list, int_list, positive_float, positive_int, routing_arg
+from tuner.commands.arguments import (add_layout_arguments, check_interpret_limits, dtype_list, int_list, positive_float,
+                                      positive_int, routing_arg)
 from tuner.errors import UsageError
 from tuner.journal import JOURNAL_NAME, JournalBusy
 from tuner.models import derive_shape, load_model
@@ -20,9 +21,7 @@ DEFAULT_DTYPES = "bf16,fp8_w8a8,int8_w8a16,mxfp4,nvfp4"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="NAME|PATH", help="preset name, config.json or model folder")
-    parser.add_argument("--tp", type=int, default=1, help="GPUs serving the MoE layer")
-    parser.add_argument("--ep", type=int, default=1, help="expert-parallel size, dividing --tp")
+    add_layout_arguments(parser)
     parser.add_argument("--dtypes", type=dtype_list, default=dtype_list(DEFAULT_DTYPES), metavar="D,D,...",
                         help=f"dtypes to compare; bf16 is always included as the yardstick (default: {DEFAULT_DTYPES})")
     parser.add_argument("--batch-sizes", type=int_list, metavar="M,M,...",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from tuner.commands.arguments import block_shape_arg, int_list
+from tuner.commands.arguments import add_layout_arguments, block_shape_arg, int_list
 from tuner.errors import UsageError
 from tuner.plan import DEFAULT_BATCH_SIZES, Plan, build_plan
 from tuner.spaces import REASONS
@@ -27,11 +27,7 @@ def resolve_device_name(given: str | None) -> str:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", action="append", required=True, metavar="NAME|PATH",
-                        help="preset name, config.json, model folder or cached HF repo id (repeatable)")
-    parser.add_argument("--tp", type=int, default=1, help="GPUs serving the MoE layer (tensor-parallel size)")
-    parser.add_argument("--ep", type=int, default=1,
-                        help="expert-parallel size, dividing --tp (--tp 2 --ep 2 is vLLM's --enable-expert-parallel)")
+    add_layout_arguments(parser, repeatable_model=True)
     parser.add_argument("--dtype", action="append", choices=[d.value for d in DType],
                         help="kernel dtype (repeatable); default: each model's own")
     parser.add_argument("--block-shape", type=block_shape_arg, metavar="BN,BK",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tuner import driver
 from tuner.baseline import Baseline
-from tuner.commands.arguments import block_shape_arg, check_interpret_limits, int_list
+from tuner.commands.arguments import add_layout_arguments, block_shape_arg, check_interpret_limits, int_list
 from tuner.errors import RunFailed, UsageError
 from tuner.journal import JOURNAL_NAME, JournalBusy
 from tuner.models import ModelSpec, load_model
@@ -34,10 +34,7 @@ each device group is planned again under its own name once the workers report it
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", action="append", required=True, metavar="NAME|PATH",
-                        help="preset name, config.json, model folder or cached HF repo id (repeatable)")
-    parser.add_argument("--tp", type=int, default=1, help="GPUs serving the MoE layer (tensor-parallel size)")
-    parser.add_argument("--ep", type=int, default=1, help="expert-parallel size, dividing --tp")
+    add_layout_arguments(parser, repeatable_model=True)
     parser.add_argument("--dtype", action="append", choices=[d.value for d in DType],
                         help="kernel dtype (repeatable); default: each model's own")
     parser.add_argument("--block-shape", type=block_shape_arg, metavar="BN,BK", help="fp8 weight block shape")
