@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tuner.cli import main
+from tuner.errors import RunFailed
 from tuner.writers import read_config_folder
 from workers.problem import ERROR_BOUNDS
 from workers.records import DType
@@ -74,3 +75,19 @@ def test_compare_refuses_bad_input_before_tuning(tmp_path: Path, capsys) -> None
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "not a folder" in err
     assert main(["compare", "--model", MODEL, "--dtypes", "fp9", "--out", str(tmp_path / "r")]) == 2
+
+
+def test_budget_and_strategy_reach_the_tuning_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+
+    def stop_at_tune(request, progress=None):
+        seen.append(request)
+        raise RunFailed("stopped by the test")
+
+    monkeypatch.setattr("tuner.compare.driver.tune", stop_at_tune)
+    argv = ["compare", "--model", MODEL, "--dtypes", "fp8_w8a8", "--batch-sizes", "2", "--search-space", SPACE,
+            "--out", str(tmp_path / "r"), "--configs-out", str(tmp_path / "c"), "--interpret"]
+    assert main([*argv, "--budget-minutes", "1.5"]) == 1
+    assert main(argv) == 1
+    assert [(r.budget_s, r.strategy) for r in seen] == [(90.0, "fast"), (None, "fast")]
+    assert not (tmp_path / "r").exists()

@@ -147,7 +147,8 @@ def test_plan_starts_without_torch_ray_or_matplotlib():
     """Planning is the command people run on laptops: it must not pay seconds of heavy imports."""
     probe = ("import sys; from tuner.cli import main; "
              f"rc = main(['plan', '--model', {MIXTRAL!r}, '--device-name', 'NVIDIA H200', '--json']); "
-             "print(rc, sorted(m for m in ('torch', 'ray', 'matplotlib', 'triton') if m in sys.modules), file=sys.stderr)")
+             "heavy = sorted(m for m in ('torch', 'ray', 'matplotlib', 'triton') if m in sys.modules); "
+             "print(rc, heavy, file=sys.stderr)")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).parent.parent)
     assert done.stderr.strip().splitlines()[-1] == "0 []", done.stderr

@@ -70,9 +70,10 @@ def test_reference_matches_naive_dense(gen: torch.Generator, dtype: DType, block
 
 def _assert_matches(out: torch.Tensor, expected: torch.Tensor, fp8: bool) -> None:
     """Tight agreement, except that fp8 rounds twice on the way (gate/up to the activation dtype,
-    then SwiGLU to fp8): a 1e-7 difference in summation order can flip one rounding, which moves a
-    whole output row by up to a quantization step (1/8 relative for E4M3). Allow that for one row
-    in ten, never a wrong expert or weight, which would move most rows by far more."""
+    then SwiGLU to fp8): a 1e-7 difference in summation order can flip one rounding, which moves
+    that token's row by part of one E4M3 step (1/8 relative, of one of its N terms). Over 3000
+    seeds at M=40 such flips hit at most 2 rows, by at most 2.1%; allow one row in ten, by at most
+    1/16. A wrong expert or weight moves most rows, by far more."""
     close = torch.isclose(out, expected, rtol=1e-4, atol=1e-5).all(dim=1)
     if not fp8:
         assert close.all(), f"seed={SEED}: rows {(~close).nonzero().flatten().tolist()} differ"
@@ -80,7 +81,7 @@ def _assert_matches(out: torch.Tensor, expected: torch.Tensor, fp8: bool) -> Non
     flipped = (~close).nonzero().flatten()
     assert len(flipped) <= max(1, len(out) // 10), f"seed={SEED}: rows {flipped.tolist()} differ"
     step = (out[flipped] - expected[flipped]).norm(dim=1) / expected[flipped].norm(dim=1)
-    assert (step <= 1 / 8).all(), f"seed={SEED}: relative row error {step.tolist()}"
+    assert (step <= 1 / 16).all(), f"seed={SEED}: relative row error {step.tolist()}"
 
 
 def test_reference_hand_computed_single_expert() -> None:

@@ -55,8 +55,7 @@ class CompareRequest:
 def search_jobs(models: list, tp: int, ep: int, dtypes: list[DType], batch_sizes: list[int], space, routing: str,
                 device_name: str) -> list[SearchJob]:
     plan = build_plan(models, tp, ep, dtypes, None, batch_sizes, space, device_name)
-    return [SearchJob(shape=job.shape, configs_by_m={M: tuple(c) for M, c in job.candidates.items()}, routing=routing)
-            for job in plan.jobs]
+    return [SearchJob.from_plan(job, routing) for job in plan.jobs]
 
 
 @ray.remote(num_gpus=1)

@@ -1,7 +1,7 @@
 """Compile-ahead, driver side: which configs are compiled, where, and what came of it.
 
 The engine asks ``status(shape, config)`` for every candidate it is about to queue. The first
-ask submits one job per (shape, config) — the GEMMs do not depend on the batch size, so the job
+ask submits one job per (shape, config) — no kernel depends on the batch size, so the job
 covers every batch size of the search at once — to the compile service of every node that hosts
 one of the device group's GPU workers (each node has its own Triton cache). The answer is None
 while no node has finished it; then the first outcome: ok (queue it; the worker will find the

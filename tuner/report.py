@@ -318,7 +318,8 @@ def render_html(sections: list[_Section], plots: dict[str, bytes]) -> str:
 def to_json(results: ComparisonResults, recommendations: list[Recommendation]) -> dict:
     return {
         "model": results.model, "layout": results.layout, "device": results.device,
-        "versions": results.versions, "routing": results.routing, "moe_layers": results.moe_layers, "budget_ended": results.budget_ended,
+        "versions": results.versions, "routing": results.routing, "moe_layers": results.moe_layers,
+        "budget_ended": results.budget_ended,
         "memory_budget_bytes": results.memory_budget_bytes, "memory_model": MEMORY_MODEL,
         "roofline_model": ROOFLINE_MODEL,
         "dtypes": {d.value: {"shape": s.shape.label, "weight_bytes_per_gpu": s.weight_bytes_per_gpu,

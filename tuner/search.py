@@ -41,6 +41,7 @@ on it).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from abc import ABC, abstractmethod
@@ -48,6 +49,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from tuner.cost_model import predict_seconds
+from tuner.plan import Job as PlanJob
 from workers.records import CONFIG_KEYS, Candidate, Config, Gemm, Level, Measurement, MoEShape
 
 SCREEN_RATIO = 1.3
@@ -74,6 +76,13 @@ class SearchJob:
     @property
     def batch_sizes(self) -> list[int]:
         return sorted(self.configs_by_m)
+
+    @classmethod
+    def from_plan(cls, job: PlanJob, routing: str,
+                  baseline_by_m: dict[int, tuple[Config, ...]] | None = None) -> "SearchJob":
+        """The search of one plan job (its pruned candidates per batch size)."""
+        return cls(shape=job.shape, configs_by_m={M: tuple(c) for M, c in job.candidates.items()}, routing=routing,
+                   baseline_by_m=baseline_by_m or {})
 
 
 def promoted(screens: dict[Config, float | None], already: set[Config], cap: int | None = None) -> list[Config]:
@@ -105,6 +114,11 @@ class Group:
     @property
     def configs(self) -> tuple[Config, ...]:
         return self.job.configs_by_m[self.M]
+
+    @functools.cached_property
+    def in_space(self) -> frozenset[Config]:
+        """The pruned space of this batch size, for membership tests (baselines may lie outside it)."""
+        return frozenset(self.configs)
 
     @property
     def baseline(self) -> tuple[Config, ...]:
@@ -262,8 +276,7 @@ class Fast(Strategy):
             return [(group, c, Level.SCREEN) for c in self._seeds(group, neighbours)]
         if group.phase == "local":
             # Walk from the best config of the space: a baseline outside it has no neighbours there.
-            in_space = set(group.configs)
-            best = next((c for c in group.ranked(Level.SCREEN) if c in in_space), None)
+            best = next((c for c in group.ranked(Level.SCREEN) if c in group.in_space), None)
             todo = [c for c in self.neighbours(group, best) if c not in group.screens] if best else []
             if best and not todo:
                 # A one-key optimum can sit next to configs that do not compile (a larger tile needs
@@ -294,7 +307,6 @@ class Fast(Strategy):
         """The group's configs that differ from ``config`` in ``keys_moved`` keys by one step of the
         space each (``config`` itself may lie outside the space: a baseline config)."""
         values = self._values[group.job.shape]
-        allowed = set(group.configs)
         out = []
         for keys in itertools.combinations(CONFIG_KEYS, keys_moved):
             options = []
@@ -305,7 +317,7 @@ class Fast(Strategy):
                 options.append([(key, v) for v in below + above])
             for moves in itertools.product(*options):
                 moved = replace(config, **dict(moves))
-                if moved in allowed:
+                if moved in group.in_space:
                     out.append(moved)
         return out
 
@@ -320,9 +332,8 @@ class Fast(Strategy):
         return [self._by_key[k] for k in keys]
 
     def _seeds(self, group: Group, neighbours: list[Group]) -> list[Config]:
-        allowed = set(group.configs)
         seeds = [c for n in neighbours for c in n.ranked(Level.SCREEN)[:FAST_SEEDS_PER_NEIGHBOUR]]
-        return [c for c in dict.fromkeys(seeds) if c in allowed and c not in group.screens]
+        return [c for c in dict.fromkeys(seeds) if c in group.in_space and c not in group.screens]
 
 
 STRATEGIES: dict[str, type[Strategy]] = {"exhaustive": Exhaustive, "fast": Fast}

@@ -49,8 +49,10 @@ class CompileTarget:
 
 @dataclass(frozen=True)
 class CompileJob:
-    """Compile every kernel of one config for one shape, as launched at each of ``batch_sizes``
-    (the GEMMs do not depend on the batch size and compile once; the sort's tile loop does)."""
+    """Compile every kernel of one config for one shape, as launched at each of ``batch_sizes``.
+    No kernel specializes on the batch size (``tests/test_compile_ahead.py``), so the first M
+    compiles and the others are cache hits costing milliseconds; walking them all keeps any
+    future M-dependent specialization covered."""
 
     shape: MoEShape
     config: Config

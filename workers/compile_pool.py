@@ -106,11 +106,6 @@ class CompilePool:
             except queue.Empty:
                 return out
 
-    def pending(self) -> int:
-        """Jobs submitted whose result has not been handed out by ``results`` yet."""
-        with self._lock:
-            return len(self._waiting) + sum(p.key is not None for p in self._processes) + self._results.qsize()
-
     def close(self) -> None:
         self._closed = True
         self._supervisor.join(timeout=5)

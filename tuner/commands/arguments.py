@@ -7,7 +7,7 @@ Each ``*_arg``/``*_list`` function is an argparse ``type``: a bad value raises
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from tuner.errors import UsageError
 from workers.records import DType, MoEShape
@@ -48,34 +48,26 @@ def dtype_list(text: str) -> list[DType]:
     return list(dict.fromkeys(dtypes))
 
 
-def positive_int(text: str) -> int:
+def _number(text: str, convert: Callable[[str], float], valid: Callable[[float], bool], expected: str):
     try:
-        value = int(text)
+        value = convert(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not valid(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 1, "a positive integer")
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+    return _number(text, float, lambda v: v > 0, "a positive number")
 
 
 def ratio_arg(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
+    return _number(text, float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
 
 
 def routing_arg(text: str) -> str:

@@ -7,8 +7,8 @@ import argparse
 from pathlib import Path
 
 from tuner import compare, report
-from tuner.commands.arguments import (add_layout_arguments, check_interpret_limits, dtype_list, int_list, positive_float,
-                                      positive_int, routing_arg)
+from tuner.commands.arguments import (add_layout_arguments, check_interpret_limits, dtype_list, int_list,
+                                      positive_float, positive_int, routing_arg)
 from tuner.errors import UsageError
 from tuner.journal import JOURNAL_NAME, JournalBusy
 from tuner.models import derive_shape, load_model

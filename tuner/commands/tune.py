@@ -14,7 +14,8 @@ from pathlib import Path
 
 from tuner import driver
 from tuner.baseline import Baseline
-from tuner.commands.arguments import add_layout_arguments, block_shape_arg, check_interpret_limits, int_list
+from tuner.commands.arguments import (add_layout_arguments, block_shape_arg, check_interpret_limits, int_list,
+                                      positive_float, positive_int, routing_arg)
 from tuner.errors import RunFailed, UsageError
 from tuner.journal import JOURNAL_NAME, JournalBusy
 from tuner.models import ModelSpec, load_model
@@ -42,10 +43,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"default: {','.join(map(str, DEFAULT_BATCH_SIZES))}")
     parser.add_argument("--search-space", default="default", metavar="NAME|PATH",
                         help="search space name (search_spaces/<name>.yaml) or YAML file")
-    parser.add_argument("--routing", default="uniform", help="uniform (default), zipf:<alpha> or file:<topk_ids.pt|.npy>")
+    parser.add_argument("--routing", type=routing_arg, default="uniform", help="uniform (default), zipf:<alpha> or file:<topk_ids.pt|.npy>")
     parser.add_argument("--strategy", default="fast", choices=sorted(STRATEGIES),
                         help="fast (default: cost model, neighbours, local search) or exhaustive (every pruned config)")
-    parser.add_argument("--budget-minutes", type=float, metavar="MINUTES",
+    parser.add_argument("--budget-minutes", type=positive_float, metavar="MINUTES",
                         help="stop searching after this long and write the best found so far")
     parser.add_argument("--baseline", action="append", type=Path, default=[], metavar="DIR",
                         help="config folder a server uses today (vLLM's shipped JSONs, last night's output; "
@@ -55,21 +56,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="also tune the up and down GEMMs apart (SGLang's _down files; the summary reports the gain)")
     parser.add_argument("--no-compile-ahead", action="store_true",
                         help="let the GPU workers compile for themselves instead of CPU processes ahead of them")
-    parser.add_argument("--compile-timeout", type=float, default=180.0, metavar="SECONDS",
+    parser.add_argument("--compile-timeout", type=positive_float, default=180.0, metavar="SECONDS",
                         help="a compile running longer is killed and its config recorded as timeout (default 180)")
     parser.add_argument("--kernel", default="builtin", choices=KERNELS,
                         help="time our kernel (builtin) or the installed server's fused-MoE entry point")
     parser.add_argument("--address", help="Ray cluster to join (auto, ray://host:port); default: start one here")
-    parser.add_argument("--workers", type=int, help="use at most N GPUs (default: every GPU Ray reports)")
+    parser.add_argument("--workers", type=positive_int, help="use at most N GPUs (default: every GPU Ray reports)")
     parser.add_argument("--out", default="configs_out", help="output folder (default: configs_out)")
     parser.add_argument("--format", default="vllm", choices=FORMATS, help="file layout to write (default: vllm)")
     parser.add_argument("--journal", help=f"journal file (default: <out>/{JOURNAL_NAME})")
     parser.add_argument("--fresh", action="store_true", help="ignore the journal (it is kept aside) and measure everything")
     parser.add_argument("--interpret", action="store_true",
                         help="no GPU: Triton interpreter on CPU workers (tiny shapes only)")
-    parser.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+    parser.add_argument("--timeout", type=positive_float, default=300.0, metavar="SECONDS",
                         help="per-candidate limit; a candidate running longer ends its worker (default 300)")
-    parser.add_argument("--finalists", type=int, default=3,
+    parser.add_argument("--finalists", type=positive_int, default=3,
                         help="fastest candidates per batch size re-timed back to back before choosing (default 3)")
     parser.add_argument("--json", action="store_true", help="print the run summary as one JSON object")
 
@@ -94,20 +95,7 @@ class _Validated:
 
 
 def _validate(args: argparse.Namespace) -> _Validated:
-    if args.workers is not None and args.workers < 1:
-        raise UsageError(f"--workers must be at least 1 (got {args.workers})")
-    if args.timeout <= 0:
-        raise UsageError(f"--timeout must be positive (got {args.timeout})")
-    if args.finalists < 1:
-        raise UsageError(f"--finalists must be at least 1 (got {args.finalists})")
-    if args.budget_minutes is not None and args.budget_minutes <= 0:
-        raise UsageError(f"--budget-minutes must be positive (got {args.budget_minutes})")
-    if args.compile_timeout <= 0:
-        raise UsageError(f"--compile-timeout must be positive (got {args.compile_timeout})")
-    try:
-        routing = parse_routing(args.routing)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    routing = parse_routing(args.routing)  # valid already (routing_arg)
     if routing.kind == "file":
         path = Path(routing.path).expanduser().resolve()
         if not path.is_file():
@@ -148,9 +136,8 @@ def run(args: argparse.Namespace) -> int:
     def jobs_for_device(device_name: str) -> list[SearchJob]:
         plan = build_plan(valid.specs, args.tp, args.ep, args.dtype, args.block_shape, args.batch_sizes, valid.space,
                           device_name)
-        return [SearchJob(shape=job.shape, configs_by_m={M: tuple(c) for M, c in job.candidates.items()},
-                          routing=valid.routing,
-                          baseline_by_m=valid.baseline.configs_for(job.shape, device_name, job.batch_sizes))
+        return [SearchJob.from_plan(job, valid.routing,
+                                    valid.baseline.configs_for(job.shape, device_name, job.batch_sizes))
                 for job in plan.jobs]
 
     request = driver.TuneRequest(
@@ -185,12 +172,11 @@ def summarize(result: driver.TuneResult) -> dict:
     for d in result.devices:
         best = {}
         for key, s in sorted(d.selections.items()):
-            best.setdefault(key.shape_label, {})[str(key.M)] = {
-                "config": s.candidate.config.to_dict(), "latency_us": round(s.latency_us, 3),
-                "search_latency_us": round(s.search_latency_us, 3), "retimed": s.retimed}
+            entry = {"config": s.candidate.config.to_dict(), "latency_us": round(s.latency_us, 3),
+                     "search_latency_us": round(s.search_latency_us, 3), "retimed": s.retimed}
             if s.baseline_us is not None:
-                best[key.shape_label][str(key.M)].update(
-                    baseline_us=round(s.baseline_us, 3), vs_baseline=round(s.latency_us / s.baseline_us, 4))
+                entry.update(baseline_us=round(s.baseline_us, 3), vs_baseline=round(s.latency_us / s.baseline_us, 4))
+            best.setdefault(key.shape_label, {})[str(key.M)] = entry
         failures = [{"shape": m.candidate.shape.label, "M": m.candidate.M, "config": m.candidate.config.label,
                      "status": m.status.value, "message": m.message}
                     for m in d.measurements if m.status in LISTED_FAILURES]
@@ -252,7 +238,8 @@ def format_summary(summary: dict) -> str:
                 c = best["config"]
                 label = (f"BLOCK_SIZE_M={c['BLOCK_SIZE_M']} N={c['BLOCK_SIZE_N']} K={c['BLOCK_SIZE_K']} "
                          f"GROUP_SIZE_M={c['GROUP_SIZE_M']} warps={c['num_warps']} stages={c['num_stages']}")
-                versus = f"  ({best['vs_baseline']:.3f}x baseline {best['baseline_us']:.1f} us)" if "vs_baseline" in best else ""
+                versus = (f"  ({best['vs_baseline']:.3f}x baseline {best['baseline_us']:.1f} us)"
+                          if "vs_baseline" in best else "")
                 lines.append(f"    M={M:>5}  {best['latency_us']:10.1f} us  {label}{versus}")
         lines += [f"  no correct config: {gap['shape']} M={gap['M']}" for gap in device["without_winner"]]
         if "compile_ahead" in device:
