@@ -87,3 +87,21 @@ def test_faulty_candidates_are_quarantined_and_the_files_equal_a_clean_runs(tmp_
                 for r in records if r["kind"] == "measure" and r["status"] != "ok"}
     assert attempts == {(kill.config.label, 1, "crashed"): 2, (throw.config.label, 4, "crashed"): 1,
                         (hang.config.label, 4, "timeout"): 2}
+
+
+@pytest.mark.timeout(300)
+def test_a_lone_worker_that_dies_is_restarted_and_the_run_finishes(tmp_path, monkeypatch):
+    """With one worker nothing is in flight while it restarts: the engine must keep polling to
+    bring it back (it once spun forever here, as both workers of a 2-GPU run did on H200s)."""
+    ranking = deterministic_ranking()
+    kill = ranking[1][-1]
+    faults = [{"config": kill.config.label, "M": 1, "action": "kill"}]
+    monkeypatch.setenv(ENV_VAR, str(write_fault_plan(tmp_path / "faults.json", faults)))
+    out = tmp_path / "out"
+    argv = tune_argv(out, timeout_s=60)
+    argv[argv.index("--workers") + 1] = "1"
+    code, summary = run_tune(argv)
+    assert code == 0
+    assert summary["failed"] == {"crashed": 1}
+    assert summary["evaluations_run"] == expected_evaluations(frozenset({(kill.config.label, 1)}))
+    assert json.loads((out / VLLM_FILE).read_text()) == expected_vllm_file()

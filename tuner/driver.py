@@ -220,7 +220,9 @@ class Engine:
                 raise RunFailed("every worker was lost; the journal keeps what was measured, run again to resume")
             # While GPUs sit free and configs are still compiling, look at both often.
             wait_s = SHORT_POLL_S if compiling and self.pool.free_slots() else POLL_S
-            if self.pool.busy():
+            # A lost actor has nothing in flight but is brought back only by polling: poll while
+            # any is recovering, or a run whose every worker is restarting would spin forever.
+            if self.pool.busy() or self.pool.recovering():
                 for event in self.pool.poll(wait_s):
                     self._handle(event)
             elif compiling:

@@ -33,6 +33,9 @@ INFLIGHT_PER_WORKER = 2
 OVERDUE_GRACE_S = 60.0
 PROBE_INTERVAL_S = 1.0
 STARTUP_TIMEOUT_S = 600.0
+RESTART_TIMEOUT_S = 180.0
+"""A lost actor not answering a ping within this many seconds of its death is retired (Ray may
+queue the ping until the restart, so a stuck restart is bounded here, not by the ping)."""
 
 
 @dataclass
@@ -95,9 +98,11 @@ class Raised:
 
 
 class WorkerPool:
-    def __init__(self, actors: list[Any], timeout_s: float, note: Callable[[str], None]) -> None:
+    def __init__(self, actors: list[Any], timeout_s: float, note: Callable[[str], None],
+                 restart_timeout_s: float = RESTART_TIMEOUT_S) -> None:
         self.slots = [Slot(index=i, actor=a) for i, a in enumerate(actors)]
         self.timeout_s = timeout_s
+        self.restart_timeout_s = restart_timeout_s
         self.note = note
 
     # -- start-up ------------------------------------------------------------------------------
@@ -130,6 +135,11 @@ class WorkerPool:
     def busy(self) -> bool:
         """Calls in flight (their results are still to come)."""
         return any(s.pending for s in self.slots)
+
+    def recovering(self) -> bool:
+        """Actors lost and not yet back or retired: only ``poll`` pings them back into service, so
+        a caller with nothing in flight must keep polling while this is true."""
+        return any(s.lost_since is not None and not s.retired for s in self.slots)
 
     # -- collection ----------------------------------------------------------------------------
 
@@ -196,6 +206,10 @@ class WorkerPool:
     def _send_due_probes(self) -> None:
         now = time.monotonic()
         for slot in self.slots:
+            if slot.lost_since is not None and not slot.retired and now - slot.lost_since > self.restart_timeout_s:
+                self._retire(slot, f"it did not restart within {self.restart_timeout_s:.0f}s")
+                _kill_quietly(slot.actor)
+                continue
             if slot.probe_at is not None and slot.probing is None and now >= slot.probe_at:
                 slot.probe_at = None
                 slot.probing = Flight(slot.actor.ping.remote(), None, now)
@@ -208,8 +222,8 @@ class WorkerPool:
             return
         except RayActorError:
             # Still restarting: calls to a restarting actor fail at once, so ask again shortly.
-            if time.monotonic() - slot.lost_since > STARTUP_TIMEOUT_S:
-                self._retire(slot, f"it did not restart within {STARTUP_TIMEOUT_S:.0f}s")
+            if time.monotonic() - slot.lost_since > self.restart_timeout_s:
+                self._retire(slot, f"it did not restart within {self.restart_timeout_s:.0f}s")
             else:
                 self._probe(slot, PROBE_INTERVAL_S)
             return
@@ -234,10 +248,14 @@ class WorkerPool:
 
     def shutdown(self) -> None:
         for slot in self.slots:
-            try:
-                ray.kill(slot.actor, no_restart=True)
-            except Exception:  # noqa: BLE001 - best effort at exit; the actor may be gone already
-                pass
+            _kill_quietly(slot.actor)
+
+
+def _kill_quietly(actor: Any) -> None:
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # noqa: BLE001 - best effort; the actor may be gone already
+        pass
 
 
 class WorkerStartFailed(RuntimeError):
