@@ -15,14 +15,15 @@ where the reference ran is a regression too.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import ray
-from ray.exceptions import RayActorError
-
 from tuner.errors import RunFailed, UsageError
-from tuner.ray_session import gpu_worker, ray_session
+from tuner.pool import Done, Lost, WorkerPool, start_pool
+from tuner.ray_session import ray_session
 from tuner.writers import lookup, read_config_folder, server_file
 from workers.default_config import default_config
 from workers.records import Candidate, Config, MoEShape, Status
@@ -149,47 +150,28 @@ def resolve_config(variant: Variant, files: dict[str, dict[int, Config]] | None,
     return lookup(configs, M), f"{variant.folder}/{name}"
 
 
-class GpuMeasurer:
-    """One BenchmarkWorker actor inside a ``ray_session``; a candidate that kills it is recorded as
-    crashed and a fresh actor takes over."""
-
-    def __init__(self) -> None:
-        self.worker = gpu_worker()
-        self.env = self._describe()
-
-    def _describe(self) -> dict[str, str]:
-        try:
-            return ray.get(self.worker.describe.remote())
-        except RayActorError as exc:
-            raise RunFailed(f"the GPU worker could not start: {str(exc).splitlines()[0]}") from None
-
-    def measure(self, candidate: Candidate):
-        try:
-            return ray.get(self.worker.measure.remote(candidate))
-        except RayActorError:
-            self.worker = gpu_worker()
-            self._describe()
-            return None
-
-    def retime(self, candidates: list[Candidate], rounds: int) -> list[float]:
-        try:
-            return ray.get(self.worker.retime.remote(candidates, rounds))
-        except RayActorError as exc:
-            raise RunFailed(f"the GPU worker died while re-timing at M={candidates[0].M}: "
-                            f"{str(exc).splitlines()[0]}") from None
+@contextmanager
+def bench_pool(timeout_s: float = 300.0) -> Iterator[WorkerPool]:
+    """One BenchmarkWorker actor (``tuner.pool``) inside an open ``ray_session``: a candidate that
+    kills it is recorded as crashed and the pool brings the actor back for the next one."""
+    pool = start_pool(1, "builtin", timeout_s, lambda text: print(f"bench: {text}", file=sys.stderr))
+    try:
+        yield pool
+    finally:
+        pool.shutdown()
 
 
-def bench_on(measurer: GpuMeasurer, shape: MoEShape, variants: list[Variant], reference: Variant,
+def bench_on(pool: WorkerPool, shape: MoEShape, variants: list[Variant], reference: Variant,
              batch_sizes: list[int], routing: str = "uniform", rounds: int = RETIME_ROUNDS) -> BenchResult:
-    """Bench one shape on an existing worker (a job's gate benches many shapes on one)."""
+    """Bench one shape on an existing pool (a job's gate benches many shapes on one worker)."""
     files = {v.label: read_config_folder(v.folder) for v in variants if not v.is_heuristic}
-    device = measurer.env["device"]
-    result = BenchResult(shape, routing, device, {k: v for k, v in measurer.env.items() if k != "device"},
-                         variants, reference)
+    env = pool.slots[0].env
+    device = env["device"]
+    result = BenchResult(shape, routing, device, {k: v for k, v in env.items() if k != "device"}, variants, reference)
     for M in batch_sizes:
-        cells = {v.label: Cell(*resolve_config(v, files.get(v.label), shape, device, measurer.env["triton"], M))
+        cells = {v.label: Cell(*resolve_config(v, files.get(v.label), shape, device, env["triton"], M))
                  for v in variants}
-        _time_batch(measurer, shape, routing, M, cells, rounds)
+        _time_batch(pool, shape, routing, M, cells, rounds)
         result.rows[M] = cells
     return result
 
@@ -200,26 +182,33 @@ def run_bench(shape: MoEShape, variants: list[Variant], reference: Variant, batc
     for variant in variants:
         if variant.folder is not None:
             read_config_folder(variant.folder)  # unreadable files fail before Ray starts
-    with ray_session(address, interpret):
-        return bench_on(GpuMeasurer(), shape, variants, reference, batch_sizes, routing, rounds)
+    with ray_session(address, interpret, workers=1), bench_pool() as pool:
+        return bench_on(pool, shape, variants, reference, batch_sizes, routing, rounds)
 
 
-def _time_batch(measurer: GpuMeasurer, shape: MoEShape, routing: str, M: int, cells: dict[str, Cell],
+def _time_batch(pool: WorkerPool, shape: MoEShape, routing: str, M: int, cells: dict[str, Cell],
                 rounds: int) -> None:
     """Check each distinct config once, then time the correct ones interleaved."""
     distinct = list(dict.fromkeys(cell.config for cell in cells.values()))
     outcome: dict[Config, tuple[Status, str]] = {}
     for config in distinct:
-        measurement = measurer.measure(Candidate(shape, M, config, routing=routing))
-        if measurement is None:
-            outcome[config] = (Status.CRASHED, "the worker process died on this config")
+        candidate = Candidate(shape, M, config, routing=routing)
+        event = pool.call(candidate, lambda actor, c=candidate: actor.measure.remote(c))
+        if isinstance(event, Done):
+            outcome[config] = (event.value.status, event.value.message)
+        elif isinstance(event, Lost):
+            outcome[config] = (event.cause, f"the worker process died on this config ({event.detail})")
         else:
-            outcome[config] = (measurement.status, measurement.message)
+            outcome[config] = (Status.CRASHED, f"worker call failed: {type(event.error).__name__}: {event.error}"[:500])
     correct = [c for c in distinct if outcome[c][0] is Status.OK]
     latencies = {}
     if correct:
-        timed = measurer.retime([Candidate(shape, M, c, routing=routing) for c in correct], rounds)
-        latencies = dict(zip(correct, timed))
+        finalists = [Candidate(shape, M, c, routing=routing) for c in correct]
+        event = pool.call(finalists, lambda actor: actor.retime.remote(finalists, rounds))
+        if not isinstance(event, Done):
+            reason = event.detail if isinstance(event, Lost) else f"{type(event.error).__name__}: {event.error}"
+            raise RunFailed(f"the GPU worker failed while re-timing at M={M}: {reason.splitlines()[0]}")
+        latencies = dict(zip(correct, event.value))
     for cell in cells.values():
         cell.status, cell.message = outcome[cell.config]
         cell.latency_us = latencies.get(cell.config)

@@ -2,24 +2,24 @@
 the same inputs, and fill the report's record.
 
 Tuning goes through the service's engine (``tuner.driver.tune``) with the journal, so a compare
-after a tune (or a second compare) re-measures nothing. Accuracy is then measured by one Ray task
-on one GPU: per batch size it builds the problem of every dtype from the same seed (the same x,
-routing and bf16 master weights, quantized per dtype; seed = M as the tuner's correctness check
-uses), runs each dtype's tuned config, and reports ||out - out_bf16|| / ||out_bf16||.
+after a tune (or a second compare) re-measures nothing. Accuracy is then measured in the same Ray
+session on one pool worker (``tuner.pool``), one call per batch size
+(``BenchmarkWorker.relative_errors``): it builds the problem of every dtype from the same seed
+(the same x, routing and bf16 master weights, quantized per dtype; seed = M as the tuner's
+correctness check uses), runs each dtype's tuned config, and reports
+||out - out_bf16|| / ||out_bf16||.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import ray
-
 from tuner import driver, roofline
 from tuner.errors import RunFailed
 from tuner.plan import build_plan
+from tuner.pool import Done, Lost, start_pool
 from tuner.progress import Progress
 from tuner.ray_session import ray_session
 from tuner.report import REFERENCE, ComparisonResults, measured_point, summarize_dtype
@@ -29,6 +29,8 @@ from workers.records import Config, DType, Gemm, MoEShape
 
 DEFAULT_BUDGET_FRACTION = 0.9  # vLLM's default --gpu-memory-utilization
 UNKNOWN_DEVICE_MEMORY = 80 * 2**30
+ACCURACY_TIMEOUT_S = 600.0
+"""Limit for the accuracy pass at one batch size (every dtype's problem, reference and run)."""
 
 
 @dataclass(frozen=True)
@@ -58,41 +60,40 @@ def search_jobs(models: list, tp: int, ep: int, dtypes: list[DType], batch_sizes
     return [SearchJob.from_plan(job, routing) for job in plan.jobs]
 
 
-@ray.remote(num_gpus=1)
-def _errors_vs_bf16(shapes: dict[DType, MoEShape], configs: dict[DType, dict[int, Config]], batch_sizes: list[int],
-                    routing: str) -> tuple[dict[DType, dict[int, float]], dict[int, int]]:
+def _errors_vs_bf16(request: CompareRequest, configs: dict[DType, dict[int, Config]],
+                    progress: Progress) -> tuple[dict[DType, dict[int, float]], dict[int, int]]:
     """Per dtype and M the tuned kernel's relative error against the bf16 kernel's output, and per
     M the number of distinct experts the routing touches (for the HBM floor)."""
-    import torch
-
-    from workers.moe import fused_moe
-    from workers.problem import build_problem, rel_error, release_weights
-
-    device = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
-    errors: dict[DType, dict[int, float]] = {dtype: {} for dtype in shapes}
+    errors: dict[DType, dict[int, float]] = {dtype: {} for dtype in request.shapes}
     touched: dict[int, int] = {}
-    for M in batch_sizes:
-        outputs = {}
-        for dtype, shape in shapes.items():
-            config = configs[dtype].get(M)
-            if config is None:
+    pool = start_pool(1, "builtin", ACCURACY_TIMEOUT_S, progress.note)
+    try:
+        for M in request.batch_sizes:
+            at_m = {dtype: per_m[M] for dtype, per_m in configs.items() if M in per_m}
+            if REFERENCE not in at_m:
                 continue
-            problem = build_problem(shape, M, routing=routing, seed=M, device=device)
-            touched[M] = int(torch.unique(problem.topk_ids).numel())
-            outputs[dtype] = fused_moe(problem.x, problem.w13, problem.w2, problem.topk_weights, problem.topk_ids,
-                                       config).float()
-            del problem
-        for dtype, out in outputs.items():
-            errors[dtype][M] = rel_error(out, outputs[REFERENCE])
-    release_weights()
+            event = pool.call(M, lambda actor, c=at_m, m=M: actor.relative_errors.remote(
+                request.shapes, c, m, request.routing, REFERENCE))
+            if not isinstance(event, Done):
+                reason = event.detail if isinstance(event, Lost) else f"{type(event.error).__name__}: {event.error}"
+                raise RunFailed(f"the accuracy pass failed at M={M}: {reason.splitlines()[0]}")
+            per_dtype, touched[M] = event.value
+            for dtype, error in per_dtype.items():
+                errors[dtype][M] = error
+    finally:
+        pool.shutdown()
     return errors, touched
 
 
 def run_compare(request: CompareRequest, progress: Progress | None = None) -> ComparisonResults:
-    progress = progress or Progress()
+    with ray_session(request.address, request.interpret, request.workers):
+        return _compare_in_session(request, progress or Progress())
+
+
+def _compare_in_session(request: CompareRequest, progress: Progress) -> ComparisonResults:
     tuned = driver.tune(driver.TuneRequest(
         jobs_for_device=request.plan_for_device, write_outputs=driver.server_files_writer(request.configs_out, request.file_format),
-        journal_path=request.journal, fresh=request.fresh, address=request.address, workers=request.workers,
+        journal_path=request.journal, fresh=request.fresh, workers=request.workers,
         interpret=request.interpret, strategy=request.strategy, budget_s=request.budget_s), progress)
     if len(tuned.devices) != 1:
         raise RunFailed(f"compare needs one GPU type; the workers are on {len(tuned.devices)}: "
@@ -111,9 +112,7 @@ def run_compare(request: CompareRequest, progress: Progress | None = None) -> Co
     for M in {M for per_m in configs.values() for M in per_m} - set(configs[REFERENCE]):
         configs[REFERENCE][M] = default_config(request.shapes[REFERENCE], M)
     progress.note("measuring every dtype against bf16 on the same inputs")
-    with ray_session(request.address, request.interpret):
-        errors, touched = ray.get(_errors_vs_bf16.remote(request.shapes, configs, request.batch_sizes,
-                                                         request.routing))
+    errors, touched = _errors_vs_bf16(request, configs, progress)
 
     peaks = roofline.device_peaks(device.device)
     budget = request.memory_budget_bytes

@@ -1,6 +1,7 @@
 """The tuning engine: Ray actors measure what the strategy proposes; the journal remembers everything.
 
-One run: start (or join) Ray, create one BenchmarkWorker actor per GPU, group the actors by what
+One run, inside the command's ``tuner.ray_session``: create one BenchmarkWorker actor per GPU
+(``tuner.pool.start_pool``), group the actors by what
 they are (device name, versions, kernel hash — results of different GPU types are never mixed),
 then per group: the strategy proposes candidates; those already in the journal are answered from
 it; the rest go on one shared queue, from which every idle actor takes the next candidate,
@@ -22,9 +23,6 @@ again; calls that were queued behind it on the dead actor go back on the queue u
 
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -38,18 +36,16 @@ from tuner.compiling import DEFAULT_COMPILE_TIMEOUT_S, CompileAhead, CompileStat
 from tuner.errors import RunFailed
 from tuner.journal import (Journal, measurement_key, measurement_to_record, record_to_measurement, retime_key,
                            retime_to_record)
-from tuner.pool import STARTUP_TIMEOUT_S, Done, Lost, Raised, Slot, WorkerPool, WorkerStartFailed
+from tuner.pool import STARTUP_TIMEOUT_S, Done, Lost, Raised, Slot, WorkerPool, start_pool
 from tuner.progress import Progress
 from tuner.search import STRATEGIES, SearchJob, Strategy
 from tuner.writers import write_sglang, write_vllm
-from workers import faults
 from workers.compile_ahead import CompileTarget
 from workers.records import Candidate, Gemm, Measurement, MoEShape, Status
 
 MAX_ATTEMPTS = 2
 POLL_S = 0.5
 SHORT_POLL_S = 0.05
-INTERPRET_NUM_GPUS = 2
 
 
 SplitChoices = dict[tuple[MoEShape, str], dict[int, selection.SplitChoice]]
@@ -96,7 +92,6 @@ class TuneRequest:
     write_outputs: OutputWriter
     journal_path: Path
     fresh: bool = False
-    address: str | None = None
     workers: int | None = None
     interpret: bool = False
     kernel: str = "builtin"
@@ -387,47 +382,6 @@ class Retimer:
         return results
 
 
-def _start_ray(request: TuneRequest) -> None:
-    """Start an embedded Ray, or join the cluster named by --address (or RAY_ADDRESS, as under
-    ``ray job submit``)."""
-    env_vars = {}
-    if request.interpret:
-        env_vars["TRITON_INTERPRET"] = "1"
-    if os.environ.get(faults.ENV_VAR):
-        env_vars[faults.ENV_VAR] = os.environ[faults.ENV_VAR]
-    runtime_env = {"env_vars": env_vars} if env_vars else None
-    address = request.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        try:
-            ray.init(address=address, runtime_env=runtime_env)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise RunFailed(f"cannot join the Ray cluster at {address}: {exc}") from None
-        return
-    if request.interpret:
-        gpus = request.workers or INTERPRET_NUM_GPUS
-        ray.init(num_cpus=max(2, gpus), num_gpus=gpus, include_dashboard=False, runtime_env=runtime_env)
-    else:
-        ray.init(include_dashboard=False, runtime_env=runtime_env)
-
-
-def _create_pool(request: TuneRequest, progress: Progress) -> WorkerPool:
-    from workers.worker import BenchmarkWorker
-
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    if gpus < 1:
-        raise RunFailed("Ray reports no GPUs (on a machine without one, use --interpret)")
-    count = min(gpus, request.workers) if request.workers else gpus
-    actor_class = ray.remote(BenchmarkWorker).options(num_gpus=1, max_restarts=-1, max_task_retries=0)
-    actors = [actor_class.remote(kernel=request.kernel, timeout_s=request.timeout_s) for _ in range(count)]
-    pool = WorkerPool(actors, request.timeout_s, progress.note)
-    try:
-        pool.describe_all()
-    except WorkerStartFailed as exc:
-        pool.shutdown()
-        raise RunFailed(str(exc)) from None
-    return pool
-
-
 def _device_groups(pool: WorkerPool, request: TuneRequest) -> list[_DeviceGroup]:
     by_env: dict[tuple, list[Slot]] = {}
     for slot in pool.slots:
@@ -495,21 +449,18 @@ def _choose_and_write(group: _DeviceGroup, retimer: selection.Retimer, request: 
 
 
 def tune(request: TuneRequest, progress: Progress | None = None) -> TuneResult:
-    """Run the whole tune: search, re-time finalists, write files. Raises RunFailed on run failures."""
+    """Run the whole tune: search, re-time finalists, write files. Needs an open
+    ``tuner.ray_session``; raises RunFailed on run failures."""
     progress = progress or Progress()
     started = time.monotonic()
     result = TuneResult()
-    # Ray prints what it forwards from the cluster (worker output, "(raylet) A worker died …")
-    # on the driver's stdout; stdout belongs to the command's result (``--json``), so all of that
-    # goes to stderr while Ray runs.
-    with Journal(request.journal_path, fresh=request.fresh) as journal, contextlib.redirect_stdout(sys.stderr):
+    with Journal(request.journal_path, fresh=request.fresh) as journal:
         if journal.set_aside is not None:
             progress.note(f"--fresh: previous journal kept as {journal.set_aside}")
-        _start_ray(request)
         pool = None
         groups: list[_DeviceGroup] = []
         try:
-            pool = _create_pool(request, progress)
+            pool = start_pool(request.workers, request.kernel, request.timeout_s, progress.note)
             groups = _device_groups(pool, request)
             for g in groups:
                 progress.note(f"{len(g.slots)} worker(s) on {g.device} (torch {g.env['torch']}, "
@@ -535,6 +486,5 @@ def tune(request: TuneRequest, progress: Progress | None = None) -> TuneResult:
                     group.compiler.close()
             if pool is not None:
                 pool.shutdown()
-            ray.shutdown()
     result.wall_s = time.monotonic() - started
     return result

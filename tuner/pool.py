@@ -13,7 +13,11 @@ per-candidate timeout (a hang the watchdog could not end). Ray restarts the proc
 (``max_restarts=-1``, ``max_task_retries=0``: retries are the engine's decision, not Ray's);
 the pool pings the restarting actor every ``PROBE_INTERVAL_S`` (calls to an actor that is
 restarting fail at once) and gives it work again once a ping returns; an actor Ray declares dead,
-or that is not back within ``STARTUP_TIMEOUT_S`` (a lost node), is retired.
+or that is not back within ``RESTART_TIMEOUT_S`` (a lost node), is retired.
+
+This module is the one owner of GPU actors: ``start_pool`` creates them (inside a
+``tuner.ray_session``) for the tuner's engine, for ``bench`` and for ``compare``'s accuracy pass,
+so restarts, probing and overdue handling exist once.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any
 import ray
 from ray.exceptions import ActorDiedError, ActorUnschedulableError, GetTimeoutError, RayActorError
 
+from tuner.errors import RunFailed
 from workers.records import Status
 
 INFLIGHT_PER_WORKER = 2
@@ -131,6 +136,21 @@ class WorkerPool:
     def submit(self, slot: Slot, task: Any, call: Callable[[Any], Any]) -> None:
         """Start ``call(actor)`` (returning an ObjectRef) for ``task`` on ``slot``."""
         slot.pending.append(Flight(call(slot.actor), task, time.monotonic()))
+
+    def call(self, task: Any, invoke: Callable[[Any], Any], wait_s: float = 0.5) -> Done | Lost | Raised:
+        """Run one call on the first actor free to take it and wait for its outcome, for callers
+        that run calls one at a time (``bench``, ``compare``'s accuracy pass): an actor lost before
+        is given time to come back first. Raises RunFailed when every actor is gone."""
+        if self.busy():
+            raise RuntimeError("WorkerPool.call runs one call at a time; calls are already in flight")
+        while not self.free_slots():
+            if not self.live_slots():
+                raise RunFailed("every GPU worker was lost")
+            self.poll(wait_s)
+        self.submit(self.free_slots()[0], task, invoke)
+        while True:
+            for event in self.poll(wait_s):
+                return event
 
     def busy(self) -> bool:
         """Calls in flight (their results are still to come)."""
@@ -260,6 +280,27 @@ def _kill_quietly(actor: Any) -> None:
 
 class WorkerStartFailed(RuntimeError):
     """The actors could not be created or did not answer."""
+
+
+def start_pool(workers: int | None, kernel: str, timeout_s: float, note: Callable[[str], None]) -> WorkerPool:
+    """One ``BenchmarkWorker`` actor per GPU Ray reports (at most ``workers``), each told what it
+    is (``describe``). Needs an open ``tuner.ray_session``; raises RunFailed when Ray has no GPU
+    or an actor cannot start."""
+    from workers.worker import BenchmarkWorker
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus < 1:
+        raise RunFailed("Ray reports no GPUs (on a machine without one, use --interpret)")
+    count = min(gpus, workers) if workers else gpus
+    actor_class = ray.remote(BenchmarkWorker).options(num_gpus=1, max_restarts=-1, max_task_retries=0)
+    actors = [actor_class.remote(kernel=kernel, timeout_s=timeout_s) for _ in range(count)]
+    pool = WorkerPool(actors, timeout_s, note)
+    try:
+        pool.describe_all()
+    except WorkerStartFailed as exc:
+        pool.shutdown()
+        raise RunFailed(str(exc)) from None
+    return pool
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -35,8 +35,8 @@ import torch
 import triton
 
 from workers import faults, server_kernels
-from workers.problem import ERROR_BOUNDS, Problem, build_problem, rel_error
-from workers.records import Candidate, Gemm, Level, Measurement, Status
+from workers.problem import ERROR_BOUNDS, Problem, build_problem, rel_error, release_weights
+from workers.records import Candidate, Config, DType, Gemm, Level, Measurement, MoEShape, Status
 from workers.timing import Timing, time_call, time_interleaved, time_screen
 
 BUILTIN = "builtin"
@@ -170,6 +170,27 @@ class BenchmarkWorker:
         return {"backend": target.backend, "arch": target.arch, "warp_size": target.warp_size,
                 "max_shared_mem": int(properties["max_shared_mem"]),
                 "node_id": ray.get_runtime_context().get_node_id()}
+
+    def relative_errors(self, shapes: dict[DType, MoEShape], configs: dict[DType, Config], M: int, routing: str,
+                        reference: DType) -> tuple[dict[DType, float], int]:
+        """At batch size ``M``: per dtype, the relative error of ``fused_moe`` with that dtype's
+        config against the ``reference`` dtype's output on the same inputs (same x, routing and
+        master weights, quantized per dtype; seed = M, as the correctness check uses), and the
+        number of distinct experts the routing touches. ``configs`` must hold ``reference``."""
+        from workers.moe import fused_moe
+
+        self._problem, self._problem_key = None, None
+        outputs = {}
+        touched = 0
+        with self.watchdog.guard(f"comparing {len(configs)} dtypes at M={M}"):
+            for dtype, config in configs.items():
+                problem = build_problem(shapes[dtype], M, routing=routing, seed=M, device=self.device)
+                touched = int(torch.unique(problem.topk_ids).numel())
+                outputs[dtype] = fused_moe(problem.x, problem.w13, problem.w2, problem.topk_weights,
+                                           problem.topk_ids, config).float()
+                del problem
+            release_weights()
+        return {dtype: rel_error(out, outputs[reference]) for dtype, out in outputs.items()}, touched
 
     # -- measuring -----------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from tuner.errors import RunFailed, UsageError
 from tuner.jobspec import JobSpec, Layout, TuneRun, gate_checks, load_job_spec, tune_runs
 from tuner.models import derive_shape, load_model
 from tuner.plan import DEFAULT_BATCH_SIZES
-from tuner.ray_session import ray_session
+from tuner.ray_session import RaySession, ray_session
 from tuner.spaces import load_space
 from workers.records import DType, MoEShape
 from workers.routing import parse_routing
@@ -82,18 +82,17 @@ def validate(spec: JobSpec) -> tuple[list[TuneRun], dict]:
     return runs, shapes
 
 
-def _gate(spec: JobSpec, shapes: dict) -> list[str]:
+def _gate(spec: JobSpec, shapes: dict, session: RaySession) -> list[str]:
     gate = spec.gate
     variants, reference = bench.variants_for([spec.output.dir], gate.reference)
     batch_sizes = gate.batch_sizes or _batch_sizes(spec)
     regressions: list[str] = []
-    with ray_session(spec.address, spec.interpret):
-        measurer = bench.GpuMeasurer()
+    with bench.bench_pool() as pool:
         for check in gate_checks(spec):
             shape = shapes[(check.model, check.layout, check.dtype)]
-            result = bench.bench_on(measurer, shape, variants, reference, batch_sizes, check.routing, gate.rounds)
-            print(f"gate {check.label}")
-            print(bench.format_table(result, gate.fail_if_slower), flush=True)
+            result = bench.bench_on(pool, shape, variants, reference, batch_sizes, check.routing, gate.rounds)
+            print(f"gate {check.label}", file=session.stdout)
+            print(bench.format_table(result, gate.fail_if_slower), file=session.stdout, flush=True)
             regressions += [f"{check.label}: {line}" for line in result.regressions(gate.fail_if_slower)]
     return regressions
 
@@ -109,20 +108,22 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"gate.reference {spec.gate.reference}: not a folder (an empty folder gates against "
                          "vLLM's default heuristic)")
 
-    failed = []
-    for index, tune_run in enumerate(runs, 1):
-        print(f"job {spec.name}: tune {index}/{len(runs)}: {tune_run.label}", flush=True)
-        try:
-            tune.run(_tune_args(tune_run))
-        except RunFailed as exc:
-            print(f"job {spec.name}: tune {tune_run.label} failed: {exc}", flush=True)
-            failed.append(tune_run.label)
-    if failed:
-        raise RunFailed(f"{len(failed)} of {len(runs)} tune runs failed ({failed[0]}, ...); gate skipped")
-    if spec.gate is None:
-        print(f"job {spec.name}: {len(runs)} tune run(s) done; no gate")
-        return 0
-    regressions = _gate(spec, shapes)
+    tunes = [(tune_run, args, tune.validate(args)) for tune_run in runs for args in [_tune_args(tune_run)]]
+    with ray_session(spec.address, spec.interpret, spec.workers) as session:
+        failed = []
+        for index, (tune_run, args, valid) in enumerate(tunes, 1):
+            print(f"job {spec.name}: tune {index}/{len(runs)}: {tune_run.label}", file=session.stdout, flush=True)
+            try:
+                tune.tune_in_session(args, valid, session)
+            except RunFailed as exc:
+                print(f"job {spec.name}: tune {tune_run.label} failed: {exc}", file=session.stdout, flush=True)
+                failed.append(tune_run.label)
+        if failed:
+            raise RunFailed(f"{len(failed)} of {len(runs)} tune runs failed ({failed[0]}, ...); gate skipped")
+        if spec.gate is None:
+            print(f"job {spec.name}: {len(runs)} tune run(s) done; no gate", file=session.stdout)
+            return 0
+        regressions = _gate(spec, shapes, session)
     if regressions:
         raise RunFailed(f"gate failed at {len(regressions)} point(s): {regressions[0]}")
     print(f"job {spec.name}: {len(runs)} tune run(s) done; gate passed")

@@ -21,6 +21,7 @@ from tuner.journal import JOURNAL_NAME, JournalBusy
 from tuner.models import ModelSpec, load_model
 from tuner.plan import DEFAULT_BATCH_SIZES, build_plan
 from tuner.progress import Progress, format_duration
+from tuner.ray_session import RaySession, ray_session
 from tuner.search import STRATEGIES, SearchJob
 from tuner.spaces import SearchSpace, load_space
 from workers.records import DType, Status
@@ -85,7 +86,7 @@ def _check_writable_location(path: Path, what: str) -> None:
 
 
 @dataclass(frozen=True)
-class _Validated:
+class Validated:
     specs: list[ModelSpec]
     space: SearchSpace
     out: Path
@@ -94,7 +95,7 @@ class _Validated:
     baseline: Baseline
 
 
-def _validate(args: argparse.Namespace) -> _Validated:
+def validate(args: argparse.Namespace) -> Validated:
     routing = parse_routing(args.routing)  # valid already (routing_arg)
     if routing.kind == "file":
         path = Path(routing.path).expanduser().resolve()
@@ -127,11 +128,18 @@ def _validate(args: argparse.Namespace) -> _Validated:
     empty = [(job.shape.label, M) for job in plan.jobs for M, configs in job.candidates.items() if not configs]
     if empty:
         raise UsageError(f"search space {space.name} leaves no config for {empty[0][0]} at M={empty[0][1]}")
-    return _Validated(specs, space, out, journal, str(routing), Baseline.load(args.baseline))
+    return Validated(specs, space, out, journal, str(routing), Baseline.load(args.baseline))
 
 
 def run(args: argparse.Namespace) -> int:
-    valid = _validate(args)
+    valid = validate(args)
+    with ray_session(args.address, args.interpret, args.workers) as session:
+        return tune_in_session(args, valid, session)
+
+
+def tune_in_session(args: argparse.Namespace, valid: Validated, session: RaySession) -> int:
+    """Tune what ``args`` (validated as ``valid``) asks for inside an open Ray session and print
+    the summary on the command's stdout (``job run`` runs several tunes in one session)."""
 
     def jobs_for_device(device_name: str) -> list[SearchJob]:
         plan = build_plan(valid.specs, args.tp, args.ep, args.dtype, args.block_shape, args.batch_sizes, valid.space,
@@ -142,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
 
     request = driver.TuneRequest(
         jobs_for_device=jobs_for_device, write_outputs=driver.server_files_writer(valid.out, args.format), journal_path=valid.journal,
-        fresh=args.fresh, address=args.address, workers=args.workers, interpret=args.interpret, kernel=args.kernel,
+        fresh=args.fresh, workers=args.workers, interpret=args.interpret, kernel=args.kernel,
         timeout_s=args.timeout, finalists=args.finalists, strategy=args.strategy, split_gemms=args.split_gemms,
         budget_s=args.budget_minutes * 60 if args.budget_minutes is not None else None,
         compile_ahead=not args.no_compile_ahead, compile_timeout_s=args.compile_timeout,
@@ -153,9 +161,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     summary = summarize(result)
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps(summary), file=session.stdout)
     else:
-        print(format_summary(summary))
+        print(format_summary(summary), file=session.stdout)
     if not result.files_written:
         raise RunFailed("no candidate produced a correct result; nothing was written")
     return 0
