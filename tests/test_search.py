@@ -18,8 +18,8 @@ import pytest
 
 from tuner import select as selection
 from tuner.cost_model import predict_seconds
-from tuner.driver import Engine, _DeviceGroup
-from tuner.journal import Journal
+from tuner.engine import DeviceGroup, Engine
+from tuner.journal import Journal, WorkerEnv
 from tuner.pool import Done, Slot
 from tuner.progress import Progress
 from tuner.search import FAST_FULL_MAX, SCREEN_FLOOR, SCREEN_RATIO, Exhaustive, Fast, SearchJob, promoted
@@ -235,8 +235,8 @@ class StandInCompiler:
         return True
 
 
-def _engine(tmp_path, strategy, pool, clock, compiler=None, budget_s=None) -> tuple[Engine, _DeviceGroup]:
-    group = _DeviceGroup(env=ENV, slots=pool.slots, strategy=strategy, compiler=compiler)
+def _engine(tmp_path, strategy, pool, clock, compiler=None, budget_s=None) -> tuple[Engine, DeviceGroup]:
+    group = DeviceGroup(env=WorkerEnv.of(ENV), slots=pool.slots, strategy=strategy, compiler=compiler)
     journal = Journal(tmp_path / "journal.jsonl")
     deadline = clock[0] + budget_s if budget_s is not None else None
     engine = Engine(pool, [group], journal, Progress(io.StringIO(), live=False), deadline, clock=lambda: clock[0])

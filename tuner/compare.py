@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuner import driver, roofline
+from tuner import driver, roofline, writers
 from tuner.errors import RunFailed
 from tuner.plan import build_plan
 from tuner.pool import Done, Lost, start_pool
@@ -92,7 +92,7 @@ def run_compare(request: CompareRequest, progress: Progress | None = None) -> Co
 
 def _compare_in_session(request: CompareRequest, progress: Progress) -> ComparisonResults:
     tuned = driver.tune(driver.TuneRequest(
-        jobs_for_device=request.plan_for_device, write_outputs=driver.server_files_writer(request.configs_out, request.file_format),
+        jobs_for_device=request.plan_for_device, write_outputs=writers.server_files_writer(request.configs_out, request.file_format),
         journal_path=request.journal, fresh=request.fresh, workers=request.workers,
         interpret=request.interpret, strategy=request.strategy, budget_s=request.budget_s), progress)
     if len(tuned.devices) != 1:

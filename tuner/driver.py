@@ -1,24 +1,11 @@
-"""The tuning engine: Ray actors measure what the strategy proposes; the journal remembers everything.
+"""One tune: the request, the result, and ``tune()`` (search, re-time finalists, write files).
 
-One run, inside the command's ``tuner.ray_session``: create one BenchmarkWorker actor per GPU
-(``tuner.pool.start_pool``), group the actors by what
-they are (device name, versions, kernel hash — results of different GPU types are never mixed),
-then per group: the strategy proposes candidates; those already in the journal are answered from
-it; the rest go on one shared queue, from which every idle actor takes the next candidate,
-preferring one of the (shape, routing, M) it holds a problem for (so setup is done once per group,
-and no GPU idles while work remains). Results are journaled as they arrive. At the end the
-finalists of every (shape, M) are re-timed on one actor (``tuner.select``), the winners written
-through ``tuner.writers``.
-
-Compile-ahead (``tuner.compiling``): on a GPU, a candidate whose config is not compiled yet waits
-off the queue while CPU processes on its node compile it; compile errors, out-of-resources and
-compile time-outs found there are recorded as the candidate's outcome and never reach a GPU.
-A time budget (``budget_s``) stops the search where it is: nothing more is proposed or queued,
-calls in flight finish, and the best so far is chosen (without re-timing) and written.
-
-Retries are the engine's, not Ray's: a candidate whose actor died (crash, poisoned CUDA context,
-hang) is retried once on another actor and quarantined (``crashed`` / ``timeout``) if it fails
-again; calls that were queued behind it on the dead actor go back on the queue uncharged.
+Inside the command's ``tuner.ray_session``: one BenchmarkWorker actor per GPU
+(``tuner.pool.start_pool``), grouped by worker environment, searched by ``tuner.engine`` (with
+compile-ahead from ``tuner.compiling`` on GPUs), every result journaled (``tuner.journal``). Then
+per device group the finalists of every (shape, M) are re-timed back to back (``tuner.select``)
+and the winners written through the request's ``tuner.writers.OutputWriter``. A time budget
+(``budget_s``) stops the search where it is; the best so far is chosen without re-timing.
 """
 
 from __future__ import annotations
@@ -33,55 +20,14 @@ import ray
 
 from tuner import select as selection
 from tuner.compiling import DEFAULT_COMPILE_TIMEOUT_S, CompileAhead, CompileStats
-from tuner.errors import RunFailed
-from tuner.journal import (Journal, measurement_key, measurement_to_record, record_to_measurement, retime_key,
-                           retime_to_record)
-from tuner.pool import STARTUP_TIMEOUT_S, Done, Lost, Raised, Slot, WorkerPool, start_pool
+from tuner.engine import DeviceGroup, Engine, Retimer, device_groups, no_retiming
+from tuner.journal import Journal
+from tuner.pool import STARTUP_TIMEOUT_S, start_pool
 from tuner.progress import Progress
-from tuner.search import STRATEGIES, SearchJob, Strategy
-from tuner.writers import write_sglang, write_vllm
+from tuner.search import STRATEGIES, SearchJob
+from tuner.writers import OutputWriter, SplitChoices
 from workers.compile_ahead import CompileTarget
-from workers.records import Candidate, Gemm, Measurement, MoEShape, Status
-
-MAX_ATTEMPTS = 2
-POLL_S = 0.5
-SHORT_POLL_S = 0.05
-
-
-SplitChoices = dict[tuple[MoEShape, str], dict[int, selection.SplitChoice]]
-OutputWriter = Callable[[str, dict[str, str], dict[selection.GroupKey, selection.Selection], SplitChoices], list[Path]]
-"""Writes the winners of one device group (device name, worker environment, whole-op selections,
-split up/down choices); returns the paths."""
-
-
-FORMATS = ("vllm", "sglang", "both")
-
-
-def server_files_writer(out: Path, formats: str) -> OutputWriter:
-    """Writes a device group's winners in vLLM's and/or SGLang's layout under ``out``. vLLM applies
-    one config to both GEMMs: its file holds the whole-op winner per M. SGLang's file holds the
-    up GEMM's config and its ``_down`` file the down GEMM's where the split search chose a pair
-    (batch sizes without a pair keep the whole-op winner for both)."""
-    if formats not in FORMATS:
-        raise ValueError(f"unknown format {formats!r}; expected one of {FORMATS}")
-
-    def write(device: str, env: dict[str, str], chosen: dict[selection.GroupKey, selection.Selection],
-              split: SplitChoices) -> list[Path]:
-        paths: list[Path] = []
-        for (shape, routing, gemm), per_m in selection.by_shape(chosen).items():
-            if gemm is not Gemm.BOTH:
-                continue
-            configs = {M: s.candidate.config for M, s in per_m.items()}
-            if formats in ("vllm", "both"):
-                paths.append(write_vllm(out, shape, device, configs, env["triton"]))
-            if formats in ("sglang", "both"):
-                pairs = split.get((shape, routing), {})
-                up = {M: pairs[M].up if M in pairs else c for M, c in configs.items()}
-                down = {M: pairs[M].down if M in pairs else c for M, c in configs.items()} if pairs else None
-                paths += write_sglang(out, shape, device, up, down, env["triton"])
-        return paths
-    return write
-
+from workers.records import Gemm, Measurement, MoEShape
 
 @dataclass(frozen=True)
 class TuneRequest:
@@ -141,263 +87,7 @@ class TuneResult:
         return [p for d in self.devices for p in d.files]
 
 
-@dataclass
-class _Work:
-    candidate: Candidate
-    key: str
-    group: "_DeviceGroup"
-    attempts: int = 0
-    avoid: set[int] = field(default_factory=set)
-    causes: list[str] = field(default_factory=list)
-
-    @property
-    def affinity(self) -> tuple:
-        c = self.candidate
-        return (c.shape, c.routing, c.M)
-
-
-@dataclass
-class _DeviceGroup:
-    env: dict[str, str]
-    slots: list[Slot]
-    strategy: Strategy
-    compiler: CompileAhead | None = None
-    queue: list[_Work] = field(default_factory=list)
-    compiling: list[_Work] = field(default_factory=list)
-    known: set[str] = field(default_factory=set)
-    measurements: list[Measurement] = field(default_factory=list)
-
-    @property
-    def device(self) -> str:
-        return self.env["device"]
-
-
-def _env_key(env: dict[str, str]) -> tuple:
-    return tuple(sorted(env.items()))
-
-
-class Engine:
-    """Runs the search phase of every device group over one pool of actors.
-
-    ``deadline`` (a ``clock()`` value) is the time budget's end; ``clock`` is injectable so the
-    budget can be tested without waiting for it.
-    """
-
-    def __init__(self, pool: WorkerPool, groups: list[_DeviceGroup], journal: Journal, progress: Progress,
-                 deadline: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
-        self.pool = pool
-        self.groups = groups
-        self.journal = journal
-        self.progress = progress
-        self.deadline = deadline
-        self.clock = clock
-        self.budget_ended = False
-        self.evaluations_run = 0
-        self.evaluations_reused = 0
-        self._group_of_slot = {slot.index: g for g in groups for slot in g.slots}
-
-    def run(self) -> None:
-        while True:
-            proposed = False
-            if self._within_budget():
-                for group in self.groups:
-                    if not group.queue:
-                        proposed |= self._refill(group)
-            self._settle_compiled()
-            self._dispatch()
-            queued = any(g.queue for g in self.groups)
-            compiling = [g.compiler for g in self.groups if g.compiling and g.compiler is not None]
-            if not self.pool.busy() and not queued and not compiling:
-                if proposed:
-                    continue  # everything proposed was in the journal; the strategy may want more
-                return
-            if not self.pool.live_slots():
-                raise RunFailed("every worker was lost; the journal keeps what was measured, run again to resume")
-            # While GPUs sit free and configs are still compiling, look at both often.
-            wait_s = SHORT_POLL_S if compiling and self.pool.free_slots() else POLL_S
-            # A lost actor has nothing in flight but is brought back only by polling: poll while
-            # any is recovering, or a run whose every worker is restarting would spin forever.
-            if self.pool.busy() or self.pool.recovering():
-                for event in self.pool.poll(wait_s):
-                    self._handle(event)
-            elif compiling:
-                compiling[0].pump(wait_s)
-
-    def _within_budget(self) -> bool:
-        """False once the budget has ended: then everything not yet on a GPU is dropped (what is in
-        flight still finishes)."""
-        if self.budget_ended or self.deadline is None or self.clock() < self.deadline:
-            return not self.budget_ended
-        self.budget_ended = True
-        dropped = sum(len(g.queue) + len(g.compiling) for g in self.groups)
-        for group in self.groups:
-            group.queue.clear()
-            group.compiling.clear()
-        self.progress.note(f"time budget ended: {dropped} queued candidates dropped; keeping the best so far")
-        return False
-
-    def _refill(self, group: _DeviceGroup) -> bool:
-        """Ask the strategy for more; answer what the journal knows. True if anything new was proposed."""
-        proposals = group.strategy.propose()
-        hint = sum(g.strategy.total_hint() or 0 for g in self.groups)
-        for candidate in proposals:
-            key = measurement_key(group.env, candidate)
-            if key in group.known:
-                continue
-            group.known.add(key)
-            record = self.journal.get(key)
-            if record is not None and record.get("kind") == "measure":
-                self._finish(group, record_to_measurement(record), reused=True)
-            else:
-                self._route(_Work(candidate, key, group))
-        waiting = sum(len(g.queue) + len(g.compiling) for g in self.groups)
-        self.progress.set_total(max(hint, self.progress.done + waiting))
-        return bool(proposals)
-
-    def _route(self, work: _Work) -> None:
-        """Queue a candidate for the GPUs once its config is compiled; settle it here if compiling failed."""
-        group = work.group
-        if group.compiler is None:
-            group.queue.append(work)
-            return
-        outcome = group.compiler.status(work.candidate.shape, work.candidate.config)
-        if outcome is None:
-            group.compiling.append(work)
-        elif outcome.verdict:
-            self._finish(group, self._failure(work, outcome.status, f"compile-ahead: {outcome.message}"),
-                         reused=False)
-        else:
-            group.queue.append(work)
-
-    def _settle_compiled(self) -> None:
-        for group in self.groups:
-            if group.compiler is not None and group.compiling:
-                group.compiler.pump(0)
-                waiting, group.compiling = group.compiling, []
-                for work in waiting:
-                    self._route(work)
-
-    def _dispatch(self) -> None:
-        for slot in self.pool.free_slots():
-            if not self._within_budget():
-                return
-            group = self._group_of_slot[slot.index]
-            work = self._take(group, slot)
-            if work is not None:
-                slot.last_group = work.affinity
-                self.pool.submit(slot, work, lambda actor, c=work.candidate: actor.measure.remote(c))
-
-    def _take(self, group: _DeviceGroup, slot: Slot) -> _Work | None:
-        others_alive = any(not s.retired and s.index != slot.index for s in group.slots)
-        fallback = None
-        for i, work in enumerate(group.queue):
-            if slot.index in work.avoid and others_alive:
-                continue
-            if work.affinity == slot.last_group:
-                return group.queue.pop(i)
-            if fallback is None:
-                fallback = i
-        return group.queue.pop(fallback) if fallback is not None else None
-
-    def _handle(self, event: Done | Lost | Raised) -> None:
-        work: _Work = event.task
-        if isinstance(event, Done):
-            self._finish(work.group, event.value, reused=False, attempts=work.attempts + 1)
-        elif isinstance(event, Raised):
-            message = f"worker call failed: {type(event.error).__name__}: {event.error}".splitlines()[0][:500]
-            self._finish(work.group, self._failure(work, Status.CRASHED, message), reused=False,
-                         attempts=work.attempts + 1)
-        elif not event.culprit:
-            work.group.queue.insert(0, work)
-        else:
-            work.attempts += 1
-            work.avoid.add(event.slot.index)
-            work.causes.append(event.detail)
-            if work.attempts >= MAX_ATTEMPTS:
-                self._finish(work.group, self._failure(work, event.cause, "; ".join(work.causes)), reused=False,
-                             attempts=work.attempts)
-            else:
-                work.group.queue.insert(0, work)
-
-    def _failure(self, work: _Work, status: Status, message: str) -> Measurement:
-        return Measurement(candidate=work.candidate, status=status, device=work.group.device,
-                           versions={"torch": work.group.env.get("torch", ""), "triton": work.group.env.get("triton", "")},
-                           message=message)
-
-    def _finish(self, group: _DeviceGroup, measurement: Measurement, reused: bool, attempts: int = 1) -> None:
-        if reused:
-            self.evaluations_reused += 1
-        else:
-            self.journal.append(measurement_to_record(measurement_key(group.env, measurement.candidate),
-                                                      measurement, attempts))
-            self.evaluations_run += 1
-        group.measurements.append(measurement)
-        group.strategy.observe(measurement)
-        self.progress.record(measurement, reused=reused)
-
-
-class Retimer:
-    """Re-times groups of finalists on the actors of one device group, journaling each result."""
-
-    def __init__(self, pool: WorkerPool, group: _DeviceGroup, journal: Journal, progress: Progress) -> None:
-        self.pool = pool
-        self.group = group
-        self.journal = journal
-        self.progress = progress
-        self.fresh = 0
-        self.reused = 0
-
-    def __call__(self, finalist_groups: list[list[Candidate]]) -> list[list[float] | None]:
-        results: list[list[float] | None] = [None] * len(finalist_groups)
-        todo: list[tuple[int, str, list[Candidate]]] = []
-        for i, candidates in enumerate(finalist_groups):
-            key = retime_key(measurement_key(self.group.env, c) for c in candidates)
-            record = self.journal.get(key)
-            if record is not None and record.get("kind") == "retime":
-                results[i] = list(record["latency_us"])
-                self.reused += 1
-            else:
-                todo.append((i, key, candidates))
-        if todo:
-            self.progress.note(f"re-timing the finalists of {len(todo)} batch sizes on {self.group.device}")
-        slots = {s.index for s in self.group.slots}
-        while todo or any(s.pending for s in self.group.slots):
-            for slot in self.pool.free_slots():
-                if slot.index in slots and todo and not slot.pending:
-                    item = todo.pop(0)
-                    self.pool.submit(slot, item, lambda actor, cs=item[2]: actor.retime.remote(cs))
-            if not any(not s.retired for s in self.group.slots):
-                break
-            for event in self.pool.poll(POLL_S):
-                index, key, candidates = event.task
-                if isinstance(event, Done):
-                    results[index] = list(event.value)
-                    self.fresh += 1
-                    self.journal.append(retime_to_record(
-                        key, [measurement_key(self.group.env, c) for c in candidates], results[index]))
-                else:
-                    reason = event.error if isinstance(event, Raised) else event.detail
-                    self.progress.note(f"re-timing at M={candidates[0].M} failed ({reason}); "
-                                       "choosing on the search's numbers")
-        return results
-
-
-def _device_groups(pool: WorkerPool, request: TuneRequest) -> list[_DeviceGroup]:
-    by_env: dict[tuple, list[Slot]] = {}
-    for slot in pool.slots:
-        by_env.setdefault(_env_key(slot.env), []).append(slot)
-    names = Counter(slots[0].device for slots in by_env.values())
-    clash = [name for name, n in names.items() if n > 1]
-    if clash:
-        raise RunFailed(f"workers on {clash[0]} differ in torch/Triton/kernel versions; "
-                        "their results cannot share one config file")
-    strategy_class = STRATEGIES[request.strategy]
-    return [_DeviceGroup(env=slots[0].env, slots=slots,
-                         strategy=strategy_class(request.jobs_for_device(slots[0].device), request.split_gemms))
-            for slots in by_env.values()]
-
-
-def _compile_ahead(group: _DeviceGroup, request: TuneRequest, progress: Progress) -> CompileAhead | None:
+def _compile_ahead(group: DeviceGroup, request: TuneRequest, progress: Progress) -> CompileAhead | None:
     """A compile-ahead service on each node of the group's workers, sized to the node's CPUs
     minus one per GPU worker there; None where nothing compiles ahead (interpreter, a server's
     kernel, ``compile_ahead`` off)."""
@@ -427,12 +117,7 @@ def _compile_ahead(group: _DeviceGroup, request: TuneRequest, progress: Progress
     return compiler
 
 
-def _no_retiming(finalist_groups: list[list[Candidate]]) -> list[list[float] | None]:
-    """After the time budget: choose on the search's own numbers."""
-    return [None] * len(finalist_groups)
-
-
-def _choose_and_write(group: _DeviceGroup, retimer: selection.Retimer, request: TuneRequest,
+def _choose_and_write(group: DeviceGroup, retimer: selection.Retimer, request: TuneRequest,
                       progress: Progress) -> DeviceResult:
     whole = [m for m in group.measurements if m.candidate.gemm is Gemm.BOTH]
     pinned = {selection.GroupKey(job.shape.label, job.routing, Gemm.BOTH.value, M): configs
@@ -443,8 +128,9 @@ def _choose_and_write(group: _DeviceGroup, retimer: selection.Retimer, request: 
     if missing:
         progress.note(f"no correct config on {group.device} at " + ", ".join(f"M={k.M}" for k in missing[:8])
                       + (" …" if len(missing) > 8 else ""))
-    files = request.write_outputs(group.device, group.env, chosen, split) if chosen else []
-    return DeviceResult(group.device, group.env, len(group.slots), group.measurements, chosen, missing, files, split,
+    env = group.env.as_dict()
+    files = request.write_outputs(group.device, env, chosen, split) if chosen else []
+    return DeviceResult(group.device, env, len(group.slots), group.measurements, chosen, missing, files, split,
                         group.compiler.stats if group.compiler is not None else None)
 
 
@@ -458,13 +144,15 @@ def tune(request: TuneRequest, progress: Progress | None = None) -> TuneResult:
         if journal.set_aside is not None:
             progress.note(f"--fresh: previous journal kept as {journal.set_aside}")
         pool = None
-        groups: list[_DeviceGroup] = []
+        groups: list[DeviceGroup] = []
         try:
             pool = start_pool(request.workers, request.kernel, request.timeout_s, progress.note)
-            groups = _device_groups(pool, request)
+            strategy_class = STRATEGIES[request.strategy]
+            groups = device_groups(pool, lambda device: strategy_class(request.jobs_for_device(device),
+                                                                       request.split_gemms))
             for g in groups:
-                progress.note(f"{len(g.slots)} worker(s) on {g.device} (torch {g.env['torch']}, "
-                              f"triton {g.env['triton']}, kernel {g.env['kernel']})")
+                progress.note(f"{len(g.slots)} worker(s) on {g.device} (torch {g.env.get('torch')}, "
+                              f"triton {g.env.get('triton')}, kernel {g.env.get('kernel')})")
                 g.compiler = _compile_ahead(g, request, progress)
             deadline = started + request.budget_s if request.budget_s is not None else None
             engine = Engine(pool, groups, journal, progress, deadline)
@@ -476,7 +164,7 @@ def tune(request: TuneRequest, progress: Progress | None = None) -> TuneResult:
                 if group.compiler is not None:
                     group.compiler.close()
                 retimer = Retimer(pool, group, journal, progress)
-                result.devices.append(_choose_and_write(group, _no_retiming if engine.budget_ended else retimer,
+                result.devices.append(_choose_and_write(group, no_retiming if engine.budget_ended else retimer,
                                                         request, progress))
                 result.retimed_groups += retimer.fresh
                 result.retimes_reused += retimer.reused

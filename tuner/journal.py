@@ -18,7 +18,8 @@ import fcntl
 import hashlib
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
@@ -31,6 +32,28 @@ JOURNAL_NAME = ".moe-tune-journal.jsonl"
 
 class JournalBusy(Exception):
     """Another live run holds the journal."""
+
+
+@dataclass(frozen=True)
+class WorkerEnv:
+    """What a worker is (``BenchmarkWorker.describe``: device name, torch and Triton versions,
+    kernel flavour and source hash), frozen so it can key a device group and a journal lookup."""
+
+    fields: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def of(cls, described: Mapping[str, str]) -> "WorkerEnv":
+        return cls(tuple(sorted(described.items())))
+
+    def as_dict(self) -> dict[str, str]:
+        return dict(self.fields)
+
+    def get(self, name: str, default: str = "") -> str:
+        return dict(self.fields).get(name, default)
+
+    @property
+    def device(self) -> str:
+        return self.get("device")
 
 
 def candidate_to_dict(candidate: Candidate) -> dict:
@@ -133,6 +156,29 @@ class Journal:
 
     def get(self, key: str) -> dict | None:
         return self.records.get(key)
+
+    def measurement(self, env: WorkerEnv, candidate: Candidate) -> Measurement | None:
+        """The journaled outcome of ``candidate`` in ``env``, or None if it was never measured there."""
+        record = self.get(measurement_key(env.as_dict(), candidate))
+        if record is None or record.get("kind") != "measure":
+            return None
+        return record_to_measurement(record)
+
+    def record_measurement(self, env: WorkerEnv, measurement: Measurement, attempts: int) -> None:
+        self.append(measurement_to_record(measurement_key(env.as_dict(), measurement.candidate), measurement,
+                                          attempts))
+
+    def retime(self, env: WorkerEnv, finalists: Iterable[Candidate]) -> list[float] | None:
+        """The journaled back-to-back latencies (µs, in the order of the re-timing) of one group of
+        finalists in ``env``, or None if that group was never re-timed there."""
+        record = self.get(retime_key(measurement_key(env.as_dict(), c) for c in finalists))
+        if record is None or record.get("kind") != "retime":
+            return None
+        return list(record["latency_us"])
+
+    def record_retime(self, env: WorkerEnv, finalists: list[Candidate], latencies_us: list[float]) -> None:
+        keys = [measurement_key(env.as_dict(), c) for c in finalists]
+        self.append(retime_to_record(retime_key(keys), keys, latencies_us))
 
     def append(self, record: dict) -> None:
         self._handle.seek(0, os.SEEK_END)

@@ -16,15 +16,17 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
+from tuner import select as selection
 from tuner.errors import UsageError
 from tuner.naming import device_file_name, sglang_file_name, sglang_version_folder, vllm_file_name
-from workers.records import Config, MoEShape
+from workers.records import Config, Gemm, MoEShape
 
 __all__ = [
     "device_file_name", "vllm_file_name", "sglang_file_name", "write_vllm", "write_sglang",
-    "read_config_folder", "lookup", "atomic_write_text",
+    "read_config_folder", "lookup", "atomic_write_text", "server_files_writer", "OutputWriter", "FORMATS",
 ]
 
 TRITON_VERSION_KEY = "triton_version"
@@ -146,3 +148,38 @@ def lookup(configs: dict[int, Config], M: int) -> Config:
     if not configs:
         raise ValueError("no configs to look up")
     return configs[min(configs, key=lambda key: abs(key - M))]
+
+
+SplitChoices = dict[tuple[MoEShape, str], dict[int, selection.SplitChoice]]
+OutputWriter = Callable[[str, dict[str, str], dict[selection.GroupKey, selection.Selection], SplitChoices], list[Path]]
+"""Writes the winners of one device group (device name, worker environment, whole-op selections,
+split up/down choices); returns the paths."""
+
+
+FORMATS = ("vllm", "sglang", "both")
+
+
+def server_files_writer(out: Path, formats: str) -> OutputWriter:
+    """Writes a device group's winners in vLLM's and/or SGLang's layout under ``out``. vLLM applies
+    one config to both GEMMs: its file holds the whole-op winner per M. SGLang's file holds the
+    up GEMM's config and its ``_down`` file the down GEMM's where the split search chose a pair
+    (batch sizes without a pair keep the whole-op winner for both)."""
+    if formats not in FORMATS:
+        raise ValueError(f"unknown format {formats!r}; expected one of {FORMATS}")
+
+    def write(device: str, env: dict[str, str], chosen: dict[selection.GroupKey, selection.Selection],
+              split: SplitChoices) -> list[Path]:
+        paths: list[Path] = []
+        for (shape, routing, gemm), per_m in selection.by_shape(chosen).items():
+            if gemm is not Gemm.BOTH:
+                continue
+            configs = {M: s.candidate.config for M, s in per_m.items()}
+            if formats in ("vllm", "both"):
+                paths.append(write_vllm(out, shape, device, configs, env["triton"]))
+            if formats in ("sglang", "both"):
+                pairs = split.get((shape, routing), {})
+                up = {M: pairs[M].up if M in pairs else c for M, c in configs.items()}
+                down = {M: pairs[M].down if M in pairs else c for M, c in configs.items()} if pairs else None
+                paths += write_sglang(out, shape, device, up, down, env["triton"])
+        return paths
+    return write

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuner import driver
+from tuner import driver, writers
 from tuner.baseline import Baseline
 from tuner.commands.arguments import (add_layout_arguments, block_shape_arg, check_interpret_limits, int_list,
                                       positive_float, positive_int, routing_arg)
@@ -28,7 +28,7 @@ from workers.records import DType, Status
 from workers.routing import parse_routing
 from workers.server_kernels import SUPPORTED_DTYPES
 
-FORMATS = tuple(driver.FORMATS)
+FORMATS = tuple(writers.FORMATS)
 KERNELS = ("builtin", "vllm", "sglang")
 PREFLIGHT_DEVICE = "preflight"
 """Device name for the validation plan made before any worker exists (generic limits);
@@ -149,7 +149,7 @@ def tune_in_session(args: argparse.Namespace, valid: Validated, session: RaySess
                 for job in plan.jobs]
 
     request = driver.TuneRequest(
-        jobs_for_device=jobs_for_device, write_outputs=driver.server_files_writer(valid.out, args.format), journal_path=valid.journal,
+        jobs_for_device=jobs_for_device, write_outputs=writers.server_files_writer(valid.out, args.format), journal_path=valid.journal,
         fresh=args.fresh, workers=args.workers, interpret=args.interpret, kernel=args.kernel,
         timeout_s=args.timeout, finalists=args.finalists, strategy=args.strategy, split_gemms=args.split_gemms,
         budget_s=args.budget_minutes * 60 if args.budget_minutes is not None else None,

@@ -1,0 +1,292 @@
+"""The search engine: one shared work queue over the pool's actors, per device group.
+
+Per device group (the actors of one worker environment: device name, versions, kernel hash —
+results of different GPU types are never mixed) the strategy proposes candidates; those already
+in the journal are answered from it; the rest go on one shared queue, from which every idle actor
+takes the next candidate, preferring one of the (shape, routing, M) it holds a problem for (so
+setup is done once per group, and no GPU idles while work remains). Results are journaled as
+they arrive. ``Retimer`` re-times the finalists of one device group back to back (``tuner.select``).
+
+Compile-ahead (``tuner.compiling``): on a GPU, a candidate whose config is not compiled yet waits
+off the queue while CPU processes on its node compile it; compile errors, out-of-resources and
+compile time-outs found there are recorded as the candidate's outcome and never reach a GPU.
+A time budget (``deadline``) stops the search where it is: nothing more is proposed or queued,
+calls in flight finish.
+
+Retries are the engine's, not Ray's: a candidate whose actor died (crash, poisoned CUDA context,
+hang) is retried once on another actor and quarantined (``crashed`` / ``timeout``) if it fails
+again; calls that were queued behind it on the dead actor go back on the queue uncharged.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tuner.compiling import CompileAhead
+from tuner.errors import RunFailed
+from tuner.journal import Journal, WorkerEnv
+from tuner.pool import Done, Lost, Raised, Slot, WorkerPool
+from tuner.progress import Progress
+from tuner.search import Strategy
+from workers.records import Candidate, Measurement, Status
+
+MAX_ATTEMPTS = 2
+POLL_S = 0.5
+SHORT_POLL_S = 0.05
+
+
+@dataclass
+class _Work:
+    candidate: Candidate
+    group: "DeviceGroup"
+    attempts: int = 0
+    avoid: set[int] = field(default_factory=set)
+    causes: list[str] = field(default_factory=list)
+
+    @property
+    def affinity(self) -> tuple:
+        c = self.candidate
+        return (c.shape, c.routing, c.M)
+
+
+@dataclass
+class DeviceGroup:
+    """The actors of one worker environment, the strategy searching for it, and what it measured."""
+
+    env: WorkerEnv
+    slots: list[Slot]
+    strategy: Strategy
+    compiler: CompileAhead | None = None
+    queue: list[_Work] = field(default_factory=list)
+    compiling: list[_Work] = field(default_factory=list)
+    known: set[Candidate] = field(default_factory=set)
+    measurements: list[Measurement] = field(default_factory=list)
+
+    @property
+    def device(self) -> str:
+        return self.env.device
+
+
+class Engine:
+    """Runs the search phase of every device group over one pool of actors.
+
+    ``deadline`` (a ``clock()`` value) is the time budget's end; ``clock`` is injectable so the
+    budget can be tested without waiting for it.
+    """
+
+    def __init__(self, pool: WorkerPool, groups: list[DeviceGroup], journal: Journal, progress: Progress,
+                 deadline: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.pool = pool
+        self.groups = groups
+        self.journal = journal
+        self.progress = progress
+        self.deadline = deadline
+        self.clock = clock
+        self.budget_ended = False
+        self.evaluations_run = 0
+        self.evaluations_reused = 0
+        self._group_of_slot = {slot.index: g for g in groups for slot in g.slots}
+
+    def run(self) -> None:
+        while True:
+            proposed = False
+            if self._within_budget():
+                for group in self.groups:
+                    if not group.queue:
+                        proposed |= self._refill(group)
+            self._settle_compiled()
+            self._dispatch()
+            queued = any(g.queue for g in self.groups)
+            compiling = [g.compiler for g in self.groups if g.compiling and g.compiler is not None]
+            if not self.pool.busy() and not queued and not compiling:
+                if proposed:
+                    continue  # everything proposed was in the journal; the strategy may want more
+                return
+            if not self.pool.live_slots():
+                raise RunFailed("every worker was lost; the journal keeps what was measured, run again to resume")
+            # While GPUs sit free and configs are still compiling, look at both often.
+            wait_s = SHORT_POLL_S if compiling and self.pool.free_slots() else POLL_S
+            # A lost actor has nothing in flight but is brought back only by polling: poll while
+            # any is recovering, or a run whose every worker is restarting would spin forever.
+            if self.pool.busy() or self.pool.recovering():
+                for event in self.pool.poll(wait_s):
+                    self._handle(event)
+            elif compiling:
+                compiling[0].pump(wait_s)
+
+    def _within_budget(self) -> bool:
+        """False once the budget has ended: then everything not yet on a GPU is dropped (what is in
+        flight still finishes)."""
+        if self.budget_ended or self.deadline is None or self.clock() < self.deadline:
+            return not self.budget_ended
+        self.budget_ended = True
+        dropped = sum(len(g.queue) + len(g.compiling) for g in self.groups)
+        for group in self.groups:
+            group.queue.clear()
+            group.compiling.clear()
+        self.progress.note(f"time budget ended: {dropped} queued candidates dropped; keeping the best so far")
+        return False
+
+    def _refill(self, group: DeviceGroup) -> bool:
+        """Ask the strategy for more; answer what the journal knows. True if anything new was proposed."""
+        proposals = group.strategy.propose()
+        hint = sum(g.strategy.total_hint() or 0 for g in self.groups)
+        for candidate in proposals:
+            if candidate in group.known:
+                continue
+            group.known.add(candidate)
+            known = self.journal.measurement(group.env, candidate)
+            if known is not None:
+                self._finish(group, known, reused=True)
+            else:
+                self._route(_Work(candidate, group))
+        waiting = sum(len(g.queue) + len(g.compiling) for g in self.groups)
+        self.progress.set_total(max(hint, self.progress.done + waiting))
+        return bool(proposals)
+
+    def _route(self, work: _Work) -> None:
+        """Queue a candidate for the GPUs once its config is compiled; settle it here if compiling failed."""
+        group = work.group
+        if group.compiler is None:
+            group.queue.append(work)
+            return
+        outcome = group.compiler.status(work.candidate.shape, work.candidate.config)
+        if outcome is None:
+            group.compiling.append(work)
+        elif outcome.verdict:
+            self._finish(group, self._failure(work, outcome.status, f"compile-ahead: {outcome.message}"),
+                         reused=False)
+        else:
+            group.queue.append(work)
+
+    def _settle_compiled(self) -> None:
+        for group in self.groups:
+            if group.compiler is not None and group.compiling:
+                group.compiler.pump(0)
+                waiting, group.compiling = group.compiling, []
+                for work in waiting:
+                    self._route(work)
+
+    def _dispatch(self) -> None:
+        for slot in self.pool.free_slots():
+            if not self._within_budget():
+                return
+            group = self._group_of_slot[slot.index]
+            work = self._take(group, slot)
+            if work is not None:
+                slot.last_group = work.affinity
+                self.pool.submit(slot, work, lambda actor, c=work.candidate: actor.measure.remote(c))
+
+    def _take(self, group: DeviceGroup, slot: Slot) -> _Work | None:
+        others_alive = any(not s.retired and s.index != slot.index for s in group.slots)
+        fallback = None
+        for i, work in enumerate(group.queue):
+            if slot.index in work.avoid and others_alive:
+                continue
+            if work.affinity == slot.last_group:
+                return group.queue.pop(i)
+            if fallback is None:
+                fallback = i
+        return group.queue.pop(fallback) if fallback is not None else None
+
+    def _handle(self, event: Done | Lost | Raised) -> None:
+        work: _Work = event.task
+        if isinstance(event, Done):
+            self._finish(work.group, event.value, reused=False, attempts=work.attempts + 1)
+        elif isinstance(event, Raised):
+            message = f"worker call failed: {type(event.error).__name__}: {event.error}".splitlines()[0][:500]
+            self._finish(work.group, self._failure(work, Status.CRASHED, message), reused=False,
+                         attempts=work.attempts + 1)
+        elif not event.culprit:
+            work.group.queue.insert(0, work)
+        else:
+            work.attempts += 1
+            work.avoid.add(event.slot.index)
+            work.causes.append(event.detail)
+            if work.attempts >= MAX_ATTEMPTS:
+                self._finish(work.group, self._failure(work, event.cause, "; ".join(work.causes)), reused=False,
+                             attempts=work.attempts)
+            else:
+                work.group.queue.insert(0, work)
+
+    def _failure(self, work: _Work, status: Status, message: str) -> Measurement:
+        return Measurement(candidate=work.candidate, status=status, device=work.group.device,
+                           versions={"torch": work.group.env.get("torch"), "triton": work.group.env.get("triton")},
+                           message=message)
+
+    def _finish(self, group: DeviceGroup, measurement: Measurement, reused: bool, attempts: int = 1) -> None:
+        if reused:
+            self.evaluations_reused += 1
+        else:
+            self.journal.record_measurement(group.env, measurement, attempts)
+            self.evaluations_run += 1
+        group.measurements.append(measurement)
+        group.strategy.observe(measurement)
+        self.progress.record(measurement, reused=reused)
+
+
+class Retimer:
+    """Re-times groups of finalists on the actors of one device group, journaling each result."""
+
+    def __init__(self, pool: WorkerPool, group: DeviceGroup, journal: Journal, progress: Progress) -> None:
+        self.pool = pool
+        self.group = group
+        self.journal = journal
+        self.progress = progress
+        self.fresh = 0
+        self.reused = 0
+
+    def __call__(self, finalist_groups: list[list[Candidate]]) -> list[list[float] | None]:
+        results: list[list[float] | None] = [None] * len(finalist_groups)
+        todo: list[tuple[int, list[Candidate]]] = []
+        for i, candidates in enumerate(finalist_groups):
+            results[i] = self.journal.retime(self.group.env, candidates)
+            if results[i] is not None:
+                self.reused += 1
+            else:
+                todo.append((i, candidates))
+        if todo:
+            self.progress.note(f"re-timing the finalists of {len(todo)} batch sizes on {self.group.device}")
+        slots = {s.index for s in self.group.slots}
+        while todo or any(s.pending for s in self.group.slots):
+            for slot in self.pool.free_slots():
+                if slot.index in slots and todo and not slot.pending:
+                    item = todo.pop(0)
+                    self.pool.submit(slot, item, lambda actor, cs=item[1]: actor.retime.remote(cs))
+            if not any(not s.retired for s in self.group.slots):
+                break
+            for event in self.pool.poll(POLL_S):
+                index, candidates = event.task
+                if isinstance(event, Done):
+                    results[index] = list(event.value)
+                    self.fresh += 1
+                    self.journal.record_retime(self.group.env, candidates, results[index])
+                else:
+                    reason = event.error if isinstance(event, Raised) else event.detail
+                    self.progress.note(f"re-timing at M={candidates[0].M} failed ({reason}); "
+                                       "choosing on the search's numbers")
+        return results
+
+
+def device_groups(pool: WorkerPool, strategy_for: Callable[[str], Strategy]) -> list[DeviceGroup]:
+    """The pool's actors grouped by worker environment, each group with ``strategy_for(device name)``.
+    Raises RunFailed when two groups share a device name (their results would share one file)."""
+    by_env: dict[WorkerEnv, list[Slot]] = {}
+    for slot in pool.slots:
+        by_env.setdefault(WorkerEnv.of(slot.env), []).append(slot)
+    names = Counter(env.device for env in by_env)
+    clash = [name for name, n in names.items() if n > 1]
+    if clash:
+        raise RunFailed(f"workers on {clash[0]} differ in torch/Triton/kernel versions; "
+                        "their results cannot share one config file")
+    return [DeviceGroup(env=env, slots=slots, strategy=strategy_for(env.device)) for env, slots in by_env.items()]
+
+
+def no_retiming(finalist_groups: list[list[Candidate]]) -> list[list[float] | None]:
+    """After the time budget: choose on the search's own numbers."""
+    return [None] * len(finalist_groups)
+
+
