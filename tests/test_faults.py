@@ -15,7 +15,8 @@ from tune_helpers import (VLLM_FILE, deterministic_ranking, expected_evaluations
                           write_fault_plan)
 from workers.faults import ENV_VAR, FaultPlan, InjectedFault
 from workers.records import Candidate, Config, DType, MoEShape, Status
-from workers.worker import WATCHDOG_EXIT_CODE, ConfigRejected, classify
+from workers.failures import ConfigRejected, classify
+from workers.worker import WATCHDOG_EXIT_CODE
 
 
 def test_failures_map_to_statuses():

@@ -8,6 +8,9 @@ while no node has finished it; then the first outcome: ok (queue it; the worker 
 binaries in its cache) or a verdict (compile error, out of resources, compile time-out), which
 settles the candidate without the GPU.
 
+``start_compile_ahead`` places it: one service per node of the group's workers, sized to the
+node's CPUs minus one per GPU worker there, for the target the workers report.
+
 A node's service that fails (it could not start, or died) is dropped with a note; with none left
 the engine simply goes on without compile-ahead: the GPU workers compile for themselves, as
 they always could.
@@ -23,8 +26,8 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from workers.compile_ahead import CompileJob, CompileOutcome, CompileTarget
-from workers.compile_service import CompileService
+from tuner.pool import STARTUP_TIMEOUT_S, Slot
+from workers.compile_ahead import CompileJob, CompileOutcome, CompileService, CompileTarget, WorkerTarget
 from workers.records import Config, MoEShape, Status
 
 COLLECT_WAIT_S = 0.5
@@ -167,3 +170,27 @@ class CompileAhead:
         self._services = []
 
 
+def start_compile_ahead(slots: list[Slot], batch_sizes: dict[MoEShape, tuple[int, ...]], timeout_s: float,
+                        note: Callable[[str], None]) -> CompileAhead | None:
+    """Compile-ahead for the GPU workers in ``slots`` (one device group): a service on each of their
+    nodes, sized to the node's CPUs minus one per GPU worker there. None where nothing can be
+    compiled ahead: a worker that reports no target (interpreter, a server's kernel), a worker
+    that does not answer, or no service that starts (the workers then compile for themselves)."""
+    try:
+        reports: list[WorkerTarget | None] = ray.get([slot.actor.compile_target.remote() for slot in slots],
+                                                     timeout=STARTUP_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001 - compile-ahead is an optimisation; the workers can compile themselves
+        note(f"compile-ahead skipped on {slots[0].device}: {type(exc).__name__}: {exc}".splitlines()[0][:300])
+        return None
+    if any(r is None for r in reports):
+        return None
+    target = reports[0].target
+    cpus = {node["NodeID"]: int(node.get("Resources", {}).get("CPU", 1)) for node in ray.nodes() if node.get("Alive")}
+    workers_on = Counter(r.node_id for r in reports)
+    processes = {node: max(1, cpus.get(node, 1) - count) for node, count in workers_on.items()}
+    compiler = CompileAhead(target, processes, batch_sizes, timeout_s, note)
+    if not compiler.available:
+        return None
+    note(f"compile-ahead: {compiler.stats.processes} CPU processes for {slots[0].device} "
+         f"({target.backend} arch {target.arch})")
+    return compiler

@@ -16,17 +16,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import ray
-
 from tuner import select as selection
-from tuner.compiling import DEFAULT_COMPILE_TIMEOUT_S, CompileAhead, CompileStats
+from tuner.compiling import DEFAULT_COMPILE_TIMEOUT_S, CompileAhead, CompileStats, start_compile_ahead
 from tuner.engine import DeviceGroup, Engine, Retimer, device_groups, no_retiming
 from tuner.journal import Journal
-from tuner.pool import STARTUP_TIMEOUT_S, start_pool
+from tuner.pool import start_pool
 from tuner.progress import Progress
 from tuner.search import STRATEGIES, SearchJob
 from tuner.writers import OutputWriter, SplitChoices
-from workers.compile_ahead import CompileTarget
 from workers.records import Gemm, Measurement, MoEShape
 
 @dataclass(frozen=True)
@@ -88,33 +85,15 @@ class TuneResult:
 
 
 def _compile_ahead(group: DeviceGroup, request: TuneRequest, progress: Progress) -> CompileAhead | None:
-    """A compile-ahead service on each node of the group's workers, sized to the node's CPUs
-    minus one per GPU worker there; None where nothing compiles ahead (interpreter, a server's
-    kernel, ``compile_ahead`` off)."""
+    """Compile-ahead for one device group; None where nothing compiles ahead (interpreter, a
+    server's kernel, ``compile_ahead`` off)."""
     if request.interpret or request.kernel != "builtin" or not request.compile_ahead:
         return None
-    try:
-        reports = ray.get([slot.actor.compile_target.remote() for slot in group.slots], timeout=STARTUP_TIMEOUT_S)
-    except Exception as exc:  # noqa: BLE001 - compile-ahead is an optimisation; the workers can compile themselves
-        progress.note(f"compile-ahead skipped on {group.device}: {type(exc).__name__}: {exc}".splitlines()[0][:300])
-        return None
-    if any(r is None for r in reports):
-        return None
-    first = reports[0]
-    target = CompileTarget(first["backend"], first["arch"], first["warp_size"], first["max_shared_mem"])
-    cpus = {node["NodeID"]: int(node.get("Resources", {}).get("CPU", 1)) for node in ray.nodes() if node.get("Alive")}
-    workers_on = Counter(r["node_id"] for r in reports)
-    processes = {node: max(1, cpus.get(node, 1) - count) for node, count in workers_on.items()}
     batch_sizes: dict[MoEShape, set[int]] = {}
     for job in group.strategy.jobs:
         batch_sizes.setdefault(job.shape, set()).update(job.batch_sizes)
-    compiler = CompileAhead(target, processes, {shape: tuple(sorted(ms)) for shape, ms in batch_sizes.items()},
-                            request.compile_timeout_s, progress.note)
-    if not compiler.available:
-        return None
-    progress.note(f"compile-ahead: {compiler.stats.processes} CPU processes for {group.device} "
-                  f"({target.backend} arch {target.arch})")
-    return compiler
+    return start_compile_ahead(group.slots, {shape: tuple(sorted(ms)) for shape, ms in batch_sizes.items()},
+                               request.compile_timeout_s, progress.note)
 
 
 def _choose_and_write(group: DeviceGroup, retimer: selection.Retimer, request: TuneRequest,

@@ -1,8 +1,9 @@
 """Compile a candidate's kernels without its GPU, so the GPU worker finds them in Triton's cache.
 
 On the GPU, compiling (an up and a down GEMM per config, ~1.4 s) costs more than timing. These
-jobs run in CPU processes on the GPU's node (``workers.compile_service``) and leave their
-binaries in the Triton cache on disk that the node's GPU worker reads (same user, same
+jobs run in CPU processes on the GPU's node (``CompileService``: a Ray actor the driver pins to
+that node, running a ``workers.compile_pool.CompilePool`` on the node's spare cores) and leave
+their binaries in the Triton cache on disk that the node's GPU worker reads (same user, same
 ``TRITON_CACHE_DIR``), where its first launch of that config finds them.
 
 How, without a GPU and without model-size tensors:
@@ -17,34 +18,43 @@ How, without a GPU and without model-size tensors:
   own target (backend, arch, warp size), which with the same Triton, source, options and
   environment gives the same cache key the worker computes.
 
-Verdicts: a config the kernel rejects, a compile error or a kernel needing more shared memory
-than the worker's GPU has (``CompiledKernel.metadata.shared``, the check Triton itself makes when
-loading) are final, so the GPU never sees them. Anything else that goes wrong here is not a
-verdict on the config: the candidate goes to the GPU, which decides as it always did.
+Verdicts (``workers.failures.COMPILE_VERDICTS``): a config the kernel rejects, a compile error or
+a kernel needing more shared memory than the worker's GPU has (``CompiledKernel.metadata.shared``,
+the check Triton itself makes when loading) are final, so the GPU never sees them; so is a compile
+the pool had to kill. Anything else that goes wrong here is not a verdict on the config: the
+candidate goes to the GPU, which decides as it always did.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from workers.compile_pool import CompilePool, PoolFailure
+from workers.failures import COMPILE_VERDICTS, ConfigRejected, classify, describe
 from workers.records import Config, MoEShape, Status
-
-VERDICTS = (Status.COMPILE_ERROR, Status.OUT_OF_RESOURCES, Status.TIMEOUT)
-"""Outcomes that settle a candidate without the GPU (a hung compile would hang the GPU worker too)."""
-
 
 @dataclass(frozen=True)
 class CompileTarget:
-    """The GPU a compile is for, as its worker reports it (``BenchmarkWorker.compile_target``)."""
+    """The GPU a compile is for, as its worker reports it (``BenchmarkWorker.compile_target``):
+    Triton's target (backend, arch, warp size) and the device's shared memory per block in bytes."""
 
     backend: str
     arch: int
     warp_size: int
     max_shared_mem: int
+
+
+@dataclass(frozen=True)
+class WorkerTarget:
+    """Where one GPU worker's kernels are compiled for: its target and its Ray node (whose Triton
+    cache the worker reads)."""
+
+    target: CompileTarget
+    node_id: str
 
 
 @dataclass(frozen=True)
@@ -72,7 +82,7 @@ class CompileOutcome:
 
     @property
     def verdict(self) -> bool:
-        return self.status in VERDICTS
+        return self.status in COMPILE_VERDICTS
 
 
 class _TargetOnlyDriver:
@@ -158,25 +168,22 @@ def setup_compile_process() -> None:
 def compile_job(job: CompileJob) -> CompileOutcome:
     """Compile ``job`` in this process (see the module docstring); never raises for a bad config."""
     from workers.fused_moe_kernel import validate_config
-    from workers.worker import classify
 
     started = time.monotonic()
     shape, config = job.shape, job.config
-    try:
-        validate_config(config, shape.dtype, shape.block_shape)
-    except ValueError as exc:
-        return CompileOutcome(Status.COMPILE_ERROR, f"ConfigRejected: {exc}", 0, time.monotonic() - started)
     compiled: list = []
     try:
+        try:
+            validate_config(config, shape.dtype, shape.block_shape)
+        except ValueError as exc:
+            raise ConfigRejected(str(exc)) from None
         _use_target(job.target)
         with _compile_instead_of_launch(compiled):
             for M in job.batch_sizes:
                 _meta_runner(shape, M, config).run()
     except Exception as exc:  # noqa: BLE001 - classified below; unknown errors leave the decision to the GPU
-        status = classify(exc)
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        message = f"{type(exc).__name__}: {first_line}"[:500]
-        if status in (Status.COMPILE_ERROR, Status.OUT_OF_RESOURCES):
+        status, message = classify(exc), describe(exc)
+        if status in COMPILE_VERDICTS:
             return CompileOutcome(status, message, len(compiled), time.monotonic() - started)
         return CompileOutcome(Status.OK, f"not compiled ahead ({message})", len(compiled), time.monotonic() - started)
     kernels = [k for k in compiled if k is not None]
@@ -187,3 +194,33 @@ def compile_job(job: CompileJob) -> CompileOutcome:
                               f"OutOfResources: shared memory, required: {need}, hardware limit: "
                               f"{job.target.max_shared_mem}", len(kernels), time.monotonic() - started)
     return CompileOutcome(Status.OK, "", len(kernels), time.monotonic() - started)
+
+
+class CompileService:
+    """One node's compile-ahead processes, behind a Ray actor the driver pins to that node
+    (``tuner.compiling``). The actor takes no GPU and no CPU from Ray's accounting; its
+    ``CompilePool`` runs ``compile_job`` on ``processes`` spare cores (the driver sizes it: the
+    node's CPUs minus one per GPU worker there). Being on the GPU worker's node is the point: the
+    Triton cache the processes fill is the one that worker reads."""
+
+    def __init__(self, processes: int, timeout_s: float) -> None:
+        self.pool = CompilePool(compile_job, processes, timeout_s, setup=setup_compile_process)
+
+    def size(self) -> int:
+        return self.pool.size
+
+    def submit(self, jobs: list[tuple[Hashable, CompileJob]]) -> None:
+        for key, job in jobs:
+            self.pool.submit(key, job)
+
+    def collect(self, wait_s: float) -> list[tuple[Hashable, CompileOutcome]]:
+        """Outcomes finished since the last call (waits up to ``wait_s`` for a first one)."""
+        out = []
+        for key, result, seconds in self.pool.results(wait_s):
+            if isinstance(result, PoolFailure):
+                result = CompileOutcome(result.status, result.message, 0, result.seconds)
+            out.append((key, result))
+        return out
+
+    def close(self) -> None:
+        self.pool.close()

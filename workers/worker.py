@@ -6,9 +6,9 @@ compare with the fp32 reference (``rel_error`` above ``ERROR_BOUNDS[dtype]`` or 
 A candidate for one GEMM (``gemm`` up or down) is checked on the whole op with its config on
 both GEMMs, and only its GEMM is timed (the down GEMM on the intermediate the check left behind).
 
-Failures, and what happens to the process:
-- Triton compile errors → ``compile_error``; ``OutOfResources`` (shared memory, registers) →
-  ``out_of_resources``; any other Python exception → ``crashed``. All recorded, process lives on.
+Failures, and what happens to the process (``workers.failures`` decides the status):
+- Compile errors, out-of-resources and any other Python exception are recorded as the
+  candidate's status; the process lives on.
 - A CUDA error that poisons the context (illegal memory access, misaligned address, unspecified
   launch failure, …): every later CUDA call in this process would fail too, so the process ends
   (``os._exit``) and Ray restarts it; the driver retries the candidate once on another worker.
@@ -35,6 +35,8 @@ import torch
 import triton
 
 from workers import faults, server_kernels
+from workers.compile_ahead import CompileTarget, WorkerTarget
+from workers.failures import ConfigRejected, classify, describe
 from workers.problem import ERROR_BOUNDS, Problem, build_problem, rel_error, release_weights
 from workers.records import Candidate, Config, DType, Gemm, Level, Measurement, MoEShape, Status
 from workers.timing import Timing, time_call, time_interleaved, time_screen
@@ -46,11 +48,6 @@ TIMED_PATH_SOURCES = ("moe.py", "quant.py", "problem.py", "routing.py", "timing.
 quantization it calls, the inputs it is timed on and the timing method. Their hash is part of
 every journal key, so editing any of them invalidates old measurements instead of reusing them."""
 
-POISON_MARKERS = (
-    "illegal memory access", "misaligned address", "unspecified launch failure", "illegal instruction",
-    "device-side assert", "an illegal", "launch timed out", "hardware exception", "ECC error",
-    "CUDA error: unknown error", "cudaErrorLaunchFailure",
-)
 WATCHDOG_EXIT_CODE = 87
 POISON_EXIT_CODE = 88
 
@@ -66,33 +63,6 @@ def kernel_source_hash() -> str:
         if path.name in TIMED_PATH_SOURCES or JIT_DECORATOR in text:
             digest.update(path.name.encode() + b"\0" + text + b"\0")
     return digest.hexdigest()[:16]
-
-
-def _compile_errors() -> tuple[type[BaseException], ...]:
-    from triton.compiler import errors as compiler_errors
-    from triton.runtime import errors as runtime_errors
-
-    names = [(compiler_errors, "CompilationError"), (runtime_errors, "PTXASError"),
-             (runtime_errors, "InterpreterError")]
-    return tuple(getattr(module, name) for module, name in names if hasattr(module, name))
-
-
-class ConfigRejected(Exception):
-    """The kernel refuses this config for this dtype before compiling (e.g. a tile across fp8 blocks)."""
-
-
-def classify(exc: BaseException) -> Status | None:
-    """The status a failed candidate gets, or None when the error poisoned the CUDA context."""
-    from triton.runtime.errors import OutOfResources
-
-    if isinstance(exc, OutOfResources):
-        return Status.OUT_OF_RESOURCES
-    if isinstance(exc, (ConfigRejected, *_compile_errors())):
-        return Status.COMPILE_ERROR
-    text = str(exc)
-    if any(marker.lower() in text.lower() for marker in POISON_MARKERS):
-        return None
-    return Status.CRASHED
 
 
 class Watchdog:
@@ -156,10 +126,10 @@ class BenchmarkWorker:
     def ping(self) -> int:
         return os.getpid()
 
-    def compile_target(self) -> dict | None:
-        """What compile-ahead processes need to build this worker's kernels without its GPU
-        (``workers.compile_ahead.CompileTarget`` fields) and the Ray node they must run on to
-        share its Triton cache; None where nothing is compiled ahead (interpreter, server kernels)."""
+    def compile_target(self) -> WorkerTarget | None:
+        """What compile-ahead processes need to build this worker's kernels without its GPU and the
+        Ray node they must run on to share its Triton cache; None where nothing is compiled ahead
+        (interpreter, server kernels)."""
         if self.device != "cuda" or self.server is not None:
             return None
         import ray
@@ -167,9 +137,9 @@ class BenchmarkWorker:
 
         target = driver.active.get_current_target()
         properties = driver.active.utils.get_device_properties(torch.cuda.current_device())
-        return {"backend": target.backend, "arch": target.arch, "warp_size": target.warp_size,
-                "max_shared_mem": int(properties["max_shared_mem"]),
-                "node_id": ray.get_runtime_context().get_node_id()}
+        return WorkerTarget(CompileTarget(target.backend, target.arch, target.warp_size,
+                                          int(properties["max_shared_mem"])),
+                            ray.get_runtime_context().get_node_id())
 
     def relative_errors(self, shapes: dict[DType, MoEShape], configs: dict[DType, Config], M: int, routing: str,
                         reference: DType) -> tuple[dict[DType, float], int]:
@@ -280,11 +250,9 @@ class BenchmarkWorker:
         status = classify(exc)
         if status is None:
             self._die_poisoned(exc)
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        message = f"{type(exc).__name__}: {first_line}"[:500]
         if status is Status.CRASHED:
             traceback.print_exc(file=sys.stderr)
-        return self._measurement(candidate, status, message=message)
+        return self._measurement(candidate, status, message=describe(exc))
 
     def _die_poisoned(self, exc: BaseException) -> None:
         print(f"moe-tune worker: CUDA context poisoned ({type(exc).__name__}: {exc}); ending this process",

@@ -1,0 +1,62 @@
+"""What a failed candidate's exception means: the one place that turns a failure into a status,
+for the GPU worker (``workers.worker``) and the compile-ahead processes (``workers.compile_ahead``).
+
+- The kernel refusing a config before compiling (``ConfigRejected``) and Triton's compile errors
+  (``CompilationError``, ``PTXASError``, the interpreter's ``InterpreterError``) →
+  ``compile_error``; ``OutOfResources`` (shared memory, registers) → ``out_of_resources``.
+- A CUDA error that poisons the context (illegal memory access, misaligned address, unspecified
+  launch failure, …; matched on the message, as CUDA reports them as plain ``RuntimeError``s)
+  → None: every later CUDA call in that process would fail too, so the process must end.
+- Anything else → ``crashed``.
+
+Compile-ahead settles a candidate without its GPU only on a ``COMPILE_VERDICTS`` status; any
+other failure there says nothing about the config, and the GPU decides as it always did.
+Imports only the standard library at module level (Triton is imported when classifying).
+"""
+
+from __future__ import annotations
+
+from workers.records import Status
+
+POISON_MARKERS = (
+    "illegal memory access", "misaligned address", "unspecified launch failure", "illegal instruction",
+    "device-side assert", "an illegal", "launch timed out", "hardware exception", "ECC error",
+    "CUDA error: unknown error", "cudaErrorLaunchFailure",
+)
+COMPILE_VERDICTS = (Status.COMPILE_ERROR, Status.OUT_OF_RESOURCES, Status.TIMEOUT)
+"""Compile-ahead outcomes that settle a candidate without the GPU (a hung compile would hang the
+GPU worker too)."""
+MESSAGE_LIMIT = 500
+
+
+class ConfigRejected(Exception):
+    """The kernel refuses this config for this dtype before compiling (e.g. a tile across fp8 blocks)."""
+
+
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    from triton.compiler import errors as compiler_errors
+    from triton.runtime import errors as runtime_errors
+
+    names = [(compiler_errors, "CompilationError"), (runtime_errors, "PTXASError"),
+             (runtime_errors, "InterpreterError")]
+    return tuple(getattr(module, name) for module, name in names if hasattr(module, name))
+
+
+def classify(exc: BaseException) -> Status | None:
+    """The status a failed candidate gets, or None when the error poisoned the CUDA context."""
+    from triton.runtime.errors import OutOfResources
+
+    if isinstance(exc, OutOfResources):
+        return Status.OUT_OF_RESOURCES
+    if isinstance(exc, (ConfigRejected, *_compile_errors())):
+        return Status.COMPILE_ERROR
+    text = str(exc)
+    if any(marker.lower() in text.lower() for marker in POISON_MARKERS):
+        return None
+    return Status.CRASHED
+
+
+def describe(exc: BaseException) -> str:
+    """The one line a measurement or compile outcome carries: ``Type: first line of the message``."""
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first_line}"[:MESSAGE_LIMIT]
