@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuner import driver, roofline, writers
+from tuner import devices, driver, roofline, writers
 from tuner.errors import RunFailed
 from tuner.plan import build_plan
 from tuner.pool import Done, Lost, start_pool
@@ -28,7 +28,6 @@ from workers.default_config import default_config
 from workers.records import Config, DType, Gemm, MoEShape
 
 DEFAULT_BUDGET_FRACTION = 0.9  # vLLM's default --gpu-memory-utilization
-UNKNOWN_DEVICE_MEMORY = 80 * 2**30
 ACCURACY_TIMEOUT_S = 600.0
 """Limit for the accuracy pass at one batch size (every dtype's problem, reference and run)."""
 
@@ -58,6 +57,15 @@ def search_jobs(models: list, tp: int, ep: int, dtypes: list[DType], batch_sizes
                 device_name: str) -> list[SearchJob]:
     plan = build_plan(models, tp, ep, dtypes, None, batch_sizes, space, device_name)
     return [SearchJob.from_plan(job, routing) for job in plan.jobs]
+
+
+def memory_known(device_name: str) -> int:
+    """The memory of ``device_name`` (``tuner.devices.memory_bytes``); RunFailed when it is not
+    known, so that a memory budget is given rather than assumed."""
+    size = devices.memory_bytes(device_name)
+    if size is None:
+        raise RunFailed(f"the memory size of '{device_name}' is not known: give --memory-budget-gib")
+    return size
 
 
 def _errors_vs_bf16(request: CompareRequest, configs: dict[DType, dict[int, Config]],
@@ -117,7 +125,7 @@ def _compare_in_session(request: CompareRequest, progress: Progress) -> Comparis
     peaks = roofline.device_peaks(device.device)
     budget = request.memory_budget_bytes
     if budget is None:
-        budget = int(DEFAULT_BUDGET_FRACTION * (peaks.memory_bytes if peaks else UNKNOWN_DEVICE_MEMORY))
+        budget = int(DEFAULT_BUDGET_FRACTION * memory_known(device.device))
     results = ComparisonResults(
         model=request.model, layout=request.layout, device=device.device,
         versions={k: v for k, v in device.env.items() if k != "device"}, routing=request.routing,

@@ -17,27 +17,32 @@ length K, for every active expert):
   (programs × stages × tile bytes, Little's law against ~40 KB per SM), and a grid that is not a
   whole number of waves idles the rest of its last wave.
 
-Constants are Hopper-like (132 SMs, ~4 TB/s, ~700 TFLOP/s bf16); only the ranking matters, and it
-is nearly insensitive to their scale.
+The GPU is a fixed reference (``REFERENCE_GPU``'s SMs and shared memory from ``tuner.devices``;
+achieved, not datasheet, rates of ~4 TB/s and ~700 TFLOP/s bf16): only the ranking matters, and it
+is nearly insensitive to their scale. Bits per element and the fp8 tensor-core path come from the
+format (``workers.formats``).
 """
 
 from __future__ import annotations
 
 import math
 
-from workers.records import Config, DType, Gemm, MoEShape
+from tuner.devices import device_facts
+from workers.formats import format_of
+from workers.records import Config, Gemm, MoEShape
 
-SMS = 132
+REFERENCE_GPU = "NVIDIA H200"
+_REFERENCE = device_facts(REFERENCE_GPU)
+SMS = _REFERENCE.sms
+SHARED_MEMORY = _REFERENCE.shared_memory_bytes
 BANDWIDTH = 4.0e12
+"""Achieved HBM bandwidth (bytes/s) of the model's GPU."""
 DENSE_FLOPS = 7.0e14
+"""Achieved bf16 tensor-core rate (FLOP/s) of the model's GPU."""
+FP8_DOT_SPEEDUP = 2.0
+"""Tensor-core rate of an fp8 dot relative to bf16."""
 BYTES_IN_FLIGHT_PER_SM = 40 * 1024
-SHARED_MEMORY = 227 * 1024
 MAX_WARPS_PER_SM = 64
-_BITS = {DType.BF16: (16, 16), DType.FP16: (16, 16), DType.FP8_W8A8: (8, 8), DType.INT8_W8A16: (16, 8),
-         DType.MXFP4: (16, 4), DType.NVFP4: (16, 4)}
-"""(activation bits, weight bits) per dtype."""
-_FAST_MATH = {DType.FP8_W8A8: 2.0}
-"""Tensor-core rate relative to bf16."""
 
 
 def _tile_rate(config: Config) -> float:
@@ -55,7 +60,8 @@ def _tile_rate(config: Config) -> float:
 def gemm_seconds(shape: MoEShape, M: int, config: Config, rows_out: int, reduction: int) -> float:
     """Modelled time of one grouped GEMM: output ``rows_out`` wide, reducing over ``reduction``."""
     bm, bn, bk = config.BLOCK_SIZE_M, config.BLOCK_SIZE_N, config.BLOCK_SIZE_K
-    a_bits, b_bits = _BITS[shape.dtype]
+    fmt = format_of(shape.dtype)
+    a_bits, b_bits = fmt.activation_bits, fmt.weight_bits
     active = shape.E * (1.0 - (1.0 - shape.topk / shape.E) ** M)
     rows_per_expert = M * shape.topk / active
     row_tiles = active * math.ceil(rows_per_expert / bm)
@@ -63,7 +69,7 @@ def gemm_seconds(shape: MoEShape, M: int, config: Config, rows_out: int, reducti
     programs = row_tiles * col_tiles
 
     flops = 2.0 * row_tiles * bm * col_tiles * bn * reduction
-    compute_s = flops / (DENSE_FLOPS * _FAST_MATH.get(shape.dtype, 1.0) * _tile_rate(config))
+    compute_s = flops / (DENSE_FLOPS * (FP8_DOT_SPEEDUP if fmt.fp8_dot else 1.0) * _tile_rate(config))
 
     tiles_per_expert = row_tiles / active
     weight_reads = math.ceil(tiles_per_expert / min(config.GROUP_SIZE_M, tiles_per_expert))

@@ -23,6 +23,7 @@ from tuner.journal import Journal
 from tuner.pool import start_pool
 from tuner.progress import Progress
 from tuner.search import STRATEGIES, SearchJob
+from tuner.spaces import DeviceLimits
 from tuner.writers import OutputWriter, SplitChoices
 from workers.records import Gemm, Measurement, MoEShape
 
@@ -132,6 +133,9 @@ def tune(request: TuneRequest, progress: Progress | None = None) -> TuneResult:
             for g in groups:
                 progress.note(f"{len(g.slots)} worker(s) on {g.device} (torch {g.env.get('torch')}, "
                               f"triton {g.env.get('triton')}, kernel {g.env.get('kernel')})")
+                limits = DeviceLimits.for_device(g.device)
+                if limits.note and not request.interpret:
+                    progress.note(limits.note)
                 g.compiler = _compile_ahead(g, request, progress)
             deadline = started + request.budget_s if request.budget_s is not None else None
             engine = Engine(pool, groups, journal, progress, deadline)

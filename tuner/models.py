@@ -26,12 +26,11 @@ from pydantic import NonNegativeInt as Count
 
 from tuner.errors import UsageError
 from tuner.validation import one_line
+from workers.formats import block_shape_dtypes, format_of, shape_rule_broken
 from workers.records import DType, MoEShape
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
-# Element groups that share one scale in the fp4 formats: a GEMM's K dimension must hold whole groups.
-FP4_GROUP = {DType.MXFP4: 32, DType.NVFP4: 16}
 
 
 @dataclass(frozen=True)
@@ -260,14 +259,14 @@ def derive_shape(spec: ModelSpec, tp: int = 1, ep: int = 1, dtype: DType | str |
     else:
         resolved = DType(dtype)
     if block_shape is not None:
-        if resolved is not DType.FP8_W8A8:
-            raise UsageError(f"--block-shape applies to fp8_w8a8 only, not {resolved.value}")
+        if not format_of(resolved).block_shapes:
+            raise UsageError(f"--block-shape applies to {', '.join(block_shape_dtypes())} only, not {resolved.value}")
         block = (int(block_shape[0]), int(block_shape[1]))
         if min(block) < 1:
             raise UsageError(f"--block-shape values must be positive (got {block[0]},{block[1]})")
     else:
         # A block-quantized checkpoint (DeepSeek-V3) keeps its blocks when asked for fp8.
-        block = spec.block_shape if resolved is DType.FP8_W8A8 and spec.natural_dtype is DType.FP8_W8A8 else None
+        block = spec.block_shape if resolved is spec.natural_dtype and format_of(resolved).block_shapes else None
 
     if block is not None:
         bn, bk = block
@@ -275,9 +274,7 @@ def derive_shape(spec: ModelSpec, tp: int = 1, ep: int = 1, dtype: DType | str |
         # down projection's input once tensor parallelism cuts it.
         if N % bn or (moe_tp > 1 and N % bk):
             raise UsageError(f"{spec.name}: N={N} per GPU is not a multiple of block shape [{bn},{bk}]")
-    if resolved in FP4_GROUP:
-        group = FP4_GROUP[resolved]
-        if K % group or N % group:
-            raise UsageError(f"{spec.name}: {resolved.value} needs K and N multiples of {group} "
-                             f"(K={K}, N={N} per GPU)")
+    problem = shape_rule_broken(resolved, N, K)
+    if problem:
+        raise UsageError(f"{spec.name}: {problem} per GPU")
     return MoEShape(E=E, N=N, K=K, topk=spec.top_k, dtype=resolved, block_shape=block)

@@ -13,6 +13,7 @@ from tuner.errors import UsageError
 from tuner.models import ModelSpec, derive_shape, load_model
 from tuner.naming import sglang_file_name, vllm_file_name
 from tuner.spaces import DeviceLimits, SearchSpace, load_space, prune
+from workers.formats import block_shape_dtypes, format_of
 from workers.records import Config, DType, MoEShape
 
 # vLLM's and SGLang's default tuning batch sizes.
@@ -61,6 +62,7 @@ class Plan:
     device_name: str
     space: SearchSpace
     jobs: list[Job]
+    limits: DeviceLimits
 
     @property
     def total_candidates(self) -> int:
@@ -70,6 +72,8 @@ class Plan:
         return {
             "jobs": [job.to_json() for job in self.jobs],
             "device_name": self.device_name,
+            "shared_memory_bytes": self.limits.shared_memory_bytes,
+            "device_known": self.limits.known,
             "search_space": self.space.name,
             "space_size": self.space.size,
             "total_candidates": self.total_candidates,
@@ -94,8 +98,9 @@ def build_plan(models: Sequence[str | ModelSpec], tp: int, ep: int, dtypes: Sequ
     if not device_name.strip():
         raise UsageError("the device name is empty")
     wanted = [DType(d) for d in dtypes] if dtypes else [None]
-    if block_shape is not None and DType.FP8_W8A8 not in wanted:
-        raise UsageError("--block-shape applies to fp8_w8a8; add --dtype fp8_w8a8")
+    if block_shape is not None and not any(d is not None and format_of(d).block_shapes for d in wanted):
+        names = block_shape_dtypes()
+        raise UsageError(f"--block-shape applies to {', '.join(names)}; add --dtype {names[0]}")
     sizes = _batch_sizes(batch_sizes)
     space = space if isinstance(space, SearchSpace) else load_space(space)
     configs = space.expand()
@@ -105,7 +110,7 @@ def build_plan(models: Sequence[str | ModelSpec], tp: int, ep: int, dtypes: Sequ
     for model in models:
         spec = model if isinstance(model, ModelSpec) else load_model(model)
         for dtype in wanted:
-            block = block_shape if dtype is DType.FP8_W8A8 else None
+            block = block_shape if dtype is not None and format_of(dtype).block_shapes else None
             shape = derive_shape(spec, tp=tp, ep=ep, dtype=dtype, block_shape=block)
             names = by_shape.setdefault(shape, [])
             if spec.name not in names:
@@ -121,4 +126,4 @@ def build_plan(models: Sequence[str | ModelSpec], tp: int, ep: int, dtypes: Sequ
             candidates={M: r.kept for M, r in results.items()},
             dropped_by_reason={M: r.dropped_by_reason for M, r in results.items()},
         ))
-    return Plan(device_name=device_name, space=space, jobs=jobs)
+    return Plan(device_name=device_name, space=space, jobs=jobs, limits=device)

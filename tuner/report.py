@@ -18,6 +18,7 @@ from pathlib import Path
 import orjson
 
 from tuner import report_plots, roofline
+from tuner.devices import DeviceFacts
 from workers.records import Config, DType, MoEShape
 
 REFERENCE = DType.BF16
@@ -107,7 +108,7 @@ def summarize_dtype(shape: MoEShape, moe_layers: int) -> DTypeSummary:
 
 
 def measured_point(shape: MoEShape, M: int, latency_us: float, config: Config, rel_err_vs_bf16: float,
-                   experts_touched: float, peaks: roofline.DevicePeaks | None) -> PointResult:
+                   experts_touched: float, peaks: DeviceFacts | None) -> PointResult:
     """A point with its floor fractions (None when ``peaks`` is None, e.g. on CPU)."""
     fractions = None if peaks is None else roofline.floor_fractions(shape, M, latency_us, peaks, experts_touched)
     return PointResult(dtype=shape.dtype, M=M, latency_us=latency_us, config=config, rel_err_vs_bf16=rel_err_vs_bf16,

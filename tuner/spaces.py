@@ -18,14 +18,14 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from tuner.devices import device_facts, largest_shared_memory
 from tuner.errors import UsageError
-from tuner.models import FP4_GROUP
 from tuner.validation import one_line
+from workers.formats import format_of, tile_rule_broken
 from workers.records import CONFIG_KEYS, Config, DType, MoEShape
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 
-KB = 1024
 
 
 def _power_of_two(value: int) -> bool:
@@ -127,41 +127,35 @@ def load_space(path_or_name: str | Path) -> SearchSpace:
 
 # --- device limits -----------------------------------------------------------------------
 
-# Opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin), by GPU family.
-_SHARED_MEMORY_KB = {
-    "H100": 227, "H200": 227, "H800": 227, "H20": 227, "GH200": 227,
-    "B100": 227, "B200": 227, "GB200": 227,
-    "A100": 163, "A800": 163, "A30": 163,
-    "A10": 99, "A10G": 99, "A40": 99, "L4": 99, "L40": 99, "L40S": 99, "L20": 99,
-    "4090": 99, "3090": 99, "5090": 99,
-    "V100": 96, "T4": 64,
-}
-# Unknown GPUs get the largest limit of any current NVIDIA part: pruning then only removes
-# what no GPU can hold, and the workers' compile reports the rest as out of resources.
-_UNKNOWN_DEVICE_KB = 227
-
-
 @dataclass(frozen=True)
 class DeviceLimits:
-    """The hardware limits pruning checks against."""
+    """The hardware limits pruning checks against. ``known``: False for a device without facts
+    (``tuner.devices``), pruned against the largest shared memory of any listed GPU, so that
+    pruning removes only what no GPU can hold and the workers' compile reports the rest as out
+    of resources; the plan and the tune say so."""
 
     name: str
     shared_memory_bytes: int
+    known: bool = True
 
     @classmethod
     def for_device(cls, device_name: str) -> "DeviceLimits":
         """Limits for a device name as torch reports it (``NVIDIA H100 80GB HBM3``, ``NVIDIA_H200``)."""
-        tokens = re.split(r"[\s_\-]+", device_name.upper())
-        kb = next((_SHARED_MEMORY_KB[t] for t in tokens if t in _SHARED_MEMORY_KB), _UNKNOWN_DEVICE_KB)
-        return cls(name=device_name, shared_memory_bytes=kb * KB)
+        facts = device_facts(device_name)
+        if facts is None:
+            return cls(name=device_name, shared_memory_bytes=largest_shared_memory(), known=False)
+        return cls(name=device_name, shared_memory_bytes=facts.shared_memory_bytes)
+
+    @property
+    def note(self) -> str | None:
+        """What a user must know about these limits (None for a known GPU)."""
+        if self.known:
+            return None
+        return (f"no facts known for '{self.name}': pruned against the largest shared memory of any listed GPU "
+                f"({self.shared_memory_bytes // 1024} KiB); the workers' compile reports what does not fit")
 
 
 # --- pruning -------------------------------------------------------------------------------
-
-# Bits per element of the activation (A) and weight (B) tiles the kernel stages in shared memory.
-_A_BITS = {DType.FP8_W8A8: 8}  # every other dtype runs bf16/fp16 activations
-_B_BITS = {DType.BF16: 16, DType.FP16: 16, DType.FP8_W8A8: 8, DType.INT8_W8A16: 8,
-           DType.MXFP4: 4, DType.NVFP4: 4}
 
 # Hopper's tensor-core path (wgmma) works on 64-row tiles per warp group, so a 64-row tile can
 # beat a 16-row one even when each expert sees a single token (vLLM's shipped H100 fp8 configs
@@ -174,35 +168,25 @@ def shared_memory_lower_bound(config: Config, dtype: DType) -> int:
 
         (num_stages - 1) × (BM×BK×a_bits + BK×BN×b_bits) / 8
 
-    a_bits = 8 for fp8_w8a8 else 16; b_bits = 16 (bf16/fp16), 8 (fp8, int8), 4 (mxfp4/nvfp4,
-    packed nibbles). Triton's software pipeliner (3.x) stages each loop load that feeds
+    with the format's activation and weight bits (``workers.formats``: a_bits 8 for fp8_w8a8, else
+    16; b_bits 16, 8 or 4 for packed fp4 nibbles). Triton's software pipeliner (3.x) stages each loop load that feeds
     ``tl.dot`` in a ring of num_stages - 1 shared-memory buffers (Hopper's async wgmma path can
     hold one more); the smaller count is used so nothing that compiles is dropped. Scale tiles,
     dequantized B copies and epilogue scratch are left out for the same reason, and with
     num_stages = 1 nothing is certain to be staged, so the bound is 0.
     """
-    a_bits = _A_BITS.get(dtype, 16)
-    b_bits = _B_BITS[dtype]
+    fmt = format_of(dtype)
+    a_bits, b_bits = fmt.activation_bits, fmt.weight_bits
     per_stage = (config.BLOCK_SIZE_M * config.BLOCK_SIZE_K * a_bits
                  + config.BLOCK_SIZE_K * config.BLOCK_SIZE_N * b_bits) // 8
     return max(config.num_stages - 1, 0) * per_stage
 
 
-def _breaks_block_quant(config: Config, shape: MoEShape) -> bool:
-    """fp8 block quantization: the kernel reads one weight scale per tile and one activation
-    scale per K step, so a tile must sit inside one [bn, bk] block: bn % BLOCK_SIZE_N == 0 and
-    bk % BLOCK_SIZE_K == 0. Other tiles give wrong results, not slow ones."""
-    if shape.block_shape is None:
-        return False
-    bn, bk = shape.block_shape
-    return bn % config.BLOCK_SIZE_N != 0 or bk % config.BLOCK_SIZE_K != 0
-
-
-def _splits_fp4_group(config: Config, shape: MoEShape) -> bool:
-    """mxfp4/nvfp4 share one scale per 32/16 weights along K: a K tile holding part of a group
-    cannot be dequantized, so BLOCK_SIZE_K must be a multiple of the group."""
-    group = FP4_GROUP.get(shape.dtype)
-    return group is not None and config.BLOCK_SIZE_K % group != 0
+def _breaks_tile_rule(config: Config, shape: MoEShape, rule: str) -> bool:
+    """The format's tile rule ``rule`` (``workers.formats.tile_rule_broken``) is the first ``config``
+    breaks for ``shape``: such tiles give wrong results or no kernel, not slow ones."""
+    broken = tile_rule_broken(config, shape.dtype, shape.block_shape)
+    return broken is not None and broken[0] == rule
 
 
 def _block_m_limit(block_ms: list[int], M: int) -> int:
@@ -256,8 +240,8 @@ def prune(configs: list[Config], shape: MoEShape, M: int, device: DeviceLimits) 
     block_m_limit = _block_m_limit([c.BLOCK_SIZE_M for c in configs], M)
     fewest_warps = min(c.num_warps for c in configs)
     rules = (
-        lambda c: _breaks_block_quant(c, shape),
-        lambda c: _splits_fp4_group(c, shape),
+        lambda c: _breaks_tile_rule(c, shape, "block_quant"),
+        lambda c: _breaks_tile_rule(c, shape, "fp4_group"),
         lambda c: shared_memory_lower_bound(c, shape.dtype) > device.shared_memory_bytes,
         lambda c: c.BLOCK_SIZE_M > block_m_limit,
         lambda c: _replicated_warps(c, fewest_warps),

@@ -31,28 +31,17 @@ import triton
 import triton.language as tl
 
 from workers.align import AlignedTokens
+from workers.formats import format_of, tile_rule_broken
 from workers.interpreter import dot, interpreting, round_to
 from workers.quant import QuantizedWeight
 from workers.records import Config, DType
 
-MXFP4_GROUP = 32
-NVFP4_GROUP = 16
-
-
 def validate_config(config: Config, dtype: DType, block_shape: tuple[int, int] | None = None) -> None:
-    """Raise ValueError when ``config`` cannot run weights of ``dtype`` (as vLLM's tuner filters)."""
-    bk = config.BLOCK_SIZE_K
-    if min(config.BLOCK_SIZE_M, config.BLOCK_SIZE_N, bk) < 16:
-        raise ValueError(f"tile sizes must be >= 16 (tl.dot), got {config.label}")
-    if dtype is DType.FP8_W8A8 and block_shape is not None:
-        group_n, group_k = block_shape
-        if group_k % bk or group_n % config.BLOCK_SIZE_N:
-            raise ValueError(f"block fp8 {list(block_shape)} needs block_n % BLOCK_SIZE_N == 0 and "
-                             f"block_k % BLOCK_SIZE_K == 0, got {config.label}")
-    if dtype is DType.MXFP4 and bk % MXFP4_GROUP:
-        raise ValueError(f"mxfp4 needs BLOCK_SIZE_K % {MXFP4_GROUP} == 0, got {config.label}")
-    if dtype is DType.NVFP4 and bk % NVFP4_GROUP:
-        raise ValueError(f"nvfp4 needs BLOCK_SIZE_K % {NVFP4_GROUP} == 0, got {config.label}")
+    """Raise ValueError when ``config`` cannot run weights of ``dtype`` (the format's tile rules,
+    ``workers.formats.tile_rule_broken``; as vLLM's tuner filters)."""
+    broken = tile_rule_broken(config, dtype, block_shape)
+    if broken is not None:
+        raise ValueError(broken[1])
 
 
 def check_config(config: Config, b: QuantizedWeight) -> None:
@@ -104,7 +93,7 @@ def launch_moe_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, b: QuantizedW
         c.stride(0), c.stride(1), *a_scale_strides, *scale_strides, group_n, group_k,
         TOP_K=top_k, MUL_ROUTED_WEIGHT=topk_weights is not None,
         FP8_W8A8=dtype is DType.FP8_W8A8, FP8_BLOCK=block_quant, INT8_W8A16=dtype is DType.INT8_W8A16,
-        FP4_GROUP=(MXFP4_GROUP if dtype is DType.MXFP4 else NVFP4_GROUP) if fp4 else 0,
+        FP4_GROUP=format_of(dtype).scale_group if fp4 else 0,
         EVEN_K=K % config.BLOCK_SIZE_K == 0, INTERPRETER=bool(interpreter),
         COMPUTE_TYPE=tl.float16 if c.dtype == torch.float16 else tl.bfloat16,
         BLOCK_SIZE_M=config.BLOCK_SIZE_M, BLOCK_SIZE_N=config.BLOCK_SIZE_N,

@@ -34,14 +34,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from workers.formats import format_of
 from workers.records import DType
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 INT8_MAX = 127.0
 E2M1_MAX = 6.0
-MXFP4_BLOCK = 32
-NVFP4_BLOCK = 16
+MXFP4_BLOCK = format_of(DType.MXFP4).scale_group
+NVFP4_BLOCK = format_of(DType.NVFP4).scale_group
 E8M0_BIAS = 127
 E8M0_NAN = 0xFF
 AMAX_FLOOR = 1e-10

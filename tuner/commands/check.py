@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tuner.commands.arguments import block_shape_arg, dtype_list, int_list
 from tuner.errors import RunFailed, UsageError
+from workers.formats import block_shape_dtypes, format_of, shape_rule_broken
 from workers.records import CONFIG_KEYS, Config, DType, MoEShape
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -94,19 +95,16 @@ def _shapes(args: argparse.Namespace, dtypes: list[DType] | None) -> list[MoESha
         raise UsageError(f"--shape needs four positive integers E,N,K,TOPK, got {args.shape}")
     if args.tp != 1 or args.ep != 1:
         raise UsageError("--tp/--ep apply to --model; --shape is already one GPU's shape")
-    from workers.quant import MXFP4_BLOCK, NVFP4_BLOCK
-
-    fp4_groups = {DType.MXFP4: MXFP4_BLOCK, DType.NVFP4: NVFP4_BLOCK}
     E, N, K, topk = args.shape
     if topk > E:
         raise UsageError(f"--shape: top-k {topk} exceeds the {E} experts")
     shapes = []
     for dtype in dtypes or [DType.BF16]:
-        if args.block_shape is not None and dtype is not DType.FP8_W8A8:
-            raise UsageError(f"--block-shape applies to fp8_w8a8 only, not {dtype.value}")
-        group = fp4_groups.get(dtype)
-        if group and (K % group or N % group):
-            raise UsageError(f"{dtype.value} needs K and N multiples of {group} (K={K}, N={N})")
+        if args.block_shape is not None and not format_of(dtype).block_shapes:
+            raise UsageError(f"--block-shape applies to {', '.join(block_shape_dtypes())} only, not {dtype.value}")
+        problem = shape_rule_broken(dtype, N, K)
+        if problem:
+            raise UsageError(problem)
         shapes.append(MoEShape(E=E, N=N, K=K, topk=topk, dtype=dtype, block_shape=args.block_shape))
     return shapes
 

@@ -67,6 +67,8 @@ def _request(args: argparse.Namespace) -> compare.CompareRequest:
     build_plan([spec], args.tp, args.ep, dtypes, None, batch_sizes, space, "cpu")  # fails fast on bad input
 
     def plan_for_device(device_name: str):
+        if args.memory_budget_gib is None:
+            compare.memory_known(device_name)  # fail before the search, not after it
         return compare.search_jobs([spec], args.tp, args.ep, dtypes, batch_sizes, space, args.routing, device_name)
 
     layout = f"tp={args.tp}" + (f",ep={args.ep}" if args.ep > 1 else "")

@@ -21,6 +21,7 @@ from tuner.models import derive_shape, load_model
 from tuner.plan import DEFAULT_BATCH_SIZES
 from tuner.ray_session import RaySession, ray_session
 from tuner.spaces import load_space
+from workers.formats import format_of
 from workers.records import DType, MoEShape
 from workers.routing import parse_routing
 
@@ -44,7 +45,7 @@ def _shapes(spec: JobSpec) -> dict[tuple[str, Layout, DType], MoEShape]:
         model_spec = load_model(model)
         for layout in spec.layouts:
             for dtype in spec.dtypes:
-                block = spec.block_shape if dtype is DType.FP8_W8A8 else None
+                block = spec.block_shape if format_of(dtype).block_shapes else None
                 shapes[(model, layout, dtype)] = derive_shape(model_spec, tp=layout.tp, ep=layout.ep, dtype=dtype,
                                                               block_shape=block)
     return shapes

@@ -44,6 +44,8 @@ def format_plan(plan: Plan) -> str:
     """A readable plan: per job its shape and file, then kept/dropped counts per batch size."""
     space = plan.space
     lines = [f"device {plan.device_name} · search space {space.name} ({space.size} configs)"]
+    if plan.limits.note:
+        lines.append(plan.limits.note)
     for job in plan.jobs:
         s = job.shape
         block = f" block_shape=[{s.block_shape[0]},{s.block_shape[1]}]" if s.block_shape else ""

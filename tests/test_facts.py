@@ -1,0 +1,77 @@
+"""Format facts and device facts: one definition each, read the same way by every consumer."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+
+from tuner import compare, cost_model, roofline
+from tuner.devices import KNOWN_DEVICES, device_facts, memory_bytes
+from tuner.errors import RunFailed
+from tuner.spaces import DeviceLimits
+from workers.formats import FORMATS, TILE_RULES, format_of, tile_rule_broken
+from workers.records import Config, DType, MoEShape
+
+
+@pytest.mark.parametrize("reported,listed", [
+    ("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA_H200", "H200"),
+    ("NVIDIA GH200 480GB", "GH200"), ("NVIDIA A100-SXM4-80GB", "A100 SXM4 80GB"), ("NVIDIA A10", "A10"),
+    ("NVIDIA A10G", "A10G"), ("NVIDIA L40S", "L40S"), ("NVIDIA GeForce RTX 4090", "4090"),
+])
+def test_a_reported_name_finds_its_own_entry(reported: str, listed: str) -> None:
+    assert device_facts(reported).name == listed
+
+
+def test_an_unknown_gpu_gets_no_facts_and_every_consumer_says_so() -> None:
+    name = "Some Future GPU"
+    assert device_facts(name) is None and roofline.device_peaks(name) is None and memory_bytes(name) is None
+    limits = DeviceLimits.for_device(name)
+    assert not limits.known and name in limits.note
+    assert limits.shared_memory_bytes == max(f.shared_memory_bytes for f in KNOWN_DEVICES)
+    with pytest.raises(RunFailed, match="--memory-budget-gib"):
+        compare.memory_known(name)
+    assert DeviceLimits.for_device("NVIDIA H200").note is None
+    assert roofline.device_peaks("NVIDIA GH200 480GB") is None  # listed, but its peaks are not
+    assert memory_bytes("cpu") > 0
+
+
+def test_the_cost_model_reference_gpu_is_a_listed_one() -> None:
+    facts = device_facts(cost_model.REFERENCE_GPU)
+    assert (cost_model.SMS, cost_model.SHARED_MEMORY) == (facts.sms, facts.shared_memory_bytes)
+
+
+def test_weight_bytes_count_data_and_every_scale() -> None:
+    E, rows, cols = 3, 64, 128
+    elements = E * rows * cols
+    expected = {
+        (DType.BF16, None): 2 * elements,
+        (DType.FP8_W8A8, None): elements + 4 * E,
+        (DType.FP8_W8A8, (32, 48)): elements + 4 * E * 2 * math.ceil(128 / 48),
+        (DType.INT8_W8A16, None): elements + 4 * E * rows,
+        (DType.MXFP4, None): elements // 2 + elements // 32,
+        (DType.NVFP4, None): elements // 2 + elements // 16 + 4 * E,
+    }
+    for (dtype, block), size in expected.items():
+        assert format_of(dtype).weight_bytes(E, rows, cols, block) == size, (dtype, block)
+    shape = MoEShape(E=E, N=rows, K=cols, topk=2, dtype=DType.MXFP4)
+    assert roofline.weight_bytes(shape) == (format_of(DType.MXFP4).weight_bytes(E, 2 * rows, cols)
+                                            + format_of(DType.MXFP4).weight_bytes(E, cols, rows))
+
+
+def test_tile_rules_name_the_first_broken_rule() -> None:
+    sizes = [8, 16, 32, 64, 128]
+    for dtype, (bm, bn, bk) in itertools.product(FORMATS, itertools.product(sizes, repeat=3)):
+        config = Config(bm, bn, bk, 1, 4, 2)
+        block = (64, 64) if format_of(dtype).block_shapes else None
+        broken = tile_rule_broken(config, dtype, block)
+        if min(bm, bn, bk) < 16:
+            assert broken[0] == "tile_min"
+        elif block and (64 % bn or 64 % bk):
+            assert broken[0] == "block_quant"
+        elif format_of(dtype).scale_group and bk % format_of(dtype).scale_group:
+            assert broken[0] == "fp4_group"
+        else:
+            assert broken is None
+        assert broken is None or broken[0] in TILE_RULES

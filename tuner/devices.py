@@ -1,0 +1,106 @@
+"""Facts about GPU models, defined once: shared memory per block, SMs, HBM bandwidth, tensor-core
+peaks and memory size.
+
+Read by search-space pruning (``tuner.spaces``: shared memory), the cost model
+(``tuner.cost_model``: its reference GPU), the roofline and report (``tuner.roofline``: peaks) and
+``compare`` (memory size). A fact not known for a GPU is None, and a GPU not listed gets no
+facts at all: every caller says what it does without them instead of assuming a GPU.
+
+Sources: NVIDIA's datasheets (dense peaks, no sparsity; HBM bandwidth; memory) and the CUDA
+programming guide's per-architecture table (``cudaDevAttrMaxSharedMemoryPerBlockOptin``: 227 KiB
+on Hopper and Blackwell data-center parts, 163 KiB on A100/A800/A30, 99 KiB on the other Ampere
+and Ada parts, 96 KiB on Volta, 64 KiB on Turing). Standard library only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+KIB = 1024
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """One GPU model. ``name`` is matched against the name torch reports
+    (``torch.cuda.get_device_name()``, e.g. ``NVIDIA H100 80GB HBM3``) or the one in file names
+    (``NVIDIA_H200``): every word of ``name`` must be a word of it."""
+
+    name: str
+    shared_memory_bytes: int
+    """Opt-in shared memory per block."""
+    sms: int | None = None
+    hbm_bytes_per_s: float | None = None
+    bf16_flops: float | None = None
+    fp8_flops: float | None = None
+    """None where the GPU has no fp8 tensor cores (or the peak is not listed here)."""
+    memory_bytes: int | None = None
+
+    @property
+    def has_peaks(self) -> bool:
+        """Bandwidth and bf16 peak are known (the roofline's floors can be drawn)."""
+        return self.hbm_bytes_per_s is not None and self.bf16_flops is not None
+
+
+# More specific names first ("H100 PCIe" before "H100").
+KNOWN_DEVICES: tuple[DeviceFacts, ...] = (
+    DeviceFacts("H100 PCIe", 227 * KIB, 114, 2.0e12, 756e12, 1513e12, 80 * GIB),
+    DeviceFacts("H100 NVL", 227 * KIB, 132, 3.9e12, 835e12, 1671e12, 94 * GIB),
+    DeviceFacts("H100", 227 * KIB, 132, 3.35e12, 989e12, 1979e12, 80 * GIB),
+    DeviceFacts("GH200", 227 * KIB),
+    DeviceFacts("H200", 227 * KIB, 132, 4.8e12, 989e12, 1979e12, 141 * GIB),
+    DeviceFacts("H800", 227 * KIB),
+    DeviceFacts("H20", 227 * KIB),
+    DeviceFacts("GB200", 227 * KIB),
+    DeviceFacts("B200", 227 * KIB, 148, 8.0e12, 2250e12, 4500e12, 180 * GIB),
+    DeviceFacts("B100", 227 * KIB),
+    DeviceFacts("A100 SXM4 80GB", 163 * KIB, 108, 2.039e12, 312e12, None, 80 * GIB),
+    DeviceFacts("A100", 163 * KIB, 108, 1.555e12, 312e12, None, 40 * GIB),
+    DeviceFacts("A800", 163 * KIB),
+    DeviceFacts("A30", 163 * KIB),
+    DeviceFacts("A10G", 99 * KIB),
+    DeviceFacts("A10", 99 * KIB),
+    DeviceFacts("A40", 99 * KIB),
+    DeviceFacts("L40S", 99 * KIB),
+    DeviceFacts("L40", 99 * KIB),
+    DeviceFacts("L20", 99 * KIB),
+    DeviceFacts("L4", 99 * KIB),
+    DeviceFacts("5090", 99 * KIB),
+    DeviceFacts("4090", 99 * KIB),
+    DeviceFacts("3090", 99 * KIB),
+    DeviceFacts("V100", 96 * KIB),
+    DeviceFacts("T4", 64 * KIB),
+)
+
+CPU = "cpu"
+"""The device name of ``--interpret`` workers (the Triton interpreter on the host's CPU)."""
+
+
+def _words(name: str) -> list[str]:
+    return [w for w in re.split(r"[\s_\-]+", name.upper()) if w]
+
+
+def device_facts(device_name: str) -> DeviceFacts | None:
+    """The facts of a GPU by its reported name; None for a GPU not listed here (and the CPU)."""
+    words = _words(device_name)
+    for facts in KNOWN_DEVICES:
+        wanted = _words(facts.name)
+        if all(w in words for w in wanted):
+            return facts
+    return None
+
+
+def largest_shared_memory() -> int:
+    """The most opt-in shared memory per block of any listed GPU."""
+    return max(f.shared_memory_bytes for f in KNOWN_DEVICES)
+
+
+def memory_bytes(device_name: str) -> int | None:
+    """Memory of one device: the GPU's from its facts; for ``CPU`` (interpreter runs) the host's
+    physical memory; None when not known."""
+    if device_name == CPU:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    facts = device_facts(device_name)
+    return facts.memory_bytes if facts is not None else None
