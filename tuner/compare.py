@@ -110,7 +110,7 @@ def _compare_in_session(request: CompareRequest, progress: Progress) -> Comparis
     winners = {dtype: {} for dtype in request.shapes}
     for key, selection in device.selections.items():
         for dtype, shape in request.shapes.items():
-            if key.shape_label == shape.label and key.gemm == Gemm.BOTH.value and key.routing == request.routing:
+            if key.shape == shape and key.gemm is Gemm.BOTH and key.routing == request.routing:
                 winners[dtype][key.M] = selection
     if not winners[REFERENCE]:
         raise RunFailed("bf16 produced no correct config: nothing to compare against")

@@ -100,7 +100,7 @@ def _compile_ahead(group: DeviceGroup, request: TuneRequest, progress: Progress)
 def _choose_and_write(group: DeviceGroup, retimer: selection.Retimer, request: TuneRequest,
                       progress: Progress) -> DeviceResult:
     whole = [m for m in group.measurements if m.candidate.gemm is Gemm.BOTH]
-    pinned = {selection.GroupKey(job.shape.label, job.routing, Gemm.BOTH.value, M): configs
+    pinned = {selection.GroupKey(job.shape, job.routing, Gemm.BOTH, M): configs
               for job in group.strategy.jobs for M, configs in job.baseline_by_m.items()}
     chosen = selection.select(whole, retimer, request.finalists, pinned)
     split = selection.split_choices(group.measurements, chosen) if request.split_gemms else {}

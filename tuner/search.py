@@ -47,9 +47,11 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from enum import Enum
 
 from tuner.cost_model import predict_seconds
 from tuner.plan import Job as PlanJob
+from tuner.select import GroupKey
 from workers.records import CONFIG_KEYS, Candidate, Config, Gemm, Level, Measurement, MoEShape
 
 SCREEN_RATIO = 1.3
@@ -60,6 +62,21 @@ FAST_SEEDS_PER_NEIGHBOUR = 3
 FAST_MAX_LOCAL_ROUNDS = 12
 FAST_FULL_MAX = 6
 SPLIT_GEMMS = (Gemm.BOTH, Gemm.UP, Gemm.DOWN)
+
+
+class Phase(str, Enum):
+    """Where one group's search stands. Every strategy starts at START and hands over at PROMOTE;
+    the fast strategy passes SEED (its neighbours' best screened) and LOCAL (the local search) on
+    the way. Then the promoted screens are fully timed (TIMED), with split GEMMs the up/down
+    pairs are timed (PAIR), and the group is DONE."""
+
+    START = "start"
+    SEED = "seed"
+    LOCAL = "local"
+    PROMOTE = "promote"
+    TIMED = "timed"
+    PAIR = "pair"
+    DONE = "done"
 
 
 @dataclass(frozen=True)
@@ -108,7 +125,7 @@ class Group:
     screens: dict[Config, float | None] = field(default_factory=dict)
     fulls: dict[Config, float | None] = field(default_factory=dict)
     waiting: set[tuple[Config, Level]] = field(default_factory=set)
-    phase: str = "start"
+    phase: Phase = Phase.START
     local_rounds: int = 0
 
     @property
@@ -126,8 +143,8 @@ class Group:
         return self.job.baseline_by_m.get(self.M, ()) if self.gemm is Gemm.BOTH else ()
 
     @property
-    def key(self) -> tuple:
-        return (self.job.shape, self.job.routing, self.M, self.gemm)
+    def key(self) -> GroupKey:
+        return GroupKey(self.job.shape, self.job.routing, self.gemm, self.M)
 
     @property
     def idle(self) -> bool:
@@ -171,7 +188,7 @@ class Strategy(ABC):
         while moved:  # a group that moves on may release one that waits on it: go round until none moves
             moved = False
             for group in self.groups:
-                if not group.idle or group.phase == "done":
+                if not group.idle or group.phase == Phase.DONE:
                     continue
                 phase = group.phase
                 for target, config, level in self._advance(group):
@@ -184,7 +201,7 @@ class Strategy(ABC):
     def observe(self, measurement: Measurement) -> None:
         """One outcome of a proposed candidate (any status; a failure counts as no latency)."""
         c = measurement.candidate
-        group = self._by_key.get((c.shape, c.routing, c.M, c.gemm))
+        group = self._by_key.get(GroupKey.of(c))
         if group is None:
             return
         latency = measurement.latency_us if measurement.ok else None
@@ -197,7 +214,7 @@ class Strategy(ABC):
 
     def _advance(self, group: Group) -> Round:
         """Move an idle group on to its next round; empty when it is done or waits on others."""
-        while group.phase != "done":
+        while group.phase != Phase.DONE:
             work = self._step(group)
             if work is None:
                 return []
@@ -207,31 +224,31 @@ class Strategy(ABC):
 
     def _step(self, group: Group) -> Round | None:
         """One phase transition: the round it starts ([] if none), or None to wait on other groups."""
-        if group.phase == "promote":
-            group.phase = "timed"
+        if group.phase == Phase.PROMOTE:
+            group.phase = Phase.TIMED
             chosen = promoted(group.screens, set(group.fulls), self.full_cap)
             chosen += [c for c in group.baseline
                        if group.screens.get(c) is not None and c not in group.fulls and c not in chosen]
             return [(group, c, Level.FULL) for c in chosen]
-        if group.phase == "timed":
-            group.phase = "pair" if group.gemm is Gemm.BOTH and self.split_gemms else "done"
+        if group.phase == Phase.TIMED:
+            group.phase = Phase.PAIR if group.gemm is Gemm.BOTH and self.split_gemms else Phase.DONE
             return []
-        if group.phase == "pair":
+        if group.phase == Phase.PAIR:
             return self._pairing(group)
         return self._search_step(group)
 
     @abstractmethod
     def _search_step(self, group: Group) -> Round | None:
-        """The strategy's own phases, from "start"; it sets ``phase = "promote"`` when screening is over."""
+        """The strategy's own phases, from ``Phase.START``; it sets ``Phase.PROMOTE`` when screening is over."""
 
     def _pairing(self, both: Group) -> Round | None:
         """Once the up and down groups of this batch size are done too: the full timings split
         selection needs (module docstring)."""
         shape, routing, M = both.job.shape, both.job.routing, both.M
-        up, down = self._by_key[(shape, routing, M, Gemm.UP)], self._by_key[(shape, routing, M, Gemm.DOWN)]
-        if up.phase != "done" or down.phase != "done":
+        up, down = self._by_key[GroupKey(shape, routing, Gemm.UP, M)], self._by_key[GroupKey(shape, routing, Gemm.DOWN, M)]
+        if up.phase != Phase.DONE or down.phase != Phase.DONE:
             return None
-        both.phase = "done"
+        both.phase = Phase.DONE
         shared, best_up, best_down = both.best(Level.FULL), up.best(Level.FULL), down.best(Level.FULL)
         wanted: list[tuple[Group, Config]] = []
         if shared is not None:
@@ -247,7 +264,7 @@ class Exhaustive(Strategy):
     the faster strategies are judged by."""
 
     def _search_step(self, group: Group) -> Round:
-        group.phase = "promote"
+        group.phase = Phase.PROMOTE
         return [(group, c, Level.SCREEN) for c in dict.fromkeys([*group.configs, *group.baseline])]
 
     def total_hint(self) -> int:
@@ -265,16 +282,16 @@ class Fast(Strategy):
                                     for k in CONFIG_KEYS} for job in self.jobs}
 
     def _search_step(self, group: Group) -> Round | None:
-        if group.phase == "start":
-            group.phase = "seed"
+        if group.phase == Phase.START:
+            group.phase = Phase.SEED
             return [(group, c, Level.SCREEN) for c in dict.fromkeys([*self.initial_slice(group), *group.baseline])]
-        if group.phase == "seed":
+        if group.phase == Phase.SEED:
             neighbours = self._neighbour_groups(group)
-            if any(n.phase == "start" or (n.phase == "seed" and not n.idle) for n in neighbours):
+            if any(n.phase == Phase.START or (n.phase == Phase.SEED and not n.idle) for n in neighbours):
                 return None  # a neighbour's first slice is still out: its best is not known yet
-            group.phase = "local"
+            group.phase = Phase.LOCAL
             return [(group, c, Level.SCREEN) for c in self._seeds(group, neighbours)]
-        if group.phase == "local":
+        if group.phase == Phase.LOCAL:
             # Walk from the best config of the space: a baseline outside it has no neighbours there.
             best = next((c for c in group.ranked(Level.SCREEN) if c in group.in_space), None)
             todo = [c for c in self.neighbours(group, best) if c not in group.screens] if best else []
@@ -284,7 +301,7 @@ class Fast(Strategy):
                 todo = [c for c in self.neighbours(group, best, keys_moved=2) if c not in group.screens]
             group.local_rounds += 1
             if not todo or group.local_rounds > FAST_MAX_LOCAL_ROUNDS:
-                group.phase = "promote"
+                group.phase = Phase.PROMOTE
                 return []
             return [(group, c, Level.SCREEN) for c in todo]
         raise AssertionError(f"unknown phase {group.phase}")
@@ -326,9 +343,9 @@ class Fast(Strategy):
         shape, routing = group.job.shape, group.job.routing
         sizes = group.job.batch_sizes
         i = sizes.index(group.M)
-        keys = [(shape, routing, sizes[j], group.gemm) for j in (i - 1, i + 1) if 0 <= j < len(sizes)]
+        keys = [GroupKey(shape, routing, group.gemm, sizes[j]) for j in (i - 1, i + 1) if 0 <= j < len(sizes)]
         if group.gemm is not Gemm.BOTH:
-            keys.append((shape, routing, group.M, Gemm.BOTH))
+            keys.append(GroupKey(shape, routing, Gemm.BOTH, group.M))
         return [self._by_key[k] for k in keys]
 
     def _seeds(self, group: Group, neighbours: list[Group]) -> list[Config]:

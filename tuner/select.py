@@ -12,6 +12,7 @@ order, so the same measurements always give the same files.
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,18 +22,31 @@ from workers.records import Candidate, Config, Gemm, Level, Measurement, MoEShap
 FINALISTS = 3
 
 
-@dataclass(frozen=True, order=True)
+@functools.total_ordering
+@dataclass(frozen=True)
 class GroupKey:
-    """The candidates competing for one entry of an output file: everything but the config."""
+    """The candidates competing for one entry of an output file: everything but the config (and
+    the timing level). The one key of a group, for the search (``tuner.search``) and selection;
+    ordered by shape label, routing, GEMM part, M."""
 
-    shape_label: str
+    shape: MoEShape
     routing: str
-    gemm: str
+    gemm: Gemm
     M: int
 
     @classmethod
     def of(cls, candidate: Candidate) -> "GroupKey":
-        return cls(candidate.shape.label, candidate.routing, candidate.gemm.value, candidate.M)
+        return cls(candidate.shape, candidate.routing, candidate.gemm, candidate.M)
+
+    @property
+    def shape_label(self) -> str:
+        return self.shape.label
+
+    def _order(self) -> tuple:
+        return (self.shape.label, self.routing, self.gemm.value, self.M)
+
+    def __lt__(self, other: "GroupKey") -> bool:
+        return self._order() < other._order()
 
 
 @dataclass(frozen=True)
@@ -168,7 +182,7 @@ def split_choices(measurements: Iterable[Measurement], shared: dict[GroupKey, Se
         if not pairs:
             continue
         split_us, up, down = min(pairs)
-        winner = shared.get(GroupKey(shape.label, routing, Gemm.BOTH.value, M))
+        winner = shared.get(GroupKey(shape, routing, Gemm.BOTH, M))
         config = winner.candidate.config if winner else None
         shared_us = ups[config] + downs[config] if config in ups and config in downs else None
         out[(shape, routing)][M] = SplitChoice(up, down, split_us, config, shared_us)
