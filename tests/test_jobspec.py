@@ -13,7 +13,6 @@ import pytest
 import yaml
 
 from tuner.cli import main
-from tuner.commands.job import _tune_args
 from tuner.jobspec import JobSpec, gate_checks, load_job_spec, tune_runs
 from tuner.models import derive_shape, load_model
 from tuner.spaces import load_space
@@ -58,7 +57,7 @@ def test_spec_expands_into_tune_invocations_tune_accepts() -> None:
     assert [(r.layout.tp, r.layout.ep, r.routing) for r in runs] == \
         [(layout.get("tp"), layout.get("ep", 1), r) for layout in layouts for r in routings]
     for run in runs:
-        args = _tune_args(run)
+        args = run.options
         assert (args.model, args.dtype, args.tp, args.ep, args.routing) == \
             ([MODEL], dtypes, run.layout.tp, run.layout.ep, run.routing)
         assert (args.batch_sizes, args.out, args.format, args.workers) == ([2, 8], "o", "sglang", 3)
@@ -82,7 +81,7 @@ def test_spec_expands_into_tune_invocations_tune_accepts() -> None:
     (_minimal(routing=["zipf:x"]), "alpha must be a number"),
     (_minimal(interpret=True, batch_sizes=[128]), "--interpret takes batch sizes up to"),
     (_minimal(budget_minutes=0), "budget_minutes: Input should be greater than 0"),
-    (_minimal(strategy="magic"), "tune flags from the job spec: argument --strategy: invalid choice"),
+    (_minimal(strategy="magic"), "strategy: Value error, unknown strategy 'magic'; expected one of exhaustive, fast"),
 ])
 def test_invalid_specs_exit_2_with_one_line(tmp_path: Path, data, message: str, capsys) -> None:
     for action in ("validate", "run"):

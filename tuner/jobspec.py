@@ -20,6 +20,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
 
 from tuner.errors import UsageError
+from tuner.options import TuneOptions
+from tuner.plan import resolve_batch_sizes
+from tuner.search import STRATEGIES
 from tuner.validation import one_line
 from workers.records import DType
 
@@ -89,10 +92,12 @@ class JobSpec(_Strict):
             raise ValueError("entries must not be empty")
         return values
 
-    @field_validator("batch_sizes")
+    @field_validator("strategy")
     @classmethod
-    def _sorted_unique(cls, values: list[int] | None) -> list[int] | None:
-        return None if values is None else sorted(set(values))
+    def _known_strategy(cls, value: str | None) -> str | None:
+        if value is not None and value not in STRATEGIES:
+            raise ValueError(f"unknown strategy {value!r}; expected one of {', '.join(sorted(STRATEGIES))}")
+        return value
 
 
 @dataclass(frozen=True)
@@ -101,7 +106,7 @@ class TuneRun:
 
     layout: Layout
     routing: str
-    argv: list[str]  # the equivalent command-line arguments after ``moe-tune tune``
+    options: TuneOptions
 
     @property
     def label(self) -> str:
@@ -143,34 +148,19 @@ def load_job_spec(path: Path) -> JobSpec:
 
 
 def tune_runs(spec: JobSpec) -> list[TuneRun]:
-    """The tune invocations, in order: layouts outermost, then routings."""
-    common: list[str] = []
-    for model in spec.models:
-        common += ["--model", model]
-    for dtype in spec.dtypes:
-        common += ["--dtype", dtype.value]
-    if spec.block_shape:
-        common += ["--block-shape", f"{spec.block_shape[0]},{spec.block_shape[1]}"]
-    if spec.batch_sizes:
-        common += ["--batch-sizes", ",".join(map(str, spec.batch_sizes))]
+    """The tune runs, in order: layouts outermost, then routings; each the ``TuneOptions`` that
+    ``moe-tune tune`` would build from the same values given as flags."""
+    common = dict(
+        model=list(spec.models), dtype=list(spec.dtypes), block_shape=spec.block_shape,
+        batch_sizes=resolve_batch_sizes(spec.batch_sizes) if spec.batch_sizes else None,
+        baseline=list(spec.baseline), out=str(spec.output.dir), format=spec.output.format, address=spec.address,
+        workers=spec.workers, interpret=spec.interpret, budget_minutes=spec.budget_minutes,
+        journal=str(spec.journal) if spec.journal else None)
     if spec.search_space:
-        common += ["--search-space", str(spec.search_space)]
+        common["search_space"] = str(spec.search_space)
     if spec.strategy:
-        common += ["--strategy", spec.strategy]
-    if spec.budget_minutes:
-        common += ["--budget-minutes", str(spec.budget_minutes)]
-    for folder in spec.baseline:
-        common += ["--baseline", str(folder)]
-    common += ["--out", str(spec.output.dir), "--format", spec.output.format]
-    if spec.journal:
-        common += ["--journal", str(spec.journal)]
-    if spec.address:
-        common += ["--address", spec.address]
-    if spec.workers:
-        common += ["--workers", str(spec.workers)]
-    if spec.interpret:
-        common.append("--interpret")
-    return [TuneRun(layout, routing, ["--tp", str(layout.tp), "--ep", str(layout.ep), "--routing", routing, *common])
+        common["strategy"] = spec.strategy
+    return [TuneRun(layout, routing, TuneOptions(tp=layout.tp, ep=layout.ep, routing=routing, **common))
             for layout in spec.layouts for routing in spec.routing]
 
 

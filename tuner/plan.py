@@ -80,11 +80,13 @@ class Plan:
         }
 
 
-def _batch_sizes(batch_sizes: Sequence[int] | None) -> list[int]:
+def resolve_batch_sizes(batch_sizes: Sequence[int] | None, default: Sequence[int] = DEFAULT_BATCH_SIZES) -> list[int]:
+    """The batch sizes to tune, the one place they are defaulted and checked: ``default`` when
+    none are given; each at least 1 (UsageError otherwise); sorted, each once."""
     if not batch_sizes:
-        return list(DEFAULT_BATCH_SIZES)
+        return sorted(set(default))
     if min(batch_sizes) < 1:
-        raise UsageError(f"batch sizes must be >= 1 (got {min(batch_sizes)})")
+        raise UsageError(f"batch sizes must be positive (>= 1), got {min(batch_sizes)}")
     return sorted(set(batch_sizes))
 
 
@@ -101,7 +103,7 @@ def build_plan(models: Sequence[str | ModelSpec], tp: int, ep: int, dtypes: Sequ
     if block_shape is not None and not any(d is not None and format_of(d).block_shapes for d in wanted):
         names = block_shape_dtypes()
         raise UsageError(f"--block-shape applies to {', '.join(names)}; add --dtype {names[0]}")
-    sizes = _batch_sizes(batch_sizes)
+    sizes = resolve_batch_sizes(batch_sizes)
     space = space if isinstance(space, SearchSpace) else load_space(space)
     configs = space.expand()
     device = DeviceLimits.for_device(device_name)

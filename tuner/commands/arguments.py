@@ -7,7 +7,7 @@ Each ``*_arg``/``*_list`` function is an argparse ``type``: a bad value raises
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from tuner.errors import UsageError
 from workers.records import DType, MoEShape
@@ -27,6 +27,26 @@ def int_list(text: str) -> list[int]:
     if not values:
         raise argparse.ArgumentTypeError("expected at least one integer")
     return values
+
+
+def batch_size_list(text: str) -> list[int]:
+    """``"64,1,64"`` → ``[1, 64]`` (``tuner.plan.resolve_batch_sizes``)."""
+    from tuner.plan import resolve_batch_sizes
+
+    try:
+        return resolve_batch_sizes(int_list(text))
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_batch_sizes_argument(parser: argparse.ArgumentParser, default: Sequence[int] | None = None) -> None:
+    """``--batch-sizes M,M,...``; absent, the command's ``default`` (None: vLLM's and SGLang's
+    tuning batch sizes, applied by ``tuner.plan.resolve_batch_sizes``)."""
+    from tuner.plan import DEFAULT_BATCH_SIZES
+
+    shown = default if default is not None else DEFAULT_BATCH_SIZES
+    parser.add_argument("--batch-sizes", type=batch_size_list, default=list(default) if default else None,
+                        metavar="M,M,...", help=f"default: {','.join(map(str, shown))}")
 
 
 def block_shape_arg(text: str) -> tuple[int, int]:

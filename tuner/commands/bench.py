@@ -8,11 +8,11 @@ import json
 from pathlib import Path
 
 from tuner import bench
-from tuner.commands.arguments import (add_layout_arguments, block_shape_arg, check_interpret_limits, int_list,
-                                      positive_int, ratio_arg, routing_arg)
-from tuner.errors import RunFailed, UsageError
+from tuner.commands.arguments import (add_batch_sizes_argument, add_layout_arguments, block_shape_arg,
+                                      check_interpret_limits, positive_int, ratio_arg, routing_arg)
+from tuner.errors import RunFailed
 from tuner.models import derive_shape, load_model
-from tuner.plan import DEFAULT_BATCH_SIZES
+from tuner.plan import resolve_batch_sizes
 from workers.records import DType, MoEShape
 
 
@@ -20,8 +20,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_layout_arguments(parser)
     parser.add_argument("--dtype", choices=[d.value for d in DType], help="kernel dtype (default: the model's own)")
     parser.add_argument("--block-shape", type=block_shape_arg, metavar="BN,BK", help="fp8 weight block shape")
-    parser.add_argument("--batch-sizes", type=int_list, metavar="M,M,...",
-                        help=f"default: {','.join(map(str, DEFAULT_BATCH_SIZES))}")
+    add_batch_sizes_argument(parser)
     parser.add_argument("--configs", type=Path, nargs="+", required=True, metavar="DIR",
                         help="config folders to time (vLLM or SGLang layout)")
     parser.add_argument("--reference", type=Path, metavar="DIR",
@@ -43,9 +42,7 @@ def bench_shape(model: str, tp: int, ep: int, dtype: str | None, block_shape: tu
 
 def run(args: argparse.Namespace) -> int:
     shape = bench_shape(args.model, args.tp, args.ep, args.dtype, args.block_shape)
-    batch_sizes = sorted(set(args.batch_sizes or DEFAULT_BATCH_SIZES))
-    if min(batch_sizes) < 1:
-        raise UsageError(f"batch sizes must be >= 1 (got {min(batch_sizes)})")
+    batch_sizes = resolve_batch_sizes(args.batch_sizes)
     if args.interpret:
         check_interpret_limits([shape], batch_sizes)
     variants, reference = bench.variants_for(args.configs, args.reference)

@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from tuner.commands.arguments import block_shape_arg, dtype_list, int_list
+from tuner.commands.arguments import add_batch_sizes_argument, block_shape_arg, dtype_list, int_list
 from tuner.errors import RunFailed, UsageError
 from workers.formats import block_shape_dtypes, format_of, shape_rule_broken
 from workers.records import CONFIG_KEYS, Config, DType, MoEShape
@@ -28,7 +28,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", type=dtype_list, action="append", metavar="D[,D...]",
                         help="kernel dtype(s), repeatable; default: the model's own, or bf16 with --shape")
     parser.add_argument("--block-shape", type=block_shape_arg, metavar="BN,BK", help="fp8 weight block shape, e.g. 128,128")
-    parser.add_argument("--batch-sizes", type=int_list, default=[1, 7, 33], metavar="M,M,...", help="default: 1,7,33")
+    add_batch_sizes_argument(parser, default=(1, 7, 33))
     parser.add_argument("--config", metavar="JSON|PATH",
                         help="one kernel config for every M: a JSON object with the six keys, inline or in a file")
     parser.add_argument("--interpret", action="store_true", help="run the Triton interpreter on the CPU (no GPU needed)")
@@ -38,8 +38,6 @@ def run(args: argparse.Namespace) -> int:
     dtypes = [d for group in args.dtype for d in group] if args.dtype else None
     shapes = _shapes(args, dtypes)
     config = _parse_config(args.config) if args.config else None
-    if min(args.batch_sizes) < 1:
-        raise UsageError(f"--batch-sizes must be positive, got {args.batch_sizes}")
     if args.interpret and os.environ.get("TRITON_INTERPRET") != "1":
         raise UsageError("--interpret needs TRITON_INTERPRET=1 before Triton is imported (moe-tune sets it)")
     if config is not None:

@@ -7,12 +7,12 @@ import argparse
 from pathlib import Path
 
 from tuner import compare, report
-from tuner.commands.arguments import (add_layout_arguments, check_interpret_limits, dtype_list, int_list,
-                                      positive_float, positive_int, routing_arg)
+from tuner.commands.arguments import (add_batch_sizes_argument, add_layout_arguments, check_interpret_limits,
+                                      dtype_list, positive_float, positive_int, routing_arg)
 from tuner.errors import UsageError
 from tuner.journal import JOURNAL_NAME, JournalBusy
 from tuner.models import derive_shape, load_model
-from tuner.plan import DEFAULT_BATCH_SIZES, build_plan
+from tuner.plan import build_plan, resolve_batch_sizes
 from tuner.search import STRATEGIES
 from tuner.spaces import load_space
 from workers.records import DType
@@ -24,8 +24,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_layout_arguments(parser)
     parser.add_argument("--dtypes", type=dtype_list, default=dtype_list(DEFAULT_DTYPES), metavar="D,D,...",
                         help=f"dtypes to compare; bf16 is always included as the yardstick (default: {DEFAULT_DTYPES})")
-    parser.add_argument("--batch-sizes", type=int_list, metavar="M,M,...",
-                        help=f"default: {','.join(map(str, DEFAULT_BATCH_SIZES))}")
+    add_batch_sizes_argument(parser)
     parser.add_argument("--routing", type=routing_arg, default="uniform", help="uniform | zipf:<alpha> | file:<path>")
     parser.add_argument("--search-space", default="default", metavar="NAME|PATH", help="search space name or YAML file")
     parser.add_argument("--strategy", default="fast", choices=sorted(STRATEGIES),
@@ -55,9 +54,7 @@ def _request(args: argparse.Namespace) -> compare.CompareRequest:
     spec = load_model(args.model)
     dtypes = [DType.BF16] + [d for d in args.dtypes if d is not DType.BF16]
     shapes = {dtype: derive_shape(spec, tp=args.tp, ep=args.ep, dtype=dtype) for dtype in dtypes}
-    batch_sizes = sorted(set(args.batch_sizes or DEFAULT_BATCH_SIZES))
-    if min(batch_sizes) < 1:
-        raise UsageError(f"batch sizes must be >= 1 (got {min(batch_sizes)})")
+    batch_sizes = resolve_batch_sizes(args.batch_sizes)
     if args.interpret:
         check_interpret_limits(list(shapes.values()), batch_sizes)
     for path, what in ((args.out, "--out"), (args.configs_out, "--configs-out")):

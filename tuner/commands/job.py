@@ -1,9 +1,10 @@
 """``moe-tune job validate|run JOB.yaml``: the nightly entry point (``ray job submit -- moe-tune job run``).
 
 ``validate`` checks everything that can be checked without a GPU (the spec's fields, every
-model × layout × dtype shape, the search space, routing, each tune invocation's flags) and
-exits 0 or 2. ``run`` validates the same way, runs the tunes in order, and then, when the spec
-has a gate, benches the fresh configs against the reference folder on one GPU worker. Exit 1
+model × layout × dtype shape, the search space, routing, the strategy) and
+exits 0 or 2. ``run`` validates the same way and each tune run as ``moe-tune tune`` would (its
+``TuneOptions``, built from the spec), then, in one Ray session, runs the tunes in order and, when
+the spec has a gate, benches the fresh configs against the reference folder on one GPU worker. Exit 1
 when a tune failed (the gate is then skipped: half a run proves nothing) or the gate failed.
 """
 
@@ -18,7 +19,7 @@ from tuner.commands.arguments import check_interpret_limits
 from tuner.errors import RunFailed, UsageError
 from tuner.jobspec import JobSpec, Layout, TuneRun, gate_checks, load_job_spec, tune_runs
 from tuner.models import derive_shape, load_model
-from tuner.plan import DEFAULT_BATCH_SIZES
+from tuner.plan import resolve_batch_sizes
 from tuner.ray_session import RaySession, ray_session
 from tuner.spaces import load_space
 from workers.formats import format_of
@@ -34,10 +35,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action.add_argument("spec", type=Path, metavar="JOB.yaml")
 
 
-def _batch_sizes(spec: JobSpec) -> list[int]:
-    return spec.batch_sizes or list(DEFAULT_BATCH_SIZES)
-
-
 def _shapes(spec: JobSpec) -> dict[tuple[str, Layout, DType], MoEShape]:
     """Every (model, layout, dtype) shape; a model or layout that does not fit fails here."""
     shapes = {}
@@ -51,19 +48,6 @@ def _shapes(spec: JobSpec) -> dict[tuple[str, Layout, DType], MoEShape]:
     return shapes
 
 
-class _TuneParser(argparse.ArgumentParser):
-    """``moe-tune tune``'s own parser: a spec value it rejects is a one-line usage error."""
-
-    def error(self, message: str) -> None:
-        raise UsageError(f"tune flags from the job spec: {message}")
-
-
-def _tune_args(run: TuneRun) -> argparse.Namespace:
-    parser = _TuneParser(prog="moe-tune tune")
-    tune.configure(parser)
-    return parser.parse_args(run.argv)
-
-
 def validate(spec: JobSpec) -> tuple[list[TuneRun], dict]:
     shapes = _shapes(spec)
     for routing in spec.routing:
@@ -74,19 +58,16 @@ def validate(spec: JobSpec) -> tuple[list[TuneRun], dict]:
     if spec.search_space:
         load_space(str(spec.search_space))
     if spec.interpret:
-        check_interpret_limits(list(shapes.values()), _batch_sizes(spec))
+        check_interpret_limits(list(shapes.values()), resolve_batch_sizes(spec.batch_sizes))
     if spec.output.dir.exists() and not spec.output.dir.is_dir():
         raise UsageError(f"output.dir {spec.output.dir}: exists and is not a folder")
-    runs = tune_runs(spec)
-    for tune_run in runs:
-        _tune_args(tune_run)
-    return runs, shapes
+    return tune_runs(spec), shapes
 
 
 def _gate(spec: JobSpec, shapes: dict, session: RaySession) -> list[str]:
     gate = spec.gate
     variants, reference = bench.variants_for([spec.output.dir], gate.reference)
-    batch_sizes = gate.batch_sizes or _batch_sizes(spec)
+    batch_sizes = resolve_batch_sizes(gate.batch_sizes or spec.batch_sizes)
     regressions: list[str] = []
     with bench.bench_pool() as pool:
         for check in gate_checks(spec):
@@ -109,13 +90,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"gate.reference {spec.gate.reference}: not a folder (an empty folder gates against "
                          "vLLM's default heuristic)")
 
-    tunes = [(tune_run, args, tune.validate(args)) for tune_run in runs for args in [_tune_args(tune_run)]]
+    tunes = [(tune_run, tune.validate(tune_run.options)) for tune_run in runs]
     with ray_session(spec.address, spec.interpret, spec.workers) as session:
         failed = []
-        for index, (tune_run, args, valid) in enumerate(tunes, 1):
+        for index, (tune_run, valid) in enumerate(tunes, 1):
             print(f"job {spec.name}: tune {index}/{len(runs)}: {tune_run.label}", file=session.stdout, flush=True)
             try:
-                tune.tune_in_session(args, valid, session)
+                tune.tune_in_session(tune_run.options, valid, session)
             except RunFailed as exc:
                 print(f"job {spec.name}: tune {tune_run.label} failed: {exc}", file=session.stdout, flush=True)
                 failed.append(tune_run.label)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from tuner.commands.arguments import add_layout_arguments, block_shape_arg, int_list
+from tuner.commands.arguments import add_batch_sizes_argument, add_layout_arguments, block_shape_arg
 from tuner.errors import UsageError
-from tuner.plan import DEFAULT_BATCH_SIZES, Plan, build_plan
+from tuner.plan import Plan, build_plan
 from tuner.spaces import REASONS
 from workers.records import DType
 
@@ -32,8 +32,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="kernel dtype (repeatable); default: each model's own")
     parser.add_argument("--block-shape", type=block_shape_arg, metavar="BN,BK",
                         help="fp8 weight block shape, e.g. 128,128")
-    parser.add_argument("--batch-sizes", type=int_list, metavar="M,M,...",
-                        help=f"default: {','.join(map(str, DEFAULT_BATCH_SIZES))}")
+    add_batch_sizes_argument(parser)
     parser.add_argument("--search-space", default="default", metavar="NAME|PATH",
                         help="search space name (search_spaces/<name>.yaml) or YAML file")
     parser.add_argument("--device-name", help='target GPU as torch names it, e.g. "NVIDIA H200" (default: this GPU)')

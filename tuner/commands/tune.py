@@ -14,12 +14,13 @@ from pathlib import Path
 
 from tuner import driver, writers
 from tuner.baseline import Baseline
-from tuner.commands.arguments import (add_layout_arguments, block_shape_arg, check_interpret_limits, int_list,
-                                      positive_float, positive_int, routing_arg)
+from tuner.commands.arguments import (add_batch_sizes_argument, add_layout_arguments, block_shape_arg,
+                                      check_interpret_limits, positive_float, positive_int, routing_arg)
 from tuner.errors import RunFailed, UsageError
 from tuner.journal import JOURNAL_NAME, JournalBusy
 from tuner.models import ModelSpec, load_model
-from tuner.plan import DEFAULT_BATCH_SIZES, build_plan
+from tuner.options import TuneOptions
+from tuner.plan import build_plan
 from tuner.progress import Progress, format_duration
 from tuner.ray_session import RaySession, ray_session
 from tuner.search import STRATEGIES, SearchJob
@@ -40,16 +41,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", action="append", choices=[d.value for d in DType],
                         help="kernel dtype (repeatable); default: each model's own")
     parser.add_argument("--block-shape", type=block_shape_arg, metavar="BN,BK", help="fp8 weight block shape")
-    parser.add_argument("--batch-sizes", type=int_list, metavar="M,M,...",
-                        help=f"default: {','.join(map(str, DEFAULT_BATCH_SIZES))}")
-    parser.add_argument("--search-space", default="default", metavar="NAME|PATH",
+    add_batch_sizes_argument(parser)
+    parser.add_argument("--search-space", metavar="NAME|PATH",
                         help="search space name (search_spaces/<name>.yaml) or YAML file")
-    parser.add_argument("--routing", type=routing_arg, default="uniform", help="uniform (default), zipf:<alpha> or file:<topk_ids.pt|.npy>")
-    parser.add_argument("--strategy", default="fast", choices=sorted(STRATEGIES),
+    parser.add_argument("--routing", type=routing_arg, help="uniform (default), zipf:<alpha> or file:<topk_ids.pt|.npy>")
+    parser.add_argument("--strategy", choices=sorted(STRATEGIES),
                         help="fast (default: cost model, neighbours, local search) or exhaustive (every pruned config)")
     parser.add_argument("--budget-minutes", type=positive_float, metavar="MINUTES",
                         help="stop searching after this long and write the best found so far")
-    parser.add_argument("--baseline", action="append", type=Path, default=[], metavar="DIR",
+    parser.add_argument("--baseline", action="append", type=Path, metavar="DIR",
                         help="config folder a server uses today (vLLM's shipped JSONs, last night's output; "
                              "repeatable): its config at each M is always timed against the winner, and the "
                              "summary reports the ratio")
@@ -57,23 +57,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="also tune the up and down GEMMs apart (SGLang's _down files; the summary reports the gain)")
     parser.add_argument("--no-compile-ahead", action="store_true",
                         help="let the GPU workers compile for themselves instead of CPU processes ahead of them")
-    parser.add_argument("--compile-timeout", type=positive_float, default=180.0, metavar="SECONDS",
+    parser.add_argument("--compile-timeout", type=positive_float, metavar="SECONDS",
                         help="a compile running longer is killed and its config recorded as timeout (default 180)")
-    parser.add_argument("--kernel", default="builtin", choices=KERNELS,
+    parser.add_argument("--kernel", choices=KERNELS,
                         help="time our kernel (builtin) or the installed server's fused-MoE entry point")
     parser.add_argument("--address", help="Ray cluster to join (auto, ray://host:port); default: start one here")
     parser.add_argument("--workers", type=positive_int, help="use at most N GPUs (default: every GPU Ray reports)")
-    parser.add_argument("--out", default="configs_out", help="output folder (default: configs_out)")
-    parser.add_argument("--format", default="vllm", choices=FORMATS, help="file layout to write (default: vllm)")
+    parser.add_argument("--out", help="output folder (default: configs_out)")
+    parser.add_argument("--format", choices=FORMATS, help="file layout to write (default: vllm)")
     parser.add_argument("--journal", help=f"journal file (default: <out>/{JOURNAL_NAME})")
     parser.add_argument("--fresh", action="store_true", help="ignore the journal (it is kept aside) and measure everything")
     parser.add_argument("--interpret", action="store_true",
                         help="no GPU: Triton interpreter on CPU workers (tiny shapes only)")
-    parser.add_argument("--timeout", type=positive_float, default=300.0, metavar="SECONDS",
+    parser.add_argument("--timeout", type=positive_float, metavar="SECONDS",
                         help="per-candidate limit; a candidate running longer ends its worker (default 300)")
-    parser.add_argument("--finalists", type=positive_int, default=3,
+    parser.add_argument("--finalists", type=positive_int,
                         help="fastest candidates per batch size re-timed back to back before choosing (default 3)")
     parser.add_argument("--json", action="store_true", help="print the run summary as one JSON object")
+    parser.set_defaults(**TuneOptions.defaults())
 
 
 def _check_writable_location(path: Path, what: str) -> None:
@@ -95,7 +96,8 @@ class Validated:
     baseline: Baseline
 
 
-def validate(args: argparse.Namespace) -> Validated:
+def validate(args: TuneOptions) -> Validated:
+    """Everything ``args`` asks for, checked before Ray starts; UsageError on bad input."""
     routing = parse_routing(args.routing)  # valid already (routing_arg)
     if routing.kind == "file":
         path = Path(routing.path).expanduser().resolve()
@@ -131,13 +133,14 @@ def validate(args: argparse.Namespace) -> Validated:
     return Validated(specs, space, out, journal, str(routing), Baseline.load(args.baseline))
 
 
-def run(args: argparse.Namespace) -> int:
+def run(parsed: argparse.Namespace) -> int:
+    args = TuneOptions.from_args(parsed)
     valid = validate(args)
     with ray_session(args.address, args.interpret, args.workers) as session:
         return tune_in_session(args, valid, session)
 
 
-def tune_in_session(args: argparse.Namespace, valid: Validated, session: RaySession) -> int:
+def tune_in_session(args: TuneOptions, valid: Validated, session: RaySession) -> int:
     """Tune what ``args`` (validated as ``valid``) asks for inside an open Ray session and print
     the summary on the command's stdout (``job run`` runs several tunes in one session)."""
 

@@ -1,0 +1,69 @@
+"""What one tune is asked to do, as one typed record: ``moe-tune tune`` builds it from its flags
+and ``moe-tune job run`` from the job spec, and ``tuner.commands.tune`` validates and runs it.
+
+Field names are the tune flags' (``--budget-minutes`` → ``budget_minutes``), and the defaults
+here are the flags' defaults (``tuner.commands.tune.configure`` reads them from this record).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from workers.records import DType
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    model: list[str]
+    """Preset names, config.json files, model folders or cached HF repo ids."""
+    tp: int = 1
+    ep: int = 1
+    dtype: list[DType] | None = None
+    """None: each model's own dtype."""
+    block_shape: tuple[int, int] | None = None
+    batch_sizes: list[int] | None = None
+    """None: ``tuner.plan.DEFAULT_BATCH_SIZES``."""
+    search_space: str = "default"
+    routing: str = "uniform"
+    strategy: str = "fast"
+    budget_minutes: float | None = None
+    baseline: list[Path] = field(default_factory=list)
+    split_gemms: bool = False
+    no_compile_ahead: bool = False
+    compile_timeout: float = 180.0
+    """Seconds."""
+    kernel: str = "builtin"
+    address: str | None = None
+    workers: int | None = None
+    out: str = "configs_out"
+    format: str = "vllm"
+    journal: str | None = None
+    fresh: bool = False
+    interpret: bool = False
+    timeout: float = 300.0
+    """Seconds per candidate."""
+    finalists: int = 3
+    json: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "TuneOptions":
+        """From ``moe-tune tune``'s parsed flags (``--dtype`` values become ``DType``)."""
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+        if values["dtype"] is not None:
+            values["dtype"] = [DType(d) for d in values["dtype"]]
+        return cls(**values)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every field's default, by name (the ones without: absent)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f.name] = f.default_factory()
+        return out
