@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tuner import devices, driver, roofline, writers
 from tuner.errors import RunFailed
-from tuner.plan import build_plan
+from tuner.plan import Plan
 from tuner.pool import Done, Lost, start_pool
 from tuner.progress import Progress
 from tuner.ray_session import ray_session
@@ -53,10 +53,9 @@ class CompareRequest:
     memory_budget_bytes: int | None = None
 
 
-def search_jobs(models: list, tp: int, ep: int, dtypes: list[DType], batch_sizes: list[int], space, routing: str,
-                device_name: str) -> list[SearchJob]:
-    plan = build_plan(models, tp, ep, dtypes, None, batch_sizes, space, device_name)
-    return [SearchJob.from_plan(job, routing) for job in plan.jobs]
+def search_jobs(planned: Plan, routing: str, device_name: str) -> list[SearchJob]:
+    """The search of ``planned`` on ``device_name``, one job per kernel shape."""
+    return [SearchJob.from_plan(job, routing) for job in planned.for_device(device_name).jobs]
 
 
 def memory_known(device_name: str) -> int:

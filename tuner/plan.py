@@ -1,7 +1,10 @@
 """A tuning plan: one job per distinct kernel shape, with the pruned candidates per batch size.
 
-Jobs come from models × dtypes under one parallel layout; models that land on the same shape
-(same E, N, K, top-k, dtype, block shape) share one job and one output file.
+``plan`` builds it once, device-independent: the kernel shapes of models × dtypes under one
+parallel layout (models that land on the same shape — E, N, K, top-k, dtype, block shape — share
+one job and one output file), the batch sizes and the search space. ``Plan.for_device`` prunes it
+for one GPU (pruning depends on its limits): a ``DevicePlan`` of ``Job``s, which the search
+runs (``tuner.search.SearchJob.from_plan``).
 """
 
 from __future__ import annotations
@@ -58,7 +61,47 @@ class Job:
 
 
 @dataclass(frozen=True)
+class PlannedShape:
+    """One kernel shape of the plan and the models (names) that land on it."""
+
+    models: tuple[str, ...]
+    shape: MoEShape
+    tp: int
+    ep: int
+
+
+@dataclass(frozen=True)
 class Plan:
+    """The device-independent plan: shapes, batch sizes, search space."""
+
+    shapes: list[PlannedShape]
+    batch_sizes: list[int]
+    space: SearchSpace
+
+    def for_device(self, device_name: str) -> "DevicePlan":
+        """The plan pruned for ``device_name`` (as torch names the GPU; UsageError when empty)."""
+        if not device_name.strip():
+            raise UsageError("the device name is empty")
+        configs = self.space.expand()
+        limits = DeviceLimits.for_device(device_name)
+        jobs = []
+        for planned in self.shapes:
+            shape = planned.shape
+            results = {M: prune(configs, shape, M, limits) for M in self.batch_sizes}
+            jobs.append(Job(
+                model=", ".join(planned.models), shape=shape, tp=planned.tp, ep=planned.ep,
+                file_name=vllm_file_name(shape, device_name),
+                sglang_file_name=sglang_file_name(shape, device_name),
+                candidates={M: r.kept for M, r in results.items()},
+                dropped_by_reason={M: r.dropped_by_reason for M, r in results.items()},
+            ))
+        return DevicePlan(device_name=device_name, space=self.space, jobs=jobs, limits=limits)
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """The plan pruned for one GPU."""
+
     device_name: str
     space: SearchSpace
     jobs: list[Job]
@@ -90,23 +133,18 @@ def resolve_batch_sizes(batch_sizes: Sequence[int] | None, default: Sequence[int
     return sorted(set(batch_sizes))
 
 
-def build_plan(models: Sequence[str | ModelSpec], tp: int, ep: int, dtypes: Sequence[DType | str] | None,
-               block_shape: tuple[int, int] | None, batch_sizes: Sequence[int] | None,
-               space: SearchSpace | str, device_name: str) -> Plan:
-    """Plan the jobs for ``models`` (names, paths or specs) served with ``tp``/``ep`` in each of
-    ``dtypes`` (None or empty: each model's own dtype) on ``device_name``."""
+def plan(models: Sequence[str | ModelSpec], tp: int, ep: int, dtypes: Sequence[DType | str] | None,
+         block_shape: tuple[int, int] | None, batch_sizes: Sequence[int] | None, space: SearchSpace | str) -> Plan:
+    """Plan the kernel shapes of ``models`` (names, paths or specs) served with ``tp``/``ep`` in each
+    of ``dtypes`` (None or empty: each model's own dtype). UsageError on bad input."""
     if not models:
         raise UsageError("name at least one model")
-    if not device_name.strip():
-        raise UsageError("the device name is empty")
     wanted = [DType(d) for d in dtypes] if dtypes else [None]
     if block_shape is not None and not any(d is not None and format_of(d).block_shapes for d in wanted):
         names = block_shape_dtypes()
         raise UsageError(f"--block-shape applies to {', '.join(names)}; add --dtype {names[0]}")
     sizes = resolve_batch_sizes(batch_sizes)
     space = space if isinstance(space, SearchSpace) else load_space(space)
-    configs = space.expand()
-    device = DeviceLimits.for_device(device_name)
 
     by_shape: dict[MoEShape, list[str]] = {}
     for model in models:
@@ -117,15 +155,13 @@ def build_plan(models: Sequence[str | ModelSpec], tp: int, ep: int, dtypes: Sequ
             names = by_shape.setdefault(shape, [])
             if spec.name not in names:
                 names.append(spec.name)
+    return Plan([PlannedShape(tuple(names), shape, tp, ep) for shape, names in by_shape.items()], sizes, space)
 
-    jobs = []
-    for shape, names in by_shape.items():
-        results = {M: prune(configs, shape, M, device) for M in sizes}
-        jobs.append(Job(
-            model=", ".join(names), shape=shape, tp=tp, ep=ep,
-            file_name=vllm_file_name(shape, device_name),
-            sglang_file_name=sglang_file_name(shape, device_name),
-            candidates={M: r.kept for M, r in results.items()},
-            dropped_by_reason={M: r.dropped_by_reason for M, r in results.items()},
-        ))
-    return Plan(device_name=device_name, space=space, jobs=jobs, limits=device)
+
+def build_plan(models: Sequence[str | ModelSpec], tp: int, ep: int, dtypes: Sequence[DType | str] | None,
+               block_shape: tuple[int, int] | None, batch_sizes: Sequence[int] | None,
+               space: SearchSpace | str, device_name: str) -> DevicePlan:
+    """``plan(...)`` pruned for ``device_name`` (``moe-tune plan``)."""
+    if not device_name.strip():
+        raise UsageError("the device name is empty")
+    return plan(models, tp, ep, dtypes, block_shape, batch_sizes, space).for_device(device_name)

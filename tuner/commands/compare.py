@@ -12,7 +12,7 @@ from tuner.commands.arguments import (add_batch_sizes_argument, add_layout_argum
 from tuner.errors import UsageError
 from tuner.journal import JOURNAL_NAME, JournalBusy
 from tuner.models import derive_shape, load_model
-from tuner.plan import build_plan, resolve_batch_sizes
+from tuner.plan import plan, resolve_batch_sizes
 from tuner.search import STRATEGIES
 from tuner.spaces import load_space
 from workers.records import DType
@@ -61,12 +61,12 @@ def _request(args: argparse.Namespace) -> compare.CompareRequest:
         if path.exists() and not path.is_dir():
             raise UsageError(f"{what} {path}: exists and is not a folder")
     space = load_space(args.search_space)
-    build_plan([spec], args.tp, args.ep, dtypes, None, batch_sizes, space, "cpu")  # fails fast on bad input
+    planned = plan([spec], args.tp, args.ep, dtypes, None, batch_sizes, space)
 
     def plan_for_device(device_name: str):
         if args.memory_budget_gib is None:
             compare.memory_known(device_name)  # fail before the search, not after it
-        return compare.search_jobs([spec], args.tp, args.ep, dtypes, batch_sizes, space, args.routing, device_name)
+        return compare.search_jobs(planned, args.routing, device_name)
 
     layout = f"tp={args.tp}" + (f",ep={args.ep}" if args.ep > 1 else "")
     return compare.CompareRequest(

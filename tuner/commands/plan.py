@@ -7,7 +7,7 @@ import json
 
 from tuner.commands.arguments import add_batch_sizes_argument, add_layout_arguments, block_shape_arg
 from tuner.errors import UsageError
-from tuner.plan import Plan, build_plan
+from tuner.plan import DevicePlan, build_plan
 from tuner.spaces import REASONS
 from workers.records import DType
 
@@ -39,7 +39,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
-def format_plan(plan: Plan) -> str:
+def format_plan(plan: DevicePlan) -> str:
     """A readable plan: per job its shape and file, then kept/dropped counts per batch size."""
     space = plan.space
     lines = [f"device {plan.device_name} · search space {space.name} ({space.size} configs)"]

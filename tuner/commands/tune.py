@@ -18,13 +18,13 @@ from tuner.commands.arguments import (add_batch_sizes_argument, add_layout_argum
                                       check_interpret_limits, positive_float, positive_int, routing_arg)
 from tuner.errors import RunFailed, UsageError
 from tuner.journal import JOURNAL_NAME, JournalBusy
-from tuner.models import ModelSpec, load_model
+from tuner.models import load_model
 from tuner.options import TuneOptions
-from tuner.plan import build_plan
+from tuner.plan import Plan, plan
 from tuner.progress import Progress, format_duration
 from tuner.ray_session import RaySession, ray_session
 from tuner.search import STRATEGIES, SearchJob
-from tuner.spaces import SearchSpace, load_space
+from tuner.spaces import load_space
 from workers.records import DType, Status
 from workers.routing import parse_routing
 from workers.server_kernels import SUPPORTED_DTYPES
@@ -88,8 +88,7 @@ def _check_writable_location(path: Path, what: str) -> None:
 
 @dataclass(frozen=True)
 class Validated:
-    specs: list[ModelSpec]
-    space: SearchSpace
+    plan: Plan
     out: Path
     journal: Path
     routing: str
@@ -116,21 +115,20 @@ def validate(args: TuneOptions) -> Validated:
         raise UsageError(f"--journal {journal}: exists and is not a file")
     _check_writable_location(journal, "--journal")
 
-    specs = [load_model(m) for m in args.model]
-    space = load_space(args.search_space)
-    plan = build_plan(specs, args.tp, args.ep, args.dtype, args.block_shape, args.batch_sizes, space,
-                      "cpu" if args.interpret else PREFLIGHT_DEVICE)
+    planned = plan([load_model(m) for m in args.model], args.tp, args.ep, args.dtype, args.block_shape,
+                   args.batch_sizes, load_space(args.search_space))
+    preflight = planned.for_device("cpu" if args.interpret else PREFLIGHT_DEVICE)
     if args.interpret:
-        check_interpret_limits([job.shape for job in plan.jobs], [M for job in plan.jobs for M in job.batch_sizes])
+        check_interpret_limits([s.shape for s in planned.shapes], planned.batch_sizes)
     if args.kernel != "builtin":
-        unsupported = sorted({job.shape.dtype.value for job in plan.jobs} - {d.value for d in SUPPORTED_DTYPES})
+        unsupported = sorted({s.shape.dtype.value for s in planned.shapes} - {d.value for d in SUPPORTED_DTYPES})
         if unsupported:
             raise UsageError(f"--kernel {args.kernel} runs {', '.join(d.value for d in SUPPORTED_DTYPES)}, "
                              f"not {', '.join(unsupported)}")
-    empty = [(job.shape.label, M) for job in plan.jobs for M, configs in job.candidates.items() if not configs]
+    empty = [(job.shape.label, M) for job in preflight.jobs for M, configs in job.candidates.items() if not configs]
     if empty:
-        raise UsageError(f"search space {space.name} leaves no config for {empty[0][0]} at M={empty[0][1]}")
-    return Validated(specs, space, out, journal, str(routing), Baseline.load(args.baseline))
+        raise UsageError(f"search space {planned.space.name} leaves no config for {empty[0][0]} at M={empty[0][1]}")
+    return Validated(planned, out, journal, str(routing), Baseline.load(args.baseline))
 
 
 def run(parsed: argparse.Namespace) -> int:
@@ -145,11 +143,9 @@ def tune_in_session(args: TuneOptions, valid: Validated, session: RaySession) ->
     the summary on the command's stdout (``job run`` runs several tunes in one session)."""
 
     def jobs_for_device(device_name: str) -> list[SearchJob]:
-        plan = build_plan(valid.specs, args.tp, args.ep, args.dtype, args.block_shape, args.batch_sizes, valid.space,
-                          device_name)
         return [SearchJob.from_plan(job, valid.routing,
                                     valid.baseline.configs_for(job.shape, device_name, job.batch_sizes))
-                for job in plan.jobs]
+                for job in valid.plan.for_device(device_name).jobs]
 
     request = driver.TuneRequest(
         jobs_for_device=jobs_for_device, write_outputs=writers.server_files_writer(valid.out, args.format), journal_path=valid.journal,
