@@ -45,8 +45,7 @@ def test_fixture_validates(capsys) -> None:
     assert "valid: 2 tune run(s), 4 shape(s); gate vs out/accepted at 0.5" in out
 
 
-def test_spec_expands_into_tune_invocations_tune_accepts() -> None:
-    rng = random.Random()
+def test_spec_expands_into_tune_invocations_tune_accepts(rng: random.Random) -> None:
     layouts = rng.sample([{"tp": 1}, {"tp": 2}, {"tp": 2, "ep": 2}, {"tp": 4, "ep": 2}], rng.randint(1, 3))
     routings = rng.sample(["uniform", "zipf:1.2", "zipf:0.5"], rng.randint(1, 2))
     dtypes = rng.sample(["bf16", "fp8_w8a8", "mxfp4"], 2)

@@ -3,7 +3,6 @@ survival of a torn last line, --fresh keeping the old file aside, one run at a t
 
 from __future__ import annotations
 
-import os
 import random
 
 import orjson
@@ -14,13 +13,6 @@ from tuner.journal import (Journal, JournalBusy, candidate_from_dict, candidate_
 from workers.records import Candidate, Config, DType, Gemm, Measurement, MoEShape, Status
 
 ENV = {"device": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "kernel": "builtin", "kernel_hash": "abc"}
-
-
-@pytest.fixture
-def rng():
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"seed {seed}")
-    return random.Random(seed)
 
 
 def random_candidate(rng: random.Random) -> Candidate:

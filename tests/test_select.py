@@ -3,22 +3,12 @@ ties break the same way every time."""
 
 from __future__ import annotations
 
-import os
 import random
-
-import pytest
 
 from tuner.select import GroupKey, by_shape, finalists, groups_without_winner, select
 from workers.records import Candidate, Config, DType, Measurement, MoEShape, Status
 
 SHAPE = MoEShape(E=8, N=7168, K=4096, topk=2, dtype=DType.BF16)
-
-
-@pytest.fixture
-def rng():
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"seed {seed}")
-    return random.Random(seed)
 
 
 def configs(n: int, rng: random.Random) -> list[Config]:

@@ -30,13 +30,6 @@ def stand_ins(monkeypatch):
         del sys.modules[name]
 
 
-@pytest.fixture
-def seed():
-    value = int.from_bytes(os.urandom(4), "little")
-    print(f"seed {value}")
-    return value
-
-
 def problem(dtype: DType, seed: int, block_shape=None, M: int = 5):
     shape = MoEShape(E=4, N=64, K=128, topk=2, dtype=dtype, block_shape=block_shape)
     return build_problem(shape, M, seed=seed)
