@@ -3,8 +3,9 @@
 ``validate`` checks everything that can be checked without a GPU (the spec's fields, every
 model × layout × dtype shape, the search space, routing, each tune invocation's flags) and
 exits 0 or 2. ``run`` validates the same way, runs the tunes in order, and then, when the spec
-has a gate, benches the fresh configs against the reference folder on one GPU worker. Exit 1
-when a tune failed (the gate is then skipped: half a run proves nothing) or the gate failed.
+has a gate, benches the fresh configs against the reference folder on one GPU worker, each
+routing's configs under that routing. Exit 1 when a tune failed (the gate is then skipped: half a
+run proves nothing) or the gate failed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from tuner import bench
 from tuner.commands import tune
 from tuner.commands.arguments import check_interpret_limits
 from tuner.errors import RunFailed, UsageError
-from tuner.jobspec import JobSpec, Layout, TuneRun, gate_checks, load_job_spec, tune_runs
+from tuner.jobspec import JobSpec, Layout, TuneRun, gate_checks, load_job_spec, routing_folder, tune_runs
 from tuner.models import derive_shape, load_model
 from tuner.plan import DEFAULT_BATCH_SIZES
 from tuner.ray_session import RaySession, ray_session
@@ -65,11 +66,15 @@ def _tune_args(run: TuneRun) -> argparse.Namespace:
 
 def validate(spec: JobSpec) -> tuple[list[TuneRun], dict]:
     shapes = _shapes(spec)
+    folders: dict[str, str] = {}
     for routing in spec.routing:
         try:
             parse_routing(routing)
         except ValueError as exc:
             raise UsageError(f"routing: {exc}") from None
+        if routing_folder(routing) in folders:
+            raise UsageError(f"routing: {folders[routing_folder(routing)]!r} and {routing!r} are the same routing")
+        folders[routing_folder(routing)] = routing
     if spec.search_space:
         load_space(str(spec.search_space))
     if spec.interpret:
@@ -84,12 +89,12 @@ def validate(spec: JobSpec) -> tuple[list[TuneRun], dict]:
 
 def _gate(spec: JobSpec, shapes: dict, session: RaySession) -> list[str]:
     gate = spec.gate
-    variants, reference = bench.variants_for([spec.output.dir], gate.reference)
     batch_sizes = gate.batch_sizes or _batch_sizes(spec)
     regressions: list[str] = []
     with bench.bench_pool() as pool:
         for check in gate_checks(spec):
             shape = shapes[(check.model, check.layout, check.dtype)]
+            variants, reference = bench.variants_for([check.fresh], gate.reference)
             result = bench.bench_on(pool, shape, variants, reference, batch_sizes, check.routing, gate.rounds)
             print(f"gate {check.label}", file=session.stdout)
             print(bench.format_table(result, gate.fail_if_slower), file=session.stdout, flush=True)
