@@ -14,13 +14,6 @@ from workers.align import TokenAligner, moe_align_block_size, padded_capacity
 GARBAGE = -7
 
 
-@pytest.fixture
-def generator() -> torch.Generator:
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"seed {seed}")  # shown by pytest when the test fails
-    return torch.Generator().manual_seed(seed)
-
-
 def random_routing(M: int, E: int, topk: int, generator: torch.Generator, experts: int | None = None) -> torch.Tensor:
     """``[M, topk]`` distinct experts per token, drawn from the first ``experts`` (default all E)."""
     pool = experts or E

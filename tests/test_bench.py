@@ -39,8 +39,8 @@ def _extremes(M: int) -> tuple[Config, Config]:
 
 @pytest.fixture
 def deterministic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    def use(raise_on: Config | None = None) -> None:
-        faults = [{"config": raise_on.label, "action": "raise"}] if raise_on else []
+    def use(raise_on: Config | None = None, action: str = "raise") -> None:
+        faults = [{"config": raise_on.label, "action": action}] if raise_on else []
         plan = tmp_path / "faults.json"
         plan.write_text(json.dumps({"deterministic_latency": True, "faults": faults}))
         monkeypatch.setenv("MOE_TUNE_FAULTS", str(plan))
@@ -100,6 +100,29 @@ def test_gate_fails_on_a_slower_or_broken_folder(tmp_path: Path, deterministic, 
         assert cells["broken"]["status"] == "crashed" and cells["broken"]["latency_us"] is None
         assert f"broken at M={M}: crashed ({broken.label})" in result["gate"]["regressions"]
         assert any(r.startswith(f"slow at M={M}:") for r in result["gate"]["regressions"]) == (expected < 0.999)
+
+
+def test_a_config_that_kills_the_worker_is_crashed_and_a_fresh_worker_times_the_rest(tmp_path: Path, deterministic,
+                                                                                      capsys) -> None:
+    fast_configs = {M: _extremes(M)[0] for M in BATCH_SIZES}
+    deadly = next(c for c in POOL if c not in fast_configs.values()
+                  and all(c != default_config(SHAPE, M) for M in BATCH_SIZES))
+    deterministic(raise_on=deadly, action="kill")
+    fast = _folder(tmp_path, "fast", fast_configs)
+    deadly_folder = _folder(tmp_path, "deadly", {M: deadly for M in BATCH_SIZES})
+    code = main(_bench("--configs", str(deadly_folder), str(fast), "--fail-if-slower", "0.999", "--json"))
+    captured = capsys.readouterr()
+    assert code == 1, captured.err
+    result = json.loads(captured.out)
+    for row in result["rows"]:
+        M, cells = row["M"], row["results"]
+        assert cells["deadly"]["status"] == "crashed" and cells["deadly"]["latency_us"] is None
+        assert "died" in cells["deadly"]["message"]
+        # measured after the kill, on the worker that replaced the dead one
+        assert cells["fast"]["status"] == "ok"
+        assert cells["fast"]["latency_us"] == pytest.approx(_latency(fast_configs[M], M))
+        assert cells["default"]["latency_us"] == pytest.approx(_latency(default_config(SHAPE, M), M))
+    assert result["gate"]["regressions"] == [f"deadly at M={M}: crashed ({deadly.label})" for M in BATCH_SIZES]
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
@@ -10,19 +9,12 @@ import pytest
 from workers.default_config import default_config
 from workers.records import Config, DType, MoEShape
 
-SEED = int.from_bytes(os.urandom(4), "little")
 DECODE = (16, 32, 64, 1)
 PREFILL = (64, 64, 32, 8)
 
 
 def _tile(config: Config) -> tuple[int, int, int, int]:
     return config.BLOCK_SIZE_M, config.BLOCK_SIZE_N, config.BLOCK_SIZE_K, config.GROUP_SIZE_M
-
-
-@pytest.fixture
-def rng() -> random.Random:
-    print(f"seed={SEED}")
-    return random.Random(SEED)
 
 
 @pytest.mark.parametrize("dtype", [d for d in DType])

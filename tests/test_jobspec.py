@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tuner.cli import main
-from tuner.jobspec import JobSpec, gate_checks, load_job_spec, tune_runs
+from tuner.jobspec import JobSpec, gate_checks, load_job_spec, routing_folder, tune_runs
 from tuner.models import derive_shape, load_model
 from tuner.spaces import load_space
 from tuner.writers import write_vllm
@@ -44,8 +44,7 @@ def test_fixture_validates(capsys) -> None:
     assert "valid: 2 tune run(s), 4 shape(s); gate vs out/accepted at 0.5" in out
 
 
-def test_spec_expands_into_tune_invocations_tune_accepts() -> None:
-    rng = random.Random()
+def test_spec_expands_into_tune_invocations_tune_accepts(rng: random.Random) -> None:
     layouts = rng.sample([{"tp": 1}, {"tp": 2}, {"tp": 2, "ep": 2}, {"tp": 4, "ep": 2}], rng.randint(1, 3))
     routings = rng.sample(["uniform", "zipf:1.2", "zipf:0.5"], rng.randint(1, 2))
     dtypes = rng.sample(["bf16", "fp8_w8a8", "mxfp4"], 2)
@@ -60,9 +59,26 @@ def test_spec_expands_into_tune_invocations_tune_accepts() -> None:
         args = run.options
         assert (args.model, args.dtype, args.tp, args.ep, args.routing) == \
             ([MODEL], dtypes, run.layout.tp, run.layout.ep, run.routing)
-        assert (args.batch_sizes, args.out, args.format, args.workers) == ([2, 8], "o", "sglang", 3)
+        out = Path("o") if len(routings) == 1 else Path("o") / routing_folder(run.routing)
+        assert (args.batch_sizes, args.out, args.format, args.workers) == ([2, 8], str(out), "sglang", 3)
+        assert run.out == out
         assert args.budget_minutes == 7.5 and [str(p) for p in args.baseline] == ["shipped", "accepted"]
-    assert len(gate_checks(spec)) == len(layouts) * len(routings) * len(dtypes)
+    assert len({run.out for run in runs}) == len(routings)  # one folder per routing, shared by the layouts
+    checks = gate_checks(spec)
+    assert len(checks) == len(layouts) * len(routings) * len(dtypes)
+    assert all(check.fresh == next(r.out for r in runs if r.routing == check.routing) for check in checks)
+
+
+def test_routing_folders_are_safe_names_equal_only_for_equal_routings() -> None:
+    names = {spec: routing_folder(spec) for spec in ("uniform", "zipf:1.2", "zipf:1.20", "zipf:0.5", "zipf:0",
+                                                     "file:a/ids.pt", "file:b/ids.pt", "file:ids.npy")}
+    assert names["uniform"] == "routing=uniform" and names["zipf:1.2"] == "routing=zipf-1.2"
+    assert names["zipf:1.2"] == names["zipf:1.20"]
+    assert len(set(names.values())) == len(names) - 1
+    assert all(re.fullmatch(r"routing=[A-Za-z0-9._+-]+", n) for n in names.values())
+    assert names["file:a/ids.pt"].startswith("routing=file-ids-")
+    with pytest.raises(ValueError):
+        routing_folder("zipf:-1")
 
 
 @pytest.mark.parametrize("data,message", [
@@ -78,6 +94,7 @@ def test_spec_expands_into_tune_invocations_tune_accepts() -> None:
     (_minimal(output={"format": "tensorrt"}), "output.format: Input should be 'vllm', 'sglang' or 'both'"),
     (_minimal(models=["no-such-model"]), "no-such-model: not a config.json"),
     (_minimal(layouts=[{"tp": 3}]), "does not split over tp/ep=3"),
+    (_minimal(routing=["zipf:1.2", "uniform", "zipf:1.20"]), "'zipf:1.2' and 'zipf:1.20' are the same routing"),
     (_minimal(routing=["zipf:x"]), "alpha must be a number"),
     (_minimal(interpret=True, batch_sizes=[128]), "--interpret takes batch sizes up to"),
     (_minimal(budget_minutes=0), "budget_minutes: Input should be greater than 0"),
@@ -162,3 +179,46 @@ def test_job_run_tunes_then_fails_the_gate_on_a_regression(tmp_path: Path, monke
     fp8_ratio = latency(Candidate(fp8, M, default_config(fp8, M))) / latency(Candidate(fp8, M, fp8_tuned))
     failing = ["bf16"] + (["fp8_w8a8"] if fp8_ratio < 0.999 else [])
     assert f"gate failed at {len(failing)} point(s)" in captured.err.strip().splitlines()[-1]
+
+
+def test_each_routing_writes_its_own_folder_and_is_gated_under_its_own_routing(tmp_path: Path, monkeypatch,
+                                                                               capsys) -> None:
+    """Latencies are a fixed function of the candidate, routing included (the worker's test hook),
+    at a batch size where the two routings pick different configs: one shared folder would keep
+    only the last routing's file, and a gate under the wrong routing would time other numbers."""
+    plan = tmp_path / "faults.json"
+    plan.write_text(json.dumps({"deterministic_latency": True}))
+    monkeypatch.setenv("MOE_TUNE_FAULTS", str(plan))
+    latency = FaultPlan(deterministic_latency=True).latency_us
+    shape = derive_shape(load_model(MODEL), dtype=DType.BF16)
+    space = load_space(SPACE).expand()
+    routings = ["uniform", "zipf:1.2"]
+
+    def pick(M: int, routing: str) -> Config:
+        return min(space, key=lambda c: latency(Candidate(shape, M, c, routing=routing)))
+
+    M = next(M for M in range(1, 9) if pick(M, routings[0]) != pick(M, routings[1]))
+    accepted = tmp_path / "accepted"
+    accepted.mkdir()  # empty: the gate compares with vLLM's default heuristic
+    out = tmp_path / "nightly"
+    spec = _write(tmp_path, {
+        "name": "routings", "models": [MODEL], "dtypes": ["bf16"], "batch_sizes": [M], "routing": routings,
+        "search_space": SPACE, "interpret": True, "workers": 1, "output": {"dir": str(out), "format": "vllm"},
+        "gate": {"reference": str(accepted), "fail_if_slower": 0.01, "rounds": 1}})
+
+    code = main(["job", "run", str(spec)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("E=*.json")) == \
+        sorted(f"{routing_folder(r)}/E=4,N=64,device_name=cpu.json" for r in routings)
+    tables = captured.out.split("\ngate ")[1:]
+    assert [t.splitlines()[0] for t in tables] == [f"{MODEL} tp=1 bf16 routing={r}" for r in routings]
+    for routing, table in zip(routings, tables):
+        folder = out / routing_folder(routing)
+        written = json.loads((folder / "E=4,N=64,device_name=cpu.json").read_text())
+        assert Config.from_dict(written[str(M)]) == pick(M, routing)
+        # gated on its own folder's file, timed under its own routing
+        assert f"{folder.resolve().name}: {folder}/E=4,N=64,device_name=cpu.json" in table
+        row = next(line for line in table.splitlines() if line.split()[:1] == [str(M)])
+        assert f"{latency(Candidate(shape, M, pick(M, routing), routing=routing)):.1f}" in row
+        assert f"{latency(Candidate(shape, M, default_config(shape, M), routing=routing)):.1f}" in row

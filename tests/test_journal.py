@@ -3,24 +3,18 @@ survival of a torn last line, --fresh keeping the old file aside, one run at a t
 
 from __future__ import annotations
 
-import os
 import random
+from dataclasses import fields, replace
+from enum import Enum
 
 import orjson
 import pytest
 
 from tuner.journal import (Journal, JournalBusy, candidate_from_dict, candidate_to_dict, measurement_key,
                            measurement_to_record, record_to_measurement, retime_key)
-from workers.records import Candidate, Config, DType, Gemm, Measurement, MoEShape, Status
+from workers.records import CONFIG_KEYS, Candidate, Config, DType, Gemm, Measurement, MoEShape, Status
 
 ENV = {"device": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "kernel": "builtin", "kernel_hash": "abc"}
-
-
-@pytest.fixture
-def rng():
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"seed {seed}")
-    return random.Random(seed)
 
 
 def random_candidate(rng: random.Random) -> Candidate:
@@ -54,26 +48,62 @@ def test_records_round_trip_and_survive_reopening(tmp_path, rng):
             assert record_to_measurement(record) == m
 
 
+def _other(value: object, rng: random.Random) -> object:
+    """A different valid value of one record field."""
+    if isinstance(value, Enum):
+        return rng.choice([member for member in type(value) if member is not value])
+    if isinstance(value, int):
+        return value * 2
+    if isinstance(value, str):
+        return rng.choice([r for r in ("uniform", "zipf:1.2", "zipf:0.8", "file:ids.pt") if r != value])
+    raise AssertionError(f"no variant for {value!r}")
+
+
+def _variants(candidate: Candidate, rng: random.Random) -> dict[str, Candidate]:
+    """One candidate per field of the candidate, its shape and its config, differing in that field
+    alone. Fields are enumerated from the records, so a field added later is varied too."""
+    shape, config = candidate.shape, candidate.config
+    variants: dict[str, Candidate] = {}
+    for f in fields(Candidate):
+        if f.name not in ("shape", "config"):
+            variants[f.name] = replace(candidate, **{f.name: _other(getattr(candidate, f.name), rng)})
+    for f in fields(MoEShape):
+        value = getattr(shape, f.name)
+        if f.name == "block_shape":
+            if shape.dtype is not DType.FP8_W8A8:
+                continue  # only block fp8 has one
+            varied = replace(shape, block_shape=rng.choice([b for b in (None, (128, 128), (64, 128)) if b != value]))
+        elif f.name == "dtype":  # the block shape belongs to fp8: another dtype drops it
+            other = _other(value, rng)
+            varied = replace(shape, dtype=other, block_shape=shape.block_shape if other is DType.FP8_W8A8 else None)
+        else:
+            varied = replace(shape, **{f.name: _other(value, rng)})
+        variants[f"shape.{f.name}"] = replace(candidate, shape=varied)
+    for f in fields(Config):
+        variants[f"config.{f.name}"] = replace(candidate, config=replace(config, **{f.name: getattr(config, f.name) * 2}))
+    return variants
+
+
 def test_key_changes_with_every_field_that_changes_a_timing(rng):
     candidate = random_candidate(rng)
     base = measurement_key(ENV, candidate)
     assert measurement_key(dict(reversed(list(ENV.items()))), candidate) == base, "key must not depend on dict order"
-    assert candidate_from_dict(candidate_to_dict(candidate)) == candidate
-    for field in ENV:
-        assert measurement_key({**ENV, field: ENV[field] + "x"}, candidate) != base, field
-    data = candidate_to_dict(candidate)
-    variants = [
-        {**data, "M": data["M"] + 1},
-        {**data, "gemm": "up" if data["gemm"] != "up" else "down"},
-        {**data, "routing": data["routing"] + "x"},
-        {**data, "config": {**data["config"], "num_stages": data["config"]["num_stages"] + 1}},
-        {**data, "shape": {**data["shape"], "E": data["shape"]["E"] + 1}},
-        {**data, "shape": {**data["shape"], "dtype": "fp16" if data["shape"]["dtype"] != "fp16" else "bf16",
-                           "block_shape": None}},
-        {**data, "shape": {**data["shape"], "block_shape": [64, 64]}},
-    ]
-    for variant in variants:
-        assert measurement_key(ENV, candidate_from_dict(variant)) != base, variant
+    assert measurement_key(dict(ENV), replace(candidate)) == base, "key must be a function of the values"
+    env = {**ENV, "kernel_version": "vllm 0.33.0", "fault_plan": "0123456789abcdef"}
+    for field in env:  # the worker environment: device, versions, kernel (backend), its source hash, fault plan
+        assert measurement_key({**env, field: env[field] + "x"}, candidate) != measurement_key(env, candidate), field
+        assert measurement_key({k: v for k, v in env.items() if k != field}, candidate) != \
+            measurement_key(env, candidate), field
+    block_fp8 = replace(candidate, shape=replace(candidate.shape, dtype=DType.FP8_W8A8, block_shape=(128, 128)))
+    varied: set[str] = set()
+    for original in (candidate, block_fp8):
+        assert candidate_from_dict(candidate_to_dict(original)) == original
+        for name, variant in _variants(original, rng).items():
+            varied.add(name.rpartition(".")[2])
+            assert variant != original, name
+            assert measurement_key(ENV, variant) != measurement_key(ENV, original), name
+            assert candidate_from_dict(candidate_to_dict(variant)) == variant, name
+    assert varied == {"E", "N", "K", "topk", "dtype", "block_shape", "routing", "level", "M", "gemm", *CONFIG_KEYS}
 
 
 def test_torn_last_line_is_cut_and_appends_continue(tmp_path, rng):

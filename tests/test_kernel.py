@@ -38,13 +38,6 @@ BOUNDS = {
 SMALL = Config(BLOCK_SIZE_M=16, BLOCK_SIZE_N=32, BLOCK_SIZE_K=32, GROUP_SIZE_M=1, num_warps=4, num_stages=2)
 
 
-@pytest.fixture
-def generator() -> torch.Generator:
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"seed {seed}")  # shown by pytest when the test fails
-    return torch.Generator().manual_seed(seed)
-
-
 def make_problem(M, E, N, K, topk, dtype, generator, block_shape=None, experts_used=None):
     """Random inputs (x ~ N(0,1), weights scaled so outputs are O(1)) and distinct experts per token."""
     x = torch.randn((M, K), generator=generator).to(activation_dtype(dtype))

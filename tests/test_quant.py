@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -25,13 +24,9 @@ from workers.quant import (
 )
 from workers.records import DType
 
-SEED = int.from_bytes(os.urandom(4), "little")
-
-
 @pytest.fixture
-def gen() -> torch.Generator:
-    print(f"seed={SEED}")
-    return torch.Generator().manual_seed(SEED)
+def gen(generator: torch.Generator) -> torch.Generator:
+    return generator
 
 
 def randn(gen: torch.Generator, *size: int) -> torch.Tensor:
@@ -71,7 +66,7 @@ def test_e2m1_is_nearest_on_random_values(gen: torch.Generator) -> None:
     decoded = decode_e2m1(encode_e2m1(x))
     grid = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES))
     best = (x[:, None] - grid).abs().min(dim=1).values
-    assert torch.equal((x - decoded).abs(), best), f"seed={SEED}"
+    assert torch.equal((x - decoded).abs(), best)
 
 
 # ---------------------------------------------------------------- mxfp4
@@ -160,8 +155,8 @@ def test_mxfp4_round_trip_is_nearest_grid_point(gen: torch.Generator) -> None:
     scale = e8m0_to_float(scales).repeat_interleave(32, dim=-1)
     grid = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES))
     best = (w[..., None] - grid * scale[..., None]).abs().min(dim=-1).values
-    assert torch.allclose((w - out).abs(), best, rtol=1e-6, atol=0), f"seed={SEED}"
-    assert (w - out).norm() / w.norm() < 0.15, f"seed={SEED}"
+    assert torch.allclose((w - out).abs(), best, rtol=1e-6, atol=0)
+    assert (w - out).norm() / w.norm() < 0.15
 
 
 def test_mxfp4_rejects_ragged_last_dim() -> None:
@@ -194,13 +189,13 @@ def test_nvfp4_round_trip_is_nearest_grid_point(gen: torch.Generator) -> None:
     assert packed.shape == (3, 8, 32) and scales.shape == (3, 8, 4) and global_scale.shape == (3,)
     assert torch.allclose(global_scale, w.abs().amax(dim=(1, 2)) / 2688)
     expected_block = (w.reshape(3, 8, 4, 16).abs().amax(-1) / 6 / global_scale[:, None, None]).to(FP8_DTYPE)
-    assert torch.equal(scales.float(), expected_block.float()), f"seed={SEED}"
+    assert torch.equal(scales.float(), expected_block.float())
     out = dequantize_nvfp4(packed, scales, global_scale)
     effective = (scales.float() * global_scale[:, None, None]).repeat_interleave(16, dim=-1)
     grid = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES))
     best = (w[..., None] - grid * effective[..., None]).abs().min(dim=-1).values
-    assert torch.allclose((w - out).abs(), best, rtol=1e-5, atol=1e-12), f"seed={SEED}"
-    assert (w - out).norm() / w.norm() < 0.13, f"seed={SEED}"
+    assert torch.allclose((w - out).abs(), best, rtol=1e-5, atol=1e-12)
+    assert (w - out).norm() / w.norm() < 0.13
 
 
 # ---------------------------------------------------------------- fp8 weights and activations
@@ -216,7 +211,7 @@ def test_fp8_per_tensor_weight(gen: torch.Generator) -> None:
     assert q.data.dtype == FP8_DTYPE and q.scale.shape == (3,) and q.block_shape is None
     assert torch.allclose(q.scale, w.abs().amax(dim=(1, 2)) / 448)
     assert q.data.float().abs().amax(dim=(1, 2)).tolist() == [448.0] * 3
-    assert _fp8_error_ok(w, q.dequantize(), q.scale[:, None, None]), f"seed={SEED}"
+    assert _fp8_error_ok(w, q.dequantize(), q.scale[:, None, None])
 
 
 def test_fp8_block_weight_with_partial_blocks(gen: torch.Generator) -> None:
@@ -231,7 +226,7 @@ def test_fp8_block_weight_with_partial_blocks(gen: torch.Generator) -> None:
                 block = w[e, i * bn:(i + 1) * bn, j * bk:(j + 1) * bk]
                 assert q.scale[e, i, j].item() == pytest.approx(block.abs().max().item() / 448, rel=1e-6)
     expanded = q.scale.repeat_interleave(bn, 1)[:, :R].repeat_interleave(bk, 2)[:, :, :C]
-    assert _fp8_error_ok(w, q.dequantize(), expanded), f"seed={SEED}"
+    assert _fp8_error_ok(w, q.dequantize(), expanded)
 
 
 def test_fp8_activation_per_tensor_dynamic_and_static(gen: torch.Generator) -> None:
@@ -239,7 +234,7 @@ def test_fp8_activation_per_tensor_dynamic_and_static(gen: torch.Generator) -> N
     x_fp8, scale = quantize_fp8_activation(x, None)
     assert x_fp8.dtype == FP8_DTYPE and x_fp8.shape == (5, 70) and scale.shape == (1,)
     assert scale.item() == pytest.approx(x.float().abs().max().item() / 448, rel=1e-6)
-    assert _fp8_error_ok(x.float(), dequantize_fp8_activation(x_fp8, scale, None), scale), f"seed={SEED}"
+    assert _fp8_error_ok(x.float(), dequantize_fp8_activation(x_fp8, scale, None), scale)
     static = torch.tensor([0.25])
     x_fp8, scale = quantize_fp8_activation(torch.tensor([[1.0, -200.0, 0.3]]), None, static_scale=static)
     assert scale.tolist() == [0.25]
@@ -254,7 +249,7 @@ def test_fp8_activation_per_token_groups_with_partial_group(gen: torch.Generator
     groups = [x.float()[:, g * 32:(g + 1) * 32].abs().amax(dim=1) / 448 for g in range(3)]
     assert torch.allclose(scale, torch.stack(groups, dim=1))
     out = dequantize_fp8_activation(x_fp8, scale, 32)
-    assert _fp8_error_ok(x.float(), out, scale.repeat_interleave(32, dim=1)[:, :70]), f"seed={SEED}"
+    assert _fp8_error_ok(x.float(), out, scale.repeat_interleave(32, dim=1)[:, :70])
     with pytest.raises(ValueError):
         quantize_fp8_activation(x, 32, static_scale=torch.tensor([1.0]))
 
@@ -283,7 +278,7 @@ def test_int8_round_trip(gen: torch.Generator) -> None:
     q = quantize_weight(w, DType.INT8_W8A16)
     scale = w.abs().amax(dim=2) / 127
     assert torch.allclose(q.scale, scale)
-    assert ((q.dequantize() - w).abs() <= scale[..., None] / 2 * (1 + 1e-5)).all(), f"seed={SEED}"
+    assert ((q.dequantize() - w).abs() <= scale[..., None] / 2 * (1 + 1e-5)).all()
 
 
 # ---------------------------------------------------------------- QuantizedWeight over every dtype
@@ -312,7 +307,7 @@ def test_quantized_weight_layout_and_round_trip(gen: torch.Generator, dtype: DTy
     out = q.dequantize()
     assert out.dtype == torch.float32 and out.shape == w.shape
     assert torch.equal(out[1], q.dequantize_expert(1))
-    assert (out - w).norm() / w.norm() < max_rel_err, f"seed={SEED}"
+    assert (out - w).norm() / w.norm() < max_rel_err
 
 
 def test_quantize_weight_rejects_bad_input() -> None:

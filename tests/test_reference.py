@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -12,8 +11,6 @@ from workers.quant import activation_dtype, dequantize_fp8_activation, quantize_
 from workers.records import DType
 from workers.reference import reference_moe
 
-SEED = int.from_bytes(os.urandom(4), "little")
-
 FORMATS = [
     (DType.BF16, None), (DType.FP16, None), (DType.FP8_W8A8, None), (DType.FP8_W8A8, (32, 32)),
     (DType.INT8_W8A16, None), (DType.MXFP4, None), (DType.NVFP4, None),
@@ -21,9 +18,8 @@ FORMATS = [
 
 
 @pytest.fixture
-def gen() -> torch.Generator:
-    print(f"seed={SEED}")
-    return torch.Generator().manual_seed(SEED)
+def gen(generator: torch.Generator) -> torch.Generator:
+    return generator
 
 
 def _fp8_round_trip(a: torch.Tensor, group_k: int | None) -> torch.Tensor:
@@ -76,12 +72,12 @@ def _assert_matches(out: torch.Tensor, expected: torch.Tensor, fp8: bool) -> Non
     1/16. A wrong expert or weight moves most rows, by far more."""
     close = torch.isclose(out, expected, rtol=1e-4, atol=1e-5).all(dim=1)
     if not fp8:
-        assert close.all(), f"seed={SEED}: rows {(~close).nonzero().flatten().tolist()} differ"
+        assert close.all(), f"rows {(~close).nonzero().flatten().tolist()} differ"
         return
     flipped = (~close).nonzero().flatten()
-    assert len(flipped) <= max(1, len(out) // 10), f"seed={SEED}: rows {flipped.tolist()} differ"
+    assert len(flipped) <= max(1, len(out) // 10), f"rows {flipped.tolist()} differ"
     step = (out[flipped] - expected[flipped]).norm(dim=1) / expected[flipped].norm(dim=1)
-    assert (step <= 1 / 16).all(), f"seed={SEED}: relative row error {step.tolist()}"
+    assert (step <= 1 / 16).all(), f"relative row error {step.tolist()}"
 
 
 def test_reference_hand_computed_single_expert() -> None:

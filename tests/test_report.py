@@ -19,14 +19,7 @@ from workers.default_config import default_config
 from workers.quant import quantize_weight
 from workers.records import DType, MoEShape
 
-SEED = int.from_bytes(os.urandom(4), "little")
 PLOTS = ("latency", "speedup", "roofline")
-
-
-@pytest.fixture
-def rng() -> random.Random:
-    print(f"seed={SEED}")
-    return random.Random(SEED)
 
 
 def _random_results(rng: random.Random, device: str = "NVIDIA H200") -> report.ComparisonResults:
@@ -105,11 +98,24 @@ def test_recommendation_is_the_fastest_dtype_per_m_merged_into_ranges(rng: rando
 def test_recommendation_text_states_the_speedup_and_regime(rng: random.Random) -> None:
     results = _random_results(rng)
     for rec in report.recommend(results):
-        point = results.point(rec.dtype, rec.m_low)
+        run = [results.point(rec.dtype, M) for M in results.batch_sizes if rec.m_low <= M <= rec.m_high]
         assert rec.text.startswith(f"{rec.range_text}: {rec.dtype.value} — ")
-        assert point.regime in rec.text
-        if rec.dtype is not DType.BF16:
-            assert f"{results.speedup_vs_bf16(point):.2f}" in rec.text
+        assert all(point.regime in rec.text for point in run)
+        if rec.dtype is DType.BF16:
+            assert "× bf16" not in rec.text
+            continue
+        # one speed-up ("1.52× bf16") or the range over the run ("1.31–1.87× bf16"), each to 2 decimals
+        printed = re.search(r"(\d+\.\d\d)(?:–(\d+\.\d\d))?× bf16", rec.text)
+        assert printed, rec.text
+        low = float(printed.group(1))
+        high = float(printed.group(2) or printed.group(1))
+        speedups = [results.speedup_vs_bf16(point) for point in run]
+        assert printed.group(1) == f"{min(speedups):.2f}"
+        if printed.group(2):
+            assert printed.group(2) == f"{max(speedups):.2f}"
+        else:
+            assert max(speedups) - min(speedups) < 0.005
+        assert all(low - 0.005 <= s <= high + 0.005 for s in speedups)  # every point's speed-up is in the text
 
 
 def test_writes_three_consistent_reports(tmp_path: Path, rng: random.Random) -> None:

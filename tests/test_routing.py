@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
 
 from workers.routing import make_routing, parse_routing
 
-SEED = int.from_bytes(os.urandom(4), "little")
-
-
-def generator(offset: int = 0) -> torch.Generator:
-    print(f"seed={SEED}")
-    return torch.Generator().manual_seed(SEED + offset)
+def seeded(seed: int, offset: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed + offset)
 
 
 def _check_valid(weights: torch.Tensor, ids: torch.Tensor, M: int, E: int, topk: int) -> None:
@@ -30,51 +24,51 @@ def _check_valid(weights: torch.Tensor, ids: torch.Tensor, M: int, E: int, topk:
 
 @pytest.mark.parametrize("spec", ["uniform", "zipf:1.2"])
 @pytest.mark.parametrize("M,E,topk", [(1, 4, 4), (37, 8, 2), (300, 16, 6)])
-def test_synthetic_routing_is_valid_and_repeatable(spec: str, M: int, E: int, topk: int) -> None:
-    weights, ids = make_routing(spec, M, E, topk, generator(), "cpu")
+def test_synthetic_routing_is_valid_and_repeatable(seed: int, spec: str, M: int, E: int, topk: int) -> None:
+    weights, ids = make_routing(spec, M, E, topk, seeded(seed), "cpu")
     _check_valid(weights, ids, M, E, topk)
-    again = make_routing(spec, M, E, topk, generator(), "cpu")
+    again = make_routing(spec, M, E, topk, seeded(seed), "cpu")
     assert torch.equal(weights, again[0]) and torch.equal(ids, again[1])
     if M * topk > E:
-        other = make_routing(spec, M, E, topk, generator(1), "cpu")
+        other = make_routing(spec, M, E, topk, seeded(seed, 1), "cpu")
         assert not torch.equal(ids, other[1])
 
 
-def test_uniform_load_is_flat() -> None:
+def test_uniform_load_is_flat(seed: int) -> None:
     M, E, topk = 4000, 8, 2
-    _, ids = make_routing("uniform", M, E, topk, generator(), "cpu")
+    _, ids = make_routing("uniform", M, E, topk, seeded(seed), "cpu")
     counts = torch.bincount(ids.flatten().long(), minlength=E).float()
     expected = M * topk / E  # 1000, std ~ 29
-    assert ((counts - expected).abs() < 150).all(), f"seed={SEED}: {counts.tolist()}"
+    assert ((counts - expected).abs() < 150).all(), f"{counts.tolist()}"
 
 
-def test_zipf_load_follows_the_power_law() -> None:
+def test_zipf_load_follows_the_power_law(seed: int) -> None:
     M, E, alpha = 20000, 8, 1.5
-    _, ids = make_routing(f"zipf:{alpha}", M, E, 1, generator(), "cpu")
+    _, ids = make_routing(f"zipf:{alpha}", M, E, 1, seeded(seed), "cpu")
     freq = torch.bincount(ids.flatten().long(), minlength=E).float() / M
     popularity = torch.arange(1, E + 1, dtype=torch.float32) ** -alpha
     expected = popularity / popularity.sum()
-    assert torch.allclose(freq, expected, atol=0.015), f"seed={SEED}: {freq.tolist()} vs {expected.tolist()}"
-    _, ids4 = make_routing(f"zipf:{alpha}", 2000, E, 4, generator(), "cpu")
+    assert torch.allclose(freq, expected, atol=0.015), f"{freq.tolist()} vs {expected.tolist()}"
+    _, ids4 = make_routing(f"zipf:{alpha}", 2000, E, 4, seeded(seed), "cpu")
     counts = torch.bincount(ids4.flatten().long(), minlength=E)
     assert counts[0] > 1800 and counts[0] > 3 * counts[E - 1]  # the hottest expert is nearly always chosen
 
 
-def test_zipf_zero_is_uniform() -> None:
-    assert all(torch.equal(a, b) for a, b in zip(make_routing("zipf:0", 50, 8, 3, generator(), "cpu"),
-                                                   make_routing("uniform", 50, 8, 3, generator(), "cpu")))
+def test_zipf_zero_is_uniform(seed: int) -> None:
+    assert all(torch.equal(a, b) for a, b in zip(make_routing("zipf:0", 50, 8, 3, seeded(seed), "cpu"),
+                                                   make_routing("uniform", 50, 8, 3, seeded(seed), "cpu")))
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".npy"])
-def test_file_routing_replays_captured_rows(tmp_path, suffix: str) -> None:
+def test_file_routing_replays_captured_rows(seed: int, tmp_path, suffix: str) -> None:
     rows, E, topk = 10, 6, 2
-    captured = torch.stack([torch.randperm(E, generator=generator(r))[:topk] for r in range(rows)])
+    captured = torch.stack([torch.randperm(E, generator=seeded(seed, r))[:topk] for r in range(rows)])
     path = tmp_path / f"ids{suffix}"
     if suffix == ".pt":
         torch.save(captured.to(torch.int32), path)
     else:
         np.save(path, captured.numpy().astype(np.int64))
-    weights, ids = make_routing(f"file:{path}", 25, E, topk, generator(), "cpu")
+    weights, ids = make_routing(f"file:{path}", 25, E, topk, seeded(seed), "cpu")
     _check_valid(weights, ids, 25, E, topk)
     as_rows = [tuple(r) for r in captured.tolist()]
     used = [tuple(r) for r in ids.tolist()]
@@ -99,18 +93,18 @@ def _bad_file(tmp_path, content) -> str:
     (np.array([[0.0, 1.0]]), "must be integers"),
     (np.array([[{"a": 1}, 2]], dtype=object), "unreadable"),
 ])
-def test_file_routing_rejects_bad_files(tmp_path, content, message: str) -> None:
+def test_file_routing_rejects_bad_files(seed: int, tmp_path, content, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        make_routing(_bad_file(tmp_path, content), 4, 8, 2, generator(), "cpu")
+        make_routing(_bad_file(tmp_path, content), 4, 8, 2, seeded(seed), "cpu")
 
 
-def test_file_routing_rejects_missing_and_non_tensor_files(tmp_path) -> None:
+def test_file_routing_rejects_missing_and_non_tensor_files(seed: int, tmp_path) -> None:
     with pytest.raises(ValueError, match="does not exist"):
-        make_routing(f"file:{tmp_path / 'none.pt'}", 4, 8, 2, generator(), "cpu")
+        make_routing(f"file:{tmp_path / 'none.pt'}", 4, 8, 2, seeded(seed), "cpu")
     path = tmp_path / "dict.pt"
     torch.save({"ids": torch.zeros(4, 2)}, path)
     with pytest.raises(ValueError, match="one tensor"):
-        make_routing(f"file:{path}", 4, 8, 2, generator(), "cpu")
+        make_routing(f"file:{path}", 4, 8, 2, seeded(seed), "cpu")
 
 
 @pytest.mark.parametrize("spec", ["", "uniform:1", "zipf", "zipf:", "zipf:abc", "zipf:-1", "zipf:nan", "zipf:inf",
@@ -126,8 +120,8 @@ def test_spec_round_trips_to_canonical_string() -> None:
     assert str(parse_routing("file:a:b.npy")) == "file:a:b.npy"
 
 
-def test_routing_rejects_impossible_sizes() -> None:
+def test_routing_rejects_impossible_sizes(seed: int) -> None:
     with pytest.raises(ValueError, match="topk <= E"):
-        make_routing("uniform", 4, 2, 3, generator(), "cpu")
+        make_routing("uniform", 4, 2, 3, seeded(seed), "cpu")
     with pytest.raises(ValueError, match="M >= 1"):
-        make_routing("uniform", 0, 8, 2, generator(), "cpu")
+        make_routing("uniform", 0, 8, 2, seeded(seed), "cpu")

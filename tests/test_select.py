@@ -3,22 +3,12 @@ ties break the same way every time."""
 
 from __future__ import annotations
 
-import os
 import random
 
-import pytest
-
 from tuner.select import GroupKey, by_shape, finalists, groups_without_winner, select
-from workers.records import Candidate, Config, DType, Measurement, MoEShape, Status
+from workers.records import Candidate, Config, DType, Level, Measurement, MoEShape, Status
 
 SHAPE = MoEShape(E=8, N=7168, K=4096, topk=2, dtype=DType.BF16)
-
-
-@pytest.fixture
-def rng():
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"seed {seed}")
-    return random.Random(seed)
 
 
 def configs(n: int, rng: random.Random) -> list[Config]:
@@ -29,6 +19,10 @@ def configs(n: int, rng: random.Random) -> list[Config]:
 
 def measured(config: Config, M: int, latency: float | None, status: Status = Status.OK) -> Measurement:
     return Measurement(Candidate(SHAPE, M, config), status, latency_us=latency)
+
+
+def screen(config: Config, M: int, latency: float) -> Measurement:
+    return Measurement(Candidate(SHAPE, M, config, level=Level.SCREEN), Status.OK, latency_us=latency)
 
 
 def no_retime(groups):
@@ -54,6 +48,38 @@ def test_finalists_are_the_fastest_few_per_batch_size(rng):
     for key, top in tops.items():
         group = sorted((m for m in ms if m.candidate.M == key.M), key=lambda m: m.latency_us)
         assert [m.candidate for m in top] == [m.candidate for m in group[:3]]
+
+
+def test_finalists_and_winner_come_from_full_timings_when_screens_look_faster(rng):
+    """Screens are shorter and noisier than full timings, so they can rank differently and read
+    lower; where a group has full timings, those alone decide."""
+    cs = configs(8, rng)
+    full_us = {c: rng.uniform(50, 100) for c in cs[:5]}
+    # every screen reads faster than any full timing, in the reverse order of the full timings
+    by_full = sorted(full_us, key=full_us.get)
+    screens = [screen(c, 16, 10.0 + i) for i, c in enumerate(reversed(by_full))]
+    screens += [screen(c, 16, rng.uniform(1, 5)) for c in cs[5:]]  # screened, never promoted: fastest screens
+    fulls = [measured(c, 16, us) for c, us in full_us.items()]
+    measurements = screens + fulls
+    rng.shuffle(measurements)
+    key = GroupKey.of(fulls[0].candidate)
+    top = finalists(measurements, count=3)[key]
+    assert [m.candidate.config for m in top] == by_full[:3]
+    assert all(m.candidate.level is Level.FULL for m in top)
+    unretimed = select(measurements, no_retime, count=3)[key]
+    assert unretimed.candidate.config == by_full[0] and unretimed.latency_us == full_us[by_full[0]]
+    assert unretimed.candidate.level is Level.FULL
+    retimed = select(measurements, lambda groups: [[3.0, 2.0, 1.0] for _ in groups], count=3)[key]
+    assert retimed.candidate.config == by_full[2] and retimed.search_latency_us == full_us[by_full[2]]
+
+
+def test_a_group_without_full_timings_falls_back_to_its_screens(rng):
+    cs = configs(4, rng)
+    screens = [screen(c, 8, rng.uniform(1, 50)) for c in cs]
+    other_group = [measured(c, 64, rng.uniform(100, 200)) for c in cs]  # full timings at another M only
+    chosen = select(screens + other_group, no_retime, count=3)
+    best = min(screens, key=lambda m: m.latency_us)
+    assert chosen[GroupKey.of(best.candidate)].candidate == best.candidate
 
 
 def test_retiming_decides_among_finalists(rng):

@@ -19,22 +19,31 @@ from workers.problem import ERROR_BOUNDS, build_problem, rel_error
 from workers.records import Config, DType, MoEShape
 
 STAND_INS = Path(__file__).parent / "stand_in_servers"
+LEGACY = STAND_INS / "legacy"
 CONFIG = Config(BLOCK_SIZE_M=16, BLOCK_SIZE_N=32, BLOCK_SIZE_K=64, GROUP_SIZE_M=1, num_warps=4, num_stages=3)
+FORMS = ("current", "legacy")
+"""Call forms: vLLM ``quant_config=`` / ``use_fp8_w8a8=…`` keywords; SGLang ``topk_output`` with
+``MoeRunnerConfig`` (``moe_runner.triton_utils``) / ``topk_weights, topk_ids`` (``fused_moe_triton``)."""
+ENTRY_MODULES = {("vllm", "current"): "vllm.model_executor.layers.fused_moe.fused_moe",
+                 ("vllm", "legacy"): "vllm.model_executor.layers.fused_moe.fused_moe",
+                 ("sglang", "current"): "sglang.srt.layers.moe.moe_runner.triton_utils",
+                 ("sglang", "legacy"): "sglang.srt.layers.moe.fused_moe_triton"}
 
 
-@pytest.fixture
-def stand_ins(monkeypatch):
-    monkeypatch.syspath_prepend(str(STAND_INS))
-    yield
+def _forget_stand_ins() -> None:
     for name in [n for n in sys.modules if n.split(".")[0] in ("vllm", "sglang", "stand_in_moe_math")]:
         del sys.modules[name]
 
 
-@pytest.fixture
-def seed():
-    value = int.from_bytes(os.urandom(4), "little")
-    print(f"seed {value}")
-    return value
+@pytest.fixture(params=FORMS)
+def stand_ins(request, monkeypatch):
+    """The stand-in servers of one call form on ``sys.path``; yields the form."""
+    _forget_stand_ins()
+    monkeypatch.syspath_prepend(str(STAND_INS))  # stand_in_moe_math, and the current servers
+    if request.param == "legacy":
+        monkeypatch.syspath_prepend(str(LEGACY))  # shadows the current servers
+    yield request.param
+    _forget_stand_ins()
 
 
 def problem(dtype: DType, seed: int, block_shape=None, M: int = 5):
@@ -42,52 +51,61 @@ def problem(dtype: DType, seed: int, block_shape=None, M: int = 5):
     return build_problem(shape, M, seed=seed)
 
 
-def stand_in_calls(kind: str) -> list[dict]:
-    module = ("vllm.model_executor.layers.fused_moe.fused_moe" if kind == "vllm"
-              else "sglang.srt.layers.moe.moe_runner.triton_utils")
-    return sys.modules[module].CALLS
+def stand_in_calls(kind: str, form: str) -> list[dict]:
+    return sys.modules[ENTRY_MODULES[(kind, form)]].CALLS
 
 
 @pytest.mark.parametrize("kind", server_kernels.SERVER_KERNELS)
-@pytest.mark.parametrize("dtype", [DType.BF16, DType.INT8_W8A16])
-def test_config_is_forced_and_result_matches_the_reference(kind, dtype, stand_ins, seed):
+@pytest.mark.parametrize("dtype,block_shape", [(DType.BF16, None), (DType.INT8_W8A16, None), (DType.FP8_W8A8, None),
+                                               (DType.FP8_W8A8, (64, 64))])
+def test_config_is_forced_and_result_matches_the_reference(kind, dtype, block_shape, stand_ins, seed):
     kernel = server_kernels.load(kind)
-    p = problem(dtype, seed)
+    assert kernel.fused_experts.__module__ == ENTRY_MODULES[(kind, stand_ins)]
+    p = problem(dtype, seed, block_shape)
     runner = kernel.runner(p, CONFIG)
     runner.output.fill_(float("nan"))
     runner.run()
-    call = stand_in_calls(kind)[-1]
+    call = stand_in_calls(kind, stand_ins)[-1]
     assert call["config"] == CONFIG.to_dict()
     assert call["inplace"] is False, "an in-place call would overwrite the inputs between timed runs"
-    assert kernel.override.__module__.startswith(kind) and kernel.fused_experts.__module__.startswith(kind)
+    assert kernel.override.__module__.startswith(kind)
     assert sys.modules[kernel.override.__module__].get_config() is None, "override must end with the call"
     assert rel_error(runner.output, p.reference) <= ERROR_BOUNDS[dtype]
     env = kernel.describe()
-    assert env["kernel_version"] == f"{kind} 0.0.0+stand-in" and len(env["kernel_hash"]) == 16
+    version = "0.0.0+stand-in" if stand_ins == "current" else "0.0.0+stand-in-legacy"
+    assert env["kernel_version"] == f"{kind} {version}" and len(env["kernel_hash"]) == 16
 
 
-@pytest.mark.parametrize("block_shape", [None, (64, 64)])
-def test_fp8_scales_and_block_shape_reach_the_server(block_shape, stand_ins, seed):
-    p = problem(DType.FP8_W8A8, seed, block_shape)
-    server_kernels.load("vllm").runner(p, CONFIG).run()
-    quant = stand_in_calls("vllm")[-1]["quant_config"]
-    assert quant.quant_dtype == torch.float8_e4m3fn
-    assert quant.w1_scale is p.w13.scale and quant.w2_scale is p.w2.scale
-    assert quant.a1_scale is None and quant.a2_scale is None, "activation scales are dynamic, as in the reference"
-    assert quant.block_shape == (list(block_shape) if block_shape else None)
+@pytest.mark.parametrize("kind", server_kernels.SERVER_KERNELS)
+@pytest.mark.parametrize("dtype,block_shape", [(DType.FP8_W8A8, None), (DType.FP8_W8A8, (64, 64)),
+                                               (DType.INT8_W8A16, None)])
+def test_scales_and_block_shape_reach_the_server(kind, dtype, block_shape, stand_ins, seed):
+    p = problem(dtype, seed, block_shape)
+    server_kernels.load(kind).runner(p, CONFIG).run()
+    call = stand_in_calls(kind, stand_ins)[-1]
+    block = list(block_shape) if block_shape else None
+    if "quant_config" in call:  # vLLM's current form
+        quant = call["quant_config"]
+        assert quant.quant_dtype == (torch.float8_e4m3fn if dtype is DType.FP8_W8A8 else torch.int8)
+        assert quant.w1_scale is p.w13.scale and quant.w2_scale is p.w2.scale
+        assert quant.a1_scale is None and quant.a2_scale is None, "activation scales are dynamic, as in the reference"
+        assert quant.block_shape == block
+        return
+    assert call["use_fp8_w8a8"] == (dtype is DType.FP8_W8A8)
+    assert call["use_int8_w8a16"] == (dtype is DType.INT8_W8A16)
+    assert call["w1_scale"] is p.w13.scale and call["w2_scale"] is p.w2.scale
+    assert call.get("a1_scale") is None
+    assert call["block_shape"] == block
 
-    server_kernels.load("sglang").runner(p, CONFIG).run()
-    call = stand_in_calls("sglang")[-1]
-    assert call["use_fp8_w8a8"] and not call["use_int8_w8a16"]
-    assert call["w1_scale"] is p.w13.scale and call["block_shape"] == (list(block_shape) if block_shape else None)
 
-
-def test_unsupported_dtype_and_missing_package(stand_ins, seed, monkeypatch):
+@pytest.mark.parametrize("kind", server_kernels.SERVER_KERNELS)
+def test_unsupported_dtype_and_missing_package(kind, stand_ins, seed, monkeypatch):
     with pytest.raises(ValueError, match="mxfp4"):
-        server_kernels.load("vllm").runner(problem(DType.MXFP4, seed), CONFIG)
-    monkeypatch.setitem(sys.modules, "sglang", None)
-    with pytest.raises(server_kernels.ServerKernelUnavailable, match="--kernel sglang"):
-        server_kernels.load("sglang")
+        server_kernels.load(kind).runner(problem(DType.MXFP4, seed), CONFIG)
+    _forget_stand_ins()
+    monkeypatch.setitem(sys.modules, kind, None)  # as if not installed
+    with pytest.raises(server_kernels.ServerKernelUnavailable, match=f"--kernel {kind}"):
+        server_kernels.load(kind)
 
 
 def test_worker_measures_the_server_kernel():

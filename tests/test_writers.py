@@ -17,13 +17,6 @@ from workers.records import Config, DType, MoEShape
 MIXTRAL_TP2 = dict(E=8, N=7168, K=4096, topk=2)
 
 
-@pytest.fixture
-def rng():
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"seed {seed}")  # shown by pytest when a test fails
-    return random.Random(seed)
-
-
 def _random_configs(rng: random.Random, batch_sizes) -> dict[int, Config]:
     space = load_space("default").expand()
     return {M: rng.choice(space) for M in batch_sizes}

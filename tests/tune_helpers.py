@@ -61,9 +61,11 @@ def deterministic_ranking() -> dict[int, list[Candidate]]:
     return {M: sorted(cs, key=lambda c: (plan.latency_us(c), c.config)) for M, cs in ranking.items()}
 
 
-def expected_vllm_file() -> dict:
-    """What a clean deterministic run writes: per M the fastest config, plus the Triton version."""
-    best = {str(M): ranked[0].config.to_dict() for M, ranked in sorted(deterministic_ranking().items())}
+def expected_vllm_file(failing: frozenset[tuple[str, int]] = frozenset()) -> dict:
+    """What a deterministic run writes: per M the fastest config, plus the Triton version.
+    ``failing``: (config label, M) of candidates that fail, so never win."""
+    best = {str(M): next(c for c in ranked if (c.config.label, M) not in failing).config.to_dict()
+            for M, ranked in sorted(deterministic_ranking().items())}
     return {"triton_version": triton.__version__, **best}
 
 

@@ -8,10 +8,17 @@ taken from the working directory, as the same values given as ``moe-tune tune`` 
 The spec expands into tune runs (one per parallel layout and routing; each run covers every
 model and dtype) and, when a gate is given, bench checks of the fresh configs against a
 reference folder (one per model, layout, dtype and routing).
+
+The servers' file names carry no routing, so a job with several routings writes each routing's
+run to its own subfolder of ``output.dir`` (``routing=uniform``, ``routing=zipf-1.2``, …; see
+``routing_folder``) and gates each under its own routing; a one-routing job writes to
+``output.dir`` itself.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -25,6 +32,7 @@ from tuner.plan import resolve_batch_sizes
 from tuner.search import STRATEGIES
 from tuner.validation import one_line
 from workers.records import DType
+from workers.routing import parse_routing
 
 
 class _Strict(BaseModel):
@@ -109,6 +117,11 @@ class TuneRun:
     options: TuneOptions
 
     @property
+    def out(self) -> Path:
+        """Where this run writes its files."""
+        return Path(self.options.out)
+
+    @property
     def label(self) -> str:
         return f"{self.layout.label} routing={self.routing}"
 
@@ -121,10 +134,31 @@ class GateCheck:
     layout: Layout
     dtype: DType
     routing: str
+    fresh: Path  # the folder the tune run of this routing wrote
 
     @property
     def label(self) -> str:
         return f"{self.model} {self.layout.label} {self.dtype.value} routing={self.routing}"
+
+
+def routing_folder(routing: str) -> str:
+    """A file-system-safe folder name for a routing spec, equal for equal routings (``zipf:1.2``
+    and ``zipf:1.20``) and distinct otherwise: ``routing=uniform``, ``routing=zipf-1.2``,
+    ``routing=file-<stem>-<8 hex digits of the path>``. Raises ValueError for a bad spec."""
+    parsed = parse_routing(routing)
+    if parsed.kind == "file":
+        name = f"file-{Path(parsed.path).stem}-{hashlib.sha256(parsed.path.encode()).hexdigest()[:8]}"
+    elif parsed.kind == "zipf":
+        name = f"zipf-{parsed.alpha:g}"
+    else:
+        name = parsed.kind
+    return "routing=" + re.sub(r"[^A-Za-z0-9._+-]", "-", name)
+
+
+def output_dir(spec: JobSpec, routing: str) -> Path:
+    """Where the tune run of ``routing`` writes: ``output.dir``, or its routing subfolder when
+    the job has several routings."""
+    return spec.output.dir if len(spec.routing) == 1 else spec.output.dir / routing_folder(routing)
 
 
 def load_job_spec(path: Path) -> JobSpec:
@@ -160,12 +194,13 @@ def tune_runs(spec: JobSpec) -> list[TuneRun]:
         common["search_space"] = str(spec.search_space)
     if spec.strategy:
         common["strategy"] = spec.strategy
-    return [TuneRun(layout, routing, TuneOptions(tp=layout.tp, ep=layout.ep, routing=routing, **common))
+    return [TuneRun(layout, routing, TuneOptions(tp=layout.tp, ep=layout.ep, routing=routing,
+                                                 **{**common, "out": str(output_dir(spec, routing))}))
             for layout in spec.layouts for routing in spec.routing]
 
 
 def gate_checks(spec: JobSpec) -> list[GateCheck]:
     if spec.gate is None:
         return []
-    return [GateCheck(model, layout, dtype, routing)
+    return [GateCheck(model, layout, dtype, routing, output_dir(spec, routing))
             for model in spec.models for layout in spec.layouts for dtype in spec.dtypes for routing in spec.routing]

@@ -1,17 +1,25 @@
 """Test-only fault injection for the BenchmarkWorker.
 
-The fault-isolation tests must show that a candidate which raises, kills its process or hangs
-cannot spoil a run, and that the files written equal a clean run's. Wall-clock timing under the
-interpreter is noise, so this hook can also replace a measured latency by a deterministic function
-of the candidate; the kernel still runs and is still checked against the reference.
+The fault-isolation tests must show that a candidate which raises, kills its process, hangs or
+computes a wrong (finite) result cannot spoil a run, and that the files written equal a clean
+run's. Wall-clock timing under the interpreter is noise, so this hook can also replace a measured
+latency by a deterministic function of the candidate; the kernel still runs and is still checked
+against the reference.
 
 Active only when the environment variable ``MOE_TUNE_FAULTS`` names a JSON file (the driver
 forwards the variable to its workers); production runs never set it. The file::
 
     {"deterministic_latency": true,
-     "faults": [{"config": "<Config.label>", "M": 4, "action": "raise" | "kill" | "hang"}]}
+     "faults": [{"config": "<Config.label>", "M": 4, "action": "raise" | "kill" | "hang" | "corrupt"
+                                                       | "kill_retiming" | "lose"}]}
 
-``M`` is optional (absent: every batch size).
+``M`` is optional (absent: every batch size). ``corrupt`` lets the kernel run, then scales its
+output by ``CORRUPT_SCALE`` (a relative error of 0.5, finite, far above every dtype's bound).
+``kill_retiming`` leaves the measurement alone and ends the process when the candidate is
+re-timed among finalists. ``lose`` ends the process and makes every later worker start under
+this plan fail (a marker file next to the plan), as a GPU or node gone for good would.
+A plan changes what is measured, so its ``digest`` is part of the worker's environment (and
+thus of every journal key): fake latencies are never reused by a run without the same plan.
 """
 
 from __future__ import annotations
@@ -23,22 +31,28 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
 
 from workers.records import Candidate
 
 ENV_VAR = "MOE_TUNE_FAULTS"
-ACTIONS = ("raise", "kill", "hang")
+ACTIONS = ("raise", "kill", "hang", "corrupt", "kill_retiming", "lose")
 KILL_EXIT_CODE = 86
+CORRUPT_SCALE = 1.5
 
 
 class InjectedFault(RuntimeError):
-    """The exception a ``raise`` fault throws where the kernel would run."""
+    """The exception a ``raise`` fault throws where the kernel would run (and a worker start after
+    a ``lose`` fault)."""
 
 
 @dataclass(frozen=True)
 class FaultPlan:
     deterministic_latency: bool = False
     actions: dict[tuple[str, int | None], str] = field(default_factory=dict)
+    source: str | None = None  # the plan file (``lose`` puts its marker next to it)
 
     @classmethod
     def from_file(cls, path: str) -> "FaultPlan":
@@ -50,14 +64,22 @@ class FaultPlan:
                 raise ValueError(f"unknown fault action {entry['action']!r}; expected one of {ACTIONS}")
             m = entry.get("M")
             actions[(entry["config"], None if m is None else int(m))] = entry["action"]
-        return cls(deterministic_latency=bool(data.get("deterministic_latency", False)), actions=actions)
+        return cls(deterministic_latency=bool(data.get("deterministic_latency", False)), actions=actions,
+                   source=path)
 
     def action_for(self, candidate: Candidate) -> str | None:
         label = candidate.config.label
         return self.actions.get((label, candidate.M)) or self.actions.get((label, None))
 
+    def digest(self) -> str:
+        """A short hash of the whole plan (16 hex digits)."""
+        actions = sorted([config, m, action] for (config, m), action in self.actions.items())
+        text = json.dumps({"deterministic_latency": self.deterministic_latency, "actions": actions})
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
     def inject(self, candidate: Candidate) -> None:
-        """Misbehave as planned for this candidate; return normally when no fault is planned."""
+        """Misbehave as planned for this candidate before its run; return normally when no fault
+        is planned (or the fault acts on the output: ``corrupt_output``)."""
         action = self.action_for(candidate)
         if action == "raise":
             raise InjectedFault(f"injected fault for {candidate.config.label} at M={candidate.M}")
@@ -65,17 +87,49 @@ class FaultPlan:
             print(f"moe-tune fault injection: killing worker on {candidate.config.label}", file=sys.stderr,
                   flush=True)
             os._exit(KILL_EXIT_CODE)
+        if action == "lose":
+            Path(self._lost_marker()).touch()
+            _exit(f"losing this worker for good on {candidate.config.label}")
         if action == "hang":
             while True:
                 time.sleep(3600)
 
+    def inject_retiming(self, candidates: list[Candidate]) -> None:
+        """Before a re-timing: end the process if any finalist has a ``kill_retiming`` fault."""
+        for candidate in candidates:
+            if self.action_for(candidate) == "kill_retiming":
+                _exit(f"killing worker while re-timing {candidate.config.label} at M={candidate.M}")
+
+    def check_start(self) -> None:
+        """At a worker's start: refuse (raise InjectedFault) once a ``lose`` fault has fired."""
+        if self.source is not None and os.path.exists(self._lost_marker()):
+            raise InjectedFault("injected fault: this worker is lost for good")
+
+    def _lost_marker(self) -> str:
+        if self.source is None:
+            raise ValueError("a 'lose' fault needs a plan read from a file")
+        return self.source + ".lost"
+
+    def corrupt_output(self, candidate: Candidate, output: torch.Tensor) -> None:
+        """After the candidate's run: scale ``output`` in place when its planned action is ``corrupt``."""
+        if self.action_for(candidate) == "corrupt":
+            output.mul_(CORRUPT_SCALE)
+
     def latency_us(self, candidate: Candidate) -> float | None:
-        """A fixed latency in [100, 200) µs derived from the candidate, or None to keep the measured one."""
+        """A fixed latency in [100, 200) µs derived from the candidate, or None to keep the measured one.
+        A routing other than ``uniform`` joins the hash (so each routing has its own winners)."""
         if not self.deterministic_latency:
             return None
         text = f"{candidate.config.label}|{candidate.M}|{candidate.gemm.value}|{candidate.shape.label}"
+        if candidate.routing != "uniform":
+            text += f"|{candidate.routing}"
         digest = int(hashlib.sha256(text.encode()).hexdigest()[:12], 16)
         return 100.0 + (digest % 1_000_000) / 10_000.0
+
+
+def _exit(what: str) -> None:
+    print(f"moe-tune fault injection: {what}", file=sys.stderr, flush=True)
+    os._exit(KILL_EXIT_CODE)
 
 
 @functools.cache

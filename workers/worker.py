@@ -110,6 +110,8 @@ class BenchmarkWorker:
         self.server = None if kernel == BUILTIN else server_kernels.load(kernel)
         self.watchdog = Watchdog(timeout_s)
         self.fault_plan = faults.active_plan()
+        if self.fault_plan is not None:
+            self.fault_plan.check_start()
         self._problem_key: tuple | None = None
         self._problem: Problem | None = None
 
@@ -121,6 +123,8 @@ class BenchmarkWorker:
             env["kernel_hash"] = kernel_source_hash()
         else:
             env.update(self.server.describe())
+        if self.fault_plan is not None:
+            env["fault_plan"] = self.fault_plan.digest()  # fake latencies never share a key with real ones
         return env
 
     def ping(self) -> int:
@@ -181,6 +185,8 @@ class BenchmarkWorker:
         with self.watchdog.guard(what):
             try:
                 runners = [self._prepare(c)[1] for c in candidates]
+                if self.fault_plan is not None:
+                    self.fault_plan.inject_retiming(candidates)
                 for runner in runners:
                     runner.run()
                 self._synchronize()
@@ -201,6 +207,8 @@ class BenchmarkWorker:
         runner.output.fill_(float("nan"))
         runner.run()
         self._synchronize()
+        if self.fault_plan is not None:
+            self.fault_plan.corrupt_output(candidate, runner.output)
         err = rel_error(runner.output, problem.reference)
         bound = ERROR_BOUNDS[candidate.shape.dtype]
         if not math.isfinite(err) or err > bound:

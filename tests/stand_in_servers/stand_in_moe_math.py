@@ -1,8 +1,13 @@
-"""The MoE both stand-ins compute: fp32, weights dequantized, no activation quantization."""
+"""The MoE every stand-in computes: fp32 GEMMs on dequantized weights; for fp8_w8a8 the activations
+are quantized as the servers' Triton path does (dynamic e4m3: one scale per tensor, or per token
+and K group of the weight block), both the input and the SwiGLU output, after the gate/up output
+is stored in the activation dtype."""
 
 import torch
+import torch.nn.functional as F
 
 CONFIG_KEYS = {"BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages"}
+E4M3_MAX = 448.0
 
 
 def check_forced(config):
@@ -23,15 +28,37 @@ def dequantize(w, scale, block_shape):
     return w * scale[:, :, None]
 
 
-def moe(x, w1, w2, topk_weights, topk_ids):
-    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
+def fp8_activation(a, group_k):
+    """``a [T, C]`` through dynamic e4m3 quantization and back (fp32)."""
+    a = a.float()
+    if group_k is None:
+        scale = a.abs().amax().clamp_min(1e-12) / E4M3_MAX
+        return (a / scale).to(torch.float8_e4m3fn).float() * scale
+    T, C = a.shape
+    groups = F.pad(a, (0, (-C) % group_k)).view(T, -1, group_k)
+    scale = groups.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / E4M3_MAX
+    return ((groups / scale).to(torch.float8_e4m3fn).float() * scale).view(T, -1)[:, :C]
+
+
+def moe(x, w1, w2, topk_weights, topk_ids, fp8=False, block_shape=None):
+    group_k = block_shape[1] if fp8 and block_shape else None
+    M, topk = topk_ids.shape
     n = w2.shape[2]
-    xf = x.float()
+    xf = fp8_activation(x, group_k) if fp8 else x.float()
+    act = torch.zeros(M, topk, n, dtype=torch.float32, device=x.device)
     for e in range(w1.shape[0]):
         rows, slots = (topk_ids == e).nonzero(as_tuple=True)
         if rows.numel() == 0:
             continue
         h = xf[rows] @ w1[e].T
-        act = torch.nn.functional.silu(h[:, :n]) * h[:, n:]
-        out.index_add_(0, rows, (act @ w2[e].T) * topk_weights[rows, slots, None].float())
+        if fp8:
+            h = h.to(x.dtype).float()
+        act[rows, slots] = F.silu(h[:, :n]) * h[:, n:]
+    if fp8:
+        act = fp8_activation(act.view(M * topk, n).to(x.dtype), group_k).view(M, topk, n)
+    out = torch.zeros(M, w2.shape[1], dtype=torch.float32, device=x.device)
+    for e in range(w1.shape[0]):
+        rows, slots = (topk_ids == e).nonzero(as_tuple=True)
+        if rows.numel():
+            out.index_add_(0, rows, (act[rows, slots] @ w2[e].T) * topk_weights[rows, slots, None].float())
     return out.to(x.dtype)

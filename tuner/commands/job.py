@@ -4,7 +4,8 @@
 model × layout × dtype shape, the search space, routing, the strategy) and
 exits 0 or 2. ``run`` validates the same way and each tune run as ``moe-tune tune`` would (its
 ``TuneOptions``, built from the spec), then, in one Ray session, runs the tunes in order and, when
-the spec has a gate, benches the fresh configs against the reference folder on one GPU worker. Exit 1
+the spec has a gate, benches the fresh configs against the reference folder on one GPU worker, each
+routing's configs (its own subfolder when the spec has several routings) under that routing. Exit 1
 when a tune failed (the gate is then skipped: half a run proves nothing) or the gate failed.
 """
 
@@ -17,7 +18,7 @@ from tuner import bench
 from tuner.commands import tune
 from tuner.commands.arguments import check_interpret_limits
 from tuner.errors import RunFailed, UsageError
-from tuner.jobspec import JobSpec, Layout, TuneRun, gate_checks, load_job_spec, tune_runs
+from tuner.jobspec import JobSpec, Layout, TuneRun, gate_checks, load_job_spec, routing_folder, tune_runs
 from tuner.models import derive_shape, load_model
 from tuner.plan import resolve_batch_sizes
 from tuner.ray_session import RaySession, ray_session
@@ -50,11 +51,15 @@ def _shapes(spec: JobSpec) -> dict[tuple[str, Layout, DType], MoEShape]:
 
 def validate(spec: JobSpec) -> tuple[list[TuneRun], dict]:
     shapes = _shapes(spec)
+    folders: dict[str, str] = {}
     for routing in spec.routing:
         try:
             parse_routing(routing)
         except ValueError as exc:
             raise UsageError(f"routing: {exc}") from None
+        if routing_folder(routing) in folders:
+            raise UsageError(f"routing: {folders[routing_folder(routing)]!r} and {routing!r} are the same routing")
+        folders[routing_folder(routing)] = routing
     if spec.search_space:
         load_space(str(spec.search_space))
     if spec.interpret:
@@ -66,12 +71,12 @@ def validate(spec: JobSpec) -> tuple[list[TuneRun], dict]:
 
 def _gate(spec: JobSpec, shapes: dict, session: RaySession) -> list[str]:
     gate = spec.gate
-    variants, reference = bench.variants_for([spec.output.dir], gate.reference)
     batch_sizes = resolve_batch_sizes(gate.batch_sizes or spec.batch_sizes)
     regressions: list[str] = []
     with bench.bench_pool() as pool:
         for check in gate_checks(spec):
             shape = shapes[(check.model, check.layout, check.dtype)]
+            variants, reference = bench.variants_for([check.fresh], gate.reference)
             result = bench.bench_on(pool, shape, variants, reference, batch_sizes, check.routing, gate.rounds)
             print(f"gate {check.label}", file=session.stdout)
             print(bench.format_table(result, gate.fail_if_slower), file=session.stdout, flush=True)

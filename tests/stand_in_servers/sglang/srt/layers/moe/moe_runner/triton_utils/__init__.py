@@ -29,6 +29,6 @@ def fused_experts(hidden_states, w1, w2, topk_output, moe_runner_config, b1=None
     math_.check_forced(get_config())
     topk_weights, topk_ids, _ = topk_output
     CALLS.append({"config": dict(get_config()), "use_fp8_w8a8": use_fp8_w8a8, "use_int8_w8a16": use_int8_w8a16,
-                  "w1_scale": w1_scale, "block_shape": block_shape, "inplace": moe_runner_config.inplace})
+                  "w1_scale": w1_scale, "w2_scale": w2_scale, "a1_scale": a1_scale, "block_shape": block_shape, "inplace": moe_runner_config.inplace})
     return math_.moe(hidden_states, math_.dequantize(w1, w1_scale, block_shape),
-                     math_.dequantize(w2, w2_scale, block_shape), topk_weights, topk_ids)
+                     math_.dequantize(w2, w2_scale, block_shape), topk_weights, topk_ids, use_fp8_w8a8, block_shape)
