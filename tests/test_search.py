@@ -20,6 +20,7 @@ from tuner.cost_model import predict_seconds
 from tuner.engine import DeviceGroup, Engine
 from tuner.journal import Journal, WorkerEnv
 from tuner.pool import Done, Slot
+from tuner.plan import Job as PlanJob
 from tuner.progress import Progress
 from tuner.search import FAST_FULL_MAX, SCREEN_FLOOR, SCREEN_RATIO, Exhaustive, Fast, SearchJob, promoted
 from workers.compile_ahead import CompileOutcome
@@ -30,6 +31,13 @@ SPACE = {"BLOCK_SIZE_M": (16, 32, 64, 128), "BLOCK_SIZE_N": (32, 64, 128, 256), 
          "GROUP_SIZE_M": (1, 16, 32), "num_warps": (4, 8), "num_stages": (2, 3, 4)}
 CONFIGS = tuple(Config(*combo) for combo in itertools.product(*SPACE.values()))  # 864 configs
 ENV = {"device": "stand-in GPU", "torch": "t", "triton": "t", "kernel": "builtin", "kernel_hash": "h"}
+
+
+def _search_job(configs_by_m: dict[int, list[Config]], baseline_by_m: dict | None = None) -> SearchJob:
+    """The search of a plan job of SHAPE with these configs per batch size."""
+    job = PlanJob(model="stand-in", shape=SHAPE, tp=1, ep=1, file_name="", sglang_file_name="",
+                  candidates={M: list(configs) for M, configs in configs_by_m.items()}, dropped_by_reason={})
+    return SearchJob(job, baseline_by_m=baseline_by_m or {})
 
 
 def bowl(optimum: dict[str, int], rng: random.Random,
@@ -70,7 +78,7 @@ def best_full(measured: list[Measurement], M: int, gemm: Gemm = Gemm.BOTH) -> Co
 def test_strategies_find_the_known_optimum(strategy_class, rng: random.Random):
     optimum = {k: rng.choice(v) for k, v in SPACE.items()}
     batch_sizes = (1, 16, 256, 4096)
-    job = SearchJob(SHAPE, {M: CONFIGS for M in batch_sizes})
+    job = _search_job({M: CONFIGS for M in batch_sizes})
     measured = drive(strategy_class([job]), bowl(optimum, rng))
     for M in batch_sizes:
         assert best_full(measured, M) == Config(**optimum), f"M={M}"
@@ -94,7 +102,7 @@ def test_baseline_configs_are_screened_first_and_always_fully_timed(strategy_cla
     for M in (1, 64):
         assert surface(worst, M, Gemm.BOTH) > SCREEN_RATIO * surface(Config(**optimum), M, Gemm.BOTH)
     outside = Config(48, 96, 64, 8, 4, 3)  # a shipped config need not lie in the search space
-    job = SearchJob(SHAPE, {M: CONFIGS for M in (1, 64)}, baseline_by_m={64: (worst, outside)})
+    job = _search_job({M: CONFIGS for M in (1, 64)}, baseline_by_m={64: (worst, outside)})
 
     def latency(config, M, gemm):
         return surface(config, M, gemm) if config != outside else surface(Config(**optimum), M, gemm) + 1.0
@@ -113,14 +121,14 @@ def test_baseline_configs_are_screened_first_and_always_fully_timed(strategy_cla
 
 def test_local_search_steps_from_a_baseline_outside_the_space_to_the_nearest_values():
     off_space = Config(48, 64, 64, 16, 4, 3)  # BLOCK_SIZE_M=48 is not in the space
-    fast = Fast([SearchJob(SHAPE, {64: CONFIGS}, baseline_by_m={64: (off_space,)})])
+    fast = Fast([_search_job({64: CONFIGS}, baseline_by_m={64: (off_space,)})])
     assert set(fast.neighbours(fast.groups[0], off_space)) == {replace(off_space, BLOCK_SIZE_M=32),
                                                                replace(off_space, BLOCK_SIZE_M=64)}
 
 
 def test_a_search_is_a_function_of_the_measurements_alone(rng: random.Random):
     optimum = {k: rng.choice(v) for k, v in SPACE.items()}
-    job = SearchJob(SHAPE, {M: CONFIGS for M in (1, 64)})
+    job = _search_job({M: CONFIGS for M in (1, 64)})
     surface = bowl(optimum, rng)
     first = [m.candidate for m in drive(Fast([job]), surface)]
     assert first == [m.candidate for m in drive(Fast([job]), surface)]
@@ -153,7 +161,7 @@ def test_split_gemms_pick_one_block_m_and_report_the_gain(rng: random.Random):
         parts = {Gemm.UP: up_cost(config, M, gemm), Gemm.DOWN: down_cost(config, M, gemm)}
         return parts[gemm] if gemm in parts else sum(parts.values()) + 5.0
 
-    job = SearchJob(SHAPE, {M: CONFIGS for M in (8, 512)})
+    job = _search_job({M: CONFIGS for M in (8, 512)})
     measured = drive(Fast([job], split_gemms=True), latency)
     chosen = selection.select([m for m in measured if m.candidate.gemm is Gemm.BOTH], lambda g: [None] * len(g))
     choices = selection.split_choices(measured, chosen)[(SHAPE, "uniform")]
@@ -242,7 +250,7 @@ def test_the_time_budget_is_honoured_and_the_best_so_far_chosen(tmp_path, rng: r
     optimum = {k: rng.choice(v) for k, v in SPACE.items()}
     clock = [1000.0]
     pool = StandInPool(bowl(optimum, rng), clock)
-    job = SearchJob(SHAPE, {M: CONFIGS for M in (1, 64, 1024)})
+    job = _search_job({M: CONFIGS for M in (1, 64, 1024)})
     engine, group = _engine(tmp_path, Exhaustive([job]), pool, clock, budget_s=120)
     engine.run()
     assert engine.budget_ended
@@ -257,7 +265,7 @@ def test_compile_verdicts_never_reach_a_gpu_worker(tmp_path, rng: random.Random)
     optimum = {k: rng.choice(v) for k, v in SPACE.items()}
     clock = [0.0]
     pool = StandInPool(bowl(optimum, rng), clock)
-    job = SearchJob(SHAPE, {M: CONFIGS[:200] for M in (1, 32)})
+    job = _search_job({M: CONFIGS[:200] for M in (1, 32)})
     engine, group = _engine(tmp_path, Exhaustive([job]), pool, clock, compiler=StandInCompiler())
     engine.run()
     assert not engine.budget_ended
@@ -279,7 +287,7 @@ def test_fast_steps_over_a_hole_that_one_key_moves_cannot_cross(rng: random.Rand
     allowed = tuple(c for c in CONFIGS if not (c.BLOCK_SIZE_M == 128 and c.num_stages == 4))
     base = bowl(runner_up.to_dict(), rng)
     surface = lambda c, M, gemm: base(c, M, gemm) - (100.0 if c == winner else 0.0)  # noqa: E731
-    job = SearchJob(SHAPE, {256: allowed})
+    job = _search_job({256: allowed})
     fast = Fast([job])
     measured = drive(fast, surface)
     assert best_full(measured, 256) == winner

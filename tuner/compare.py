@@ -55,7 +55,7 @@ class CompareRequest:
 
 def search_jobs(planned: Plan, routing: str, device_name: str) -> list[SearchJob]:
     """The search of ``planned`` on ``device_name``, one job per kernel shape."""
-    return [SearchJob.from_plan(job, routing) for job in planned.for_device(device_name).jobs]
+    return [SearchJob(job, routing) for job in planned.for_device(device_name).jobs]
 
 
 def memory_known(device_name: str) -> int:

@@ -4,7 +4,7 @@
 parallel layout (models that land on the same shape — E, N, K, top-k, dtype, block shape — share
 one job and one output file), the batch sizes and the search space. ``Plan.for_device`` prunes it
 for one GPU (pruning depends on its limits): a ``DevicePlan`` of ``Job``s, which the search
-runs (``tuner.search.SearchJob.from_plan``).
+runs (``tuner.search.SearchJob`` holds the job itself).
 """
 
 from __future__ import annotations

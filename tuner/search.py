@@ -81,25 +81,26 @@ class Phase(str, Enum):
 
 @dataclass(frozen=True)
 class SearchJob:
-    """One kernel shape to tune: the pruned configs to consider at each batch size."""
+    """The search of one plan job (``tuner.plan.Job``: one kernel shape and its pruned configs
+    per batch size) under one routing."""
 
-    shape: MoEShape
-    configs_by_m: dict[int, tuple[Config, ...]]
+    job: PlanJob
     routing: str = "uniform"
     baseline_by_m: dict[int, tuple[Config, ...]] = field(default_factory=dict)
     """The configs a server runs today at each batch size (``tuner.baseline``): screened and fully
     timed whatever the search thinks of them, so selection can put them against the winner."""
 
     @property
-    def batch_sizes(self) -> list[int]:
-        return sorted(self.configs_by_m)
+    def shape(self) -> MoEShape:
+        return self.job.shape
 
-    @classmethod
-    def from_plan(cls, job: PlanJob, routing: str,
-                  baseline_by_m: dict[int, tuple[Config, ...]] | None = None) -> "SearchJob":
-        """The search of one plan job (its pruned candidates per batch size)."""
-        return cls(shape=job.shape, configs_by_m={M: tuple(c) for M, c in job.candidates.items()}, routing=routing,
-                   baseline_by_m=baseline_by_m or {})
+    @property
+    def configs_by_m(self) -> dict[int, list[Config]]:
+        return self.job.candidates
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return sorted(self.job.candidates)
 
 
 def promoted(screens: dict[Config, float | None], already: set[Config], cap: int | None = None) -> list[Config]:

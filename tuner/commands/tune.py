@@ -143,8 +143,7 @@ def tune_in_session(args: TuneOptions, valid: Validated, session: RaySession) ->
     the summary on the command's stdout (``job run`` runs several tunes in one session)."""
 
     def jobs_for_device(device_name: str) -> list[SearchJob]:
-        return [SearchJob.from_plan(job, valid.routing,
-                                    valid.baseline.configs_for(job.shape, device_name, job.batch_sizes))
+        return [SearchJob(job, valid.routing, valid.baseline.configs_for(job.shape, device_name, job.batch_sizes))
                 for job in valid.plan.for_device(device_name).jobs]
 
     request = driver.TuneRequest(
