@@ -79,6 +79,14 @@ def test_routing_folders_are_safe_names_equal_only_for_equal_routings() -> None:
     assert names["file:a/ids.pt"].startswith("routing=file-ids-")
     with pytest.raises(ValueError):
         routing_folder("zipf:-1")
+    several = JobSpec.model_validate(_minimal(routing=["uniform", "zipf:1.2"], layouts=[{"tp": 1}, {"tp": 2}],
+                                              output={"dir": "o"}, gate={"reference": "ref"}))
+    outs = [Path("o/routing=uniform"), Path("o/routing=zipf-1.2")] * 2
+    assert [run.out for run in tune_runs(several)] == outs
+    assert [_tune_args(run).out for run in tune_runs(several)] == [str(out) for out in outs]
+    assert [check.fresh for check in gate_checks(several)] == outs
+    one = JobSpec.model_validate(_minimal(routing=["zipf:1.2"], output={"dir": "o"}))
+    assert [run.out for run in tune_runs(one)] == [Path("o")]
 
 
 @pytest.mark.parametrize("data,message", [
