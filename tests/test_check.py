@@ -27,6 +27,11 @@ def test_interpreted_check_passes_and_prints_each_m(capfd):
                   '"num_warps": 4, "num_stages": 2}'], "block_k % BLOCK_SIZE_K"),
     (["--shape", "4,48,80,2", "--config", '{"BLOCK_SIZE_M": 16}'], "lacks"),
     (["--shape", "4,48,80,2", "--batch-sizes", "0"], "positive"),
+    (["--shape", "4,64,64,2", "--dtype", "fp8_w8a8", "--block-shape", "48,48"], "powers of two"),
+    (["--shape", "4,64,64,2", "--dtype", "fp8_w8a8", "--block-shape", "20,32"], "multiples of 16"),
+    (["--model", "mixtral-8x7b"], "tiny shapes only"),
+    (["--shape", "256,64,64,8"], "tiny shapes only"),
+    (["--shape", "4,32,64,2", "--batch-sizes", "1,65"], "batch sizes up to 64"),
 ])
 def test_bad_input_exits_2_with_one_line(argv, message, capfd):
     assert main(["check", *argv, "--interpret"]) == 2

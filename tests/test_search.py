@@ -241,8 +241,7 @@ class StandInCompiler:
 def _engine(tmp_path, strategy, pool, clock, compiler=None, budget_s=None) -> tuple[Engine, DeviceGroup]:
     group = DeviceGroup(env=WorkerEnv.of(ENV), slots=pool.slots, strategy=strategy, compiler=compiler)
     journal = Journal(tmp_path / "journal.jsonl")
-    deadline = clock[0] + budget_s if budget_s is not None else None
-    engine = Engine(pool, [group], journal, Progress(io.StringIO(), live=False), deadline, clock=lambda: clock[0])
+    engine = Engine(pool, [group], journal, Progress(io.StringIO(), live=False), budget_s, clock=lambda: clock[0])
     return engine, group
 
 

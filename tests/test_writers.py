@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import random
+from pathlib import Path
 
 import pytest
 
 from tuner.errors import UsageError
 from tuner.spaces import load_space
-from tuner.writers import (device_file_name, lookup, read_config_folder, sglang_file_name, vllm_file_name,
-                           write_sglang, write_vllm)
+from tuner.writers import (FileConflict, check_existing, device_file_name, lookup, probe_writable,
+                           read_config_folder, sglang_file_name, vllm_file_name, write_sglang, write_vllm)
 from workers.records import Config, DType, MoEShape
 
 MIXTRAL_TP2 = dict(E=8, N=7168, K=4096, topk=2)
@@ -68,7 +69,7 @@ def _load_like_vllm(path) -> dict[int, dict]:
 def test_vllm_write_read_lookup(tmp_path, rng):
     shape = MoEShape(**MIXTRAL_TP2, dtype=DType.FP8_W8A8)
     configs = _random_configs(rng, rng.sample([1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024], 8))
-    path = write_vllm(tmp_path, shape, "NVIDIA H200", configs, "3.4.0")
+    path = write_vllm(tmp_path, shape, "NVIDIA H200", configs, "3.4.0").path
     assert path == tmp_path / "E=8,N=7168,device_name=NVIDIA_H200,dtype=fp8_w8a8.json"
 
     raw = json.loads(path.read_text())
@@ -88,7 +89,7 @@ def test_sglang_layout_and_down_file(tmp_path, rng):
     shape = MoEShape(E=256, N=256, K=7168, topk=8, dtype=DType.FP8_W8A8, block_shape=(128, 128))
     up = _random_configs(rng, [1, 64, 4096])
     down = {M: Config(c.BLOCK_SIZE_M, 128, 64, 1, 4, 3) for M, c in up.items()}
-    paths = write_sglang(tmp_path, shape, "NVIDIA H200", up, down, "3.4.0")
+    paths = [w.path for w in write_sglang(tmp_path, shape, "NVIDIA H200", up, down, "3.4.0")]
     folder = tmp_path / "triton_3_4_0"
     assert paths == [folder / sglang_file_name(shape, "NVIDIA H200"),
                      folder / sglang_file_name(shape, "NVIDIA H200", down=True)]
@@ -97,7 +98,7 @@ def test_sglang_layout_and_down_file(tmp_path, rng):
 
     read = read_config_folder(tmp_path)
     assert read == {f"triton_3_4_0/{paths[0].name}": up, f"triton_3_4_0/{paths[1].name}": down}
-    assert write_sglang(tmp_path, shape, "NVIDIA H200", up, None, "3.5.1") == [
+    assert [w.path for w in write_sglang(tmp_path, shape, "NVIDIA H200", up, None, "3.5.1")] == [
         tmp_path / "triton_3_5_1" / paths[0].name]
 
 
@@ -158,7 +159,7 @@ def test_lookup_picks_nearest_batch_first_on_ties(rng):
 @pytest.mark.parametrize("failing", ["fsync", "replace"])
 def test_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch, rng, failing):
     shape = MoEShape(**MIXTRAL_TP2, dtype=DType.BF16)
-    old = write_vllm(tmp_path, shape, "NVIDIA H200", _random_configs(rng, [1, 2]), "3.4.0")
+    old = write_vllm(tmp_path, shape, "NVIDIA H200", _random_configs(rng, [1, 2]), "3.4.0").path
     before = old.read_text()
 
     def boom(*args, **kwargs):
@@ -170,3 +171,83 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch, rng, fa
     monkeypatch.undo()
     assert old.read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [old.name]
+
+
+KERNEL = {"device": "NVIDIA H200", "torch": "2.11.0", "triton": "3.4.0", "kernel": "builtin", "kernel_hash": "abc"}
+
+
+@pytest.mark.parametrize("layout", ["vllm", "sglang"])
+def test_existing_entries_are_kept_only_for_the_same_kernel_and_triton(tmp_path, rng, layout):
+    """Re-tuning M=8 into a file holding M=1,4 keeps 1 and 4 (same kernel and Triton); another
+    kernel, another Triton or a file of unknown origin is refused unless replace is set."""
+    shape = MoEShape(**MIXTRAL_TP2, dtype=DType.BF16)
+    first, second = _random_configs(rng, [1, 4]), _random_configs(rng, [8])
+
+    def write(configs, kernel=KERNEL, replace=False, triton="3.4.0"):
+        if layout == "vllm":
+            return [write_vllm(tmp_path, shape, "NVIDIA H200", configs, triton, kernel, replace)]
+        return write_sglang(tmp_path, shape, "NVIDIA H200", configs, None, triton, kernel, replace)
+
+    def read():
+        return next(iter(read_config_folder(tmp_path).values()))
+
+    assert [w.action for w in write(first)] == ["created"]
+    (merged,) = write(second)
+    assert merged.action == "merged" and merged.kept == (1, 4)
+    assert read() == {**first, **second}
+    assert [w.action for w in write({**first, **second})] == ["updated"]  # every old entry re-tuned: nothing lost
+
+    before = merged.path.read_bytes()
+    for other in ({**KERNEL, "kernel_hash": "def"}, {**KERNEL, "kernel": "vllm"}, None):
+        with pytest.raises(FileConflict, match="batch sizes 1,4"):
+            write(_random_configs(rng, [16]), kernel=other)
+        with pytest.raises(FileConflict):
+            check_existing(tmp_path, shape, "NVIDIA H200", {16}, other or {}, "3.4.0", (layout,))
+    assert merged.path.read_bytes() == before
+    check_existing(tmp_path, shape, "NVIDIA H200", {16}, KERNEL, "3.4.0", (layout,))
+    if layout == "vllm":  # SGLang's folder carries the version: another Triton is another file
+        with pytest.raises(FileConflict, match="triton"):
+            write(_random_configs(rng, [16]), triton="3.5.0")
+    (replaced,) = write({16: first[1]}, kernel={**KERNEL, "kernel_hash": "def"}, replace=True)
+    assert replaced.action == "replaced" and read() == {16: first[1]}
+
+
+def test_a_kept_entry_keeps_its_down_config(tmp_path, rng):
+    shape = MoEShape(**MIXTRAL_TP2, dtype=DType.BF16)
+    up = {1: Config(16, 64, 64, 1, 4, 2), 4: Config(32, 64, 64, 1, 4, 2)}
+    down = {1: Config(16, 128, 64, 1, 4, 3), 4: Config(32, 128, 64, 1, 4, 3)}
+    write_sglang(tmp_path, shape, "NVIDIA H200", up, down, "3.4.0", KERNEL)
+    new = {8: Config(64, 64, 64, 1, 4, 2)}
+    written = write_sglang(tmp_path, shape, "NVIDIA H200", new, None, "3.4.0", KERNEL)
+    files = read_config_folder(tmp_path)
+    assert [w.action for w in written] == ["merged", "merged"]
+    up_name, down_name = (f"triton_3_4_0/{w.path.name}" for w in written)
+    assert files[up_name] == {**up, **new}
+    assert files[down_name] == {**down, **new}  # no down config of its own: SGLang runs the up config
+
+
+def test_files_are_readable_by_others_under_the_umask(tmp_path, rng):
+    shape = MoEShape(**MIXTRAL_TP2, dtype=DType.BF16)
+    old = os.umask(0o022)
+    try:
+        path = write_vllm(tmp_path, shape, "NVIDIA H200", _random_configs(rng, [1]), "3.4.0", KERNEL).path
+        assert path.stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        path = write_vllm(tmp_path, shape, "NVIDIA H200", _random_configs(rng, [1]), "3.4.0", KERNEL).path
+        assert path.stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_an_unwritable_folder_is_found_by_the_probe(tmp_path):
+    probe_writable(tmp_path / "new" / "folder", "--out")
+    assert (tmp_path / "new" / "folder").is_dir() and not list((tmp_path / "new" / "folder").iterdir())
+    (tmp_path / "file").write_text("x")
+    for bad in (tmp_path / "file" / "sub", Path("/proc/moe-tune-out")):
+        with pytest.raises(UsageError, match="cannot write there"):
+            probe_writable(bad, "--out")
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        with pytest.raises(UsageError, match="--out .*locked: cannot write there"):
+            probe_writable(locked, "--out")

@@ -1,6 +1,8 @@
 """The ``moe-tune`` command: parses arguments, dispatches to ``tuner.commands.<name>``.
 
-Exit codes: 0 success, 1 the run failed, 2 bad input (one line on stderr, nothing written).
+Exit codes: 0 success, 1 the run failed, 2 bad input (one line on stderr, nothing written),
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM: Ray stopped, the journal intact; see
+``tuner.signals``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import importlib
 import os
 import sys
 
+from tuner import signals
 from tuner.errors import RunFailed, UsageError
 
 COMMANDS = {
@@ -48,6 +51,7 @@ def _command_of(argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else argv
+    signals.install()
     if "--interpret" in words:
         # Triton reads this when its language module is first imported, which the commands' imports do.
         os.environ["TRITON_INTERPRET"] = "1"
@@ -60,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RunFailed as exc:
         print(f"moe-tune: run failed: {exc}".splitlines()[0], file=sys.stderr)
+        session = sys.modules.get("tuner.ray_session")  # loaded by every command that starts Ray
+        if session is not None and session.connect_stranded():
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(1)  # a ray.init given up on cannot be stopped; interpreter shutdown would crash on it
         return 1
     except BrokenPipeError:
         # The reader went away (``moe-tune plan | head``): not a failure; keep Python's exit flush quiet.
@@ -68,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("moe-tune: interrupted", file=sys.stderr)
         return 130
+    except signals.Terminated as exc:
+        hint = exc.hint or "run the same command again to resume"
+        print(f"moe-tune: terminated by SIGTERM; Ray stopped; {hint}", file=sys.stderr)
+        return signals.EXIT_CODE
 
 
 if __name__ == "__main__":

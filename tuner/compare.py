@@ -21,7 +21,7 @@ from tuner.errors import RunFailed
 from tuner.plan import Plan
 from tuner.pool import Done, Lost, start_pool
 from tuner.progress import Progress
-from tuner.ray_session import ray_session
+from tuner.ray_session import DEFAULT_CONNECT_TIMEOUT_S, ray_session
 from tuner.report import REFERENCE, ComparisonResults, measured_point, summarize_dtype
 from tuner.search import SearchJob
 from workers.default_config import default_config
@@ -45,6 +45,8 @@ class CompareRequest:
     journal: Path
     fresh: bool = False
     address: str | None = None
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+    replace: bool = False
     workers: int | None = None
     interpret: bool = False
     strategy: str = "fast"
@@ -93,13 +95,13 @@ def _errors_vs_bf16(request: CompareRequest, configs: dict[DType, dict[int, Conf
 
 
 def run_compare(request: CompareRequest, progress: Progress | None = None) -> ComparisonResults:
-    with ray_session(request.address, request.interpret, request.workers):
+    with ray_session(request.address, request.interpret, request.workers, request.connect_timeout_s):
         return _compare_in_session(request, progress or Progress())
 
 
 def _compare_in_session(request: CompareRequest, progress: Progress) -> ComparisonResults:
     tuned = driver.tune(driver.TuneRequest(
-        jobs_for_device=request.plan_for_device, write_outputs=writers.server_files_writer(request.configs_out, request.file_format),
+        jobs_for_device=request.plan_for_device, write_outputs=writers.server_files_writer(request.configs_out, request.file_format, request.replace),
         journal_path=request.journal, fresh=request.fresh, workers=request.workers,
         interpret=request.interpret, strategy=request.strategy, budget_s=request.budget_s), progress)
     if len(tuned.devices) != 1:

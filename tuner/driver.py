@@ -5,7 +5,15 @@ Inside the command's ``tuner.ray_session``: one BenchmarkWorker actor per GPU
 compile-ahead from ``tuner.compiling`` on GPUs), every result journaled (``tuner.journal``). Then
 per device group the finalists of every (shape, M) are re-timed back to back (``tuner.select``)
 and the winners written through the request's ``tuner.writers.OutputWriter``. A time budget
-(``budget_s``) stops the search where it is; the best so far is chosen without re-timing.
+(``budget_s``), counted from the first candidate handed to a GPU (worker start-up is not charged
+to it), stops the search where it is; the best so far is chosen without re-timing.
+
+Existing output files that writing would refuse are refused before any measurement
+(``FileConflict`` → exit 2). When every worker is lost, the batch sizes whose search had finished
+are still chosen (without re-timing) and written, and the run then fails (exit 1) saying how many
+measurements the journal holds for the resume. A failure to write says how to recover. On SIGTERM
+(``tuner.signals``) the actors are killed and the resume hint names the journal. The summary's
+``timeline`` (``tuner.timeline``) measures each phase.
 """
 
 from __future__ import annotations
@@ -17,14 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuner import select as selection
+from tuner import signals
 from tuner.compiling import DEFAULT_COMPILE_TIMEOUT_S, CompileAhead, CompileStats, start_compile_ahead
 from tuner.engine import DeviceGroup, Engine, Retimer, device_groups, no_retiming
+from tuner.errors import RunFailed, UsageError
 from tuner.journal import Journal
 from tuner.pool import start_pool
 from tuner.progress import Progress
 from tuner.search import STRATEGIES, SearchJob
 from tuner.spaces import DeviceLimits
-from tuner.writers import OutputWriter, SplitChoices
+from tuner.timeline import Timeline
+from tuner.writers import FileConflict, OutputWriter, SplitChoices, Written
 from workers.records import Gemm, Measurement, MoEShape
 
 @dataclass(frozen=True)
@@ -58,7 +69,7 @@ class DeviceResult:
     measurements: list[Measurement] = field(default_factory=list)
     selections: dict[selection.GroupKey, selection.Selection] = field(default_factory=dict)
     without_winner: list[selection.GroupKey] = field(default_factory=list)
-    files: list[Path] = field(default_factory=list)
+    files: list[Written] = field(default_factory=list)
     split: SplitChoices = field(default_factory=dict)
     compile: CompileStats | None = None
 
@@ -74,7 +85,9 @@ class TuneResult:
     retimes_reused: int = 0
     wall_s: float = 0.0
     budget_ended: bool = False
+    budget_s: float | None = None
     devices: list[DeviceResult] = field(default_factory=list)
+    timeline: Timeline = field(default_factory=Timeline)
 
     @property
     def failed(self) -> Counter[str]:
@@ -82,7 +95,7 @@ class TuneResult:
 
     @property
     def files_written(self) -> list[Path]:
-        return [p for d in self.devices for p in d.files]
+        return [w.path for d in self.devices for w in d.files]
 
 
 def _compile_ahead(group: DeviceGroup, request: TuneRequest, progress: Progress) -> CompileAhead | None:
@@ -98,10 +111,14 @@ def _compile_ahead(group: DeviceGroup, request: TuneRequest, progress: Progress)
 
 
 def _choose_and_write(group: DeviceGroup, retimer: selection.Retimer, request: TuneRequest,
-                      progress: Progress) -> DeviceResult:
-    whole = [m for m in group.measurements if m.candidate.gemm is Gemm.BOTH]
+                      progress: Progress, only: set[tuple[MoEShape, str, int]] | None = None) -> DeviceResult:
+    """Choose the winners and write them. ``only``: the (shape, routing, M) to choose for (the
+    batch sizes whose search finished, when the run was cut short); None: every one."""
+    whole = [m for m in group.measurements if m.candidate.gemm is Gemm.BOTH
+             and (only is None or (m.candidate.shape, m.candidate.routing, m.candidate.M) in only)]
     pinned = {selection.GroupKey(job.shape, job.routing, Gemm.BOTH, M): configs
-              for job in group.strategy.jobs for M, configs in job.baseline_by_m.items()}
+              for job in group.strategy.jobs for M, configs in job.baseline_by_m.items()
+              if only is None or (job.shape, job.routing, M) in only}
     chosen = selection.select(whole, retimer, request.finalists, pinned)
     split = selection.split_choices(group.measurements, chosen) if request.split_gemms else {}
     missing = selection.groups_without_winner(whole)
@@ -114,31 +131,58 @@ def _choose_and_write(group: DeviceGroup, retimer: selection.Retimer, request: T
                         group.compiler.stats if group.compiler is not None else None)
 
 
-def tune(request: TuneRequest, progress: Progress | None = None) -> TuneResult:
+def _check_outputs(groups: list[DeviceGroup], request: TuneRequest) -> None:
+    """Refuse now, before any measurement, what writing would refuse at the end (``FileConflict``)."""
+    check = getattr(request.write_outputs, "check", None)
+    if check is None:
+        return
+    for group in groups:
+        batch_sizes: dict[MoEShape, set[int]] = {}
+        for job in group.strategy.jobs:
+            batch_sizes.setdefault(job.shape, set()).update(job.batch_sizes)
+        check(group.device, group.env.as_dict(), batch_sizes)
+
+
+def _write_failed(exc: BaseException, journal: Journal) -> RunFailed:
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+    where = f" {exc.filename}" if isinstance(exc, OSError) and exc.filename else ""
+    return RunFailed(f"writing the config files failed{where}: {reason}; rerun with a writable --out (or --replace): "
+                     f"{journal.measured()} measurements are in the journal {journal.path}, nothing is measured twice")
+
+
+def tune(request: TuneRequest, progress: Progress | None = None, timeline: Timeline | None = None) -> TuneResult:
     """Run the whole tune: search, re-time finalists, write files. Needs an open
-    ``tuner.ray_session``; raises RunFailed on run failures."""
+    ``tuner.ray_session`` (``timeline``: the one its start was recorded on). Raises RunFailed on
+    run failures, UsageError when an existing file would be refused, ``signals.Terminated`` (with
+    a resume hint) on SIGTERM."""
     progress = progress or Progress()
-    started = time.monotonic()
-    result = TuneResult()
+    result = TuneResult(budget_s=request.budget_s, timeline=timeline or Timeline())
+    timeline = result.timeline
     with Journal(request.journal_path, fresh=request.fresh) as journal:
         if journal.set_aside is not None:
             progress.note(f"--fresh: previous journal kept as {journal.set_aside}")
+        if journal.warning():
+            progress.note(journal.warning())
         pool = None
         groups: list[DeviceGroup] = []
         try:
-            pool = start_pool(request.workers, request.kernel, request.timeout_s, progress.note)
-            strategy_class = STRATEGIES[request.strategy]
-            groups = device_groups(pool, lambda device: strategy_class(request.jobs_for_device(device),
-                                                                       request.split_gemms))
+            with timeline.phase("worker_start"):
+                pool = start_pool(request.workers, request.kernel, request.timeout_s, progress.note)
+                strategy_class = STRATEGIES[request.strategy]
+                groups = device_groups(pool, lambda device: strategy_class(request.jobs_for_device(device),
+                                                                           request.split_gemms))
+            _check_outputs(groups, request)
             for g in groups:
                 progress.note(f"{len(g.slots)} worker(s) on {g.device} (torch {g.env.get('torch')}, "
                               f"triton {g.env.get('triton')}, kernel {g.env.get('kernel')})")
                 limits = DeviceLimits.for_device(g.device)
                 if limits.note and not request.interpret:
                     progress.note(limits.note)
-                g.compiler = _compile_ahead(g, request, progress)
-            deadline = started + request.budget_s if request.budget_s is not None else None
-            engine = Engine(pool, groups, journal, progress, deadline)
+                with timeline.phase("compile_ahead"):
+                    g.compiler = _compile_ahead(g, request, progress)
+                if g.compiler is None:
+                    timeline.spans.pop("compile_ahead", None)
+            engine = Engine(pool, groups, journal, progress, request.budget_s, timeline=timeline)
             engine.run()
             progress.close()
             result.evaluations_run, result.evaluations_reused = engine.evaluations_run, engine.evaluations_reused
@@ -146,16 +190,36 @@ def tune(request: TuneRequest, progress: Progress | None = None) -> TuneResult:
             for group in groups:
                 if group.compiler is not None:
                     group.compiler.close()
-                retimer = Retimer(pool, group, journal, progress)
-                result.devices.append(_choose_and_write(group, no_retiming if engine.budget_ended else retimer,
-                                                        request, progress))
+                finished = None
+                if engine.workers_lost:
+                    group.strategy.propose()  # moves idle groups past rounds that need no GPU; proposals dropped
+                    finished = group.strategy.finished()
+                retimer = Retimer(pool, group, journal, progress, timeline)
+                try:
+                    result.devices.append(_choose_and_write(
+                        group, no_retiming if engine.budget_ended or engine.workers_lost else retimer,
+                        request, progress, finished))
+                except (OSError, FileConflict) as exc:
+                    raise _write_failed(exc, journal) from None
+                finally:
+                    timeline.touch("writing")
                 result.retimed_groups += retimer.fresh
                 result.retimes_reused += retimer.reused
+            if engine.workers_lost:
+                wrote = ", ".join(str(p) for p in result.files_written) or "no file (no batch size had finished)"
+                raise RunFailed(f"every worker was lost; wrote {wrote}; {journal.measured()} measurements are in the "
+                                f"journal {journal.path}: run the same command again to resume")
+        except FileConflict as exc:
+            raise UsageError(str(exc)) from None
+        except signals.Terminated as exc:
+            exc.hint = (f"{journal.measured()} measurements are in the journal {journal.path}; "
+                        "run the same command again to resume")
+            raise
         finally:
             for group in groups:
                 if group.compiler is not None:
                     group.compiler.close()
             if pool is not None:
                 pool.shutdown()
-    result.wall_s = time.monotonic() - started
+    result.wall_s = time.monotonic() - timeline.started
     return result

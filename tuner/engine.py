@@ -10,8 +10,9 @@ they arrive. ``Retimer`` re-times the finalists of one device group back to back
 Compile-ahead (``tuner.compiling``): on a GPU, a candidate whose config is not compiled yet waits
 off the queue while CPU processes on its node compile it; compile errors, out-of-resources and
 compile time-outs found there are recorded as the candidate's outcome and never reach a GPU.
-A time budget (``deadline``) stops the search where it is: nothing more is proposed or queued,
-calls in flight finish.
+A time budget (``budget_s``), counted from the first candidate handed to a GPU, stops the search
+where it is: nothing more is proposed or queued, calls in flight finish. When no worker is left
+the engine stops (``workers_lost``) and the caller writes what finished.
 
 Retries are the engine's, not Ray's: a candidate whose actor died (crash, poisoned CUDA context,
 hang) is retried once on another actor and quarantined (``crashed`` / ``timeout``) if it fails
@@ -27,11 +28,12 @@ from dataclasses import dataclass, field
 
 from tuner.compiling import CompileAhead
 from tuner.errors import RunFailed
+from tuner.timeline import Timeline
 from tuner.journal import Journal, WorkerEnv
 from tuner.pool import Done, Lost, Raised, Slot, WorkerPool
 from tuner.progress import Progress
 from tuner.search import Strategy
-from workers.records import Candidate, Measurement, Status
+from workers.records import Candidate, Level, Measurement, Status
 
 MAX_ATTEMPTS = 2
 POLL_S = 0.5
@@ -73,19 +75,24 @@ class DeviceGroup:
 class Engine:
     """Runs the search phase of every device group over one pool of actors.
 
-    ``deadline`` (a ``clock()`` value) is the time budget's end; ``clock`` is injectable so the
-    budget can be tested without waiting for it.
+    ``budget_s`` is the time budget, counted from the first candidate handed to a GPU; ``clock``
+    is injectable so the budget can be tested without waiting for it. ``workers_lost``: the run
+    ended because no worker was left (``run`` returns; the caller decides what to write).
     """
 
     def __init__(self, pool: WorkerPool, groups: list[DeviceGroup], journal: Journal, progress: Progress,
-                 deadline: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 budget_s: float | None = None, clock: Callable[[], float] = time.monotonic,
+                 timeline: Timeline | None = None) -> None:
         self.pool = pool
         self.groups = groups
         self.journal = journal
         self.progress = progress
-        self.deadline = deadline
+        self.budget_s = budget_s
+        self.deadline: float | None = None
         self.clock = clock
+        self.timeline = timeline or Timeline(clock)
         self.budget_ended = False
+        self.workers_lost = False
         self.evaluations_run = 0
         self.evaluations_reused = 0
         self._group_of_slot = {slot.index: g for g in groups for slot in g.slots}
@@ -106,7 +113,8 @@ class Engine:
                     continue  # everything proposed was in the journal; the strategy may want more
                 return
             if not self.pool.live_slots():
-                raise RunFailed("every worker was lost; the journal keeps what was measured, run again to resume")
+                self.workers_lost = True
+                return
             # While GPUs sit free and configs are still compiling, look at both often.
             wait_s = SHORT_POLL_S if compiling and self.pool.free_slots() else POLL_S
             # A lost actor has nothing in flight but is brought back only by polling: poll while
@@ -127,7 +135,8 @@ class Engine:
         for group in self.groups:
             group.queue.clear()
             group.compiling.clear()
-        self.progress.note(f"time budget ended: {dropped} queued candidates dropped; keeping the best so far")
+        self.progress.note(f"time budget of {self.budget_s / 60:g} min (counted from the first measurement) ended: "
+                           f"{dropped} queued candidates dropped; what is in flight finishes")
         return False
 
     def _refill(self, group: DeviceGroup) -> bool:
@@ -165,6 +174,7 @@ class Engine:
     def _settle_compiled(self) -> None:
         for group in self.groups:
             if group.compiler is not None and group.compiling:
+                self.timeline.touch("compile_ahead")
                 group.compiler.pump(0)
                 waiting, group.compiling = group.compiling, []
                 for work in waiting:
@@ -178,19 +188,32 @@ class Engine:
             work = self._take(group, slot)
             if work is not None:
                 slot.last_group = work.affinity
+                if self.deadline is None and self.budget_s is not None:
+                    self.deadline = self.clock() + self.budget_s
+                self.timeline.measuring()
+                self.timeline.touch(_phase_of(work.candidate))
                 self.pool.submit(slot, work, lambda actor, c=work.candidate: actor.measure.remote(c))
 
     def _take(self, group: DeviceGroup, slot: Slot) -> _Work | None:
-        others_alive = any(not s.retired and s.index != slot.index for s in group.slots)
-        fallback = None
+        """The next candidate for ``slot``: one of the (shape, routing, M) it holds a problem for;
+        else one of a (shape, routing, M) no other live worker holds (so each problem is built
+        once, not by every worker in turn: with every worker on the queue's head, each batch
+        size's weights and fp32 reference were built on each GPU, a serial cost per M that no
+        number of GPUs shortened); else the queue's head."""
+        others = [s for s in group.slots if not s.retired and s.index != slot.index]
+        held = {s.last_group for s in others}
+        unheld = fallback = None
         for i, work in enumerate(group.queue):
-            if slot.index in work.avoid and others_alive:
+            if slot.index in work.avoid and others:
                 continue
             if work.affinity == slot.last_group:
                 return group.queue.pop(i)
             if fallback is None:
                 fallback = i
-        return group.queue.pop(fallback) if fallback is not None else None
+            if unheld is None and work.affinity not in held:
+                unheld = i
+        chosen = unheld if unheld is not None else fallback
+        return group.queue.pop(chosen) if chosen is not None else None
 
     def _handle(self, event: Done | Lost | Raised) -> None:
         work: _Work = event.task
@@ -221,6 +244,7 @@ class Engine:
         if reused:
             self.evaluations_reused += 1
         else:
+            self.timeline.touch(_phase_of(measurement.candidate))
             self.journal.record_measurement(group.env, measurement, attempts)
             self.evaluations_run += 1
         group.measurements.append(measurement)
@@ -228,11 +252,17 @@ class Engine:
         self.progress.record(measurement, reused=reused)
 
 
+def _phase_of(candidate: Candidate) -> str:
+    return "screening" if candidate.level is Level.SCREEN else "full_timing"
+
+
 class Retimer:
     """Re-times groups of finalists on the actors of one device group, journaling each result."""
 
-    def __init__(self, pool: WorkerPool, group: DeviceGroup, journal: Journal, progress: Progress) -> None:
+    def __init__(self, pool: WorkerPool, group: DeviceGroup, journal: Journal, progress: Progress,
+                 timeline: Timeline | None = None) -> None:
         self.pool = pool
+        self.timeline = timeline or Timeline()
         self.group = group
         self.journal = journal
         self.progress = progress
@@ -250,11 +280,16 @@ class Retimer:
                 todo.append((i, candidates))
         if todo:
             self.progress.note(f"re-timing the finalists of {len(todo)} batch sizes on {self.group.device}")
+            self.timeline.touch("retiming")
         slots = {s.index for s in self.group.slots}
         while todo or any(s.pending for s in self.group.slots):
             for slot in self.pool.free_slots():
                 if slot.index in slots and todo and not slot.pending:
-                    item = todo.pop(0)
+                    # Prefer the batch size whose problem this worker holds already.
+                    mine = next((i for i, (_, cs) in enumerate(todo)
+                                 if (cs[0].shape, cs[0].routing, cs[0].M) == slot.last_group), 0)
+                    item = todo.pop(mine)
+                    slot.last_group = (item[1][0].shape, item[1][0].routing, item[1][0].M)
                     self.pool.submit(slot, item, lambda actor, cs=item[1]: actor.retime.remote(cs))
             if not any(not s.retired for s in self.group.slots):
                 break
@@ -268,6 +303,8 @@ class Retimer:
                     reason = event.error if isinstance(event, Raised) else event.detail
                     self.progress.note(f"re-timing at M={candidates[0].M} failed ({reason}); "
                                        "choosing on the search's numbers")
+        if "retiming" in self.timeline.spans:
+            self.timeline.touch("retiming")
         return results
 
 

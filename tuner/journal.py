@@ -21,10 +21,13 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal, Union
 
 import orjson
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from workers.records import Candidate, Config, Gemm, Level, Measurement, MoEShape, Status
+from tuner import signals
+from workers.records import CONFIG_KEYS, Candidate, Config, DType, Gemm, Level, Measurement, MoEShape, Status
 
 FORMAT_VERSION = 1
 JOURNAL_NAME = ".moe-tune-journal.jsonl"
@@ -102,6 +105,65 @@ def retime_to_record(key: str, finalist_keys: list[str], latencies_us: list[floa
             "latency_us": latencies_us}
 
 
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class _ShapeRecord(_Strict):
+    E: PositiveInt
+    N: PositiveInt
+    K: PositiveInt
+    topk: PositiveInt
+    dtype: DType
+    block_shape: tuple[PositiveInt, PositiveInt] | None
+
+
+class _CandidateRecord(_Strict):
+    shape: _ShapeRecord
+    M: PositiveInt
+    config: dict[Literal[CONFIG_KEYS], PositiveInt] = Field(min_length=len(CONFIG_KEYS))  # type: ignore[valid-type]
+    gemm: Gemm
+    routing: str
+    level: Level
+
+
+class _MeasureRecord(_Strict):
+    v: Literal[FORMAT_VERSION]
+    kind: Literal["measure"]
+    key: str
+    candidate: _CandidateRecord
+    status: Status
+    latency_us: float | None
+    spread_us: float | None
+    rel_err: float | None
+    device: str
+    versions: dict[str, str]
+    message: str
+
+    @model_validator(mode="after")
+    def _ok_has_latency(self) -> "_MeasureRecord":
+        if self.status is Status.OK and (self.latency_us is None or self.latency_us <= 0):
+            raise ValueError("an ok measurement needs a positive latency_us")
+        return self
+
+
+class _RetimeRecord(_Strict):
+    v: Literal[FORMAT_VERSION]
+    kind: Literal["retime"]
+    key: str
+    finalists: list[str]
+    latency_us: list[float]
+
+
+_RECORD = TypeAdapter(Annotated[Union[_MeasureRecord, _RetimeRecord], Field(discriminator="kind")])
+"""What a journal line must be to be used: the fields ``record_to_measurement`` and the re-timing
+reuse read, with their types and values (a hand-edited or foreign line that is valid JSON but not
+this is skipped like an unreadable one)."""
+
+
 def record_to_measurement(record: dict) -> Measurement:
     return Measurement(candidate=candidate_from_dict(record["candidate"]), status=Status(record["status"]),
                        latency_us=record["latency_us"], spread_us=record["spread_us"], rel_err=record["rel_err"],
@@ -134,8 +196,20 @@ class Journal:
             fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             old.close()
         self.records: dict[str, dict] = {}
-        self.skipped_lines = 0
+        self.unreadable_lines = 0
+        self.invalid_records = 0
         self._load()
+
+    @property
+    def skipped_lines(self) -> int:
+        return self.unreadable_lines + self.invalid_records
+
+    def warning(self) -> str | None:
+        """One line saying how many lines were skipped and why, or None when none were."""
+        if not self.skipped_lines:
+            return None
+        return (f"journal {self.path}: skipped {self.skipped_lines} line(s) ({self.unreadable_lines} unreadable, "
+                f"{self.invalid_records} with wrong fields); their candidates are measured again")
 
     def _load(self) -> None:
         self._handle.seek(0)
@@ -150,9 +224,15 @@ class Journal:
                 continue
             try:
                 record = orjson.loads(line)
-                self.records[record["key"]] = record
-            except (orjson.JSONDecodeError, KeyError, TypeError):
-                self.skipped_lines += 1
+            except orjson.JSONDecodeError:
+                self.unreadable_lines += 1
+                continue
+            try:
+                _RECORD.validate_json(line)
+            except ValidationError:
+                self.invalid_records += 1
+                continue
+            self.records[record["key"]] = record
 
     def get(self, key: str) -> dict | None:
         return self.records.get(key)
@@ -181,11 +261,17 @@ class Journal:
         self.append(retime_to_record(retime_key(keys), keys, latencies_us))
 
     def append(self, record: dict) -> None:
-        self._handle.seek(0, os.SEEK_END)
-        self._handle.write(orjson.dumps(record) + b"\n")
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
-        self.records[record["key"]] = record
+        """Write one record durably; a SIGTERM arriving meanwhile waits until the line is on disk."""
+        with signals.deferred():
+            self._handle.seek(0, os.SEEK_END)
+            self._handle.write(orjson.dumps(record) + b"\n")
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self.records[record["key"]] = record
+
+    def measured(self) -> int:
+        """Measurement records held (reused ones included): what a resumed run will not redo."""
+        return sum(1 for r in self.records.values() if r.get("kind") == "measure")
 
     def close(self) -> None:
         if not self._handle.closed:

@@ -38,9 +38,13 @@ class TuneOptions:
     """Seconds."""
     kernel: str = "builtin"
     address: str | None = None
+    connect_timeout: float = 60.0
+    """Seconds to join ``address`` (``tuner.ray_session.DEFAULT_CONNECT_TIMEOUT_S``)."""
     workers: int | None = None
     out: str = "configs_out"
     format: str = "vllm"
+    replace: bool = False
+    """Overwrite existing config files instead of merging into them (``tuner.writers``)."""
     journal: str | None = None
     fresh: bool = False
     interpret: bool = False

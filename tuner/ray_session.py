@@ -9,6 +9,15 @@ gets ``workers`` logical GPUs (default ``INTERPRET_NUM_GPUS``) and ``TRITON_INTE
 the worker processes before they import a kernel; the fault-injection variable is forwarded so
 tests can make latencies deterministic.
 
+Nothing here waits without a bound. Joining a cluster takes at most ``connect_timeout_s``
+(``--connect-timeout``, default ``DEFAULT_CONNECT_TIMEOUT_S``): a ``host:port`` address is first
+reached with a plain TCP connection (retried each second: a head may still be starting), then
+``ray.init`` runs in a helper thread the driver stops waiting for at the deadline; either way
+the run fails with one line (``RunFailed``). A helper thread still inside ``ray.init`` cannot be
+stopped and would crash the interpreter's shutdown, so the CLI then ends the process at once
+(``connect_stranded``). Ray's own SIGTERM handler (which exits through a crash-looking dump) is
+replaced by ``tuner.signals``'s once Ray is up.
+
 Ray prints what it forwards from the cluster (worker output, "(raylet) A worker died …") on the
 driver's stdout; stdout belongs to the command's result (``--json``, tables), so all of that goes
 to stderr while the session is open, and ``RaySession.stdout`` is the command's own stdout.
@@ -17,19 +26,80 @@ to stderr while the session is open, and ``RaySession.stdout`` is the command's 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import socket
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TextIO
 
 import ray
 
+from tuner import signals
 from tuner.errors import RunFailed
+from tuner.options import TuneOptions
 from workers import faults
 
 INTERPRET_NUM_GPUS = 2
 """Logical GPUs of an embedded Ray under ``--interpret`` when the command names no worker count."""
+DEFAULT_CONNECT_TIMEOUT_S = TuneOptions.connect_timeout  # 60 s
+TCP_RETRY_S = 1.0
+_stranded: list[threading.Thread] = []
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``host:port`` of ``address`` (``ray://`` stripped); None for ``auto``/``local`` and the like."""
+    text = address.removeprefix("ray://")
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def join(address: str, runtime_env: dict | None, timeout_s: float) -> None:
+    """``ray.init(address=...)`` within ``timeout_s`` seconds, or ``RunFailed`` with one line."""
+    deadline = time.monotonic() + timeout_s
+    target = _host_port(address)
+    if target is not None:
+        last = ""
+        while True:
+            try:
+                with socket.create_connection(target, timeout=max(0.1, min(deadline - time.monotonic(), 5.0))):
+                    break
+            except OSError as exc:
+                last = exc.strerror or type(exc).__name__
+            if time.monotonic() + TCP_RETRY_S >= deadline:
+                raise RunFailed(f"cannot reach the Ray cluster at {address} within {timeout_s:g}s ({last}); "
+                                "check --address, or raise --connect-timeout")
+            time.sleep(TCP_RETRY_S)
+    outcome: dict[str, BaseException | None] = {}
+
+    def connect() -> None:
+        try:
+            ray.init(address=address, runtime_env=runtime_env, logging_level=logging.ERROR)
+            outcome["error"] = None
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=connect, name="moe-tune-ray-connect", daemon=True)
+    thread.start()
+    thread.join(max(0.0, deadline - time.monotonic()))
+    if thread.is_alive():
+        _stranded.append(thread)
+        raise RunFailed(f"could not join the Ray cluster at {address} within {timeout_s:g}s "
+                        "(something answers there, but no Ray head did); check --address, or raise --connect-timeout")
+    error = outcome["error"]
+    if error is not None:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise RunFailed(f"cannot join the Ray cluster at {address}: {first}")
+
+
+def connect_stranded() -> bool:
+    """True when a ``ray.init`` given up on is still running (the process must end with ``os._exit``)."""
+    return any(thread.is_alive() for thread in _stranded)
 
 
 @dataclass(frozen=True)
@@ -39,8 +109,10 @@ class RaySession:
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None, interpret: bool, workers: int | None = None) -> Iterator[RaySession]:
-    """Start an embedded Ray, or join the cluster at ``address`` / ``RAY_ADDRESS``; shut it down on exit.
+def ray_session(address: str | None, interpret: bool, workers: int | None = None,
+                connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> Iterator[RaySession]:
+    """Start an embedded Ray, or join the cluster at ``address`` / ``RAY_ADDRESS`` within
+    ``connect_timeout_s``; shut it down on exit.
 
     ``workers``: the GPU workers the command will use at most (under ``--interpret``, the number
     of logical GPUs). Raises RunFailed when the cluster cannot be joined.
@@ -53,15 +125,13 @@ def ray_session(address: str | None, interpret: bool, workers: int | None = None
     session = RaySession(stdout=sys.stdout)
     with contextlib.redirect_stdout(sys.stderr):
         if address:
-            try:
-                ray.init(address=address, runtime_env=runtime_env)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise RunFailed(f"cannot join the Ray cluster at {address}: {exc}") from None
+            join(address, runtime_env, connect_timeout_s)
         elif interpret:
             gpus = workers or INTERPRET_NUM_GPUS
             ray.init(num_cpus=max(2, gpus), num_gpus=gpus, include_dashboard=False, runtime_env=runtime_env)
         else:
             ray.init(include_dashboard=False, runtime_env=runtime_env)
+        signals.install()
         try:
             yield session
         finally:

@@ -213,6 +213,13 @@ class Strategy(ABC):
         """How many candidates the whole search will measure, when known up front (for progress/ETA)."""
         return None
 
+    def finished(self) -> set[tuple[MoEShape, str, int]]:
+        """The (shape, routing, M) whose every group (GEMM part) has finished its search: nothing
+        waiting and nothing more to propose. Call ``propose`` first so idle groups pass the rounds
+        that need no measurement."""
+        open_keys = {(g.job.shape, g.job.routing, g.M) for g in self.groups if g.phase is not Phase.DONE or not g.idle}
+        return {(g.job.shape, g.job.routing, g.M) for g in self.groups} - open_keys
+
     def _advance(self, group: Group) -> Round:
         """Move an idle group on to its next round; empty when it is done or waits on others."""
         while group.phase != Phase.DONE:

@@ -8,7 +8,16 @@ under ``SGLANG_MOE_CONFIG_DIR``), holding only ``{"<M>": {six keys}, ...}``: SGL
 int()s every key, so a ``triton_version`` key would break it; the folder carries the version.
 
 Every write is atomic (temp file in the same folder, fsync, ``os.replace``): a run killed at
-any instant leaves the old file or the new one, never half of one.
+any instant leaves the old file or the new one, never half of one. Files are created with mode
+0666 minus the umask (0644 under the usual 022), so a server running as another user reads them.
+
+Never destroying good data: a file that already exists is merged into. Its entries for batch
+sizes not tuned now are kept when they were tuned for the same kernel (flavour and source hash,
+or the server package's version and hash) and Triton version, as the provenance file
+``.moe-tune-files.json`` beside the files records for each file this tool wrote; otherwise
+(another kernel, another Triton version, or a file this tool did not write) the write is refused
+(``FileConflict``) unless ``replace`` is set. ``check_existing`` asks the same question before
+any tuning starts. Entries for the batch sizes tuned now always take the new configs.
 """
 
 from __future__ import annotations
@@ -16,7 +25,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from tuner import select as selection
@@ -27,9 +38,74 @@ from workers.records import Config, Gemm, MoEShape
 __all__ = [
     "device_file_name", "vllm_file_name", "sglang_file_name", "write_vllm", "write_sglang",
     "read_config_folder", "lookup", "atomic_write_text", "server_files_writer", "OutputWriter", "FORMATS",
+    "probe_writable", "check_existing", "FileConflict", "Written", "PROVENANCE_NAME",
 ]
 
 TRITON_VERSION_KEY = "triton_version"
+PROVENANCE_NAME = ".moe-tune-files.json"
+KERNEL_IDENTITY_KEYS = ("kernel", "kernel_hash", "kernel_version")
+"""The worker-environment keys (``BenchmarkWorker.describe``) that name the kernel a file was tuned for."""
+
+
+class FileConflict(Exception):
+    """An existing config file holds entries this write would lose and that were tuned for another
+    kernel or Triton version (or by something else); ``replace`` overrides."""
+
+
+@dataclass(frozen=True)
+class Written:
+    """One config file written: ``action`` is ``created``, ``updated`` (every batch size of the file
+    that was there was tuned again), ``merged`` (``kept``: the batch sizes kept from it) or
+    ``replaced`` (``--replace``: its other entries were dropped)."""
+
+    path: Path
+    action: str
+    kept: tuple[int, ...] = ()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (Linux ``/proc``), else by a set-and-restore."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def probe_writable(folder: str | Path, what: str) -> None:
+    """Create ``folder`` (and its parents) if needed, then create, write, fsync, rename and remove
+    a probe file in it, as a real write would; ``UsageError`` with one line when any step fails.
+    Run before Ray starts, so an unwritable output is found in seconds, not after the tune."""
+    path = Path(folder)
+    tmp_name = None
+    created = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=".moe-tune-probe.", dir=path)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(b"probe\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        renamed = tmp_name + ".renamed"
+        os.replace(tmp_name, renamed)
+        tmp_name = renamed
+        os.unlink(renamed)
+        tmp_name = None
+    except OSError as exc:
+        if tmp_name is not None:
+            Path(tmp_name).unlink(missing_ok=True)
+        for made in created:  # deepest first: leave nothing behind
+            try:
+                made.rmdir()
+            except OSError:
+                pass
+        reason = exc.strerror or str(exc)
+        raise UsageError(f"{what} {path}: cannot write there ({reason})") from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -37,6 +113,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a server user must read the file
         with os.fdopen(fd, "w", encoding="utf-8") as tmp:
             tmp.write(text)
             tmp.flush()
@@ -62,24 +139,134 @@ def _dump(data: dict) -> str:
     return json.dumps(data, indent=4) + "\n"
 
 
+def _identity(kernel: dict[str, str] | None, triton_version: str) -> dict[str, str] | None:
+    if kernel is None:
+        return None
+    return {**{k: kernel[k] for k in KERNEL_IDENTITY_KEYS if k in kernel}, "triton": triton_version}
+
+
+def _provenance_root(path: Path) -> Path:
+    """The output folder a file belongs to (SGLang files sit one level down, in ``triton_*/``)."""
+    return path.parent.parent if path.parent.name.startswith("triton_") else path.parent
+
+
+def _read_provenance(root: Path) -> dict[str, dict]:
+    try:
+        data = json.loads((root / PROVENANCE_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    files = data.get("files") if isinstance(data, dict) else None
+    return files if isinstance(files, dict) else {}
+
+
+def _record_provenance(path: Path, identity: dict[str, str] | None) -> None:
+    root = _provenance_root(path)
+    files = _read_provenance(root)
+    name = path.relative_to(root).as_posix()
+    if identity is None:
+        if files.pop(name, None) is None:
+            return  # nothing recorded, nothing to forget
+    else:
+        files[name] = {**identity, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    atomic_write_text(root / PROVENANCE_NAME, json.dumps({"files": files}, indent=2, sort_keys=True) + "\n")
+
+
+def _existing(path: Path) -> tuple[dict[str, dict], str | None] | None:
+    """The entries (batch size → raw entry) and ``triton_version`` of the file at ``path``; None
+    when there is no file; ``FileConflict`` when it is not a config file."""
+    if not path.exists():
+        return None
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+        version = raw.pop(TRITON_VERSION_KEY, None)
+        return {str(int(k)): v for k, v in raw.items()}, version
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise FileConflict(f"{path} exists but is not a readable config file ({exc}); move it away or pass --replace") \
+            from None
+
+
+def _plan(path: Path, batch_sizes: set[int], identity: dict[str, str] | None, vllm_layout: bool,
+          replace: bool) -> tuple[dict[str, dict], str]:
+    """The existing entries to keep and the action (``Written.action``)."""
+    found = _existing(path)
+    if found is None:
+        return {}, "created"
+    entries, version = found
+    others = {k: v for k, v in entries.items() if int(k) not in batch_sizes}
+    if not others:
+        return {}, "updated"
+    if replace:
+        return {}, "replaced"
+    recorded = _read_provenance(_provenance_root(path)).get(path.relative_to(_provenance_root(path)).as_posix())
+    reasons = []
+    if identity is None or recorded is None:
+        reasons.append("this tool has no record of the kernel it was tuned for")
+    else:
+        differing = [k for k in (*KERNEL_IDENTITY_KEYS, "triton") if recorded.get(k) != identity.get(k)]
+        if differing:
+            reasons.append("it was tuned for another " + "/".join(differing)
+                           + f" ({', '.join(f'{k}={recorded.get(k)}' for k in differing)})")
+    if vllm_layout and identity is not None and version != identity["triton"]:
+        reasons.append(f"its triton_version is {version}, not {identity['triton']}")
+    if reasons:
+        kept = ",".join(sorted(others, key=int))
+        raise FileConflict(f"{path} holds configs for batch sizes {kept} that this run does not re-tune, and "
+                           f"{reasons[0]}; pass --replace to overwrite it, or choose another --out")
+    return others, "merged"
+
+
+def _merged(new: dict[int, Config], kept: dict[str, dict]) -> dict[str, dict]:
+    entries = {**kept, **_entries(new)}
+    return {k: entries[k] for k in sorted(entries, key=int)}
+
+
+def _vllm_path(folder: str | Path, shape: MoEShape, device_name: str) -> Path:
+    return Path(folder) / vllm_file_name(shape, device_name)
+
+
+def _sglang_paths(folder: str | Path, shape: MoEShape, device_name: str, triton_version: str) -> tuple[Path, Path]:
+    target = Path(folder) / sglang_version_folder(triton_version)
+    return target / sglang_file_name(shape, device_name), target / sglang_file_name(shape, device_name, down=True)
+
+
+def check_existing(folder: str | Path, shape: MoEShape, device_name: str, batch_sizes: set[int],
+                   kernel: dict[str, str], triton_version: str, formats: tuple[str, ...],
+                   replace: bool = False) -> None:
+    """``FileConflict`` when writing ``batch_sizes`` of ``shape`` in ``formats`` (``vllm``,
+    ``sglang``) would be refused (see the module's rule); run before tuning starts."""
+    identity = _identity(kernel, triton_version)
+    if "vllm" in formats:
+        _plan(_vllm_path(folder, shape, device_name), batch_sizes, identity, True, replace)
+    if "sglang" in formats:
+        for path in _sglang_paths(folder, shape, device_name, triton_version):
+            _plan(path, batch_sizes, identity, False, replace)
+
+
 def write_vllm(folder: str | Path, shape: MoEShape, device_name: str, configs: dict[int, Config],
-               triton_version: str) -> Path:
-    """Write one vLLM config file; batch sizes ascending after the ``triton_version`` key,
-    as vLLM's own tuner writes them."""
-    path = Path(folder) / vllm_file_name(shape, device_name)
-    atomic_write_text(path, _dump({TRITON_VERSION_KEY: triton_version, **_entries(configs)}))
-    return path
+               triton_version: str, kernel: dict[str, str] | None = None, replace: bool = False) -> Written:
+    """Write (or merge into) one vLLM config file; batch sizes ascending after the
+    ``triton_version`` key, as vLLM's own tuner writes them. ``kernel``: the worker environment
+    the configs were tuned in (its ``KERNEL_IDENTITY_KEYS``); ``FileConflict`` as the module says."""
+    path = _vllm_path(folder, shape, device_name)
+    identity = _identity(kernel, triton_version)
+    kept, action = _plan(path, set(configs), identity, True, replace)
+    atomic_write_text(path, _dump({TRITON_VERSION_KEY: triton_version, **_merged(configs, kept)}))
+    _record_provenance(path, identity)
+    return Written(path, action, tuple(sorted(int(k) for k in kept)))
 
 
 def write_sglang(folder: str | Path, shape: MoEShape, device_name: str, up_configs: dict[int, Config],
-                 down_configs: dict[int, Config] | None, triton_version: str) -> list[Path]:
-    """Write SGLang's file, plus the ``_down`` file when the down GEMM has its own configs.
+                 down_configs: dict[int, Config] | None, triton_version: str, kernel: dict[str, str] | None = None,
+                 replace: bool = False) -> list[Written]:
+    """Write (or merge into) SGLang's file, plus the ``_down`` file when the down GEMM has its own
+    configs or one exists already (batch sizes without a down config then get their up config there,
+    which is what SGLang runs for the down GEMM without a ``_down`` file).
 
     SGLang aligns tokens once, with the up config's BLOCK_SIZE_M, and runs both GEMMs on that
     alignment, so a down config must match the up config's batch sizes and BLOCK_SIZE_M.
     """
-    target = Path(folder) / sglang_version_folder(triton_version)
-    files = [(sglang_file_name(shape, device_name), up_configs)]
     if down_configs is not None:
         if set(down_configs) != set(up_configs):
             raise ValueError("up and down configs must cover the same batch sizes")
@@ -87,13 +274,20 @@ def write_sglang(folder: str | Path, shape: MoEShape, device_name: str, up_confi
                             if up_configs[M].BLOCK_SIZE_M != down_configs[M].BLOCK_SIZE_M)
         if mismatched:
             raise ValueError(f"down configs must keep the up configs' BLOCK_SIZE_M (batch sizes {mismatched})")
-        files.append((sglang_file_name(shape, device_name, down=True), down_configs))
-    paths = []
-    for name, configs in files:
-        path = target / name
-        atomic_write_text(path, _dump(_entries(configs)))
-        paths.append(path)
-    return paths
+    up_path, down_path = _sglang_paths(folder, shape, device_name, triton_version)
+    identity = _identity(kernel, triton_version)
+    kept_up, up_action = _plan(up_path, set(up_configs), identity, False, replace)
+    files = [(up_path, _merged(up_configs, kept_up), up_action, kept_up)]
+    if down_configs is not None or down_path.exists():
+        kept_down, down_action = _plan(down_path, set(up_configs), identity, False, replace)
+        kept_down = {**{k: v for k, v in kept_up.items()}, **kept_down}  # a kept up entry without a down one runs up's
+        files.append((down_path, _merged(down_configs or up_configs, kept_down), down_action, kept_down))
+    written = []
+    for path, entries, action, kept in files:
+        atomic_write_text(path, _dump(entries))
+        _record_provenance(path, identity)
+        written.append(Written(path, action, tuple(sorted(int(k) for k in kept))))
+    return written
 
 
 def _read_config_file(path: Path) -> dict[int, Config]:
@@ -151,35 +345,50 @@ def lookup(configs: dict[int, Config], M: int) -> Config:
 
 
 SplitChoices = dict[tuple[MoEShape, str], dict[int, selection.SplitChoice]]
-OutputWriter = Callable[[str, dict[str, str], dict[selection.GroupKey, selection.Selection], SplitChoices], list[Path]]
+OutputWriter = Callable[[str, dict[str, str], dict[selection.GroupKey, selection.Selection], SplitChoices],
+                        list[Written]]
 """Writes the winners of one device group (device name, worker environment, whole-op selections,
-split up/down choices); returns the paths."""
+split up/down choices); returns what it wrote. ``check(device, env, {shape: batch sizes})``, when
+the writer has it, refuses (``FileConflict``) before tuning what writing would refuse after."""
 
 
 FORMATS = ("vllm", "sglang", "both")
 
 
-def server_files_writer(out: Path, formats: str) -> OutputWriter:
+class ServerFilesWriter:
     """Writes a device group's winners in vLLM's and/or SGLang's layout under ``out``. vLLM applies
     one config to both GEMMs: its file holds the whole-op winner per M. SGLang's file holds the
     up GEMM's config and its ``_down`` file the down GEMM's where the split search chose a pair
-    (batch sizes without a pair keep the whole-op winner for both)."""
-    if formats not in FORMATS:
-        raise ValueError(f"unknown format {formats!r}; expected one of {FORMATS}")
+    (batch sizes without a pair keep the whole-op winner for both). Existing files are merged
+    into, or refused, as the module says; ``replace`` overwrites them instead."""
 
-    def write(device: str, env: dict[str, str], chosen: dict[selection.GroupKey, selection.Selection],
-              split: SplitChoices) -> list[Path]:
-        paths: list[Path] = []
+    def __init__(self, out: Path, formats: str, replace: bool = False) -> None:
+        if formats not in FORMATS:
+            raise ValueError(f"unknown format {formats!r}; expected one of {FORMATS}")
+        self.out, self.replace = Path(out), replace
+        self.layouts = ("vllm", "sglang") if formats == "both" else (formats,)
+
+    def check(self, device: str, env: dict[str, str], batch_sizes: dict[MoEShape, set[int]]) -> None:
+        """``FileConflict`` now for what writing these batch sizes would refuse later."""
+        for shape, sizes in batch_sizes.items():
+            check_existing(self.out, shape, device, sizes, env, env["triton"], self.layouts, self.replace)
+
+    def __call__(self, device: str, env: dict[str, str], chosen: dict[selection.GroupKey, selection.Selection],
+                 split: SplitChoices) -> list[Written]:
+        written: list[Written] = []
         for (shape, routing, gemm), per_m in selection.by_shape(chosen).items():
             if gemm is not Gemm.BOTH:
                 continue
             configs = {M: s.candidate.config for M, s in per_m.items()}
-            if formats in ("vllm", "both"):
-                paths.append(write_vllm(out, shape, device, configs, env["triton"]))
-            if formats in ("sglang", "both"):
+            if "vllm" in self.layouts:
+                written.append(write_vllm(self.out, shape, device, configs, env["triton"], env, self.replace))
+            if "sglang" in self.layouts:
                 pairs = split.get((shape, routing), {})
                 up = {M: pairs[M].up if M in pairs else c for M, c in configs.items()}
                 down = {M: pairs[M].down if M in pairs else c for M, c in configs.items()} if pairs else None
-                paths += write_sglang(out, shape, device, up, down, env["triton"])
-        return paths
-    return write
+                written += write_sglang(self.out, shape, device, up, down, env["triton"], env, self.replace)
+        return written
+
+
+def server_files_writer(out: Path, formats: str, replace: bool = False) -> ServerFilesWriter:
+    return ServerFilesWriter(out, formats, replace)

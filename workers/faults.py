@@ -11,13 +11,15 @@ forwards the variable to its workers); production runs never set it. The file::
 
     {"deterministic_latency": true,
      "faults": [{"config": "<Config.label>", "M": 4, "action": "raise" | "kill" | "hang" | "corrupt"
-                                                       | "kill_retiming" | "lose"}]}
+                                                       | "kill_retiming" | "lose" | "poison"}]}
 
 ``M`` is optional (absent: every batch size). ``corrupt`` lets the kernel run, then scales its
 output by ``CORRUPT_SCALE`` (a relative error of 0.5, finite, far above every dtype's bound).
 ``kill_retiming`` leaves the measurement alone and ends the process when the candidate is
 re-timed among finalists. ``lose`` ends the process and makes every later worker start under
 this plan fail (a marker file next to the plan), as a GPU or node gone for good would.
+``poison`` launches a kernel with an out-of-bounds store: a genuine illegal memory access that
+poisons the CUDA context (``workers.poison``; without a GPU, the CUDA error text, marked simulated).
 A plan changes what is measured, so its ``digest`` is part of the worker's environment (and
 thus of every journal key): fake latencies are never reused by a run without the same plan.
 """
@@ -38,7 +40,7 @@ import torch
 from workers.records import Candidate
 
 ENV_VAR = "MOE_TUNE_FAULTS"
-ACTIONS = ("raise", "kill", "hang", "corrupt", "kill_retiming", "lose")
+ACTIONS = ("raise", "kill", "hang", "corrupt", "kill_retiming", "lose", "poison")
 KILL_EXIT_CODE = 86
 CORRUPT_SCALE = 1.5
 
@@ -93,6 +95,10 @@ class FaultPlan:
         if action == "hang":
             while True:
                 time.sleep(3600)
+        if action == "poison":
+            from workers.poison import poison_context
+
+            poison_context()
 
     def inject_retiming(self, candidates: list[Candidate]) -> None:
         """Before a re-timing: end the process if any finalist has a ``kill_retiming`` fault."""

@@ -99,7 +99,7 @@ def shape_rule_broken(dtype: DType, N: int, K: int) -> str | None:
     return None
 
 
-TILE_RULES = ("tile_min", "block_quant", "fp4_group")
+TILE_RULES = ("tile_min", "tile_pow2", "block_quant", "fp4_group")
 """The tile rules formats impose, by name (``tile_rule_broken``)."""
 
 
@@ -108,6 +108,7 @@ def tile_rule_broken(config: Config, dtype: DType, block_shape: tuple[int, int] 
     why), or None. Breaking one gives wrong results or no kernel, not a slow one:
 
     - tile_min: every tile side >= ``MIN_TILE`` (``tl.dot``).
+    - tile_pow2: every tile side a power of two (``tl.arange``).
     - block_quant: with an fp8 block shape the kernel reads one weight scale per tile and one
       activation scale per K step, so a tile sits inside one block: block_n % BLOCK_SIZE_N == 0
       and block_k % BLOCK_SIZE_K == 0 (vLLM's tuner filters alike).
@@ -117,6 +118,8 @@ def tile_rule_broken(config: Config, dtype: DType, block_shape: tuple[int, int] 
     fmt = format_of(dtype)
     if min(config.BLOCK_SIZE_M, config.BLOCK_SIZE_N, config.BLOCK_SIZE_K) < MIN_TILE:
         return "tile_min", f"tile sizes must be >= {MIN_TILE} (tl.dot), got {config.label}"
+    if any(v & (v - 1) for v in (config.BLOCK_SIZE_M, config.BLOCK_SIZE_N, config.BLOCK_SIZE_K)):
+        return "tile_pow2", f"tile sizes must be powers of two (tl.arange), got {config.label}"
     if fmt.block_shapes and block_shape is not None:
         block_n, block_k = block_shape
         if block_k % config.BLOCK_SIZE_K or block_n % config.BLOCK_SIZE_N:

@@ -50,9 +50,11 @@ def add_batch_sizes_argument(parser: argparse.ArgumentParser, default: Sequence[
 
 
 def block_shape_arg(text: str) -> tuple[int, int]:
+    """``"128,128"`` → ``(128, 128)``: an fp8 weight block ``[block_n, block_k]``. Each must be a
+    multiple of 16: a kernel tile (a power of two, at least 16 for ``tl.dot``) must divide it."""
     values = int_list(text)
-    if len(values) != 2 or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected BN,BK (two positive integers), got {text!r}")
+    if len(values) != 2 or min(values) < 16 or any(v % 16 for v in values):
+        raise argparse.ArgumentTypeError(f"expected BN,BK (two multiples of 16, e.g. 128,128), got {text!r}")
     return values[0], values[1]
 
 

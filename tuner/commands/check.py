@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from tuner.commands.arguments import add_batch_sizes_argument, block_shape_arg, dtype_list, int_list
+from tuner.commands.arguments import add_batch_sizes_argument, block_shape_arg, check_interpret_limits, dtype_list, int_list
 from tuner.errors import RunFailed, UsageError
 from workers.formats import block_shape_dtypes, format_of, shape_rule_broken
 from workers.records import CONFIG_KEYS, Config, DType, MoEShape
@@ -40,9 +40,16 @@ def run(args: argparse.Namespace) -> int:
     config = _parse_config(args.config) if args.config else None
     if args.interpret and os.environ.get("TRITON_INTERPRET") != "1":
         raise UsageError("--interpret needs TRITON_INTERPRET=1 before Triton is imported (moe-tune sets it)")
-    if config is not None:
-        for shape in shapes:
-            _validate(config, shape)
+    if args.interpret:
+        check_interpret_limits(shapes, args.batch_sizes)
+    for shape in shapes:
+        if config is not None:
+            _validate(config, shape, "--config")
+        else:
+            from workers.default_config import default_config
+
+            for M in args.batch_sizes:
+                _validate(default_config(shape, M), shape, "the default config (vLLM's, as no --config was given)")
     if not args.interpret:
         import torch
 
@@ -124,10 +131,11 @@ def _parse_config(text: str) -> Config:
     return config
 
 
-def _validate(config: Config, shape: MoEShape) -> None:
+def _validate(config: Config, shape: MoEShape, what: str) -> None:
     from workers.fused_moe_kernel import validate_config
 
     try:
         validate_config(config, shape.dtype, shape.block_shape)
     except ValueError as exc:
-        raise UsageError(f"--config cannot run {shape.dtype.value}: {exc}") from None
+        block = f" with block shape {list(shape.block_shape)}" if shape.block_shape else ""
+        raise UsageError(f"{what} cannot run {shape.dtype.value}{block}: {exc}") from None

@@ -14,7 +14,9 @@ from tuner.journal import JOURNAL_NAME, JournalBusy
 from tuner.models import derive_shape, load_model
 from tuner.plan import plan, resolve_batch_sizes
 from tuner.search import STRATEGIES
+from tuner.ray_session import DEFAULT_CONNECT_TIMEOUT_S
 from tuner.spaces import load_space
+from tuner.writers import probe_writable
 from workers.records import DType
 
 DEFAULT_DTYPES = "bf16,fp8_w8a8,int8_w8a16,mxfp4,nvfp4"
@@ -45,6 +47,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-rel-err", type=positive_float, metavar="ERR",
                         help="recommend only dtypes within this relative error of bf16")
     parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--connect-timeout", type=positive_float, default=DEFAULT_CONNECT_TIMEOUT_S, metavar="SECONDS",
+                        help=f"give up joining --address after this long (default {DEFAULT_CONNECT_TIMEOUT_S:g})")
+    parser.add_argument("--replace", action="store_true",
+                        help="overwrite existing config files instead of merging into them (see tune --replace)")
     parser.add_argument("--workers", type=positive_int, help="use at most N GPUs")
     parser.add_argument("--interpret", action="store_true",
                         help="run the kernels under the Triton interpreter on the CPU (tiny shapes only)")
@@ -73,6 +79,7 @@ def _request(args: argparse.Namespace) -> compare.CompareRequest:
         model=spec.name, layout=layout, shapes=shapes, batch_sizes=batch_sizes, routing=args.routing,
         plan_for_device=plan_for_device, configs_out=args.configs_out, file_format=args.format,
         journal=args.journal or args.configs_out / JOURNAL_NAME, fresh=args.fresh, address=args.address,
+        connect_timeout_s=args.connect_timeout, replace=args.replace,
         workers=args.workers, interpret=args.interpret, strategy=args.strategy,
         budget_s=args.budget_minutes * 60 if args.budget_minutes else None, moe_layers=args.moe_layers,
         memory_budget_bytes=int(args.memory_budget_gib * 2**30) if args.memory_budget_gib else None)
@@ -80,6 +87,9 @@ def _request(args: argparse.Namespace) -> compare.CompareRequest:
 
 def run(args: argparse.Namespace) -> int:
     request = _request(args)
+    probe_writable(args.out, "--out")  # before Ray starts: the report is written last
+    probe_writable(args.configs_out, "--configs-out")
+    probe_writable(request.journal.parent, "--journal")
     try:
         results = compare.run_compare(request)
     except JournalBusy as exc:

@@ -1,8 +1,9 @@
 """``moe-tune tune``: tune configs on GPU workers through Ray and write the server's files.
 
 Everything the user gave is validated here, before Ray starts and before anything is written:
-models, layout, dtypes, batch sizes, the search space, routing, the output and journal paths,
-and (with ``--interpret``) that the shapes are small enough for the CPU interpreter.
+models, layout, dtypes, batch sizes, the search space, routing, the output and journal paths
+(each folder is probed: a file is created, written, renamed and removed there), and (with
+``--interpret``) that the shapes are small enough for the CPU interpreter.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from tuner.models import load_model
 from tuner.options import TuneOptions
 from tuner.plan import Plan, plan
 from tuner.progress import Progress, format_duration
-from tuner.ray_session import RaySession, ray_session
+from tuner.ray_session import DEFAULT_CONNECT_TIMEOUT_S, RaySession, ray_session
 from tuner.search import STRATEGIES, SearchJob
 from tuner.spaces import load_space
+from tuner.timeline import Timeline
+from tuner.writers import probe_writable
 from workers.records import DType, Status
 from workers.routing import parse_routing
 from workers.server_kernels import SUPPORTED_DTYPES
@@ -48,7 +51,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategy", choices=sorted(STRATEGIES),
                         help="fast (default: cost model, neighbours, local search) or exhaustive (every pruned config)")
     parser.add_argument("--budget-minutes", type=positive_float, metavar="MINUTES",
-                        help="stop searching after this long and write the best found so far")
+                        help="stop searching this long after the first measurement (Ray and worker start-up "
+                             "are not counted) and write the best found so far")
     parser.add_argument("--baseline", action="append", type=Path, metavar="DIR",
                         help="config folder a server uses today (vLLM's shipped JSONs, last night's output; "
                              "repeatable): its config at each M is always timed against the winner, and the "
@@ -62,9 +66,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernel", choices=KERNELS,
                         help="time our kernel (builtin) or the installed server's fused-MoE entry point")
     parser.add_argument("--address", help="Ray cluster to join (auto, ray://host:port); default: start one here")
+    parser.add_argument("--connect-timeout", type=positive_float, metavar="SECONDS",
+                        help=f"give up joining --address after this long (default {DEFAULT_CONNECT_TIMEOUT_S:g})")
     parser.add_argument("--workers", type=positive_int, help="use at most N GPUs (default: every GPU Ray reports)")
     parser.add_argument("--out", help="output folder (default: configs_out)")
     parser.add_argument("--format", choices=FORMATS, help="file layout to write (default: vllm)")
+    parser.add_argument("--replace", action="store_true",
+                        help="overwrite existing config files; by default their entries for batch sizes not tuned "
+                             "now are kept when tuned for the same kernel and Triton version, else the run refuses")
     parser.add_argument("--journal", help=f"journal file (default: <out>/{JOURNAL_NAME})")
     parser.add_argument("--fresh", action="store_true", help="ignore the journal (it is kept aside) and measure everything")
     parser.add_argument("--interpret", action="store_true",
@@ -128,17 +137,23 @@ def validate(args: TuneOptions) -> Validated:
     empty = [(job.shape.label, M) for job in preflight.jobs for M, configs in job.candidates.items() if not configs]
     if empty:
         raise UsageError(f"search space {planned.space.name} leaves no config for {empty[0][0]} at M={empty[0][1]}")
-    return Validated(planned, out, journal, str(routing), Baseline.load(args.baseline))
+    baseline = Baseline.load(args.baseline)
+    probe_writable(out, "--out")  # last: input refused earlier leaves no folder behind
+    probe_writable(journal.parent, "--journal")
+    return Validated(planned, out, journal, str(routing), baseline)
 
 
 def run(parsed: argparse.Namespace) -> int:
     args = TuneOptions.from_args(parsed)
     valid = validate(args)
-    with ray_session(args.address, args.interpret, args.workers) as session:
-        return tune_in_session(args, valid, session)
+    timeline = Timeline()
+    with timeline.phase("ray_start"), ray_session(args.address, args.interpret, args.workers,
+                                                  args.connect_timeout) as session:
+        timeline.touch("ray_start")
+        return tune_in_session(args, valid, session, timeline)
 
 
-def tune_in_session(args: TuneOptions, valid: Validated, session: RaySession) -> int:
+def tune_in_session(args: TuneOptions, valid: Validated, session: RaySession, timeline: Timeline | None = None) -> int:
     """Tune what ``args`` (validated as ``valid``) asks for inside an open Ray session and print
     the summary on the command's stdout (``job run`` runs several tunes in one session)."""
 
@@ -147,23 +162,27 @@ def tune_in_session(args: TuneOptions, valid: Validated, session: RaySession) ->
                 for job in valid.plan.for_device(device_name).jobs]
 
     request = driver.TuneRequest(
-        jobs_for_device=jobs_for_device, write_outputs=writers.server_files_writer(valid.out, args.format), journal_path=valid.journal,
+        jobs_for_device=jobs_for_device, write_outputs=writers.server_files_writer(valid.out, args.format, args.replace),
+        journal_path=valid.journal,
         fresh=args.fresh, workers=args.workers, interpret=args.interpret, kernel=args.kernel,
         timeout_s=args.timeout, finalists=args.finalists, strategy=args.strategy, split_gemms=args.split_gemms,
         budget_s=args.budget_minutes * 60 if args.budget_minutes is not None else None,
         compile_ahead=not args.no_compile_ahead, compile_timeout_s=args.compile_timeout,
     )
     try:
-        result = driver.tune(request, Progress())
+        result = driver.tune(request, Progress(), timeline)
     except JournalBusy as exc:
         raise UsageError(str(exc)) from None
+    if not result.files_written:
+        if result.budget_ended and not any(m.ok for d in result.devices for m in d.measurements):
+            raise RunFailed(f"the time budget ({args.budget_minutes:g} min from the first measurement) ended before "
+                            "any candidate produced a correct result; nothing was written (raise --budget-minutes)")
+        raise RunFailed("no candidate produced a correct result; nothing was written")
     summary = summarize(result)
     if args.json:
         print(json.dumps(summary), file=session.stdout)
     else:
         print(format_summary(summary), file=session.stdout)
-    if not result.files_written:
-        raise RunFailed("no candidate produced a correct result; nothing was written")
     return 0
 
 
@@ -199,10 +218,14 @@ def summarize(result: driver.TuneResult) -> dict:
         "evaluations_reused": result.evaluations_reused,
         "failed": dict(sorted(result.failed.items())),
         "files_written": [str(p) for p in result.files_written],
+        "files": [{"path": str(w.path), "action": w.action, "kept_batch_sizes": list(w.kept)}
+                  for d in result.devices for w in d.files],
         "wall_s": round(result.wall_s, 3),
+        "timeline": result.timeline.to_json(),
         "retimed_groups": result.retimed_groups,
         "retimes_reused": result.retimes_reused,
         "budget_ended": result.budget_ended,
+        "budget_minutes": result.budget_s / 60 if result.budget_s is not None else None,
         "devices": devices,
     }
 
@@ -233,7 +256,8 @@ def format_summary(summary: dict) -> str:
     lines = [f"tuned in {format_duration(summary['wall_s'])}: {summary['evaluations_run']} evaluations run, "
              f"{summary['evaluations_reused']} reused from the journal"]
     if summary["budget_ended"]:
-        lines.append("the time budget ended the search: the configs written are the best found by then")
+        lines.append(f"the time budget ({summary['budget_minutes']:g} min from the first measurement) ended the "
+                     "search: the configs written are the best found by then, not re-timed")
     if summary["failed"]:
         lines.append("failed: " + ", ".join(f"{status} {n}" for status, n in summary["failed"].items()))
     for device in summary["devices"]:
@@ -259,5 +283,12 @@ def format_summary(summary: dict) -> str:
                          if s["gain_pct"] is not None else "")
                       for M, s in per_m.items()]
         lines += [f"  {f['status']}: {f['config']} at M={f['M']} ({f['message']})" for f in device["failures"]]
-    lines += [f"wrote {path}" for path in summary["files_written"]]
+    lines += [f"wrote {f['path']} ({f['action']}" + (f"; kept M={','.join(map(str, f['kept_batch_sizes']))} from "
+                                                     "the file that was there" if f["kept_batch_sizes"] else "") + ")"
+              for f in summary["files"]]
+    t = summary["timeline"]
+    if t.get("first_measurement_s") is not None:
+        lines.append("timeline: first measurement at " + f"{t['first_measurement_s']:.1f}s; "
+                     + ", ".join(f"{name} {span['duration_s']:.1f}s" for name, span in t.items()
+                                 if isinstance(span, dict)))
     return "\n".join(lines)

@@ -1,0 +1,442 @@
+"""Unattended runs (issue 11): bounded waits on Ray, outputs checked before Ray starts, hostile
+journals, SIGTERM, the time budget, a real-looking poisoned context and every worker lost.
+
+The end-to-end runs use the tiny fixture model under the interpreter with deterministic
+latencies (``tune_helpers``), so the files a run must write are known exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tune_helpers import (VLLM_FILE, deterministic_ranking, expected_vllm_file, run_tune, tune_argv,
+                          write_fault_plan)
+from tuner.cli import main
+from tuner.journal import JOURNAL_NAME, Journal, measurement_key, measurement_to_record
+from workers.faults import ENV_VAR
+from workers.records import Candidate, Config, DType, Measurement, MoEShape, Status
+from workers.worker import POISON_EXIT_CODE
+
+pytestmark = pytest.mark.timeout(600)
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _cli(argv: list[str]) -> subprocess.CompletedProcess:
+    """``moe-tune`` in its own process (stderr exactly as a user sees it; the environment's fault plan)."""
+    return subprocess.run([sys.executable, "-m", "tuner.cli", *argv], capture_output=True, text=True, timeout=500,
+                          cwd=REPO)
+
+
+def _one_error_line(err: str, prefix: str) -> str:
+    """The run's last stderr line, which must start with ``prefix``; no other error line, no traceback
+    (progress notes, also ``moe-tune: ...``, and worker output may come before it)."""
+    lines = err.strip().splitlines()
+    assert lines and lines[-1].startswith(prefix), err[-3000:]
+    errors = [line for line in lines if line.startswith(("moe-tune: error", "moe-tune: run failed",
+                                                         "moe-tune: terminated"))]
+    assert errors == [lines[-1]], err[-3000:]
+    # Worker output that Ray forwards is tagged "(BenchmarkWorker pid=...)"; the driver's own must be clean.
+    assert not [line for line in lines if "Traceback" in line and "pid=" not in line], err[-3000:]
+    return lines[-1]
+
+
+# -- 4: nothing waits on Ray without a bound ------------------------------------------------------
+
+def test_an_unreachable_address_fails_within_the_connect_timeout(tmp_path, capsys):
+    started = time.monotonic()
+    code = main(tune_argv(tmp_path / "out", "--address", f"127.0.0.1:{_free_port()}", "--connect-timeout", "2"))
+    assert code == 1 and time.monotonic() - started < 10
+    line = _one_error_line(capsys.readouterr().err, "moe-tune: run failed: cannot reach the Ray cluster")
+    assert "within 2s" in line and "--connect-timeout" in line
+
+
+def test_an_address_where_something_else_listens_fails_within_the_connect_timeout(tmp_path):
+    """A port that accepts connections but is no Ray head: ``ray.init`` would retry for minutes."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    accepted = []
+    threading.Thread(target=lambda: [accepted.append(server.accept()) for _ in iter(int, 1)], daemon=True).start()
+    try:
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "tuner.cli",
+                               *tune_argv(tmp_path / "out", "--address", f"127.0.0.1:{server.getsockname()[1]}",
+                                          "--connect-timeout", "3")],
+                              capture_output=True, text=True, timeout=120, cwd=REPO)
+        elapsed = time.monotonic() - started
+    finally:
+        server.close()
+    assert done.returncode == 1, done.stderr
+    assert "could not join the Ray cluster" in done.stderr and "within 3s" in done.stderr
+    assert elapsed < 60  # interpreter start-up (torch, Triton) included
+
+
+# -- 5: outputs checked before Ray starts -----------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["under a file", "under /proc"])
+def test_an_unwritable_out_exits_2_before_ray_starts(where, tmp_path, capsys):
+    import ray
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    out = blocker / "out" if where == "under a file" else Path("/proc/moe-tune-out")
+    started = time.monotonic()
+    assert main(tune_argv(out)) == 2
+    assert time.monotonic() - started < 30 and not ray.is_initialized()
+    line = _one_error_line(capsys.readouterr().err, "moe-tune: error: --out")
+    assert "cannot write there" in line or "is a file" in line
+
+
+def test_compare_out_under_a_file_exits_2(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    argv = ["compare", "--model", str(REPO / "tests/fixtures/tiny-moe.json"), "--dtypes", "bf16",
+            "--batch-sizes", "1", "--search-space", str(REPO / "tests/fixtures/tune-space.yaml"), "--interpret",
+            "--out", str(blocker / "report"), "--configs-out", str(tmp_path / "configs")]
+    assert main(argv) == 2
+    _one_error_line(capsys.readouterr().err, "moe-tune: error: --out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+# -- 6: hostile journals ----------------------------------------------------------------------------
+
+def test_hostile_journal_lines_are_skipped_and_counted_in_one_warning(tmp_path):
+    shape = MoEShape(E=4, N=64, K=64, topk=2, dtype=DType.BF16)
+    env = {"device": "cpu", "kernel": "builtin"}
+    good = Measurement(candidate=Candidate(shape, 4, Config(16, 32, 32, 1, 4, 2)), status=Status.OK,
+                       latency_us=12.5, device="cpu", versions={"torch": "t", "triton": "x"})
+    record = measurement_to_record(measurement_key(env, good.candidate), good, 1)
+    hostile = [{**record, "key": "a", "status": "bogus"}, {k: v for k, v in {**record, "key": "b"}.items()
+                                                          if k != "candidate"},
+               {**record, "key": "c", "latency_us": []}, {**record, "key": "d", "latency_us": None},
+               {**record, "key": "e", "candidate": {**record["candidate"], "M": "4"}},
+               {**record, "key": "f", "candidate": {**record["candidate"], "config": {"BLOCK_SIZE_M": 16}}},
+               {"v": 1, "kind": "retime", "key": "g", "finalists": ["a"], "latency_us": ["fast"]},
+               [1, 2, 3], "just a string"]
+    path = tmp_path / JOURNAL_NAME
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in [record, *hostile]) + b"{torn\n\xff\xfe\n")
+    with Journal(path) as journal:
+        assert list(journal.records) == [record["key"]]
+        assert journal.invalid_records == len(hostile) and journal.unreadable_lines == 2
+        warning = journal.warning()
+    assert warning.count("\n") == 0 and f"skipped {len(hostile) + 2} line(s)" in warning
+
+
+# -- 7: SIGTERM -------------------------------------------------------------------------------------
+
+def _stat(pid: int) -> tuple[int, str] | None:
+    """(parent pid, state) of a live process; None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()
+    return int(fields[1]), fields[0]
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """Every process below ``root``, pid → command line."""
+    parents = {int(d): _stat(int(d)) for d in os.listdir("/proc") if d.isdigit()}
+    found, frontier = {}, [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, stat in parents.items():
+            if stat and stat[0] == parent and pid not in found:
+                found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace") \
+                    if Path(f"/proc/{pid}").exists() else ""
+                frontier.append(pid)
+    return found
+
+
+def _alive(pids) -> list[int]:
+    return [pid for pid in pids if (stat := _stat(pid)) is not None and stat[1] != "Z"]
+
+
+def _records(journal: Path, skip: int = 0) -> list[dict]:
+    """The journal's records after its first ``skip`` lines (every one must parse)."""
+    lines = journal.read_bytes().splitlines()[skip:] if journal.exists() else []
+    return [orjson.loads(line) for line in lines]
+
+
+def test_sigterm_finishes_the_record_stops_ray_and_exits_143(tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV_VAR, str(write_fault_plan(tmp_path / "faults.json")))
+    out = tmp_path / "out"
+    journal = out / JOURNAL_NAME
+    driver = subprocess.Popen([sys.executable, "-m", "tuner.cli", *tune_argv(out)], cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    ours: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 400
+        while len(_records(journal)) < 2 and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert driver.poll() is None, driver.stderr.read().decode()[-2000:]
+        ours = _descendants(driver.pid)
+        assert any("raylet" in cmdline for cmdline in ours.values()), ours
+        driver.send_signal(signal.SIGTERM)
+        code = driver.wait(60)
+        err = driver.stderr.read().decode()
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.stderr.close()
+    assert code == 143, err[-3000:]
+    line = _one_error_line(err, "moe-tune: terminated by SIGTERM")
+    assert "run the same command again to resume" in line and str(journal) in line
+    assert "Traceback" not in err
+    deadline = time.monotonic() + 10  # "a few seconds": no Ray process of ours outlives the driver longer
+    while _alive(ours) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(ours), [ours[pid] for pid in _alive(ours)]
+    measured = _records(journal)  # every line whole: the record being written was finished
+    assert len(measured) >= 2
+
+    code, summary = run_tune(tune_argv(out))
+    assert code == 0 and summary["evaluations_reused"] >= len(measured)
+    assert json.loads((out / VLLM_FILE).read_text()) == expected_vllm_file()
+
+
+# -- 8: the time budget -----------------------------------------------------------------------------
+
+def test_a_budget_that_ends_before_any_result_says_so_once(tmp_path, monkeypatch):
+    faults = [{"config": c.config.label, "action": "raise"} for c in deterministic_ranking()[1]]
+    monkeypatch.setenv(ENV_VAR, str(write_fault_plan(tmp_path / "faults.json", faults)))
+    out = tmp_path / "out"
+    done = _cli(tune_argv(out, "--budget-minutes", "0.0001"))
+    assert done.returncode == 1 and done.stdout == ""
+    err = done.stderr
+    final = _one_error_line(err, "moe-tune: run failed: the time budget")
+    assert "before any candidate produced" in final
+    assert "nothing was written" in final and err.count("nothing was written") == 1
+    assert "best found by then" not in err
+    # The budget counted from the first measurement: Ray's start-up did not eat it.
+    assert 1 <= len(_records(out / JOURNAL_NAME)) < 16
+    assert not (out / VLLM_FILE).exists()
+
+
+# -- 2: a poisoned CUDA context ---------------------------------------------------------------------
+
+def test_a_poison_fault_ends_the_worker_as_a_poisoned_context(tmp_path):
+    victim = deterministic_ranking()[1][-1]
+    plan = write_fault_plan(tmp_path / "faults.json", [{"config": victim.config.label, "M": 1, "action": "poison"}])
+    script = ("import pickle, sys; from workers.worker import BenchmarkWorker\n"
+              "BenchmarkWorker(timeout_s=120).measure(pickle.loads(bytes.fromhex(sys.argv[1])))\n")
+    import pickle
+
+    done = subprocess.run([sys.executable, "-c", script, pickle.dumps(victim).hex()], capture_output=True, text=True,
+                          timeout=300, cwd=REPO, env={**os.environ, ENV_VAR: str(plan), "TRITON_INTERPRET": "1"})
+    assert done.returncode == POISON_EXIT_CODE, done.stderr[-2000:]
+    assert "CUDA context poisoned" in done.stderr and "illegal memory access" in done.stderr
+
+
+# -- 1: every worker lost ---------------------------------------------------------------------------
+
+def test_every_worker_lost_writes_the_finished_batch_sizes_and_keeps_the_journal(tmp_path, monkeypatch, capsys):
+    ranking = deterministic_ranking()
+    out = tmp_path / "out"
+    journal = out / JOURNAL_NAME
+    # First M=1 alone, over a journal with hostile lines (skipped, one warning), with a candidate
+    # that poisons its worker's context: retried on the other worker, quarantined, the worker
+    # restarted; the file holds M=1's winner.
+    out.mkdir()
+    journal.write_bytes(b'{"v": 1, "kind": "measure", "key": "k", "status": "bogus"}\n[]\n{oops\n')
+    poison = ranking[1][-1]
+    monkeypatch.setenv(ENV_VAR, str(write_fault_plan(tmp_path / "first.json", [
+        {"config": poison.config.label, "M": 1, "action": "poison"}])))
+    argv = tune_argv(out, "--strategy", "exhaustive")
+    argv[argv.index("--batch-sizes") + 1] = "1"
+    code, summary = run_tune(argv)
+    assert code == 0 and summary["failed"] == {"crashed": 1} and summary["evaluations_reused"] == 0
+    assert capsys.readouterr().err.count("skipped 3 line(s) (1 unreadable, 2 with wrong fields)") == 1
+    (failure,) = summary["devices"][0]["failures"]
+    assert failure["config"] == poison.config.label and "died" in failure["message"]
+    poisoned = [r for r in _records(journal, skip=3) if r.get("status") == "crashed"]
+    assert [r["attempts"] for r in poisoned] == [2]
+    timeline = summary["timeline"]
+    order = ["ray_start", "worker_start", "screening", "full_timing", "retiming", "writing"]
+    assert all(phase in timeline for phase in order), timeline
+    assert [timeline[p]["start_s"] for p in order] == sorted(timeline[p]["start_s"] for p in order)
+    assert timeline["worker_start"]["end_s"] <= timeline["first_measurement_s"] <= timeline["screening"]["end_s"]
+    first_file = json.loads((out / VLLM_FILE).read_text())
+    assert first_file == {k: v for k, v in expected_vllm_file().items() if k in ("triton_version", "1")}
+    assert oct((out / VLLM_FILE).stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+    # Then M=1,4: M=1 is answered by the journal (finished at once); at M=4 a candidate takes
+    # each worker's GPU away for good, so no worker is left.
+    lost = ranking[4][-1]
+    monkeypatch.setenv(ENV_VAR, str(write_fault_plan(tmp_path / "second.json", [
+        {"config": lost.config.label, "M": 4, "action": "lose"}])))
+    before = len(_records(journal, skip=3))
+    done = _cli(tune_argv(out, "--strategy", "exhaustive"))
+    assert done.returncode == 1
+    line = _one_error_line(done.stderr, "moe-tune: run failed: every worker was lost")
+    assert "run the same command again to resume" in line and str(out / VLLM_FILE) in line
+    assert json.loads((out / VLLM_FILE).read_text()) == first_file  # M=1 kept; M=4 had not finished
+    records = _records(journal, skip=3)  # after the hostile lines, every line whole, no key twice
+    assert len(records) > before and len({r["key"] for r in records}) == len(records)
+    lost_records = [r for r in records if r["kind"] == "measure" and r["candidate"]["M"] == 4
+                    and r["candidate"]["config"] == lost.config.to_dict()]
+    assert [(r["status"], r["attempts"]) for r in lost_records] == [("crashed", 2)]
+    assert f"{len([r for r in records if r['kind'] == 'measure'])} measurements are in the journal" in line
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# -- 10: a two-node cluster that loses a node -------------------------------------------------------
+
+def _ray_node(args: list[str], log: Path) -> subprocess.Popen:
+    """``ray start ... --block`` in its own session: every process of the node stays in that
+    session, so the test kills exactly this node (never ``ray stop``, which would end every
+    Ray cluster on the machine)."""
+    handle = open(log, "wb")
+    return subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--num-cpus", "2",
+                             "--num-gpus", "1", "--disable-usage-stats", *args],
+                            stdout=handle, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
+                            env={**os.environ, "RAY_health_check_period_ms": "500",
+                                 "RAY_health_check_failure_threshold": "4", "RAY_AUTH_MODE": "disabled"})
+
+
+def _session_pids(session: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == session:
+                    pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def _kill_session(node: subprocess.Popen) -> None:
+    for pid in _session_pids(node.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    try:
+        node.wait(30)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+@pytest.mark.timeout(900)
+def test_a_node_killed_mid_run_costs_nothing_and_the_run_ends_on_the_other(tmp_path, monkeypatch):
+    """A head and a second node (``ray start``, one logical GPU each) on this machine; moe-tune
+    joins with ``--address``; the second node is killed mid-run. The run ends on the head's
+    worker with the clean run's file, and no candidate is lost or measured twice."""
+    monkeypatch.setenv(ENV_VAR, str(write_fault_plan(tmp_path / "faults.json")))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a local test cluster: no token to share between nodes
+    port = _free_port()
+    temp = Path("/tmp") / f"moe-tune-test-{os.getpid()}-{port}"  # short: Ray's socket paths are length-limited
+    logs = {name: tmp_path / f"{name}.log" for name in ("head", "second", "driver")}
+    def started(name: str) -> bool:
+        node = nodes[-1]
+        assert node.poll() is None, logs[name].read_text()[-3000:]
+        return b"Ray runtime started" in logs[name].read_bytes()
+
+    out = tmp_path / "out"
+    journal = out / JOURNAL_NAME
+    nodes: list[subprocess.Popen] = []
+    try:
+        nodes.append(_ray_node(["--head", "--port", str(port), "--temp-dir", str(temp), "--include-dashboard=false"],
+                               logs["head"]))
+        _wait_for(lambda: started("head"), 180, "the head node")
+        address = f"127.0.0.1:{port}"
+        nodes.append(_ray_node(["--address", address], logs["second"]))
+        _wait_for(lambda: started("second"), 180, "the second node")
+        with open(logs["driver"], "wb") as err:
+            driver = subprocess.Popen([sys.executable, "-m", "tuner.cli",
+                                       *tune_argv(out, "--address", address, "--connect-timeout", "120")],
+                                      cwd=REPO, stdout=subprocess.PIPE, stderr=err, start_new_session=True)
+            try:
+                # Both nodes' workers are measuring before one node goes.
+                _wait_for(lambda: driver.poll() is not None or (
+                    b"2 worker(s)" in logs["driver"].read_bytes() and len(_records(journal)) >= 4), 400, "the run")
+                assert driver.poll() is None, logs["driver"].read_text()[-3000:]
+                _kill_session(nodes[1])
+                stdout, _ = driver.communicate(timeout=500)
+            finally:
+                if driver.poll() is None:
+                    os.killpg(driver.pid, signal.SIGKILL)
+                    driver.wait(30)
+    finally:
+        for node in reversed(nodes):
+            _kill_session(node)
+        shutil.rmtree(temp, ignore_errors=True)
+    stderr = logs["driver"].read_text()
+    assert driver.returncode == 0, stderr[-3000:]
+    assert "lost while running" in stderr or "is gone" in stderr, stderr[-3000:]
+    summary = json.loads(stdout)
+    assert summary["devices"][0]["workers"] == 2 and summary["failed"] == {}
+    assert json.loads((out / VLLM_FILE).read_text()) == expected_vllm_file()
+    records = _records(journal)
+    assert len({r["key"] for r in records}) == len(records)
+    assert summary["evaluations_run"] == len([r for r in records if r["kind"] == "measure"])
+
+
+# -- 9: two workers build each batch size's problem once --------------------------------------------
+
+def test_two_workers_split_the_batch_sizes_instead_of_both_building_each(tmp_path):
+    """Every worker builds weights and the fp32 reference for each (shape, M) it measures. Both
+    workers once took the queue's head, so each built every M's problem: a serial cost per M
+    that a second GPU did not shorten. Now a worker without work for its own M takes an M no
+    other worker holds."""
+    import io
+    import random
+
+    from test_search import CONFIGS, ENV, SHAPE, StandInPool, bowl
+    from tuner.engine import DeviceGroup, Engine
+    from tuner.journal import WorkerEnv
+    from tuner.progress import Progress
+    from tuner.search import Exhaustive, SearchJob
+
+    class Recording(StandInPool):
+        def submit(self, slot, work, call) -> None:
+            runs.append((slot.index, work.candidate.M))
+            super().submit(slot, work, call)
+
+    runs: list[tuple[int, int]] = []
+    rng = random.Random(0)
+    pool = Recording(bowl({"BLOCK_SIZE_M": 32, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 1,
+                           "num_warps": 4, "num_stages": 3}, rng), [0.0])
+    batch_sizes = (1, 16, 64, 256, 1024, 4096)
+    job = SearchJob(SHAPE, {M: CONFIGS[:40] for M in batch_sizes})
+    group = DeviceGroup(env=WorkerEnv.of(ENV), slots=pool.slots, strategy=Exhaustive([job]))
+    with Journal(tmp_path / "journal.jsonl") as journal:
+        Engine(pool, [group], journal, Progress(io.StringIO(), live=False)).run()
+    builds = {slot: [M for i, (s, M) in enumerate(runs) if s == slot
+                     and M != next((m for t, m in reversed(runs[:i]) if t == slot), None)]
+              for slot in (0, 1)}
+    per_m = {M: sum(M in b for b in builds.values()) for M in batch_sizes}
+    assert {M for M, n in per_m.items() if n == 1} >= set(batch_sizes[:-1]), builds
+    assert sum(len(b) for b in builds.values()) <= len(batch_sizes) + 4, builds
+    assert {s for s, _ in runs} == {0, 1}
