@@ -257,9 +257,12 @@ def test_every_worker_lost_writes_the_finished_batch_sizes_and_keeps_the_journal
     # restarted; the file holds M=1's winner.
     out.mkdir()
     journal.write_bytes(b'{"v": 1, "kind": "measure", "key": "k", "status": "bogus"}\n[]\n{oops\n')
-    poison = ranking[1][-1]
-    monkeypatch.setenv(ENV_VAR, str(write_fault_plan(tmp_path / "first.json", [
-        {"config": poison.config.label, "M": 1, "action": "poison"}])))
+    # One plan for both runs (its digest is part of every journal key): at M=4 a candidate takes
+    # its worker's GPU away for good.
+    poison, lost = ranking[1][-1], ranking[4][-1]
+    monkeypatch.setenv(ENV_VAR, str(write_fault_plan(tmp_path / "faults.json", [
+        {"config": poison.config.label, "M": 1, "action": "poison"},
+        {"config": lost.config.label, "M": 4, "action": "lose"}])))
     argv = tune_argv(out, "--strategy", "exhaustive")
     argv[argv.index("--batch-sizes") + 1] = "1"
     code, summary = run_tune(argv)
@@ -278,11 +281,8 @@ def test_every_worker_lost_writes_the_finished_batch_sizes_and_keeps_the_journal
     assert first_file == {k: v for k, v in expected_vllm_file().items() if k in ("triton_version", "1")}
     assert oct((out / VLLM_FILE).stat().st_mode & 0o777) == oct(0o666 & ~_umask())
 
-    # Then M=1,4: M=1 is answered by the journal (finished at once); at M=4 a candidate takes
-    # each worker's GPU away for good, so no worker is left.
-    lost = ranking[4][-1]
-    monkeypatch.setenv(ENV_VAR, str(write_fault_plan(tmp_path / "second.json", [
-        {"config": lost.config.label, "M": 4, "action": "lose"}])))
+    # Then M=1,4: M=1 is answered by the journal (finished at once); the M=4 candidate that
+    # loses its worker's GPU is retried on the other worker and loses that one too.
     before = len(_records(journal, skip=3))
     done = _cli(tune_argv(out, "--strategy", "exhaustive"))
     assert done.returncode == 1
@@ -293,7 +293,11 @@ def test_every_worker_lost_writes_the_finished_batch_sizes_and_keeps_the_journal
     assert len(records) > before and len({r["key"] for r in records}) == len(records)
     lost_records = [r for r in records if r["kind"] == "measure" and r["candidate"]["M"] == 4
                     and r["candidate"]["config"] == lost.config.to_dict()]
-    assert [(r["status"], r["attempts"]) for r in lost_records] == [("crashed", 2)]
+    # Normally charged twice and quarantined. With two calls in flight per worker, a worker that
+    # dies right after finishing the call before it can take that call's result with it: then the
+    # earlier call is blamed and requeued, this one requeued uncharged, and the resume tries both.
+    assert [(r["status"], r["attempts"]) for r in lost_records] in ([("crashed", 2)], [])
+    assert not [r for r in records[before:] if r["kind"] == "measure" and r["candidate"]["M"] == 1]
     assert f"{len([r for r in records if r['kind'] == 'measure'])} measurements are in the journal" in line
 
 
