@@ -17,7 +17,7 @@ and journal, one shared Triton cache (only the first run compiles):
 Faults go to candidates that lose anyway (the slowest screens of the clean run, never promoted
 to a full timing), so a run that survives them must write the clean run's files. Checked per
 run: it ended (exit code), files byte-identical to clean-cold's, journal without a duplicated key
-and holding every key the clean run measured, every injected config named in the summary's
+and holding every candidate the clean run measured, every injected config named in the summary's
 failures, the wall-time cost against ``clean``. Results: ``$OUT/fault_injection.json``, one log
 per run, and a table printed last.
 
@@ -202,12 +202,16 @@ def _tune(setup: Setup, name: str, faults: list[dict], kill_worker_at: int | Non
     return run, out
 
 
-def _check(run: Run, out: Path, reference: dict[str, bytes], reference_keys: set[str]) -> None:
+def _measured(records: list[dict]) -> set[str]:
+    """The candidates measured, by content (journal keys also hash the fault plan, which differs per run)."""
+    return {json.dumps(r["candidate"], sort_keys=True) for r in records if r["kind"] == "measure"}
+
+
+def _check(run: Run, out: Path, reference: dict[str, bytes], reference_candidates: set[str]) -> None:
     run.files_identical = bool(reference) and _config_files(out) == reference
     records = _records(out / ".moe-tune-journal.jsonl")
     keys = [r["key"] for r in records]
-    run.journal_ok = len(keys) == len(set(keys)) and reference_keys <= {r["key"] for r in records
-                                                                        if r["kind"] == "measure"}
+    run.journal_ok = len(keys) == len(set(keys)) and reference_candidates <= _measured(records)
     failures = {(f["config"], f["M"]) for d in run.summary.get("devices", []) for f in d.get("failures", [])}
     run.named = all((f["config"], f["M"]) in failures for f in run.injected)
 
@@ -247,7 +251,7 @@ def faults_mode(setup: Setup) -> list[Run]:
     reference = _config_files(cold_out)
     records = _records(cold_out / ".moe-tune-journal.jsonl")
     measured = [r for r in records if r["kind"] == "measure"]
-    reference_keys = {r["key"] for r in measured}
+    reference_candidates = _measured(records)
     cold.files_identical, cold.journal_ok, cold.named = True, len(records) == len({r["key"] for r in records}), True
     screens = sum(1 for r in measured if r["candidate"]["level"] == "screen")
     n_raise = max(1, round(RAISE_FRACTION * screens))
@@ -271,7 +275,7 @@ def faults_mode(setup: Setup) -> list[Run]:
             continue
         _log(f"== {name}")
         run, out = _tune(setup, name, faults, **kills)
-        _check(run, out, reference, reference_keys)
+        _check(run, out, reference, reference_candidates)
         runs.append(run)
     return runs
 
