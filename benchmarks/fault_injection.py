@@ -343,7 +343,7 @@ def main() -> int:
     args = parser.parse_args()
     started = time.monotonic()
     args.out.mkdir(parents=True, exist_ok=True)
-    work = Path("/tmp/moe-fault-work")
+    work = args.out.parent / f"{args.out.name}-work"  # beside --out, so two runs on one host never share it
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     if args.interpret:
