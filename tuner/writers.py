@@ -80,7 +80,9 @@ def _umask() -> int:
 def probe_writable(folder: str | Path, what: str) -> None:
     """Create ``folder`` (and its parents) if needed, then create, write, fsync, rename and remove
     a probe file in it, as a real write would; ``UsageError`` with one line when any step fails.
-    Run before Ray starts, so an unwritable output is found in seconds, not after the tune."""
+    Folders the probe created are removed again: it leaves nothing behind (the run creates them
+    when it writes). Run before Ray starts, so an unwritable output is found in seconds, not
+    after the tune."""
     path = Path(folder)
     tmp_name = None
     created = [p for p in (path, *path.parents) if not p.exists()]
@@ -97,15 +99,16 @@ def probe_writable(folder: str | Path, what: str) -> None:
         os.unlink(renamed)
         tmp_name = None
     except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise UsageError(f"{what} {path}: cannot write there ({reason})") from None
+    finally:
         if tmp_name is not None:
             Path(tmp_name).unlink(missing_ok=True)
-        for made in created:  # deepest first: leave nothing behind
+        for made in created:  # deepest first
             try:
                 made.rmdir()
             except OSError:
                 pass
-        reason = exc.strerror or str(exc)
-        raise UsageError(f"{what} {path}: cannot write there ({reason})") from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:

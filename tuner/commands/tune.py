@@ -138,7 +138,7 @@ def validate(args: TuneOptions) -> Validated:
     if empty:
         raise UsageError(f"search space {planned.space.name} leaves no config for {empty[0][0]} at M={empty[0][1]}")
     baseline = Baseline.load(args.baseline)
-    probe_writable(out, "--out")  # last: input refused earlier leaves no folder behind
+    probe_writable(out, "--out")  # before Ray starts; leaves nothing behind
     probe_writable(journal.parent, "--journal")
     return Validated(planned, out, journal, str(routing), baseline)
 
