@@ -417,11 +417,11 @@ def test_two_workers_split_the_batch_sizes_instead_of_both_building_each(tmp_pat
     import io
     import random
 
-    from test_search import CONFIGS, ENV, SHAPE, StandInPool, bowl
+    from test_search import CONFIGS, ENV, StandInPool, _search_job, bowl
     from tuner.engine import DeviceGroup, Engine
     from tuner.journal import WorkerEnv
     from tuner.progress import Progress
-    from tuner.search import Exhaustive, SearchJob
+    from tuner.search import Exhaustive
 
     class Recording(StandInPool):
         def submit(self, slot, work, call) -> None:
@@ -433,7 +433,7 @@ def test_two_workers_split_the_batch_sizes_instead_of_both_building_each(tmp_pat
     pool = Recording(bowl({"BLOCK_SIZE_M": 32, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 1,
                            "num_warps": 4, "num_stages": 3}, rng), [0.0])
     batch_sizes = (1, 16, 64, 256, 1024, 4096)
-    job = SearchJob(SHAPE, {M: CONFIGS[:40] for M in batch_sizes})
+    job = _search_job({M: list(CONFIGS[:40]) for M in batch_sizes})
     group = DeviceGroup(env=WorkerEnv.of(ENV), slots=pool.slots, strategy=Exhaustive([job]))
     with Journal(tmp_path / "journal.jsonl") as journal:
         Engine(pool, [group], journal, Progress(io.StringIO(), live=False)).run()
