@@ -96,12 +96,12 @@ def test_ray_start_up_chatter_stays_out_of_the_terminal_unless_verbose() -> None
 def test_verbose_flag_sets_the_variable_ray_session_reads(monkeypatch, capsys) -> None:
     from tuner import ray_session
 
-    monkeypatch.delenv(cli.VERBOSE_ENV, raising=False)
+    monkeypatch.setenv(cli.VERBOSE_ENV, "")  # tracked: whatever main sets is undone after the test
     assert ray_session.ray_logging_level() == 40  # ERROR
     cli.main(["--verbose", "plan", "--model", TINY, "--device-name", "X", "--batch-sizes", "1"])
     capsys.readouterr()
     assert ray_session.ray_logging_level() == 20  # INFO
-    monkeypatch.delenv(cli.VERBOSE_ENV)
+    monkeypatch.setenv(cli.VERBOSE_ENV, "")
     cli.main(["plan", "--model", TINY, "--device-name", "X", "--batch-sizes", "1", "--verbose"])
     capsys.readouterr()
     assert ray_session.ray_logging_level() == 20
@@ -148,7 +148,7 @@ def test_fresh_refuses_without_a_terminal_unless_yes(tmp_path: Path, capsys, mon
 
     reached = []
 
-    def stop(request, progress=None):
+    def stop(request, *_):
         reached.append(request.fresh)
         raise RunFailed("stopped by the test")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import tuner.cli as cli
-from test_search import CONFIGS, ENV, SHAPE, SPACE, StandInPool, bowl
+from test_search import CONFIGS, ENV, SHAPE, SPACE, StandInPool, _search_job, bowl
 from tuner import estimate as est
 from tuner.cost_model import predict_seconds
 from tuner.engine import DeviceGroup, Engine
@@ -39,7 +39,7 @@ def _engine_counts(tmp_path: Path, strategy: str, jobs: list[SearchJob], latency
 
 @pytest.mark.parametrize("strategy", ["fast", "exhaustive"])
 def test_the_estimate_is_what_the_engine_measures(tmp_path: Path, strategy: str) -> None:
-    jobs = [SearchJob(SHAPE, {M: CONFIGS[:300] for M in (1, 16, 256)})]
+    jobs = [_search_job({M: CONFIGS[:300] for M in (1, 16, 256)})]
     expected = est.estimate(jobs, strategy)
 
     # A GPU that ranks configs as the cost model does: exactly the estimate.
@@ -60,7 +60,7 @@ def test_the_estimate_is_what_the_engine_measures(tmp_path: Path, strategy: str)
 
 
 def test_time_follows_the_compile_pool_and_the_workers() -> None:
-    jobs = [SearchJob(SHAPE, {M: CONFIGS[:200] for M in (1, 64)})]
+    jobs = [_search_job({M: CONFIGS[:200] for M in (1, 64)})]
     one = est.estimate(jobs, "fast", workers=1, compile_processes=1)
     more = est.estimate(jobs, "fast", workers=2, compile_processes=8)
     assert one.measurements == more.measurements and one.configs_to_compile == more.configs_to_compile
@@ -95,6 +95,6 @@ def test_timing_constants_match_the_workers() -> None:
 
 def test_split_gemms_estimate_covers_three_parts() -> None:
     plan = build_plan([MIXTRAL], 2, 1, ["bf16"], None, [1, 64], "default", "NVIDIA H200")
-    jobs = [SearchJob.from_plan(job, "uniform") for job in plan.jobs]
+    jobs = [SearchJob(job, "uniform") for job in plan.jobs]
     whole, split = est.estimate(jobs, "fast"), est.estimate(jobs, "fast", split_gemms=True)
     assert (whole.groups, split.groups) == (2, 6) and split.measurements > whole.measurements

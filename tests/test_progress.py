@@ -7,7 +7,7 @@ import io
 import random
 import re
 
-from test_search import CONFIGS, ENV, SHAPE, SPACE, StandInPool, bowl
+from test_search import CONFIGS, ENV, SHAPE, SPACE, StandInPool, _search_job, bowl
 from tuner.engine import DeviceGroup, Engine
 from tuner.journal import Journal, WorkerEnv
 from tuner.progress import LOG_INTERVAL_S, Progress
@@ -76,7 +76,7 @@ def _run(tmp_path, strategy_class, progress: Progress, seed: int) -> Engine:
     clock = [0.0]
     optimum = {k: rng.choice(v) for k, v in SPACE.items()}
     pool = StandInPool(bowl(optimum, rng), clock)
-    job = SearchJob(SHAPE, {M: CONFIGS[:120] for M in (1, 16)})
+    job = _search_job({M: CONFIGS[:120] for M in (1, 16)})
     group = DeviceGroup(env=WorkerEnv.of(ENV), slots=pool.slots, strategy=strategy_class([job]))
     with Journal(tmp_path / "journal.jsonl") as journal:
         engine = Engine(pool, [group], journal, progress, clock=lambda: clock[0])

@@ -56,7 +56,7 @@ def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
 def plan_estimate(plan: DevicePlan, strategy: str, workers: int, compile_processes: int | None, routing: str = "uniform",
                   split_gemms: bool = False) -> Estimate:
     """The estimate of tuning ``plan`` with ``strategy`` (``tuner.estimate``)."""
-    jobs = [SearchJob.from_plan(job, routing) for job in plan.jobs]
+    jobs = [SearchJob(job, routing) for job in plan.jobs]
     processes = compile_processes or default_compile_processes(workers)
     return estimate(jobs, strategy, workers, processes, split_gemms)
 
