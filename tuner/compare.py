@@ -133,7 +133,7 @@ def _compare_in_session(request: CompareRequest, progress: Progress) -> Comparis
         moe_layers=request.moe_layers, memory_budget_bytes=budget, budget_ended=tuned.budget_ended,
         dtypes={dtype: summarize_dtype(shape, request.moe_layers) for dtype, shape in request.shapes.items()},
         memory_source=source, configs_folder=str(request.configs_out),
-        config_files=[str(path.relative_to(request.configs_out)) for path in device.files],
+        config_files=[str(written.path.relative_to(request.configs_out)) for written in device.files],
         max_rel_err=request.max_rel_err)
     spreads = {m.candidate: (m.latency_us, m.spread_us) for m in device.measurements
                if m.ok and m.candidate.level is Level.FULL}
