@@ -4,6 +4,7 @@ against bf16 on the same inputs, writes the three reports and the tuned config f
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -65,6 +66,22 @@ def test_compare_writes_three_reports_from_tuned_configs(tmp_path: Path, determi
         assert recommendation["text"] in markdown and recommendation["text"] in stdout
     html = (out / "report.html").read_text()
     assert len(re.findall(r'<img id="plot-\w+"[^>]*src="data:image/png;base64,', html)) == 3
+
+    # The report says where the configs went, the bound its recommendations used, the memory's source.
+    assert data["configs_folder"] == str(configs) and sorted(data["config_files"]) == sorted(files)
+    assert f"tuned config files in {configs}: " in stdout and str(configs) in markdown
+    assert data["max_rel_err"] == 0.1 and "within 10.0% relative error of bf16" in stdout
+    assert data["memory_source"] == "--memory-budget-gib"
+
+    # Again (all from the journal) with --json and no memory budget: the device's own memory.
+    code = main(["compare", "--model", MODEL, "--dtypes", "fp8_w8a8", "--batch-sizes", "2,6", "--search-space", SPACE,
+                 "--out", str(out), "--configs-out", str(configs), "--moe-layers", "2", "--interpret", "--json"])
+    stdout = capsys.readouterr().out
+    assert code == 0
+    printed = json.loads(stdout)
+    assert printed == json.loads((out / "report.json").read_text())
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert printed["memory_budget_bytes"] == int(0.9 * host) and "the host's memory" in printed["memory_source"]
 
 
 def test_compare_refuses_bad_input_before_tuning(tmp_path: Path, capsys) -> None:

@@ -7,16 +7,16 @@ import math
 
 import pytest
 
-from tuner import compare, cost_model, roofline
+from tuner import cost_model, roofline
 from tuner.devices import KNOWN_DEVICES, device_facts, memory_bytes
-from tuner.errors import RunFailed
 from tuner.spaces import DeviceLimits
 from workers.formats import FORMATS, TILE_RULES, format_of, tile_rule_broken
 from workers.records import Config, DType, MoEShape
 
 
 @pytest.mark.parametrize("reported,listed", [
-    ("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA_H200", "H200"),
+    ("NVIDIA H100 80GB HBM3", "H100 80GB HBM3"), ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA_H200", "H200"),
+    ("NVIDIA A100 80GB PCIe", "A100 80GB PCIe"), ("NVIDIA A100-PCIE-40GB", "A100 PCIE 40GB"),
     ("NVIDIA GH200 480GB", "GH200"), ("NVIDIA A100-SXM4-80GB", "A100 SXM4 80GB"), ("NVIDIA A10", "A10"),
     ("NVIDIA A10G", "A10G"), ("NVIDIA L40S", "L40S"), ("NVIDIA GeForce RTX 4090", "4090"),
 ])
@@ -30,8 +30,6 @@ def test_an_unknown_gpu_gets_no_facts_and_every_consumer_says_so() -> None:
     limits = DeviceLimits.for_device(name)
     assert not limits.known and name in limits.note
     assert limits.shared_memory_bytes == max(f.shared_memory_bytes for f in KNOWN_DEVICES)
-    with pytest.raises(RunFailed, match="--memory-budget-gib"):
-        compare.memory_known(name)
     assert DeviceLimits.for_device("NVIDIA H200").note is None
     assert roofline.device_peaks("NVIDIA GH200 480GB") is None  # listed, but its peaks are not
     assert memory_bytes("cpu") > 0
@@ -75,3 +73,14 @@ def test_tile_rules_name_the_first_broken_rule() -> None:
         else:
             assert broken is None
         assert broken is None or broken[0] in TILE_RULES
+
+
+def test_a_near_name_gets_only_the_family_facts() -> None:
+    """The issue's case: "A100 80GB PCIe" is no 40 GB A100; an unlisted variant of a family gets
+    the family's shared memory and nothing that differs between variants."""
+    assert memory_bytes("NVIDIA A100 80GB PCIe") == 80 * 2**30
+    assert roofline.device_peaks("NVIDIA A100 80GB PCIe").hbm_bytes_per_s == 1.935e12
+    variant = device_facts("NVIDIA A100 96GB Future")
+    assert variant.name == "A100" and variant.shared_memory_bytes == 163 * 1024
+    assert (variant.memory_bytes, variant.sms, roofline.device_peaks("NVIDIA A100 96GB Future")) == (None, None, None)
+    assert memory_bytes("NVIDIA H100 96GB Future") is None

@@ -7,13 +7,16 @@ import itertools
 import json
 import random
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tuner.cli import main
-from tuner.jobspec import JobSpec, gate_checks, load_job_spec, routing_folder, tune_runs
+from tuner.commands.job import _dtypes_by_model, _shapes
+from tuner.jobspec import (Gate, JobSpec, Layout, Output, gate_checks, load_job_spec, reference_markdown,
+                           routing_folder, tune_runs)
 from tuner.models import derive_shape, load_model
 from tuner.spaces import load_space
 from tuner.writers import write_vllm
@@ -37,11 +40,72 @@ def _minimal(**overrides) -> dict:
     return {"models": [MODEL], "dtypes": ["bf16"], **overrides}
 
 
-def test_fixture_validates(capsys) -> None:
-    code = main(["job", "validate", str(FIXTURES / "job-tiny.yaml")])
+def test_fixture_validates_with_paths_from_its_folder(tmp_path: Path, monkeypatch, capsys) -> None:
+    folder = tmp_path / "specs"
+    folder.mkdir()
+    for name in ("job-tiny.yaml", "job-tiny-moe.json"):
+        shutil.copy(FIXTURES / name, folder / name)
+    monkeypatch.chdir(tmp_path)  # not the spec's folder: relative paths must not resolve here
+    code = main(["job", "validate", str(folder / "job-tiny.yaml")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"gate.reference {folder / 'out' / 'accepted'}: not a folder" in err, err
+    (folder / "out" / "accepted").mkdir(parents=True)
+    code = main(["job", "validate", "specs/job-tiny.yaml"])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "valid: 2 tune run(s), 4 shape(s); gate vs out/accepted at 0.5" in out
+    assert f"valid: 2 tune run(s), 4 shape(s); gate vs {folder / 'out' / 'accepted'} at 0.5" in out
+    spec = load_job_spec(Path("specs/job-tiny.yaml"))
+    assert spec.models == [str(folder / "job-tiny-moe.json")] and spec.output.dir == folder / "out" / "nightly"
+    assert spec.journal == folder / "out" / "journal.jsonl"
+
+
+def test_validate_makes_the_checks_run_makes(tmp_path: Path, capsys) -> None:
+    """Everything ``job run`` would refuse before starting, ``job validate`` refuses too."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for data, message in [
+        (_minimal(output={"dir": str(a_file / "out")}), f"--out {a_file / 'out'}: {a_file} is a file, not a folder"),
+        (_minimal(journal=str(a_file / "j.jsonl")), "is a file, not a folder"),
+        (_minimal(baseline=["no-such-folder"]), "no-such-folder"),
+        (_minimal(routing=["file:missing-ids.pt"]), "no such file"),
+        (_minimal(search_space="missing.yaml"), "not found"),
+        (_minimal(output={"dir": str(tmp_path / "o")}, gate={"reference": "absent"}), "gate.reference"),
+    ]:
+        for action in ("validate", "run"):
+            code = main(["job", action, str(_write(tmp_path, data))])
+            err = capsys.readouterr().err
+            assert code == 2 and message in err and err.count("\n") == 1, (action, data, err)
+    assert not list(tmp_path.rglob("*.json*"))  # nothing tuned, nothing written
+
+
+def test_dtypes_default_to_each_models_own(tmp_path: Path, capsys) -> None:
+    spec = JobSpec.model_validate({"models": [MODEL, "deepseek-v3"], "layouts": [{"tp": 8}]})
+    runs = tune_runs(spec)
+    assert all(run.options.dtype is None for run in runs)
+    path = _write(tmp_path, {"models": ["deepseek-v3", "mixtral-8x7b"], "layouts": [{"tp": 8}],
+                             "output": {"dir": str(tmp_path / "o")}, "gate": {"reference": str(tmp_path)}})
+    assert main(["job", "validate", str(path)]) == 0, capsys.readouterr().err
+    assert "2 shape(s)" in capsys.readouterr().out
+    spec = load_job_spec(path)
+    checks = gate_checks(spec, _dtypes_by_model(_shapes(spec)))
+    assert [(c.model, c.dtype) for c in checks] == [("deepseek-v3", DType.FP8_W8A8), ("mixtral-8x7b", DType.BF16)]
+
+
+def test_every_key_is_documented_in_one_generated_place(capsys) -> None:
+    assert main(["job", "keys"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == reference_markdown() == (ROOT / "docs" / "job-spec.md").read_text()
+
+    def keys(model, prefix=""):
+        for name, field in model.model_fields.items():
+            yield prefix + name
+            for sub in (Layout, Output, Gate):
+                if sub.__name__ in str(field.annotation):
+                    yield from keys(sub, f"{prefix}{name}{'[]' if sub is Layout else ''}.")
+
+    for key in keys(JobSpec):
+        assert re.search(rf"^\| `{re.escape(key)}` \| [^|]+ \| [^|]+ \| [^|]+ \|$", printed, re.MULTILINE), key
+    assert "`interpret`" in printed
 
 
 def test_spec_expands_into_tune_invocations_tune_accepts(rng: random.Random) -> None:
@@ -64,7 +128,7 @@ def test_spec_expands_into_tune_invocations_tune_accepts(rng: random.Random) -> 
         assert run.out == out
         assert args.budget_minutes == 7.5 and [str(p) for p in args.baseline] == ["shipped", "accepted"]
     assert len({run.out for run in runs}) == len(routings)  # one folder per routing, shared by the layouts
-    checks = gate_checks(spec)
+    checks = gate_checks(spec, {MODEL: [DType(d) for d in dtypes]})
     assert len(checks) == len(layouts) * len(routings) * len(dtypes)
     assert all(check.fresh == next(r.out for r in runs if r.routing == check.routing) for check in checks)
 
@@ -84,7 +148,7 @@ def test_routing_folders_are_safe_names_equal_only_for_equal_routings() -> None:
     outs = [Path("o/routing=uniform"), Path("o/routing=zipf-1.2")] * 2
     assert [run.out for run in tune_runs(several)] == outs
     assert [run.options.out for run in tune_runs(several)] == [str(out) for out in outs]
-    assert [check.fresh for check in gate_checks(several)] == outs
+    assert [check.fresh for check in gate_checks(several, {MODEL: [DType.BF16]})] == outs
     one = JobSpec.model_validate(_minimal(routing=["zipf:1.2"], output={"dir": "o"}))
     assert [run.out for run in tune_runs(one)] == [Path("o")]
 
@@ -116,14 +180,9 @@ def test_invalid_specs_exit_2_with_one_line(tmp_path: Path, data, message: str, 
         assert err.count("\n") == 1 and message in err, err
 
 
-def test_missing_spec_file_and_missing_gate_reference(tmp_path: Path, capsys) -> None:
+def test_missing_spec_file(tmp_path: Path, capsys) -> None:
     assert main(["job", "validate", str(tmp_path / "absent.yaml")]) == 2
     assert "cannot read job spec" in capsys.readouterr().err
-    spec = _write(tmp_path, _minimal(gate={"reference": str(tmp_path / "accepted")}, output={"dir": str(tmp_path)}))
-    assert main(["job", "validate", str(spec)]) == 0  # the reference is runtime state: checked by run
-    assert main(["job", "run", str(spec)]) == 2
-    assert "gate.reference" in capsys.readouterr().err
-    assert not list(tmp_path.glob("*.json"))  # nothing tuned, nothing written
 
 
 @pytest.mark.parametrize("manifest", ["rayjob.yaml", "raycronjob-nightly.yaml"])
@@ -132,7 +191,14 @@ def test_kuberay_manifests_carry_a_valid_job_spec(manifest: str, tmp_path: Path,
     config_map = next(d for d in docs if d["kind"] == "ConfigMap")
     spec_path = tmp_path / "job.yaml"
     spec_path.write_text(config_map["data"]["job.yaml"])
-    assert main(["job", "validate", str(spec_path)]) == 0, capsys.readouterr().err
+    # Validated as on the cluster, with the results volume under tmp_path; the entry point creates
+    # the gate's reference folder before the job runs, so the test does too.
+    local = tmp_path / "local.yaml"
+    local.write_text(config_map["data"]["job.yaml"].replace("/results", str(tmp_path / "results")))
+    reference = load_job_spec(local).gate
+    if reference is not None:
+        reference.reference.mkdir(parents=True)
+    assert main(["job", "validate", str(local)]) == 0, capsys.readouterr().err
 
     ray_doc = next(d for d in docs if d["apiVersion"] == "ray.io/v1")
     job = ray_doc["spec"]["jobTemplate"] if ray_doc["kind"] == "RayCronJob" else ray_doc["spec"]

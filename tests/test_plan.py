@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -112,7 +113,9 @@ def test_human_table(moe_tune):
     rows = {line.split()[0]: line.split() for line in out.splitlines()
             if line.startswith("  ") and line.split()[0].isdigit()}
     assert set(rows) == {"1", "4096"}
-    assert "before pruning" in out.splitlines()[-1]
+    assert re.search(r"^1 job\(s\): \d+ configs left after pruning \(3840 before\)$", out, re.MULTILINE)
+    assert "candidates to time" not in out  # the pruned space is not what the default strategy times
+    assert out.splitlines()[-2].startswith("fast strategy: about ") and out.splitlines()[-1].startswith("roughly ")
 
 
 def test_detected_device_is_the_default(moe_tune, monkeypatch):

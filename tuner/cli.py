@@ -25,20 +25,73 @@ COMMANDS = {
 }
 
 
+VERBOSE_ENV = "MOE_TUNE_VERBOSE"
+"""Set to 1 by ``--verbose``: ``tuner.ray_session.ray_logging_level`` then lets Ray's own logging through."""
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse exits 2 on bad flags already; keep its message to one line."""
+    """argparse exits 2 on bad flags already; keep its message to one line (the CLI adds the
+    ``moe-tune: error:`` prefix; a subcommand's message names the subcommand)."""
 
     def error(self, message: str) -> None:  # noqa: D401 - argparse API
-        raise UsageError(f"{self.prog}: {message}")
+        command = self.prog.removeprefix("moe-tune").strip()
+        raise UsageError(f"{command}: {message}" if command else message)
+
+
+def _common_flags() -> argparse.ArgumentParser:
+    flags = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a subcommand's parser must not reset a --verbose given before the subcommand.
+    flags.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="also show Ray's own start-up and cluster log lines (hidden by default)")
+    return flags
+
+
+def versions() -> dict[str, str | None]:
+    """moe-tune's version and those of the packages it runs with: torch, Triton, Ray, and the
+    inference servers whose kernels ``--kernel`` can time (None: not importable here).
+
+    Read from the installed distributions' metadata, so nothing heavy is imported; a server that is
+    importable without metadata (a source tree on PYTHONPATH) is asked its ``<package>.version``
+    module, and one whose version cannot be read is reported as ``importable, version unknown``."""
+    import importlib.util
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for name in ("moe-tune", "torch", "triton", "ray", "vllm", "sglang"):
+        try:
+            out[name] = metadata.version(name)
+            continue
+        except metadata.PackageNotFoundError:
+            out[name] = None
+        if name in ("vllm", "sglang") and importlib.util.find_spec(name) is not None:
+            try:
+                out[name] = str(importlib.import_module(f"{name}.version").__version__)
+            except Exception:  # noqa: BLE001 - any failure of a foreign package's import is "unknown"
+                out[name] = "importable, version unknown"
+    return out
+
+
+class _Version(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print moe-tune's, torch's, Triton's, Ray's and the "
+                         "installed servers' versions and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        for name, version in versions().items():
+            print(f"{name} {version or 'not installed'}")
+        parser.exit(0)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser, with the flags of ``command`` only (None: of every command): importing a
     command's module pulls in torch, Ray or matplotlib, seconds that ``plan`` should not pay."""
-    parser = _Parser(prog="moe-tune", description="Autotune fused-MoE Triton kernels for vLLM and SGLang.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    common = _common_flags()
+    parser = _Parser(prog="moe-tune", description="Autotune fused-MoE Triton kernels for vLLM and SGLang.",
+                     parents=[common])
+    parser.add_argument("--version", action=_Version)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
-        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
         if command in (None, name):
             importlib.import_module(f"tuner.commands.{name}").configure(sub_parser)
     return parser
@@ -55,8 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     if "--interpret" in words:
         # Triton reads this when its language module is first imported, which the commands' imports do.
         os.environ["TRITON_INTERPRET"] = "1"
+    if not _command_of(words) and not {"-h", "--help", "--version"} & set(words):
+        # A bare ``moe-tune``: the usage and the commands, not only argparse's complaint.
+        build_parser("").print_help(sys.stderr)
+        return 2
     try:
         args = build_parser(_command_of(words)).parse_args(argv)
+        if getattr(args, "verbose", False):
+            os.environ[VERBOSE_ENV] = "1"
         module = importlib.import_module(f"tuner.commands.{args.command}")
         return int(module.run(args) or 0)
     except UsageError as exc:

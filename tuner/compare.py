@@ -16,16 +16,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuner import devices, driver, roofline, writers
+from tuner import driver, roofline, writers
 from tuner.errors import RunFailed
 from tuner.plan import Plan
 from tuner.pool import Done, Lost, start_pool
 from tuner.progress import Progress
 from tuner.ray_session import DEFAULT_CONNECT_TIMEOUT_S, ray_session
-from tuner.report import REFERENCE, ComparisonResults, measured_point, summarize_dtype
+from tuner.report import DEFAULT_MAX_REL_ERR, REFERENCE, ComparisonResults, measured_point, summarize_dtype
 from tuner.search import SearchJob
 from workers.default_config import default_config
-from workers.records import Config, DType, Gemm, MoEShape
+from workers.records import Config, DType, Gemm, Level, MoEShape
 
 DEFAULT_BUDGET_FRACTION = 0.9  # vLLM's default --gpu-memory-utilization
 ACCURACY_TIMEOUT_S = 600.0
@@ -53,6 +53,7 @@ class CompareRequest:
     budget_s: float | None = None
     moe_layers: int = 1
     memory_budget_bytes: int | None = None
+    max_rel_err: float = DEFAULT_MAX_REL_ERR
 
 
 def search_jobs(planned: Plan, routing: str, device_name: str) -> list[SearchJob]:
@@ -60,23 +61,20 @@ def search_jobs(planned: Plan, routing: str, device_name: str) -> list[SearchJob
     return [SearchJob(job, routing) for job in planned.for_device(device_name).jobs]
 
 
-def memory_known(device_name: str) -> int:
-    """The memory of ``device_name`` (``tuner.devices.memory_bytes``); RunFailed when it is not
-    known, so that a memory budget is given rather than assumed."""
-    size = devices.memory_bytes(device_name)
-    if size is None:
-        raise RunFailed(f"the memory size of '{device_name}' is not known: give --memory-budget-gib")
-    return size
-
-
 def _errors_vs_bf16(request: CompareRequest, configs: dict[DType, dict[int, Config]],
-                    progress: Progress) -> tuple[dict[DType, dict[int, float]], dict[int, int]]:
-    """Per dtype and M the tuned kernel's relative error against the bf16 kernel's output, and per
-    M the number of distinct experts the routing touches (for the HBM floor)."""
+                    progress: Progress) -> tuple[dict[DType, dict[int, float]], dict[int, int], tuple[int, str]]:
+    """Per dtype and M the tuned kernel's relative error against the bf16 kernel's output, per M
+    the number of distinct experts the routing touches (for the HBM floor), and the memory of the
+    device the worker runs on with where that number came from (``BenchmarkWorker.device_memory``)."""
     errors: dict[DType, dict[int, float]] = {dtype: {} for dtype in request.shapes}
     touched: dict[int, int] = {}
     pool = start_pool(1, "builtin", ACCURACY_TIMEOUT_S, progress.note)
     try:
+        event = pool.call("memory", lambda actor: actor.device_memory.remote())
+        if not isinstance(event, Done):
+            reason = event.detail if isinstance(event, Lost) else f"{type(event.error).__name__}: {event.error}"
+            raise RunFailed(f"the worker could not report its device's memory: {reason.splitlines()[0]}")
+        memory = event.value
         for M in request.batch_sizes:
             at_m = {dtype: per_m[M] for dtype, per_m in configs.items() if M in per_m}
             if REFERENCE not in at_m:
@@ -91,7 +89,7 @@ def _errors_vs_bf16(request: CompareRequest, configs: dict[DType, dict[int, Conf
                 errors[dtype][M] = error
     finally:
         pool.shutdown()
-    return errors, touched
+    return errors, touched, memory
 
 
 def run_compare(request: CompareRequest, progress: Progress | None = None) -> ComparisonResults:
@@ -120,21 +118,36 @@ def _compare_in_session(request: CompareRequest, progress: Progress) -> Comparis
     # bf16 is the yardstick at every M a quantized dtype has; any correct bf16 config computes it alike.
     for M in {M for per_m in configs.values() for M in per_m} - set(configs[REFERENCE]):
         configs[REFERENCE][M] = default_config(request.shapes[REFERENCE], M)
-    progress.note("measuring every dtype against bf16 on the same inputs")
-    errors, touched = _errors_vs_bf16(request, configs, progress)
+    progress.phase("measuring every dtype against bf16 on the same inputs")
+    errors, touched, (device_memory, memory_source) = _errors_vs_bf16(request, configs, progress)
 
     peaks = roofline.device_peaks(device.device)
-    budget = request.memory_budget_bytes
-    if budget is None:
-        budget = int(DEFAULT_BUDGET_FRACTION * memory_known(device.device))
+    if request.memory_budget_bytes is not None:
+        budget, source = request.memory_budget_bytes, "--memory-budget-gib"
+    else:
+        budget = int(DEFAULT_BUDGET_FRACTION * device_memory)
+        source = f"{DEFAULT_BUDGET_FRACTION:.0%} of {device_memory / 2**30:.1f} GiB, {memory_source}"
     results = ComparisonResults(
         model=request.model, layout=request.layout, device=device.device,
         versions={k: v for k, v in device.env.items() if k != "device"}, routing=request.routing,
         moe_layers=request.moe_layers, memory_budget_bytes=budget, budget_ended=tuned.budget_ended,
-        dtypes={dtype: summarize_dtype(shape, request.moe_layers) for dtype, shape in request.shapes.items()})
+        dtypes={dtype: summarize_dtype(shape, request.moe_layers) for dtype, shape in request.shapes.items()},
+        memory_source=source, configs_folder=str(request.configs_out),
+        config_files=[str(written.path.relative_to(request.configs_out)) for written in device.files],
+        max_rel_err=request.max_rel_err)
+    spreads = {m.candidate: (m.latency_us, m.spread_us) for m in device.measurements
+               if m.ok and m.candidate.level is Level.FULL}
     for dtype, shape in request.shapes.items():
         for M, selection in sorted(winners[dtype].items()):
             if M in errors[dtype]:
                 results.points.append(measured_point(shape, M, selection.latency_us, selection.candidate.config,
-                                                     errors[dtype][M], touched[M], peaks))
+                                                     errors[dtype][M], touched[M], peaks,
+                                                     _spread(spreads.get(selection.candidate), selection.latency_us)))
     return results
+
+
+def _spread(full: tuple[float, float | None] | None, latency_us: float) -> float | None:
+    """The winner's full-timing spread, scaled to the latency reported (a re-timing's median)."""
+    if full is None or full[1] is None or not full[0]:
+        return None
+    return full[1] * latency_us / full[0]

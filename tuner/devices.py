@@ -24,9 +24,12 @@ GIB = 2**30
 
 @dataclass(frozen=True)
 class DeviceFacts:
-    """One GPU model. ``name`` is matched against the name torch reports
+    """One GPU model or family. ``name`` is matched against the name torch reports
     (``torch.cuda.get_device_name()``, e.g. ``NVIDIA H100 80GB HBM3``) or the one in file names
-    (``NVIDIA_H200``): every word of ``name`` must be a word of it."""
+    (``NVIDIA_H200``), by words: an entry whose words are exactly the reported name's (less
+    "NVIDIA") gives every fact it lists; otherwise the first entry whose words all appear in the
+    name gives only what a whole family shares (shared memory per block): peaks, SMs and memory
+    differ between variants ("A100 80GB PCIe" is not a 40 GB A100), so a near name never gets them."""
 
     name: str
     shared_memory_bytes: int
@@ -48,7 +51,8 @@ class DeviceFacts:
 KNOWN_DEVICES: tuple[DeviceFacts, ...] = (
     DeviceFacts("H100 PCIe", 227 * KIB, 114, 2.0e12, 756e12, 1513e12, 80 * GIB),
     DeviceFacts("H100 NVL", 227 * KIB, 132, 3.9e12, 835e12, 1671e12, 94 * GIB),
-    DeviceFacts("H100", 227 * KIB, 132, 3.35e12, 989e12, 1979e12, 80 * GIB),
+    DeviceFacts("H100 80GB HBM3", 227 * KIB, 132, 3.35e12, 989e12, 1979e12, 80 * GIB),
+    DeviceFacts("H100", 227 * KIB),
     DeviceFacts("GH200", 227 * KIB),
     DeviceFacts("H200", 227 * KIB, 132, 4.8e12, 989e12, 1979e12, 141 * GIB),
     DeviceFacts("H800", 227 * KIB),
@@ -57,7 +61,10 @@ KNOWN_DEVICES: tuple[DeviceFacts, ...] = (
     DeviceFacts("B200", 227 * KIB, 148, 8.0e12, 2250e12, 4500e12, 180 * GIB),
     DeviceFacts("B100", 227 * KIB),
     DeviceFacts("A100 SXM4 80GB", 163 * KIB, 108, 2.039e12, 312e12, None, 80 * GIB),
-    DeviceFacts("A100", 163 * KIB, 108, 1.555e12, 312e12, None, 40 * GIB),
+    DeviceFacts("A100 SXM4 40GB", 163 * KIB, 108, 1.555e12, 312e12, None, 40 * GIB),
+    DeviceFacts("A100 80GB PCIe", 163 * KIB, 108, 1.935e12, 312e12, None, 80 * GIB),
+    DeviceFacts("A100 PCIE 40GB", 163 * KIB, 108, 1.555e12, 312e12, None, 40 * GIB),
+    DeviceFacts("A100", 163 * KIB),
     DeviceFacts("A800", 163 * KIB),
     DeviceFacts("A30", 163 * KIB),
     DeviceFacts("A10G", 99 * KIB),
@@ -83,13 +90,14 @@ def _words(name: str) -> list[str]:
 
 
 def device_facts(device_name: str) -> DeviceFacts | None:
-    """The facts of a GPU by its reported name; None for a GPU not listed here (and the CPU)."""
-    words = _words(device_name)
-    for facts in KNOWN_DEVICES:
-        wanted = _words(facts.name)
-        if all(w in words for w in wanted):
-            return facts
-    return None
+    """The facts of a GPU by its reported name (the matching rule is ``DeviceFacts``'s); None for a
+    GPU not listed here (and the CPU)."""
+    words = [w for w in _words(device_name) if w != "NVIDIA"]
+    exact = next((facts for facts in KNOWN_DEVICES if sorted(_words(facts.name)) == sorted(words)), None)
+    if exact is not None:
+        return exact
+    family = next((facts for facts in KNOWN_DEVICES if all(w in words for w in _words(facts.name))), None)
+    return None if family is None else DeviceFacts(family.name, family.shared_memory_bytes)
 
 
 def largest_shared_memory() -> int:

@@ -166,6 +166,7 @@ def tune(request: TuneRequest, progress: Progress | None = None, timeline: Timel
         pool = None
         groups: list[DeviceGroup] = []
         try:
+            progress.phase("starting the GPU workers")
             with timeline.phase("worker_start"):
                 pool = start_pool(request.workers, request.kernel, request.timeout_s, progress.note)
                 strategy_class = STRATEGIES[request.strategy]
@@ -183,6 +184,7 @@ def tune(request: TuneRequest, progress: Progress | None = None, timeline: Timel
                 if g.compiler is None:
                     timeline.spans.pop("compile_ahead", None)
             engine = Engine(pool, groups, journal, progress, request.budget_s, timeline=timeline)
+            progress.phase(f"searching ({request.strategy} strategy)")
             engine.run()
             progress.close()
             result.evaluations_run, result.evaluations_reused = engine.evaluations_run, engine.evaluations_reused

@@ -99,6 +99,7 @@ class Engine:
 
     def run(self) -> None:
         while True:
+            self.progress.tick()
             proposed = False
             if self._within_budget():
                 for group in self.groups:
@@ -135,6 +136,7 @@ class Engine:
         for group in self.groups:
             group.queue.clear()
             group.compiling.clear()
+        self.progress.dropped(dropped)
         self.progress.note(f"time budget of {self.budget_s / 60:g} min (counted from the first measurement) ended: "
                            f"{dropped} queued candidates dropped; what is in flight finishes")
         return False
@@ -142,18 +144,15 @@ class Engine:
     def _refill(self, group: DeviceGroup) -> bool:
         """Ask the strategy for more; answer what the journal knows. True if anything new was proposed."""
         proposals = group.strategy.propose()
-        hint = sum(g.strategy.total_hint() or 0 for g in self.groups)
-        for candidate in proposals:
-            if candidate in group.known:
-                continue
-            group.known.add(candidate)
+        new = [c for c in dict.fromkeys(proposals) if c not in group.known]
+        group.known.update(new)
+        self.progress.queued(len(new))  # before answering from the journal: done never runs ahead of queued
+        for candidate in new:
             known = self.journal.measurement(group.env, candidate)
             if known is not None:
                 self._finish(group, known, reused=True)
             else:
                 self._route(_Work(candidate, group))
-        waiting = sum(len(g.queue) + len(g.compiling) for g in self.groups)
-        self.progress.set_total(max(hint, self.progress.done + waiting))
         return bool(proposals)
 
     def _route(self, work: _Work) -> None:
@@ -279,7 +278,7 @@ class Retimer:
             else:
                 todo.append((i, candidates))
         if todo:
-            self.progress.note(f"re-timing the finalists of {len(todo)} batch sizes on {self.group.device}")
+            self.progress.phase(f"re-timing the finalists of {len(todo)} batch sizes on {self.group.device}")
             self.timeline.touch("retiming")
         slots = {s.index for s in self.group.slots}
         while todo or any(s.pending for s in self.group.slots):
@@ -293,6 +292,7 @@ class Retimer:
                     self.pool.submit(slot, item, lambda actor, cs=item[1]: actor.retime.remote(cs))
             if not any(not s.retired for s in self.group.slots):
                 break
+            self.progress.tick()
             for event in self.pool.poll(POLL_S):
                 index, candidates = event.task
                 if isinstance(event, Done):

@@ -23,6 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import re
+import types
+import typing
+from enum import Enum
+
+import annotated_types
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
 
@@ -31,6 +37,7 @@ from tuner.options import TuneOptions
 from tuner.plan import resolve_batch_sizes
 from tuner.search import STRATEGIES
 from tuner.validation import one_line
+from tuner.writers import DEFAULT_OUT
 from workers.records import DType
 from workers.routing import parse_routing
 
@@ -43,8 +50,9 @@ class Layout(_Strict):
     """GPUs per MoE layer as the server runs it: ``tp`` tensor-parallel size, ``ep`` expert-parallel
     size dividing it (``tp: 2, ep: 2`` is vLLM's expert parallelism on 2 GPUs)."""
 
-    tp: PositiveInt = 1
-    ep: PositiveInt = 1
+    tp: PositiveInt = Field(1, description="tensor-parallel size: GPUs serving one MoE layer")
+    ep: PositiveInt = Field(1, description="expert-parallel size, dividing tp (tp: 2, ep: 2 is vLLM's "
+                                           "--enable-expert-parallel on 2 GPUs)")
 
     @field_validator("ep")
     @classmethod
@@ -60,38 +68,56 @@ class Layout(_Strict):
 
 
 class Output(_Strict):
-    dir: Path = Path("configs_out")
-    format: Literal["vllm", "sglang", "both"] = "vllm"
+    dir: Path = Field(DEFAULT_OUT, description="folder for the config files (vLLM's VLLM_TUNED_CONFIG_FOLDER)")
+    format: Literal["vllm", "sglang", "both"] = Field(
+        "vllm", description="file layout: vLLM's E=..,N=..,device_name=...json files, SGLang's "
+                            "triton_X_Y_Z/ folder with _down files, or both")
 
 
 class Gate(_Strict):
     """Fail the job when a fresh config is slower than the reference folder's at any batch size
     by more than the ratio (reference latency / fresh latency < ``fail_if_slower``)."""
 
-    reference: Path
-    fail_if_slower: float = Field(0.98, gt=0.0, le=1.0)
-    batch_sizes: list[PositiveInt] | None = None  # default: the job's batch sizes
-    rounds: PositiveInt = 20  # interleaved timing rounds per batch size
+    reference: Path = Field(description="config folder in production; must exist (an empty folder gates "
+                                        "against vLLM's default heuristic)")
+    fail_if_slower: float = Field(0.98, gt=0.0, le=1.0,
+                                  description="fail when reference latency / new latency is below this at any M")
+    batch_sizes: list[PositiveInt] | None = Field(None, description="batch sizes gated (default: the job's)")
+    rounds: PositiveInt = Field(20, description="interleaved timing rounds per batch size")
 
 
 class JobSpec(_Strict):
-    name: str = "moe-tune-job"
-    models: list[str] = Field(min_length=1)
-    dtypes: list[DType] = Field(min_length=1)
-    block_shape: tuple[PositiveInt, PositiveInt] | None = None
-    layouts: list[Layout] = Field(default_factory=lambda: [Layout()], min_length=1)
-    batch_sizes: list[PositiveInt] | None = None
-    routing: list[str] = Field(default_factory=lambda: ["uniform"], min_length=1)
-    search_space: Path | None = None
-    strategy: str | None = None
-    budget_minutes: PositiveFloat | None = None  # per tune run: a nightly job must end before the next one
-    baseline: list[Path] = Field(default_factory=list)  # config folders the new configs are timed against
-    output: Output = Output()
-    journal: Path | None = None
-    address: str | None = None
-    workers: PositiveInt | None = None
-    interpret: bool = False
-    gate: Gate | None = None
+    """One YAML file: everything a (nightly) tuning job does."""
+
+    name: str = Field("moe-tune-job", description="shown in the job's log lines")
+    models: list[str] = Field(min_length=1, description="preset names, config.json paths, model folders or cached "
+                                                        "HF repo ids")
+    dtypes: list[DType] | None = Field(None, min_length=1,
+                                       description="kernel dtypes (default: each model's own, as tune)")
+    block_shape: tuple[PositiveInt, PositiveInt] | None = Field(
+        None, description="[bn, bk] weight block shape for block-quantized fp8_w8a8")
+    layouts: list[Layout] = Field(default_factory=lambda: [Layout()], min_length=1,
+                                  description="parallel layouts; one tune run per layout and routing")
+    batch_sizes: list[PositiveInt] | None = Field(None, description="default: vLLM's 18 batch sizes")
+    routing: list[str] = Field(default_factory=lambda: ["uniform"], min_length=1,
+                               description='"uniform", "zipf:<alpha>" (skewed) or "file:<path>" (captured top-k ids, .pt or .npy)')
+    search_space: Path | None = Field(None, description="a search space name (default, wide, smoke) or YAML "
+                                                        "file (default: the built-in default space)")
+    strategy: str | None = Field(None, description="tune's --strategy: fast (the default) or exhaustive")
+    budget_minutes: PositiveFloat | None = Field(
+        None, description="per tune run: stop searching and write the best found so far")
+    baseline: list[Path] = Field(default_factory=list, description="config folders (e.g. vLLM's shipped JSONs) "
+                                                                   "timed against the winners; must exist")
+    output: Output = Field(Output(), description="where the config files go")
+    journal: Path | None = Field(None, description="the resume point (default: <output.dir>/"
+                                                   ".moe-tune-journal.jsonl); measurements are keyed by "
+                                                   "kernel, Triton, torch and GPU")
+    address: str | None = Field(None, description='Ray cluster to join ("auto" inside a Ray job; default: '
+                                                  "RAY_ADDRESS, else a Ray started here)")
+    workers: PositiveInt | None = Field(None, description="use at most this many GPU workers")
+    interpret: bool = Field(False, description="no GPU: Triton interpreter on CPU workers (tiny shapes only, "
+                                               "for trying a spec out)")
+    gate: Gate | None = Field(None, description="optional regression gate run after every tune succeeded")
 
     @field_validator("models", "routing")
     @classmethod
@@ -106,6 +132,29 @@ class JobSpec(_Strict):
         if value is not None and value not in STRATEGIES:
             raise ValueError(f"unknown strategy {value!r}; expected one of {', '.join(sorted(STRATEGIES))}")
         return value
+
+    def relative_to(self, folder: Path) -> "JobSpec":
+        """The spec with its relative paths taken from ``folder`` (the spec file's): every path
+        field, ``file:`` routings, and models and search spaces that name a file there (a preset,
+        a cached HF repo id or a built-in space name is left as it is)."""
+
+        def rebase(path: Path) -> Path:
+            path = path.expanduser()
+            return path if path.is_absolute() else folder / path
+
+        def named_or_file(value: str) -> str:
+            candidate = rebase(Path(value))
+            return str(candidate) if candidate.exists() else value
+
+        space = self.search_space
+        if space is not None and (rebase(space).is_file() or not re.fullmatch(r"[\w.-]+", str(space))):
+            space = rebase(space)  # a file here, or a path; a bare name is a built-in space
+        routing = [f"file:{rebase(Path(r[len('file:'):]))}" if r.startswith("file:") else r for r in self.routing]
+        gate = self.gate.model_copy(update={"reference": rebase(self.gate.reference)}) if self.gate else None
+        return self.model_copy(update={
+            "models": [named_or_file(m) for m in self.models], "search_space": space, "routing": routing,
+            "baseline": [rebase(b) for b in self.baseline], "journal": rebase(self.journal) if self.journal else None,
+            "output": self.output.model_copy(update={"dir": rebase(self.output.dir)}), "gate": gate})
 
 
 @dataclass(frozen=True)
@@ -176,16 +225,17 @@ def load_job_spec(path: Path) -> JobSpec:
     if not isinstance(data, dict):
         raise UsageError(f"{path}: a job spec is a YAML mapping (models, dtypes, ...)")
     try:
-        return JobSpec.model_validate(data)
+        spec = JobSpec.model_validate(data)
     except ValidationError as exc:
         raise UsageError(one_line(exc, str(path))) from None
+    return spec.relative_to(path.resolve().parent)
 
 
 def tune_runs(spec: JobSpec) -> list[TuneRun]:
     """The tune runs, in order: layouts outermost, then routings; each the ``TuneOptions`` that
     ``moe-tune tune`` would build from the same values given as flags."""
     common = dict(
-        model=list(spec.models), dtype=list(spec.dtypes), block_shape=spec.block_shape,
+        model=list(spec.models), dtype=list(spec.dtypes) if spec.dtypes else None, block_shape=spec.block_shape,
         batch_sizes=resolve_batch_sizes(spec.batch_sizes) if spec.batch_sizes else None,
         baseline=list(spec.baseline), out=str(spec.output.dir), format=spec.output.format, address=spec.address,
         workers=spec.workers, interpret=spec.interpret, budget_minutes=spec.budget_minutes,
@@ -199,8 +249,91 @@ def tune_runs(spec: JobSpec) -> list[TuneRun]:
             for layout in spec.layouts for routing in spec.routing]
 
 
-def gate_checks(spec: JobSpec) -> list[GateCheck]:
+def gate_checks(spec: JobSpec, dtypes: dict[str, list[DType]]) -> list[GateCheck]:
+    """The bench checks of a spec with a gate; ``dtypes``: each model's dtypes (the spec's, or the
+    model's own when the spec names none)."""
     if spec.gate is None:
         return []
     return [GateCheck(model, layout, dtype, routing, output_dir(spec, routing))
-            for model in spec.models for layout in spec.layouts for dtype in spec.dtypes for routing in spec.routing]
+            for model in spec.models for layout in spec.layouts for dtype in dtypes[model] for routing in spec.routing]
+
+
+# --- the key reference (docs/job-spec.md is this function's output) ---------------------------
+
+_BOUNDS = ((annotated_types.Gt, "gt", ">"), (annotated_types.Ge, "ge", "≥"), (annotated_types.Lt, "lt", "<"),
+           (annotated_types.Le, "le", "≤"))
+
+
+def _bounds_text(metadata) -> str:
+    return "".join(f" {sign} {getattr(m, attr)}" for m in metadata for kind, attr, sign in _BOUNDS if isinstance(m, kind))
+
+
+def _type_text(annotation) -> str:
+    """A field's type in the words a YAML author needs (no ``|``: the reference is a Markdown table)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _type_text(args[0]) + _bounds_text(args[1:])
+    if origin in (typing.Union, types.UnionType):
+        kept = [a for a in args if a is not type(None)]
+        return " or ".join(_type_text(a) for a in kept) + (" or null" if len(kept) < len(args) else "")
+    if origin is typing.Literal:
+        return "one of " + ", ".join(str(a) for a in args)
+    if origin is list:
+        return f"list of {_type_text(args[0])}"
+    if origin is tuple:
+        return "[" + ", ".join(_type_text(a) for a in args) + "]"
+    if isinstance(annotation, type) and issubclass(annotation, Enum):
+        return "one of " + ", ".join(str(m.value) for m in annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "mapping"
+    return {Path: "path", str: "string", int: "int", float: "number", bool: "true or false"}.get(annotation,
+                                                                                                str(annotation))
+
+
+def _default_text(field) -> str:
+    if field.is_required():
+        return "required"
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, BaseModel):
+        return "see below"
+    if isinstance(value, list):
+        value = [v.model_dump() if isinstance(v, BaseModel) else v for v in value]
+    return "null" if value is None else yaml.safe_dump(
+        value.value if isinstance(value, Enum) else str(value) if isinstance(value, Path) else value,
+        default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _rows(model: type[BaseModel], prefix: str = "") -> list[str]:
+    rows = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        kind = _type_text(field.annotation) + _bounds_text(field.metadata)
+        rows.append(f"| `{key}` | {kind} | {_default_text(field)} | {field.description} |")
+        nested = [a for a in (field.annotation, *typing.get_args(field.annotation))
+                  if isinstance(a, type) and issubclass(a, BaseModel)]
+        for args in typing.get_args(field.annotation):
+            nested += [a for a in typing.get_args(args) if isinstance(a, type) and issubclass(a, BaseModel)]
+        for sub in dict.fromkeys(nested):
+            rows += _rows(sub, f"{key}[].") if typing.get_origin(field.annotation) is list else _rows(sub, f"{key}.")
+    return rows
+
+
+def reference_markdown() -> str:
+    """The job spec's keys as a Markdown page, generated from the pydantic schema above
+    (``moe-tune job keys`` prints it; docs/job-spec.md is a copy a test keeps equal)."""
+    return "\n".join([
+        "# Job spec keys",
+        "",
+        "Generated from `tuner/jobspec.py` (`moe-tune job keys`); do not edit by hand.",
+        "",
+        "A job spec is one YAML mapping; unknown keys are refused. Relative paths (models and search "
+        "spaces that name a file, `file:` routings, `baseline`, `output.dir`, `journal`, "
+        "`gate.reference`) are taken from the folder the spec file is in. `moe-tune job validate "
+        "JOB.yaml` runs every check `moe-tune job run` makes before it starts (exit 0, or 2 with one "
+        "line naming the key).",
+        "",
+        "| key | type | default | meaning |",
+        "| --- | --- | --- | --- |",
+        *_rows(JobSpec),
+        "",
+    ])

@@ -170,6 +170,27 @@ def record_to_measurement(record: dict) -> Measurement:
                        device=record["device"], versions=dict(record["versions"]), message=record["message"])
 
 
+def count_measurements(path: Path, work: set[tuple[MoEShape, str, int]]) -> int:
+    """How many ``measure`` records of the journal at ``path`` belong to ``work`` — (shape, routing,
+    batch size) triples, on any device and software stack — without opening it for writing (a
+    missing file counts 0; unreadable lines are skipped as ``Journal`` skips them)."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return 0
+    count = 0
+    for line in data.splitlines():
+        try:
+            record = orjson.loads(line)
+            if record.get("kind") != "measure":
+                continue
+            candidate = candidate_from_dict(record["candidate"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            continue
+        count += (candidate.shape, candidate.routing, candidate.M) in work
+    return count
+
+
 class Journal:
     """An open journal: ``get`` looks a key up, ``append`` adds a record durably.
 

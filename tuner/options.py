@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tuner.writers import DEFAULT_OUT
 from workers.records import DType
 
 
@@ -41,12 +42,14 @@ class TuneOptions:
     connect_timeout: float = 60.0
     """Seconds to join ``address`` (``tuner.ray_session.DEFAULT_CONNECT_TIMEOUT_S``)."""
     workers: int | None = None
-    out: str = "configs_out"
+    out: str = str(DEFAULT_OUT)
     format: str = "vllm"
     replace: bool = False
     """Overwrite existing config files instead of merging into them (``tuner.writers``)."""
     journal: str | None = None
     fresh: bool = False
+    yes: bool = False
+    """Confirms ``fresh`` where nothing can ask (``tuner.commands.arguments.confirm_fresh``)."""
     interpret: bool = False
     timeout: float = 300.0
     """Seconds per candidate."""

@@ -39,6 +39,7 @@ from typing import TextIO
 import ray
 
 from tuner import signals
+from tuner.cli import VERBOSE_ENV
 from tuner.errors import RunFailed
 from tuner.options import TuneOptions
 from workers import faults
@@ -48,6 +49,13 @@ INTERPRET_NUM_GPUS = 2
 DEFAULT_CONNECT_TIMEOUT_S = TuneOptions.connect_timeout  # 60 s
 TCP_RETRY_S = 1.0
 _stranded: list[threading.Thread] = []
+
+
+def ray_logging_level() -> int:
+    """The level of Ray's own driver-side logger for ``ray.init``: ERROR unless ``--verbose``, so
+    its start-up chatter (the token-authentication notice, "Started a local Ray instance", …)
+    stays out of the user's terminal while real errors still show."""
+    return logging.INFO if os.environ.get(VERBOSE_ENV) == "1" else logging.ERROR
 
 
 def _host_port(address: str) -> tuple[str, int] | None:
@@ -79,7 +87,7 @@ def join(address: str, runtime_env: dict | None, timeout_s: float) -> None:
 
     def connect() -> None:
         try:
-            ray.init(address=address, runtime_env=runtime_env, logging_level=logging.ERROR)
+            ray.init(address=address, runtime_env=runtime_env, logging_level=ray_logging_level())
             outcome["error"] = None
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
             outcome["error"] = exc
@@ -128,9 +136,10 @@ def ray_session(address: str | None, interpret: bool, workers: int | None = None
             join(address, runtime_env, connect_timeout_s)
         elif interpret:
             gpus = workers or INTERPRET_NUM_GPUS
-            ray.init(num_cpus=max(2, gpus), num_gpus=gpus, include_dashboard=False, runtime_env=runtime_env)
+            ray.init(num_cpus=max(2, gpus), num_gpus=gpus, include_dashboard=False, runtime_env=runtime_env,
+                     logging_level=ray_logging_level())
         else:
-            ray.init(include_dashboard=False, runtime_env=runtime_env)
+            ray.init(include_dashboard=False, runtime_env=runtime_env, logging_level=ray_logging_level())
         signals.install()
         try:
             yield session

@@ -23,6 +23,15 @@ from workers.records import Config, DType, MoEShape
 
 REFERENCE = DType.BF16
 REPORT_FILES = ("report.md", "report.html", "report.json")
+DEFAULT_MAX_REL_ERR = 0.10
+"""Recommend only dtypes within 10% relative error of bf16 unless told otherwise: admits per-tensor
+fp8_w8a8 (6.5–6.7% on the tuner's Gaussian weights) and int8_w8a16 (1.6%), not the 4-bit formats
+(17–21%), whose error on real checkpoints the user must judge (docs/reports/*/report.md)."""
+MIN_SIGNIFICANT_DIFFERENCE = 0.03
+"""A dtype is called faster only when it wins by more than 3% of the slower latency, and by more than
+the two full timings' spreads (interquartile ranges) added. Each dtype's winner is timed in its own
+search, not back to back, and the same config timed in two runs on one H200 differed by up to
+2.7% (docs/benchmarks.md: M=96, 357.5 vs 348.1 µs)."""
 
 MEMORY_MODEL = (
     "Memory per GPU at batch size M = (MoE expert weights of every MoE layer, scales included) + "
@@ -51,6 +60,7 @@ class PointResult:
     rel_err_vs_bf16: float  # ||out - out_bf16|| / ||out_bf16|| on the same inputs; 0 for bf16
     hbm_floor_fraction: float | None  # None where the device's peaks are unknown
     compute_floor_fraction: float | None
+    spread_us: float | None = None  # interquartile range of the full timing; None where unknown
 
     @property
     def tokens_per_s(self) -> float:
@@ -84,6 +94,10 @@ class ComparisonResults:
     dtypes: dict[DType, DTypeSummary]
     points: list[PointResult] = field(default_factory=list)
     budget_ended: bool = False  # the tuning stopped at --budget-minutes: configs are the best found by then
+    memory_source: str = "given"  # where memory_budget_bytes came from, in words
+    configs_folder: str | None = None  # where the tuned config files were written
+    config_files: list[str] = field(default_factory=list)
+    max_rel_err: float = DEFAULT_MAX_REL_ERR  # the bound the recommendations were made under
 
     def max_batch_in_budget(self, dtype: DType) -> int:
         summary = self.dtypes[dtype]
@@ -108,12 +122,19 @@ def summarize_dtype(shape: MoEShape, moe_layers: int) -> DTypeSummary:
 
 
 def measured_point(shape: MoEShape, M: int, latency_us: float, config: Config, rel_err_vs_bf16: float,
-                   experts_touched: float, peaks: DeviceFacts | None) -> PointResult:
+                   experts_touched: float, peaks: DeviceFacts | None,
+                   spread_us: float | None = None) -> PointResult:
     """A point with its floor fractions (None when ``peaks`` is None, e.g. on CPU)."""
     fractions = None if peaks is None else roofline.floor_fractions(shape, M, latency_us, peaks, experts_touched)
     return PointResult(dtype=shape.dtype, M=M, latency_us=latency_us, config=config, rel_err_vs_bf16=rel_err_vs_bf16,
                        hbm_floor_fraction=fractions.hbm if fractions else None,
-                       compute_floor_fraction=fractions.compute if fractions else None)
+                       compute_floor_fraction=fractions.compute if fractions else None, spread_us=spread_us)
+
+
+def significantly_faster(fast: PointResult, slow: PointResult) -> bool:
+    """``fast`` beats ``slow`` by more than ``MIN_SIGNIFICANT_DIFFERENCE`` and the two spreads."""
+    margin = max(MIN_SIGNIFICANT_DIFFERENCE * slow.latency_us, (fast.spread_us or 0.0) + (slow.spread_us or 0.0))
+    return slow.latency_us - fast.latency_us > margin
 
 
 @dataclass(frozen=True)
@@ -128,6 +149,8 @@ class Recommendation:
     max_rel_err: float
     first: bool
     last: bool
+    tied: tuple[DType, ...] = ()
+    """Eligible dtypes neither significantly faster nor significantly slower than the recommended one."""
 
     @property
     def range_text(self) -> str:
@@ -142,7 +165,10 @@ class Recommendation:
     @property
     def reason(self) -> str:
         parts = []
-        if self.dtype is REFERENCE:
+        tied = ", ".join(d.value for d in self.tied)
+        if self.dtype is REFERENCE and self.tied:
+            parts.append(f"no significant difference ({tied} within the measured spread of bf16)")
+        elif self.dtype is REFERENCE:
             parts.append("no other dtype is faster")
         elif self.speedups:
             low, high = min(self.speedups), max(self.speedups)
@@ -151,6 +177,8 @@ class Recommendation:
             parts.append(" then ".join(dict.fromkeys(self.regimes)))
         if self.dtype is not REFERENCE:
             parts.append(f"rel. err vs bf16 ≤ {_percent(self.max_rel_err)}")
+            if self.tied:
+                parts.append(f"no significant difference from {tied}")
         return ", ".join(parts)
 
     @property
@@ -158,28 +186,45 @@ class Recommendation:
         return f"{self.range_text}: {self.dtype.value} — {self.reason}"
 
 
+def choose(results: ComparisonResults, M: int, max_rel_err: float = DEFAULT_MAX_REL_ERR
+           ) -> tuple[PointResult, tuple[DType, ...]] | None:
+    """The dtype to deploy at ``M`` among those within ``max_rel_err`` of bf16, and the eligible
+    dtypes tied with it (``significantly_faster`` decides): the fastest, unless it is not
+    significantly faster than bf16, which is then kept (no significant difference). None when no
+    eligible dtype has a result at ``M``."""
+    eligible = sorted((p for p in results.points if p.M == M and p.rel_err_vs_bf16 <= max_rel_err),
+                      key=lambda p: p.latency_us)
+    if not eligible:
+        return None
+    fastest, reference = eligible[0], results.point(REFERENCE, M)
+    chosen = fastest
+    if reference is not None and fastest is not reference and not significantly_faster(fastest, reference):
+        chosen = reference
+    return chosen, tuple(p.dtype for p in eligible if p is not chosen
+                         and not significantly_faster(p, chosen) and not significantly_faster(chosen, p))
+
+
 def recommend(results: ComparisonResults, max_rel_err: float | None = None) -> list[Recommendation]:
-    """Per measured M the fastest dtype (optionally among those within ``max_rel_err`` of bf16),
-    merged into ranges of consecutive batch sizes with the same winner."""
-    winners: list[PointResult] = []
+    """Per measured M the dtype ``choose`` picks (within ``max_rel_err``, default the record's own
+    ``max_rel_err``), merged into ranges of consecutive batch sizes with the same choice and ties."""
+    max_rel_err = results.max_rel_err if max_rel_err is None else max_rel_err
+    runs: list[list[tuple[PointResult, tuple[DType, ...]]]] = []
     for M in results.batch_sizes:
-        eligible = [p for p in results.points if p.M == M
-                    and (max_rel_err is None or p.rel_err_vs_bf16 <= max_rel_err)]
-        if eligible:
-            winners.append(min(eligible, key=lambda p: p.latency_us))
-    runs: list[list[PointResult]] = []
-    for winner in winners:
-        if runs and runs[-1][-1].dtype is winner.dtype:
-            runs[-1].append(winner)
+        chosen = choose(results, M, max_rel_err)
+        if chosen is None:
+            continue
+        if runs and (runs[-1][-1][0].dtype, runs[-1][-1][1]) == (chosen[0].dtype, chosen[1]):
+            runs[-1].append(chosen)
         else:
-            runs.append([winner])
+            runs.append([chosen])
     recommendations = []
     for index, run in enumerate(runs):
-        speedups = tuple(s for s in (results.speedup_vs_bf16(p) for p in run) if s is not None)
+        points = [p for p, _ in run]
+        speedups = tuple(s for s in (results.speedup_vs_bf16(p) for p in points) if s is not None)
         recommendations.append(Recommendation(
-            m_low=run[0].M, m_high=run[-1].M, dtype=run[0].dtype, speedups=speedups,
-            regimes=tuple(p.regime for p in run if p.regime), max_rel_err=max(p.rel_err_vs_bf16 for p in run),
-            first=index == 0, last=index == len(runs) - 1))
+            m_low=points[0].M, m_high=points[-1].M, dtype=points[0].dtype, speedups=speedups,
+            regimes=tuple(p.regime for p in points if p.regime), max_rel_err=max(p.rel_err_vs_bf16 for p in points),
+            first=index == 0, last=index == len(runs) - 1, tied=run[0][1]))
     return recommendations
 
 
@@ -216,13 +261,20 @@ def _sections(results: ComparisonResults, recommendations: list[Recommendation])
     header = _Section(
         title=f"MoE dtype comparison — {results.model} ({results.layout}) on {results.device}",
         paragraphs=[f"Routing: {results.routing} · MoE layers: {results.moe_layers} · memory budget: "
-                    f"{_size(results.memory_budget_bytes)} per GPU · versions: {versions}.",
+                    f"{_size(results.memory_budget_bytes)} per GPU ({results.memory_source}) · versions: {versions}.",
+                    f"Tuned config files: {results.configs_folder} ({', '.join(results.config_files)})."
+                    if results.configs_folder else "Tuned config files: not written.",
                     "Latency is per fused-MoE call of one layer (both GEMMs, SwiGLU, top-k sum) with the "
                     "tuned config; tokens/s = M / latency."]
         + (["The time budget ended the tuning: every latency is the best config found by then, not the "
             "end of the search."] if results.budget_ended else []))
-    recommendation = _Section(title="Recommendation", bullets=[r.text for r in recommendations]
-                              or ["no dtype produced a result"])
+    recommendation = _Section(
+        title="Recommendation",
+        paragraphs=[f"Among dtypes within {_percent(results.max_rel_err)} relative error of bf16 (--max-rel-err), "
+                    f"the fastest per M; a dtype counts as faster only by more than "
+                    f"{100 * MIN_SIGNIFICANT_DIFFERENCE:.0f}% and the two timings' spreads (interquartile ranges) "
+                    "added, as each dtype is timed in its own search."],
+        bullets=[r.text for r in recommendations] or ["no dtype within the error bound produced a result"])
     memory = _Section(
         title="Weights and the largest batch that fits",
         paragraphs=[MEMORY_MODEL],
@@ -321,7 +373,10 @@ def to_json(results: ComparisonResults, recommendations: list[Recommendation]) -
         "model": results.model, "layout": results.layout, "device": results.device,
         "versions": results.versions, "routing": results.routing, "moe_layers": results.moe_layers,
         "budget_ended": results.budget_ended,
-        "memory_budget_bytes": results.memory_budget_bytes, "memory_model": MEMORY_MODEL,
+        "memory_budget_bytes": results.memory_budget_bytes, "memory_source": results.memory_source,
+        "configs_folder": results.configs_folder, "config_files": results.config_files,
+        "max_rel_err": results.max_rel_err, "min_significant_difference": MIN_SIGNIFICANT_DIFFERENCE,
+        "memory_model": MEMORY_MODEL,
         "roofline_model": ROOFLINE_MODEL,
         "dtypes": {d.value: {"shape": s.shape.label, "weight_bytes_per_gpu": s.weight_bytes_per_gpu,
                              "working_bytes_per_token": s.working_bytes_per_token,
@@ -330,9 +385,9 @@ def to_json(results: ComparisonResults, recommendations: list[Recommendation]) -
         "points": [{"dtype": p.dtype.value, "M": p.M, "latency_us": p.latency_us, "tokens_per_s": p.tokens_per_s,
                     "speedup_vs_bf16": results.speedup_vs_bf16(p), "rel_err_vs_bf16": p.rel_err_vs_bf16,
                     "hbm_floor_fraction": p.hbm_floor_fraction, "compute_floor_fraction": p.compute_floor_fraction,
-                    "config": p.config.to_dict()} for p in results.points],
-        "recommendations": [{"m_low": r.m_low, "m_high": r.m_high, "dtype": r.dtype.value, "text": r.text}
-                            for r in recommendations],
+                    "spread_us": p.spread_us, "config": p.config.to_dict()} for p in results.points],
+        "recommendations": [{"m_low": r.m_low, "m_high": r.m_high, "dtype": r.dtype.value,
+                             "tied": [d.value for d in r.tied], "text": r.text} for r in recommendations],
     }
 
 
@@ -350,10 +405,10 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def write_reports(results: ComparisonResults, out_dir: Path, max_rel_err: float | None = None) -> list[Path]:
+def write_reports(results: ComparisonResults, out_dir: Path) -> list[Path]:
     """Write report.md, report.html and report.json into ``out_dir``; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    recommendations = recommend(results, max_rel_err)
+    recommendations = recommend(results)
     sections = _sections(results, recommendations)
     contents = {
         "report.md": render_markdown(sections).encode(),

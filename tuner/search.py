@@ -209,10 +209,6 @@ class Strategy(ABC):
         (group.screens if c.level is Level.SCREEN else group.fulls)[c.config] = latency
         group.waiting.discard((c.config, c.level))
 
-    def total_hint(self) -> int | None:
-        """How many candidates the whole search will measure, when known up front (for progress/ETA)."""
-        return None
-
     def finished(self) -> set[tuple[MoEShape, str, int]]:
         """The (shape, routing, M) whose every group (GEMM part) has finished its search: nothing
         waiting and nothing more to propose. Call ``propose`` first so idle groups pass the rounds
@@ -274,9 +270,6 @@ class Exhaustive(Strategy):
     def _search_step(self, group: Group) -> Round:
         group.phase = Phase.PROMOTE
         return [(group, c, Level.SCREEN) for c in dict.fromkeys([*group.configs, *group.baseline])]
-
-    def total_hint(self) -> int:
-        return sum(len(set(g.configs) | set(g.baseline)) for g in self.groups)
 
 
 class Fast(Strategy):

@@ -38,11 +38,15 @@ from workers.records import Config, Gemm, MoEShape
 __all__ = [
     "device_file_name", "vllm_file_name", "sglang_file_name", "write_vllm", "write_sglang",
     "read_config_folder", "lookup", "atomic_write_text", "server_files_writer", "OutputWriter", "FORMATS",
-    "probe_writable", "check_existing", "FileConflict", "Written", "PROVENANCE_NAME",
+    "probe_writable", "check_existing", "FileConflict", "Written", "PROVENANCE_NAME", "vllm_path", "sglang_paths",
+    "DEFAULT_OUT",
 ]
 
 TRITON_VERSION_KEY = "triton_version"
 PROVENANCE_NAME = ".moe-tune-files.json"
+DEFAULT_OUT = Path("moe-tune-out")
+"""Where ``tune`` and ``compare`` write config files (and their journal) unless told otherwise:
+a folder of its own in the working directory, never one holding committed results."""
 KERNEL_IDENTITY_KEYS = ("kernel", "kernel_hash", "kernel_version")
 """The worker-environment keys (``BenchmarkWorker.describe``) that name the kernel a file was tuned for."""
 
@@ -225,11 +229,13 @@ def _merged(new: dict[int, Config], kept: dict[str, dict]) -> dict[str, dict]:
     return {k: entries[k] for k in sorted(entries, key=int)}
 
 
-def _vllm_path(folder: str | Path, shape: MoEShape, device_name: str) -> Path:
+def vllm_path(folder: str | Path, shape: MoEShape, device_name: str) -> Path:
+    """Where ``write_vllm`` puts the file of ``shape`` on ``device_name``."""
     return Path(folder) / vllm_file_name(shape, device_name)
 
 
-def _sglang_paths(folder: str | Path, shape: MoEShape, device_name: str, triton_version: str) -> tuple[Path, Path]:
+def sglang_paths(folder: str | Path, shape: MoEShape, device_name: str, triton_version: str) -> tuple[Path, Path]:
+    """Where ``write_sglang`` puts SGLang's file of ``shape`` and its ``_down`` file."""
     target = Path(folder) / sglang_version_folder(triton_version)
     return target / sglang_file_name(shape, device_name), target / sglang_file_name(shape, device_name, down=True)
 
@@ -241,9 +247,9 @@ def check_existing(folder: str | Path, shape: MoEShape, device_name: str, batch_
     ``sglang``) would be refused (see the module's rule); run before tuning starts."""
     identity = _identity(kernel, triton_version)
     if "vllm" in formats:
-        _plan(_vllm_path(folder, shape, device_name), batch_sizes, identity, True, replace)
+        _plan(vllm_path(folder, shape, device_name), batch_sizes, identity, True, replace)
     if "sglang" in formats:
-        for path in _sglang_paths(folder, shape, device_name, triton_version):
+        for path in sglang_paths(folder, shape, device_name, triton_version):
             _plan(path, batch_sizes, identity, False, replace)
 
 
@@ -252,7 +258,7 @@ def write_vllm(folder: str | Path, shape: MoEShape, device_name: str, configs: d
     """Write (or merge into) one vLLM config file; batch sizes ascending after the
     ``triton_version`` key, as vLLM's own tuner writes them. ``kernel``: the worker environment
     the configs were tuned in (its ``KERNEL_IDENTITY_KEYS``); ``FileConflict`` as the module says."""
-    path = _vllm_path(folder, shape, device_name)
+    path = vllm_path(folder, shape, device_name)
     identity = _identity(kernel, triton_version)
     kept, action = _plan(path, set(configs), identity, True, replace)
     atomic_write_text(path, _dump({TRITON_VERSION_KEY: triton_version, **_merged(configs, kept)}))
@@ -277,7 +283,7 @@ def write_sglang(folder: str | Path, shape: MoEShape, device_name: str, up_confi
                             if up_configs[M].BLOCK_SIZE_M != down_configs[M].BLOCK_SIZE_M)
         if mismatched:
             raise ValueError(f"down configs must keep the up configs' BLOCK_SIZE_M (batch sizes {mismatched})")
-    up_path, down_path = _sglang_paths(folder, shape, device_name, triton_version)
+    up_path, down_path = sglang_paths(folder, shape, device_name, triton_version)
     identity = _identity(kernel, triton_version)
     kept_up, up_action = _plan(up_path, set(up_configs), identity, False, replace)
     files = [(up_path, _merged(up_configs, kept_up), up_action, kept_up)]

@@ -145,6 +145,13 @@ class BenchmarkWorker:
                                           int(properties["max_shared_mem"])),
                             ray.get_runtime_context().get_node_id())
 
+    def device_memory(self) -> tuple[int, str]:
+        """Bytes of memory of the device this worker runs kernels on, and where the number comes
+        from: the GPU's own report, or (under the Triton interpreter) the host's physical memory."""
+        if self.device == "cuda":
+            return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, "reported by the GPU"
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "the host's memory: a CPU run"
+
     def relative_errors(self, shapes: dict[DType, MoEShape], configs: dict[DType, Config], M: int, routing: str,
                         reference: DType) -> tuple[dict[DType, float], int]:
         """At batch size ``M``: per dtype, the relative error of ``fused_moe`` with that dtype's

@@ -7,7 +7,9 @@ Each ``*_arg``/``*_list`` function is an argparse ``type``: a bad value raises
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 from tuner.errors import UsageError
 from workers.records import DType, MoEShape
@@ -125,3 +127,28 @@ def add_layout_arguments(parser: argparse.ArgumentParser, repeatable_model: bool
     parser.add_argument("--tp", type=int, default=1, help="GPUs serving the MoE layer (tensor-parallel size)")
     parser.add_argument("--ep", type=int, default=1,
                         help="expert-parallel size, dividing --tp (--tp 2 --ep 2 is vLLM's --enable-expert-parallel)")
+
+
+def add_fresh_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fresh", action="store_true",
+                        help="set the journal aside (kept as <journal>.<time>.old) and measure everything again; "
+                             "asks first when the journal holds measurements of this work")
+    parser.add_argument("--yes", action="store_true", help="confirm --fresh without asking (needed without a terminal)")
+
+
+def confirm_fresh(journal: Path, measurements: int, yes: bool) -> None:
+    """Before ``--fresh`` sets aside ``measurements`` saved measurements of the work at hand: ask on
+    a terminal, refuse without one unless ``yes`` (a UsageError: nothing has started)."""
+    if measurements == 0 or yes:
+        return
+    what = f"--fresh sets aside {journal}, which holds {measurements} measurements of this work, and measures again"
+    if not (sys.stdin.isatty() and sys.stderr.isatty()):
+        raise UsageError(f"{what}: pass --yes to confirm (no terminal to ask on)")
+    sys.stderr.write(f"moe-tune: {what}. Continue? [y/N] ")
+    sys.stderr.flush()
+    try:
+        answer = sys.stdin.readline().strip().lower()
+    except (EOFError, OSError):
+        answer = ""
+    if answer not in ("y", "yes"):
+        raise UsageError("--fresh not confirmed; nothing was changed")

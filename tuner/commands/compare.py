@@ -7,16 +7,17 @@ import argparse
 from pathlib import Path
 
 from tuner import compare, report
-from tuner.commands.arguments import (add_batch_sizes_argument, add_layout_arguments, check_interpret_limits,
-                                      dtype_list, positive_float, positive_int, routing_arg)
+from tuner.commands.arguments import (add_batch_sizes_argument, add_fresh_arguments, add_layout_arguments,
+                                      check_interpret_limits, confirm_fresh, dtype_list, positive_float,
+                                      positive_int, routing_arg)
 from tuner.errors import UsageError
-from tuner.journal import JOURNAL_NAME, JournalBusy
+from tuner.journal import JOURNAL_NAME, JournalBusy, count_measurements
 from tuner.models import derive_shape, load_model
 from tuner.plan import plan, resolve_batch_sizes
 from tuner.search import STRATEGIES
 from tuner.ray_session import DEFAULT_CONNECT_TIMEOUT_S
 from tuner.spaces import load_space
-from tuner.writers import probe_writable
+from tuner.writers import DEFAULT_OUT, probe_writable
 from workers.records import DType
 
 DEFAULT_DTYPES = "bf16,fp8_w8a8,int8_w8a16,mxfp4,nvfp4"
@@ -34,18 +35,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-minutes", type=positive_float, metavar="MINUTES",
                         help="stop tuning after this long; the report uses the best found by then and says so")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for report.md/.html/.json")
-    parser.add_argument("--configs-out", type=Path, default=Path("configs_out"), metavar="DIR",
-                        help="folder for the tuned config files (default: configs_out)")
+    parser.add_argument("--configs-out", type=Path, default=DEFAULT_OUT, metavar="DIR",
+                        help=f"folder for the tuned config files (default: ./{DEFAULT_OUT}/, as tune)")
     parser.add_argument("--format", default="vllm", choices=("vllm", "sglang", "both"), help="config file layout")
     parser.add_argument("--journal", type=Path,
                         help=f"journal (default: <configs-out>/{JOURNAL_NAME}, shared with tune)")
-    parser.add_argument("--fresh", action="store_true", help="ignore the journal and measure everything")
+    add_fresh_arguments(parser)
     parser.add_argument("--moe-layers", type=positive_int, default=1,
                         help="MoE layers of the model, for the weight total per GPU (default 1: one layer)")
     parser.add_argument("--memory-budget-gib", type=positive_float, metavar="GIB",
-                        help="memory per GPU for weights + MoE buffers (default: 90%% of the GPU's memory)")
-    parser.add_argument("--max-rel-err", type=positive_float, metavar="ERR",
-                        help="recommend only dtypes within this relative error of bf16")
+                        help="memory per GPU for weights + MoE buffers (default: 90%% of the memory the GPU reports)")
+    parser.add_argument("--max-rel-err", type=positive_float, default=report.DEFAULT_MAX_REL_ERR, metavar="ERR",
+                        help="recommend only dtypes within this relative error of bf16 (default "
+                             f"{report.DEFAULT_MAX_REL_ERR:g}: fp8 and int8 pass, the 4-bit formats do not)")
+    parser.add_argument("--json", action="store_true", help="print the report's JSON (report.json) on stdout")
     parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--connect-timeout", type=positive_float, default=DEFAULT_CONNECT_TIMEOUT_S, metavar="SECONDS",
                         help=f"give up joining --address after this long (default {DEFAULT_CONNECT_TIMEOUT_S:g})")
@@ -68,21 +71,24 @@ def _request(args: argparse.Namespace) -> compare.CompareRequest:
             raise UsageError(f"{what} {path}: exists and is not a folder")
     space = load_space(args.search_space)
     planned = plan([spec], args.tp, args.ep, dtypes, None, batch_sizes, space)
+    journal = args.journal or args.configs_out / JOURNAL_NAME
+    if args.fresh:
+        work = {(s.shape, args.routing, M) for s in planned.shapes for M in planned.batch_sizes}
+        confirm_fresh(journal, count_measurements(journal, work), args.yes)
 
     def plan_for_device(device_name: str):
-        if args.memory_budget_gib is None:
-            compare.memory_known(device_name)  # fail before the search, not after it
         return compare.search_jobs(planned, args.routing, device_name)
 
     layout = f"tp={args.tp}" + (f",ep={args.ep}" if args.ep > 1 else "")
     return compare.CompareRequest(
         model=spec.name, layout=layout, shapes=shapes, batch_sizes=batch_sizes, routing=args.routing,
         plan_for_device=plan_for_device, configs_out=args.configs_out, file_format=args.format,
-        journal=args.journal or args.configs_out / JOURNAL_NAME, fresh=args.fresh, address=args.address,
+        journal=journal, fresh=args.fresh, address=args.address,
         connect_timeout_s=args.connect_timeout, replace=args.replace,
         workers=args.workers, interpret=args.interpret, strategy=args.strategy,
         budget_s=args.budget_minutes * 60 if args.budget_minutes else None, moe_layers=args.moe_layers,
-        memory_budget_bytes=int(args.memory_budget_gib * 2**30) if args.memory_budget_gib else None)
+        memory_budget_bytes=int(args.memory_budget_gib * 2**30) if args.memory_budget_gib else None,
+        max_rel_err=args.max_rel_err)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,9 +100,14 @@ def run(args: argparse.Namespace) -> int:
         results = compare.run_compare(request)
     except JournalBusy as exc:
         raise UsageError(str(exc)) from None
-    paths = report.write_reports(results, args.out, max_rel_err=args.max_rel_err)
-    for recommendation in report.recommend(results, args.max_rel_err):
-        print(recommendation.text)
+    paths = report.write_reports(results, args.out)
+    if args.json:
+        print((args.out / "report.json").read_text())
+        return 0
+    print(f"recommendation (dtypes within {args.max_rel_err:.1%} relative error of bf16):")
+    for recommendation in report.recommend(results):
+        print(f"  {recommendation.text}")
+    print(f"tuned config files in {results.configs_folder}: {', '.join(results.config_files) or 'none'}")
     for path in paths:
         print(f"wrote {path}")
     return 0

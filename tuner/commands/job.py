@@ -1,12 +1,15 @@
-"""``moe-tune job validate|run JOB.yaml``: the nightly entry point (``ray job submit -- moe-tune job run``).
+"""``moe-tune job validate|run JOB.yaml`` and ``moe-tune job keys``: the nightly entry point
+(``ray job submit -- moe-tune job run``).
 
-``validate`` checks everything that can be checked without a GPU (the spec's fields, every
-model × layout × dtype shape, the search space, routing, the strategy) and
-exits 0 or 2. ``run`` validates the same way and each tune run as ``moe-tune tune`` would (its
-``TuneOptions``, built from the spec), then, in one Ray session, runs the tunes in order and, when
-the spec has a gate, benches the fresh configs against the reference folder on one GPU worker, each
-routing's configs (its own subfolder when the spec has several routings) under that routing. Exit 1
-when a tune failed (the gate is then skipped: half a run proves nothing) or the gate failed.
+``validate`` makes every check ``run`` makes before it starts (the spec's fields, every
+model × layout × dtype shape, the routings, the search space, then each tune run exactly as
+``moe-tune tune`` checks its input — its ``TuneOptions`` built from the spec: models, search
+space, routing files, output and journal locations, baseline folders — and the gate's reference
+folder) and exits 0 or 2. ``run`` validates the same way, then, in one Ray session, runs the tunes
+in order and, when the spec has a gate, benches the fresh configs against the reference folder on
+one GPU worker, each routing's configs (its own subfolder when the spec has several routings)
+under that routing. Exit 1 when a tune failed (the gate is then skipped: half a run proves
+nothing) or the gate failed. ``keys`` prints the reference of every spec key.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from tuner import bench
 from tuner.commands import tune
 from tuner.commands.arguments import check_interpret_limits
 from tuner.errors import RunFailed, UsageError
-from tuner.jobspec import JobSpec, Layout, TuneRun, gate_checks, load_job_spec, routing_folder, tune_runs
+from tuner.jobspec import (JobSpec, Layout, TuneRun, gate_checks, load_job_spec, reference_markdown, routing_folder,
+                           tune_runs)
 from tuner.models import derive_shape, load_model
 from tuner.plan import resolve_batch_sizes
 from tuner.ray_session import RaySession, ray_session
@@ -34,22 +38,34 @@ def configure(parser: argparse.ArgumentParser) -> None:
                        ("run", "run every tune of a job spec, then its bench gate")):
         action = actions.add_parser(name, help=text, description=text)
         action.add_argument("spec", type=Path, metavar="JOB.yaml")
+    actions.add_parser("keys", help="print every job spec key (Markdown)", description="print every job spec key")
 
 
 def _shapes(spec: JobSpec) -> dict[tuple[str, Layout, DType], MoEShape]:
-    """Every (model, layout, dtype) shape; a model or layout that does not fit fails here."""
+    """Every (model, layout, dtype) shape, with each model's own dtype where the spec names none
+    (as ``tune`` without ``--dtype``); a model or layout that does not fit fails here."""
     shapes = {}
     for model in spec.models:
         model_spec = load_model(model)
         for layout in spec.layouts:
-            for dtype in spec.dtypes:
-                block = spec.block_shape if format_of(dtype).block_shapes else None
-                shapes[(model, layout, dtype)] = derive_shape(model_spec, tp=layout.tp, ep=layout.ep, dtype=dtype,
-                                                              block_shape=block)
+            for dtype in spec.dtypes or [None]:
+                block = spec.block_shape if dtype is not None and format_of(dtype).block_shapes else None
+                shape = derive_shape(model_spec, tp=layout.tp, ep=layout.ep, dtype=dtype, block_shape=block)
+                shapes[(model, layout, shape.dtype)] = shape
     return shapes
 
 
-def validate(spec: JobSpec) -> tuple[list[TuneRun], dict]:
+def _dtypes_by_model(shapes: dict[tuple[str, Layout, DType], MoEShape]) -> dict[str, list[DType]]:
+    out: dict[str, list[DType]] = {}
+    for model, _layout, dtype in shapes:
+        if dtype not in out.setdefault(model, []):
+            out[model].append(dtype)
+    return out
+
+
+def validate(spec: JobSpec) -> tuple[list[tuple[TuneRun, "tune.Validated"]], dict]:
+    """Every check ``job run`` makes before it starts; UsageError on the first failing one. Returns
+    each tune run with its validation, and every (model, layout, dtype) shape."""
     shapes = _shapes(spec)
     folders: dict[str, str] = {}
     for routing in spec.routing:
@@ -64,9 +80,16 @@ def validate(spec: JobSpec) -> tuple[list[TuneRun], dict]:
         load_space(str(spec.search_space))
     if spec.interpret:
         check_interpret_limits(list(shapes.values()), resolve_batch_sizes(spec.batch_sizes))
-    if spec.output.dir.exists() and not spec.output.dir.is_dir():
-        raise UsageError(f"output.dir {spec.output.dir}: exists and is not a folder")
-    return tune_runs(spec), shapes
+    tunes = []
+    for tune_run in tune_runs(spec):
+        try:
+            tunes.append((tune_run, tune.validate(tune_run.options)))
+        except UsageError as exc:
+            raise UsageError(f"tune {tune_run.label}: {exc}") from None
+    if spec.gate is not None and not spec.gate.reference.is_dir():
+        raise UsageError(f"gate.reference {spec.gate.reference}: not a folder (an empty folder gates against "
+                         "vLLM's default heuristic)")
+    return tunes, shapes
 
 
 def _gate(spec: JobSpec, shapes: dict, session: RaySession) -> list[str]:
@@ -74,7 +97,7 @@ def _gate(spec: JobSpec, shapes: dict, session: RaySession) -> list[str]:
     batch_sizes = resolve_batch_sizes(gate.batch_sizes or spec.batch_sizes)
     regressions: list[str] = []
     with bench.bench_pool() as pool:
-        for check in gate_checks(spec):
+        for check in gate_checks(spec, _dtypes_by_model(shapes)):
             shape = shapes[(check.model, check.layout, check.dtype)]
             variants, reference = bench.variants_for([check.fresh], gate.reference)
             result = bench.bench_on(pool, shape, variants, reference, batch_sizes, check.routing, gate.rounds)
@@ -85,17 +108,17 @@ def _gate(spec: JobSpec, shapes: dict, session: RaySession) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.action == "keys":
+        print(reference_markdown(), end="")
+        return 0
     spec = load_job_spec(args.spec)
-    runs, shapes = validate(spec)
+    tunes, shapes = validate(spec)
+    runs = [tune_run for tune_run, _ in tunes]
     if args.action == "validate":
         gate = f"; gate vs {spec.gate.reference} at {spec.gate.fail_if_slower}" if spec.gate else ""
         print(f"{args.spec}: valid: {len(runs)} tune run(s), {len(shapes)} shape(s){gate}")
         return 0
-    if spec.gate is not None and not spec.gate.reference.is_dir():
-        raise UsageError(f"gate.reference {spec.gate.reference}: not a folder (an empty folder gates against "
-                         "vLLM's default heuristic)")
 
-    tunes = [(tune_run, tune.validate(tune_run.options)) for tune_run in runs]
     with ray_session(spec.address, spec.interpret, spec.workers) as session:
         failed = []
         for index, (tune_run, valid) in enumerate(tunes, 1):

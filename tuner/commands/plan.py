@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from tuner.commands.arguments import add_batch_sizes_argument, add_layout_arguments, block_shape_arg
+from tuner.commands.arguments import add_batch_sizes_argument, add_layout_arguments, block_shape_arg, positive_int
 from tuner.errors import UsageError
+from tuner.estimate import Estimate, default_compile_processes, estimate, format_estimate
 from tuner.plan import DevicePlan, build_plan
+from tuner.search import STRATEGIES, SearchJob
 from tuner.spaces import REASONS
 from workers.records import DType
 
@@ -36,11 +38,32 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--search-space", default="default", metavar="NAME|PATH",
                         help="search space name (search_spaces/<name>.yaml) or YAML file")
     parser.add_argument("--device-name", help='target GPU as torch names it, e.g. "NVIDIA H200" (default: this GPU)')
+    add_estimate_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
-def format_plan(plan: DevicePlan) -> str:
-    """A readable plan: per job its shape and file, then kept/dropped counts per batch size."""
+def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
+    """What the estimate needs to know about the tune to come."""
+    parser.add_argument("--strategy", default="fast", choices=sorted(STRATEGIES),
+                        help="search strategy to estimate (default: fast, as tune)")
+    parser.add_argument("--workers", type=positive_int, default=1, metavar="N",
+                        help="GPU workers the tune will have, for the time estimate (default 1)")
+    parser.add_argument("--compile-processes", type=positive_int, metavar="N",
+                        help="CPU compile processes on the GPU host, for the time estimate "
+                             "(default: this host's CPUs less one per GPU worker)")
+
+
+def plan_estimate(plan: DevicePlan, strategy: str, workers: int, compile_processes: int | None, routing: str = "uniform",
+                  split_gemms: bool = False) -> Estimate:
+    """The estimate of tuning ``plan`` with ``strategy`` (``tuner.estimate``)."""
+    jobs = [SearchJob(job, routing) for job in plan.jobs]
+    processes = compile_processes or default_compile_processes(workers)
+    return estimate(jobs, strategy, workers, processes, split_gemms)
+
+
+def format_plan(plan: DevicePlan, expected: Estimate | None = None) -> str:
+    """A readable plan: per job its shape and file, then kept/dropped counts per batch size, then
+    what the strategy will measure and roughly how long it takes."""
     space = plan.space
     lines = [f"device {plan.device_name} · search space {space.name} ({space.size} configs)"]
     if plan.limits.note:
@@ -62,8 +85,10 @@ def format_plan(plan: DevicePlan) -> str:
         for row in [header, *rows]:
             lines.append("  " + "  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
     total_before = space.size * sum(len(job.candidates) for job in plan.jobs)
-    lines += ["", f"{len(plan.jobs)} job(s): {plan.total_candidates} candidates to time "
-                  f"({total_before} before pruning)"]
+    lines += ["", f"{len(plan.jobs)} job(s): {plan.total_candidates} configs left after pruning "
+                  f"({total_before} before)"]
+    if expected is not None:
+        lines.append(format_estimate(expected))
     return "\n".join(lines)
 
 
@@ -72,5 +97,7 @@ def run(args: argparse.Namespace) -> int:
         models=args.model, tp=args.tp, ep=args.ep, dtypes=args.dtype, block_shape=args.block_shape,
         batch_sizes=args.batch_sizes, space=args.search_space, device_name=resolve_device_name(args.device_name),
     )
-    print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
+    expected = plan_estimate(plan, args.strategy, args.workers, args.compile_processes)
+    print(json.dumps({**plan.to_json(), "estimate": expected.to_json()}, indent=2) if args.json
+          else format_plan(plan, expected))
     return 0

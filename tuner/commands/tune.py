@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tuner import driver, writers
 from tuner.baseline import Baseline
-from tuner.commands.arguments import (add_batch_sizes_argument, add_layout_arguments, block_shape_arg,
-                                      check_interpret_limits, positive_float, positive_int, routing_arg)
+from tuner.commands.arguments import (add_batch_sizes_argument, add_fresh_arguments, add_layout_arguments,
+                                      block_shape_arg, check_interpret_limits, confirm_fresh, positive_float,
+                                      positive_int, routing_arg)
+from tuner.commands.plan import format_plan, plan_estimate, resolve_device_name
 from tuner.errors import RunFailed, UsageError
-from tuner.journal import JOURNAL_NAME, JournalBusy
+from tuner.journal import JOURNAL_NAME, JournalBusy, count_measurements
 from tuner.models import load_model
 from tuner.options import TuneOptions
 from tuner.plan import Plan, plan
 from tuner.progress import Progress, format_duration
-from tuner.ray_session import DEFAULT_CONNECT_TIMEOUT_S, RaySession, ray_session
+from tuner.ray_session import DEFAULT_CONNECT_TIMEOUT_S, INTERPRET_NUM_GPUS, RaySession, ray_session
 from tuner.search import STRATEGIES, SearchJob
 from tuner.spaces import load_space
 from tuner.timeline import Timeline
@@ -69,13 +71,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--connect-timeout", type=positive_float, metavar="SECONDS",
                         help=f"give up joining --address after this long (default {DEFAULT_CONNECT_TIMEOUT_S:g})")
     parser.add_argument("--workers", type=positive_int, help="use at most N GPUs (default: every GPU Ray reports)")
-    parser.add_argument("--out", help="output folder (default: configs_out)")
+    parser.add_argument("--out", help=f"output folder (default: ./{writers.DEFAULT_OUT}/)")
     parser.add_argument("--format", choices=FORMATS, help="file layout to write (default: vllm)")
     parser.add_argument("--replace", action="store_true",
                         help="overwrite existing config files; by default their entries for batch sizes not tuned "
                              "now are kept when tuned for the same kernel and Triton version, else the run refuses")
     parser.add_argument("--journal", help=f"journal file (default: <out>/{JOURNAL_NAME})")
-    parser.add_argument("--fresh", action="store_true", help="ignore the journal (it is kept aside) and measure everything")
+    add_fresh_arguments(parser)
     parser.add_argument("--interpret", action="store_true",
                         help="no GPU: Triton interpreter on CPU workers (tiny shapes only)")
     parser.add_argument("--timeout", type=positive_float, metavar="SECONDS",
@@ -83,6 +85,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finalists", type=positive_int,
                         help="fastest candidates per batch size re-timed back to back before choosing (default 3)")
     parser.add_argument("--json", action="store_true", help="print the run summary as one JSON object")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan, what the strategy will measure, roughly how long, and the files it "
+                             "would write; start nothing")
+    parser.add_argument("--device-name", help='with --dry-run: the GPU to plan for, as torch names it, e.g. '
+                                              '"NVIDIA H200" (default: this host\'s GPU)')
     parser.set_defaults(**TuneOptions.defaults())
 
 
@@ -104,7 +111,7 @@ class Validated:
     baseline: Baseline
 
 
-def validate(args: TuneOptions) -> Validated:
+def validate(args: TuneOptions, probe: bool = True) -> Validated:
     """Everything ``args`` asks for, checked before Ray starts; UsageError on bad input."""
     routing = parse_routing(args.routing)  # valid already (routing_arg)
     if routing.kind == "file":
@@ -138,13 +145,56 @@ def validate(args: TuneOptions) -> Validated:
     if empty:
         raise UsageError(f"search space {planned.space.name} leaves no config for {empty[0][0]} at M={empty[0][1]}")
     baseline = Baseline.load(args.baseline)
-    probe_writable(out, "--out")  # before Ray starts; leaves nothing behind
-    probe_writable(journal.parent, "--journal")
+    if args.fresh:
+        work = {(s.shape, str(routing), M) for s in planned.shapes for M in planned.batch_sizes}
+        confirm_fresh(journal, count_measurements(journal, work), args.yes)
+    if probe:  # creates the folders: not for --dry-run
+        probe_writable(out, "--out")  # last: input refused earlier leaves no folder behind
+        probe_writable(journal.parent, "--journal")
     return Validated(planned, out, journal, str(routing), baseline)
 
 
+def _dry_run(args: TuneOptions, device_name: str | None, valid: Validated) -> None:
+    """The plan for the GPU named (or this host's), the estimate, and the paths a run would write."""
+    import triton  # the workers' Triton names SGLang's folder; on their host this is the same one
+
+    device_name = "cpu" if args.interpret else resolve_device_name(device_name)
+    planned = valid.plan.for_device(device_name)
+    workers = args.workers or (INTERPRET_NUM_GPUS if args.interpret else _local_gpus())
+    processes = 1 if args.interpret or args.kernel != "builtin" or args.no_compile_ahead else None
+    expected = plan_estimate(planned, args.strategy, workers, processes, valid.routing, args.split_gemms)
+    print(format_plan(planned, expected))
+    if args.interpret:
+        print("(the time is modelled for a GPU: under --interpret the kernels run far slower)")
+    print(f"would write to {valid.out}/ ({args.format} layout):")
+    for job in planned.jobs:
+        if args.format in ("vllm", "both"):
+            print(f"  {writers.vllm_path(valid.out, job.shape, device_name)}")
+        if args.format in ("sglang", "both"):
+            print(f"  {writers.sglang_paths(valid.out, job.shape, device_name, triton.__version__)[0]}")
+            if args.split_gemms:
+                print(f"  {writers.sglang_paths(valid.out, job.shape, device_name, triton.__version__)[1]}")
+    work = {(job.shape, valid.routing, M) for job in planned.jobs for M in job.batch_sizes}
+    saved = count_measurements(valid.journal, work)
+    reuse = ("--fresh would set it aside and measure everything again" if args.fresh
+             else "reused, never measured again" if saved else "none of this work in it yet")
+    print(f"journal {valid.journal}: {saved} measurements of this work ({reuse})")
+    print("dry run: nothing started, nothing written")
+
+
+def _local_gpus() -> int:
+    import torch
+
+    return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
+
+
 def run(parsed: argparse.Namespace) -> int:
+    if parsed.device_name is not None and not parsed.dry_run:
+        raise UsageError("--device-name names the GPU a --dry-run plans for; a run tunes on its workers' GPUs")
     args = TuneOptions.from_args(parsed)
+    if parsed.dry_run:
+        _dry_run(args, parsed.device_name, validate(replace(args, fresh=False), probe=False))  # asks, writes nothing
+        return 0
     valid = validate(args)
     timeline = Timeline()
     with timeline.phase("ray_start"), ray_session(args.address, args.interpret, args.workers,
