@@ -41,6 +41,8 @@ class TuneOptions:
     workers: int | None = None
     out: str = "configs_out"
     format: str = "vllm"
+    disable_shared_experts_fusion: bool = False
+    """SGLang layout: the server runs with SGLang's flag of that name (shared experts stay out of E)."""
     journal: str | None = None
     fresh: bool = False
     interpret: bool = False

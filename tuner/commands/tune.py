@@ -25,11 +25,11 @@ from tuner.progress import Progress, format_duration
 from tuner.ray_session import RaySession, ray_session
 from tuner.search import STRATEGIES, SearchJob
 from tuner.spaces import load_space
+from tuner.writers import FORMATS, partial_file_warning
 from workers.records import DType, Status
 from workers.routing import parse_routing
 from workers.server_kernels import SUPPORTED_DTYPES
 
-FORMATS = tuple(writers.FORMATS)
 KERNELS = ("builtin", "vllm", "sglang")
 PREFLIGHT_DEVICE = "preflight"
 """Device name for the validation plan made before any worker exists (generic limits);
@@ -65,6 +65,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=positive_int, help="use at most N GPUs (default: every GPU Ray reports)")
     parser.add_argument("--out", help="output folder (default: configs_out)")
     parser.add_argument("--format", choices=FORMATS, help="file layout to write (default: vllm)")
+    parser.add_argument("--disable-shared-experts-fusion", action="store_true",
+                        help="SGLang layout: the server runs with this SGLang flag (shared experts not fused into E)")
     parser.add_argument("--journal", help=f"journal file (default: <out>/{JOURNAL_NAME})")
     parser.add_argument("--fresh", action="store_true", help="ignore the journal (it is kept aside) and measure everything")
     parser.add_argument("--interpret", action="store_true",
@@ -116,7 +118,7 @@ def validate(args: TuneOptions) -> Validated:
     _check_writable_location(journal, "--journal")
 
     planned = plan([load_model(m) for m in args.model], args.tp, args.ep, args.dtype, args.block_shape,
-                   args.batch_sizes, load_space(args.search_space))
+                   args.batch_sizes, load_space(args.search_space), args.format, not args.disable_shared_experts_fusion)
     preflight = planned.for_device("cpu" if args.interpret else PREFLIGHT_DEVICE)
     if args.interpret:
         check_interpret_limits([s.shape for s in planned.shapes], planned.batch_sizes)
@@ -125,10 +127,24 @@ def validate(args: TuneOptions) -> Validated:
         if unsupported:
             raise UsageError(f"--kernel {args.kernel} runs {', '.join(d.value for d in SUPPORTED_DTYPES)}, "
                              f"not {', '.join(unsupported)}")
+        layouts = sorted({k for s in planned.shapes for k in s.shape.layout_fields() if k != "fused_shared"})
+        if layouts:
+            raise UsageError(f"--kernel {args.kernel}: the server-kernel call passes no expert map and no activation "
+                             f"choice, so it cannot time {' or '.join(layouts)} layouts; use --kernel builtin")
     empty = [(job.shape.label, M) for job in preflight.jobs for M, configs in job.candidates.items() if not configs]
     if empty:
         raise UsageError(f"search space {planned.space.name} leaves no config for {empty[0][0]} at M={empty[0][1]}")
     return Validated(planned, out, journal, str(routing), Baseline.load(args.baseline))
+
+
+def _triton_version() -> str | None:
+    """This host's Triton version (the workers run the same image): which SGLang folder comes first."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("triton")
+    except PackageNotFoundError:  # no Triton here: SGLang folders newest first
+        return None
 
 
 def run(parsed: argparse.Namespace) -> int:
@@ -142,13 +158,18 @@ def tune_in_session(args: TuneOptions, valid: Validated, session: RaySession) ->
     """Tune what ``args`` (validated as ``valid``) asks for inside an open Ray session and print
     the summary on the command's stdout (``job run`` runs several tunes in one session)."""
 
+    servers_by_shape: dict = {}
+
     def jobs_for_device(device_name: str) -> list[SearchJob]:
+        jobs = valid.plan.for_device(device_name).jobs
+        servers_by_shape.update({job.shape: job.servers for job in jobs})
         return [SearchJob.from_plan(job, valid.routing,
-                                    valid.baseline.configs_for(job.shape, device_name, job.batch_sizes))
-                for job in valid.plan.for_device(device_name).jobs]
+                                    valid.baseline.configs_for(job.shape, device_name, job.batch_sizes,
+                                                               _triton_version()))
+                for job in jobs]
 
     request = driver.TuneRequest(
-        jobs_for_device=jobs_for_device, write_outputs=writers.server_files_writer(valid.out, args.format), journal_path=valid.journal,
+        jobs_for_device=jobs_for_device, write_outputs=writers.server_files_writer(valid.out, servers_by_shape.__getitem__), journal_path=valid.journal,
         fresh=args.fresh, workers=args.workers, interpret=args.interpret, kernel=args.kernel,
         timeout_s=args.timeout, finalists=args.finalists, strategy=args.strategy, split_gemms=args.split_gemms,
         budget_s=args.budget_minutes * 60 if args.budget_minutes is not None else None,
@@ -200,6 +221,8 @@ def summarize(result: driver.TuneResult) -> dict:
         "evaluations_reused": result.evaluations_reused,
         "failed": dict(sorted(result.failed.items())),
         "files_written": [str(p) for p in result.files_written],
+        "partial_files": [w for w in (partial_file_warning(p, DEFAULT_BATCH_SIZES) for p in result.files_written
+                                      if not p.name.endswith("_down.json")) if w],
         "wall_s": round(result.wall_s, 3),
         "retimed_groups": result.retimed_groups,
         "retimes_reused": result.retimes_reused,
@@ -261,4 +284,5 @@ def format_summary(summary: dict) -> str:
                       for M, s in per_m.items()]
         lines += [f"  {f['status']}: {f['config']} at M={f['M']} ({f['message']})" for f in device["failures"]]
     lines += [f"wrote {path}" for path in summary["files_written"]]
+    lines += [f"warning: {line}" for line in summary["partial_files"]]
     return "\n".join(lines)
