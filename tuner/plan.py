@@ -91,7 +91,7 @@ def layout_notes(spec: ModelSpec, shape: MoEShape, tp: int, ep: int, servers: tu
     if spec.n_shared_experts and "sglang" in servers:
         fused, why = sglang_fused_shared_experts(spec, ep, fuse_shared_experts)
         if shape.fused_shared:
-            notes.append(f"SGLang: {why}: E={shape.E}, top-k {shape.topk}, every token also routed to a shared expert")
+            notes.append(f"{why}: E={shape.E}, top-k {shape.topk}, every token also routed to a shared expert")
         elif "vllm" not in servers or fused == 0:
             notes.append(f"SGLang does not fuse shared experts here: {why}")
     if not shape.gated:
