@@ -22,7 +22,7 @@ def test_interpreted_check_passes_and_prints_each_m(capfd):
     (["--shape", "4,48,80"], "four positive integers"),
     (["--shape", "4,48,80,2", "--dtype", "mxfp4"], "multiples of 32"),
     (["--shape", "4,48,80,2", "--block-shape", "32,32"], "fp8_w8a8 only"),
-    (["--shape", "4,48,80,2", "--dtype", "fp8_w8a8", "--block-shape", "32,32",
+    (["--shape", "4,48,80,2", "--dtype", "fp8_w8a8", "--block-shape", "64,96",
       "--config", '{"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 1, '
                   '"num_warps": 4, "num_stages": 2}'], "block_k % BLOCK_SIZE_K"),
     (["--shape", "4,48,80,2", "--config", '{"BLOCK_SIZE_M": 16}'], "lacks"),

@@ -50,6 +50,8 @@ def test_weight_bytes_count_data_and_every_scale() -> None:
         (DType.INT8_W8A16, None): elements + 4 * E * rows,
         (DType.MXFP4, None): elements // 2 + elements // 32,
         (DType.NVFP4, None): elements // 2 + elements // 16 + 4 * E,
+        (DType.INT4_W4A16, (0, 32)): elements // 2 + 2 * E * rows * math.ceil(cols / 32),
+        (DType.INT4_W4A16, (0, -1)): elements // 2 + 2 * E * rows,
     }
     for (dtype, block), size in expected.items():
         assert format_of(dtype).weight_bytes(E, rows, cols, block) == size, (dtype, block)
@@ -62,11 +64,12 @@ def test_tile_rules_name_the_first_broken_rule() -> None:
     sizes = [8, 16, 32, 64, 128]
     for dtype, (bm, bn, bk) in itertools.product(FORMATS, itertools.product(sizes, repeat=3)):
         config = Config(bm, bn, bk, 1, 4, 2)
-        block = (64, 64) if format_of(dtype).block_shapes else None
+        block = (64, 96) if format_of(dtype).block_shapes else None
+        launched_bk = min(bk, 64) if block else bk  # the servers clamp BLOCK_SIZE_K to the block's smaller side
         broken = tile_rule_broken(config, dtype, block)
-        if min(bm, bn, bk) < 16:
+        if min(bm, bn, launched_bk) < 16:
             assert broken[0] == "tile_min"
-        elif block and (64 % bn or 64 % bk):
+        elif block and 96 % launched_bk:  # any BLOCK_SIZE_N: weight scales are read per column
             assert broken[0] == "block_quant"
         elif format_of(dtype).scale_group and bk % format_of(dtype).scale_group:
             assert broken[0] == "fp4_group"

@@ -52,8 +52,10 @@ def _other(value: object, rng: random.Random) -> object:
     """A different valid value of one record field."""
     if isinstance(value, Enum):
         return rng.choice([member for member in type(value) if member is not value])
+    if isinstance(value, bool):
+        return not value
     if isinstance(value, int):
-        return value * 2
+        return value * 2 or 1
     if isinstance(value, str):
         return rng.choice([r for r in ("uniform", "zipf:1.2", "zipf:0.8", "file:ids.pt") if r != value])
     raise AssertionError(f"no variant for {value!r}")
@@ -72,10 +74,18 @@ def _variants(candidate: Candidate, rng: random.Random) -> dict[str, Candidate]:
         if f.name == "block_shape":
             if shape.dtype is not DType.FP8_W8A8:
                 continue  # only block fp8 has one
+            if shape.per_channel:
+                continue  # per-channel fp8 has none
             varied = replace(shape, block_shape=rng.choice([b for b in (None, (128, 128), (64, 128)) if b != value]))
-        elif f.name == "dtype":  # the block shape belongs to fp8: another dtype drops it
+        elif f.name == "dtype":  # the block shape and per-channel scales belong to fp8: another dtype drops them
             other = _other(value, rng)
-            varied = replace(shape, dtype=other, block_shape=shape.block_shape if other is DType.FP8_W8A8 else None)
+            fp8 = other is DType.FP8_W8A8
+            varied = replace(shape, dtype=other, block_shape=shape.block_shape if fp8 else None,
+                             per_channel=shape.per_channel and fp8)
+        elif f.name == "per_channel":
+            if shape.dtype is not DType.FP8_W8A8 or shape.block_shape is not None:
+                continue  # only fp8 without blocks has per-channel scales
+            varied = replace(shape, per_channel=not value)
         else:
             varied = replace(shape, **{f.name: _other(value, rng)})
         variants[f"shape.{f.name}"] = replace(candidate, shape=varied)
@@ -94,16 +104,19 @@ def test_key_changes_with_every_field_that_changes_a_timing(rng):
         assert measurement_key({**env, field: env[field] + "x"}, candidate) != measurement_key(env, candidate), field
         assert measurement_key({k: v for k, v in env.items() if k != field}, candidate) != \
             measurement_key(env, candidate), field
-    block_fp8 = replace(candidate, shape=replace(candidate.shape, dtype=DType.FP8_W8A8, block_shape=(128, 128)))
+    block_fp8 = replace(candidate, shape=replace(candidate.shape, dtype=DType.FP8_W8A8, block_shape=(128, 128),
+                                                 per_channel=False))
+    tensor_fp8 = replace(candidate, shape=replace(candidate.shape, dtype=DType.FP8_W8A8, block_shape=None))
     varied: set[str] = set()
-    for original in (candidate, block_fp8):
+    for original in (candidate, block_fp8, tensor_fp8):
         assert candidate_from_dict(candidate_to_dict(original)) == original
         for name, variant in _variants(original, rng).items():
             varied.add(name.rpartition(".")[2])
             assert variant != original, name
             assert measurement_key(ENV, variant) != measurement_key(ENV, original), name
             assert candidate_from_dict(candidate_to_dict(variant)) == variant, name
-    assert varied == {"E", "N", "K", "topk", "dtype", "block_shape", "routing", "level", "M", "gemm", *CONFIG_KEYS}
+    assert varied == {"E", "N", "K", "topk", "dtype", "block_shape", "gated", "ep", "fused_shared", "per_channel",
+                      "routing", "level", "M", "gemm", *CONFIG_KEYS}
 
 
 def test_torn_last_line_is_cut_and_appends_continue(tmp_path, rng):

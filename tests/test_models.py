@@ -40,6 +40,7 @@ def test_fixture_reads_as_published(fixture, model_type, hidden, inter, experts,
         name=fixture, model_type=model_type, hidden_size=hidden, intermediate_size=inter,
         num_experts=experts, top_k=topk, n_shared_experts=shared, natural_dtype=dtype,
         block_shape=block, quant_method={"deepseek-v3": "fp8", "gpt-oss-120b": "mxfp4"}.get(fixture),
+        architecture=json.loads((FIXTURES / f"{fixture}.json").read_text())["architectures"][0],
     )
 
 
@@ -65,9 +66,9 @@ def test_tensor_parallel_splits_n():
 def test_expert_parallel_splits_experts_then_n():
     spec = load_model(str(FIXTURES / "qwen3-30b-a3b.json"))
     # vLLM --enable-expert-parallel on 8 GPUs: experts split, N whole.
-    assert derive_shape(spec, tp=8, ep=8) == MoEShape(16, 768, 2048, 8, DType.BF16)
+    assert derive_shape(spec, tp=8, ep=8) == MoEShape(16, 768, 2048, 8, DType.BF16, ep=8)
     # SGLang --tp 8 --ep 2: experts over 2 groups, N over the 4 GPUs of a group.
-    assert derive_shape(spec, tp=8, ep=2) == MoEShape(64, 192, 2048, 8, DType.BF16)
+    assert derive_shape(spec, tp=8, ep=2) == MoEShape(64, 192, 2048, 8, DType.BF16, ep=2)
 
 
 def test_dbrx_and_jamba_layouts():
@@ -104,7 +105,6 @@ def test_fp4_needs_whole_scale_groups():
     (3, 1, "does not split over tp/ep=3"),
     (4, 3, "must divide"),
     (0, 1, "at least 1"),
-    (8, 8, "exceeds the 1 experts"),  # Mixtral: 8 experts over 8 GPUs leaves 1 per GPU, top-2 routing
 ])
 def test_indivisible_layouts_refused(tp, ep, message):
     spec = load_model(str(FIXTURES / "mixtral-8x7b.json"))
@@ -160,7 +160,7 @@ def test_folder_without_config_refused(tmp_path):
 
 def test_unsupported_quantization_needs_explicit_dtype(tmp_path):
     raw = json.loads((FIXTURES / "mixtral-8x7b.json").read_text())
-    raw["quantization_config"] = {"quant_method": "awq", "bits": 4}
+    raw["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     path = tmp_path / "awq.json"
     path.write_text(json.dumps(raw))
     spec = load_model(str(path))

@@ -48,7 +48,8 @@ def test_done_when_mixtral_fp8_tp2_on_h200(moe_tune):
 
 def test_json_schema_types(moe_tune):
     rc, out, _ = moe_tune("plan", "--model", "deepseek-v3", "--model", MIXTRAL, "--tp", "8", "--dtype",
-                          "fp8_w8a8", "--batch-sizes", "64,1,64", "--device-name", "NVIDIA H100", "--json")
+                          "fp8_w8a8", "--batch-sizes", "64,1,64", "--device-name", "NVIDIA H100", "--json",
+                          "--format", "vllm")
     assert rc == 0
     jobs = json.loads(out)["jobs"]
     assert len(jobs) == 2
@@ -89,7 +90,7 @@ def test_same_shape_shares_one_job_and_dtypes_multiply():
 
 def test_natural_dtypes_without_dtype_flag():
     plan = build_plan(["gpt-oss-120b", "deepseek-v3", MIXTRAL], tp=1, ep=1, dtypes=None, block_shape=None,
-                      batch_sizes=[1], space="default", device_name="NVIDIA H200")
+                      batch_sizes=[1], space="default", device_name="NVIDIA H200", formats="vllm")
     assert [(j.shape.dtype, j.shape.block_shape) for j in plan.jobs] == [
         (DType.MXFP4, None), (DType.FP8_W8A8, (128, 128)), (DType.BF16, None)]
     assert plan.jobs[0].file_name == "E=128,N=2880,device_name=NVIDIA_H200,dtype=mxfp4_w4a16.json"

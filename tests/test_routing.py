@@ -121,7 +121,7 @@ def test_spec_round_trips_to_canonical_string() -> None:
 
 
 def test_routing_rejects_impossible_sizes(seed: int) -> None:
-    with pytest.raises(ValueError, match="topk <= E"):
+    with pytest.raises(ValueError, match="top-k <= routed experts"):
         make_routing("uniform", 4, 2, 3, seeded(seed), "cpu")
     with pytest.raises(ValueError, match="M >= 1"):
         make_routing("uniform", 0, 8, 2, seeded(seed), "cpu")

@@ -37,14 +37,16 @@ class Baseline:
             files.append(found)
         return cls(tuple(folders), tuple(files))
 
-    def configs_for(self, shape: MoEShape, device_name: str, batch_sizes: list[int]) -> dict[int, tuple[Config, ...]]:
+    def configs_for(self, shape: MoEShape, device_name: str, batch_sizes: list[int],
+                    triton_version: str | None = None) -> dict[int, tuple[Config, ...]]:
         """Per batch size, the distinct configs the baseline folders give a server for ``shape``
-        on ``device_name`` (empty when no folder was given)."""
+        on ``device_name`` (empty when no folder was given); SGLang folders are searched from the
+        ``triton_version`` folder on (``tuner.writers.server_file``)."""
         out: dict[int, tuple[Config, ...]] = {}
         for M in batch_sizes:
             configs = []
             for files in self.files:
-                found = server_file(files, shape, device_name)
+                found = server_file(files, shape, device_name, triton_version)
                 configs.append(lookup(found[1], M) if found else default_config(shape, M))
             if configs:
                 out[M] = tuple(dict.fromkeys(configs))

@@ -13,7 +13,7 @@ correctness check uses), runs each dtype's tuned config, and reports
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuner import driver, roofline, writers
@@ -43,6 +43,8 @@ class CompareRequest:
     configs_out: Path
     file_format: str
     journal: Path
+    servers_by_shape: dict[MoEShape, tuple[str, ...]] = field(default_factory=dict)
+    """Filled by ``plan_for_device``: which servers' files each tuned shape goes to."""
     fresh: bool = False
     address: str | None = None
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
@@ -56,9 +58,14 @@ class CompareRequest:
     max_rel_err: float = DEFAULT_MAX_REL_ERR
 
 
-def search_jobs(planned: Plan, routing: str, device_name: str) -> list[SearchJob]:
-    """The search of ``planned`` on ``device_name``, one job per kernel shape."""
-    return [SearchJob(job, routing) for job in planned.for_device(device_name).jobs]
+def search_jobs(planned: Plan, routing: str, device_name: str,
+                servers_by_shape: dict[MoEShape, tuple[str, ...]] | None = None) -> list[SearchJob]:
+    """The search of ``planned`` on ``device_name``, one job per kernel shape; ``servers_by_shape``
+    (if given) learns which servers' files each job's shape goes to."""
+    jobs = planned.for_device(device_name).jobs
+    if servers_by_shape is not None:
+        servers_by_shape.update({job.shape: job.servers for job in jobs})
+    return [SearchJob(job, routing) for job in jobs]
 
 
 def _errors_vs_bf16(request: CompareRequest, configs: dict[DType, dict[int, Config]],
@@ -99,7 +106,8 @@ def run_compare(request: CompareRequest, progress: Progress | None = None) -> Co
 
 def _compare_in_session(request: CompareRequest, progress: Progress) -> ComparisonResults:
     tuned = driver.tune(driver.TuneRequest(
-        jobs_for_device=request.plan_for_device, write_outputs=writers.server_files_writer(request.configs_out, request.file_format, request.replace),
+        jobs_for_device=request.plan_for_device, write_outputs=writers.server_files_writer(request.configs_out, request.servers_by_shape.__getitem__,
+                                                                                   request.replace),
         journal_path=request.journal, fresh=request.fresh, workers=request.workers,
         interpret=request.interpret, strategy=request.strategy, budget_s=request.budget_s), progress)
     if len(tuned.devices) != 1:

@@ -62,8 +62,9 @@ def gemm_seconds(shape: MoEShape, M: int, config: Config, rows_out: int, reducti
     bm, bn, bk = config.BLOCK_SIZE_M, config.BLOCK_SIZE_N, config.BLOCK_SIZE_K
     fmt = format_of(shape.dtype)
     a_bits, b_bits = fmt.activation_bits, fmt.weight_bits
-    active = shape.E * (1.0 - (1.0 - shape.topk / shape.E) ** M)
-    rows_per_expert = M * shape.topk / active
+    pairs = shape.pairs_per_token  # topk, or its share on this GPU under expert parallelism
+    active = shape.E * (1.0 - (1.0 - min(1.0, pairs / shape.E)) ** M)
+    rows_per_expert = M * pairs / active
     row_tiles = active * math.ceil(rows_per_expert / bm)
     col_tiles = math.ceil(rows_out / bn)
     programs = row_tiles * col_tiles
@@ -74,7 +75,7 @@ def gemm_seconds(shape: MoEShape, M: int, config: Config, rows_out: int, reducti
     tiles_per_expert = row_tiles / active
     weight_reads = math.ceil(tiles_per_expert / min(config.GROUP_SIZE_M, tiles_per_expert))
     weight_bytes = active * rows_out * reduction * b_bits / 8 * weight_reads
-    act_bytes = M * shape.topk * reduction * a_bits / 8 * col_tiles
+    act_bytes = M * pairs * reduction * a_bits / 8 * col_tiles
     stage_bytes = (bm * bk * a_bits + bk * bn * b_bits) / 8
     in_flight = programs * stage_bytes * max(config.num_stages - 1, 1)
     coverage = min(1.0, programs / SMS)  # an SM without a program pulls no bytes
@@ -92,6 +93,6 @@ def gemm_seconds(shape: MoEShape, M: int, config: Config, rows_out: int, reducti
 
 def predict_seconds(shape: MoEShape, M: int, config: Config, gemm: Gemm = Gemm.BOTH) -> float:
     """Modelled time of the part of the MoE ``gemm`` names (both GEMMs, or one)."""
-    up = gemm_seconds(shape, M, config, 2 * shape.N, shape.K) if gemm is not Gemm.DOWN else 0.0
+    up = gemm_seconds(shape, M, config, shape.up_rows, shape.K) if gemm is not Gemm.DOWN else 0.0
     down = gemm_seconds(shape, M, config, shape.K, shape.N) if gemm is not Gemm.UP else 0.0
     return up + down

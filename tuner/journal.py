@@ -63,7 +63,8 @@ def candidate_to_dict(candidate: Candidate) -> dict:
     shape = candidate.shape
     return {
         "shape": {"E": shape.E, "N": shape.N, "K": shape.K, "topk": shape.topk, "dtype": shape.dtype.value,
-                  "block_shape": list(shape.block_shape) if shape.block_shape else None},
+                  "block_shape": list(shape.block_shape) if shape.block_shape else None,
+                  **shape.layout_fields()},
         "M": candidate.M,
         "config": candidate.config.to_dict(),
         "gemm": candidate.gemm.value,

@@ -15,12 +15,23 @@ named after the Triton version::
 
 ``dev`` has spaces turned into ``_`` and no family mapping; the block shape is Python's list
 repr (with a space); ``_down`` names the down-projection GEMM's own configs. SGLang's
-``,per_channel_quant=True`` part marks channel-wise w8a8 checkpoints, which none of the dtypes
-tuned here are, so it never appears.
+``,per_channel_quant=True`` part marks channel-wise fp8_w8a8 (per-channel weights, per-token
+activations); vLLM names that variant plain ``dtype=fp8_w8a8``. ``E`` is what the server's kernel sees: under SGLang's
+shared-expert fusion the routed experts plus the fused shared ones (``MoEShape.E`` already).
 
-Both servers put no dtype part on bf16/fp16 files. mxfp4/nvfp4 have no Triton fused-MoE
+Both servers put no dtype part on bf16/fp16 files. int4_w4a16 files carry no block shape (the
+servers pass ``[0, group_size]``, and a block shape with a 0 is left out); their ``N`` is the
+intermediate size per GPU, which vLLM reads as twice the packed last dimension of the down
+weight (``[E, K, N/2]`` bytes, two int4 per byte). mxfp4/nvfp4 have no Triton fused-MoE
 config files in either server; ``mxfp4_w4a16`` / ``nvfp4_w4a16`` follow their naming scheme
 (4-bit weights, 16-bit activations) so such files sit beside the others.
+
+The dtype part each server reads (vLLM 0.33 ``_get_config_dtype_str``, SGLang 0.5.10
+``get_config_dtype_str``): fp8_w8a8 (per tensor, block, per channel) ``fp8_w8a8``; int8_w8a16
+``int8_w8a16``; int4_w4a16 ``int4_w4a16``; bf16/fp16 none. vLLM also names ``fp8_w8a16``
+(weight-only fp8 on GPUs without fp8 compute), which its Marlin kernel runs, not the fused
+Triton kernel, so no tuned Triton file applies and moe-tune does not produce one; and its
+emulated OCP-MX (mxfp4) Triton path looks up the plain name without a dtype part.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ _DTYPE_PART = {
     DType.FP16: None,
     DType.FP8_W8A8: "fp8_w8a8",
     DType.INT8_W8A16: "int8_w8a16",
+    DType.INT4_W4A16: "int4_w4a16",
     DType.MXFP4: "mxfp4_w4a16",
     DType.NVFP4: "nvfp4_w4a16",
 }
@@ -49,8 +61,15 @@ def _dtype_part(dtype: DType) -> str:
     return f",dtype={part}" if part else ""
 
 
+def _named_block(shape: MoEShape) -> tuple[int, int] | None:
+    """The block shape the file name carries: none when an entry is 0 (int4_w4a16's ``[0, group]``),
+    as both servers test ``all(block_shape)``."""
+    return shape.block_shape if shape.block_shape and all(shape.block_shape) else None
+
+
 def vllm_file_name(shape: MoEShape, device_name: str) -> str:
-    block = f",block_shape=[{shape.block_shape[0]},{shape.block_shape[1]}]" if shape.block_shape else ""
+    named = _named_block(shape)
+    block = f",block_shape=[{named[0]},{named[1]}]" if named else ""
     return f"E={shape.E},N={shape.N},device_name={device_file_name(device_name)}{_dtype_part(shape.dtype)}{block}.json"
 
 
@@ -61,6 +80,9 @@ def sglang_version_folder(triton_version: str) -> str:
 
 def sglang_file_name(shape: MoEShape, device_name: str, down: bool = False) -> str:
     device = device_name.replace(" ", "_")
-    block = f",block_shape=[{shape.block_shape[0]}, {shape.block_shape[1]}]" if shape.block_shape else ""
+    named = _named_block(shape)
+    block = f",block_shape=[{named[0]}, {named[1]}]" if named else ""
+    channel = ",per_channel_quant=True" if shape.per_channel else ""
     suffix = "_down" if down else ""
-    return f"E={shape.E},N={shape.N},device_name={device}{_dtype_part(shape.dtype)}{block}{suffix}.json"
+    return f"E={shape.E},N={shape.N},device_name={device}{_dtype_part(shape.dtype)}{block}{channel}{suffix}.json"
+

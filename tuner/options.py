@@ -46,6 +46,8 @@ class TuneOptions:
     format: str = "vllm"
     replace: bool = False
     """Overwrite existing config files instead of merging into them (``tuner.writers``)."""
+    disable_shared_experts_fusion: bool = False
+    """SGLang layout: the server runs with SGLang's flag of that name (shared experts stay out of E)."""
     journal: str | None = None
     fresh: bool = False
     yes: bool = False

@@ -26,9 +26,9 @@ def device_peaks(device_name: str) -> DeviceFacts | None:
 
 def weight_bytes(shape: MoEShape) -> int:
     """Bytes of one MoE layer's expert weights on one GPU, scales included (``workers.formats``):
-    w13 ``[E, 2N, K]`` plus w2 ``[E, K, N]``."""
+    w13 ``[E, 2N, K]`` (``[E, N, K]`` for non-gated experts) plus w2 ``[E, K, N]``."""
     fmt = format_of(shape.dtype)
-    return (fmt.weight_bytes(shape.E, 2 * shape.N, shape.K, shape.block_shape)
+    return (fmt.weight_bytes(shape.E, shape.up_rows, shape.K, shape.block_shape)
             + fmt.weight_bytes(shape.E, shape.K, shape.N, shape.block_shape))
 
 
@@ -40,8 +40,8 @@ def working_bytes_per_token(shape: MoEShape) -> int:
     activations (fp8_w8a8) also the quantized copies of the input and of the SwiGLU output with
     their scales (one fp32 per block_k group with a block shape).
     """
-    K, N, topk = shape.K, shape.N, shape.topk
-    per_token = ACTIVATION_BYTES * (2 * K + topk * (2 * N + N + K)) + ROUTING_BYTES_PER_CHOICE * topk
+    K, N, topk = shape.K, shape.N, shape.pairs_per_token
+    per_token = ACTIVATION_BYTES * (2 * K + topk * (shape.up_rows + N + K)) + ROUTING_BYTES_PER_CHOICE * topk
     quantized_bytes = format_of(shape.dtype).activation_bits // 8
     if quantized_bytes < ACTIVATION_BYTES:
         group = shape.block_shape[1] if shape.block_shape else None
@@ -63,7 +63,7 @@ def min_bytes_moved(shape: MoEShape, M: int, experts_touched: float) -> float:
 
 def flops(shape: MoEShape, M: int) -> float:
     """Multiply-adds of both GEMMs, counted as 2 FLOPs: up ``2N x K`` and down ``K x N`` per routed token."""
-    return 2.0 * M * shape.topk * (2 * shape.N * shape.K + shape.K * shape.N)
+    return 2.0 * M * shape.pairs_per_token * (shape.up_rows * shape.K + shape.K * shape.N)
 
 
 def peak_flops(peaks: DeviceFacts, dtype: DType) -> float:

@@ -176,7 +176,7 @@ def shared_memory_lower_bound(config: Config, dtype: DType) -> int:
     num_stages = 1 nothing is certain to be staged, so the bound is 0.
     """
     fmt = format_of(dtype)
-    a_bits, b_bits = fmt.activation_bits, fmt.weight_bits
+    a_bits, b_bits = fmt.activation_bits, fmt.tile_weight_bits
     per_stage = (config.BLOCK_SIZE_M * config.BLOCK_SIZE_K * a_bits
                  + config.BLOCK_SIZE_K * config.BLOCK_SIZE_N * b_bits) // 8
     return max(config.num_stages - 1, 0) * per_stage
@@ -187,6 +187,14 @@ def _breaks_tile_rule(config: Config, shape: MoEShape, rule: str) -> bool:
     breaks for ``shape``: such tiles give wrong results or no kernel, not slow ones."""
     broken = tile_rule_broken(config, shape.dtype, shape.block_shape)
     return broken is not None and broken[0] == rule
+
+
+def _runs_as_smaller_block_k(config: Config, shape: MoEShape) -> bool:
+    """A BLOCK_SIZE_K above a block-fp8 shape's block: the servers clamp it to the block at launch
+    (``workers.formats.launch_block_k``), so it times the same kernel as the config with
+    BLOCK_SIZE_K = block, which the space holds. Dropped as a duplicate (under ``block_quant``)."""
+    return (format_of(shape.dtype).block_shapes and shape.block_shape is not None
+            and config.BLOCK_SIZE_K > min(shape.block_shape))
 
 
 def _block_m_limit(block_ms: list[int], M: int) -> int:
@@ -240,7 +248,7 @@ def prune(configs: list[Config], shape: MoEShape, M: int, device: DeviceLimits) 
     block_m_limit = _block_m_limit([c.BLOCK_SIZE_M for c in configs], M)
     fewest_warps = min(c.num_warps for c in configs)
     rules = (
-        lambda c: _breaks_tile_rule(c, shape, "block_quant"),
+        lambda c: _breaks_tile_rule(c, shape, "block_quant") or _runs_as_smaller_block_k(c, shape),
         lambda c: _breaks_tile_rule(c, shape, "fp4_group"),
         lambda c: shared_memory_lower_bound(c, shape.dtype) > device.shared_memory_bytes,
         lambda c: c.BLOCK_SIZE_M > block_m_limit,

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from tuner import select as selection
 from tuner.errors import UsageError
+from tuner.models import SERVERS
 from tuner.naming import device_file_name, sglang_file_name, sglang_version_folder, vllm_file_name
 from workers.records import Config, Gemm, MoEShape
 
@@ -39,7 +40,7 @@ __all__ = [
     "device_file_name", "vllm_file_name", "sglang_file_name", "write_vllm", "write_sglang",
     "read_config_folder", "lookup", "atomic_write_text", "server_files_writer", "OutputWriter", "FORMATS",
     "probe_writable", "check_existing", "FileConflict", "Written", "PROVENANCE_NAME", "vllm_path", "sglang_paths",
-    "DEFAULT_OUT",
+    "DEFAULT_OUT", "format_servers", "ServerFilesWriter",
 ]
 
 TRITON_VERSION_KEY = "triton_version"
@@ -328,16 +329,24 @@ def read_config_folder(path: str | Path) -> dict[str, dict[int, Config]]:
     return {p.relative_to(root).as_posix(): _read_config_file(p) for p in files}
 
 
+def _version_key(folder_file: str) -> tuple[int, ...]:
+    """``triton_3_10_0/E=...json`` → (3, 10, 0): SGLang's folders compare by version number."""
+    folder = folder_file.split("/", 1)[0].removeprefix("triton_")
+    return tuple(int(part) if part.isdigit() else -1 for part in folder.split("_"))
+
+
 def server_file(files: dict[str, dict[int, Config]], shape: MoEShape, device_name: str,
                 triton_version: str | None = None) -> tuple[str, dict[int, Config]] | None:
     """The file of ``files`` (``read_config_folder``'s result) a server would load for ``shape``
-    on ``device_name``: vLLM's, else SGLang's for this Triton version, else SGLang's newest
-    version folder; None when there is none (the server falls back to its heuristic)."""
+    on ``device_name``: vLLM's, else SGLang's in the running Triton version's folder, else SGLang's
+    other version folders newest first by version number (``triton_3_10_0`` before
+    ``triton_3_9_0``), as SGLang falls back; None when there is none (the server falls back to
+    its heuristic)."""
     sglang_name = sglang_file_name(shape, device_name)
     preferred = [vllm_file_name(shape, device_name)]
     if triton_version:
         preferred.append(f"{sglang_version_folder(triton_version)}/{sglang_name}")
-    others = sorted((k for k in files if k.endswith("/" + sglang_name)), reverse=True)
+    others = sorted((k for k in files if k.endswith("/" + sglang_name)), key=_version_key, reverse=True)
     for name in [*preferred, *others]:
         if files.get(name):
             return name, files[name]
@@ -364,23 +373,29 @@ the writer has it, refuses (``FileConflict``) before tuning what writing would r
 FORMATS = ("vllm", "sglang", "both")
 
 
-class ServerFilesWriter:
-    """Writes a device group's winners in vLLM's and/or SGLang's layout under ``out``. vLLM applies
-    one config to both GEMMs: its file holds the whole-op winner per M. SGLang's file holds the
-    up GEMM's config and its ``_down`` file the down GEMM's where the split search chose a pair
-    (batch sizes without a pair keep the whole-op winner for both). Existing files are merged
-    into, or refused, as the module says; ``replace`` overwrites them instead."""
+def format_servers(formats: str) -> tuple[str, ...]:
+    """``--format`` → the servers whose files are planned and written."""
+    if formats not in FORMATS:
+        raise ValueError(f"unknown format {formats!r}; expected one of {FORMATS}")
+    return SERVERS if formats == "both" else (formats,)
 
-    def __init__(self, out: Path, formats: str, replace: bool = False) -> None:
-        if formats not in FORMATS:
-            raise ValueError(f"unknown format {formats!r}; expected one of {FORMATS}")
-        self.out, self.replace = Path(out), replace
-        self.layouts = ("vllm", "sglang") if formats == "both" else (formats,)
+
+class ServerFilesWriter:
+    """Writes a device group's winners in the layouts of the servers that run each shape
+    (``servers_of``: "vllm" and/or "sglang", from the plan: a shape with SGLang's fused shared
+    experts is SGLang's alone) under ``out``. vLLM applies one config to both GEMMs: its file
+    holds the whole-op winner per M. SGLang's file holds the up GEMM's config and its ``_down``
+    file the down GEMM's where the split search chose a pair (batch sizes without a pair keep the
+    whole-op winner for both). Existing files are merged into, or refused, as the module says;
+    ``replace`` overwrites them instead."""
+
+    def __init__(self, out: Path, servers_of: Callable[[MoEShape], tuple[str, ...]], replace: bool = False) -> None:
+        self.out, self.servers_of, self.replace = Path(out), servers_of, replace
 
     def check(self, device: str, env: dict[str, str], batch_sizes: dict[MoEShape, set[int]]) -> None:
         """``FileConflict`` now for what writing these batch sizes would refuse later."""
         for shape, sizes in batch_sizes.items():
-            check_existing(self.out, shape, device, sizes, env, env["triton"], self.layouts, self.replace)
+            check_existing(self.out, shape, device, sizes, env, env["triton"], self.servers_of(shape), self.replace)
 
     def __call__(self, device: str, env: dict[str, str], chosen: dict[selection.GroupKey, selection.Selection],
                  split: SplitChoices) -> list[Written]:
@@ -389,9 +404,10 @@ class ServerFilesWriter:
             if gemm is not Gemm.BOTH:
                 continue
             configs = {M: s.candidate.config for M, s in per_m.items()}
-            if "vllm" in self.layouts:
+            servers = self.servers_of(shape)
+            if "vllm" in servers:
                 written.append(write_vllm(self.out, shape, device, configs, env["triton"], env, self.replace))
-            if "sglang" in self.layouts:
+            if "sglang" in servers:
                 pairs = split.get((shape, routing), {})
                 up = {M: pairs[M].up if M in pairs else c for M, c in configs.items()}
                 down = {M: pairs[M].down if M in pairs else c for M, c in configs.items()} if pairs else None
@@ -399,5 +415,36 @@ class ServerFilesWriter:
         return written
 
 
-def server_files_writer(out: Path, formats: str, replace: bool = False) -> ServerFilesWriter:
-    return ServerFilesWriter(out, formats, replace)
+def server_files_writer(out: Path, servers_of: Callable[[MoEShape], tuple[str, ...]],
+                        replace: bool = False) -> ServerFilesWriter:
+    return ServerFilesWriter(out, servers_of, replace)
+
+
+def key_coverage(keys: list[int] | set[int]) -> list[tuple[int, int, int | None]]:
+    """Which batch sizes each key of a config file serves under the servers' nearest-key lookup
+    (``lookup``): ``(key, first M, last M)`` ascending, the last key's range open (None)."""
+    ordered = sorted(set(keys))
+    if not ordered:
+        raise ValueError("no keys")
+    spans = []
+    for i, key in enumerate(ordered):
+        first = 1 if i == 0 else (ordered[i - 1] + key) // 2 + 1  # a tie goes to the smaller key
+        last = (key + ordered[i + 1]) // 2 if i + 1 < len(ordered) else None
+        spans.append((key, first, last))
+    return spans
+
+
+def partial_file_warning(path: Path, expected: tuple[int, ...]) -> str | None:
+    """A one-line warning when the config file at ``path`` lacks some of the ``expected`` batch
+    sizes (the servers' tuning grid): the server then uses the nearest key for them, and the line
+    says which key serves which range. None for a complete file."""
+    configs = _read_config_file(path)
+    missing = sorted(set(expected) - set(configs))
+    if not missing:
+        return None
+    spans = ", ".join(f"{key}: M {first}-{last if last is not None else 'up'}"
+                      for key, first, last in key_coverage(configs))
+    name = f"{path.parent.name}/{path.name}" if path.parent.name.startswith("triton_") else path.name
+    return (f"{name} holds {len(configs)} batch size(s), not {', '.join(map(str, missing[:6]))}"
+            f"{'...' if len(missing) > 6 else ''}: the server uses the nearest key for every other batch size "
+            f"({spans})")

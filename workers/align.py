@@ -81,7 +81,8 @@ class TokenAligner:
         self._blocks_per_program = triton.cdiv(self.num_blocks, self._programs)
 
     def run(self, topk_ids: torch.Tensor) -> AlignedTokens:
-        """Sort ``topk_ids [M, topk]`` (int32, contiguous, values in [0, E))."""
+        """Sort ``topk_ids [M, topk]`` (int32, contiguous, values in [0, E), or -1 for a pair routed to
+        another GPU's expert under expert parallelism: skipped, as vLLM's sort with an expert map)."""
         if topk_ids.numel() != self.num_pairs or topk_ids.dtype != torch.int32 or not topk_ids.is_contiguous():
             raise ValueError(f"topk_ids must be contiguous int32 with {self.num_pairs} elements, "
                              f"got {tuple(topk_ids.shape)} {topk_ids.dtype}")
@@ -122,6 +123,7 @@ def _count_experts_kernel(topk_ids_ptr, num_tokens_post_padded_ptr, cursor_ptr, 
     for start in range(0, num_pairs, CHUNK):
         # Lanes past the end count into bin ``num_experts``, which no expert owns.
         ids = tl.load(topk_ids_ptr + start + offs, mask=start + offs < num_pairs, other=num_experts)
+        ids = tl.where(ids < 0, num_experts, ids)  # -1: another GPU's expert (expert parallelism)
         counts += tl.histogram(ids, EXPERT_BINS)
     experts = tl.arange(0, EXPERT_BINS)
     is_expert = experts < num_experts
@@ -146,8 +148,9 @@ def _scatter_pairs_kernel(topk_ids_ptr, sorted_token_ids_ptr, expert_ids_ptr, nu
     pairs = pid * CHUNK + tl.arange(0, CHUNK)
     in_range = pairs < num_pairs
     ids = tl.load(topk_ids_ptr + pairs, mask=in_range, other=0)
-    rows = tl.atomic_add(cursor_ptr + ids, 1, mask=in_range)
-    tl.store(sorted_token_ids_ptr + rows, pairs, mask=in_range)
+    here = in_range & (ids >= 0)  # pairs routed to another GPU's experts are not computed here
+    rows = tl.atomic_add(cursor_ptr + tl.where(here, ids, 0), 1, mask=here)
+    tl.store(sorted_token_ids_ptr + rows, pairs, mask=here)
 
     total_rows = tl.load(num_tokens_post_padded_ptr)
     experts = tl.arange(0, EXPERT_BINS)

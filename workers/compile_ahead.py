@@ -146,10 +146,10 @@ def _meta_runner(shape: MoEShape, M: int, config: Config):
     from workers.quant import activation_dtype, quantize_weight
 
     act = activation_dtype(shape.dtype)
-    w13 = quantize_weight(torch.empty((shape.E, 2 * shape.N, shape.K), dtype=act, device="meta"), shape.dtype,
-                          shape.block_shape)
+    w13 = quantize_weight(torch.empty((shape.E, shape.up_rows, shape.K), dtype=act, device="meta"), shape.dtype,
+                          shape.block_shape, per_channel=shape.per_channel)
     w2 = quantize_weight(torch.empty((shape.E, shape.K, shape.N), dtype=act, device="meta"), shape.dtype,
-                         shape.block_shape)
+                         shape.block_shape, per_channel=shape.per_channel)
     x = torch.empty((M, shape.K), dtype=act, device="meta")
     topk_weights = torch.empty((M, shape.topk), dtype=torch.float32, device="meta")
     topk_ids = torch.empty((M, shape.topk), dtype=torch.int32, device="meta")

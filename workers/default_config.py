@@ -17,9 +17,12 @@ Without block quantization vLLM sets no ``num_warps``/``num_stages``, so Triton'
 defaults apply on the GPU: 4 warps, 3 stages; they are written out here so the baseline is a
 complete, timeable config.
 
-vLLM's weight-only int4/int8 *group*-quantized path (``block_shape`` with int8_w8a16) chooses a
-different kernel (the GPTQ/AWQ one) that this project does not run, so that combination is
-refused rather than guessed.
+- int4_w4a16 (block shape ``[0, group]``, vLLM's GPTQ/AWQ Triton kernel): BLOCK_SIZE_M 16 up to
+  20 tokens, 32 up to 40, else 64; GROUP_SIZE_M 1; BLOCK_SIZE_N 32 and BLOCK_SIZE_K 64 for a
+  single token, else 64 and 32 (``get_default_config`` and ``get_moe_wna16_block_config``).
+
+vLLM's group-quantized int8 path (``block_shape`` with int8_w8a16) runs that GPTQ/AWQ kernel
+too, which this project does not run for int8, so that combination is refused rather than guessed.
 """
 
 from __future__ import annotations
@@ -41,6 +44,11 @@ def default_config(shape: MoEShape, M: int) -> Config:
     """vLLM's fallback config for ``M`` tokens of ``shape`` (no tuned file present)."""
     if M < 1:
         raise ValueError(f"batch size must be >= 1, got {M}")
+    if shape.dtype is DType.INT4_W4A16:
+        block_n, block_k = (32, 64) if M == 1 else (64, 32)
+        return Config(BLOCK_SIZE_M=16 if M <= 20 else 32 if M <= 40 else 64, BLOCK_SIZE_N=block_n,
+                      BLOCK_SIZE_K=block_k, GROUP_SIZE_M=1, num_warps=TRITON_DEFAULT_WARPS,
+                      num_stages=TRITON_DEFAULT_STAGES)
     if shape.block_shape is not None:
         if shape.dtype is not DType.FP8_W8A8:
             raise ValueError(f"no default config for block-quantized {shape.dtype.value} "

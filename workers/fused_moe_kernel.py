@@ -11,9 +11,15 @@ whose tile starts past ``num_tokens_post_padded`` return at once.
 Per weight dtype (the B operand, ``QuantizedWeight`` layouts):
 - bf16/fp16: plain dot.
 - fp8_w8a8 per tensor: fp8 × fp8 dot, times activation scale × the expert's weight scale at the end.
+- fp8_w8a8 per channel: fp8 × fp8 dot, times the token's scale × the column's scale at the end
+  (per-token dynamic activations; vLLM's ``per_channel_quant`` variant of its kernel).
 - fp8_w8a8 block [bn, bk]: per K step, the dot times the token's K-group scale and the column's
-  weight-block scale (so a K step must stay inside one bk group: bk % BLOCK_SIZE_K == 0).
+  weight-block scale (so a K step must stay inside one bk group: bk % BLOCK_SIZE_K == 0, after
+  the servers' launch clamp of BLOCK_SIZE_K to the block, ``workers.formats.launch_block_k``).
 - int8_w8a16: int8 tile converted to the activation dtype, per-output-channel scale at the end.
+- int4_w4a16: packed nibbles (two K rows per byte) minus 8, times the scale of their column and
+  K group, converted to the activation dtype, then one dot (vLLM's/SGLang's GPTQ/AWQ kernel's
+  arithmetic for checkpoints without zero points; any BLOCK_SIZE_K, as theirs).
 - mxfp4 / nvfp4: packed nibbles decoded to bf16 and multiplied by their block scale (E8M0, resp.
   E4M3) inside the kernel, then one bf16 dot; nvfp4's per-expert fp32 global scale is applied
   to the fp32 accumulator at the end (the same product, one multiply per output instead of per
@@ -31,9 +37,9 @@ import triton
 import triton.language as tl
 
 from workers.align import AlignedTokens
-from workers.formats import format_of, tile_rule_broken
+from workers.formats import format_of, launch_block_k, tile_rule_broken
 from workers.interpreter import dot, interpreting, round_to
-from workers.quant import QuantizedWeight
+from workers.quant import INT4_ZERO, QuantizedWeight
 from workers.records import Config, DType
 
 def validate_config(config: Config, dtype: DType, block_shape: tuple[int, int] | None = None) -> None:
@@ -68,7 +74,8 @@ def launch_moe_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, b: QuantizedW
     dtype = b.dtype
     fp4 = dtype in (DType.MXFP4, DType.NVFP4)
     block_quant = dtype is DType.FP8_W8A8 and b.block_shape is not None
-    group_n, group_k = b.block_shape if block_quant else (0, 0)
+    int4 = dtype is DType.INT4_W4A16
+    group_n, group_k = b.block_shape if block_quant else (0, b.int4_group) if int4 else (0, 0)
     scale = b.scale if b.scale is not None else c  # never read when the dtype has no scale
     if dtype is DType.NVFP4:
         scale = scale.view(torch.uint8)  # the interpreter cannot fill masked fp8 lanes
@@ -77,10 +84,11 @@ def launch_moe_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, b: QuantizedW
     if dtype is DType.FP8_W8A8 and a_scale is None:
         raise ValueError("fp8_w8a8 needs the activation scale")
     a_scale_arg = a_scale if a_scale is not None else c
-    a_scale_strides = (a_scale.stride(0), a_scale.stride(1)) if block_quant else (0, 0)
+    a_scale_strides = (a_scale.stride(0), a_scale.stride(1)) if block_quant or b.per_channel else (0, 0)
     global_scale = b.global_scale if b.global_scale is not None else c
     weights = topk_weights if topk_weights is not None else c
     capacity = aligned.sorted_token_ids.shape[0]
+    block_k = launch_block_k(config, dtype, b.block_shape)
     if interpreter is None:
         interpreter = interpreting()
 
@@ -94,10 +102,11 @@ def launch_moe_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, b: QuantizedW
         TOP_K=top_k, MUL_ROUTED_WEIGHT=topk_weights is not None,
         FP8_W8A8=dtype is DType.FP8_W8A8, FP8_BLOCK=block_quant, INT8_W8A16=dtype is DType.INT8_W8A16,
         FP4_GROUP=format_of(dtype).scale_group if fp4 else 0,
-        EVEN_K=K % config.BLOCK_SIZE_K == 0, INTERPRETER=bool(interpreter),
+        INT4_W4A16=int4, INT4_ZERO=INT4_ZERO, FP8_CHANNEL=b.per_channel,
+        EVEN_K=K % block_k == 0, INTERPRETER=bool(interpreter),
         COMPUTE_TYPE=tl.float16 if c.dtype == torch.float16 else tl.bfloat16,
         BLOCK_SIZE_M=config.BLOCK_SIZE_M, BLOCK_SIZE_N=config.BLOCK_SIZE_N,
-        BLOCK_SIZE_K=config.BLOCK_SIZE_K, GROUP_SIZE_M=config.GROUP_SIZE_M,
+        BLOCK_SIZE_K=block_k, GROUP_SIZE_M=config.GROUP_SIZE_M,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
@@ -199,6 +208,7 @@ def _fused_moe_gemm_kernel(
     stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk, group_n, group_k,
     TOP_K: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
     FP8_W8A8: tl.constexpr, FP8_BLOCK: tl.constexpr, INT8_W8A16: tl.constexpr, FP4_GROUP: tl.constexpr,
+    INT4_W4A16: tl.constexpr, INT4_ZERO: tl.constexpr, FP8_CHANNEL: tl.constexpr,
     EVEN_K: tl.constexpr, INTERPRETER: tl.constexpr, COMPUTE_TYPE: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr,
@@ -238,6 +248,12 @@ def _fused_moe_gemm_kernel(
         offs_group = tl.arange(0, BLOCK_SIZE_K // FP4_GROUP)
         b_scale_ptrs = (b_scale_ptr + expert * stride_bse + offs_bn[:, None] * stride_bsn
                         + offs_group[None, :] * stride_bsk)
+    elif INT4_W4A16:
+        # Packed nibbles along K, read as [BK, BN] (two rows per byte row), as vLLM's and SGLang's
+        # GPTQ/AWQ fused-MoE kernel reads them; a scale per column and group_k rows.
+        b_ptrs = b_expert_ptr + (offs_k[:, None] // 2) * stride_bk + offs_bn[None, :] * stride_bn
+        b_shift = (offs_k[:, None] % 2) * 4
+        b_scale_ptrs = b_scale_ptr + expert * stride_bse + offs_bn[None, :] * stride_bsn
     else:
         b_ptrs = b_expert_ptr + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
     if FP8_BLOCK:
@@ -266,6 +282,20 @@ def _fused_moe_gemm_kernel(
             accumulator = dot(a, tl.trans(b), accumulator, INTERPRETER)
             b_ptrs += (BLOCK_SIZE_K // 2) * stride_bk
             b_scale_ptrs += (BLOCK_SIZE_K // FP4_GROUP) * stride_bsk
+        elif INT4_W4A16:
+            groups = (k_step * BLOCK_SIZE_K + offs_k[:, None]) // group_k
+            if EVEN_K:
+                packed = tl.load(b_ptrs)
+                scales = tl.load(b_scale_ptrs + groups * stride_bsk)
+            else:
+                packed = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
+                scales = tl.load(b_scale_ptrs + groups * stride_bsk, mask=offs_k[:, None] < k_left, other=0.0)
+            codes = ((packed >> b_shift) & 0xF).to(tl.int32) - INT4_ZERO
+            b = codes.to(tl.float32) * scales.to(tl.float32)
+            if not INTERPRETER:
+                b = b.to(COMPUTE_TYPE)
+            accumulator = dot(a, b, accumulator, INTERPRETER)
+            b_ptrs += (BLOCK_SIZE_K // 2) * stride_bk
         else:
             if EVEN_K:
                 b = tl.load(b_ptrs)
@@ -292,7 +322,11 @@ def _fused_moe_gemm_kernel(
     if MUL_ROUTED_WEIGHT:
         routed_weight = tl.load(topk_weights_ptr + offs_token, mask=token_mask, other=0.0)
         accumulator *= routed_weight[:, None]
-    if FP8_W8A8 and not FP8_BLOCK:
+    if FP8_CHANNEL:
+        token_scale = tl.load(a_scale_ptr + offs_token // TOP_K * stride_asm, mask=token_mask, other=0.0)
+        channel_scale = tl.load(b_scale_ptr + expert * stride_bse + offs_bn * stride_bsn)
+        accumulator *= token_scale[:, None] * channel_scale[None, :]
+    elif FP8_W8A8 and not FP8_BLOCK:
         accumulator *= tl.load(a_scale_ptr) * tl.load(b_scale_ptr + expert)
     if INT8_W8A16:
         accumulator *= tl.load(b_scale_ptr + expert * stride_bse + offs_bn * stride_bsn)[None, :]

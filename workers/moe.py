@@ -1,5 +1,5 @@
-"""The whole fused-MoE call: sort → (fp8: quantize) → up GEMM → SwiGLU (fp8: with the
-intermediate's quantization) → down GEMM × routed weight → sum over top-k.
+"""The whole fused-MoE call: sort → (fp8: quantize) → up GEMM → SwiGLU, or relu² for non-gated
+experts (fp8: with the intermediate's quantization) → down GEMM × routed weight → sum over top-k.
 
 ``MoERunner`` allocates every buffer once so that ``run()`` only launches kernels: no host
 synchronisation and no shape-dependent allocation, which is what CUDA-graph capture and repeated
@@ -27,19 +27,20 @@ class MoERunner:
     ``run_up()`` is the sort plus the up GEMM (plus the input's fp8 quantization) and
     ``run_down()`` the down GEMM (plus, for per-tensor fp8, the intermediate's quantization pass,
     and its own sort when its BLOCK_SIZE_M differs); ``run_down`` reads the SwiGLU output and sort
-    left by the last ``run()``. ``topk_ids`` must hold experts in [0, E) (not checked: that would
-    sync the host).
+    left by the last ``run()``. ``topk_ids`` must hold experts in [0, E) or -1 (a pair computed
+    on another GPU under expert parallelism); not checked beyond that, which would sync the host.
     """
 
     def __init__(self, x: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight,
                  topk_weights: torch.Tensor, topk_ids: torch.Tensor, config: Config,
                  down_config: Config | None = None) -> None:
         M, K = x.shape
-        E, two_n, w13_k = w13.shape
-        N = two_n // 2
+        E, up_rows, w13_k = w13.shape
+        N = w2.shape[2]
+        self._gated = up_rows == 2 * N  # else non-gated experts: w13 [E, N, K], relu² between the GEMMs
         if w13.dtype is not w2.dtype or w13.block_shape != w2.block_shape:
             raise ValueError(f"w13 ({w13.dtype.value}) and w2 ({w2.dtype.value}) must share dtype and block shape")
-        if two_n != 2 * N or w13_k != K or w2.shape != (E, K, N):
+        if up_rows not in (N, 2 * N) or w13_k != K or w2.shape != (E, K, N):
             raise ValueError(f"shapes disagree: x {tuple(x.shape)}, w13 {w13.shape}, w2 {w2.shape}")
         if x.dtype != activation_dtype(w13.dtype):
             raise ValueError(f"{w13.dtype.value} takes {activation_dtype(w13.dtype)} activations, got {x.dtype}")
@@ -56,15 +57,28 @@ class MoERunner:
         self.topk_weights = topk_weights.contiguous()
         self.config, self.down_config = config, down_config
         self.topk = topk_ids.shape[1]
+        # Pairs routed to other GPUs' experts (id -1, expert parallelism) are never computed: their
+        # rows of the down GEMM's output are zeroed every call (vLLM zeroes that cache with an
+        # expert map), and under per-tensor fp8 the up GEMM's too, so no stale row sets a scale.
+        self._remote_pairs = self.topk_ids.device.type != "meta" and bool((self.topk_ids < 0).any())
         pairs = M * self.topk
         device = x.device
         self._fp8 = w13.dtype is DType.FP8_W8A8
-        self._group_k = w13.block_shape[1] if self._fp8 and w13.block_shape is not None else None
+        # Activation scale groups of the input (over K) and of the intermediate (over N): block fp8
+        # one per block_k columns; per-channel fp8 one per row (per-token dynamic scales); None
+        # for per-tensor scales.
+        if self._fp8 and w13.block_shape is not None:
+            self._in_group = self._mid_group = w13.block_shape[1]
+        elif self._fp8 and w13.per_channel:
+            self._in_group, self._mid_group = K, N
+        else:
+            self._in_group = self._mid_group = None
+        self._group_k = self._in_group
 
         self._up_sort = TokenAligner(pairs, E, config.BLOCK_SIZE_M, device)
         self._down_sort = (self._up_sort if down_config.BLOCK_SIZE_M == config.BLOCK_SIZE_M
                            else TokenAligner(pairs, E, down_config.BLOCK_SIZE_M, device))
-        self._gate_up = torch.empty((pairs, 2 * N), dtype=x.dtype, device=device)
+        self._gate_up = torch.empty((pairs, up_rows), dtype=x.dtype, device=device)
         # Block fp8 quantizes inside the SwiGLU kernel: no activation-dtype intermediate.
         self._activated = None if self._group_k else torch.empty((pairs, N), dtype=x.dtype, device=device)
         self.output = torch.empty((M, K), dtype=x.dtype, device=device)
@@ -73,13 +87,14 @@ class MoERunner:
         if self._fp8:
             self._x_fp8 = torch.empty((M, K), dtype=FP8_DTYPE, device=device)
             self._activated_fp8 = torch.empty((pairs, N), dtype=FP8_DTYPE, device=device)
-            self._x_scale = self._scale_buffer(M, K, device)
-            self._activated_scale = self._scale_buffer(pairs, N, device)
+            self._x_scale = self._scale_buffer(M, K, self._in_group, device)
+            self._activated_scale = self._scale_buffer(pairs, N, self._mid_group, device)
             self._x_amax = torch.empty(1, dtype=torch.float32, device=device)
             self._activated_amax = torch.empty(1, dtype=torch.float32, device=device)
 
-    def _scale_buffer(self, rows: int, cols: int, device: torch.device) -> torch.Tensor:
-        shape = (rows, -(-cols // self._group_k)) if self._group_k else (1,)
+    @staticmethod
+    def _scale_buffer(rows: int, cols: int, group: int | None, device: torch.device) -> torch.Tensor:
+        shape = (rows, -(-cols // group)) if group else (1,)
         return torch.empty(shape, dtype=torch.float32, device=device)
 
     def poison_buffers(self) -> None:
@@ -99,11 +114,13 @@ class MoERunner:
 
     def run_up(self) -> None:
         aligned = self._up_sort.run(self.topk_ids)
+        if self._remote_pairs and self._fp8 and not self._group_k:
+            self._gate_up.zero_()
         a, a_scale = self.x, None
         if self._fp8:
             a, a_scale = self._x_fp8, self._x_scale
             if self._group_k:
-                fp8_quantize_per_group(self.x, a, a_scale, self._group_k)
+                fp8_quantize_per_group(self.x, a, a_scale, self._in_group)
             else:
                 self._x_amax.zero_()
                 fp8_absmax(self.x, self._x_amax)
@@ -112,12 +129,13 @@ class MoERunner:
 
     def _activate(self) -> None:
         if self._group_k:
-            swiglu_fp8_groups(self._gate_up, self._activated_fp8, self._activated_scale, self._group_k, self.x.dtype)
+            swiglu_fp8_groups(self._gate_up, self._activated_fp8, self._activated_scale, self._mid_group,
+                              self.x.dtype, gated=self._gated)
         elif self._fp8:
             self._activated_amax.zero_()
-            swiglu(self._gate_up, self._activated, self._activated_amax)
+            swiglu(self._gate_up, self._activated, self._activated_amax, gated=self._gated)
         else:
-            swiglu(self._gate_up, self._activated)
+            swiglu(self._gate_up, self._activated, gated=self._gated)
 
     def run_down(self) -> None:
         aligned = self._down_sort.run(self.topk_ids) if self._down_sort is not self._up_sort else self._up_sort.aligned
@@ -126,6 +144,8 @@ class MoERunner:
             a, a_scale = self._activated_fp8, self._activated_scale
             if not self._group_k:
                 fp8_quantize_per_tensor(self._activated, self._activated_amax, a, a_scale)
+        if self._remote_pairs:
+            self._down.zero_()
         launch_moe_gemm(a, a_scale, self.w2, self._down, aligned, self.topk_weights, top_k=1,
                         config=self.down_config)
 
@@ -143,7 +163,8 @@ def fused_moe(x: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight, topk_w
               topk_ids: torch.Tensor, config: Config, down_config: Config | None = None) -> torch.Tensor:
     """``[M, K]`` in x's dtype: sum_j topk_weights[m,j] · w2[e_j] @ (silu(gate_j) · up_j).
 
-    ``x [M, K]``; ``w13 [E, 2N, K]`` (gate rows first); ``w2 [E, K, N]``; routing ``[M, topk]``.
+    ``x [M, K]``; ``w13 [E, 2N, K]`` (gate rows first), or ``[E, N, K]`` for non-gated experts (relu²);
+    ``w2 [E, K, N]``; routing ``[M, topk]``.
     Allocates its buffers per call; repeated calls should keep a ``MoERunner``.
     """
     return MoERunner(x, w13, w2, topk_weights, topk_ids, config, down_config).run()

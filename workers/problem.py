@@ -13,6 +13,8 @@ quantization). "Seen" is our kernel under the Triton interpreter at E=4, N,K in 
   exactly, so what is left is bf16 storage. A kernel rounding the intermediate unlike vLLM would
   see ~1.5e-2, up to ~6.5e-2 at tiny shapes (see ``workers.reference``).
 - int8_w8a16 3e-2 (seen 3.2e-3..4.2e-3): bf16 activations times exactly dequantized weights.
+- int4_w4a16 3e-2: as int8_w8a16 ((q - 8) · bf16 scale is exact in fp32; the kernel rounds it to
+  bf16 once, as the servers' kernel does).
 - mxfp4 3e-2 (seen 3.6e-3..3.8e-3): as int8_w8a16 (E2M1 · 2^k is exact in bf16).
 - nvfp4 3e-2 (seen 3.8e-3..4.1e-3): as int8_w8a16, plus bf16 rounding of value · E4M3 scale ·
   global scale.
@@ -37,6 +39,7 @@ ERROR_BOUNDS: dict[DType, float] = {
     DType.FP16: 2e-2,
     DType.FP8_W8A8: 3e-2,
     DType.INT8_W8A16: 3e-2,
+    DType.INT4_W4A16: 3e-2,
     DType.MXFP4: 3e-2,
     DType.NVFP4: 3e-2,
 }
@@ -72,7 +75,8 @@ def build_problem(shape: MoEShape, M: int, *, routing: str = "uniform", seed: in
     generator = torch.Generator(device=device).manual_seed(_derive_seed(seed, "inputs", M))
     x = torch.randn((M, shape.K), generator=generator, device=device).to(activation_dtype(shape.dtype))
     routing_generator = torch.Generator().manual_seed(_derive_seed(seed, "routing", M))
-    topk_weights, topk_ids = make_routing(routing, M, shape.E, shape.topk, routing_generator, device)
+    topk_weights, topk_ids = make_routing(routing, M, shape.E, shape.topk, routing_generator, device,
+                                          ep=shape.ep, fused_shared=shape.fused_shared)
     reference = reference_moe(x, w13, w2, topk_weights, topk_ids)
     return Problem(shape, M, routing, x, topk_weights, topk_ids, w13, w2, reference)
 
@@ -102,7 +106,7 @@ def _expert_weights(shape: MoEShape, seed: int, device: torch.device) -> tuple[Q
     if key not in _weight_cache:
         _weight_cache.clear()  # free the previous shape's weights before allocating these
         generator = torch.Generator(device=device).manual_seed(_derive_seed(seed, "weights"))
-        w13 = _random_weight((shape.E, 2 * shape.N, shape.K), shape.K ** -0.5, shape, generator)
+        w13 = _random_weight((shape.E, shape.up_rows, shape.K), shape.K ** -0.5, shape, generator)
         w2 = _random_weight((shape.E, shape.K, shape.N), shape.N ** -0.5, shape, generator)
         _weight_cache[key] = (w13, w2)
     return _weight_cache[key]
@@ -115,7 +119,7 @@ def _random_weight(size: tuple[int, int, int], std: float, shape: MoEShape,
     weight = torch.empty(size, dtype=activation_dtype(shape.dtype), device=generator.device)
     for expert in range(E):
         weight[expert] = torch.randn((R, C), generator=generator, device=generator.device) * std
-    return quantize_weight(weight, shape.dtype, shape.block_shape)
+    return quantize_weight(weight, shape.dtype, shape.block_shape, per_channel=shape.per_channel)
 
 
 def _derive_seed(seed: int, *parts: object) -> int:

@@ -8,11 +8,18 @@ a few hundred MB on a GPU.
 
 Scale rules, chosen here and relied on by the tests:
 
-- fp8 (E4M3FN, max 448): scale = amax / 448 over the scaled group (per expert, per ``[bn, bk]``
-  weight block, per activation tensor, or per token and ``group_k``-wide K group); amax is
+- fp8 (E4M3FN, max 448): scale = amax / 448 over the scaled group (per expert, per output
+  channel, per ``[bn, bk]`` weight block, per activation tensor, or per token and ``group_k``-wide
+  K group; per-channel weights go with per-token activations, one group per row); amax is
   clamped to ``AMAX_FLOOR`` so all-zero groups get a finite scale and zero codes. Partial blocks at
   the edges of a shape that is not a multiple of the block use the amax of the elements they have.
 - int8_w8a16: symmetric per output channel, scale = amax / 127, round half to even, clamp ±127.
+- int4_w4a16: symmetric per output channel and ``group_size`` inputs along K (GPTQ's and
+  compressed-tensors' symmetric rule): scale = amax / 7.5 (half the 16 levels), q = round half to
+  even of w / scale clamped to [-8, 7], stored as the nibble q + 8 (the servers' kernels subtract
+  8 when a checkpoint has no zero points), two per byte along K with element 2i in the low nibble;
+  scales kept in the activation dtype (bf16), as the servers keep GPTQ/AWQ/compressed-tensors
+  scales, so a config reads the bytes it reads in the server.
 - mxfp4: the OCP MX rule, scale = 2^(floor(log2(amax)) - 2), where 2 is E2M1's largest exponent.
   A block whose max is exactly 6·2^e gets 2^e; a block whose max lies in (6·2^e, 8·2^e) also gets
   2^e and its largest elements saturate to ±6. The exponent is clamped to the E8M0 range
@@ -35,11 +42,14 @@ import torch
 import torch.nn.functional as F
 
 from workers.formats import format_of
-from workers.records import DType
+from workers.records import INT4_DEFAULT_GROUP, DType
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 INT8_MAX = 127.0
+INT4_ZERO = 8
+"""The offset of int4_w4a16's stored nibbles (symmetric checkpoints have no zero points)."""
+INT4_LEVELS_HALF = 7.5
 E2M1_MAX = 6.0
 MXFP4_BLOCK = format_of(DType.MXFP4).scale_group
 NVFP4_BLOCK = format_of(DType.NVFP4).scale_group
@@ -67,8 +77,10 @@ class QuantizedWeight:
     ``data``: bf16/fp16 ``[E,R,C]``; fp8 ``float8_e4m3fn [E,R,C]``; int8 ``[E,R,C]``; mxfp4/nvfp4
     ``uint8 [E,R,C//2]`` with element 2i in the low nibble. ``scale``: None for bf16/fp16; fp8
     per-tensor fp32 ``[E]``; fp8 block fp32 ``[E, ceil(R/bn), ceil(C/bk)]``; int8 fp32 ``[E,R]``;
-    mxfp4 uint8 E8M0 ``[E,R,C//32]``; nvfp4 float8_e4m3fn ``[E,R,C//16]``. ``global_scale``: nvfp4
-    fp32 ``[E]``. ``block_shape``: ``(bn, bk)`` for block fp8, else None.
+    mxfp4 uint8 E8M0 ``[E,R,C//32]``; nvfp4 float8_e4m3fn ``[E,R,C//16]``; int4_w4a16 ``uint8
+    [E,R,C//2]`` (nibble q + 8, element 2i low) with bf16 scales ``[E,R,C//group]``. ``global_scale``:
+    nvfp4 fp32 ``[E]``. ``block_shape``: ``(bn, bk)`` for block fp8, ``(0, group)`` for int4_w4a16,
+    else None.
     """
 
     dtype: DType
@@ -81,7 +93,20 @@ class QuantizedWeight:
     def shape(self) -> tuple[int, int, int]:
         """The logical ``(E, R, C)`` (fp4 formats pack two values per byte)."""
         E, R, C = self.data.shape
-        return (E, R, 2 * C) if self.dtype in (DType.MXFP4, DType.NVFP4) else (E, R, C)
+        return (E, R, 2 * C) if self.dtype in (DType.MXFP4, DType.NVFP4, DType.INT4_W4A16) else (E, R, C)
+
+    @property
+    def per_channel(self) -> bool:
+        """fp8_w8a8 with one weight scale per output channel (``scale [E, R]``; compressed-tensors'
+        channel strategy), run with per-token dynamic activation scales."""
+        return self.dtype is DType.FP8_W8A8 and self.block_shape is None and self.scale is not None \
+            and self.scale.dim() == 2
+
+    @property
+    def int4_group(self) -> int:
+        """int4_w4a16's group along C (a channel-wise ``-1`` is the whole row)."""
+        group = self.block_shape[1]
+        return self.shape[2] if group == -1 else group
 
     def dequantize_expert(self, expert: int) -> torch.Tensor:
         """fp32 ``[R, C]`` of one expert: the reference's unit, so real shapes never need ``[E,R,C]`` fp32."""
@@ -89,11 +114,15 @@ class QuantizedWeight:
         if self.dtype in (DType.BF16, DType.FP16):
             return data.float()
         if self.dtype is DType.FP8_W8A8:
+            if self.per_channel:
+                return data.float() * self.scale[expert][:, None]
             if self.block_shape is None:
                 return data.float() * self.scale[expert]
             return _dequantize_fp8_blocks(data, self.scale[expert], self.block_shape)
         if self.dtype is DType.INT8_W8A16:
             return data.float() * self.scale[expert][:, None]
+        if self.dtype is DType.INT4_W4A16:
+            return dequantize_int4(data, self.scale[expert], self.int4_group)
         if self.dtype is DType.MXFP4:
             return dequantize_mxfp4(data, self.scale[expert], torch.float32)
         return dequantize_nvfp4(data, self.scale[expert], self.global_scale[expert], torch.float32)
@@ -106,14 +135,29 @@ class QuantizedWeight:
         return out
 
 
-def quantize_weight(w: torch.Tensor, dtype: DType, block_shape: tuple[int, int] | None = None) -> QuantizedWeight:
+def quantize_weight(w: torch.Tensor, dtype: DType, block_shape: tuple[int, int] | None = None,
+                    per_channel: bool = False) -> QuantizedWeight:
     """Quantize a float ``[E, R, C]`` expert weight to ``dtype`` (one expert at a time).
 
-    ``block_shape = (bn, bk)`` selects block-wise fp8 (only valid with fp8_w8a8).
+    ``block_shape = (bn, bk)`` selects block-wise fp8 (only valid with fp8_w8a8); for int4_w4a16
+    ``(0, group)`` names the group size (default ``INT4_DEFAULT_GROUP``; -1: one group per row,
+    channel-wise, kept as -1 so both weights of a layer share it). ``per_channel`` selects fp8_w8a8
+    with one scale per output channel (amax / 448 of each row).
     """
+    if per_channel and (DType(dtype) is not DType.FP8_W8A8 or block_shape is not None):
+        raise ValueError("per_channel applies to fp8_w8a8 without a block shape")
     dtype = DType(dtype)
     if w.dim() != 3:
         raise ValueError(f"expert weight must be [E, R, C], got shape {tuple(w.shape)}")
+    if dtype is DType.INT4_W4A16:
+        named = int(block_shape[1]) if block_shape is not None else INT4_DEFAULT_GROUP
+        E, R, C = w.shape
+        group = C if named == -1 else named
+        data = torch.empty((E, R, C // 2), dtype=torch.uint8, device=w.device)
+        scale = torch.empty((E, R, -(-C // group)), dtype=torch.bfloat16, device=w.device)
+        for e in range(E):
+            data[e], scale[e] = quantize_int4(w[e], group)
+        return QuantizedWeight(dtype, data, scale, block_shape=(0, named))
     if block_shape is not None:
         if dtype is not DType.FP8_W8A8:
             raise ValueError(f"block_shape applies to fp8_w8a8 only, not {dtype.value}")
@@ -128,7 +172,12 @@ def quantize_weight(w: torch.Tensor, dtype: DType, block_shape: tuple[int, int] 
 
     if dtype is DType.FP8_W8A8:
         data = torch.empty((E, R, C), dtype=FP8_DTYPE, device=device)
-        if block_shape is None:
+        if per_channel:
+            scale = torch.empty((E, R), dtype=torch.float32, device=device)
+            for e in range(E):
+                scale[e] = _fp8_scale(w[e].abs().amax(dim=1).float())
+                data[e] = _to_fp8(w[e].float() / scale[e][:, None])
+        elif block_shape is None:
             scale = torch.empty(E, dtype=torch.float32, device=device)
             for e in range(E):
                 data[e], scale[e] = _quantize_fp8_tensor(w[e])
@@ -345,3 +394,24 @@ def dequantize_nvfp4(packed: torch.Tensor, scales: torch.Tensor, global_scale: t
     block_scale = scales.float() * global_scale.float()[..., None, None]
     blocks = values.reshape(*values.shape[:-1], -1, NVFP4_BLOCK) * block_scale[..., None]
     return blocks.flatten(-2).to(dtype)
+
+
+# ---------------------------------------------------------------- int4_w4a16 (symmetric, grouped along K)
+
+def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[R, C]`` → packed uint8 ``[R, C/2]`` (nibble q + 8, element 2i low) and bf16 scales
+    ``[R, C/group]``. C must be even and a multiple of ``group``."""
+    R, C = w.shape
+    if group < 2 or C % group or C % 2:
+        raise ValueError(f"int4_w4a16 needs C (the GEMM's K) a multiple of the group size {group}, got {C}")
+    groups = w.float().reshape(R, C // group, group)
+    scale = (groups.abs().amax(dim=-1).clamp_min(AMAX_FLOOR) / INT4_LEVELS_HALF).to(torch.bfloat16)
+    q = torch.round(groups / scale.float()[..., None]).clamp(-INT4_ZERO, INT4_ZERO - 1)
+    codes = (q + INT4_ZERO).to(torch.uint8).reshape(R, C)
+    return pack_nibbles(codes), scale
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
+    """fp32 ``[R, C]`` of packed int4 ``[R, C/2]`` with scales ``[R, C/group]``: (nibble - 8) · scale."""
+    q = unpack_nibbles(packed).float() - INT4_ZERO
+    return q * scale.float().repeat_interleave(group, dim=-1)[:, : q.shape[-1]]

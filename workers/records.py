@@ -17,9 +17,13 @@ class DType(str, Enum):
     FP16 = "fp16"
     FP8_W8A8 = "fp8_w8a8"
     INT8_W8A16 = "int8_w8a16"
+    INT4_W4A16 = "int4_w4a16"
     MXFP4 = "mxfp4"
     NVFP4 = "nvfp4"
 
+
+INT4_DEFAULT_GROUP = 128
+"""int4_w4a16's scale group along K when a checkpoint names none: GPTQ's and AWQ's default."""
 
 CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
 
@@ -56,8 +60,26 @@ class Config:
 class MoEShape:
     """The shapes one GPU's fused-MoE kernel sees.
 
-    ``w13`` is ``[E, 2N, K]`` (gate rows first, then up rows), ``w2`` is ``[E, K, N]``;
-    ``N`` is the ``N`` of vLLM's config file names (intermediate size per GPU).
+    ``block_shape`` is ``(bn, bk)`` for block fp8, and ``(0, group_size)`` for int4_w4a16 (the
+    servers' own encoding: one scale per ``group_size`` weights along K, no N blocking; a block
+    shape with a 0 is not part of file names).
+
+    ``w13`` is ``[E, 2N, K]`` (gate rows first, then up rows), or ``[E, N, K]`` for non-gated
+    experts (``gated`` False: Nemotron-H's relu² experts); ``w2`` is ``[E, K, N]``; ``N`` is the
+    ``N`` of the servers' config file names (intermediate size per GPU, gated or not).
+
+    The layout fields change the routing the kernel sees, not its weights:
+
+    - ``ep``: expert-parallel size. The ``E - fused_shared`` routed experts here are one GPU's
+      share of ``(E - fused_shared) * ep``; tokens pick top-k over all of them and only the pairs
+      routed here are computed (vLLM's TP+EP layout: every GPU gets all M tokens, so about
+      ``M * topk / ep`` pairs).
+    - ``fused_shared``: shared experts appended after the routed ones (SGLang's shared-expert
+      fusion): ``topk`` counts the extra slot that every token routes to one of them.
+
+    ``per_channel``: fp8_w8a8 with one weight scale per output channel and per-token dynamic
+    activation scales (compressed-tensors' channel strategy; SGLang names the file
+    ``,per_channel_quant=True``).
     """
 
     E: int
@@ -66,16 +88,60 @@ class MoEShape:
     topk: int
     dtype: DType
     block_shape: tuple[int, int] | None = None
+    gated: bool = True
+    ep: int = 1
+    fused_shared: int = 0
+    per_channel: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", DType(self.dtype))
         if self.block_shape is not None:
             object.__setattr__(self, "block_shape", tuple(int(v) for v in self.block_shape))
+        if self.per_channel and (self.dtype is not DType.FP8_W8A8 or self.block_shape is not None):
+            raise ValueError("per_channel applies to fp8_w8a8 without a block shape")
+        if self.ep < 1 or not 0 <= self.fused_shared < self.E:
+            raise ValueError(f"bad layout: ep={self.ep}, fused_shared={self.fused_shared} of E={self.E}")
+
+    @property
+    def routed_experts(self) -> int:
+        """Routed experts over all GPUs (what the router picks from)."""
+        return (self.E - self.fused_shared) * self.ep
+
+    @property
+    def up_rows(self) -> int:
+        """Rows of ``w13`` per expert: 2N gated (gate and up), N otherwise."""
+        return 2 * self.N if self.gated else self.N
+
+    @property
+    def pairs_per_token(self) -> float:
+        """Token-expert pairs this GPU's kernel computes per token, on average: the routed top-k
+        spread over ``ep`` GPUs, plus the fused shared expert's slot."""
+        fused_slot = 1 if self.fused_shared else 0
+        return (self.topk - fused_slot) / self.ep + fused_slot
+
+    def layout_fields(self) -> dict:
+        """The layout fields that differ from the defaults (journal records and labels)."""
+        fields = {}
+        if not self.gated:
+            fields["gated"] = False
+        if self.ep != 1:
+            fields["ep"] = self.ep
+        if self.fused_shared:
+            fields["fused_shared"] = self.fused_shared
+        if self.per_channel:
+            fields["per_channel"] = True
+        return fields
+
+    @property
+    def group_size(self) -> int | None:
+        """int4_w4a16's scale group along K (None for other dtypes)."""
+        return self.block_shape[1] if self.dtype is DType.INT4_W4A16 and self.block_shape else None
 
     @property
     def label(self) -> str:
         bs = f",block_shape=[{self.block_shape[0]},{self.block_shape[1]}]" if self.block_shape else ""
-        return f"E={self.E},N={self.N},K={self.K},topk={self.topk},dtype={self.dtype.value}{bs}"
+        layout = "".join(f",{k}={v}" for k, v in self.layout_fields().items())
+        return f"E={self.E},N={self.N},K={self.K},topk={self.topk},dtype={self.dtype.value}{bs}{layout}"
 
 
 class Gemm(str, Enum):

@@ -28,43 +28,52 @@ def _emulate_fp8_activation(a: torch.Tensor, group_k: int | None) -> torch.Tenso
 
 def reference_moe(x: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight,
                   topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-    """fp32 ``[M, K]``: out[m] = sum_j topk_weights[m,j] · w2[e_j] @ (silu(gate_j) · up_j).
+    """fp32 ``[M, K]``: out[m] = sum_j topk_weights[m,j] · w2[e_j] @ (silu(gate_j) · up_j), or
+    relu(up_j)² for non-gated experts (``w13 [E, N, K]``).
 
     ``x [M, K]`` in the activation dtype; ``w13 [E, 2N, K]`` (gate rows [0, N), up rows [N, 2N));
-    ``w2 [E, K, N]``; ``topk_weights [M, topk]``; ``topk_ids [M, topk]``.
+    ``w2 [E, K, N]``; ``topk_weights [M, topk]``; ``topk_ids [M, topk]`` in [0, E), or -1 for a pair
+    computed on another GPU (expert parallelism), which contributes nothing.
     """
     M, K = x.shape
-    E, two_n, w13_k = w13.shape
-    N = two_n // 2
+    E, up_rows, w13_k = w13.shape
+    N = w2.shape[2]
+    gated = up_rows == 2 * N
     if w13.dtype is not w2.dtype or w13.block_shape != w2.block_shape:
         raise ValueError(f"w13 ({w13.dtype.value}) and w2 ({w2.dtype.value}) must share dtype and block shape")
-    if w13_k != K or w2.shape != (E, K, N):
+    if up_rows not in (N, 2 * N) or w13_k != K or w2.shape != (E, K, N):
         raise ValueError(f"shapes disagree: x {tuple(x.shape)}, w13 {w13.shape}, w2 {w2.shape}")
     if topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != M:
         raise ValueError(f"routing shapes disagree: ids {tuple(topk_ids.shape)}, weights {tuple(topk_weights.shape)}")
 
     fp8 = w13.dtype is DType.FP8_W8A8
-    group_k = w13.block_shape[1] if fp8 and w13.block_shape else None
-    a = _emulate_fp8_activation(x, group_k) if fp8 else x.float()
+    # Activation scale groups: block fp8 per block_k columns, per-channel fp8 per row (per token).
+    in_group = mid_group = w13.block_shape[1] if fp8 and w13.block_shape else None
+    if fp8 and w13.per_channel:
+        in_group, mid_group = K, N
+    a = _emulate_fp8_activation(x, in_group) if fp8 else x.float()
 
     # Rows of the flattened [M * topk] routing, grouped by expert; one host sync for the counts.
+    # Id -1 is a pair routed to another GPU's expert (expert parallelism): it adds nothing here.
     flat_ids = topk_ids.reshape(-1).long()
+    if int(flat_ids.min()) < -1:
+        raise ValueError("topk_ids hold an expert id below -1")
     order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=E).tolist()
-    if len(counts) > E:
+    counts = torch.bincount(flat_ids + 1, minlength=E + 1).tolist()
+    if len(counts) > E + 1:
         raise ValueError(f"topk_ids hold an expert >= E={E}")
-    slots = list(zip(range(E), torch.split(order, counts)))
+    slots = list(zip(range(E), torch.split(order, counts)[1:]))
     slots = [(e, rows) for e, rows in slots if rows.numel()]
     topk = topk_ids.shape[1]
 
-    intermediate = torch.empty((M * topk, N), dtype=torch.float32, device=x.device)
+    intermediate = torch.zeros((M * topk, N), dtype=torch.float32, device=x.device)
     for e, rows in slots:
         gate_up = a[rows // topk] @ w13.dequantize_expert(e).T
         if fp8:
             gate_up = gate_up.to(x.dtype).float()
-        intermediate[rows] = F.silu(gate_up[:, :N]) * gate_up[:, N:]
+        intermediate[rows] = F.silu(gate_up[:, :N]) * gate_up[:, N:] if gated else F.relu(gate_up).square()
     if fp8:
-        intermediate = _emulate_fp8_activation(intermediate.to(x.dtype), group_k)
+        intermediate = _emulate_fp8_activation(intermediate.to(x.dtype), mid_group)
 
     out = torch.zeros((M, K), dtype=torch.float32, device=x.device)
     flat_weights = topk_weights.reshape(-1).float()

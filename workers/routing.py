@@ -7,7 +7,11 @@ and how many experts' weights are read), so the tuner can time under the load a 
 - ``zipf:<alpha>``: expert ``e`` has popularity ∝ 1/(e+1)^alpha (expert 0 the hottest; alpha 0 is
   uniform), still ``topk`` distinct experts per token;
 - ``file:<path>``: ``topk_ids`` captured from a real router (``.pt`` tensor or ``.npy`` array,
-  ``[rows, topk]``); tokens take rows of a generator-drawn permutation, cycling when M > rows.
+  ``[rows, topk]``, global expert ids under expert parallelism); tokens take rows of a
+  generator-drawn permutation, cycling when M > rows.
+
+Under expert parallelism and SGLang's shared-expert fusion ``make_routing`` gives what one GPU's
+kernel sees: picks on other GPUs' experts as -1, the always-routed shared expert in the last slot.
 
 The synthetic kinds act like a router: logits = log(popularity) + Gumbel noise, the top-k logits
 choose the experts (Gumbel-top-k samples without replacement in proportion to popularity) and the
@@ -62,24 +66,52 @@ def parse_routing(spec: str) -> RoutingSpec:
 
 
 def make_routing(spec: str, M: int, E: int, topk: int, generator: torch.Generator,
-                 device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+                 device: torch.device | str, *, ep: int = 1, fused_shared: int = 0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(topk_weights fp32 [M, topk], topk_ids int32 [M, topk])`` on ``device``, distinct experts per token.
+
+    ``E`` and ``topk`` are what one GPU's kernel sees (``MoEShape``). Its ``E - fused_shared``
+    routed experts are one GPU's share of ``(E - fused_shared) * ep``: with ``ep`` > 1 tokens pick
+    top-k over all of them and a pick on another GPU becomes id -1 (not computed here), as vLLM's
+    TP+EP layout runs it. Synthetic routings shuffle the experts' popularity over the GPUs (this
+    GPU holds a random share); a captured file holds global ids and this GPU is the one the trace
+    loads most (the layer waits for the busiest GPU). ``fused_shared`` > 0 (SGLang's shared-expert
+    fusion): the last slot of every token goes to one of the shared experts after the routed
+    ones (chosen at random among them, as SGLang does), with weight 1.
 
     Random numbers are drawn on the generator's device, so the result does not depend on ``device``.
     """
     parsed = parse_routing(spec)
-    if M < 1 or E < 1 or not 1 <= topk <= E:
-        raise ValueError(f"routing needs M >= 1 and 1 <= topk <= E, got M={M}, E={E}, topk={topk}")
+    routed_here = E - fused_shared
+    routed_topk = topk - (1 if fused_shared else 0)
+    routed = routed_here * ep
+    if M < 1 or ep < 1 or not 0 <= fused_shared < E or not 1 <= routed_topk <= routed:
+        raise ValueError(f"routing needs M >= 1 and 1 <= routed top-k <= routed experts, got M={M}, E={E}, "
+                         f"topk={topk}, ep={ep}, fused_shared={fused_shared}")
+    first = 0
     if parsed.kind == "file":
-        captured = load_topk_ids(parsed.path, E, topk)
+        captured = load_topk_ids(parsed.path, routed, routed_topk)
+        if ep > 1:
+            per_gpu = torch.bincount(captured.reshape(-1) // routed_here, minlength=ep)
+            first = int(per_gpu.argmax()) * routed_here
         rows = torch.randperm(captured.shape[0], generator=generator, device=generator.device)
         picked = rows[torch.arange(M, device=generator.device) % captured.shape[0]]
         ids = captured.to(generator.device)[picked]
-        logits = _gumbel((M, topk), generator)
+        logits = _gumbel((M, routed_topk), generator)
     else:
-        log_popularity = -parsed.alpha * torch.log(torch.arange(1, E + 1, dtype=torch.float32, device=generator.device))
-        logits, ids = (log_popularity + _gumbel((M, E), generator)).topk(topk, dim=-1)
+        log_popularity = -parsed.alpha * torch.log(torch.arange(1, routed + 1, dtype=torch.float32,
+                                                                device=generator.device))
+        if ep > 1:
+            log_popularity = log_popularity[torch.randperm(routed, generator=generator, device=generator.device)]
+        logits, ids = (log_popularity + _gumbel((M, routed), generator)).topk(routed_topk, dim=-1)
     weights = torch.softmax(logits, dim=-1)
+    if ep > 1:
+        local = (ids >= first) & (ids < first + routed_here)
+        ids = torch.where(local, ids - first, torch.full_like(ids, -1))
+    if fused_shared:
+        shared = routed_here + torch.randint(fused_shared, (M, 1), generator=generator, device=generator.device)
+        ids = torch.cat([ids, shared.to(ids.dtype)], dim=1)
+        weights = torch.cat([weights, torch.ones((M, 1), device=weights.device)], dim=1)
     return weights.to(device), ids.to(device=device, dtype=torch.int32)
 
 

@@ -107,7 +107,7 @@ def routing_arg(text: str) -> str:
 def check_interpret_limits(shapes: Iterable[MoEShape], batch_sizes: Iterable[int]) -> None:
     """Refuse what ``--interpret`` cannot run in reasonable time: the interpreter runs on the CPU."""
     for shape in shapes:
-        weights = shape.E * 2 * shape.N * shape.K
+        weights = shape.E * shape.up_rows * shape.K
         if weights > INTERPRET_MAX_WEIGHTS:
             raise UsageError(f"--interpret runs the Triton interpreter on the CPU, tiny shapes only: {shape.label} "
                              f"has E*2N*K = {weights} weights (limit {INTERPRET_MAX_WEIGHTS})")

@@ -11,7 +11,7 @@ from tuner import bench
 from tuner.commands.arguments import (add_batch_sizes_argument, add_layout_arguments, block_shape_arg,
                                       check_interpret_limits, positive_int, ratio_arg, routing_arg)
 from tuner.errors import RunFailed
-from tuner.models import derive_shape, load_model
+from tuner.models import SERVERS, derive_shape, load_model
 from tuner.plan import resolve_batch_sizes
 from workers.records import DType, MoEShape
 
@@ -33,15 +33,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="Ray cluster to run on (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--interpret", action="store_true",
                         help="run the kernels under the Triton interpreter on the CPU (tiny shapes only)")
+    parser.add_argument("--server", default="vllm", choices=SERVERS,
+                        help="whose kernel shape to time (sglang: with its shared-expert fusion; default vllm)")
+    parser.add_argument("--disable-shared-experts-fusion", action="store_true",
+                        help="with --server sglang: SGLang runs with this flag")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
-def bench_shape(model: str, tp: int, ep: int, dtype: str | None, block_shape: tuple[int, int] | None) -> MoEShape:
-    return derive_shape(load_model(model), tp=tp, ep=ep, dtype=dtype, block_shape=block_shape)
+def bench_shape(model: str, tp: int, ep: int, dtype: str | None, block_shape: tuple[int, int] | None,
+                server: str = "vllm", fuse_shared_experts: bool = True) -> MoEShape:
+    """The shape ``server``'s kernel runs for the model's first MoE layer shape."""
+    return derive_shape(load_model(model), tp=tp, ep=ep, dtype=dtype, block_shape=block_shape, server=server,
+                        fuse_shared_experts=fuse_shared_experts)
 
 
 def run(args: argparse.Namespace) -> int:
-    shape = bench_shape(args.model, args.tp, args.ep, args.dtype, args.block_shape)
+    shape = bench_shape(args.model, args.tp, args.ep, args.dtype, args.block_shape, args.server,
+                        not args.disable_shared_experts_fusion)
     batch_sizes = resolve_batch_sizes(args.batch_sizes)
     if args.interpret:
         check_interpret_limits([shape], batch_sizes)

@@ -16,7 +16,7 @@ from pathlib import Path
 from tuner.commands.arguments import add_batch_sizes_argument, block_shape_arg, check_interpret_limits, dtype_list, int_list
 from tuner.errors import RunFailed, UsageError
 from workers.formats import block_shape_dtypes, format_of, shape_rule_broken
-from workers.records import CONFIG_KEYS, Config, DType, MoEShape
+from workers.records import CONFIG_KEYS, INT4_DEFAULT_GROUP, Config, DType, MoEShape
 
 def configure(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
@@ -28,6 +28,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", type=dtype_list, action="append", metavar="D[,D...]",
                         help="kernel dtype(s), repeatable; default: the model's own, or bf16 with --shape")
     parser.add_argument("--block-shape", type=block_shape_arg, metavar="BN,BK", help="fp8 weight block shape, e.g. 128,128")
+    parser.add_argument("--group-size", type=int, metavar="G",
+                        help=f"int4_w4a16 scale group along K with --shape (default {INT4_DEFAULT_GROUP}; -1: per row)")
     add_batch_sizes_argument(parser, default=(1, 7, 33))
     parser.add_argument("--config", metavar="JSON|PATH",
                         help="one kernel config for every M: a JSON object with the six keys, inline or in a file")
@@ -104,13 +106,22 @@ def _shapes(args: argparse.Namespace, dtypes: list[DType] | None) -> list[MoESha
     if topk > E:
         raise UsageError(f"--shape: top-k {topk} exceeds the {E} experts")
     shapes = []
+    if args.group_size is not None and DType.INT4_W4A16 not in (dtypes or []):
+        raise UsageError("--group-size applies to int4_w4a16; add --dtype int4_w4a16")
     for dtype in dtypes or [DType.BF16]:
         if args.block_shape is not None and not format_of(dtype).block_shapes:
             raise UsageError(f"--block-shape applies to {', '.join(block_shape_dtypes())} only, not {dtype.value}")
+        block = args.block_shape
+        if dtype is DType.INT4_W4A16:
+            int4_group = args.group_size if args.group_size is not None else INT4_DEFAULT_GROUP
+            if int4_group != -1 and (int4_group < 2 or K % int4_group or N % int4_group):
+                raise UsageError(f"int4_w4a16 needs K and N multiples of the group size {int4_group} (K={K}, N={N}); "
+                                 f"pass --group-size")
+            block = (0, int4_group)
         problem = shape_rule_broken(dtype, N, K)
         if problem:
             raise UsageError(problem)
-        shapes.append(MoEShape(E=E, N=N, K=K, topk=topk, dtype=dtype, block_shape=args.block_shape))
+        shapes.append(MoEShape(E=E, N=N, K=K, topk=topk, dtype=dtype, block_shape=block))
     return shapes
 
 

@@ -62,7 +62,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def _request(args: argparse.Namespace) -> compare.CompareRequest:
     spec = load_model(args.model)
     dtypes = [DType.BF16] + [d for d in args.dtypes if d is not DType.BF16]
-    shapes = {dtype: derive_shape(spec, tp=args.tp, ep=args.ep, dtype=dtype) for dtype in dtypes}
+    # The dtypes are compared on the shape of the server whose files are asked for (vLLM's for "both").
+    server = "sglang" if args.format == "sglang" else "vllm"
+    shapes = {dtype: derive_shape(spec, tp=args.tp, ep=args.ep, dtype=dtype, server=server) for dtype in dtypes}
     batch_sizes = resolve_batch_sizes(args.batch_sizes)
     if args.interpret:
         check_interpret_limits(list(shapes.values()), batch_sizes)
@@ -70,20 +72,21 @@ def _request(args: argparse.Namespace) -> compare.CompareRequest:
         if path.exists() and not path.is_dir():
             raise UsageError(f"{what} {path}: exists and is not a folder")
     space = load_space(args.search_space)
-    planned = plan([spec], args.tp, args.ep, dtypes, None, batch_sizes, space)
+    planned = plan([spec], args.tp, args.ep, dtypes, None, batch_sizes, space, args.format)
+    servers_by_shape: dict = {}
     journal = args.journal or args.configs_out / JOURNAL_NAME
     if args.fresh:
         work = {(s.shape, args.routing, M) for s in planned.shapes for M in planned.batch_sizes}
         confirm_fresh(journal, count_measurements(journal, work), args.yes)
 
     def plan_for_device(device_name: str):
-        return compare.search_jobs(planned, args.routing, device_name)
+        return compare.search_jobs(planned, args.routing, device_name, servers_by_shape)
 
     layout = f"tp={args.tp}" + (f",ep={args.ep}" if args.ep > 1 else "")
     return compare.CompareRequest(
         model=spec.name, layout=layout, shapes=shapes, batch_sizes=batch_sizes, routing=args.routing,
         plan_for_device=plan_for_device, configs_out=args.configs_out, file_format=args.format,
-        journal=journal, fresh=args.fresh, address=args.address,
+        servers_by_shape=servers_by_shape, journal=journal, fresh=args.fresh, address=args.address,
         connect_timeout_s=args.connect_timeout, replace=args.replace,
         workers=args.workers, interpret=args.interpret, strategy=args.strategy,
         budget_s=args.budget_minutes * 60 if args.budget_minutes else None, moe_layers=args.moe_layers,

@@ -11,6 +11,7 @@ from tuner.estimate import Estimate, default_compile_processes, estimate, format
 from tuner.plan import DevicePlan, build_plan
 from tuner.search import STRATEGIES, SearchJob
 from tuner.spaces import REASONS
+from tuner.writers import FORMATS
 from workers.records import DType
 
 
@@ -39,6 +40,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="search space name (search_spaces/<name>.yaml) or YAML file")
     parser.add_argument("--device-name", help='target GPU as torch names it, e.g. "NVIDIA H200" (default: this GPU)')
     add_estimate_arguments(parser)
+    parser.add_argument("--format", default="both", choices=FORMATS,
+                        help="whose file names to show: vllm, sglang or both (default)")
+    parser.add_argument("--disable-shared-experts-fusion", action="store_true",
+                        help="SGLang runs with this flag: shared experts stay out of E")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -70,13 +75,19 @@ def format_plan(plan: DevicePlan, expected: Estimate | None = None) -> str:
         lines.append(plan.limits.note)
     for job in plan.jobs:
         s = job.shape
-        block = f" block_shape=[{s.block_shape[0]},{s.block_shape[1]}]" if s.block_shape else ""
+        block = (f" group_size={s.group_size}" if s.group_size else
+                 f" block_shape=[{s.block_shape[0]},{s.block_shape[1]}]" if s.block_shape else "")
         lines += [
             "",
             f"{job.model}: {s.dtype.value} E={s.E} N={s.N} K={s.K} topk={s.topk}{block} (tp={job.tp} ep={job.ep})",
-            f"  vLLM file:   {job.file_name}",
-            f"  SGLang file: {job.sglang_file_name}",
         ]
+        if job.sources:
+            lines.append("  from: " + ", ".join(f"{q} {field}" for q, field in job.sources))
+        lines += [f"  {note}" for note in job.notes]
+        if job.file_name:
+            lines.append(f"  vLLM file:   {job.file_name}")
+        if job.sglang_file_name:
+            lines.append(f"  SGLang file: triton_<X_Y_Z>/{job.sglang_file_name}")
         reasons = [r for r in REASONS if any(r in d for d in job.dropped_by_reason.values())]
         header = ["M", "kept"] + [f"-{r}" for r in reasons]
         rows = [[str(M), str(len(kept))] + [str(job.dropped_by_reason[M].get(r, 0)) for r in reasons]
@@ -96,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
     plan = build_plan(
         models=args.model, tp=args.tp, ep=args.ep, dtypes=args.dtype, block_shape=args.block_shape,
         batch_sizes=args.batch_sizes, space=args.search_space, device_name=resolve_device_name(args.device_name),
+        formats=args.format, fuse_shared_experts=not args.disable_shared_experts_fusion,
     )
     expected = plan_estimate(plan, args.strategy, args.workers, args.compile_processes)
     print(json.dumps({**plan.to_json(), "estimate": expected.to_json()}, indent=2) if args.json

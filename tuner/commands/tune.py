@@ -23,18 +23,17 @@ from tuner.errors import RunFailed, UsageError
 from tuner.journal import JOURNAL_NAME, JournalBusy, count_measurements
 from tuner.models import load_model
 from tuner.options import TuneOptions
-from tuner.plan import Plan, plan
+from tuner.plan import DEFAULT_BATCH_SIZES, Plan, plan
 from tuner.progress import Progress, format_duration
 from tuner.ray_session import DEFAULT_CONNECT_TIMEOUT_S, INTERPRET_NUM_GPUS, RaySession, ray_session
 from tuner.search import STRATEGIES, SearchJob
 from tuner.spaces import load_space
 from tuner.timeline import Timeline
-from tuner.writers import probe_writable
+from tuner.writers import FORMATS, partial_file_warning, probe_writable
 from workers.records import DType, Status
 from workers.routing import parse_routing
 from workers.server_kernels import SUPPORTED_DTYPES
 
-FORMATS = tuple(writers.FORMATS)
 KERNELS = ("builtin", "vllm", "sglang")
 PREFLIGHT_DEVICE = "preflight"
 """Device name for the validation plan made before any worker exists (generic limits);
@@ -76,6 +75,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replace", action="store_true",
                         help="overwrite existing config files; by default their entries for batch sizes not tuned "
                              "now are kept when tuned for the same kernel and Triton version, else the run refuses")
+    parser.add_argument("--disable-shared-experts-fusion", action="store_true",
+                        help="SGLang layout: the server runs with this SGLang flag (shared experts not fused into E)")
     parser.add_argument("--journal", help=f"journal file (default: <out>/{JOURNAL_NAME})")
     add_fresh_arguments(parser)
     parser.add_argument("--interpret", action="store_true",
@@ -132,7 +133,7 @@ def validate(args: TuneOptions, probe: bool = True) -> Validated:
     _check_writable_location(journal, "--journal")
 
     planned = plan([load_model(m) for m in args.model], args.tp, args.ep, args.dtype, args.block_shape,
-                   args.batch_sizes, load_space(args.search_space))
+                   args.batch_sizes, load_space(args.search_space), args.format, not args.disable_shared_experts_fusion)
     preflight = planned.for_device("cpu" if args.interpret else PREFLIGHT_DEVICE)
     if args.interpret:
         check_interpret_limits([s.shape for s in planned.shapes], planned.batch_sizes)
@@ -141,6 +142,10 @@ def validate(args: TuneOptions, probe: bool = True) -> Validated:
         if unsupported:
             raise UsageError(f"--kernel {args.kernel} runs {', '.join(d.value for d in SUPPORTED_DTYPES)}, "
                              f"not {', '.join(unsupported)}")
+        layouts = sorted({k for s in planned.shapes for k in s.shape.layout_fields() if k != "fused_shared"})
+        if layouts:
+            raise UsageError(f"--kernel {args.kernel}: the server-kernel call passes no expert map and no activation "
+                             f"choice, so it cannot time {' or '.join(layouts)} layouts; use --kernel builtin")
     empty = [(job.shape.label, M) for job in preflight.jobs for M, configs in job.candidates.items() if not configs]
     if empty:
         raise UsageError(f"search space {planned.space.name} leaves no config for {empty[0][0]} at M={empty[0][1]}")
@@ -188,6 +193,16 @@ def _local_gpus() -> int:
     return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
 
 
+def _triton_version() -> str | None:
+    """This host's Triton version (the workers run the same image): which SGLang folder comes first."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("triton")
+    except PackageNotFoundError:  # no Triton here: SGLang folders newest first
+        return None
+
+
 def run(parsed: argparse.Namespace) -> int:
     if parsed.device_name is not None and not parsed.dry_run:
         raise UsageError("--device-name names the GPU a --dry-run plans for; a run tunes on its workers' GPUs")
@@ -207,12 +222,18 @@ def tune_in_session(args: TuneOptions, valid: Validated, session: RaySession, ti
     """Tune what ``args`` (validated as ``valid``) asks for inside an open Ray session and print
     the summary on the command's stdout (``job run`` runs several tunes in one session)."""
 
+    servers_by_shape: dict = {}
+
     def jobs_for_device(device_name: str) -> list[SearchJob]:
-        return [SearchJob(job, valid.routing, valid.baseline.configs_for(job.shape, device_name, job.batch_sizes))
-                for job in valid.plan.for_device(device_name).jobs]
+        jobs = valid.plan.for_device(device_name).jobs
+        servers_by_shape.update({job.shape: job.servers for job in jobs})
+        return [SearchJob(job, valid.routing, valid.baseline.configs_for(job.shape, device_name, job.batch_sizes,
+                                                                         _triton_version()))
+                for job in jobs]
 
     request = driver.TuneRequest(
-        jobs_for_device=jobs_for_device, write_outputs=writers.server_files_writer(valid.out, args.format, args.replace),
+        jobs_for_device=jobs_for_device,
+        write_outputs=writers.server_files_writer(valid.out, servers_by_shape.__getitem__, args.replace),
         journal_path=valid.journal,
         fresh=args.fresh, workers=args.workers, interpret=args.interpret, kernel=args.kernel,
         timeout_s=args.timeout, finalists=args.finalists, strategy=args.strategy, split_gemms=args.split_gemms,
@@ -270,6 +291,8 @@ def summarize(result: driver.TuneResult) -> dict:
         "files_written": [str(p) for p in result.files_written],
         "files": [{"path": str(w.path), "action": w.action, "kept_batch_sizes": list(w.kept)}
                   for d in result.devices for w in d.files],
+        "partial_files": [w for w in (partial_file_warning(p, DEFAULT_BATCH_SIZES) for p in result.files_written
+                                      if not p.name.endswith("_down.json")) if w],
         "wall_s": round(result.wall_s, 3),
         "timeline": result.timeline.to_json(),
         "retimed_groups": result.retimed_groups,
@@ -341,4 +364,5 @@ def format_summary(summary: dict) -> str:
         lines.append("timeline: first measurement at " + f"{t['first_measurement_s']:.1f}s; "
                      + ", ".join(f"{name} {span['duration_s']:.1f}s" for name, span in t.items()
                                  if isinstance(span, dict)))
+    lines += [f"warning: {line}" for line in summary["partial_files"]]
     return "\n".join(lines)
