@@ -193,7 +193,7 @@ def test_key_coverage_matches_the_servers_nearest_key_lookup():
 
 def test_partial_file_warning_names_the_ranges(tmp_path):
     shape = MoEShape(8, 1792, 4096, 2, DType.BF16)
-    path = write_vllm(tmp_path, shape, "NVIDIA H200", {M: Config(16, 32, 64, 1, 4, 2) for M in (1, 64)}, "3.4.0")
+    path = write_vllm(tmp_path, shape, "NVIDIA H200", {M: Config(16, 32, 64, 1, 4, 2) for M in (1, 64)}, "3.4.0").path
     warning = partial_file_warning(path, (1, 2, 64, 128))
     assert "nearest key" in warning and "1: M 1-32" in warning and "64: M 33-up" in warning
     assert "2, 128" in warning
