@@ -1,5 +1,7 @@
-"""``moe-tune compare``: tune (or reuse the journal for) every dtype of one model and layout, measure
-each against bf16 on the same inputs, and write report.md, report.html and report.json."""
+"""``moe-tune compare``: time every dtype of one model and layout in the kernel the named server
+dispatches for it on the GPU (tuning it first where it has a config; the journal is shared with
+tune), measure each against bf16 on the same inputs, and write report.md, report.html and
+report.json."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ from pathlib import Path
 from tuner import compare, report
 from tuner.commands.arguments import (add_batch_sizes_argument, add_layout_arguments, check_interpret_limits,
                                       dtype_list, positive_float, positive_int, routing_arg)
+from tuner.commands.tune import KERNELS
+from tuner.dispatch import SERVERS
 from tuner.errors import UsageError
 from tuner.journal import JOURNAL_NAME, JournalBusy
 from tuner.models import derive_shape, load_model
@@ -17,7 +21,7 @@ from tuner.search import STRATEGIES
 from tuner.ray_session import DEFAULT_CONNECT_TIMEOUT_S
 from tuner.spaces import load_space
 from tuner.writers import probe_writable
-from workers.records import DType
+from workers.records import DType, MoEShape
 
 DEFAULT_DTYPES = "bf16,fp8_w8a8,int8_w8a16,mxfp4,nvfp4"
 
@@ -46,6 +50,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="memory per GPU for weights + MoE buffers (default: 90%% of the GPU's memory)")
     parser.add_argument("--max-rel-err", type=positive_float, metavar="ERR",
                         help="recommend only dtypes within this relative error of bf16")
+    parser.add_argument("--server", choices=SERVERS, default="vllm",
+                        help="whose kernel choice per dtype to follow (default vllm: vLLM 0.33's)")
+    parser.add_argument("--kernel", choices=KERNELS, default="builtin",
+                        help="kernel the fused-MoE dtypes are tuned on; numbers count as the server's only "
+                             "when this is the --server (default builtin)")
     parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--connect-timeout", type=positive_float, default=DEFAULT_CONNECT_TIMEOUT_S, metavar="SECONDS",
                         help=f"give up joining --address after this long (default {DEFAULT_CONNECT_TIMEOUT_S:g})")
@@ -59,15 +68,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def _request(args: argparse.Namespace) -> compare.CompareRequest:
     spec = load_model(args.model)
     dtypes = [DType.BF16] + [d for d in args.dtypes if d is not DType.BF16]
-    shapes = {dtype: derive_shape(spec, tp=args.tp, ep=args.ep, dtype=dtype) for dtype in dtypes}
+
+    def shapes_for_device(device_name: str) -> dict[DType, MoEShape]:
+        return {dtype: derive_shape(spec, tp=args.tp, ep=args.ep, dtype=dtype, device_name=device_name)
+                for dtype in dtypes}
+
+    shapes = shapes_for_device("cpu")  # fails fast on bad input
     batch_sizes = resolve_batch_sizes(args.batch_sizes)
     if args.interpret:
         check_interpret_limits(list(shapes.values()), batch_sizes)
+        if args.kernel != "builtin":
+            raise UsageError(f"--kernel {args.kernel} times the server's GPU kernel; it cannot run with --interpret")
     for path, what in ((args.out, "--out"), (args.configs_out, "--configs-out")):
         if path.exists() and not path.is_dir():
             raise UsageError(f"{what} {path}: exists and is not a folder")
     space = load_space(args.search_space)
-    planned = plan([spec], args.tp, args.ep, dtypes, None, batch_sizes, space)
+    # moe-tune's own fp4 kernel too: the report's second column (its files written apart)
+    planned = plan([spec], args.tp, args.ep, dtypes, None, batch_sizes, space, builtin_fp4=True)
 
     def plan_for_device(device_name: str):
         if args.memory_budget_gib is None:
@@ -76,13 +93,14 @@ def _request(args: argparse.Namespace) -> compare.CompareRequest:
 
     layout = f"tp={args.tp}" + (f",ep={args.ep}" if args.ep > 1 else "")
     return compare.CompareRequest(
-        model=spec.name, layout=layout, shapes=shapes, batch_sizes=batch_sizes, routing=args.routing,
-        plan_for_device=plan_for_device, configs_out=args.configs_out, file_format=args.format,
+        model=spec.name, layout=layout, shapes_for_device=shapes_for_device, batch_sizes=batch_sizes,
+        routing=args.routing, plan_for_device=plan_for_device, configs_out=args.configs_out, file_format=args.format,
         journal=args.journal or args.configs_out / JOURNAL_NAME, fresh=args.fresh, address=args.address,
         connect_timeout_s=args.connect_timeout, replace=args.replace,
         workers=args.workers, interpret=args.interpret, strategy=args.strategy,
         budget_s=args.budget_minutes * 60 if args.budget_minutes else None, moe_layers=args.moe_layers,
-        memory_budget_bytes=int(args.memory_budget_gib * 2**30) if args.memory_budget_gib else None)
+        memory_budget_bytes=int(args.memory_budget_gib * 2**30) if args.memory_budget_gib else None,
+        server=args.server, kernel=args.kernel, ep=args.ep)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
     paths = report.write_reports(results, args.out, max_rel_err=args.max_rel_err)
     for recommendation in report.recommend(results, args.max_rel_err):
         print(recommendation.text)
+    for line in report.unranked(results):
+        print(line)
     for path in paths:
         print(f"wrote {path}")
     return 0

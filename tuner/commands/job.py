@@ -20,7 +20,7 @@ from tuner.commands.arguments import check_interpret_limits
 from tuner.errors import RunFailed, UsageError
 from tuner.jobspec import JobSpec, Layout, TuneRun, gate_checks, load_job_spec, routing_folder, tune_runs
 from tuner.models import derive_shape, load_model
-from tuner.plan import resolve_batch_sizes
+from tuner.plan import nothing_to_tune, plan, resolve_batch_sizes
 from tuner.ray_session import RaySession, ray_session
 from tuner.spaces import load_space
 from workers.formats import format_of
@@ -66,7 +66,15 @@ def validate(spec: JobSpec) -> tuple[list[TuneRun], dict]:
         check_interpret_limits(list(shapes.values()), resolve_batch_sizes(spec.batch_sizes))
     if spec.output.dir.exists() and not spec.output.dir.is_dir():
         raise UsageError(f"output.dir {spec.output.dir}: exists and is not a folder")
-    return tune_runs(spec), shapes
+    runs = tune_runs(spec)
+    for tune_run in runs:
+        options = tune_run.options
+        planned = plan(options.model, options.tp, options.ep, options.dtype, options.block_shape,
+                       options.batch_sizes, options.search_space, builtin_fp4=options.builtin_fp4)
+        preflight = planned.for_device(tune.PREFLIGHT_DEVICE)
+        if not preflight.jobs:  # e.g. mxfp4 alone: no server reads a fused-MoE file for it
+            raise UsageError(f"{tune_run.label}: {nothing_to_tune(preflight)}")
+    return runs, shapes
 
 
 def _gate(spec: JobSpec, shapes: dict, session: RaySession) -> list[str]:

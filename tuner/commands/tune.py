@@ -21,7 +21,7 @@ from tuner.errors import RunFailed, UsageError
 from tuner.journal import JOURNAL_NAME, JournalBusy
 from tuner.models import load_model
 from tuner.options import TuneOptions
-from tuner.plan import Plan, plan
+from tuner.plan import BUILTIN_FP4_HELP, Plan, nothing_to_tune, plan
 from tuner.progress import Progress, format_duration
 from tuner.ray_session import DEFAULT_CONNECT_TIMEOUT_S, RaySession, ray_session
 from tuner.search import STRATEGIES, SearchJob
@@ -65,6 +65,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="a compile running longer is killed and its config recorded as timeout (default 180)")
     parser.add_argument("--kernel", choices=KERNELS,
                         help="time our kernel (builtin) or the installed server's fused-MoE entry point")
+    parser.add_argument("--builtin-fp4", action="store_true", help=BUILTIN_FP4_HELP)
     parser.add_argument("--address", help="Ray cluster to join (auto, ray://host:port); default: start one here")
     parser.add_argument("--connect-timeout", type=positive_float, metavar="SECONDS",
                         help=f"give up joining --address after this long (default {DEFAULT_CONNECT_TIMEOUT_S:g})")
@@ -125,12 +126,14 @@ def validate(args: TuneOptions) -> Validated:
     _check_writable_location(journal, "--journal")
 
     planned = plan([load_model(m) for m in args.model], args.tp, args.ep, args.dtype, args.block_shape,
-                   args.batch_sizes, load_space(args.search_space))
+                   args.batch_sizes, load_space(args.search_space), builtin_fp4=args.builtin_fp4)
     preflight = planned.for_device("cpu" if args.interpret else PREFLIGHT_DEVICE)
+    if not preflight.jobs:  # which dtypes a server reads files for does not depend on the GPU
+        raise UsageError(nothing_to_tune(preflight))
     if args.interpret:
         check_interpret_limits([s.shape for s in planned.shapes], planned.batch_sizes)
     if args.kernel != "builtin":
-        unsupported = sorted({s.shape.dtype.value for s in planned.shapes} - {d.value for d in SUPPORTED_DTYPES})
+        unsupported = sorted({job.shape.dtype.value for job in preflight.jobs} - {d.value for d in SUPPORTED_DTYPES})
         if unsupported:
             raise UsageError(f"--kernel {args.kernel} runs {', '.join(d.value for d in SUPPORTED_DTYPES)}, "
                              f"not {', '.join(unsupported)}")
