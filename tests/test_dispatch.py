@@ -33,8 +33,9 @@ def moe_tune(capsys):
 
 @pytest.mark.parametrize("name,arch", [
     ("NVIDIA H200", Arch.HOPPER), ("NVIDIA H100 80GB HBM3", Arch.HOPPER), ("NVIDIA_H200_NVL", Arch.HOPPER),
-    ("NVIDIA H20", Arch.HOPPER), ("NVIDIA B200", Arch.BLACKWELL), ("NVIDIA GeForce RTX 5090", Arch.BLACKWELL_CONSUMER),
-    ("NVIDIA A100-SXM4-80GB", Arch.AMPERE), ("NVIDIA A10", Arch.AMPERE), ("NVIDIA L40S", Arch.AMPERE),
+    ("NVIDIA H20", Arch.HOPPER), ("NVIDIA B200", Arch.BLACKWELL), ("NVIDIA GB300", Arch.BLACKWELL),
+    ("NVIDIA GeForce RTX 5090", Arch.BLACKWELL_CONSUMER), ("NVIDIA A100-SXM4-80GB", Arch.AMPERE),
+    ("NVIDIA A10", Arch.AMPERE), ("NVIDIA L40S", Arch.AMPERE), ("Tesla T4", Arch.UNKNOWN),
     ("cpu", Arch.UNKNOWN), ("preflight", Arch.UNKNOWN),
 ])
 def test_gpu_generation_from_the_device_name(name, arch):

@@ -26,10 +26,10 @@ reads it. The facts below are read from vLLM 0.33 (``fused_moe/oracle/mxfp4.py``
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from enum import Enum
 
+from tuner.devices import device_facts
 from workers.records import DType
 
 SERVERS = ("vllm", "sglang")
@@ -45,32 +45,28 @@ SERVER_READ_DTYPES = (DType.BF16, DType.FP16, DType.FP8_W8A8, DType.INT8_W8A16)
 class Arch(str, Enum):
     """GPU generation, as far as the servers' kernel choice depends on it."""
 
-    AMPERE = "sm80"  # also Ada (sm89): Marlin for fp4
+    AMPERE = "sm80"  # Ampere and Ada (sm86, sm89): Marlin for fp4
     HOPPER = "sm90"
     BLACKWELL = "sm100"
     BLACKWELL_CONSUMER = "sm120"
     UNKNOWN = "unknown"
 
 
-# Model tokens of ``torch.cuda.get_device_name()`` per generation (NVIDIA's product names).
-_ARCH_TOKENS = {
-    Arch.HOPPER: ("H100", "H200", "H800", "H20", "GH200"),
-    Arch.BLACKWELL: ("B100", "B200", "B300", "GB200", "GB300"),
-    Arch.BLACKWELL_CONSUMER: ("5090", "5080", "5070", "5060", "RTX PRO 6000 BLACKWELL"),
-    Arch.AMPERE: ("A100", "A800", "A10", "A10G", "A30", "A40", "A6000", "L4", "L40", "L40S", "L20",
-                  "3090", "4090", "4080", "6000 ADA"),
-}
-
-
 def gpu_arch(device_name: str) -> Arch:
-    """The generation of a GPU by the name torch reports (``NVIDIA H200``, ``NVIDIA_H100_80GB_HBM3``);
-    UNKNOWN for other names (and for ``cpu``)."""
-    name = re.sub(r"[_\-]+", " ", device_name.upper())
-    tokens = set(name.split())
-    for arch, models in _ARCH_TOKENS.items():
-        if any((m in tokens) if " " not in m else (m in name) for m in models):
-            return arch
-    return Arch.UNKNOWN
+    """The generation of a GPU by the name torch reports (``NVIDIA H200``, ``NVIDIA_H100_80GB_HBM3``),
+    from its compute capability in ``tuner.devices``; UNKNOWN for GPUs not listed there (and ``cpu``)."""
+    facts = device_facts(device_name)
+    capability = facts.compute_capability if facts is not None else None
+    if capability is None:
+        return Arch.UNKNOWN
+    major = capability[0]
+    if major == 9:
+        return Arch.HOPPER
+    if major == 10:
+        return Arch.BLACKWELL
+    if major == 12:
+        return Arch.BLACKWELL_CONSUMER
+    return Arch.AMPERE if major == 8 else Arch.UNKNOWN
 
 
 @dataclass(frozen=True)
