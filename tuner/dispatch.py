@@ -15,7 +15,9 @@ reads it. The facts below are read from vLLM 0.33 (``fused_moe/oracle/mxfp4.py``
   OCP-MX emulation (the last resort, or ``moe_backend="emulation"``) dequantizes to bf16 and looks
   up the plain no-dtype name. SGLang on Hopper runs ``matmul_ogs`` for gpt-oss at ep=1 (its
   ``triton_kernel`` runner, chosen automatically); at ep>1 it upcasts the weights to bf16 and
-  runs the fused-MoE kernel, which reads the no-dtype (bf16) file.
+  runs the fused-MoE kernel, which reads the no-dtype (bf16) file. (SGLang also runs gpt-oss in
+  bf16 with ``matmul_ogs`` at ep=1 when triton_kernels is installed; that choice is by model
+  architecture, not dtype, and is not modelled here: vLLM reads the bf16 file either way.)
 - nvfp4 never reads a ``dtype=nvfp4*`` file: vLLM runs FlashInfer/CUTLASS on Blackwell and
   Humming or Marlin (CUDA kernels, no Triton config) below; SGLang needs SM100.
 - Padding (vLLM ``mxfp4_round_up_hidden_size_and_intermediate_size``, SGLang
