@@ -22,9 +22,9 @@ SwiGLU) and checked against the fp32 reference.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
