@@ -18,9 +18,11 @@ repr (with a space); ``_down`` names the down-projection GEMM's own configs. SGL
 ``,per_channel_quant=True`` part marks channel-wise w8a8 checkpoints, which none of the dtypes
 tuned here are, so it never appears.
 
-Both servers put no dtype part on bf16/fp16 files. mxfp4/nvfp4 have no Triton fused-MoE
-config files in either server; ``mxfp4_w4a16`` / ``nvfp4_w4a16`` follow their naming scheme
-(4-bit weights, 16-bit activations) so such files sit beside the others.
+Both servers put no dtype part on bf16/fp16 files. No server reads a fused-MoE file for
+mxfp4/nvfp4 (``tuner.dispatch``: they run other kernels, or dequantize to bf16 and read the
+no-dtype file). The configs of moe-tune's own fp4 kernel are therefore written apart, in
+``BUILTIN_FOLDER``, named ``...,dtype=mxfp4_w4a16`` / ``nvfp4_w4a16`` after the servers' scheme
+(4-bit weights, 16-bit activations); ``vllm_file_name`` and ``sglang_file_name`` refuse them.
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ _DTYPE_PART = {
     DType.FP16: None,
     DType.FP8_W8A8: "fp8_w8a8",
     DType.INT8_W8A16: "int8_w8a16",
-    DType.MXFP4: "mxfp4_w4a16",
-    DType.NVFP4: "nvfp4_w4a16",
 }
+_BUILTIN_DTYPE_PART = {DType.MXFP4: "mxfp4_w4a16", DType.NVFP4: "nvfp4_w4a16"}
+BUILTIN_FOLDER = "moe-tune-builtin"
+"""Subfolder (of a configs folder) holding configs only moe-tune's builtin kernel reads."""
 
 
 def device_file_name(device_name: str) -> str:
@@ -45,8 +48,20 @@ def device_file_name(device_name: str) -> str:
 
 
 def _dtype_part(dtype: DType) -> str:
-    part = _DTYPE_PART[DType(dtype)]
+    dtype = DType(dtype)
+    if dtype not in _DTYPE_PART:
+        raise ValueError(f"no server reads a fused-MoE config file for {dtype.value}; see builtin_file_name")
+    part = _DTYPE_PART[dtype]
     return f",dtype={part}" if part else ""
+
+
+def builtin_file_name(shape: MoEShape, device_name: str) -> str:
+    """``BUILTIN_FOLDER/E=..,N=..,device_name=..,dtype=<mxfp4|nvfp4>_w4a16.json``: the configs of
+    moe-tune's own fp4 kernel (vLLM's name scheme, in a folder no server looks in)."""
+    part = _BUILTIN_DTYPE_PART.get(DType(shape.dtype))
+    if part is None:
+        raise ValueError(f"{shape.dtype.value} configs are server files; use vllm_file_name")
+    return f"{BUILTIN_FOLDER}/E={shape.E},N={shape.N},device_name={device_file_name(device_name)},dtype={part}.json"
 
 
 def vllm_file_name(shape: MoEShape, device_name: str) -> str:

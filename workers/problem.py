@@ -29,7 +29,7 @@ import torch
 
 from workers.quant import QuantizedWeight, activation_dtype, quantize_weight
 from workers.records import DType, MoEShape
-from workers.reference import reference_moe
+from workers.reference import SILU, reference_moe
 from workers.routing import make_routing
 
 ERROR_BOUNDS: dict[DType, float] = {
@@ -58,12 +58,12 @@ class Problem:
 
 
 def build_problem(shape: MoEShape, M: int, *, routing: str = "uniform", seed: int = 0,
-                  device: torch.device | str = "cpu") -> Problem:
+                  device: torch.device | str = "cpu", activation: str = SILU) -> Problem:
     """Random problem for ``shape`` at batch size ``M``; repeatable for equal arguments.
 
     x ~ N(0, 1), w13 ~ N(0, 1/K), w2 ~ N(0, 1/N), so every GEMM output is O(1) whatever the shape.
     The weights depend only on (shape, seed, device) and are kept for the next call, so a sweep
-    over batch sizes builds them once.
+    over batch sizes builds them once. ``activation``: the reference's (``workers.reference``).
     """
     if M < 1:
         raise ValueError(f"batch size must be >= 1, got {M}")
@@ -73,7 +73,7 @@ def build_problem(shape: MoEShape, M: int, *, routing: str = "uniform", seed: in
     x = torch.randn((M, shape.K), generator=generator, device=device).to(activation_dtype(shape.dtype))
     routing_generator = torch.Generator().manual_seed(_derive_seed(seed, "routing", M))
     topk_weights, topk_ids = make_routing(routing, M, shape.E, shape.topk, routing_generator, device)
-    reference = reference_moe(x, w13, w2, topk_weights, topk_ids)
+    reference = reference_moe(x, w13, w2, topk_weights, topk_ids, activation)
     return Problem(shape, M, routing, x, topk_weights, topk_ids, w13, w2, reference)
 
 

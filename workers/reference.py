@@ -21,14 +21,35 @@ import torch.nn.functional as F
 from workers.quant import QuantizedWeight, dequantize_fp8_activation, quantize_fp8_activation
 from workers.records import DType
 
+SILU = "silu"
+"""``silu(gate) · up`` (vLLM's and SGLang's fused-MoE kernels, moe-tune's)."""
+SWIGLU_OAI = "swigluoai"
+"""gpt-oss's SwiGLU, as triton_kernels' ``swiglu_fn`` (vLLM's ``SWIGLUOAI``):
+``g · sigmoid(1.702 · g) · (u + 1)`` with ``g = min(gate, 7)``, ``u = clamp(up, -7, 7)``."""
+ACTIVATIONS = (SILU, SWIGLU_OAI)
+SWIGLU_OAI_ALPHA = 1.702
+SWIGLU_OAI_LIMIT = 7.0
+
+
+def activate(gate: torch.Tensor, up: torch.Tensor, activation: str = SILU) -> torch.Tensor:
+    """The activation between the GEMMs, in fp32, on the gate and up halves of a row."""
+    if activation == SILU:
+        return F.silu(gate) * up
+    if activation == SWIGLU_OAI:
+        gate = gate.clamp(max=SWIGLU_OAI_LIMIT)
+        up = up.clamp(-SWIGLU_OAI_LIMIT, SWIGLU_OAI_LIMIT)
+        return gate * torch.sigmoid(SWIGLU_OAI_ALPHA * gate) * (up + 1)
+    raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+
 
 def _emulate_fp8_activation(a: torch.Tensor, group_k: int | None) -> torch.Tensor:
     return dequantize_fp8_activation(*quantize_fp8_activation(a, group_k), group_k)
 
 
 def reference_moe(x: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight,
-                  topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-    """fp32 ``[M, K]``: out[m] = sum_j topk_weights[m,j] · w2[e_j] @ (silu(gate_j) · up_j).
+                  topk_weights: torch.Tensor, topk_ids: torch.Tensor, activation: str = SILU) -> torch.Tensor:
+    """fp32 ``[M, K]``: out[m] = sum_j topk_weights[m,j] · w2[e_j] @ act(gate_j, up_j), act
+    ``silu(gate)·up`` or gpt-oss's SwiGLU (``activate``).
 
     ``x [M, K]`` in the activation dtype; ``w13 [E, 2N, K]`` (gate rows [0, N), up rows [N, 2N));
     ``w2 [E, K, N]``; ``topk_weights [M, topk]``; ``topk_ids [M, topk]``.
@@ -62,7 +83,7 @@ def reference_moe(x: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight,
         gate_up = a[rows // topk] @ w13.dequantize_expert(e).T
         if fp8:
             gate_up = gate_up.to(x.dtype).float()
-        intermediate[rows] = F.silu(gate_up[:, :N]) * gate_up[:, N:]
+        intermediate[rows] = activate(gate_up[:, :N], gate_up[:, N:], activation)
     if fp8:
         intermediate = _emulate_fp8_activation(intermediate.to(x.dtype), group_k)
 

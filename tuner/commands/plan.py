@@ -8,7 +8,7 @@ import json
 from tuner.commands.arguments import add_batch_sizes_argument, add_layout_arguments, block_shape_arg, positive_int
 from tuner.errors import UsageError
 from tuner.estimate import Estimate, default_compile_processes, estimate, format_estimate
-from tuner.plan import DevicePlan, build_plan
+from tuner.plan import BUILTIN_FP4_HELP, DevicePlan, build_plan
 from tuner.search import STRATEGIES, SearchJob
 from tuner.spaces import REASONS
 from workers.records import DType
@@ -39,6 +39,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="search space name (search_spaces/<name>.yaml) or YAML file")
     parser.add_argument("--device-name", help='target GPU as torch names it, e.g. "NVIDIA H200" (default: this GPU)')
     add_estimate_arguments(parser)
+    parser.add_argument("--builtin-fp4", action="store_true", help=BUILTIN_FP4_HELP)
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -61,9 +62,16 @@ def plan_estimate(plan: DevicePlan, strategy: str, workers: int, compile_process
     return estimate(jobs, strategy, workers, processes, split_gemms)
 
 
+def _padding_text(padding) -> str:
+    sizes = (("N", padding.N, padding.padded_N), ("K", padding.K, padding.padded_K))
+    changed = [f"{name} {a} -> {b}" for name, a, b in sizes if a != b]
+    return f"padded as the servers pad it: {', '.join(changed)} ({padding.rule})"
+
+
 def format_plan(plan: DevicePlan, expected: Estimate | None = None) -> str:
-    """A readable plan: per job its shape and file, then kept/dropped counts per batch size, then
-    what the strategy will measure and roughly how long it takes."""
+    """A readable plan: per job its shape and file, then kept/dropped counts per batch size, the
+    dtypes served by kernels without a config file, then what the strategy will measure and
+    roughly how long it takes."""
     space = plan.space
     lines = [f"device {plan.device_name} · search space {space.name} ({space.size} configs)"]
     if plan.limits.note:
@@ -71,12 +79,14 @@ def format_plan(plan: DevicePlan, expected: Estimate | None = None) -> str:
     for job in plan.jobs:
         s = job.shape
         block = f" block_shape=[{s.block_shape[0]},{s.block_shape[1]}]" if s.block_shape else ""
-        lines += [
-            "",
-            f"{job.model}: {s.dtype.value} E={s.E} N={s.N} K={s.K} topk={s.topk}{block} (tp={job.tp} ep={job.ep})",
-            f"  vLLM file:   {job.file_name}",
-            f"  SGLang file: {job.sglang_file_name}",
-        ]
+        lines += ["", f"{job.model}: {s.dtype.value} E={s.E} N={s.N} K={s.K} topk={s.topk}{block} "
+                      f"(tp={job.tp} ep={job.ep})"]
+        if job.padding is not None and job.padding.padded:
+            lines.append(f"  {_padding_text(job.padding)}")
+        for label, name in (("vLLM file:  ", job.file_name), ("SGLang file:", job.sglang_file_name),
+                            ("builtin file:", job.builtin_file_name)):
+            if name:
+                lines.append(f"  {label} {name}")
         reasons = [r for r in REASONS if any(r in d for d in job.dropped_by_reason.values())]
         header = ["M", "kept"] + [f"-{r}" for r in reasons]
         rows = [[str(M), str(len(kept))] + [str(job.dropped_by_reason[M].get(r, 0)) for r in reasons]
@@ -84,6 +94,13 @@ def format_plan(plan: DevicePlan, expected: Estimate | None = None) -> str:
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
         for row in [header, *rows]:
             lines.append("  " + "  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
+    for entry in plan.served_elsewhere:
+        s = entry.shape
+        lines += ["", f"{entry.model}: {s.dtype.value} E={s.E} N={s.N} K={s.K} topk={s.topk} "
+                      f"(tp={entry.tp} ep={entry.ep}): no fused-MoE config file to tune for"]
+        if entry.padding is not None and entry.padding.padded:
+            lines.append(f"  {_padding_text(entry.padding)}")
+        lines += [f"  {k.server} runs {k.why}" for k in entry.servers]
     total_before = space.size * sum(len(job.candidates) for job in plan.jobs)
     lines += ["", f"{len(plan.jobs)} job(s): {plan.total_candidates} configs left after pruning "
                   f"({total_before} before)"]
@@ -96,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
     plan = build_plan(
         models=args.model, tp=args.tp, ep=args.ep, dtypes=args.dtype, block_shape=args.block_shape,
         batch_sizes=args.batch_sizes, space=args.search_space, device_name=resolve_device_name(args.device_name),
+        builtin_fp4=args.builtin_fp4,
     )
     expected = plan_estimate(plan, args.strategy, args.workers, args.compile_processes)
     print(json.dumps({**plan.to_json(), "estimate": expected.to_json()}, indent=2) if args.json
