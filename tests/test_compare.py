@@ -108,3 +108,29 @@ def test_budget_and_strategy_reach_the_tuning_engine(tmp_path: Path, monkeypatch
     assert main(argv) == 1
     assert [(r.budget_s, r.strategy) for r in seen] == [(90.0, "fast"), (None, "fast")]
     assert not (tmp_path / "r").exists()
+
+
+def test_compare_times_fp4_in_the_server_kernel_or_says_why_not(tmp_path: Path, deterministic, capsys) -> None:
+    """mxfp4 whose per-GPU N the servers pad (80 → 96 with no GPU named: the MX block): moe-tune's
+    own kernel is tuned at the padded shape into moe-tune-builtin/ (the second column), its error
+    measured against bf16 at that same shape; without a server kernel it runs (no GPU here) the
+    dtype is left out of the recommendation with the reason, and so is everything tuned on the
+    builtin kernel."""
+    model = tmp_path / "padded-moe.json"
+    model.write_text(json.dumps({"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 80,
+                                 "num_local_experts": 4, "num_experts_per_tok": 2}))
+    out, configs = tmp_path / "report", tmp_path / "configs"
+    code = main(["compare", "--model", str(model), "--dtypes", "mxfp4", "--batch-sizes", "3", "--search-space", SPACE,
+                 "--out", str(out), "--configs-out", str(configs), "--interpret"])
+    stdout = capsys.readouterr().out
+    assert code == 0, stdout
+    data = json.loads((out / "report.json").read_text())
+    assert data["dtypes"]["mxfp4"]["shape"].startswith("E=4,N=96,") and data["dtypes"]["bf16"]["shape"].startswith(
+        "E=4,N=80,")
+    points = {p["dtype"]: p for p in data["points"]}
+    assert points["mxfp4"]["latency_us"] is None and points["mxfp4"]["builtin_latency_us"] > 0
+    assert points["bf16"]["kernel"].startswith("builtin (workers.moe.MoERunner") and not points["bf16"]["server_kernel"]
+    assert data["recommendations"] == []
+    assert len(data["not_ranked"]) == 2 and all(line in stdout for line in data["not_ranked"])
+    assert sorted(read_config_folder(configs)) == ["E=4,N=80,device_name=cpu.json",
+                                                   "moe-tune-builtin/E=4,N=96,device_name=cpu,dtype=mxfp4_w4a16.json"]

@@ -24,6 +24,13 @@ def test_a_reported_name_finds_its_own_entry(reported: str, listed: str) -> None
     assert device_facts(reported).name == listed
 
 
+def test_every_listed_gpu_has_a_compute_capability() -> None:
+    """The servers choose fp4 kernels by it (``tuner.dispatch``): no listed GPU may lack one."""
+    for facts in KNOWN_DEVICES:
+        assert facts.compute_capability is not None and 7 <= facts.compute_capability[0] <= 12, facts.name
+    assert device_facts("NVIDIA B300").compute_capability == (10, 3)
+
+
 def test_an_unknown_gpu_gets_no_facts_and_every_consumer_says_so() -> None:
     name = "Some Future GPU"
     assert device_facts(name) is None and roofline.device_peaks(name) is None and memory_bytes(name) is None

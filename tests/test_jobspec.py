@@ -171,6 +171,7 @@ def test_routing_folders_are_safe_names_equal_only_for_equal_routings() -> None:
     (_minimal(interpret=True, batch_sizes=[128]), "--interpret takes batch sizes up to"),
     (_minimal(budget_minutes=0), "budget_minutes: Input should be greater than 0"),
     (_minimal(strategy="magic"), "strategy: Value error, unknown strategy 'magic'; expected one of exhaustive, fast"),
+    (_minimal(dtypes=["mxfp4"]), "nothing to tune: no server reads a fused-MoE config file"),
 ])
 def test_invalid_specs_exit_2_with_one_line(tmp_path: Path, data, message: str, capsys) -> None:
     for action in ("validate", "run"):

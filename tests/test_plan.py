@@ -89,11 +89,21 @@ def test_same_shape_shares_one_job_and_dtypes_multiply():
 
 
 def test_natural_dtypes_without_dtype_flag():
+    """gpt-oss's own mxfp4 is what vLLM runs on an H200: triton_kernels' matmul_ogs, no config file."""
     plan = build_plan(["gpt-oss-120b", "deepseek-v3", MIXTRAL], tp=1, ep=1, dtypes=None, block_shape=None,
                       batch_sizes=[1], space="default", device_name="NVIDIA H200", formats="vllm")
-    assert [(j.shape.dtype, j.shape.block_shape) for j in plan.jobs] == [
-        (DType.MXFP4, None), (DType.FP8_W8A8, (128, 128)), (DType.BF16, None)]
-    assert plan.jobs[0].file_name == "E=128,N=2880,device_name=NVIDIA_H200,dtype=mxfp4_w4a16.json"
+    assert [(j.shape.dtype, j.shape.block_shape) for j in plan.jobs] == [(DType.FP8_W8A8, (128, 128)),
+                                                                         (DType.BF16, None)]
+    [gpt_oss] = plan.served_elsewhere
+    assert (gpt_oss.model, gpt_oss.shape.dtype, gpt_oss.shape.N) == ("gpt-oss-120b", DType.MXFP4, 2880)
+    assert [(k.server, k.kernel, k.reads_config) for k in gpt_oss.servers] == [("vllm", "matmul_ogs", False)]
+    # both servers (the default --format) run matmul_ogs for it
+    both = build_plan(["gpt-oss-120b"], tp=1, ep=1, dtypes=None, block_shape=None, batch_sizes=[1],
+                      space="default", device_name="NVIDIA H200")
+    assert not both.jobs
+    [gpt_oss] = both.served_elsewhere
+    assert [(k.server, k.kernel, k.reads_config) for k in gpt_oss.servers] == [
+        ("vllm", "matmul_ogs", False), ("sglang", "matmul_ogs", False)]
 
 
 def test_block_shape_flag_applies_to_fp8_jobs_only():

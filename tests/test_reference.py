@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from workers.quant import activation_dtype, dequantize_fp8_activation, quantize_fp8_activation, quantize_weight
 from workers.records import DType
-from workers.reference import reference_moe
+from workers.reference import RELU2, SILU, SWIGLU_OAI, activate, reference_moe
 
 FORMATS = [
     (DType.BF16, None), (DType.FP16, None), (DType.FP8_W8A8, None), (DType.FP8_W8A8, (32, 32)),
@@ -104,3 +104,23 @@ def test_reference_rejects_mismatched_inputs(gen: torch.Generator) -> None:
         reference_moe(x, w13, w2, weights, ids + 2)
     with pytest.raises(ValueError, match="share dtype"):
         reference_moe(x, w13, quantize_weight(torch.randn(2, 32, 32, generator=gen), DType.FP8_W8A8), weights, ids)
+
+
+def test_one_activation_mechanism_for_gated_and_non_gated_experts() -> None:
+    """``activation`` picks among silu, gpt-oss's SwiGLU and relu² (non-gated experts); None means
+    the experts' own, read off the weights, and one that does not fit the weights is refused."""
+    x = torch.tensor([[1.0, -2.0, 0.5, 3.0]], dtype=torch.bfloat16)
+    eye = torch.eye(4)
+    weights, ids = torch.tensor([[1.0]]), torch.tensor([[0]], dtype=torch.int32)
+    w2 = quantize_weight(eye[None], DType.BF16)
+    up_only = quantize_weight(2 * eye[None], DType.BF16)  # non-gated: w13 [E, N, K]
+    xf = x.float()
+    relu2 = F.relu(2 * xf).square()
+    assert torch.allclose(reference_moe(x, up_only, w2, weights, ids), relu2)
+    assert torch.allclose(reference_moe(x, up_only, w2, weights, ids, RELU2), relu2)
+    gated = quantize_weight(torch.cat([eye, 2 * eye])[None], DType.BF16)
+    assert torch.allclose(reference_moe(x, gated, w2, weights, ids), reference_moe(x, gated, w2, weights, ids, SILU))
+    assert torch.allclose(reference_moe(x, gated, w2, weights, ids, SWIGLU_OAI), activate(xf, 2 * xf, SWIGLU_OAI))
+    for weights13, wrong in ((up_only, SILU), (up_only, SWIGLU_OAI), (gated, RELU2)):
+        with pytest.raises(ValueError, match="does not fit"):
+            reference_moe(x, weights13, w2, weights, ids, wrong)

@@ -9,6 +9,7 @@ import random
 import re
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -183,7 +184,8 @@ def test_writes_three_consistent_reports(tmp_path: Path, rng: random.Random) -> 
     for rec in data["recommendations"]:
         assert rec["text"] in markdown
     for point in results.points:
-        assert re.search(rf"\| {point.M} \| {point.dtype.value} \| {point.latency_us:.1f} \|", markdown)
+        row = rf"\| {point.M} \| {point.dtype.value} \| {re.escape(point.kernel)} \| {point.latency_us:.1f} \|"
+        assert re.search(row, markdown)
 
     page = (tmp_path / "out" / "report.html").read_text()
     images = re.findall(r'<img id="plot-(\w+)"[^>]*src="data:image/png;base64,', page)
@@ -233,3 +235,80 @@ def test_html_loads_in_headless_chromium_with_every_plot_decoded(tmp_path: Path,
     assert [i[0] for i in images] == [f"plot-{name}" for name in PLOTS]
     for image_id, complete, width, height in images:
         assert complete and width > 200 and height > 100, image_id
+
+
+VLLM_KERNEL = "vllm (fused_moe, vllm 0.33.0, 0123456789abcdef)"
+OGS_KERNEL = "triton_kernels (matmul_ogs, triton_kernels 3.5, fedcba9876543210)"
+
+
+def _server_results(rng: random.Random) -> report.ComparisonResults:
+    """gpt-oss-like: bf16 and fp8 in vLLM's fused-MoE kernel, mxfp4 in matmul_ogs, nvfp4 not runnable,
+    each with a builtin-kernel number beside it; latencies at random."""
+    peaks = roofline.device_peaks("NVIDIA H200")
+    results = report.ComparisonResults(
+        model="gpt-oss-120b", layout="tp=1", device="NVIDIA H200", versions={}, routing="uniform", moe_layers=1,
+        memory_budget_bytes=2**36, dtypes={}, server="vllm")
+    kernels = {DType.BF16: VLLM_KERNEL, DType.FP8_W8A8: VLLM_KERNEL, DType.MXFP4: OGS_KERNEL, DType.NVFP4: None}
+    for dtype, kernel in kernels.items():
+        shape = MoEShape(E=16, N=256, K=512, topk=2, dtype=dtype)
+        results.dtypes[dtype] = report.summarize_dtype(shape, 1)
+        for M in (1, 16, 256):
+            builtin = rng.uniform(5.0, 500.0)
+            if kernel is None:
+                results.points.append(report.PointResult(
+                    dtype=dtype, M=M, latency_us=None, config=None, rel_err_vs_bf16=None, hbm_floor_fraction=None,
+                    compute_floor_fraction=None, kernel="", server_kernel=False, builtin_latency_us=builtin,
+                    note="vllm runs Humming if installed, else Marlin NVFP4 MoE (no Triton config): moe-tune "
+                         "cannot run it"))
+                continue
+            results.points.append(report.measured_point(
+                shape, M, rng.uniform(5.0, 500.0), None if dtype is DType.MXFP4 else default_config(shape, M),
+                0.0 if dtype is DType.BF16 else rng.uniform(0.001, 0.02), 2.0, peaks, kernel=kernel,
+                builtin_latency_us=builtin))
+    return results
+
+
+def test_every_row_names_its_kernel_and_only_server_kernels_are_ranked(tmp_path: Path, rng: random.Random) -> None:
+    results = _server_results(rng)
+    recommendations = report.recommend(results)
+    assert recommendations and all(r.dtype is not DType.NVFP4 for r in recommendations)
+    for M in (1, 16, 256):
+        fastest = min((p for p in results.points if p.M == M and p.measured), key=lambda p: p.latency_us)
+        # recommended, or within the significance margin of what is (then named as tied with it)
+        assert any((r.dtype is fastest.dtype or fastest.dtype in r.tied) and r.m_low <= M <= r.m_high
+                   for r in recommendations)
+    report.write_reports(results, tmp_path)
+    markdown = (tmp_path / "report.md").read_text()
+    assert "nvfp4 not ranked: vllm runs Humming if installed, else Marlin" in markdown
+    for point in results.points:
+        kernel = re.escape(point.kernel or "—")
+        latency = "—" if point.latency_us is None else f"{point.latency_us:.1f}"
+        assert re.search(rf"\| {point.M} \| {point.dtype.value} \| {kernel} \| {latency} \|.*\| "
+                         rf"{point.builtin_latency_us:.1f} \|", markdown), point
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert {p["kernel"] for p in data["points"] if p["server_kernel"]} == {
+        VLLM_KERNEL, OGS_KERNEL}
+    assert data["not_ranked"] == report.unranked(results) and len(data["not_ranked"]) == 1
+
+
+def test_builtin_numbers_are_never_ranked_as_a_server_s(rng: random.Random) -> None:
+    """A dtype tuned on moe-tune's kernel (server_kernel False) is never recommended, and without a
+    server-kernel bf16 nothing is ranked at all; speed-ups never mix the two."""
+    results = _server_results(rng)
+    results.points = [replace(p, server_kernel=False, latency_us=1.0) if p.dtype is DType.FP8_W8A8 else p
+                      for p in results.points]
+    assert all(r.dtype is not DType.FP8_W8A8 for r in report.recommend(results))
+    assert all(results.speedup_vs_bf16(p) is None for p in results.points if p.dtype is DType.FP8_W8A8)
+    results.points = [replace(p, server_kernel=False) if p.dtype is DType.BF16 else p for p in results.points]
+    assert report.recommend(results) == []
+
+
+def test_a_screening_only_dtype_is_named_in_the_recommendation(rng: random.Random) -> None:
+    results = _server_results(rng)
+    results.points = [replace(p, screened=True, latency_us=0.5) if p.dtype is DType.FP8_W8A8 and p.M == 16 else p
+                      for p in results.points]
+    [rec] = [r for r in report.recommend(results) if r.m_low <= 16 <= r.m_high]
+    assert rec.dtype is DType.FP8_W8A8
+    assert "screening-only timing for fp8_w8a8" in rec.text and "not final" in rec.text
+    others = [r for r in report.recommend(results) if not r.m_low <= 16 <= r.m_high]
+    assert all("screening" not in r.text for r in others)

@@ -11,8 +11,9 @@ import pytest
 
 from tuner.errors import UsageError
 from tuner.spaces import load_space
-from tuner.writers import (FileConflict, check_existing, device_file_name, lookup, probe_writable,
-                           read_config_folder, sglang_file_name, vllm_file_name, write_sglang, write_vllm)
+from tuner.writers import (FileConflict, builtin_file_name, check_existing, device_file_name, lookup,
+                           probe_writable, read_config_folder, sglang_file_name, vllm_file_name, write_sglang,
+                           write_vllm)
 from workers.records import Config, DType, MoEShape
 
 MIXTRAL_TP2 = dict(E=8, N=7168, K=4096, topk=2)
@@ -41,12 +42,24 @@ def test_device_file_name(device, expected):
     (DType.FP8_W8A8, None, "E=8,N=7168,device_name=NVIDIA_H200,dtype=fp8_w8a8.json"),
     (DType.FP8_W8A8, (128, 128), "E=8,N=7168,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json"),
     (DType.INT8_W8A16, None, "E=8,N=7168,device_name=NVIDIA_H200,dtype=int8_w8a16.json"),
-    (DType.MXFP4, None, "E=8,N=7168,device_name=NVIDIA_H200,dtype=mxfp4_w4a16.json"),
-    (DType.NVFP4, None, "E=8,N=7168,device_name=NVIDIA_H200,dtype=nvfp4_w4a16.json"),
 ])
 def test_vllm_file_names(dtype, block, expected):
     shape = MoEShape(**MIXTRAL_TP2, dtype=dtype, block_shape=block)
     assert vllm_file_name(shape, "NVIDIA H200 NVL") == expected
+
+
+@pytest.mark.parametrize("dtype", [DType.MXFP4, DType.NVFP4])
+def test_fp4_configs_have_no_server_file_name_only_a_builtin_one_apart(dtype):
+    """No vLLM or SGLang version reads a dtype=mxfp4*/nvfp4* fused-MoE file: those names are refused,
+    and moe-tune's own fp4 kernel configs go to a folder no server looks in."""
+    shape = MoEShape(**MIXTRAL_TP2, dtype=dtype)
+    for name in (vllm_file_name, sglang_file_name):
+        with pytest.raises(ValueError, match="no server reads"):
+            name(shape, "NVIDIA H200")
+    assert (builtin_file_name(shape, "NVIDIA H200 NVL")
+            == f"moe-tune-builtin/E=8,N=7168,device_name=NVIDIA_H200,dtype={dtype.value}_w4a16.json")
+    with pytest.raises(ValueError):
+        builtin_file_name(MoEShape(**MIXTRAL_TP2, dtype=DType.BF16), "NVIDIA H200")
 
 
 def test_sglang_file_names():

@@ -1,32 +1,48 @@
-"""Which dtype to deploy: tune every dtype of one model and layout, measure each against bf16 on
-the same inputs, and fill the report's record.
+"""Which dtype to deploy: time every dtype of one model and layout with the kernel the named
+server dispatches for it on this GPU, measure each against bf16 on the same inputs, and fill the
+report's record.
 
-Tuning goes through the service's engine (``tuner.driver.tune``) with the journal, so a compare
-after a tune (or a second compare) re-measures nothing. Accuracy is then measured in the same Ray
-session on one pool worker (``tuner.pool``), one call per batch size
-(``BenchmarkWorker.relative_errors``): it builds the problem of every dtype from the same seed
-(the same x, routing and bf16 master weights, quantized per dtype; seed = M as the tuner's
-correctness check uses), runs each dtype's tuned config, and reports
-||out - out_bf16|| / ||out_bf16||.
+Kernels (``tuner.dispatch``): dtypes the server runs with its fused-MoE Triton kernel are tuned
+through the service's engine (``tuner.driver.tune``, the journal shared with ``tune``) on
+``--kernel`` (the server's own kernel when that is the server; moe-tune's builtin kernel
+otherwise, and then those numbers are not the server's). mxfp4 on Hopper runs triton_kernels'
+``matmul_ogs`` in both servers: it has no config to tune and is timed as is
+(``workers.backends.triton_kernels``). Kernels moe-tune cannot run (Marlin for nvfp4 on Hopper)
+leave the dtype without a server number. moe-tune's builtin kernel is the second column: its
+tuned config for the fp4 dtypes (written apart, ``moe-tune-builtin/``), the tuned config re-timed
+in it for the others. Recommendations rank server-kernel numbers only.
+
+Accuracy is measured in the same Ray session: on one pool worker (``tuner.pool``), one call per
+batch size and shape (``BenchmarkWorker.relative_errors``), the problem of every dtype is built
+from the same seed (the same x, routing and bf16 master weights, quantized per dtype; seed = M as
+the tuner's correctness check uses) and each tuned config's output compared with the bf16 output
+at the same shape; matmul_ogs (one Ray task on one GPU) is compared with matmul_ogs bf16 (gpt-oss's
+SwiGLU) and checked against the fp32 reference.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tuner import driver, roofline, writers
+import ray
+
+from tuner import dispatch, driver, roofline, writers
 from tuner.errors import RunFailed
 from tuner.plan import Plan
 from tuner.pool import Done, Lost, start_pool
 from tuner.progress import Progress
 from tuner.ray_session import DEFAULT_CONNECT_TIMEOUT_S, ray_session
-from tuner.report import DEFAULT_MAX_REL_ERR, REFERENCE, ComparisonResults, measured_point, summarize_dtype
+from tuner.report import (DEFAULT_MAX_REL_ERR, REFERENCE, ComparisonResults, PointResult, measured_point,
+                          summarize_dtype)
 from tuner.search import SearchJob
 from workers.default_config import default_config
 from workers.records import Config, DType, Gemm, Level, MoEShape
 
+BUILTIN = "builtin"
 DEFAULT_BUDGET_FRACTION = 0.9  # vLLM's default --gpu-memory-utilization
 ACCURACY_TIMEOUT_S = 600.0
 """Limit for the accuracy pass at one batch size (every dtype's problem, reference and run)."""
@@ -36,7 +52,8 @@ ACCURACY_TIMEOUT_S = 600.0
 class CompareRequest:
     model: str
     layout: str
-    shapes: dict[DType, MoEShape]  # bf16 first
+    shapes_for_device: Callable[[str], dict[DType, MoEShape]]
+    """The per-GPU shape of each dtype (bf16 first) on a device name: mxfp4 padded as the servers pad there."""
     batch_sizes: list[int]
     routing: str
     plan_for_device: Callable[[str], list[SearchJob]]
@@ -56,26 +73,46 @@ class CompareRequest:
     moe_layers: int = 1
     memory_budget_bytes: int | None = None
     max_rel_err: float = DEFAULT_MAX_REL_ERR
+    server: str = "vllm"
+    """The server whose kernel choice per dtype is followed (``tuner.dispatch``)."""
+    kernel: str = BUILTIN
+    """The kernel the fused-MoE dtypes are tuned on (``builtin``, ``vllm``, ``sglang``)."""
+    ep: int = 1
 
 
 def search_jobs(planned: Plan, routing: str, device_name: str,
                 servers_by_shape: dict[MoEShape, tuple[str, ...]] | None = None) -> list[SearchJob]:
-    """The search of ``planned`` on ``device_name``, one job per kernel shape; ``servers_by_shape``
-    (if given) learns which servers' files each job's shape goes to."""
+    """The search of ``planned`` on ``device_name``, one job per kernel shape: the server-read
+    dtypes, and moe-tune's builtin kernel for the fp4 dtypes when ``planned.builtin_fp4`` (its
+    configs written apart; the report's second column). ``servers_by_shape`` (if given) learns
+    which servers' files each job's shape goes to."""
     jobs = planned.for_device(device_name).jobs
     if servers_by_shape is not None:
         servers_by_shape.update({job.shape: job.servers for job in jobs})
     return [SearchJob(job, routing) for job in jobs]
 
 
-def _errors_vs_bf16(request: CompareRequest, configs: dict[DType, dict[int, Config]],
+def bf16_twin(shape: MoEShape) -> MoEShape:
+    """The bf16 shape a dtype's error is measured against: the same E, N, K and top-k (mxfp4's
+    padded N included), so both problems share x, routing and the bf16 master weights."""
+    return dataclasses.replace(shape, dtype=DType.BF16, block_shape=None)
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+def _errors_vs_bf16(shapes: dict[DType, MoEShape], configs: dict[DType, dict[int, Config]], request: CompareRequest,
                     progress: Progress) -> tuple[dict[DType, dict[int, float]], dict[int, int], tuple[int, str]]:
-    """Per dtype and M the tuned kernel's relative error against the bf16 kernel's output, per M
-    the number of distinct experts the routing touches (for the HBM floor), and the memory of the
+    """Per dtype and M the tuned config's relative error (builtin kernel) against the bf16 output
+    at the same shape (``bf16_twin``: mxfp4's padded N gets a bf16 run of its own), per M the
+    number of distinct experts the routing touches (for the HBM floor), and the memory of the
     device the worker runs on with where that number came from (``BenchmarkWorker.device_memory``)."""
-    errors: dict[DType, dict[int, float]] = {dtype: {} for dtype in request.shapes}
+    errors: dict[DType, dict[int, float]] = {dtype: {} for dtype in shapes}
     touched: dict[int, int] = {}
-    pool = start_pool(1, "builtin", ACCURACY_TIMEOUT_S, progress.note)
+    pool = start_pool(1, BUILTIN, ACCURACY_TIMEOUT_S, progress.note)
     try:
         event = pool.call("memory", lambda actor: actor.device_memory.remote())
         if not isinstance(event, Done):
@@ -83,20 +120,109 @@ def _errors_vs_bf16(request: CompareRequest, configs: dict[DType, dict[int, Conf
             raise RunFailed(f"the worker could not report its device's memory: {reason.splitlines()[0]}")
         memory = event.value
         for M in request.batch_sizes:
-            at_m = {dtype: per_m[M] for dtype, per_m in configs.items() if M in per_m}
-            if REFERENCE not in at_m:
-                continue
-            event = pool.call(M, lambda actor, c=at_m, m=M: actor.relative_errors.remote(
-                request.shapes, c, m, request.routing, REFERENCE))
-            if not isinstance(event, Done):
-                reason = event.detail if isinstance(event, Lost) else f"{type(event.error).__name__}: {event.error}"
-                raise RunFailed(f"the accuracy pass failed at M={M}: {reason.splitlines()[0]}")
-            per_dtype, touched[M] = event.value
-            for dtype, error in per_dtype.items():
-                errors[dtype][M] = error
+            groups: dict[MoEShape, list[DType]] = {}
+            for dtype, shape in shapes.items():
+                if M in configs[dtype]:
+                    groups.setdefault(bf16_twin(shape), []).append(dtype)
+            for twin, dtypes in groups.items():
+                at_m = {dtype: configs[dtype][M] for dtype in dtypes}
+                group_shapes = {dtype: shapes[dtype] for dtype in dtypes}
+                if REFERENCE not in dtypes:
+                    at_m[REFERENCE], group_shapes[REFERENCE] = default_config(twin, M), twin
+                event = pool.call(M, lambda actor, s=group_shapes, c=at_m, m=M: actor.relative_errors.remote(
+                    s, c, m, request.routing, REFERENCE))
+                if not isinstance(event, Done):
+                    reason = event.detail if isinstance(event, Lost) else f"{type(event.error).__name__}: {event.error}"
+                    raise RunFailed(f"the accuracy pass failed at M={M}: {reason.splitlines()[0]}")
+                per_dtype, touched[M] = event.value
+                for dtype in dtypes:
+                    errors[dtype][M] = per_dtype[dtype]
     finally:
         pool.shutdown()
     return errors, touched, memory
+
+
+@ray.remote(num_gpus=1)
+def _time_kernels(shapes: dict[DType, MoEShape], ogs_dtypes: list[DType], retime: dict[DType, dict[int, Config]],
+                  batch_sizes: list[int], routing: str) -> dict:
+    """On one GPU, per M: each of ``ogs_dtypes`` in triton_kernels' matmul_ogs (time; error against
+    the fp32 reference with gpt-oss's SwiGLU; error against matmul_ogs bf16 at the same shape),
+    and each ``retime`` config in moe-tune's builtin kernel (time). Returns ``{"ogs": {dtype: {M:
+    (µs, spread, err_ref, err_bf16)}}, "builtin": {dtype: {M: µs}}, "kernel": describe() or None,
+    "unavailable": why matmul_ogs has no numbers, or None}``."""
+    from workers.backends.base import BackendUnavailable
+    from workers.moe import MoERunner
+    from workers.problem import build_problem, release_weights
+    from workers.timing import time_call
+
+    device = _device()
+    result: dict = {"ogs": {d: {} for d in ogs_dtypes}, "builtin": {d: {} for d in retime}, "kernel": None,
+                    "unavailable": None}
+    backend = None
+    if ogs_dtypes:
+        try:
+            from workers.backends.triton_kernels import TritonKernelsBackend
+
+            backend = TritonKernelsBackend()
+            result["kernel"] = backend.describe()
+        except BackendUnavailable as exc:
+            result["unavailable"] = str(exc)
+    for M in batch_sizes:
+        if backend is not None and result["unavailable"] is None:
+            try:
+                for dtype in ogs_dtypes:
+                    result["ogs"][dtype][M] = _time_ogs(backend, shapes[dtype], M, routing, device)
+            except Exception as exc:  # noqa: BLE001 - goes into the report's notes; the rest still runs
+                result["unavailable"] = f"matmul_ogs failed at M={M}: {type(exc).__name__}: {exc}"
+        for dtype, per_m in retime.items():
+            if M in per_m:
+                problem = build_problem(shapes[dtype], M, routing=routing, seed=M, device=device)
+                runner = MoERunner(problem.x, problem.w13, problem.w2, problem.topk_weights, problem.topk_ids,
+                                   per_m[M])
+                result["builtin"][dtype][M] = time_call(runner.run, device).median_us
+                del problem, runner
+    release_weights()
+    return result
+
+
+def _time_ogs(backend, shape: MoEShape, M: int, routing: str, device: str) -> tuple[float, float, float, float]:
+    """matmul_ogs on ``shape`` at batch size M: (µs, spread µs, error vs fp32 reference, error vs bf16)."""
+    from workers.problem import build_problem, rel_error
+    from workers.timing import time_call
+
+    twin = build_problem(bf16_twin(shape), M, routing=routing, seed=M, device=device, activation=backend.activation)
+    bf16_out = backend.runner(twin, None).run().float()
+    del twin
+    problem = build_problem(shape, M, routing=routing, seed=M, device=device, activation=backend.activation)
+    runner = backend.runner(problem, None)
+    out = runner.run().float()
+    timing = time_call(runner.run, device)
+    return timing.median_us, timing.spread_us, rel_error(out, problem.reference), rel_error(out, bf16_out)
+
+
+def _server_kernel_timings(shapes: dict[DType, MoEShape], ogs_dtypes: list[DType],
+                           retime: dict[DType, dict[int, Config]], request: CompareRequest) -> dict:
+    """``_time_kernels`` on one GPU, bounded by ``ACCURACY_TIMEOUT_S`` per batch size: a hung kernel
+    leaves those numbers out (said in the report) instead of hanging the compare."""
+    if not ogs_dtypes and not retime:
+        return {"ogs": {}, "builtin": {}, "kernel": None, "unavailable": None}
+    limit = ACCURACY_TIMEOUT_S * len(request.batch_sizes)
+    ref = _time_kernels.remote(shapes, ogs_dtypes, retime, request.batch_sizes, request.routing)
+    try:
+        return ray.get(ref, timeout=limit)
+    except ray.exceptions.GetTimeoutError:
+        ray.cancel(ref, force=True)
+        return {"ogs": {}, "builtin": {}, "kernel": None,
+                "unavailable": f"the server-kernel timing did not finish within {limit:.0f} s"}
+
+
+def _kernel_label(env: dict[str, str]) -> str:
+    """``name (entry, version, hash)`` from a worker's or backend's description."""
+    name = env.get("kernel", BUILTIN)
+    details = [env[k] for k in ("kernel_entry", "kernel_version", "kernel_hash") if env.get(k)]
+    if name == BUILTIN and not env.get("kernel_entry"):
+        details = ["workers.moe.MoERunner", "moe-tune"] + details
+    return f"{name} ({', '.join(details)})" if details else name
 
 
 def run_compare(request: CompareRequest, progress: Progress | None = None) -> ComparisonResults:
@@ -106,17 +232,22 @@ def run_compare(request: CompareRequest, progress: Progress | None = None) -> Co
 
 def _compare_in_session(request: CompareRequest, progress: Progress) -> ComparisonResults:
     tuned = driver.tune(driver.TuneRequest(
-        jobs_for_device=request.plan_for_device, write_outputs=writers.server_files_writer(request.configs_out, request.servers_by_shape.__getitem__,
-                                                                                   request.replace),
+        jobs_for_device=request.plan_for_device,
+        write_outputs=writers.server_files_writer(request.configs_out, request.servers_by_shape.__getitem__,
+                                                  request.replace),
         journal_path=request.journal, fresh=request.fresh, workers=request.workers,
-        interpret=request.interpret, strategy=request.strategy, budget_s=request.budget_s), progress)
+        interpret=request.interpret, kernel=request.kernel, strategy=request.strategy, budget_s=request.budget_s),
+        progress)
     if len(tuned.devices) != 1:
         raise RunFailed(f"compare needs one GPU type; the workers are on {len(tuned.devices)}: "
                         + ", ".join(d.device for d in tuned.devices))
     device = tuned.devices[0]
-    winners = {dtype: {} for dtype in request.shapes}
+    shapes = request.shapes_for_device(device.device)
+    arch = dispatch.gpu_arch(device.device)
+    served = {dtype: dispatch.server_kernel(request.server, dtype, arch, request.ep) for dtype in shapes}
+    winners = {dtype: {} for dtype in shapes}
     for key, selection in device.selections.items():
-        for dtype, shape in request.shapes.items():
+        for dtype, shape in shapes.items():
             if key.shape == shape and key.gemm is Gemm.BOTH and key.routing == request.routing:
                 winners[dtype][key.M] = selection
     if not winners[REFERENCE]:
@@ -125,9 +256,16 @@ def _compare_in_session(request: CompareRequest, progress: Progress) -> Comparis
     configs = {dtype: {M: s.candidate.config for M, s in per_m.items()} for dtype, per_m in winners.items()}
     # bf16 is the yardstick at every M a quantized dtype has; any correct bf16 config computes it alike.
     for M in {M for per_m in configs.values() for M in per_m} - set(configs[REFERENCE]):
-        configs[REFERENCE][M] = default_config(request.shapes[REFERENCE], M)
-    progress.phase("measuring every dtype against bf16 on the same inputs")
-    errors, touched, (device_memory, memory_source) = _errors_vs_bf16(request, configs, progress)
+        configs[REFERENCE][M] = default_config(shapes[REFERENCE], M)
+    tuned_kernel = device.env.get("kernel", BUILTIN)
+    ogs_dtypes = [d for d, k in served.items() if k.kernel == dispatch.MATMUL_OGS]
+    retime = {d: configs[d] for d, k in served.items() if k.kernel == dispatch.FUSED_MOE and tuned_kernel != BUILTIN}
+    progress.phase("measuring every dtype against bf16 on the same inputs; timing the server kernels "
+                   + ", ".join(f"{d.value}: {served[d].kernel}" for d in shapes))
+    errors, touched, (device_memory, memory_source) = _errors_vs_bf16(shapes, configs, request, progress)
+    timed = _server_kernel_timings(shapes, ogs_dtypes, retime, request)
+
+    from workers.problem import ERROR_BOUNDS
 
     peaks = roofline.device_peaks(device.device)
     if request.memory_budget_bytes is not None:
@@ -135,22 +273,52 @@ def _compare_in_session(request: CompareRequest, progress: Progress) -> Comparis
     else:
         budget = int(DEFAULT_BUDGET_FRACTION * device_memory)
         source = f"{DEFAULT_BUDGET_FRACTION:.0%} of {device_memory / 2**30:.1f} GiB, {memory_source}"
+    tuned_label = _kernel_label(device.env)
+    ogs_label = _kernel_label(timed["kernel"]) if timed["kernel"] else None
     results = ComparisonResults(
         model=request.model, layout=request.layout, device=device.device,
-        versions={k: v for k, v in device.env.items() if k != "device"}, routing=request.routing,
-        moe_layers=request.moe_layers, memory_budget_bytes=budget, budget_ended=tuned.budget_ended,
-        dtypes={dtype: summarize_dtype(shape, request.moe_layers) for dtype, shape in request.shapes.items()},
+        versions={k: v for k, v in device.env.items() if k not in ("device", "kernel", "kernel_entry",
+                                                                   "kernel_version", "kernel_hash")},
+        routing=request.routing, moe_layers=request.moe_layers, memory_budget_bytes=budget,
+        budget_ended=tuned.budget_ended, server=request.server,
+        dtypes={dtype: summarize_dtype(shape, request.moe_layers) for dtype, shape in shapes.items()},
         memory_source=source, configs_folder=str(request.configs_out),
         config_files=[str(written.path.relative_to(request.configs_out)) for written in device.files],
         max_rel_err=request.max_rel_err)
     spreads = {m.candidate: (m.latency_us, m.spread_us) for m in device.measurements
                if m.ok and m.candidate.level is Level.FULL}
-    for dtype, shape in request.shapes.items():
-        for M, selection in sorted(winners[dtype].items()):
-            if M in errors[dtype]:
-                results.points.append(measured_point(shape, M, selection.latency_us, selection.candidate.config,
-                                                     errors[dtype][M], touched[M], peaks,
-                                                     _spread(spreads.get(selection.candidate), selection.latency_us)))
+    for dtype, shape in shapes.items():
+        kernel = served[dtype]
+        for M in request.batch_sizes:
+            selection = winners[dtype].get(M)
+            builtin_us = None
+            if selection is not None and M in errors[dtype]:
+                builtin_us = timed["builtin"].get(dtype, {}).get(M, selection.latency_us
+                                                                 if tuned_kernel == BUILTIN else None)
+            if kernel.kernel == dispatch.MATMUL_OGS:
+                if M not in timed["ogs"].get(dtype, {}):
+                    why = timed["unavailable"] or "not measured"
+                    results.points.append(_unmeasured(dtype, M, why, builtin_us, selection))
+                    continue
+                latency, spread, err_ref, err_bf16 = timed["ogs"][dtype][M]
+                if not err_ref <= ERROR_BOUNDS[dtype]:
+                    results.points.append(_unmeasured(dtype, M, f"{ogs_label}: wrong result (rel. err vs fp32 "
+                                                      f"reference {err_ref:.2e})", builtin_us, selection))
+                    continue
+                results.points.append(measured_point(
+                    shape, M, latency, None, err_bf16, touched.get(M, shape.E), peaks, spread, kernel=ogs_label,
+                    builtin_latency_us=builtin_us, note=f"rel. err vs fp32 reference {err_ref:.2e}"))
+            elif kernel.kernel == dispatch.FUSED_MOE and selection is not None and M in errors[dtype]:
+                is_server = tuned_kernel == request.server
+                results.points.append(measured_point(
+                    shape, M, selection.latency_us, selection.candidate.config, errors[dtype][M], touched[M], peaks,
+                    _spread(spreads.get(selection.candidate), selection.latency_us),
+                    kernel=tuned_label, server_kernel=is_server, builtin_latency_us=builtin_us,
+                    screened=selection.candidate.level is Level.SCREEN,
+                    note="" if is_server else f"not {request.server}'s kernel: tuned with --kernel {tuned_kernel}"))
+            elif kernel.kernel != dispatch.FUSED_MOE:
+                results.points.append(_unmeasured(dtype, M, f"{request.server} runs {kernel.why}: moe-tune cannot "
+                                                  "run it", builtin_us, selection))
     return results
 
 
@@ -159,3 +327,11 @@ def _spread(full: tuple[float, float | None] | None, latency_us: float) -> float
     if full is None or full[1] is None or not full[0]:
         return None
     return full[1] * latency_us / full[0]
+
+
+def _unmeasured(dtype: DType, M: int, why: str, builtin_us: float | None, selection) -> PointResult:
+    """A dtype the server runs with a kernel moe-tune could not time: only the builtin column."""
+    return PointResult(dtype=dtype, M=M, latency_us=None, config=None, rel_err_vs_bf16=None,
+                       hbm_floor_fraction=None, compute_floor_fraction=None, kernel="", server_kernel=False,
+                       builtin_latency_us=builtin_us,
+                       builtin_config=selection.candidate.config if selection is not None else None, note=why)

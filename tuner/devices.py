@@ -6,8 +6,8 @@ Read by search-space pruning (``tuner.spaces``: shared memory), the cost model
 ``compare`` (memory size). A fact not known for a GPU is None, and a GPU not listed gets no
 facts at all: every caller says what it does without them instead of assuming a GPU.
 
-Sources: NVIDIA's datasheets (dense peaks, no sparsity; HBM bandwidth; memory) and the CUDA
-programming guide's per-architecture table (``cudaDevAttrMaxSharedMemoryPerBlockOptin``: 227 KiB
+Sources: NVIDIA's datasheets (dense peaks, no sparsity; HBM bandwidth; memory), NVIDIA's CUDA GPU
+compute-capability list, and the CUDA programming guide's per-architecture table (``cudaDevAttrMaxSharedMemoryPerBlockOptin``: 227 KiB
 on Hopper and Blackwell data-center parts, 163 KiB on A100/A800/A30, 99 KiB on the other Ampere
 and Ada parts, 96 KiB on Volta, 64 KiB on Turing). Standard library only.
 """
@@ -28,8 +28,8 @@ class DeviceFacts:
     (``torch.cuda.get_device_name()``, e.g. ``NVIDIA H100 80GB HBM3``) or the one in file names
     (``NVIDIA_H200``), by words: an entry whose words are exactly the reported name's (less
     "NVIDIA") gives every fact it lists; otherwise the first entry whose words all appear in the
-    name gives only what a whole family shares (shared memory per block): peaks, SMs and memory
-    differ between variants ("A100 80GB PCIe" is not a 40 GB A100), so a near name never gets them."""
+    name gives only what a whole family shares (shared memory per block, compute capability): peaks,
+    SMs and memory differ between variants ("A100 80GB PCIe" is not a 40 GB A100), so a near name never gets them."""
 
     name: str
     shared_memory_bytes: int
@@ -40,6 +40,8 @@ class DeviceFacts:
     fp8_flops: float | None = None
     """None where the GPU has no fp8 tensor cores (or the peak is not listed here)."""
     memory_bytes: int | None = None
+    compute_capability: tuple[int, int] | None = None
+    """CUDA compute capability (the servers choose kernels by it: ``tuner.dispatch``)."""
 
     @property
     def has_peaks(self) -> bool:
@@ -49,36 +51,38 @@ class DeviceFacts:
 
 # More specific names first ("H100 PCIe" before "H100").
 KNOWN_DEVICES: tuple[DeviceFacts, ...] = (
-    DeviceFacts("H100 PCIe", 227 * KIB, 114, 2.0e12, 756e12, 1513e12, 80 * GIB),
-    DeviceFacts("H100 NVL", 227 * KIB, 132, 3.9e12, 835e12, 1671e12, 94 * GIB),
-    DeviceFacts("H100 80GB HBM3", 227 * KIB, 132, 3.35e12, 989e12, 1979e12, 80 * GIB),
-    DeviceFacts("H100", 227 * KIB),
-    DeviceFacts("GH200", 227 * KIB),
-    DeviceFacts("H200", 227 * KIB, 132, 4.8e12, 989e12, 1979e12, 141 * GIB),
-    DeviceFacts("H800", 227 * KIB),
-    DeviceFacts("H20", 227 * KIB),
-    DeviceFacts("GB200", 227 * KIB),
-    DeviceFacts("B200", 227 * KIB, 148, 8.0e12, 2250e12, 4500e12, 180 * GIB),
-    DeviceFacts("B100", 227 * KIB),
-    DeviceFacts("A100 SXM4 80GB", 163 * KIB, 108, 2.039e12, 312e12, None, 80 * GIB),
-    DeviceFacts("A100 SXM4 40GB", 163 * KIB, 108, 1.555e12, 312e12, None, 40 * GIB),
-    DeviceFacts("A100 80GB PCIe", 163 * KIB, 108, 1.935e12, 312e12, None, 80 * GIB),
-    DeviceFacts("A100 PCIE 40GB", 163 * KIB, 108, 1.555e12, 312e12, None, 40 * GIB),
-    DeviceFacts("A100", 163 * KIB),
-    DeviceFacts("A800", 163 * KIB),
-    DeviceFacts("A30", 163 * KIB),
-    DeviceFacts("A10G", 99 * KIB),
-    DeviceFacts("A10", 99 * KIB),
-    DeviceFacts("A40", 99 * KIB),
-    DeviceFacts("L40S", 99 * KIB),
-    DeviceFacts("L40", 99 * KIB),
-    DeviceFacts("L20", 99 * KIB),
-    DeviceFacts("L4", 99 * KIB),
-    DeviceFacts("5090", 99 * KIB),
-    DeviceFacts("4090", 99 * KIB),
-    DeviceFacts("3090", 99 * KIB),
-    DeviceFacts("V100", 96 * KIB),
-    DeviceFacts("T4", 64 * KIB),
+    DeviceFacts("H100 PCIe", 227 * KIB, 114, 2.0e12, 756e12, 1513e12, 80 * GIB, compute_capability=(9, 0)),
+    DeviceFacts("H100 NVL", 227 * KIB, 132, 3.9e12, 835e12, 1671e12, 94 * GIB, compute_capability=(9, 0)),
+    DeviceFacts("H100 80GB HBM3", 227 * KIB, 132, 3.35e12, 989e12, 1979e12, 80 * GIB, compute_capability=(9, 0)),
+    DeviceFacts("H100", 227 * KIB, compute_capability=(9, 0)),
+    DeviceFacts("GH200", 227 * KIB, compute_capability=(9, 0)),
+    DeviceFacts("H200", 227 * KIB, 132, 4.8e12, 989e12, 1979e12, 141 * GIB, compute_capability=(9, 0)),
+    DeviceFacts("H800", 227 * KIB, compute_capability=(9, 0)),
+    DeviceFacts("H20", 227 * KIB, compute_capability=(9, 0)),
+    DeviceFacts("GB300", 227 * KIB, compute_capability=(10, 3)),
+    DeviceFacts("B300", 227 * KIB, compute_capability=(10, 3)),
+    DeviceFacts("GB200", 227 * KIB, compute_capability=(10, 0)),
+    DeviceFacts("B200", 227 * KIB, 148, 8.0e12, 2250e12, 4500e12, 180 * GIB, compute_capability=(10, 0)),
+    DeviceFacts("B100", 227 * KIB, compute_capability=(10, 0)),
+    DeviceFacts("A100 SXM4 80GB", 163 * KIB, 108, 2.039e12, 312e12, None, 80 * GIB, compute_capability=(8, 0)),
+    DeviceFacts("A100 SXM4 40GB", 163 * KIB, 108, 1.555e12, 312e12, None, 40 * GIB, compute_capability=(8, 0)),
+    DeviceFacts("A100 80GB PCIe", 163 * KIB, 108, 1.935e12, 312e12, None, 80 * GIB, compute_capability=(8, 0)),
+    DeviceFacts("A100 PCIE 40GB", 163 * KIB, 108, 1.555e12, 312e12, None, 40 * GIB, compute_capability=(8, 0)),
+    DeviceFacts("A100", 163 * KIB, compute_capability=(8, 0)),
+    DeviceFacts("A800", 163 * KIB, compute_capability=(8, 0)),
+    DeviceFacts("A30", 163 * KIB, compute_capability=(8, 0)),
+    DeviceFacts("A10G", 99 * KIB, compute_capability=(8, 6)),
+    DeviceFacts("A10", 99 * KIB, compute_capability=(8, 6)),
+    DeviceFacts("A40", 99 * KIB, compute_capability=(8, 6)),
+    DeviceFacts("L40S", 99 * KIB, compute_capability=(8, 9)),
+    DeviceFacts("L40", 99 * KIB, compute_capability=(8, 9)),
+    DeviceFacts("L20", 99 * KIB, compute_capability=(8, 9)),
+    DeviceFacts("L4", 99 * KIB, compute_capability=(8, 9)),
+    DeviceFacts("5090", 99 * KIB, compute_capability=(12, 0)),
+    DeviceFacts("4090", 99 * KIB, compute_capability=(8, 9)),
+    DeviceFacts("3090", 99 * KIB, compute_capability=(8, 6)),
+    DeviceFacts("V100", 96 * KIB, compute_capability=(7, 0)),
+    DeviceFacts("T4", 64 * KIB, compute_capability=(7, 5)),
 )
 
 CPU = "cpu"
@@ -97,7 +101,8 @@ def device_facts(device_name: str) -> DeviceFacts | None:
     if exact is not None:
         return exact
     family = next((facts for facts in KNOWN_DEVICES if all(w in words for w in _words(facts.name))), None)
-    return None if family is None else DeviceFacts(family.name, family.shared_memory_bytes)
+    return None if family is None else DeviceFacts(family.name, family.shared_memory_bytes,
+                                                   compute_capability=family.compute_capability)
 
 
 def largest_shared_memory() -> int:

@@ -28,6 +28,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError
 
+from tuner import dispatch
 from tuner.errors import UsageError
 from tuner.validation import one_line
 from workers.formats import block_shape_dtypes, format_of, shape_rule_broken
@@ -466,12 +467,13 @@ def sglang_fused_shared_experts(spec: ModelSpec, ep: int = 1, enabled: bool = Tr
 
 def derive_shape(spec: ModelSpec, tp: int = 1, ep: int = 1, dtype: DType | str | None = None,
                  block_shape: tuple[int, int] | list[int] | None = None, *, server: str = "vllm",
-                 fuse_shared_experts: bool = True) -> MoEShape:
+                 fuse_shared_experts: bool = True, device_name: str | None = None) -> MoEShape:
     """The shape one GPU's kernel runs with ``tp`` GPUs serving the layer, ``ep`` of them
     splitting the experts (SGLang's meaning; vLLM's ``--enable-expert-parallel`` is ep == tp):
     E = experts/ep, N = intermediate/(tp/ep), K = hidden. ``dtype`` None means the model's own.
     ``server`` "sglang" adds the shared experts SGLang fuses (``sglang_fused_shared_experts``;
     ``fuse_shared_experts`` False is its ``--disable-shared-experts-fusion``); vLLM never fuses.
+    mxfp4 sizes are padded as the servers pad them on ``device_name``'s GPU (``mxfp4_padding``).
     """
     if tp < 1 or ep < 1:
         raise UsageError(f"--tp and --ep must be at least 1 (got tp={tp}, ep={ep})")
@@ -521,6 +523,9 @@ def derive_shape(spec: ModelSpec, tp: int = 1, ep: int = 1, dtype: DType | str |
         # down projection's input once tensor parallelism cuts it.
         if N % bn or (moe_tp > 1 and N % bk):
             raise UsageError(f"{spec.name}: N={N} per GPU is not a multiple of block shape [{bn},{bk}]")
+    if resolved is DType.MXFP4:  # padded as the servers pad it for the GPU's kernel
+        padding = dispatch.mxfp4_padding(N, K, dispatch.gpu_arch(device_name or ""))
+        N, K = padding.padded_N, padding.padded_K
     problem = shape_rule_broken(resolved, N, K)
     if problem:
         raise UsageError(f"{spec.name}: {problem} per GPU")

@@ -19,19 +19,31 @@ repr (with a space); ``_down`` names the down-projection GEMM's own configs. SGL
 activations); vLLM names that variant plain ``dtype=fp8_w8a8``. ``E`` is what the server's kernel sees: under SGLang's
 shared-expert fusion the routed experts plus the fused shared ones (``MoEShape.E`` already).
 
-Both servers put no dtype part on bf16/fp16 files. int4_w4a16 files carry no block shape (the
-servers pass ``[0, group_size]``, and a block shape with a 0 is left out); their ``N`` is the
-intermediate size per GPU, which vLLM reads as twice the packed last dimension of the down
-weight (``[E, K, N/2]`` bytes, two int4 per byte). mxfp4/nvfp4 have no Triton fused-MoE
-config files in either server; ``mxfp4_w4a16`` / ``nvfp4_w4a16`` follow their naming scheme
-(4-bit weights, 16-bit activations) so such files sit beside the others.
+Which file name each server reads per dtype (vLLM 0.33 ``_get_config_dtype_str``, SGLang 0.5.10
+``get_config_dtype_str``; the kernels per GPU are ``tuner.dispatch``'s):
 
-The dtype part each server reads (vLLM 0.33 ``_get_config_dtype_str``, SGLang 0.5.10
-``get_config_dtype_str``): fp8_w8a8 (per tensor, block, per channel) ``fp8_w8a8``; int8_w8a16
-``int8_w8a16``; int4_w4a16 ``int4_w4a16``; bf16/fp16 none. vLLM also names ``fp8_w8a16``
-(weight-only fp8 on GPUs without fp8 compute), which its Marlin kernel runs, not the fused
-Triton kernel, so no tuned Triton file applies and moe-tune does not produce one; and its
-emulated OCP-MX (mxfp4) Triton path looks up the plain name without a dtype part.
+============================  =====================================  ==========================================
+dtype                         vLLM reads                             SGLang reads
+============================  =====================================  ==========================================
+bf16, fp16                    no dtype part                          no dtype part
+fp8_w8a8 per tensor / block   ``dtype=fp8_w8a8`` (+ block shape)     ``dtype=fp8_w8a8`` (+ block shape)
+fp8_w8a8 per channel          ``dtype=fp8_w8a8``                     ``dtype=fp8_w8a8,per_channel_quant=True``
+int8_w8a16                    ``dtype=int8_w8a16``                   ``dtype=int8_w8a16``
+int4_w4a16                    ``dtype=int4_w4a16``, no block shape   ``dtype=int4_w4a16``, no block shape
+mxfp4, nvfp4                  none (no fused-MoE file)               none (no fused-MoE file)
+============================  =====================================  ==========================================
+
+int4_w4a16 files carry no block shape (the servers pass ``[0, group_size]``, and a block shape
+with a 0 is left out); their ``N`` is the intermediate size per GPU, which vLLM reads as twice the
+packed last dimension of the down weight (``[E, K, N/2]`` bytes, two int4 per byte). vLLM also
+names ``fp8_w8a16`` (weight-only fp8 on GPUs without fp8 compute), which its Marlin kernel runs,
+not the fused Triton kernel, so no tuned Triton file applies and moe-tune does not produce one.
+
+No server reads a fused-MoE file for mxfp4/nvfp4 (``tuner.dispatch``: they run other kernels, or
+dequantize to bf16 and read the no-dtype file, as vLLM's emulated OCP-MX path does). The configs
+of moe-tune's own fp4 kernel are therefore written apart, in ``BUILTIN_FOLDER``, named
+``...,dtype=mxfp4_w4a16`` / ``nvfp4_w4a16`` after the servers' scheme (4-bit weights, 16-bit
+activations); ``vllm_file_name`` and ``sglang_file_name`` refuse them.
 """
 
 from __future__ import annotations
@@ -44,9 +56,10 @@ _DTYPE_PART = {
     DType.FP8_W8A8: "fp8_w8a8",
     DType.INT8_W8A16: "int8_w8a16",
     DType.INT4_W4A16: "int4_w4a16",
-    DType.MXFP4: "mxfp4_w4a16",
-    DType.NVFP4: "nvfp4_w4a16",
 }
+_BUILTIN_DTYPE_PART = {DType.MXFP4: "mxfp4_w4a16", DType.NVFP4: "nvfp4_w4a16"}
+BUILTIN_FOLDER = "moe-tune-builtin"
+"""Subfolder (of a configs folder) holding configs only moe-tune's builtin kernel reads."""
 
 
 def device_file_name(device_name: str) -> str:
@@ -57,7 +70,10 @@ def device_file_name(device_name: str) -> str:
 
 
 def _dtype_part(dtype: DType) -> str:
-    part = _DTYPE_PART[DType(dtype)]
+    dtype = DType(dtype)
+    if dtype not in _DTYPE_PART:
+        raise ValueError(f"no server reads a fused-MoE config file for {dtype.value}; see builtin_file_name")
+    part = _DTYPE_PART[dtype]
     return f",dtype={part}" if part else ""
 
 
@@ -65,6 +81,15 @@ def _named_block(shape: MoEShape) -> tuple[int, int] | None:
     """The block shape the file name carries: none when an entry is 0 (int4_w4a16's ``[0, group]``),
     as both servers test ``all(block_shape)``."""
     return shape.block_shape if shape.block_shape and all(shape.block_shape) else None
+
+
+def builtin_file_name(shape: MoEShape, device_name: str) -> str:
+    """``BUILTIN_FOLDER/E=..,N=..,device_name=..,dtype=<mxfp4|nvfp4>_w4a16.json``: the configs of
+    moe-tune's own fp4 kernel (vLLM's name scheme, in a folder no server looks in)."""
+    part = _BUILTIN_DTYPE_PART.get(DType(shape.dtype))
+    if part is None:
+        raise ValueError(f"{shape.dtype.value} configs are server files; use vllm_file_name")
+    return f"{BUILTIN_FOLDER}/E={shape.E},N={shape.N},device_name={device_file_name(device_name)},dtype={part}.json"
 
 
 def vllm_file_name(shape: MoEShape, device_name: str) -> str:

@@ -34,6 +34,8 @@ class TuneOptions:
     budget_minutes: float | None = None
     baseline: list[Path] = field(default_factory=list)
     split_gemms: bool = False
+    builtin_fp4: bool = False
+    """Also tune moe-tune's own fp4 kernel (files no server reads, written apart)."""
     no_compile_ahead: bool = False
     compile_timeout: float = 180.0
     """Seconds."""

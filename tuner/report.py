@@ -51,20 +51,33 @@ ROOFLINE_MODEL = (
 
 @dataclass(frozen=True)
 class PointResult:
-    """The tuned result of one dtype at one batch size."""
+    """One dtype at one batch size: the latency of the kernel the server dispatches for it on this
+    GPU (``kernel`` names it; ``server_kernel`` False when the number is of another kernel, e.g.
+    moe-tune's builtin one standing in; ``latency_us`` None when nothing could run it), and
+    moe-tune's builtin kernel beside it (``builtin_latency_us``)."""
 
     dtype: DType
     M: int
-    latency_us: float
-    config: Config
-    rel_err_vs_bf16: float  # ||out - out_bf16|| / ||out_bf16|| on the same inputs; 0 for bf16
+    latency_us: float | None
+    config: Config | None  # the tuned fused-MoE config; None for kernels without one (matmul_ogs)
+    rel_err_vs_bf16: float | None  # ||out - out_bf16|| / ||out_bf16||, same kernel family and inputs; 0 for bf16
     hbm_floor_fraction: float | None  # None where the device's peaks are unknown
     compute_floor_fraction: float | None
     spread_us: float | None = None  # interquartile range of the full timing; None where unknown
+    kernel: str = "builtin"
+    server_kernel: bool = True
+    builtin_latency_us: float | None = None
+    builtin_config: Config | None = None
+    screened: bool = False  # the latency comes from a screening timing only (time budget ended first)
+    note: str = ""
 
     @property
-    def tokens_per_s(self) -> float:
-        return self.M / (self.latency_us * 1e-6)
+    def measured(self) -> bool:
+        return self.latency_us is not None
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return None if self.latency_us is None else self.M / (self.latency_us * 1e-6)
 
     @property
     def regime(self) -> str | None:
@@ -98,6 +111,7 @@ class ComparisonResults:
     configs_folder: str | None = None  # where the tuned config files were written
     config_files: list[str] = field(default_factory=list)
     max_rel_err: float = DEFAULT_MAX_REL_ERR  # the bound the recommendations were made under
+    server: str = "vllm"  # whose kernel choice per dtype the latencies follow
 
     def max_batch_in_budget(self, dtype: DType) -> int:
         summary = self.dtypes[dtype]
@@ -108,8 +122,18 @@ class ComparisonResults:
         return next((p for p in self.points if p.dtype is dtype and p.M == M), None)
 
     def speedup_vs_bf16(self, point: PointResult) -> float | None:
+        """bf16's latency over ``point``'s, both server-kernel numbers or both not (never a server
+        kernel against moe-tune's)."""
         reference = self.point(REFERENCE, point.M)
-        return None if reference is None else reference.latency_us / point.latency_us
+        if reference is None or not reference.measured or not point.measured:
+            return None
+        if reference.server_kernel != point.server_kernel:
+            return None
+        return reference.latency_us / point.latency_us
+
+    def ranked(self, point: PointResult) -> bool:
+        """Whether ``point`` takes part in recommendations: a server kernel's number, and bf16's too."""
+        return point.measured and point.server_kernel
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -121,14 +145,18 @@ def summarize_dtype(shape: MoEShape, moe_layers: int) -> DTypeSummary:
                         working_bytes_per_token=roofline.working_bytes_per_token(shape))
 
 
-def measured_point(shape: MoEShape, M: int, latency_us: float, config: Config, rel_err_vs_bf16: float,
-                   experts_touched: float, peaks: DeviceFacts | None,
-                   spread_us: float | None = None) -> PointResult:
+def measured_point(shape: MoEShape, M: int, latency_us: float, config: Config | None, rel_err_vs_bf16: float,
+                   experts_touched: float, peaks: DeviceFacts | None, spread_us: float | None = None, *,
+                   kernel: str = "builtin", server_kernel: bool = True, builtin_latency_us: float | None = None,
+                   screened: bool = False, note: str = "") -> PointResult:
     """A point with its floor fractions (None when ``peaks`` is None, e.g. on CPU)."""
     fractions = None if peaks is None else roofline.floor_fractions(shape, M, latency_us, peaks, experts_touched)
     return PointResult(dtype=shape.dtype, M=M, latency_us=latency_us, config=config, rel_err_vs_bf16=rel_err_vs_bf16,
                        hbm_floor_fraction=fractions.hbm if fractions else None,
-                       compute_floor_fraction=fractions.compute if fractions else None, spread_us=spread_us)
+                       compute_floor_fraction=fractions.compute if fractions else None, spread_us=spread_us,
+                       kernel=kernel, server_kernel=server_kernel, builtin_latency_us=builtin_latency_us,
+                       builtin_config=config if builtin_latency_us is not None else None, screened=screened,
+                       note=note)
 
 
 def significantly_faster(fast: PointResult, slow: PointResult) -> bool:
@@ -151,6 +179,9 @@ class Recommendation:
     last: bool
     tied: tuple[DType, ...] = ()
     """Eligible dtypes neither significantly faster nor significantly slower than the recommended one."""
+    screened_against: tuple[str, ...] = ()
+    """Set when the winner or a dtype it beat at some M was timed by screening only (time budget):
+    the dtypes so timed, named in ``text``."""
 
     @property
     def range_text(self) -> str:
@@ -183,49 +214,80 @@ class Recommendation:
 
     @property
     def text(self) -> str:
-        return f"{self.range_text}: {self.dtype.value} — {self.reason}"
+        text = f"{self.range_text}: {self.dtype.value} — {self.reason}"
+        if self.screened_against:
+            text += (f" (screening-only timing for {', '.join(self.screened_against)}: the time budget ended "
+                     f"before a full timing, so this ranking is not final)")
+        return text
+
+
+def _eligible(results: ComparisonResults, M: int, max_rel_err: float) -> list[PointResult]:
+    """Server-kernel numbers at ``M`` within ``max_rel_err`` of bf16, fastest first."""
+    return sorted((p for p in results.points if p.M == M and results.ranked(p)
+                   and (p.rel_err_vs_bf16 or 0.0) <= max_rel_err), key=lambda p: p.latency_us)
 
 
 def choose(results: ComparisonResults, M: int, max_rel_err: float = DEFAULT_MAX_REL_ERR
            ) -> tuple[PointResult, tuple[DType, ...]] | None:
-    """The dtype to deploy at ``M`` among those within ``max_rel_err`` of bf16, and the eligible
-    dtypes tied with it (``significantly_faster`` decides): the fastest, unless it is not
-    significantly faster than bf16, which is then kept (no significant difference). None when no
-    eligible dtype has a result at ``M``."""
-    eligible = sorted((p for p in results.points if p.M == M and p.rel_err_vs_bf16 <= max_rel_err),
-                      key=lambda p: p.latency_us)
+    """The dtype to deploy at ``M`` among server-kernel numbers within ``max_rel_err`` of bf16, and
+    the eligible dtypes tied with it (``significantly_faster`` decides): the fastest, unless it is
+    not significantly faster than bf16, which is then kept (no significant difference). None when
+    bf16 has no server-kernel number at ``M`` (nothing to rank the others against) or no eligible
+    dtype has one."""
+    reference = results.point(REFERENCE, M)
+    if reference is None or not results.ranked(reference):
+        return None
+    eligible = _eligible(results, M, max_rel_err)
     if not eligible:
         return None
-    fastest, reference = eligible[0], results.point(REFERENCE, M)
+    fastest = eligible[0]
     chosen = fastest
-    if reference is not None and fastest is not reference and not significantly_faster(fastest, reference):
+    if fastest is not reference and not significantly_faster(fastest, reference):
         chosen = reference
     return chosen, tuple(p.dtype for p in eligible if p is not chosen
                          and not significantly_faster(p, chosen) and not significantly_faster(chosen, p))
 
 
 def recommend(results: ComparisonResults, max_rel_err: float | None = None) -> list[Recommendation]:
-    """Per measured M the dtype ``choose`` picks (within ``max_rel_err``, default the record's own
-    ``max_rel_err``), merged into ranges of consecutive batch sizes with the same choice and ties."""
+    """Per measured M the dtype ``choose`` picks among server-kernel numbers (``ComparisonResults.ranked``;
+    within ``max_rel_err``, default the record's own ``max_rel_err``), merged into ranges of
+    consecutive batch sizes with the same choice and ties; only at batch sizes where bf16 has a
+    server-kernel number too. A dtype timed by screening only is named in the recommendation."""
     max_rel_err = results.max_rel_err if max_rel_err is None else max_rel_err
-    runs: list[list[tuple[PointResult, tuple[DType, ...]]]] = []
+    runs: list[list[tuple[PointResult, tuple[DType, ...], tuple[str, ...]]]] = []
     for M in results.batch_sizes:
         chosen = choose(results, M, max_rel_err)
         if chosen is None:
             continue
+        eligible = _eligible(results, M, max_rel_err)
+        screened = tuple(p.dtype.value for p in eligible if p.screened)
+        mixed = screened if len(screened) < len(eligible) else ()
         if runs and (runs[-1][-1][0].dtype, runs[-1][-1][1]) == (chosen[0].dtype, chosen[1]):
-            runs[-1].append(chosen)
+            runs[-1].append((*chosen, mixed))
         else:
-            runs.append([chosen])
+            runs.append([(*chosen, mixed)])
     recommendations = []
     for index, run in enumerate(runs):
-        points = [p for p, _ in run]
+        points = [p for p, _, _ in run]
         speedups = tuple(s for s in (results.speedup_vs_bf16(p) for p in points) if s is not None)
+        screened = tuple(dict.fromkeys(d for _, _, mixed in run for d in mixed))
         recommendations.append(Recommendation(
             m_low=points[0].M, m_high=points[-1].M, dtype=points[0].dtype, speedups=speedups,
-            regimes=tuple(p.regime for p in points if p.regime), max_rel_err=max(p.rel_err_vs_bf16 for p in points),
-            first=index == 0, last=index == len(runs) - 1, tied=run[0][1]))
+            regimes=tuple(p.regime for p in points if p.regime),
+            max_rel_err=max(p.rel_err_vs_bf16 or 0.0 for p in points),
+            first=index == 0, last=index == len(runs) - 1, tied=run[0][1], screened_against=screened))
     return recommendations
+
+
+def unranked(results: ComparisonResults) -> list[str]:
+    """One line per dtype left out of the recommendations, and why."""
+    lines = []
+    for dtype in results.dtypes:
+        points = [p for p in results.points if p.dtype is dtype]
+        if points and not any(results.ranked(p) for p in points):
+            why = next((p.note for p in points if p.note), "no server-kernel number")
+            lines.append(f"{dtype.value} not ranked: {why}")
+    return lines
 
 
 # ---- document model: one list of sections, rendered to markdown and to HTML ----
@@ -264,17 +326,21 @@ def _sections(results: ComparisonResults, recommendations: list[Recommendation])
                     f"{_size(results.memory_budget_bytes)} per GPU ({results.memory_source}) · versions: {versions}.",
                     f"Tuned config files: {results.configs_folder} ({', '.join(results.config_files)})."
                     if results.configs_folder else "Tuned config files: not written.",
-                    "Latency is per fused-MoE call of one layer (both GEMMs, SwiGLU, top-k sum) with the "
-                    "tuned config; tokens/s = M / latency."]
+                    "Latency is per MoE call of one layer (routing or token sort, both GEMMs, activation, "
+                    f"top-k sum) in the kernel {results.server} dispatches for each dtype on this GPU (column "
+                    "'kernel': backend, entry point, version, source hash), with the tuned config where the "
+                    "kernel has one; tokens/s = M / latency. 'builtin µs' is moe-tune's own kernel on the same "
+                    "problem. Recommendations rank only the server's kernels."]
         + (["The time budget ended the tuning: every latency is the best config found by then, not the "
             "end of the search."] if results.budget_ended else []))
     recommendation = _Section(
         title="Recommendation",
         paragraphs=[f"Among dtypes within {_percent(results.max_rel_err)} relative error of bf16 (--max-rel-err), "
-                    f"the fastest per M; a dtype counts as faster only by more than "
+                    f"the fastest per M of the server's kernels; a dtype counts as faster only by more than "
                     f"{100 * MIN_SIGNIFICANT_DIFFERENCE:.0f}% and the two timings' spreads (interquartile ranges) "
                     "added, as each dtype is timed in its own search."],
-        bullets=[r.text for r in recommendations] or ["no dtype within the error bound produced a result"])
+        bullets=([r.text for r in recommendations]
+                 or ["no dtype within the error bound produced a server-kernel result"]) + unranked(results))
     memory = _Section(
         title="Weights and the largest batch that fits",
         paragraphs=[MEMORY_MODEL],
@@ -286,17 +352,21 @@ def _sections(results: ComparisonResults, recommendations: list[Recommendation])
         for dtype in results.dtypes:
             point = results.point(dtype, M)
             if point is None:
-                rows.append([str(M), dtype.value, "no correct config", "", "", "", "", "", ""])
+                rows.append([str(M), dtype.value, "", "no correct config", "", "", "", "", "", "", "", ""])
                 continue
             speedup = results.speedup_vs_bf16(point)
-            rows.append([str(M), dtype.value, f"{point.latency_us:.1f}", f"{point.tokens_per_s:,.0f}",
+            builtin = "—" if point.builtin_latency_us is None else f"{point.builtin_latency_us:.1f}"
+            latency = "—" if point.latency_us is None else f"{point.latency_us:.1f}" + (" (screen)" if point.screened else "")
+            config = point.config.label if point.config else ("heuristic" if point.measured else "")
+            rows.append([str(M), dtype.value, point.kernel or "—", latency,
+                         "—" if point.tokens_per_s is None else f"{point.tokens_per_s:,.0f}",
                          "—" if speedup is None else f"{speedup:.2f}×",
                          "reference" if dtype is REFERENCE else _percent(point.rel_err_vs_bf16),
-                         _percent(point.hbm_floor_fraction), _percent(point.compute_floor_fraction),
-                         point.config.label])
+                         _percent(point.hbm_floor_fraction), _percent(point.compute_floor_fraction), config, builtin,
+                         point.note])
     per_m = _Section(title="Per batch size", table=_Table(
-        ["M", "dtype", "latency µs", "tokens/s", "speed-up vs bf16", "rel. err vs bf16", "HBM floor",
-         "compute floor", "config"], rows))
+        ["M", "dtype", "kernel", "latency µs", "tokens/s", "speed-up vs bf16", "rel. err vs bf16", "HBM floor",
+         "compute floor", "config", "builtin µs", "note"], rows))
     plots = [_Section(title="Latency vs M", plot="latency"),
              _Section(title="Speed-up over bf16", plot="speedup"),
              _Section(title="Roofline fractions", paragraphs=[ROOFLINE_MODEL], plot="roofline")]
@@ -306,6 +376,8 @@ def _sections(results: ComparisonResults, recommendations: list[Recommendation])
 def _series(results: ComparisonResults, value) -> report_plots.Series:
     series: report_plots.Series = {dtype.value: [] for dtype in results.dtypes}
     for point in results.points:
+        if not point.measured:
+            continue
         y = value(point)
         if y is not None:
             series[point.dtype.value].append((point.M, y))
@@ -372,7 +444,7 @@ def to_json(results: ComparisonResults, recommendations: list[Recommendation]) -
     return {
         "model": results.model, "layout": results.layout, "device": results.device,
         "versions": results.versions, "routing": results.routing, "moe_layers": results.moe_layers,
-        "budget_ended": results.budget_ended,
+        "budget_ended": results.budget_ended, "server": results.server,
         "memory_budget_bytes": results.memory_budget_bytes, "memory_source": results.memory_source,
         "configs_folder": results.configs_folder, "config_files": results.config_files,
         "max_rel_err": results.max_rel_err, "min_significant_difference": MIN_SIGNIFICANT_DIFFERENCE,
@@ -385,9 +457,13 @@ def to_json(results: ComparisonResults, recommendations: list[Recommendation]) -
         "points": [{"dtype": p.dtype.value, "M": p.M, "latency_us": p.latency_us, "tokens_per_s": p.tokens_per_s,
                     "speedup_vs_bf16": results.speedup_vs_bf16(p), "rel_err_vs_bf16": p.rel_err_vs_bf16,
                     "hbm_floor_fraction": p.hbm_floor_fraction, "compute_floor_fraction": p.compute_floor_fraction,
-                    "spread_us": p.spread_us, "config": p.config.to_dict()} for p in results.points],
+                    "spread_us": p.spread_us, "config": p.config.to_dict() if p.config else None,
+                    "kernel": p.kernel, "server_kernel": p.server_kernel, "builtin_latency_us": p.builtin_latency_us,
+                    "builtin_config": p.builtin_config.to_dict() if p.builtin_config else None,
+                    "screened": p.screened, "note": p.note} for p in results.points],
         "recommendations": [{"m_low": r.m_low, "m_high": r.m_high, "dtype": r.dtype.value,
                              "tied": [d.value for d in r.tied], "text": r.text} for r in recommendations],
+        "not_ranked": unranked(results),
     }
 
 

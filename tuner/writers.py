@@ -6,6 +6,8 @@ and turns the other keys into ints.
 SGLang: ``<folder>/triton_<X_Y_Z>/<sglang_file_name>`` (``<folder>`` is the ``configs`` folder
 under ``SGLANG_MOE_CONFIG_DIR``), holding only ``{"<M>": {six keys}, ...}``: SGLang's loader
 int()s every key, so a ``triton_version`` key would break it; the folder carries the version.
+moe-tune's builtin fp4 kernel (no server reads an mxfp4/nvfp4 fused-MoE file, ``tuner.dispatch``):
+``<folder>/moe-tune-builtin/<builtin_file_name>`` in vLLM's file format, whatever the layout asked.
 
 Every write is atomic (temp file in the same folder, fsync, ``os.replace``): a run killed at
 any instant leaves the old file or the new one, never half of one. Files are created with mode
@@ -32,12 +34,14 @@ from pathlib import Path
 
 from tuner import select as selection
 from tuner.errors import UsageError
+from tuner.dispatch import SERVER_READ_DTYPES
 from tuner.models import SERVERS
-from tuner.naming import device_file_name, sglang_file_name, sglang_version_folder, vllm_file_name
+from tuner.naming import (BUILTIN_FOLDER, builtin_file_name, device_file_name, sglang_file_name,
+                          sglang_version_folder, vllm_file_name)
 from workers.records import Config, Gemm, MoEShape
 
 __all__ = [
-    "device_file_name", "vllm_file_name", "sglang_file_name", "write_vllm", "write_sglang",
+    "device_file_name", "vllm_file_name", "sglang_file_name", "builtin_file_name", "write_vllm", "write_sglang",
     "read_config_folder", "lookup", "atomic_write_text", "server_files_writer", "OutputWriter", "FORMATS",
     "probe_writable", "check_existing", "FileConflict", "Written", "PROVENANCE_NAME", "vllm_path", "sglang_paths",
     "DEFAULT_OUT", "format_servers", "ServerFilesWriter",
@@ -231,8 +235,16 @@ def _merged(new: dict[int, Config], kept: dict[str, dict]) -> dict[str, dict]:
 
 
 def vllm_path(folder: str | Path, shape: MoEShape, device_name: str) -> Path:
-    """Where ``write_vllm`` puts the file of ``shape`` on ``device_name``."""
+    """Where ``write_vllm`` puts the file of ``shape`` on ``device_name``: vLLM's file for a
+    server-read dtype; for the fp4 dtypes moe-tune's builtin-kernel file, apart."""
+    if shape.dtype not in SERVER_READ_DTYPES:
+        return Path(folder) / builtin_file_name(shape, device_name)
     return Path(folder) / vllm_file_name(shape, device_name)
+
+
+def _layouts(shape: MoEShape, layouts: tuple[str, ...]) -> tuple[str, ...]:
+    """The layouts a shape's configs are written in: the builtin fp4 kernel's only in vLLM's format."""
+    return layouts if shape.dtype in SERVER_READ_DTYPES else ("vllm",)
 
 
 def sglang_paths(folder: str | Path, shape: MoEShape, device_name: str, triton_version: str) -> tuple[Path, Path]:
@@ -256,8 +268,9 @@ def check_existing(folder: str | Path, shape: MoEShape, device_name: str, batch_
 
 def write_vllm(folder: str | Path, shape: MoEShape, device_name: str, configs: dict[int, Config],
                triton_version: str, kernel: dict[str, str] | None = None, replace: bool = False) -> Written:
-    """Write (or merge into) one vLLM config file; batch sizes ascending after the
-    ``triton_version`` key, as vLLM's own tuner writes them. ``kernel``: the worker environment
+    """Write (or merge into) one vLLM config file (for the fp4 dtypes: moe-tune's builtin-kernel file
+    in ``moe-tune-builtin/``); batch sizes ascending after the ``triton_version`` key, as vLLM's own
+    tuner writes them. ``kernel``: the worker environment
     the configs were tuned in (its ``KERNEL_IDENTITY_KEYS``); ``FileConflict`` as the module says."""
     path = vllm_path(folder, shape, device_name)
     identity = _identity(kernel, triton_version)
@@ -320,12 +333,13 @@ def _read_config_file(path: Path) -> dict[int, Config]:
 def read_config_folder(path: str | Path) -> dict[str, dict[int, Config]]:
     """Every MoE config file under ``path``: vLLM's flat layout (e.g. the JSONs shipped inside
     the vllm package) keyed by file name, SGLang's ``triton_*/`` folders keyed by
-    ``triton_X_Y_Z/<file name>``. Extra keys in an entry (``num_ctas``, ``USE_TMA``, ROCm's
+    ``triton_X_Y_Z/<file name>``, moe-tune's builtin fp4 files by ``moe-tune-builtin/<file name>``. Extra keys in an entry (``num_ctas``, ``USE_TMA``, ROCm's
     ``waves_per_eu``) are ignored."""
     root = Path(path)
     if not root.is_dir():
         raise UsageError(f"{root}: not a folder")
-    files = sorted(root.glob("E=*.json")) + sorted(root.glob("triton_*/E=*.json"))
+    files = (sorted(root.glob("E=*.json")) + sorted(root.glob("triton_*/E=*.json"))
+             + sorted(root.glob(f"{BUILTIN_FOLDER}/E=*.json")))
     return {p.relative_to(root).as_posix(): _read_config_file(p) for p in files}
 
 
@@ -341,7 +355,10 @@ def server_file(files: dict[str, dict[int, Config]], shape: MoEShape, device_nam
     on ``device_name``: vLLM's, else SGLang's in the running Triton version's folder, else SGLang's
     other version folders newest first by version number (``triton_3_10_0`` before
     ``triton_3_9_0``), as SGLang falls back; None when there is none (the server falls back to
-    its heuristic)."""
+    its heuristic). For the fp4 dtypes, whose files no server reads, moe-tune's builtin-kernel file."""
+    if shape.dtype not in SERVER_READ_DTYPES:
+        name = builtin_file_name(shape, device_name)
+        return (name, files[name]) if files.get(name) else None
     sglang_name = sglang_file_name(shape, device_name)
     preferred = [vllm_file_name(shape, device_name)]
     if triton_version:
@@ -386,8 +403,9 @@ class ServerFilesWriter:
     experts is SGLang's alone) under ``out``. vLLM applies one config to both GEMMs: its file
     holds the whole-op winner per M. SGLang's file holds the up GEMM's config and its ``_down``
     file the down GEMM's where the split search chose a pair (batch sizes without a pair keep the
-    whole-op winner for both). Existing files are merged into, or refused, as the module says;
-    ``replace`` overwrites them instead."""
+    whole-op winner for both); the fp4 dtypes' winners, configs of moe-tune's own kernel that no
+    server reads, go apart in vLLM's format only (``_layouts``). Existing files are merged into,
+    or refused, as the module says; ``replace`` overwrites them instead."""
 
     def __init__(self, out: Path, servers_of: Callable[[MoEShape], tuple[str, ...]], replace: bool = False) -> None:
         self.out, self.servers_of, self.replace = Path(out), servers_of, replace
@@ -395,7 +413,8 @@ class ServerFilesWriter:
     def check(self, device: str, env: dict[str, str], batch_sizes: dict[MoEShape, set[int]]) -> None:
         """``FileConflict`` now for what writing these batch sizes would refuse later."""
         for shape, sizes in batch_sizes.items():
-            check_existing(self.out, shape, device, sizes, env, env["triton"], self.servers_of(shape), self.replace)
+            check_existing(self.out, shape, device, sizes, env, env["triton"], _layouts(shape, self.servers_of(shape)),
+                           self.replace)
 
     def __call__(self, device: str, env: dict[str, str], chosen: dict[selection.GroupKey, selection.Selection],
                  split: SplitChoices) -> list[Written]:
@@ -404,10 +423,10 @@ class ServerFilesWriter:
             if gemm is not Gemm.BOTH:
                 continue
             configs = {M: s.candidate.config for M, s in per_m.items()}
-            servers = self.servers_of(shape)
-            if "vllm" in servers:
+            layouts = _layouts(shape, self.servers_of(shape))
+            if "vllm" in layouts:
                 written.append(write_vllm(self.out, shape, device, configs, env["triton"], env, self.replace))
-            if "sglang" in servers:
+            if "sglang" in layouts:
                 pairs = split.get((shape, routing), {})
                 up = {M: pairs[M].up if M in pairs else c for M, c in configs.items()}
                 down = {M: pairs[M].down if M in pairs else c for M, c in configs.items()} if pairs else None

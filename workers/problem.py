@@ -61,12 +61,13 @@ class Problem:
 
 
 def build_problem(shape: MoEShape, M: int, *, routing: str = "uniform", seed: int = 0,
-                  device: torch.device | str = "cpu") -> Problem:
+                  device: torch.device | str = "cpu", activation: str | None = None) -> Problem:
     """Random problem for ``shape`` at batch size ``M``; repeatable for equal arguments.
 
     x ~ N(0, 1), w13 ~ N(0, 1/K), w2 ~ N(0, 1/N), so every GEMM output is O(1) whatever the shape.
     The weights depend only on (shape, seed, device) and are kept for the next call, so a sweep
-    over batch sizes builds them once.
+    over batch sizes builds them once. ``activation``: the reference's (``workers.reference``;
+    None: the experts' own, silu when ``shape.gated``, relu² when not).
     """
     if M < 1:
         raise ValueError(f"batch size must be >= 1, got {M}")
@@ -77,7 +78,7 @@ def build_problem(shape: MoEShape, M: int, *, routing: str = "uniform", seed: in
     routing_generator = torch.Generator().manual_seed(_derive_seed(seed, "routing", M))
     topk_weights, topk_ids = make_routing(routing, M, shape.E, shape.topk, routing_generator, device,
                                           ep=shape.ep, fused_shared=shape.fused_shared)
-    reference = reference_moe(x, w13, w2, topk_weights, topk_ids)
+    reference = reference_moe(x, w13, w2, topk_weights, topk_ids, activation)
     return Problem(shape, M, routing, x, topk_weights, topk_ids, w13, w2, reference)
 
 

@@ -21,15 +21,56 @@ import torch.nn.functional as F
 from workers.quant import QuantizedWeight, dequantize_fp8_activation, quantize_fp8_activation
 from workers.records import DType
 
+SILU = "silu"
+"""``silu(gate) · up`` (vLLM's and SGLang's fused-MoE kernels, moe-tune's)."""
+SWIGLU_OAI = "swigluoai"
+"""gpt-oss's SwiGLU, as triton_kernels' ``swiglu_fn`` (vLLM's ``SWIGLUOAI``):
+``g · sigmoid(1.702 · g) · (u + 1)`` with ``g = min(gate, 7)``, ``u = clamp(up, -7, 7)``."""
+RELU2 = "relu2"
+"""``relu(up)²`` of non-gated experts (Nemotron-H): ``w13`` holds only the up rows ``[E, N, K]``."""
+ACTIVATIONS = (SILU, SWIGLU_OAI, RELU2)
+GATED_ACTIVATIONS = (SILU, SWIGLU_OAI)
+SWIGLU_OAI_ALPHA = 1.702
+SWIGLU_OAI_LIMIT = 7.0
+
+
+def activate(gate: torch.Tensor | None, up: torch.Tensor, activation: str = SILU) -> torch.Tensor:
+    """The activation between the GEMMs, in fp32, on the gate and up halves of a row (``gate``
+    None for the non-gated ``relu2``)."""
+    if activation == RELU2:
+        return F.relu(up).square()
+    if activation not in GATED_ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    if gate is None:
+        raise ValueError(f"{activation} is a gated activation: it needs the gate half")
+    if activation == SILU:
+        return F.silu(gate) * up
+    gate = gate.clamp(max=SWIGLU_OAI_LIMIT)
+    up = up.clamp(-SWIGLU_OAI_LIMIT, SWIGLU_OAI_LIMIT)
+    return gate * torch.sigmoid(SWIGLU_OAI_ALPHA * gate) * (up + 1)
+
+
+def expert_activation(gated: bool, activation: str | None = None) -> str:
+    """The activation of experts that are ``gated`` (or not) under ``activation``: None means the
+    experts' own (``silu`` when gated, ``relu2`` when not); a given one must fit the weights."""
+    if activation is None:
+        return SILU if gated else RELU2
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    if gated != (activation in GATED_ACTIVATIONS):
+        raise ValueError(f"activation {activation} does not fit {'gated' if gated else 'non-gated'} experts")
+    return activation
+
 
 def _emulate_fp8_activation(a: torch.Tensor, group_k: int | None) -> torch.Tensor:
     return dequantize_fp8_activation(*quantize_fp8_activation(a, group_k), group_k)
 
 
 def reference_moe(x: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight,
-                  topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-    """fp32 ``[M, K]``: out[m] = sum_j topk_weights[m,j] · w2[e_j] @ (silu(gate_j) · up_j), or
-    relu(up_j)² for non-gated experts (``w13 [E, N, K]``).
+                  topk_weights: torch.Tensor, topk_ids: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+    """fp32 ``[M, K]``: out[m] = sum_j topk_weights[m,j] · w2[e_j] @ act(gate_j, up_j), act
+    ``silu(gate)·up`` or gpt-oss's SwiGLU, or relu(up_j)² for non-gated experts (``w13 [E, N, K]``)
+    (``activate``; ``activation`` None: the experts' own, ``expert_activation``).
 
     ``x [M, K]`` in the activation dtype; ``w13 [E, 2N, K]`` (gate rows [0, N), up rows [N, 2N));
     ``w2 [E, K, N]``; ``topk_weights [M, topk]``; ``topk_ids [M, topk]`` in [0, E), or -1 for a pair
@@ -45,6 +86,7 @@ def reference_moe(x: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight,
         raise ValueError(f"shapes disagree: x {tuple(x.shape)}, w13 {w13.shape}, w2 {w2.shape}")
     if topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != M:
         raise ValueError(f"routing shapes disagree: ids {tuple(topk_ids.shape)}, weights {tuple(topk_weights.shape)}")
+    activation = expert_activation(gated, activation)
 
     fp8 = w13.dtype is DType.FP8_W8A8
     # Activation scale groups: block fp8 per block_k columns, per-channel fp8 per row (per token).
@@ -71,7 +113,8 @@ def reference_moe(x: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight,
         gate_up = a[rows // topk] @ w13.dequantize_expert(e).T
         if fp8:
             gate_up = gate_up.to(x.dtype).float()
-        intermediate[rows] = F.silu(gate_up[:, :N]) * gate_up[:, N:] if gated else F.relu(gate_up).square()
+        intermediate[rows] = (activate(gate_up[:, :N], gate_up[:, N:], activation) if gated
+                              else activate(None, gate_up, activation))
     if fp8:
         intermediate = _emulate_fp8_activation(intermediate.to(x.dtype), mid_group)
 

@@ -1,5 +1,7 @@
-"""``moe-tune compare``: tune (or reuse the journal for) every dtype of one model and layout, measure
-each against bf16 on the same inputs, and write report.md, report.html and report.json."""
+"""``moe-tune compare``: time every dtype of one model and layout in the kernel the named server
+dispatches for it on the GPU (tuning it first where it has a config; the journal is shared with
+tune), measure each against bf16 on the same inputs, and write report.md, report.html and
+report.json."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from tuner import compare, report
 from tuner.commands.arguments import (add_batch_sizes_argument, add_fresh_arguments, add_layout_arguments,
                                       check_interpret_limits, confirm_fresh, dtype_list, positive_float,
                                       positive_int, routing_arg)
+from tuner.commands.tune import KERNELS
+from tuner.dispatch import SERVERS
 from tuner.errors import UsageError
 from tuner.journal import JOURNAL_NAME, JournalBusy, count_measurements
 from tuner.models import derive_shape, load_model
@@ -18,7 +22,7 @@ from tuner.search import STRATEGIES
 from tuner.ray_session import DEFAULT_CONNECT_TIMEOUT_S
 from tuner.spaces import load_space
 from tuner.writers import DEFAULT_OUT, probe_writable
-from workers.records import DType
+from workers.records import DType, MoEShape
 
 DEFAULT_DTYPES = "bf16,fp8_w8a8,int8_w8a16,mxfp4,nvfp4"
 
@@ -49,6 +53,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="recommend only dtypes within this relative error of bf16 (default "
                              f"{report.DEFAULT_MAX_REL_ERR:g}: fp8 and int8 pass, the 4-bit formats do not)")
     parser.add_argument("--json", action="store_true", help="print the report's JSON (report.json) on stdout")
+    parser.add_argument("--server", choices=SERVERS, default="vllm",
+                        help="whose kernel choice per dtype to follow (default vllm: vLLM 0.33's)")
+    parser.add_argument("--kernel", choices=KERNELS, default="builtin",
+                        help="kernel the fused-MoE dtypes are tuned on; numbers count as the server's only "
+                             "when this is the --server (default builtin)")
     parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--connect-timeout", type=positive_float, default=DEFAULT_CONNECT_TIMEOUT_S, metavar="SECONDS",
                         help=f"give up joining --address after this long (default {DEFAULT_CONNECT_TIMEOUT_S:g})")
@@ -63,16 +72,25 @@ def _request(args: argparse.Namespace) -> compare.CompareRequest:
     spec = load_model(args.model)
     dtypes = [DType.BF16] + [d for d in args.dtypes if d is not DType.BF16]
     # The dtypes are compared on the shape of the server whose files are asked for (vLLM's for "both").
-    server = "sglang" if args.format == "sglang" else "vllm"
-    shapes = {dtype: derive_shape(spec, tp=args.tp, ep=args.ep, dtype=dtype, server=server) for dtype in dtypes}
+    shape_server = "sglang" if args.format == "sglang" else "vllm"
+
+    def shapes_for_device(device_name: str) -> dict[DType, MoEShape]:
+        return {dtype: derive_shape(spec, tp=args.tp, ep=args.ep, dtype=dtype, server=shape_server,
+                                    device_name=device_name)
+                for dtype in dtypes}
+
+    shapes = shapes_for_device("cpu")  # fails fast on bad input
     batch_sizes = resolve_batch_sizes(args.batch_sizes)
     if args.interpret:
         check_interpret_limits(list(shapes.values()), batch_sizes)
+        if args.kernel != "builtin":
+            raise UsageError(f"--kernel {args.kernel} times the server's GPU kernel; it cannot run with --interpret")
     for path, what in ((args.out, "--out"), (args.configs_out, "--configs-out")):
         if path.exists() and not path.is_dir():
             raise UsageError(f"{what} {path}: exists and is not a folder")
     space = load_space(args.search_space)
-    planned = plan([spec], args.tp, args.ep, dtypes, None, batch_sizes, space, args.format)
+    # moe-tune's own fp4 kernel too: the report's second column (its files written apart)
+    planned = plan([spec], args.tp, args.ep, dtypes, None, batch_sizes, space, args.format, builtin_fp4=True)
     servers_by_shape: dict = {}
     journal = args.journal or args.configs_out / JOURNAL_NAME
     if args.fresh:
@@ -84,14 +102,14 @@ def _request(args: argparse.Namespace) -> compare.CompareRequest:
 
     layout = f"tp={args.tp}" + (f",ep={args.ep}" if args.ep > 1 else "")
     return compare.CompareRequest(
-        model=spec.name, layout=layout, shapes=shapes, batch_sizes=batch_sizes, routing=args.routing,
-        plan_for_device=plan_for_device, configs_out=args.configs_out, file_format=args.format,
+        model=spec.name, layout=layout, shapes_for_device=shapes_for_device, batch_sizes=batch_sizes,
+        routing=args.routing, plan_for_device=plan_for_device, configs_out=args.configs_out, file_format=args.format,
         servers_by_shape=servers_by_shape, journal=journal, fresh=args.fresh, address=args.address,
         connect_timeout_s=args.connect_timeout, replace=args.replace,
         workers=args.workers, interpret=args.interpret, strategy=args.strategy,
         budget_s=args.budget_minutes * 60 if args.budget_minutes else None, moe_layers=args.moe_layers,
         memory_budget_bytes=int(args.memory_budget_gib * 2**30) if args.memory_budget_gib else None,
-        max_rel_err=args.max_rel_err)
+        max_rel_err=args.max_rel_err, server=args.server, kernel=args.kernel, ep=args.ep)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -107,9 +125,11 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print((args.out / "report.json").read_text())
         return 0
-    print(f"recommendation (dtypes within {args.max_rel_err:.1%} relative error of bf16):")
+    print(f"recommendation ({args.server}'s kernels, dtypes within {args.max_rel_err:.1%} relative error of bf16):")
     for recommendation in report.recommend(results):
         print(f"  {recommendation.text}")
+    for line in report.unranked(results):
+        print(f"  {line}")
     print(f"tuned config files in {results.configs_folder}: {', '.join(results.config_files) or 'none'}")
     for path in paths:
         print(f"wrote {path}")

@@ -8,7 +8,7 @@ import json
 from tuner.commands.arguments import add_batch_sizes_argument, add_layout_arguments, block_shape_arg, positive_int
 from tuner.errors import UsageError
 from tuner.estimate import Estimate, default_compile_processes, estimate, format_estimate
-from tuner.plan import DevicePlan, build_plan
+from tuner.plan import BUILTIN_FP4_HELP, DevicePlan, build_plan
 from tuner.search import STRATEGIES, SearchJob
 from tuner.spaces import REASONS
 from tuner.writers import FORMATS
@@ -44,6 +44,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="whose file names to show: vllm, sglang or both (default)")
     parser.add_argument("--disable-shared-experts-fusion", action="store_true",
                         help="SGLang runs with this flag: shared experts stay out of E")
+    parser.add_argument("--builtin-fp4", action="store_true", help=BUILTIN_FP4_HELP)
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -66,9 +67,16 @@ def plan_estimate(plan: DevicePlan, strategy: str, workers: int, compile_process
     return estimate(jobs, strategy, workers, processes, split_gemms)
 
 
+def _padding_text(padding) -> str:
+    sizes = (("N", padding.N, padding.padded_N), ("K", padding.K, padding.padded_K))
+    changed = [f"{name} {a} -> {b}" for name, a, b in sizes if a != b]
+    return f"padded as the servers pad it: {', '.join(changed)} ({padding.rule})"
+
+
 def format_plan(plan: DevicePlan, expected: Estimate | None = None) -> str:
-    """A readable plan: per job its shape and file, then kept/dropped counts per batch size, then
-    what the strategy will measure and roughly how long it takes."""
+    """A readable plan: per job its shape and file, then kept/dropped counts per batch size, the
+    dtypes served by kernels without a config file, then what the strategy will measure and
+    roughly how long it takes."""
     space = plan.space
     lines = [f"device {plan.device_name} · search space {space.name} ({space.size} configs)"]
     if plan.limits.note:
@@ -83,11 +91,15 @@ def format_plan(plan: DevicePlan, expected: Estimate | None = None) -> str:
         ]
         if job.sources:
             lines.append("  from: " + ", ".join(f"{q} {field}" for q, field in job.sources))
+        if job.padding is not None and job.padding.padded:
+            lines.append(f"  {_padding_text(job.padding)}")
         lines += [f"  {note}" for note in job.notes]
         if job.file_name:
-            lines.append(f"  vLLM file:   {job.file_name}")
+            lines.append(f"  vLLM file:    {job.file_name}")
         if job.sglang_file_name:
-            lines.append(f"  SGLang file: triton_<X_Y_Z>/{job.sglang_file_name}")
+            lines.append(f"  SGLang file:  triton_<X_Y_Z>/{job.sglang_file_name}")
+        if job.builtin_file_name:
+            lines.append(f"  builtin file: {job.builtin_file_name}")
         reasons = [r for r in REASONS if any(r in d for d in job.dropped_by_reason.values())]
         header = ["M", "kept"] + [f"-{r}" for r in reasons]
         rows = [[str(M), str(len(kept))] + [str(job.dropped_by_reason[M].get(r, 0)) for r in reasons]
@@ -95,6 +107,13 @@ def format_plan(plan: DevicePlan, expected: Estimate | None = None) -> str:
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
         for row in [header, *rows]:
             lines.append("  " + "  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
+    for entry in plan.served_elsewhere:
+        s = entry.shape
+        lines += ["", f"{entry.model}: {s.dtype.value} E={s.E} N={s.N} K={s.K} topk={s.topk} "
+                      f"(tp={entry.tp} ep={entry.ep}): no fused-MoE config file to tune for"]
+        if entry.padding is not None and entry.padding.padded:
+            lines.append(f"  {_padding_text(entry.padding)}")
+        lines += [f"  {k.server} runs {k.why}" for k in entry.servers]
     total_before = space.size * sum(len(job.candidates) for job in plan.jobs)
     lines += ["", f"{len(plan.jobs)} job(s): {plan.total_candidates} configs left after pruning "
                   f"({total_before} before)"]
@@ -108,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
         models=args.model, tp=args.tp, ep=args.ep, dtypes=args.dtype, block_shape=args.block_shape,
         batch_sizes=args.batch_sizes, space=args.search_space, device_name=resolve_device_name(args.device_name),
         formats=args.format, fuse_shared_experts=not args.disable_shared_experts_fusion,
+        builtin_fp4=args.builtin_fp4,
     )
     expected = plan_estimate(plan, args.strategy, args.workers, args.compile_processes)
     print(json.dumps({**plan.to_json(), "estimate": expected.to_json()}, indent=2) if args.json

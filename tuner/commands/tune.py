@@ -20,10 +20,11 @@ from tuner.commands.arguments import (add_batch_sizes_argument, add_fresh_argume
                                       positive_int, routing_arg)
 from tuner.commands.plan import format_plan, plan_estimate, resolve_device_name
 from tuner.errors import RunFailed, UsageError
+from tuner.dispatch import SERVER_READ_DTYPES
 from tuner.journal import JOURNAL_NAME, JournalBusy, count_measurements
 from tuner.models import load_model
 from tuner.options import TuneOptions
-from tuner.plan import DEFAULT_BATCH_SIZES, Plan, plan
+from tuner.plan import BUILTIN_FP4_HELP, DEFAULT_BATCH_SIZES, Plan, nothing_to_tune, plan
 from tuner.progress import Progress, format_duration
 from tuner.ray_session import DEFAULT_CONNECT_TIMEOUT_S, INTERPRET_NUM_GPUS, RaySession, ray_session
 from tuner.search import STRATEGIES, SearchJob
@@ -66,6 +67,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="a compile running longer is killed and its config recorded as timeout (default 180)")
     parser.add_argument("--kernel", choices=KERNELS,
                         help="time our kernel (builtin) or the installed server's fused-MoE entry point")
+    parser.add_argument("--builtin-fp4", action="store_true", help=BUILTIN_FP4_HELP)
     parser.add_argument("--address", help="Ray cluster to join (auto, ray://host:port); default: start one here")
     parser.add_argument("--connect-timeout", type=positive_float, metavar="SECONDS",
                         help=f"give up joining --address after this long (default {DEFAULT_CONNECT_TIMEOUT_S:g})")
@@ -133,12 +135,15 @@ def validate(args: TuneOptions, probe: bool = True) -> Validated:
     _check_writable_location(journal, "--journal")
 
     planned = plan([load_model(m) for m in args.model], args.tp, args.ep, args.dtype, args.block_shape,
-                   args.batch_sizes, load_space(args.search_space), args.format, not args.disable_shared_experts_fusion)
+                   args.batch_sizes, load_space(args.search_space), args.format, not args.disable_shared_experts_fusion,
+                   builtin_fp4=args.builtin_fp4)
     preflight = planned.for_device("cpu" if args.interpret else PREFLIGHT_DEVICE)
+    if not preflight.jobs:  # which dtypes a server reads files for does not depend on the GPU
+        raise UsageError(nothing_to_tune(preflight))
     if args.interpret:
         check_interpret_limits([s.shape for s in planned.shapes], planned.batch_sizes)
     if args.kernel != "builtin":
-        unsupported = sorted({s.shape.dtype.value for s in planned.shapes} - {d.value for d in SUPPORTED_DTYPES})
+        unsupported = sorted({job.shape.dtype.value for job in preflight.jobs} - {d.value for d in SUPPORTED_DTYPES})
         if unsupported:
             raise UsageError(f"--kernel {args.kernel} runs {', '.join(d.value for d in SUPPORTED_DTYPES)}, "
                              f"not {', '.join(unsupported)}")
@@ -173,9 +178,10 @@ def _dry_run(args: TuneOptions, device_name: str | None, valid: Validated) -> No
         print("(the time is modelled for a GPU: under --interpret the kernels run far slower)")
     print(f"would write to {valid.out}/ ({args.format} layout):")
     for job in planned.jobs:
-        if args.format in ("vllm", "both"):
+        server_read = job.shape.dtype in SERVER_READ_DTYPES  # the builtin fp4 kernel's files: vLLM layout, apart
+        if "vllm" in job.servers or not server_read:
             print(f"  {writers.vllm_path(valid.out, job.shape, device_name)}")
-        if args.format in ("sglang", "both"):
+        if "sglang" in job.servers and server_read:
             print(f"  {writers.sglang_paths(valid.out, job.shape, device_name, triton.__version__)[0]}")
             if args.split_gemms:
                 print(f"  {writers.sglang_paths(valid.out, job.shape, device_name, triton.__version__)[1]}")
