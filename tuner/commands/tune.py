@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuner import driver, writers
+from tuner import driver, kernel_choice, writers
 from tuner.baseline import Baseline
 from tuner.commands.arguments import (add_batch_sizes_argument, add_layout_arguments, block_shape_arg,
                                       check_interpret_limits, positive_float, positive_int, routing_arg)
@@ -30,10 +30,8 @@ from tuner.timeline import Timeline
 from tuner.writers import probe_writable
 from workers.records import DType, Status
 from workers.routing import parse_routing
-from workers.server_kernels import SUPPORTED_DTYPES
 
 FORMATS = tuple(writers.FORMATS)
-KERNELS = ("builtin", "vllm", "sglang")
 PREFLIGHT_DEVICE = "preflight"
 """Device name for the validation plan made before any worker exists (generic limits);
 each device group is planned again under its own name once the workers report it."""
@@ -63,8 +61,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="let the GPU workers compile for themselves instead of CPU processes ahead of them")
     parser.add_argument("--compile-timeout", type=positive_float, metavar="SECONDS",
                         help="a compile running longer is killed and its config recorded as timeout (default 180)")
-    parser.add_argument("--kernel", choices=KERNELS,
-                        help="time our kernel (builtin) or the installed server's fused-MoE entry point")
+    parser.add_argument("--kernel", choices=kernel_choice.kernel_names(),
+                        help="kernel to tune on: auto (default: the kernel of the server each --format is for, "
+                             "builtin with a warning where it does not import), builtin (moe-tune's), vllm, sglang")
+    parser.add_argument("--server-code", type=Path, metavar="DIR",
+                        help="folder with the server's extracted Python packages (DIR/vllm, DIR/sglang) to use "
+                             "instead of the installed ones (also MOE_TUNE_SERVER_CODE)")
+    parser.add_argument("--server-version", metavar="RULE|SERVER==VERSION",
+                        help="whose default config --baseline falls back to where a folder has no file: vllm, "
+                             "vllm-pre-34846, sglang, or vllm==X.Y.Z / sglang==X.Y.Z (default: the tuned server's "
+                             "version, else the installed vLLM's, else vLLM's newest rule)")
     parser.add_argument("--address", help="Ray cluster to join (auto, ray://host:port); default: start one here")
     parser.add_argument("--connect-timeout", type=positive_float, metavar="SECONDS",
                         help=f"give up joining --address after this long (default {DEFAULT_CONNECT_TIMEOUT_S:g})")
@@ -101,7 +107,9 @@ class Validated:
     out: Path
     journal: Path
     routing: str
-    baseline: Baseline
+    runs: list[kernel_choice.KernelRun]
+    baselines: dict[str, Baseline]
+    """Per kernel backend run: the baseline folders, with that server version's default rule."""
 
 
 def validate(args: TuneOptions) -> Validated:
@@ -112,8 +120,7 @@ def validate(args: TuneOptions) -> Validated:
         if not path.is_file():
             raise UsageError(f"--routing {args.routing}: no such file")
         routing = parse_routing(f"file:{path}")  # workers may run elsewhere than this folder
-    if args.kernel != "builtin" and args.interpret:
-        raise UsageError(f"--kernel {args.kernel} times the server's GPU kernel; it cannot run with --interpret")
+    kernel_choice.use_server_code(args.server_code)
 
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
@@ -129,18 +136,15 @@ def validate(args: TuneOptions) -> Validated:
     preflight = planned.for_device("cpu" if args.interpret else PREFLIGHT_DEVICE)
     if args.interpret:
         check_interpret_limits([s.shape for s in planned.shapes], planned.batch_sizes)
-    if args.kernel != "builtin":
-        unsupported = sorted({s.shape.dtype.value for s in planned.shapes} - {d.value for d in SUPPORTED_DTYPES})
-        if unsupported:
-            raise UsageError(f"--kernel {args.kernel} runs {', '.join(d.value for d in SUPPORTED_DTYPES)}, "
-                             f"not {', '.join(unsupported)}")
     empty = [(job.shape.label, M) for job in preflight.jobs for M, configs in job.candidates.items() if not configs]
     if empty:
         raise UsageError(f"search space {planned.space.name} leaves no config for {empty[0][0]} at M={empty[0][1]}")
-    baseline = Baseline.load(args.baseline)
+    runs = kernel_choice.resolve(args.kernel, args.format, [s.shape for s in planned.shapes])
+    baselines = {run.kernel: Baseline.load(args.baseline, kernel_choice.default_rule(run.kernel, args.server_version))
+                 for run in runs}
     probe_writable(out, "--out")  # last: input refused earlier leaves no folder behind
     probe_writable(journal.parent, "--journal")
-    return Validated(planned, out, journal, str(routing), baseline)
+    return Validated(planned, out, journal, str(routing), runs, baselines)
 
 
 def run(parsed: argparse.Namespace) -> int:
@@ -157,32 +161,43 @@ def tune_in_session(args: TuneOptions, valid: Validated, session: RaySession, ti
     """Tune what ``args`` (validated as ``valid``) asks for inside an open Ray session and print
     the summary on the command's stdout (``job run`` runs several tunes in one session)."""
 
-    def jobs_for_device(device_name: str) -> list[SearchJob]:
-        return [SearchJob(job, valid.routing, valid.baseline.configs_for(job.shape, device_name, job.batch_sizes))
-                for job in valid.plan.for_device(device_name).jobs]
+    def jobs_for(baseline: Baseline):
+        def jobs_for_device(device_name: str) -> list[SearchJob]:
+            return [SearchJob(job, valid.routing, baseline.configs_for(job.shape, device_name, job.batch_sizes))
+                    for job in valid.plan.for_device(device_name).jobs]
+        return jobs_for_device
 
-    request = driver.TuneRequest(
-        jobs_for_device=jobs_for_device, write_outputs=writers.server_files_writer(valid.out, args.format, args.replace),
-        journal_path=valid.journal,
-        fresh=args.fresh, workers=args.workers, interpret=args.interpret, kernel=args.kernel,
-        timeout_s=args.timeout, finalists=args.finalists, strategy=args.strategy, split_gemms=args.split_gemms,
-        budget_s=args.budget_minutes * 60 if args.budget_minutes is not None else None,
-        compile_ahead=not args.no_compile_ahead, compile_timeout_s=args.compile_timeout,
-    )
-    try:
-        result = driver.tune(request, Progress(), timeline)
-    except JournalBusy as exc:
-        raise UsageError(str(exc)) from None
-    if not result.files_written:
-        if result.budget_ended and not any(m.ok for d in result.devices for m in d.measurements):
-            raise RunFailed(f"the time budget ({args.budget_minutes:g} min from the first measurement) ended before "
-                            "any candidate produced a correct result; nothing was written (raise --budget-minutes)")
-        raise RunFailed("no candidate produced a correct result; nothing was written")
-    summary = summarize(result)
+    summaries = []
+    for index, choice in enumerate(valid.runs):
+        baseline = valid.baselines[choice.kernel]
+        request = driver.TuneRequest(
+            jobs_for_device=jobs_for(baseline),
+            write_outputs=writers.server_files_writer(valid.out, choice.format, args.replace),
+            journal_path=valid.journal, fresh=args.fresh and index == 0, workers=args.workers,
+            interpret=args.interpret, kernel=choice.kernel, timeout_s=args.timeout, finalists=args.finalists,
+            strategy=args.strategy, split_gemms=args.split_gemms,
+            budget_s=args.budget_minutes * 60 if args.budget_minutes is not None else None,
+            compile_ahead=not args.no_compile_ahead, compile_timeout_s=args.compile_timeout,
+        )
+        try:
+            result = driver.tune(request, Progress(), timeline)
+        except JournalBusy as exc:
+            raise UsageError(str(exc)) from None
+        if not result.files_written:
+            if result.budget_ended and not any(m.ok for d in result.devices for m in d.measurements):
+                raise RunFailed(f"the time budget ({args.budget_minutes:g} min from the first measurement) ended "
+                                "before any candidate produced a correct result; nothing was written "
+                                "(raise --budget-minutes)")
+            raise RunFailed("no candidate produced a correct result; nothing was written")
+        summary = summarize(result)
+        summary["format"], summary["kernel"] = choice.format, choice.kernel
+        if baseline.folders:
+            summary["baseline_default_rule"] = baseline.rule
+        summaries.append(summary)
+        if not args.json:
+            print(format_summary(summary), file=session.stdout)
     if args.json:
-        print(json.dumps(summary), file=session.stdout)
-    else:
-        print(format_summary(summary), file=session.stdout)
+        print(json.dumps(summaries[0] if len(summaries) == 1 else {"runs": summaries}), file=session.stdout)
     return 0
 
 
@@ -252,16 +267,25 @@ def _split_summary(d: driver.DeviceResult) -> dict:
     return out
 
 
+def kernel_label(env: dict[str, str]) -> str:
+    """The kernel behind a worker's numbers, from its environment (``workers.backends.DESCRIBE_KEYS``)."""
+    return (f"{env.get('kernel', '?')} ({env.get('kernel_entry', '?')}, {env.get('kernel_version', '?')}, "
+            f"source {env.get('kernel_hash', '?')})")
+
+
 def format_summary(summary: dict) -> str:
     lines = [f"tuned in {format_duration(summary['wall_s'])}: {summary['evaluations_run']} evaluations run, "
              f"{summary['evaluations_reused']} reused from the journal"]
+    if "baseline_default_rule" in summary:
+        lines.append(f"baseline: the --baseline folders; where one has no file, the {summary['baseline_default_rule']} "
+                     "default rule")
     if summary["budget_ended"]:
         lines.append(f"the time budget ({summary['budget_minutes']:g} min from the first measurement) ended the "
                      "search: the configs written are the best found by then, not re-timed")
     if summary["failed"]:
         lines.append("failed: " + ", ".join(f"{status} {n}" for status, n in summary["failed"].items()))
     for device in summary["devices"]:
-        lines.append(f"{device['device']} ({device['workers']} worker(s)):")
+        lines.append(f"{device['device']} ({device['workers']} worker(s)), kernel: {kernel_label(device['env'])}")
         for shape, per_m in device["best"].items():
             lines.append(f"  {shape}")
             for M, best in per_m.items():
