@@ -33,6 +33,9 @@ FORMS = {"vllm_quant_config": "vllm", "vllm_legacy": "vllm", "vllm_launcher": "v
 
 def _forget_servers() -> None:
     from workers import backends
+    from workers.backends import server_code
+
+    server_code._finder.versions.clear()
 
     for name in [n for n in sys.modules
                  if n.split(".")[0] in ("vllm", "sglang", "sgl_kernel", "stand_in_moe_math")]:

@@ -3,6 +3,7 @@ version's source, the pre-#34846 vLLM rule over random shapes, and the server-ve
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys

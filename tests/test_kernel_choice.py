@@ -26,6 +26,7 @@ MXFP4 = MoEShape(E=4, N=64, K=64, topk=2, dtype=DType.MXFP4)
 def servers(monkeypatch):
     """``servers(*forms)``: exactly these stand-in servers importable; every other one missing."""
     from workers import backends
+    from workers.backends import server_code
 
     def use(*forms: str) -> None:
         for name in [n for n in sys.modules if n.split(".")[0] in ("vllm", "sglang", "sgl_kernel")]:
@@ -40,7 +41,11 @@ def servers(monkeypatch):
 
     monkeypatch.delenv("MOE_TUNE_SERVER_CODE", raising=False)
     yield use
+    monkeypatch.undo()  # sys.path and the modules set aside come back first
+    for name in [n for n in sys.modules if n.split(".")[0] in ("vllm", "sglang", "sgl_kernel", "stand_in_moe_math")]:
+        del sys.modules[name]  # stand-ins imported here must not serve later tests
     backends._loaded.clear()
+    server_code._finder.versions.clear()  # nor their version, answered to importlib.metadata
 
 
 def test_auto_picks_each_formats_server(servers):

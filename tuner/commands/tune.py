@@ -140,8 +140,9 @@ def validate(args: TuneOptions) -> Validated:
     if empty:
         raise UsageError(f"search space {planned.space.name} leaves no config for {empty[0][0]} at M={empty[0][1]}")
     runs = kernel_choice.resolve(args.kernel, args.format, [s.shape for s in planned.shapes])
+    needs_rule = bool(args.baseline or args.server_version)  # the rule matters only where a baseline falls back
     baselines = {run.kernel: Baseline.load(args.baseline, kernel_choice.default_rule(run.kernel, args.server_version))
-                 for run in runs}
+                 if needs_rule else Baseline.load([]) for run in runs}
     probe_writable(out, "--out")  # last: input refused earlier leaves no folder behind
     probe_writable(journal.parent, "--journal")
     return Validated(planned, out, journal, str(routing), runs, baselines)
