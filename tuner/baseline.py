@@ -3,7 +3,8 @@
 A platform team ships new configs only if they are at least as fast as what the server already
 uses: vLLM's shipped JSONs, last night's output. Per batch size, the config a server would take
 from each baseline folder (the file for the shape and GPU, vLLM's nearest-M lookup; the server's
-default heuristic where the folder has no file for it) joins the search as a candidate that is
+default config where the folder has no file for it: the default rule of the server version in
+use, ``rule``, see ``workers.default_config``) joins the search as a candidate that is
 always fully timed and always among the finalists re-timed back to back (``tuner.select``). So
 the file written is never slower than the baseline beyond that re-timing's noise, and the run
 summary states the ratio at every batch size, at no extra GPU time.
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from tuner.errors import UsageError
 from tuner.writers import lookup, read_config_folder, server_file
-from workers.default_config import default_config
+from workers.default_config import VLLM, server_default
 from workers.records import Config, MoEShape
 
 
@@ -26,16 +27,17 @@ class Baseline:
 
     folders: tuple[Path, ...]
     files: tuple[dict[str, dict[int, Config]], ...]
+    rule: str = VLLM
 
     @classmethod
-    def load(cls, folders: list[Path]) -> "Baseline":
+    def load(cls, folders: list[Path], rule: str = VLLM) -> "Baseline":
         files = []
         for folder in folders:
             found = read_config_folder(folder)  # UsageError for a missing folder or a bad file
             if not found:
                 raise UsageError(f"--baseline {folder}: no MoE config files (E=*.json) in it")
             files.append(found)
-        return cls(tuple(folders), tuple(files))
+        return cls(tuple(folders), tuple(files), rule)
 
     def configs_for(self, shape: MoEShape, device_name: str, batch_sizes: list[int],
                     triton_version: str | None = None) -> dict[int, tuple[Config, ...]]:
@@ -47,7 +49,7 @@ class Baseline:
             configs = []
             for files in self.files:
                 found = server_file(files, shape, device_name, triton_version)
-                configs.append(lookup(found[1], M) if found else default_config(shape, M))
+                configs.append(lookup(found[1], M) if found else server_default(shape, M, self.rule)[0])
             if configs:
                 out[M] = tuple(dict.fromkeys(configs))
         return out

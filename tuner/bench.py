@@ -1,5 +1,6 @@
-"""Are these configs worth shipping? Time vLLM's default heuristic and each config folder's
-choice for one shape, per batch size, back to back on one GPU, and gate on the result.
+"""Are these configs worth shipping? Time the server version's default config (its rule:
+``workers.default_config``) and each config folder's choice for one shape, per batch size, back
+to back on one GPU in one kernel backend, and gate on the result.
 
 All variants of one batch size are timed in the same worker process, interleaved round by round
 (``BenchmarkWorker.retime``), so clock drift and neighbours hit them alike; each is first run
@@ -7,8 +8,9 @@ once and checked against the fp32 reference, so a folder whose config fails or c
 on this GPU is reported as such, never timed as a winner. Variants that resolve to the same
 config share one timing (so an identical config always compares as exactly 1.00x).
 
-A folder with no file for the shape falls back to the heuristic, as the server would, and the
-result says so. The gate: every ``--configs`` folder must reach ``reference latency / latency
+A folder with no file for the shape falls back to the default rule, as the server would, and the
+result says so; the result names the rule and where its configs came from (the server's own
+``get_default_config`` or moe-tune's encoding), and the kernel every number was timed in. The gate: every ``--configs`` folder must reach ``reference latency / latency
 >= fail_if_slower`` at every batch size where the reference ran; a folder config that fails
 where the reference ran is a regression too.
 """
@@ -25,17 +27,16 @@ from tuner.errors import RunFailed, UsageError
 from tuner.pool import Done, Lost, WorkerPool, start_pool
 from tuner.ray_session import ray_session
 from tuner.writers import lookup, read_config_folder, server_file
-from workers.default_config import default_config
+from workers.default_config import VLLM, server_default
 from workers.records import Candidate, Config, MoEShape, Status
 
 HEURISTIC = "default"
-HEURISTIC_SOURCE = "vLLM default heuristic"
 RETIME_ROUNDS = 20
 
 
 @dataclass(frozen=True)
 class Variant:
-    """A config source: a folder of server files, or (``folder`` None) vLLM's default heuristic."""
+    """A config source: a folder of server files, or (``folder`` None) the server's default rule."""
 
     label: str
     folder: Path | None
@@ -50,14 +51,11 @@ class Cell:
     """One variant at one batch size."""
 
     config: Config
-    source: str  # the file the config came from, or HEURISTIC_SOURCE
+    source: str  # the file the config came from, or the default rule's label
+    fell_back: bool = False  # the config is the default rule's
     status: Status = Status.OK
     latency_us: float | None = None
     message: str = ""
-
-    @property
-    def fell_back(self) -> bool:
-        return self.source == HEURISTIC_SOURCE
 
 
 @dataclass
@@ -68,6 +66,7 @@ class BenchResult:
     versions: dict[str, str]
     variants: list[Variant]
     reference: Variant
+    default_rule: str = VLLM
     rows: dict[int, dict[str, Cell]] = field(default_factory=dict)
 
     def ratio(self, label: str, M: int) -> float | None:
@@ -98,7 +97,7 @@ class BenchResult:
     def to_json(self, fail_if_slower: float | None) -> dict:
         data = {
             "shape": self.shape.label, "routing": self.routing, "device": self.device, "versions": self.versions,
-            "reference": self.reference.label,
+            "reference": self.reference.label, "default_rule": self.default_rule,
             "variants": [{"label": v.label, "folder": str(v.folder) if v.folder else None} for v in self.variants],
             "rows": [{"M": M, "results": {label: {
                 "latency_us": cell.latency_us, "status": cell.status.value, "config": cell.config.to_dict(),
@@ -137,24 +136,23 @@ def _short_labels(folders: list[Path]) -> list[str]:
 
 
 def resolve_config(variant: Variant, files: dict[str, dict[int, Config]] | None, shape: MoEShape,
-                   device: str, triton_version: str, M: int) -> tuple[Config, str]:
-    """The config a server would use from this source at batch size M, and where it came from:
-    vLLM's file for the shape, else SGLang's (this Triton version's folder first), else the
-    heuristic."""
-    if variant.is_heuristic or not files:
-        return default_config(shape, M), HEURISTIC_SOURCE
-    found = server_file(files, shape, device, triton_version)
+                   device: str, triton_version: str, M: int, rule: str = VLLM) -> tuple[Config, str, bool]:
+    """The config a server would use from this source at batch size M, where it came from, and
+    whether it is the default rule's: vLLM's file for the shape, else SGLang's (this Triton
+    version's folder first), else the ``rule`` default."""
+    found = None if variant.is_heuristic or not files else server_file(files, shape, device, triton_version)
     if found is None:
-        return default_config(shape, M), HEURISTIC_SOURCE
+        config, source = server_default(shape, M, rule)
+        return config, source.label, True
     name, configs = found
-    return lookup(configs, M), f"{variant.folder}/{name}"
+    return lookup(configs, M), f"{variant.folder}/{name}", False
 
 
 @contextmanager
-def bench_pool(timeout_s: float = 300.0) -> Iterator[WorkerPool]:
-    """One BenchmarkWorker actor (``tuner.pool``) inside an open ``ray_session``: a candidate that
-    kills it is recorded as crashed and the pool brings the actor back for the next one."""
-    pool = start_pool(1, "builtin", timeout_s, lambda text: print(f"bench: {text}", file=sys.stderr))
+def bench_pool(timeout_s: float = 300.0, kernel: str = "builtin") -> Iterator[WorkerPool]:
+    """One BenchmarkWorker actor (``tuner.pool``) timing ``kernel`` inside an open ``ray_session``:
+    a candidate that kills it is recorded as crashed and the pool brings the actor back for the next one."""
+    pool = start_pool(1, kernel, timeout_s, lambda text: print(f"bench: {text}", file=sys.stderr))
     try:
         yield pool
     finally:
@@ -162,14 +160,17 @@ def bench_pool(timeout_s: float = 300.0) -> Iterator[WorkerPool]:
 
 
 def bench_on(pool: WorkerPool, shape: MoEShape, variants: list[Variant], reference: Variant,
-             batch_sizes: list[int], routing: str = "uniform", rounds: int = RETIME_ROUNDS) -> BenchResult:
-    """Bench one shape on an existing pool (a job's gate benches many shapes on one worker)."""
+             batch_sizes: list[int], routing: str = "uniform", rounds: int = RETIME_ROUNDS,
+             rule: str = VLLM) -> BenchResult:
+    """Bench one shape on an existing pool (a job's gate benches many shapes on one worker);
+    ``rule``: the default rule the ``default`` variant and folders without a file fall back to."""
     files = {v.label: read_config_folder(v.folder) for v in variants if not v.is_heuristic}
     env = pool.slots[0].env
     device = env["device"]
-    result = BenchResult(shape, routing, device, {k: v for k, v in env.items() if k != "device"}, variants, reference)
+    result = BenchResult(shape, routing, device, {k: v for k, v in env.items() if k != "device"}, variants, reference,
+                         rule)
     for M in batch_sizes:
-        cells = {v.label: Cell(*resolve_config(v, files.get(v.label), shape, device, env["triton"], M))
+        cells = {v.label: Cell(*resolve_config(v, files.get(v.label), shape, device, env["triton"], M, rule))
                  for v in variants}
         _time_batch(pool, shape, routing, M, cells, rounds)
         result.rows[M] = cells
@@ -178,12 +179,12 @@ def bench_on(pool: WorkerPool, shape: MoEShape, variants: list[Variant], referen
 
 def run_bench(shape: MoEShape, variants: list[Variant], reference: Variant, batch_sizes: list[int],
               routing: str = "uniform", rounds: int = RETIME_ROUNDS, address: str | None = None,
-              interpret: bool = False) -> BenchResult:
+              interpret: bool = False, kernel: str = "builtin", rule: str = VLLM) -> BenchResult:
     for variant in variants:
         if variant.folder is not None:
             read_config_folder(variant.folder)  # unreadable files fail before Ray starts
-    with ray_session(address, interpret, workers=1), bench_pool() as pool:
-        return bench_on(pool, shape, variants, reference, batch_sizes, routing, rounds)
+    with ray_session(address, interpret, workers=1), bench_pool(kernel=kernel) as pool:
+        return bench_on(pool, shape, variants, reference, batch_sizes, routing, rounds, rule)
 
 
 def _time_batch(pool: WorkerPool, shape: MoEShape, routing: str, M: int, cells: dict[str, Cell],
@@ -216,7 +217,10 @@ def _time_batch(pool: WorkerPool, shape: MoEShape, routing: str, M: int, cells: 
 
 def format_table(result: BenchResult, fail_if_slower: float | None) -> str:
     labels = [v.label for v in result.variants]
+    v = result.versions
     lines = [f"bench {result.shape.label} routing={result.routing} on {result.device}",
+             f"kernel: {v.get('kernel', '?')} ({v.get('kernel_entry', '?')}, {v.get('kernel_version', '?')}, "
+             f"source {v.get('kernel_hash', '?')}); default: the {result.default_rule} rule",
              f"reference: {result.reference.label}" + (f"; gate: fail if reference/latency < {fail_if_slower}"
                                                        if fail_if_slower is not None else "")]
     header = [f"{'M':>6}"] + [f"{label + ' µs':>24}" for label in labels]
@@ -236,7 +240,7 @@ def format_table(result: BenchResult, fail_if_slower: float | None) -> str:
             row.append(f"{text:>24}")
         lines.append("  ".join(row))
     if fell_back:
-        lines.append("* no file for this shape in that folder: the server would use vLLM's default heuristic")
+        lines.append(f"* no file for this shape in that folder: the server would use its default ({result.default_rule} rule)")
     lines.append("(x) = reference latency / latency: above 1 is faster than the reference")
     for label in labels:
         sources = sorted({cells[label].source for cells in result.rows.values()})

@@ -39,7 +39,13 @@ class TuneOptions:
     no_compile_ahead: bool = False
     compile_timeout: float = 180.0
     """Seconds."""
-    kernel: str = "builtin"
+    kernel: str = "auto"
+    """A ``workers.backends`` name, or auto: the kernel of the server each format is for
+    (``tuner.kernel_choice``)."""
+    server_code: Path | None = None
+    """Folder with a server's extracted Python packages (``MOE_TUNE_SERVER_CODE``)."""
+    server_version: str | None = None
+    """Whose default config ``baseline`` falls back to (``workers.default_config.rule_for_version``)."""
     address: str | None = None
     connect_timeout: float = 60.0
     """Seconds to join ``address`` (``tuner.ray_session.DEFAULT_CONNECT_TIMEOUT_S``)."""

@@ -6,8 +6,8 @@ no GPU, so the GPU work must be placed on a worker node. The rules: ``--address`
 ``RAY_ADDRESS``, as under ``ray job submit``) joins a cluster, and a cluster that cannot be joined
 is a run failure (``RunFailed``, exit 1); otherwise an embedded Ray starts. With ``--interpret`` it
 gets ``workers`` logical GPUs (default ``INTERPRET_NUM_GPUS``) and ``TRITON_INTERPRET=1`` is set in
-the worker processes before they import a kernel; the fault-injection variable is forwarded so
-tests can make latencies deterministic.
+the worker processes before they import a kernel; the fault-injection variable (so tests can make
+latencies deterministic) and ``MOE_TUNE_SERVER_CODE`` (where a server's code is) are forwarded.
 
 Nothing here waits without a bound. Joining a cluster takes at most ``connect_timeout_s``
 (``--connect-timeout``, default ``DEFAULT_CONNECT_TIMEOUT_S``): a ``host:port`` address is first
@@ -43,6 +43,7 @@ from tuner.cli import VERBOSE_ENV
 from tuner.errors import RunFailed
 from tuner.options import TuneOptions
 from workers import faults
+from workers.backends.server_code import SERVER_CODE_ENV
 
 INTERPRET_NUM_GPUS = 2
 """Logical GPUs of an embedded Ray under ``--interpret`` when the command names no worker count."""
@@ -126,8 +127,9 @@ def ray_session(address: str | None, interpret: bool, workers: int | None = None
     of logical GPUs). Raises RunFailed when the cluster cannot be joined.
     """
     env_vars = {"TRITON_INTERPRET": "1"} if interpret else {}
-    if os.environ.get(faults.ENV_VAR):
-        env_vars[faults.ENV_VAR] = os.environ[faults.ENV_VAR]
+    for name in (faults.ENV_VAR, SERVER_CODE_ENV):
+        if os.environ.get(name):
+            env_vars[name] = os.environ[name]
     runtime_env = {"env_vars": env_vars} if env_vars else None
     address = address or os.environ.get("RAY_ADDRESS")
     session = RaySession(stdout=sys.stdout)

@@ -14,8 +14,8 @@ any instant leaves the old file or the new one, never half of one. Files are cre
 0666 minus the umask (0644 under the usual 022), so a server running as another user reads them.
 
 Never destroying good data: a file that already exists is merged into. Its entries for batch
-sizes not tuned now are kept when they were tuned for the same kernel (flavour and source hash,
-or the server package's version and hash) and Triton version, as the provenance file
+sizes not tuned now are kept when they were tuned for the same kernel (backend, entry
+point, version and source hash) and Triton version, as the provenance file
 ``.moe-tune-files.json`` beside the files records for each file this tool wrote; otherwise
 (another kernel, another Triton version, or a file this tool did not write) the write is refused
 (``FileConflict``) unless ``replace`` is set. ``check_existing`` asks the same question before
@@ -52,7 +52,7 @@ PROVENANCE_NAME = ".moe-tune-files.json"
 DEFAULT_OUT = Path("moe-tune-out")
 """Where ``tune`` and ``compare`` write config files (and their journal) unless told otherwise:
 a folder of its own in the working directory, never one holding committed results."""
-KERNEL_IDENTITY_KEYS = ("kernel", "kernel_hash", "kernel_version")
+KERNEL_IDENTITY_KEYS = ("kernel", "kernel_entry", "kernel_hash", "kernel_version")
 """The worker-environment keys (``BenchmarkWorker.describe``) that name the kernel a file was tuned for."""
 
 

@@ -8,9 +8,11 @@ their binaries in the Triton cache on disk that the node's GPU worker reads (sam
 
 How, without a GPU and without model-size tensors:
 - The problem is built on torch's ``meta`` device: real shapes, dtypes and strides, no memory.
-  ``MoERunner`` is then driven exactly as the worker drives it, so every kernel (sort, GEMMs,
-  SwiGLU, fp8 quantization) is specialized from the very arguments the GPU will pass; meta
-  tensors report their view offsets as pointers, so pointer alignment specializes alike too.
+  The worker's kernel backend (``CompileTarget.kernel``: ``MoERunner`` for ``builtin``, the
+  server's own launcher for ``vllm``/``sglang`` where only their Python code runs) builds its
+  runner from it exactly as the worker does, so every kernel (sort, GEMMs, SwiGLU, fp8
+  quantization) is specialized from the very arguments the GPU will pass; meta tensors report
+  their view offsets as pointers, so pointer alignment specializes alike too.
 - Each ``kernel[grid](...)`` launch becomes ``kernel.warmup(...)``: Triton computes the
   specialization and compiles, and launches nothing.
 - Triton asks its active driver for the device and target before compiling; in a process that
@@ -46,6 +48,8 @@ class CompileTarget:
     arch: int
     warp_size: int
     max_shared_mem: int
+    kernel: str = "builtin"
+    """The worker's kernel backend (``workers.backends``): what the compile process drives."""
 
 
 @dataclass(frozen=True)
@@ -138,11 +142,23 @@ def _compile_instead_of_launch(compiled: list) -> Iterator[None]:
         JITFunction.__getitem__ = original
 
 
-def _meta_runner(shape: MoEShape, M: int, config: Config):
-    """A ``MoERunner`` for ``shape`` at batch size ``M`` whose tensors all live on ``meta``."""
+@dataclass(frozen=True)
+class _MetaInputs:
+    """``workers.backends.MoEInputs`` on torch's ``meta`` device."""
+
+    shape: MoEShape
+    x: object
+    w13: object
+    w2: object
+    topk_weights: object
+    topk_ids: object
+
+
+def _meta_runner(shape: MoEShape, M: int, config: Config, kernel: str = "builtin"):
+    """The ``kernel`` backend's runner for ``shape`` at batch size ``M``, all its tensors on ``meta``."""
     import torch
 
-    from workers.moe import MoERunner
+    from workers import backends
     from workers.quant import activation_dtype, quantize_weight
 
     act = activation_dtype(shape.dtype)
@@ -153,7 +169,7 @@ def _meta_runner(shape: MoEShape, M: int, config: Config):
     x = torch.empty((M, shape.K), dtype=act, device="meta")
     topk_weights = torch.empty((M, shape.topk), dtype=torch.float32, device="meta")
     topk_ids = torch.empty((M, shape.topk), dtype=torch.int32, device="meta")
-    return MoERunner(x, w13, w2, topk_weights, topk_ids, config)
+    return backends.load(kernel).runner(_MetaInputs(shape, x, w13, w2, topk_weights, topk_ids), config)
 
 
 def setup_compile_process() -> None:
@@ -167,20 +183,20 @@ def setup_compile_process() -> None:
 
 def compile_job(job: CompileJob) -> CompileOutcome:
     """Compile ``job`` in this process (see the module docstring); never raises for a bad config."""
-    from workers.fused_moe_kernel import validate_config
+    from workers import backends
 
     started = time.monotonic()
     shape, config = job.shape, job.config
     compiled: list = []
     try:
         try:
-            validate_config(config, shape.dtype, shape.block_shape)
+            backends.load(job.target.kernel).validate(config, shape)
         except ValueError as exc:
             raise ConfigRejected(str(exc)) from None
         _use_target(job.target)
         with _compile_instead_of_launch(compiled):
             for M in job.batch_sizes:
-                _meta_runner(shape, M, config).run()
+                _meta_runner(shape, M, config, job.target.kernel).run()
     except Exception as exc:  # noqa: BLE001 - classified below; unknown errors leave the decision to the GPU
         status, message = classify(exc), describe(exc)
         if status in COMPILE_VERDICTS:

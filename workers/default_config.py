@@ -1,60 +1,205 @@
-"""The config vLLM falls back to when no tuned file exists for a shape.
+"""The config a server falls back to when no tuned file exists for a shape: the baseline every
+tuned config is judged against (``moe-tune bench``, ``tune --baseline``).
 
-This is the baseline every tuned config is judged against (``moe-tune bench`` times it next to
-each config folder). The rules follow the description of vLLM's ``get_default_config`` in
-``vllm/model_executor/layers/fused_moe/fused_moe.py``; they are reimplemented here, not copied:
+Each server version has its own rule (``RULES``):
 
-- fp8_w8a8 with block quantization ``[bn, bk]``: the tile follows the quantization block
-  (BLOCK_SIZE_N = bn, BLOCK_SIZE_K = bk, so each tile reads one scale), BLOCK_SIZE_M 64,
-  GROUP_SIZE_M 32, 4 warps, 3 stages.
-- otherwise, decode-sized batches (M <= E, i.e. fewer tokens than experts, most experts see at
-  most one or two tokens): a small tile, BLOCK_SIZE_M 16, BLOCK_SIZE_N 32, BLOCK_SIZE_K 64,
-  GROUP_SIZE_M 1.
-- otherwise (prefill-sized batches): BLOCK_SIZE_M 64, BLOCK_SIZE_N 64, BLOCK_SIZE_K 32,
-  GROUP_SIZE_M 8.
+- ``vllm`` — vLLM's batch-aware ``get_default_config`` (vLLM PR #34846, February 2026; the rule
+  of vLLM 0.33). Without block quantization (bf16, fp16, fp8 per-tensor, int8 per-channel):
+  BLOCK_SIZE_M 16 for M ≤ 32, 32 for M ≤ 96, 64 for M ≤ 512, else 128; BLOCK_SIZE_N 64 for
+  M ≤ 64, else 128; BLOCK_SIZE_K 128 for fp8_w8a8 or M ≤ 64, else 64; GROUP_SIZE_M 16 when
+  M // E (tokens per expert) > 128, else 1; 4 warps for M ≤ 128, else 8; 4 stages for M ≤ 32,
+  else 3. Block fp8 ``[bn, bk]``: BLOCK_SIZE_M 16 for M ≤ 64, else 64; BLOCK_SIZE_N 64 when
+  M ≤ 8 and bn is a multiple of 64, else bn; BLOCK_SIZE_K bk; GROUP_SIZE_M 1 for M ≤ 16, else
+  32; 4 warps; 4 stages for M ≤ 4 (with the 64-wide N tile), else 3. (CUDA; vLLM uses 2 stages
+  on ROCm.)
+- ``vllm-pre-34846`` — the rule before that PR: block fp8 takes BLOCK_SIZE_M 64, N = bn,
+  K = bk, GROUP_SIZE_M 32; otherwise M ≤ E takes 16/32/64 with GROUP_SIZE_M 1, larger M
+  64/64/32 with GROUP_SIZE_M 8. No ``num_warps``/``num_stages`` (Triton's launch defaults: 4, 3).
+- ``sglang`` — SGLang's ``get_default_config`` (0.5.x): fp8 per-tensor 128/256/128,
+  GROUP_SIZE_M 32, 8 warps, 4 stages, or for M ≤ E 64/128/128, GROUP_SIZE_M 1, 4 warps,
+  4 stages; block fp8 64/bn/bk, GROUP_SIZE_M 32, 4 warps, 3 stages; otherwise as
+  ``vllm-pre-34846`` (no warps/stages: Triton's defaults).
 
-Without block quantization vLLM sets no ``num_warps``/``num_stages``, so Triton's launch
-defaults apply on the GPU: 4 warps, 3 stages; they are written out here so the baseline is a
-complete, timeable config.
+- int4_w4a16 (block shape ``[0, group]``, the servers' GPTQ/AWQ Triton kernel): under both vLLM
+  rules (the wna16 branch of ``get_default_config``, unchanged by PR #34846, completed by
+  ``get_moe_wna16_block_config`` for the Triton kernel) BLOCK_SIZE_M 16 up to 20 tokens, 32 up to
+  40, else 64; GROUP_SIZE_M 1; BLOCK_SIZE_N 32 and BLOCK_SIZE_K 64 for a single token, else 64
+  and 32. SGLang's ``get_default_config`` has no int4 branch: its non-fp8 rule above applies.
 
-- int4_w4a16 (block shape ``[0, group]``, vLLM's GPTQ/AWQ Triton kernel): BLOCK_SIZE_M 16 up to
-  20 tokens, 32 up to 40, else 64; GROUP_SIZE_M 1; BLOCK_SIZE_N 32 and BLOCK_SIZE_K 64 for a
-  single token, else 64 and 32 (``get_default_config`` and ``get_moe_wna16_block_config``).
+Where a rule sets no ``num_warps``/``num_stages``, Triton's launch defaults apply on the GPU
+(4 warps, 3 stages); they are written out here so the baseline is a complete, timeable config.
 
-vLLM's group-quantized int8 path (``block_shape`` with int8_w8a16) runs that GPTQ/AWQ kernel
-too, which this project does not run for int8, so that combination is refused rather than guessed.
+These are moe-tune's encodings of the servers' rules, written from the rules above and tested
+against values read from each version's source. When the server's own code imports
+(``workers.backends.server_code``), ``server_default`` calls the server's ``get_default_config``
+instead, so the baseline is exactly what that installed version does (except int4_w4a16 under
+vLLM, whose function there may pick the tile of its CUDA wna16 kernel, not of the Triton kernel
+tuned here: the encoding serves). Weight-only group-quantized int8 (``block_shape`` with
+int8_w8a16) runs the servers' GPTQ/AWQ kernel, which this project does not run for int8: refused
+rather than guessed.
 """
 
 from __future__ import annotations
+
+import re
+from dataclasses import dataclass
 
 from workers.records import Config, DType, MoEShape
 
 TRITON_DEFAULT_WARPS = 4
 TRITON_DEFAULT_STAGES = 3
+VLLM = "vllm"
+VLLM_PRE_34846 = "vllm-pre-34846"
+SGLANG = "sglang"
+RULES = (VLLM, VLLM_PRE_34846, SGLANG)
+VLLM_BATCH_AWARE_VERIFIED = (0, 33)
+"""The oldest vLLM release whose ``get_default_config`` was read for the ``vllm`` rule. vLLM
+releases between PR #34846 (2026-02-18) and it are not mapped by number: name the rule."""
 
-_BLOCK_FP8_TILE_M = 64
-_BLOCK_FP8_GROUP_M = 32
-_DECODE = Config(BLOCK_SIZE_M=16, BLOCK_SIZE_N=32, BLOCK_SIZE_K=64, GROUP_SIZE_M=1,
-                 num_warps=TRITON_DEFAULT_WARPS, num_stages=TRITON_DEFAULT_STAGES)
-_PREFILL = Config(BLOCK_SIZE_M=64, BLOCK_SIZE_N=64, BLOCK_SIZE_K=32, GROUP_SIZE_M=8,
-                  num_warps=TRITON_DEFAULT_WARPS, num_stages=TRITON_DEFAULT_STAGES)
+
+def _config(m: int, n: int, k: int, group: int, warps: int = TRITON_DEFAULT_WARPS,
+            stages: int = TRITON_DEFAULT_STAGES) -> Config:
+    return Config(BLOCK_SIZE_M=m, BLOCK_SIZE_N=n, BLOCK_SIZE_K=k, GROUP_SIZE_M=group, num_warps=warps,
+                  num_stages=stages)
 
 
-def default_config(shape: MoEShape, M: int) -> Config:
-    """vLLM's fallback config for ``M`` tokens of ``shape`` (no tuned file present)."""
+def _check(shape: MoEShape, M: int) -> None:
     if M < 1:
         raise ValueError(f"batch size must be >= 1, got {M}")
+    if shape.block_shape is not None and shape.dtype not in (DType.FP8_W8A8, DType.INT4_W4A16):
+        raise ValueError(f"no default config for block-quantized {shape.dtype.value} "
+                         "(the servers route it to their GPTQ/AWQ kernel)")
+
+
+def _vllm_wna16(shape: MoEShape, M: int) -> Config:
+    """int4_w4a16 under either vLLM rule: ``get_default_config``'s wna16 branch (BLOCK_SIZE_M,
+    GROUP_SIZE_M) and ``get_moe_wna16_block_config``'s Triton tile (BLOCK_SIZE_N, BLOCK_SIZE_K)."""
+    block_n, block_k = (32, 64) if M == 1 else (64, 32)
+    return _config(16 if M <= 20 else 32 if M <= 40 else 64, block_n, block_k, 1)
+
+
+def _vllm(shape: MoEShape, M: int) -> Config:
     if shape.dtype is DType.INT4_W4A16:
-        block_n, block_k = (32, 64) if M == 1 else (64, 32)
-        return Config(BLOCK_SIZE_M=16 if M <= 20 else 32 if M <= 40 else 64, BLOCK_SIZE_N=block_n,
-                      BLOCK_SIZE_K=block_k, GROUP_SIZE_M=1, num_warps=TRITON_DEFAULT_WARPS,
-                      num_stages=TRITON_DEFAULT_STAGES)
+        return _vllm_wna16(shape, M)
     if shape.block_shape is not None:
-        if shape.dtype is not DType.FP8_W8A8:
-            raise ValueError(f"no default config for block-quantized {shape.dtype.value} "
-                             "(vLLM routes it to its GPTQ/AWQ kernel)")
         block_n, block_k = shape.block_shape
-        return Config(BLOCK_SIZE_M=_BLOCK_FP8_TILE_M, BLOCK_SIZE_N=block_n, BLOCK_SIZE_K=block_k,
-                      GROUP_SIZE_M=_BLOCK_FP8_GROUP_M, num_warps=TRITON_DEFAULT_WARPS,
-                      num_stages=TRITON_DEFAULT_STAGES)
-    return _DECODE if M <= shape.E else _PREFILL
+        small_n = M <= 8 and block_n % 64 == 0
+        return _config(16 if M <= 64 else 64, 64 if small_n else block_n, block_k, 1 if M <= 16 else 32,
+                       4, 4 if small_n and M <= 4 else 3)
+    block_m = 16 if M <= 32 else 32 if M <= 96 else 64 if M <= 512 else 128
+    block_k = 128 if shape.dtype is DType.FP8_W8A8 or M <= 64 else 64
+    return _config(block_m, 64 if M <= 64 else 128, block_k, 16 if M // max(shape.E, 1) > 128 else 1,
+                   4 if M <= 128 else 8, 4 if M <= 32 else 3)
+
+
+def _vllm_pre_34846(shape: MoEShape, M: int) -> Config:
+    if shape.dtype is DType.INT4_W4A16:
+        return _vllm_wna16(shape, M)
+    if shape.block_shape is not None:
+        return _config(64, shape.block_shape[0], shape.block_shape[1], 32)
+    return _config(16, 32, 64, 1) if M <= shape.E else _config(64, 64, 32, 8)
+
+
+def _sglang(shape: MoEShape, M: int) -> Config:
+    if shape.dtype is DType.FP8_W8A8:
+        if shape.block_shape is not None:
+            return _config(64, shape.block_shape[0], shape.block_shape[1], 32, 4, 3)
+        return _config(64, 128, 128, 1, 4, 4) if M <= shape.E else _config(128, 256, 128, 32, 8, 4)
+    return _config(16, 32, 64, 1) if M <= shape.E else _config(64, 64, 32, 8)
+
+
+_ENCODINGS = {VLLM: _vllm, VLLM_PRE_34846: _vllm_pre_34846, SGLANG: _sglang}
+
+
+def default_config(shape: MoEShape, M: int, rule: str = VLLM) -> Config:
+    """moe-tune's encoding of ``rule``'s fallback config for ``M`` tokens of ``shape``."""
+    if rule not in _ENCODINGS:
+        raise ValueError(f"unknown default rule {rule!r}; expected one of {', '.join(RULES)}")
+    _check(shape, M)
+    return _ENCODINGS[rule](shape, M)
+
+
+def rule_for_version(server_version: str) -> str:
+    """The rule of ``server_version``: a rule name, or ``vllm==X.Y[.Z]`` / ``sglang==X``.
+
+    Raises ValueError for a vLLM release this project cannot place (after PR #34846's merge date,
+    before the oldest release whose rule was read)."""
+    if server_version in RULES:
+        return server_version
+    match = re.fullmatch(r"(vllm|sglang)==(\d+)\.(\d+)(?:\.\S*)?", server_version.strip())
+    if not match:
+        raise ValueError(f"--server-version {server_version!r}: expected one of {', '.join(RULES)}, "
+                         "vllm==X.Y.Z or sglang==X.Y.Z")
+    server, major, minor = match.group(1), int(match.group(2)), int(match.group(3))
+    if server == "sglang":
+        return SGLANG
+    if (major, minor) >= VLLM_BATCH_AWARE_VERIFIED:
+        return VLLM
+    raise ValueError(f"--server-version {server_version}: which default rule vLLM {major}.{minor} applies is not "
+                     f"recorded here; pass --server-version {VLLM} (PR #34846, February 2026, and later) "
+                     f"or {VLLM_PRE_34846}")
+
+
+@dataclass(frozen=True)
+class DefaultSource:
+    """Where a baseline's default configs come from: ``rule`` and, when the server's own
+    ``get_default_config`` is called, its module and version (else ``"moe-tune encoding"``)."""
+
+    rule: str
+    implementation: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.rule} default rule ({self.implementation})"
+
+
+def server_default(shape: MoEShape, M: int, rule: str) -> tuple[Config, DefaultSource]:
+    """``rule``'s config, from the server's own ``get_default_config`` when its code imports here and
+    is of that rule (installed package or ``MOE_TUNE_SERVER_CODE``), else from the encoding."""
+    own = None if shape.dtype is DType.INT4_W4A16 and rule != SGLANG else _server_function(rule)
+    if own is not None:
+        function, implementation = own
+        try:
+            return _call_server(function, shape, M, rule), DefaultSource(rule, implementation)
+        except Exception:  # noqa: BLE001 - e.g. SGLang's rule reads server args that are not set here
+            pass
+    return default_config(shape, M, rule), DefaultSource(rule, "moe-tune encoding")
+
+
+_SERVER_FUNCTIONS = {VLLM: ("vllm.model_executor.layers.fused_moe.fused_moe", "vllm"),
+                     SGLANG: ("sglang.srt.layers.moe.fused_moe_triton.fused_moe_triton_config", "sglang")}
+_found: dict[str, tuple | None] = {}
+
+
+def _server_function(rule: str) -> tuple | None:
+    if rule not in _SERVER_FUNCTIONS:
+        return None
+    if rule not in _found:
+        from workers.backends import server_code
+
+        module_name, package = _SERVER_FUNCTIONS[rule]
+        try:
+            module = server_code.import_module(module_name)
+            version = server_code.version(package)
+            _found[rule] = (module.get_default_config, f"{module_name}.get_default_config, {package} {version}")
+            if rule == VLLM and _vllm_release(version) < VLLM_BATCH_AWARE_VERIFIED:
+                _found[rule] = None  # an older vLLM: its function may be the other rule
+        except Exception:  # noqa: BLE001 - not importable here: the encoding serves
+            _found[rule] = None
+    return _found[rule]
+
+
+def _vllm_release(version: str) -> tuple[int, int]:
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def _call_server(function, shape: MoEShape, M: int, rule: str) -> Config:
+    dtype = {DType.FP8_W8A8: "fp8_w8a8", DType.INT8_W8A16: "int8_w8a16",
+             DType.INT4_W4A16: "int4_w4a16"}.get(shape.dtype)
+    block = list(shape.block_shape) if shape.block_shape else None
+    if rule == SGLANG:
+        raw = function(M, shape.E, shape.N, shape.K, shape.topk, dtype, False, block)
+    else:
+        raw = function(M, shape.E, shape.N, shape.K, shape.topk, dtype, block)
+    return Config.from_dict({"num_warps": TRITON_DEFAULT_WARPS, "num_stages": TRITON_DEFAULT_STAGES, **raw})

@@ -12,7 +12,7 @@ marked as simulated, so the classification → restart → retry → quarantine 
 
 Test-only: imported only when a fault plan asks for ``poison``. The kernel is made with
 ``triton.jit(...)`` rather than the decorator so this file stays out of the kernel source hash
-(``workers.worker.kernel_source_hash``), which covers the kernels that are timed.
+(``workers.backends.builtin.kernel_source_hash``), which covers the kernels that are timed.
 """
 
 from __future__ import annotations

@@ -20,7 +20,6 @@ worker builds weights, inputs and the reference once per group, not per candidat
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import sys
@@ -29,24 +28,16 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 import triton
 
-from workers import faults, server_kernels
+from workers import backends, faults
 from workers.compile_ahead import CompileTarget, WorkerTarget
 from workers.failures import ConfigRejected, classify, describe
 from workers.problem import ERROR_BOUNDS, Problem, build_problem, rel_error, release_weights
 from workers.records import Candidate, Config, DType, Gemm, Level, Measurement, MoEShape, Status
 from workers.timing import Timing, time_call, time_interleaved, time_screen
-
-BUILTIN = "builtin"
-JIT_DECORATOR = b"@triton" + b".jit"  # spelled in two parts so this file does not match itself
-TIMED_PATH_SOURCES = ("moe.py", "quant.py", "problem.py", "routing.py", "timing.py")
-"""Besides every ``workers/*.py`` that defines a Triton kernel (a jit decorator): the launcher, the
-quantization it calls, the inputs it is timed on and the timing method. Their hash is part of
-every journal key, so editing any of them invalidates old measurements instead of reusing them."""
 
 WATCHDOG_EXIT_CODE = 87
 POISON_EXIT_CODE = 88
@@ -54,15 +45,6 @@ POISON_EXIT_CODE = 88
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def kernel_source_hash() -> str:
-    digest = hashlib.sha256()
-    for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
-        text = path.read_bytes()
-        if path.name in TIMED_PATH_SOURCES or JIT_DECORATOR in text:
-            digest.update(path.name.encode() + b"\0" + text + b"\0")
-    return digest.hexdigest()[:16]
 
 
 class Watchdog:
@@ -97,7 +79,7 @@ class Watchdog:
 class BenchmarkWorker:
     """Holds one GPU (or, with ``TRITON_INTERPRET=1``, the CPU) and measures candidates on it."""
 
-    def __init__(self, kernel: str = BUILTIN, timeout_s: float = 300.0) -> None:
+    def __init__(self, kernel: str = backends.BUILTIN, timeout_s: float = 300.0) -> None:
         if torch.cuda.is_available() and not interpreting():
             self.device = "cuda"
             self.device_name = torch.cuda.get_device_name()
@@ -107,7 +89,7 @@ class BenchmarkWorker:
         else:
             raise RuntimeError("this worker sees no CUDA GPU (run with --interpret to use the Triton interpreter)")
         self.kernel = kernel
-        self.server = None if kernel == BUILTIN else server_kernels.load(kernel)
+        self.backend = backends.load(kernel)
         self.watchdog = Watchdog(timeout_s)
         self.fault_plan = faults.active_plan()
         if self.fault_plan is not None:
@@ -118,11 +100,7 @@ class BenchmarkWorker:
     def describe(self) -> dict[str, str]:
         """Everything about this worker that changes a timing (part of every journal key)."""
         env = {"device": self.device_name, "torch": torch.__version__, "triton": triton.__version__,
-               "kernel": self.kernel}
-        if self.server is None:
-            env["kernel_hash"] = kernel_source_hash()
-        else:
-            env.update(self.server.describe())
+               **self.backend.describe()}
         if self.fault_plan is not None:
             env["fault_plan"] = self.fault_plan.digest()  # fake latencies never share a key with real ones
         return env
@@ -133,8 +111,8 @@ class BenchmarkWorker:
     def compile_target(self) -> WorkerTarget | None:
         """What compile-ahead processes need to build this worker's kernels without its GPU and the
         Ray node they must run on to share its Triton cache; None where nothing is compiled ahead
-        (interpreter, server kernels)."""
-        if self.device != "cuda" or self.server is not None:
+        (interpreter, a backend whose entry point cannot be driven on meta tensors)."""
+        if self.device != "cuda" or not self.backend.compiles_ahead:
             return None
         import ray
         from triton.runtime.driver import driver
@@ -142,7 +120,7 @@ class BenchmarkWorker:
         target = driver.active.get_current_target()
         properties = driver.active.utils.get_device_properties(torch.cuda.current_device())
         return WorkerTarget(CompileTarget(target.backend, target.arch, target.warp_size,
-                                          int(properties["max_shared_mem"])),
+                                          int(properties["max_shared_mem"]), self.kernel),
                             ray.get_runtime_context().get_node_id())
 
     def device_memory(self) -> tuple[int, str]:
@@ -236,24 +214,18 @@ class BenchmarkWorker:
                                           device=self.device)
             self._problem_key = key
         problem, config = self._problem, candidate.config
-        if self.server is not None:
-            return problem, self.server.runner(problem, config)
-        from workers.fused_moe_kernel import check_config
-        from workers.moe import MoERunner
-
         try:
-            check_config(config, problem.w13)
-            check_config(config, problem.w2)
+            self.backend.validate(config, candidate.shape)
         except ValueError as exc:
             raise ConfigRejected(str(exc)) from None
-        return problem, MoERunner(problem.x, problem.w13, problem.w2, problem.topk_weights, problem.topk_ids, config)
+        return problem, self.backend.runner(problem, config)
 
     def _timed_call(self, runner: object, candidate: Candidate) -> Callable[[], object]:
         """The part of the MoE this candidate is tuned for (the down GEMM reads the up GEMM's output,
         left in the runner's buffers by the correctness run)."""
         if candidate.gemm is Gemm.BOTH:
             return runner.run
-        if self.server is not None:
+        if not self.backend.splits:
             raise ValueError(f"--kernel {self.kernel} times the whole MoE call only, not the {candidate.gemm.value} GEMM")
         return runner.run_up if candidate.gemm is Gemm.UP else runner.run_down
 

@@ -62,3 +62,29 @@ def moe(x, w1, w2, topk_weights, topk_ids, fp8=False, block_shape=None):
         if rows.numel():
             out.index_add_(0, rows, (act[rows, slots] @ w2[e].T) * topk_weights[rows, slots, None].float())
     return out.to(x.dtype)
+
+
+def launch(A, A_scale, B, B_scale, C, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
+           mul_routed_weight, top_k, config, block_shape):
+    """One GEMM as the servers' per-GEMM launchers compute it: ``C[pair] = A[pair // top_k] @ B[e]^T``
+    for the rows the sort assigned to expert ``e`` (× the pair's routing weight when asked)."""
+    check_forced(config)
+    a = A.float()
+    if A_scale is not None:
+        a = a * (A_scale.repeat_interleave(block_shape[1], dim=1)[:, : a.shape[1]] if A_scale.dim() == 2
+                 else A_scale)
+    b = dequantize(B, B_scale, block_shape)
+    c = C.view(-1, C.shape[-1])
+    weights = topk_weights.reshape(-1).float()
+    if sorted_token_ids is None:  # one block per (token, expert) pair, unsorted
+        assignments = [(pair, int(e)) for pair, e in enumerate(expert_ids.tolist())]
+    else:
+        block_m = config["BLOCK_SIZE_M"]
+        used = int(num_tokens_post_padded[0])
+        assignments = [(int(row), int(expert_ids[i // block_m]))
+                       for i, row in enumerate(sorted_token_ids[:used].tolist()) if row < c.shape[0]]
+    for pair, e in assignments:
+        value = a[pair // top_k] @ b[e].T
+        if mul_routed_weight:
+            value = value * weights[pair]
+        c[pair] = value.to(C.dtype)

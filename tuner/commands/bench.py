@@ -1,5 +1,5 @@
-"""``moe-tune bench``: time vLLM's default heuristic and config folders back to back for one shape;
-``--fail-if-slower`` turns it into a regression gate (exit 1)."""
+"""``moe-tune bench``: time the server version's default config and config folders back to back for
+one shape, in one kernel backend; ``--fail-if-slower`` turns it into a regression gate (exit 1)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tuner import bench
+from tuner import bench, kernel_choice
 from tuner.commands.arguments import (add_batch_sizes_argument, add_layout_arguments, block_shape_arg,
                                       check_interpret_limits, positive_int, ratio_arg, routing_arg)
 from tuner.errors import RunFailed
@@ -24,12 +24,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--configs", type=Path, nargs="+", required=True, metavar="DIR",
                         help="config folders to time (vLLM or SGLang layout)")
     parser.add_argument("--reference", type=Path, metavar="DIR",
-                        help="the folder the others must not be slower than (default: vLLM's default heuristic)")
+                        help="the folder the others must not be slower than (default: the server's default config)")
     parser.add_argument("--fail-if-slower", type=ratio_arg, metavar="RATIO",
                         help="exit 1 if a folder's reference latency / latency drops below RATIO at any batch size")
     parser.add_argument("--routing", type=routing_arg, default="uniform", help="uniform | zipf:<alpha> | file:<path>")
     parser.add_argument("--rounds", type=positive_int, default=bench.RETIME_ROUNDS,
                         help="interleaved timing rounds per batch size")
+    parser.add_argument("--kernel", default=kernel_choice.AUTO, choices=kernel_choice.kernel_names(),
+                        help="kernel to time in: auto (default: --server's where it imports and runs the shape, else "
+                             "builtin with a warning), "
+                             "builtin, vllm, sglang")
+    parser.add_argument("--server-code", type=Path, metavar="DIR",
+                        help="folder with the server's extracted Python packages (also MOE_TUNE_SERVER_CODE)")
+    parser.add_argument("--server-version", metavar="RULE|SERVER==VERSION",
+                        help="whose default config is the baseline: vllm (PR #34846 and later, e.g. vLLM 0.33), "
+                             "vllm-pre-34846, sglang, or vllm==X.Y.Z / sglang==X.Y.Z (default: the timed server's "
+                             "version, else the installed vLLM's, else vLLM's newest rule)")
     parser.add_argument("--address", help="Ray cluster to run on (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--interpret", action="store_true",
                         help="run the kernels under the Triton interpreter on the CPU (tiny shapes only)")
@@ -54,8 +64,13 @@ def run(args: argparse.Namespace) -> int:
     if args.interpret:
         check_interpret_limits([shape], batch_sizes)
     variants, reference = bench.variants_for(args.configs, args.reference)
+    kernel_choice.use_server_code(args.server_code)
+    if args.server_version:  # refused before auto's fallback warning: bad input stays one line
+        kernel_choice.default_rule(args.kernel, args.server_version)
+    (run,) = kernel_choice.resolve(args.kernel, args.server, [shape])  # auto: the kernel of --server
+    rule = kernel_choice.default_rule(run.kernel, args.server_version)
     result = bench.run_bench(shape, variants, reference, batch_sizes, routing=args.routing, rounds=args.rounds,
-                             address=args.address, interpret=args.interpret)
+                             address=args.address, interpret=args.interpret, kernel=run.kernel, rule=rule)
     if args.json:
         print(json.dumps(result.to_json(args.fail_if_slower)))
     else:

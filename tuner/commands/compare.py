@@ -12,7 +12,7 @@ from tuner import compare, report
 from tuner.commands.arguments import (add_batch_sizes_argument, add_fresh_arguments, add_layout_arguments,
                                       check_interpret_limits, confirm_fresh, dtype_list, positive_float,
                                       positive_int, routing_arg)
-from tuner.commands.tune import KERNELS
+KERNELS = ("builtin", "vllm", "sglang")
 from tuner.dispatch import SERVERS
 from tuner.errors import UsageError
 from tuner.journal import JOURNAL_NAME, JournalBusy, count_measurements

@@ -113,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     spec = load_job_spec(args.spec)
     tunes, shapes = validate(spec)
+    tune.print_warnings([valid for _, valid in tunes])  # after every check: refused input stays one line
     runs = [tune_run for tune_run, _ in tunes]
     if args.action == "validate":
         gate = f"; gate vs {spec.gate.reference} at {spec.gate.fail_if_slower}" if spec.gate else ""

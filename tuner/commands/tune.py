@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from tuner import driver, writers
+from tuner import driver, kernel_choice, writers
 from tuner.baseline import Baseline
 from tuner.commands.arguments import (add_batch_sizes_argument, add_fresh_arguments, add_layout_arguments,
                                       block_shape_arg, check_interpret_limits, confirm_fresh, positive_float,
@@ -33,9 +34,7 @@ from tuner.timeline import Timeline
 from tuner.writers import FORMATS, partial_file_warning, probe_writable
 from workers.records import DType, Status
 from workers.routing import parse_routing
-from workers.server_kernels import SUPPORTED_DTYPES
 
-KERNELS = ("builtin", "vllm", "sglang")
 PREFLIGHT_DEVICE = "preflight"
 """Device name for the validation plan made before any worker exists (generic limits);
 each device group is planned again under its own name once the workers report it."""
@@ -65,8 +64,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="let the GPU workers compile for themselves instead of CPU processes ahead of them")
     parser.add_argument("--compile-timeout", type=positive_float, metavar="SECONDS",
                         help="a compile running longer is killed and its config recorded as timeout (default 180)")
-    parser.add_argument("--kernel", choices=KERNELS,
-                        help="time our kernel (builtin) or the installed server's fused-MoE entry point")
+    parser.add_argument("--kernel", choices=kernel_choice.kernel_names(),
+                        help="kernel to tune on: auto (default: the kernel of the server each --format is for, "
+                             "builtin with a warning where it does not import), builtin (moe-tune's), vllm, sglang")
+    parser.add_argument("--server-code", type=Path, metavar="DIR",
+                        help="folder with the server's extracted Python packages (DIR/vllm, DIR/sglang) to use "
+                             "instead of the installed ones (also MOE_TUNE_SERVER_CODE)")
+    parser.add_argument("--server-version", metavar="RULE|SERVER==VERSION",
+                        help="whose default config --baseline falls back to where a folder has no file: vllm, "
+                             "vllm-pre-34846, sglang, or vllm==X.Y.Z / sglang==X.Y.Z (default: the tuned server's "
+                             "version, else the installed vLLM's, else vLLM's newest rule)")
     parser.add_argument("--builtin-fp4", action="store_true", help=BUILTIN_FP4_HELP)
     parser.add_argument("--address", help="Ray cluster to join (auto, ray://host:port); default: start one here")
     parser.add_argument("--connect-timeout", type=positive_float, metavar="SECONDS",
@@ -111,7 +118,17 @@ class Validated:
     out: Path
     journal: Path
     routing: str
-    baseline: Baseline
+    runs: list[kernel_choice.KernelRun]
+    baselines: dict[str, Baseline]
+    """Per kernel backend run: the baseline folders, with that server version's default rule."""
+    warnings: tuple[str, ...] = ()
+    """``--kernel auto``'s fallback lines (``tuner.kernel_choice``), printed by ``print_warnings``
+    once every check has passed, so refused input stays one line."""
+
+
+def print_warnings(valids: list[Validated]) -> None:
+    for line in dict.fromkeys(line for valid in valids for line in valid.warnings):
+        print(line, file=sys.stderr)
 
 
 def validate(args: TuneOptions, probe: bool = True) -> Validated:
@@ -122,8 +139,7 @@ def validate(args: TuneOptions, probe: bool = True) -> Validated:
         if not path.is_file():
             raise UsageError(f"--routing {args.routing}: no such file")
         routing = parse_routing(f"file:{path}")  # workers may run elsewhere than this folder
-    if args.kernel != "builtin" and args.interpret:
-        raise UsageError(f"--kernel {args.kernel} times the server's GPU kernel; it cannot run with --interpret")
+    kernel_choice.use_server_code(args.server_code)
 
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
@@ -142,26 +158,27 @@ def validate(args: TuneOptions, probe: bool = True) -> Validated:
         raise UsageError(nothing_to_tune(preflight))
     if args.interpret:
         check_interpret_limits([s.shape for s in planned.shapes], planned.batch_sizes)
-    if args.kernel != "builtin":
-        unsupported = sorted({job.shape.dtype.value for job in preflight.jobs} - {d.value for d in SUPPORTED_DTYPES})
-        if unsupported:
-            raise UsageError(f"--kernel {args.kernel} runs {', '.join(d.value for d in SUPPORTED_DTYPES)}, "
-                             f"not {', '.join(unsupported)}")
-        layouts = sorted({k for s in planned.shapes for k in s.shape.layout_fields() if k != "fused_shared"})
-        if layouts:
-            raise UsageError(f"--kernel {args.kernel}: the server-kernel call passes no expert map and no activation "
-                             f"choice, so it cannot time {' or '.join(layouts)} layouts; use --kernel builtin")
     empty = [(job.shape.label, M) for job in preflight.jobs for M, configs in job.candidates.items() if not configs]
     if empty:
         raise UsageError(f"search space {planned.space.name} leaves no config for {empty[0][0]} at M={empty[0][1]}")
-    baseline = Baseline.load(args.baseline)
+    baseline = Baseline.load(args.baseline)  # bad input is refused (one line) before auto's fallback warning
+    if args.server_version:
+        kernel_choice.default_rule(args.kernel, args.server_version)
+    # which backend times which layout; each backend's check refuses the dtypes and layouts it cannot run
+    servers = {s.shape: s.servers for s in planned.shapes}
+    warnings: list[str] = []
+    runs = kernel_choice.resolve(args.kernel, args.format, [s.shape for s in planned.shapes], servers.__getitem__,
+                                 warnings)
+    needs_rule = bool(args.baseline or args.server_version)  # the rule matters only where a baseline falls back
+    baselines = {run.kernel: replace(baseline, rule=kernel_choice.default_rule(run.kernel, args.server_version))
+                 if needs_rule else baseline for run in runs}
     if args.fresh:
         work = {(s.shape, str(routing), M) for s in planned.shapes for M in planned.batch_sizes}
         confirm_fresh(journal, count_measurements(journal, work), args.yes)
     if probe:  # creates the folders: not for --dry-run
         probe_writable(out, "--out")  # last: input refused earlier leaves no folder behind
         probe_writable(journal.parent, "--journal")
-    return Validated(planned, out, journal, str(routing), baseline)
+    return Validated(planned, out, journal, str(routing), runs, baselines, tuple(warnings))
 
 
 def _dry_run(args: TuneOptions, device_name: str | None, valid: Validated) -> None:
@@ -171,11 +188,16 @@ def _dry_run(args: TuneOptions, device_name: str | None, valid: Validated) -> No
     device_name = "cpu" if args.interpret else resolve_device_name(device_name)
     planned = valid.plan.for_device(device_name)
     workers = args.workers or (INTERPRET_NUM_GPUS if args.interpret else _local_gpus())
-    processes = 1 if args.interpret or args.kernel != "builtin" or args.no_compile_ahead else None
+    from workers import backends
+
+    compiles_ahead = all(backends.load(run.kernel).compiles_ahead for run in valid.runs)
+    processes = 1 if args.interpret or not compiles_ahead or args.no_compile_ahead else None
     expected = plan_estimate(planned, args.strategy, workers, processes, valid.routing, args.split_gemms)
     print(format_plan(planned, expected))
     if args.interpret:
         print("(the time is modelled for a GPU: under --interpret the kernels run far slower)")
+    print("kernel: " + "; ".join(f"{run.kernel} for the {' and '.join(writers.format_servers(run.format))} files"
+                                 for run in valid.runs))
     print(f"would write to {valid.out}/ ({args.format} layout):")
     for job in planned.jobs:
         server_read = job.shape.dtype in SERVER_READ_DTYPES  # the builtin fp4 kernel's files: vLLM layout, apart
@@ -214,9 +236,12 @@ def run(parsed: argparse.Namespace) -> int:
         raise UsageError("--device-name names the GPU a --dry-run plans for; a run tunes on its workers' GPUs")
     args = TuneOptions.from_args(parsed)
     if parsed.dry_run:
-        _dry_run(args, parsed.device_name, validate(replace(args, fresh=False), probe=False))  # asks, writes nothing
+        valid = validate(replace(args, fresh=False), probe=False)  # asks, writes nothing
+        print_warnings([valid])
+        _dry_run(args, parsed.device_name, valid)
         return 0
     valid = validate(args)
+    print_warnings([valid])
     timeline = Timeline()
     with timeline.phase("ray_start"), ray_session(args.address, args.interpret, args.workers,
                                                   args.connect_timeout) as session:
@@ -230,36 +255,51 @@ def tune_in_session(args: TuneOptions, valid: Validated, session: RaySession, ti
 
     servers_by_shape: dict = {}
 
-    def jobs_for_device(device_name: str) -> list[SearchJob]:
-        jobs = valid.plan.for_device(device_name).jobs
-        servers_by_shape.update({job.shape: job.servers for job in jobs})
-        return [SearchJob(job, valid.routing, valid.baseline.configs_for(job.shape, device_name, job.batch_sizes,
-                                                                         _triton_version()))
-                for job in jobs]
+    def jobs_for(baseline: Baseline, layouts: tuple[str, ...]):
+        def jobs_for_device(device_name: str) -> list[SearchJob]:
+            jobs = [job for job in valid.plan.for_device(device_name).jobs if set(job.servers) & set(layouts)]
+            servers_by_shape.update({job.shape: job.servers for job in jobs})
+            return [SearchJob(job, valid.routing, baseline.configs_for(job.shape, device_name, job.batch_sizes,
+                                                                       _triton_version()))
+                    for job in jobs]
+        return jobs_for_device
 
-    request = driver.TuneRequest(
-        jobs_for_device=jobs_for_device,
-        write_outputs=writers.server_files_writer(valid.out, servers_by_shape.__getitem__, args.replace),
-        journal_path=valid.journal,
-        fresh=args.fresh, workers=args.workers, interpret=args.interpret, kernel=args.kernel,
-        timeout_s=args.timeout, finalists=args.finalists, strategy=args.strategy, split_gemms=args.split_gemms,
-        budget_s=args.budget_minutes * 60 if args.budget_minutes is not None else None,
-        compile_ahead=not args.no_compile_ahead, compile_timeout_s=args.compile_timeout,
-    )
-    try:
-        result = driver.tune(request, Progress(), timeline)
-    except JournalBusy as exc:
-        raise UsageError(str(exc)) from None
-    if not result.files_written:
-        if result.budget_ended and not any(m.ok for d in result.devices for m in d.measurements):
-            raise RunFailed(f"the time budget ({args.budget_minutes:g} min from the first measurement) ended before "
-                            "any candidate produced a correct result; nothing was written (raise --budget-minutes)")
-        raise RunFailed("no candidate produced a correct result; nothing was written")
-    summary = summarize(result)
+    def servers_of(layouts: tuple[str, ...]):
+        """The servers whose files a run writes for a shape: the shape's own, in that run's layouts."""
+        return lambda shape: tuple(server for server in servers_by_shape[shape] if server in layouts)
+
+    summaries = []
+    for index, choice in enumerate(valid.runs):
+        baseline = valid.baselines[choice.kernel]
+        layouts = writers.format_servers(choice.format)
+        request = driver.TuneRequest(
+            jobs_for_device=jobs_for(baseline, layouts),
+            write_outputs=writers.server_files_writer(valid.out, servers_of(layouts), args.replace),
+            journal_path=valid.journal, fresh=args.fresh and index == 0, workers=args.workers,
+            interpret=args.interpret, kernel=choice.kernel, timeout_s=args.timeout, finalists=args.finalists,
+            strategy=args.strategy, split_gemms=args.split_gemms,
+            budget_s=args.budget_minutes * 60 if args.budget_minutes is not None else None,
+            compile_ahead=not args.no_compile_ahead, compile_timeout_s=args.compile_timeout,
+        )
+        try:
+            result = driver.tune(request, Progress(), timeline)
+        except JournalBusy as exc:
+            raise UsageError(str(exc)) from None
+        if not result.files_written:
+            if result.budget_ended and not any(m.ok for d in result.devices for m in d.measurements):
+                raise RunFailed(f"the time budget ({args.budget_minutes:g} min from the first measurement) ended "
+                                "before any candidate produced a correct result; nothing was written "
+                                "(raise --budget-minutes)")
+            raise RunFailed("no candidate produced a correct result; nothing was written")
+        summary = summarize(result)
+        summary["format"], summary["kernel"] = choice.format, choice.kernel
+        if baseline.folders:
+            summary["baseline_default_rule"] = baseline.rule
+        summaries.append(summary)
+        if not args.json:
+            print(format_summary(summary), file=session.stdout)
     if args.json:
-        print(json.dumps(summary), file=session.stdout)
-    else:
-        print(format_summary(summary), file=session.stdout)
+        print(json.dumps(summaries[0] if len(summaries) == 1 else {"runs": summaries}), file=session.stdout)
     return 0
 
 
@@ -331,16 +371,25 @@ def _split_summary(d: driver.DeviceResult) -> dict:
     return out
 
 
+def kernel_label(env: dict[str, str]) -> str:
+    """The kernel behind a worker's numbers, from its environment (``workers.backends.DESCRIBE_KEYS``)."""
+    return (f"{env.get('kernel', '?')} ({env.get('kernel_entry', '?')}, {env.get('kernel_version', '?')}, "
+            f"source {env.get('kernel_hash', '?')})")
+
+
 def format_summary(summary: dict) -> str:
     lines = [f"tuned in {format_duration(summary['wall_s'])}: {summary['evaluations_run']} evaluations run, "
              f"{summary['evaluations_reused']} reused from the journal"]
+    if "baseline_default_rule" in summary:
+        lines.append(f"baseline: the --baseline folders; where one has no file, the {summary['baseline_default_rule']} "
+                     "default rule")
     if summary["budget_ended"]:
         lines.append(f"the time budget ({summary['budget_minutes']:g} min from the first measurement) ended the "
                      "search: the configs written are the best found by then, not re-timed")
     if summary["failed"]:
         lines.append("failed: " + ", ".join(f"{status} {n}" for status, n in summary["failed"].items()))
     for device in summary["devices"]:
-        lines.append(f"{device['device']} ({device['workers']} worker(s)):")
+        lines.append(f"{device['device']} ({device['workers']} worker(s)), kernel: {kernel_label(device['env'])}")
         for shape, per_m in device["best"].items():
             lines.append(f"  {shape}")
             for M, best in per_m.items():

@@ -3,8 +3,8 @@
 ``load(name)`` returns the ``KernelBackend`` (``workers.backends.base``) for ``name``:
 ``builtin`` (moe-tune's kernel), ``vllm`` and ``sglang`` (each server's own Triton kernel run by
 that server's own code of the version at hand; ``workers.backends.server_code`` finds it).
-Further backends register here by name. Imported inside workers (and compile processes): the
-driver only needs ``names()`` and ``workers.backends.server_code.probe``.
+Further backends are added to ``_REGISTRY`` by name. The driver imports this package to list the
+names and, before Ray starts, to probe whether a server's backend loads (``tuner.kernel_choice``).
 """
 
 from __future__ import annotations
@@ -21,19 +21,11 @@ _REGISTRY: dict[str, str] = {
     "sglang": "workers.backends.sglang:SglangBackend",
     "triton_kernels": "workers.backends.triton_kernels:TritonKernelsBackend",
 }
-SERVER_BACKENDS = ("vllm", "sglang")
-"""Backends that are an inference server's own kernel (``--kernel auto`` picks among these)."""
-
 _loaded: dict[str, KernelBackend] = {}
 
 
 def names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
-
-
-def register(name: str, target: str) -> None:
-    """Add a backend: ``target`` is ``"module:Class"``, imported on first ``load(name)``."""
-    _REGISTRY[name] = target
 
 
 def load(name: str) -> KernelBackend:
@@ -48,5 +40,5 @@ def load(name: str) -> KernelBackend:
     return _loaded[name]
 
 
-__all__ = ["BUILTIN", "DESCRIBE_KEYS", "SERVER_BACKENDS", "BackendUnavailable", "KernelBackend", "KernelRunner",
-           "MoEInputs", "SplitRunner", "load", "names", "register"]
+__all__ = ["BUILTIN", "DESCRIBE_KEYS", "BackendUnavailable", "KernelBackend", "KernelRunner", "MoEInputs",
+           "SplitRunner", "load", "names"]

@@ -1,0 +1,1 @@
+"""Stand-in of SGLang's compiled kernels package: importing it is what says they load."""

@@ -1,0 +1,128 @@
+"""``--kernel``: auto resolution per format and for a missing server, usage errors naming what is
+missing, and one ``tune`` end to end on a server's kernel (the stand-in vLLM launcher, CPU,
+interpreter) whose summary names that kernel."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tune_helpers import tune_argv
+from tuner import kernel_choice
+from tuner.errors import UsageError
+from workers.records import DType, MoEShape
+
+STAND_INS = Path(__file__).parent / "stand_in_servers"
+BF16 = MoEShape(E=4, N=64, K=64, topk=2, dtype=DType.BF16)
+MXFP4 = MoEShape(E=4, N=64, K=64, topk=2, dtype=DType.MXFP4)
+
+
+@pytest.fixture
+def servers(monkeypatch):
+    """``servers(*forms)``: exactly these stand-in servers importable; every other one missing."""
+    from workers import backends
+    from workers.backends import server_code
+
+    def use(*forms: str) -> None:
+        for name in [n for n in sys.modules if n.split(".")[0] in ("vllm", "sglang", "sgl_kernel")]:
+            monkeypatch.delitem(sys.modules, name)
+        backends._loaded.clear()
+        monkeypatch.syspath_prepend(str(STAND_INS))
+        for form in forms:
+            monkeypatch.syspath_prepend(str(STAND_INS / form))
+        present = {form.split("_")[0] for form in forms}
+        for server in {"vllm", "sglang"} - present:
+            monkeypatch.setitem(sys.modules, server, None)
+
+    monkeypatch.delenv("MOE_TUNE_SERVER_CODE", raising=False)
+    yield use
+    monkeypatch.undo()  # sys.path and the modules set aside come back first
+    for name in [n for n in sys.modules if n.split(".")[0] in ("vllm", "sglang", "sgl_kernel", "stand_in_moe_math")]:
+        del sys.modules[name]  # stand-ins imported here must not serve later tests
+    backends._loaded.clear()
+    server_code._finder.versions.clear()  # nor their version, answered to importlib.metadata
+
+
+def test_auto_picks_each_formats_server(servers):
+    servers("vllm_launcher", "sglang_topk_output")
+    assert kernel_choice.resolve("auto", "vllm", [BF16]) == [kernel_choice.KernelRun("vllm", "vllm")]
+    assert kernel_choice.resolve("auto", "sglang", [BF16]) == [kernel_choice.KernelRun("sglang", "sglang")]
+    assert kernel_choice.resolve("auto", "both", [BF16]) == [kernel_choice.KernelRun("vllm", "vllm"),
+                                                             kernel_choice.KernelRun("sglang", "sglang")]
+
+
+def test_auto_falls_back_to_builtin_with_one_warning_per_layout(servers, capsys):
+    servers("vllm_launcher")
+    runs = kernel_choice.resolve("auto", "both", [BF16])
+    assert runs == [kernel_choice.KernelRun("vllm", "vllm"), kernel_choice.KernelRun("sglang", "builtin")]
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "sglang" in line and "builtin" in line and "tuned on moe-tune's" in line
+    assert kernel_choice.resolve("auto", "vllm", [MXFP4]) == [kernel_choice.KernelRun("vllm", "builtin")]
+    assert "mxfp4" in capsys.readouterr().err
+    servers()
+    assert kernel_choice.resolve("auto", "both", [BF16]) == [kernel_choice.KernelRun("both", "builtin")]
+    assert len(capsys.readouterr().err.strip().splitlines()) == 2
+
+
+def test_a_named_server_kernel_that_cannot_run_is_a_usage_error(servers):
+    servers()
+    with pytest.raises(UsageError, match="--kernel sglang"):
+        kernel_choice.resolve("sglang", "sglang", [BF16])
+    servers("vllm_launcher")
+    with pytest.raises(UsageError, match="mxfp4"):
+        kernel_choice.resolve("vllm", "vllm", [MXFP4])
+    assert kernel_choice.resolve("builtin", "both", [MXFP4]) == [kernel_choice.KernelRun("both", "builtin")]
+
+
+def test_auto_checks_each_server_only_on_its_own_shapes(servers, capsys):
+    """With SGLang's shared-expert fusion a model has one shape per server (``tuner.plan``): each
+    server's kernel is checked on its own shapes, and a layout planned for no shape makes no run."""
+    servers("vllm_launcher", "sglang_topk_output")
+    fused = MoEShape(E=5, N=64, K=64, topk=3, dtype=DType.BF16, fused_shared=1)
+    ep = MoEShape(E=4, N=64, K=64, topk=2, dtype=DType.BF16, ep=2)
+    planned = {BF16: ("vllm",), fused: ("sglang",)}
+    assert kernel_choice.resolve("auto", "both", list(planned), planned.__getitem__) == [
+        kernel_choice.KernelRun("vllm", "vllm"), kernel_choice.KernelRun("sglang", "sglang")]
+    planned = {ep: ("vllm",), fused: ("sglang",)}  # vLLM's EP shape: its kernel call has no expert map
+    assert kernel_choice.resolve("auto", "both", list(planned), planned.__getitem__) == [
+        kernel_choice.KernelRun("vllm", "builtin"), kernel_choice.KernelRun("sglang", "sglang")]
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "vllm" in line and "ep" in line and "builtin" in line
+    assert kernel_choice.resolve("auto", "both", [BF16], {BF16: ("sglang",)}.__getitem__) == [
+        kernel_choice.KernelRun("sglang", "sglang")]
+    with pytest.raises(UsageError, match="ep layouts"):
+        kernel_choice.resolve("vllm", "vllm", [ep])
+
+
+def _moe_tune(argv: list[str], *paths: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, paths), os.environ.get("PYTHONPATH", "")])}
+    env.pop("MOE_TUNE_SERVER_CODE", None)
+    code = "import sys; from tuner.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def test_missing_server_exits_2_naming_it_before_any_work(tmp_path):
+    done = _moe_tune(tune_argv(tmp_path / "out", "--kernel", "sglang", "--format", "sglang"), timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    (line,) = done.stderr.strip().splitlines()
+    assert "--kernel sglang" in line and "sglang" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.timeout(900)
+def test_tune_on_the_server_kernel_names_it_in_the_summary(tmp_path):
+    """No flag: ``--format vllm`` with vLLM (its launcher) importable tunes vLLM's kernel."""
+    done = _moe_tune(tune_argv(tmp_path / "out", "--format", "vllm"), STAND_INS / "vllm_launcher", STAND_INS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert summary["kernel"] == "vllm" and summary["format"] == "vllm"
+    env = summary["devices"][0]["env"]
+    assert env["kernel"] == "vllm" and env["kernel_version"] == "vllm 0.0.0+stand-in-launcher"
+    assert env["kernel_entry"].endswith("fused_moe.invoke_fused_moe_triton_kernel") and len(env["kernel_hash"]) == 16
+    assert summary["files_written"] and "warning" not in done.stderr

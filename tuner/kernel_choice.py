@@ -1,0 +1,131 @@
+"""``--kernel``: which kernel backend a command times, decided before Ray starts.
+
+``auto`` (the default) is the kernel of the server the output is for: ``--format vllm`` → the
+``vllm`` backend, ``sglang`` → ``sglang``, ``both`` → each layout tuned on its own server's kernel
+(two runs). A server whose code does not import here (``workers.backends.server_code``: the
+installed package, or ``--server-code DIR`` / ``MOE_TUNE_SERVER_CODE``), or whose kernel does not
+run one of the shapes, falls back to ``builtin`` with one warning line on stderr saying the files
+are tuned on moe-tune's kernel. A server kernel asked for by name that cannot be imported, or
+that does not run a shape, is a usage error (exit 2) naming what is missing.
+
+The probe imports the server's code in this process: the Ray workers must see the same code
+(same installed version, or the same ``--server-code`` path, which is forwarded to them).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tuner.errors import UsageError
+from workers.records import MoEShape
+
+AUTO = "auto"
+FORMAT_SERVER = {"vllm": "vllm", "sglang": "sglang"}
+"""The server whose kernel reads each output layout."""
+
+
+@dataclass(frozen=True)
+class KernelRun:
+    """One tuning run: the layout(s) it writes and the backend it times."""
+
+    format: str
+    kernel: str
+
+
+def kernel_names() -> tuple[str, ...]:
+    from workers import backends
+
+    return (AUTO, *backends.names())
+
+
+def use_server_code(path: Path | None) -> None:
+    """Apply ``--server-code DIR`` (as an absolute path, since workers may start elsewhere)."""
+    from workers.backends.server_code import SERVER_CODE_ENV
+
+    if path is None:
+        return
+    folder = path.expanduser().resolve()
+    if not folder.is_dir():
+        raise UsageError(f"--server-code {path}: not a folder")
+    os.environ[SERVER_CODE_ENV] = str(folder)
+
+
+def _unavailable(kernel: str, shapes: list[MoEShape]) -> str | None:
+    """None when backend ``kernel`` imports here and runs every shape, else why not (one line)."""
+    from workers import backends
+
+    try:
+        backend = backends.load(kernel)
+    except backends.BackendUnavailable as exc:
+        return str(exc)
+    for shape in shapes:
+        reason = backend.check(shape)
+        if reason:
+            return f"{reason} ({shape.label})"
+    return None
+
+
+def resolve(kernel: str, fmt: str, shapes: list[MoEShape],
+            servers_of: Callable[[MoEShape], tuple[str, ...]] | None = None,
+            warnings: list[str] | None = None) -> list[KernelRun]:
+    """The runs ``--kernel kernel --format fmt`` makes for ``shapes`` (see the module docstring).
+
+    ``servers_of``: the servers whose files each shape is planned for (``tuner.plan``: with SGLang's
+    shared-expert fusion a model has one shape per server); under ``auto`` each server's kernel
+    must run only its own shapes, and a layout without shapes makes no run. Default: every shape
+    is for every server. ``warnings``: where the fallback warning lines go instead of stderr (a
+    caller that validates more input afterwards prints them once all of it is accepted)."""
+    if kernel != AUTO:
+        reason = _unavailable(kernel, shapes)
+        if reason:
+            raise UsageError(reason)
+        return [KernelRun(fmt, kernel)]
+    layouts = list(FORMAT_SERVER) if fmt == "both" else [fmt]
+    runs = []
+    for layout in layouts:
+        server = FORMAT_SERVER[layout]
+        own = [shape for shape in shapes if servers_of is None or layout in servers_of(shape)]
+        if not own and servers_of is not None:
+            continue
+        reason = _unavailable(server, own)
+        if reason:
+            line = (f"moe-tune: warning: --kernel auto: {server}'s kernel is not usable here ({reason}); the "
+                    f"{layout} files are tuned on moe-tune's builtin kernel, not {server}'s")
+            if warnings is None:
+                print(line, file=sys.stderr)
+            else:
+                warnings.append(line)
+        runs.append(KernelRun(layout, "builtin" if reason else server))
+    if len(runs) > 1 and len({run.kernel for run in runs}) == 1:
+        return [KernelRun(fmt, runs[0].kernel)]
+    return runs
+
+
+def default_rule(kernel: str, server_version: str | None) -> str:
+    """The default-config rule baselines use (``workers.default_config.RULES``): the one of
+    ``--server-version`` when given, else of the server whose kernel is timed (its version as
+    imported), else of the installed vLLM, else vLLM's newest rule."""
+    from workers import default_config
+
+    try:
+        if server_version:
+            return default_config.rule_for_version(server_version)
+        if kernel == "sglang":
+            return default_config.SGLANG
+        if kernel == "vllm":
+            from workers import backends
+
+            version = backends.load("vllm").describe()["kernel_version"].split(" ", 1)[1]
+            return default_config.rule_for_version(f"vllm=={version}")
+        import importlib.metadata
+
+        try:
+            return default_config.rule_for_version(f"vllm=={importlib.metadata.version('vllm')}")
+        except importlib.metadata.PackageNotFoundError:
+            return default_config.VLLM
+    except ValueError as exc:
+        raise UsageError(f"{exc}") from None

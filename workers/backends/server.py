@@ -1,0 +1,183 @@
+"""What the ``vllm`` and ``sglang`` backends share: two ways to run a server's fused-MoE kernel.
+
+- ``ServerCallRunner`` — the whole package imports (its compiled ops load): the server's public
+  ``fused_experts`` with the candidate forced through its ``override_config`` context manager,
+  the mechanism both servers' own tuning scripts use (inside it the config lookup returns the
+  given dict instead of reading JSON files).
+- ``LauncherRunner`` — only the server's Python code imports (e.g. a GPU host whose torch does not
+  match the server's wheel, so its compiled ops do not load): the server's own Python launcher of
+  its Triton kernel, the function its ``fused_experts`` calls once per GEMM, so the launch grid,
+  the EM clamp, swap-AB / tensor-descriptor choices and the kernel are the server's code. Between
+  the two GEMMs moe-tune supplies what the server would take from its compiled ops: the token
+  sort (``workers.align``), SwiGLU (``workers.activation``), fp8 activation quantization where the
+  launcher expects it done (``workers.fp8_activation``) and the top-k sum.
+
+The weights are moe-tune's (``workers.quant`` layouts are what both servers' kernels read: w13
+``[E, 2N, K]`` gate rows first, w2 ``[E, K, N]``, fp8 per-expert ``[E]`` or block
+``[E, ⌈R/bn⌉, ⌈C/bk⌉]`` scales, int8 per-channel ``[E, R]``), so results are checked against
+the same fp32 reference as the builtin kernel's.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from workers.activation import swiglu, swiglu_fp8_groups
+from workers.align import TokenAligner
+from workers.backends.base import MoEInputs
+from workers.fp8_activation import fp8_absmax, fp8_quantize_per_group, fp8_quantize_per_tensor
+from workers.quant import FP8_DTYPE
+from workers.records import Config, DType, MoEShape
+
+SERVER_DTYPES = (DType.BF16, DType.FP16, DType.FP8_W8A8, DType.INT8_W8A16)
+
+
+def layout_refusal(name: str, shape: MoEShape) -> str | None:
+    """Why backend ``name`` cannot time ``shape``'s layout (None when it can): the server call made
+    here passes no expert map (expert parallelism), no activation choice (non-gated experts) and
+    no per-channel fp8 scales. SGLang's fused shared experts are plain experts to the kernel."""
+    layouts = [field for field in shape.layout_fields() if field != "fused_shared"]
+    if not layouts:
+        return None
+    return (f"--kernel {name}: the server-kernel call passes no expert map, no activation choice and no "
+            f"per-channel scales, so it cannot time {' or '.join(layouts)} layouts; use --kernel builtin")
+
+
+def quant_flags(dtype: DType) -> dict[str, bool]:
+    """The ``use_*`` flags both servers' launchers and legacy ``fused_experts`` take."""
+    return {"use_fp8_w8a8": dtype is DType.FP8_W8A8, "use_int8_w8a8": False,
+            "use_int8_w8a16": dtype is DType.INT8_W8A16, "use_int4_w4a16": False}
+
+
+def block_list(inputs: MoEInputs) -> list[int] | None:
+    return list(inputs.shape.block_shape) if inputs.shape.block_shape else None
+
+
+def compute_type(dtype: torch.dtype) -> Any:
+    import triton.language as tl
+
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
+
+
+class ServerCallRunner:
+    """The server's ``fused_experts(*args, **kwargs)`` under ``override(config)``; ``output`` is its result."""
+
+    def __init__(self, call: Callable[[], torch.Tensor], override: Any, config: Config, inputs: MoEInputs) -> None:
+        self._call = call
+        self._override = override
+        self._config = config.to_dict()
+        self.output = torch.empty_like(inputs.x)
+
+    def run(self) -> torch.Tensor:
+        with self._override(self._config):
+            self.output = self._call()
+        return self.output
+
+
+def filter_arguments(function: Callable, offered: dict[str, Any]) -> dict[str, Any]:
+    """The subset of ``offered`` that ``function`` accepts; raises TypeError naming a required
+    parameter it does not offer (a launcher signature this adapter does not know)."""
+    parameters = inspect.signature(function).parameters
+    missing = [name for name, p in parameters.items()
+               if p.default is inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD and name not in offered]
+    if missing:
+        raise TypeError(f"{function.__module__}.{function.__qualname__} needs {', '.join(missing)}, "
+                        "which this moe-tune version does not know how to supply")
+    return {name: value for name, value in offered.items() if name in parameters}
+
+
+class LauncherRunner:
+    """The whole MoE call around a server's per-GEMM launcher (see the module docstring).
+
+    ``launch`` is the server's launcher; ``quantizes_input`` says whether it quantizes fp8
+    activations itself (SGLang's does; vLLM's expects them quantized). ``assignment``, when given,
+    maps (topk_ids, config dict, number of experts) to the server's own expert-assignment choice: None when the
+    server sorts tokens, else the (sorted_token_ids, expert_ids, num_tokens_post_padded) it passes
+    instead (vLLM's unsorted small-batch path). Every buffer is allocated here.
+    """
+
+    def __init__(self, launch: Callable, inputs: MoEInputs, config: Config, *, quantizes_input: bool,
+                 assignment: Callable[[torch.Tensor, dict, int], tuple | None] | None = None) -> None:
+        x, w13, w2 = inputs.x, inputs.w13, inputs.w2
+        M, K = x.shape
+        E, two_n, _ = w13.shape
+        N = two_n // 2
+        self._launch = launch
+        self._config = config.to_dict()
+        self._dtype = inputs.shape.dtype
+        self._block = block_list(inputs)
+        self._group_k = self._block[1] if self._block and self._dtype is DType.FP8_W8A8 else None
+        self._fp8 = self._dtype is DType.FP8_W8A8
+        self._quantizes_input = quantizes_input
+        self.x, self.w13, self.w2 = x.contiguous(), w13, w2
+        self.topk_ids = inputs.topk_ids.to(torch.int32).contiguous()
+        self.topk_weights = inputs.topk_weights.contiguous()
+        self.topk = self.topk_ids.shape[1]
+        pairs = M * self.topk
+        device = x.device
+        self._fixed = assignment(self.topk_ids, dict(self._config), E) if assignment else None
+        self._sort = None if self._fixed else TokenAligner(pairs, E, config.BLOCK_SIZE_M, device)
+        self._up = torch.empty((M, self.topk, 2 * N), dtype=x.dtype, device=device)
+        self._activated = torch.empty((pairs, N), dtype=x.dtype, device=device)
+        self._down = torch.empty((M, self.topk, K), dtype=x.dtype, device=device)
+        self.output = torch.empty((M, K), dtype=x.dtype, device=device)
+        self._compute_type = compute_type(x.dtype)
+        if self._fp8 and not quantizes_input:
+            self._x_fp8 = torch.empty((M, K), dtype=FP8_DTYPE, device=device)
+            self._act_fp8 = torch.empty((pairs, N), dtype=FP8_DTYPE, device=device)
+            self._x_scale = self._scale(M, K, device)
+            self._act_scale = self._scale(pairs, N, device)
+            self._amax = torch.empty(2, dtype=torch.float32, device=device)
+
+    def _scale(self, rows: int, cols: int, device: torch.device) -> torch.Tensor:
+        shape = (rows, -(-cols // self._group_k)) if self._group_k else (1,)
+        return torch.empty(shape, dtype=torch.float32, device=device)
+
+    def _quantize(self, a: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, amax: torch.Tensor) -> None:
+        if self._group_k:
+            fp8_quantize_per_group(a, out, scale, self._group_k)
+        else:
+            amax.zero_()
+            fp8_absmax(a, amax)
+            fp8_quantize_per_tensor(a, amax, out, scale)
+
+    def _gemm(self, a: torch.Tensor, a_scale: torch.Tensor | None, b, c: torch.Tensor, assignment: tuple,
+              mul_routed_weight: bool, top_k: int) -> None:
+        sorted_token_ids, expert_ids, num_tokens_post_padded = assignment
+        offered = {"A": a, "B": b.data, "C": c, "A_scale": a_scale, "B_scale": b.scale, "B_zp": None,
+                   "B_bias": None, "bias": None, "topk_weights": self.topk_weights, "topk_ids": self.topk_ids,
+                   "sorted_token_ids": sorted_token_ids, "expert_ids": expert_ids,
+                   "num_tokens_post_padded": num_tokens_post_padded, "mul_routed_weight": mul_routed_weight,
+                   "top_k": top_k, "config": dict(self._config), "compute_type": self._compute_type,
+                   "per_channel_quant": False, "block_shape": self._block, **quant_flags(self._dtype)}
+        self._launch(**filter_arguments(self._launch, offered))
+
+    def run(self) -> torch.Tensor:
+        """One whole MoE call; returns ``output``."""
+        if self._fixed:
+            assignment = self._fixed
+        else:
+            aligned = self._sort.run(self.topk_ids)
+            assignment = (aligned.sorted_token_ids, aligned.expert_ids, aligned.num_tokens_post_padded)
+        a, a_scale = self.x, None
+        if self._fp8 and not self._quantizes_input:
+            self._quantize(self.x, self._x_fp8, self._x_scale, self._amax[:1])
+            a, a_scale = self._x_fp8, self._x_scale
+        self._gemm(a, a_scale, self.w13, self._up, assignment, False, self.topk)
+        gate_up = self._up.view(-1, self._up.shape[-1])
+        if self._group_k and not self._quantizes_input:
+            swiglu_fp8_groups(gate_up, self._act_fp8, self._act_scale, self._group_k, self.x.dtype)
+            a, a_scale = self._act_fp8, self._act_scale
+        else:
+            swiglu(gate_up, self._activated)
+            a, a_scale = self._activated, None
+            if self._fp8 and not self._quantizes_input:
+                self._quantize(self._activated, self._act_fp8, self._act_scale, self._amax[1:])
+                a, a_scale = self._act_fp8, self._act_scale
+        self._gemm(a, a_scale, self.w2, self._down, assignment, True, 1)
+        torch.sum(self._down, dim=1, out=self.output)
+        return self.output

@@ -1,0 +1,179 @@
+"""Where an inference server's Python code comes from, and importing just the part we run.
+
+Two places, in this order:
+- ``MOE_TUNE_SERVER_CODE`` (``--server-code DIR``): a folder holding extracted server packages
+  (``DIR/vllm/…``, ``DIR/sglang/…``; e.g. the Python files of a vLLM wheel, unzipped). It is put
+  first on ``sys.path`` in every process that imports a server module (the driver forwards the
+  variable to its workers).
+- otherwise the installed package.
+
+A server's fused-MoE module sits under packages whose ``__init__`` imports most of the server
+(vLLM's ``vllm.model_executor`` pulls its distributed runtime, ``…fused_moe/__init__`` every MoE
+method). ``import_module`` first imports normally; if that fails it imports the module again with
+those parent packages registered bare (their folder on ``__path__``, their ``__init__`` not run),
+so only the modules the fused-MoE file itself imports are loaded. What still fails is reported
+by name (``ImportError.name``) so the caller can say what to install. Extracted sources have no
+package metadata; ``importlib.metadata`` is answered with the package's own ``__version__``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import sys
+import types
+from pathlib import Path
+
+SERVER_CODE_ENV = "MOE_TUNE_SERVER_CODE"
+
+
+class ImportFailed(ImportError):
+    """``module`` cannot be imported; ``missing`` is the top-level module that was not found (if any)."""
+
+    def __init__(self, module: str, missing: str | None, detail: str) -> None:
+        self.module, self.missing = module, missing
+        what = f"needs the missing module {missing!r}" if missing else detail
+        super().__init__(f"{module} {what} (code from {where()})")
+
+
+def where() -> str:
+    root = os.environ.get(SERVER_CODE_ENV)
+    return f"{SERVER_CODE_ENV}={root}" if root else "the installed packages"
+
+
+def _use_server_code_dir() -> None:
+    root = os.environ.get(SERVER_CODE_ENV)
+    if root and root not in sys.path:
+        if not Path(root).is_dir():
+            raise ImportFailed("server code", None, f"{SERVER_CODE_ENV}={root} is not a folder")
+        sys.path.insert(0, root)
+
+
+def _forget(prefix: str) -> None:
+    for name in [n for n in sys.modules if n == prefix or n.startswith(prefix + ".")]:
+        del sys.modules[name]
+
+
+def _bare_parents(module: str) -> None:
+    """Register the packages between the top-level package and ``module`` without running their
+    ``__init__`` (the top-level package itself is imported normally)."""
+    parts = module.split(".")
+    top = importlib.import_module(parts[0])
+    path = Path(top.__file__).parent
+    for depth in range(1, len(parts) - 1):
+        name = ".".join(parts[:depth + 1])
+        path = path / parts[depth]
+        if name in sys.modules:
+            continue
+        package = types.ModuleType(name)
+        package.__path__ = [str(path)]
+        package.__file__ = str(path / "__init__.py")
+        package.__package__ = name
+        sys.modules[name] = package
+        setattr(sys.modules[".".join(parts[:depth])], parts[depth], package)
+
+
+class _VersionOnly(importlib.metadata.Distribution):
+    """The metadata of a package present as extracted files only: its name and version."""
+
+    def __init__(self, name: str, version: str) -> None:
+        self._text = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+
+    def read_text(self, filename: str) -> str | None:
+        return self._text if filename in ("METADATA", "PKG-INFO") else None
+
+    def locate_file(self, path):  # noqa: ANN001 - importlib's signature
+        return Path(path)
+
+
+class _VersionOnlyFinder:
+    """Answers ``importlib.metadata`` queries for extracted packages (see ``_provide_metadata``)."""
+
+    def __init__(self) -> None:
+        self.versions: dict[str, str] = {}
+
+    def find_spec(self, *args, **kwargs) -> None:
+        return None
+
+    def find_distributions(self, context=importlib.metadata.DistributionFinder.Context()):
+        name = context.name
+        if name is None:
+            return iter([_VersionOnly(n, v) for n, v in self.versions.items()])
+        key = name.replace("-", "_").lower()
+        return iter([_VersionOnly(n, v) for n, v in self.versions.items() if n.lower() == key])
+
+
+_finder = _VersionOnlyFinder()
+
+
+def _provide_metadata(top: str) -> None:
+    """Extracted sources carry no ``*.dist-info``, yet servers ask ``importlib.metadata`` for their
+    own version at import (vLLM's ``triton_utils`` disables Triton when that fails): answer with
+    the version the package's own ``__version__`` states."""
+    try:
+        importlib.metadata.version(top)
+        return
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:
+        found = getattr(importlib.import_module(top), "__version__", None)
+    except Exception:  # noqa: BLE001 - the import below reports the failure
+        return
+    if found:
+        _finder.versions[top] = str(found)
+        if _finder not in sys.meta_path:
+            sys.meta_path.append(_finder)
+
+
+def import_module(module: str, *, bare_parents: bool = True) -> types.ModuleType:
+    """Import ``module`` of a server package (see the module docstring); raises ImportFailed."""
+    _use_server_code_dir()
+    top = module.split(".")[0]
+    _provide_metadata(top)
+    try:
+        return importlib.import_module(module)
+    except ImportError as first:
+        error: ImportError = first
+    except Exception as first:  # noqa: BLE001 - a package __init__ may fail in any way on a foreign host
+        error = ImportError(f"{type(first).__name__}: {first}")
+    if bare_parents and importlib.util.find_spec(top) is not None:
+        _forget(top)
+        try:
+            _bare_parents(module)
+            return importlib.import_module(module)
+        except ImportError as second:
+            error = second
+        except Exception as second:  # noqa: BLE001
+            error = ImportError(f"{type(second).__name__}: {second}")
+    missing = getattr(error, "name", None)
+    missing = missing.split(".")[0] if missing else None
+    if missing == top and importlib.util.find_spec(top) is not None:
+        missing = None  # the package is there; a module inside it is not
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    raise ImportFailed(module, missing, first_line) from error
+
+
+def version(package: str) -> str:
+    """``package``'s version: its ``__version__`` (the code actually imported), else its metadata."""
+    module = sys.modules.get(package)
+    found = getattr(module, "__version__", None) if module else None
+    if not found:
+        try:
+            found = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found = "unknown"
+    return str(found)
+
+
+def source_hash(*modules: types.ModuleType) -> str:
+    """16 hex digits over the source files of ``modules`` (the code whose change changes a timing)."""
+    digest = hashlib.sha256()
+    for module in modules:
+        path = getattr(module, "__file__", None)
+        digest.update((module.__name__ + "\0").encode())
+        if path and Path(path).is_file():
+            digest.update(Path(path).read_bytes())
+    return digest.hexdigest()[:16]

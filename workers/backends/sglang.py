@@ -1,0 +1,123 @@
+"""``sglang``: SGLang's fused-MoE Triton kernel, run by SGLang's own code of the version at hand.
+
+Entry points (``describe()["kernel_entry"]``):
+- ``fused_experts`` — the package and its compiled kernels (``sgl_kernel``) import: SGLang's
+  ``fused_experts`` under ``override_config``. Call forms, read from the signature:
+  ``fused_experts(x, w1, w2, topk_output, moe_runner_config, use_fp8_w8a8=…, …)``
+  (``sglang.srt.layers.moe.moe_runner.triton_utils``, recent) or ``fused_experts(x, w1, w2,
+  topk_weights, topk_ids, inplace=False, use_fp8_w8a8=…, …)`` (``…moe.fused_moe_triton``, older).
+- the launcher — only the Python files import: ``…fused_moe_triton.fused_moe_triton_kernels.
+  invoke_fused_moe_kernel`` with ``workers.backends.server.LauncherRunner`` around it. SGLang's
+  launcher quantizes fp8 activations itself with ``sgl_kernel`` ops on CUDA, so fp8_w8a8 needs
+  ``sgl_kernel`` there; bf16, fp16 and int8_w8a16 do not.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any
+
+import torch
+
+from workers.backends import server_code
+from workers.backends.base import BackendUnavailable, KernelBackend, MoEInputs
+from workers.backends.server import SERVER_DTYPES, LauncherRunner, ServerCallRunner, block_list, layout_refusal
+from workers.records import Config, DType, MoEShape
+
+CALL_MODULES = ("sglang.srt.layers.moe.moe_runner.triton_utils", "sglang.srt.layers.moe.fused_moe_triton")
+LAUNCHER_MODULE = "sglang.srt.layers.moe.fused_moe_triton.fused_moe_triton_kernels"
+LAUNCHER = "invoke_fused_moe_kernel"
+ENTRY_FUSED_EXPERTS = "fused_experts"
+ENTRY_LAUNCHER = "launcher"
+
+
+def _compiled_ops_load() -> bool:
+    try:
+        importlib.import_module("sgl_kernel")
+    except Exception:  # noqa: BLE001 - a wheel built for another torch fails with any of several errors
+        return False
+    return True
+
+
+class SglangBackend(KernelBackend):
+    name = "sglang"
+
+    def __init__(self) -> None:
+        self._ops = _compiled_ops_load()
+        self.entry, self.module, self._fused_experts, self._override, self._launch = self._import()
+        self.compiles_ahead = self.entry == ENTRY_LAUNCHER
+
+    def _import(self) -> tuple[str, Any, Any, Any, Any]:
+        failure = "sgl_kernel does not import"
+        if self._ops:
+            for name in CALL_MODULES:
+                try:
+                    module = server_code.import_module(name, bare_parents=False)
+                except server_code.ImportFailed as exc:
+                    failure = str(exc)
+                    continue
+                if hasattr(module, "override_config") and hasattr(module, "fused_experts"):
+                    return ENTRY_FUSED_EXPERTS, module, module.fused_experts, module.override_config, None
+        try:
+            module = server_code.import_module(LAUNCHER_MODULE)
+        except server_code.ImportFailed as exc:
+            hint = f"; install {exc.missing!r}" if exc.missing else ""
+            raise BackendUnavailable(f"--kernel sglang: cannot import SGLang's fused-MoE code: {exc}{hint} "
+                                     f"(package entry: {failure})") from exc
+        if not hasattr(module, LAUNCHER):
+            raise BackendUnavailable(f"--kernel sglang: {LAUNCHER_MODULE} has no {LAUNCHER} (package entry: {failure})")
+        return ENTRY_LAUNCHER, module, None, None, getattr(module, LAUNCHER)
+
+    def describe(self) -> dict[str, str]:
+        if self.entry == ENTRY_FUSED_EXPERTS:
+            entry = f"{self.module.__name__}.fused_experts+override_config"
+        else:
+            entry = f"{LAUNCHER_MODULE}.{LAUNCHER}"
+        return {"kernel": self.name, "kernel_entry": entry,
+                "kernel_version": f"sglang {server_code.version('sglang')}",
+                "kernel_hash": server_code.source_hash(self.module)}
+
+    def check(self, shape: MoEShape) -> str | None:
+        if shape.dtype not in SERVER_DTYPES:
+            return f"--kernel sglang runs {', '.join(d.value for d in SERVER_DTYPES)}, not {shape.dtype.value}"
+        if shape.block_shape is not None and shape.dtype is not DType.FP8_W8A8:
+            return f"block-quantized {shape.dtype.value} runs SGLang's GPTQ/AWQ kernel, not the one tuned here"
+        layout = layout_refusal(self.name, shape)
+        if layout:
+            return layout
+        if self.entry == ENTRY_LAUNCHER and shape.dtype is DType.FP8_W8A8 and not self._ops:
+            return "SGLang's launcher quantizes fp8 activations with sgl_kernel, which does not import here"
+        return None
+
+    def runner(self, inputs: MoEInputs, config: Config, down_config: Config | None = None):
+        reason = self.check(inputs.shape)
+        if reason:
+            raise ValueError(reason)
+        if down_config is not None and down_config != config:
+            raise ValueError("--kernel sglang times one config for both GEMMs")
+        if self.entry == ENTRY_LAUNCHER:
+            return LauncherRunner(self._launch, inputs, config, quantizes_input=True)
+        args, kwargs = self._call_arguments(inputs)
+        return ServerCallRunner(lambda: self._fused_experts(*args, **kwargs), self._override, config, inputs)
+
+    def _call_arguments(self, inputs: MoEInputs) -> tuple[tuple, dict]:
+        quant = _quant_keywords(inputs)
+        if "topk_output" not in inspect.signature(self._fused_experts).parameters:
+            args = (inputs.x, inputs.w13.data, inputs.w2.data, inputs.topk_weights, inputs.topk_ids)
+            return args, {"inplace": False, **quant}
+        runner_config = server_code.import_module("sglang.srt.layers.moe.moe_runner",
+                                                  bare_parents=False).MoeRunnerConfig(inplace=False)
+        router_logits = torch.empty(inputs.x.shape[0], inputs.shape.E, device=inputs.x.device)
+        topk_output = (inputs.topk_weights, inputs.topk_ids, router_logits)
+        return (inputs.x, inputs.w13.data, inputs.w2.data, topk_output, runner_config), quant
+
+
+def _quant_keywords(inputs: MoEInputs) -> dict[str, Any]:
+    dtype = inputs.shape.dtype
+    if dtype is DType.FP8_W8A8:
+        return {"use_fp8_w8a8": True, "w1_scale": inputs.w13.scale, "w2_scale": inputs.w2.scale,
+                "block_shape": block_list(inputs)}
+    if dtype is DType.INT8_W8A16:
+        return {"use_int8_w8a16": True, "w1_scale": inputs.w13.scale, "w2_scale": inputs.w2.scale}
+    return {}

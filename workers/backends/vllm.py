@@ -1,0 +1,154 @@
+"""``vllm``: vLLM's fused-MoE Triton kernel, run by vLLM's own code of the version at hand.
+
+Entry points (``describe()["kernel_entry"]`` says which one a run used):
+- ``fused_experts`` — the whole package imports and its compiled extension (``vllm._C``) loads:
+  ``vllm.model_executor.layers.fused_moe.fused_moe.fused_experts`` under the package's
+  ``override_config``
+  (``workers.backends.server.ServerCallRunner``). Call forms: ``quant_config=`` built with
+  ``…fused_moe.config.*_moe_quant_config`` (recent releases) or the older ``use_fp8_w8a8=…,
+  w1_scale=…`` keywords, read from the signature.
+- the launcher — only the Python files import (the compiled ops do not load under this torch):
+  ``…fused_moe.fused_moe.invoke_fused_moe_triton_kernel`` (vLLM ≥ 0.3x; ``invoke_fused_moe_kernel``
+  in older releases), with ``workers.backends.server.LauncherRunner`` around it. vLLM's
+  ``_prepare_expert_assignment`` (when the version has it) decides, as in vLLM, whether a batch
+  skips the token sort (few tokens for many experts: one block per (token, expert) pair).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any
+
+import torch
+
+from workers.backends import server_code
+from workers.backends.base import BackendUnavailable, KernelBackend, MoEInputs
+from workers.backends.server import SERVER_DTYPES, LauncherRunner, ServerCallRunner, block_list, layout_refusal
+from workers.records import Config, DType, MoEShape
+
+PACKAGE = "vllm.model_executor.layers.fused_moe"
+MODULE = PACKAGE + ".fused_moe"
+LAUNCHERS = ("invoke_fused_moe_triton_kernel", "invoke_fused_moe_kernel")
+ENTRY_FUSED_EXPERTS = "fused_experts"
+ENTRY_LAUNCHER = "launcher"
+
+
+def _compiled_ops_load() -> bool:
+    try:
+        importlib.import_module("vllm._C")
+    except Exception:  # noqa: BLE001 - a wheel built for another torch fails with any of several errors
+        return False
+    return True
+
+
+class VllmBackend(KernelBackend):
+    name = "vllm"
+
+    def __init__(self) -> None:
+        self.entry, self.module, self._fused_experts, self._override, self._launch = self._import()
+        self.compiles_ahead = self.entry == ENTRY_LAUNCHER
+
+    def _import(self) -> tuple[str, Any, Any, Any, Any]:
+        failure: str | None = None
+        try:
+            package = server_code.import_module(PACKAGE, bare_parents=False)
+            module = server_code.import_module(MODULE, bare_parents=False)
+            if not _compiled_ops_load():
+                failure = "vllm._C does not load"
+            elif hasattr(package, "override_config") and hasattr(module, "fused_experts"):
+                return ENTRY_FUSED_EXPERTS, module, module.fused_experts, package.override_config, None
+        except server_code.ImportFailed as exc:
+            failure = str(exc)
+        try:
+            module = server_code.import_module(MODULE)
+        except server_code.ImportFailed as exc:
+            hint = f"; install {exc.missing!r}" if exc.missing else ""
+            raise BackendUnavailable(f"--kernel vllm: cannot import vLLM's fused-MoE code: {exc}{hint}") from exc
+        launch = next((getattr(module, name) for name in LAUNCHERS if hasattr(module, name)), None)
+        if launch is None:
+            raise BackendUnavailable(f"--kernel vllm: {MODULE} has none of {', '.join(LAUNCHERS)} "
+                                     f"(package import: {failure or 'compiled ops do not load'})")
+        return ENTRY_LAUNCHER, module, None, None, launch
+
+    def describe(self) -> dict[str, str]:
+        if self.entry == ENTRY_FUSED_EXPERTS:
+            entry = f"{MODULE}.fused_experts+override_config"
+        else:
+            entry = f"{MODULE}.{self._launch.__name__}"
+        return {"kernel": self.name, "kernel_entry": entry, "kernel_version": f"vllm {server_code.version('vllm')}",
+                "kernel_hash": server_code.source_hash(self.module)}
+
+    def check(self, shape: MoEShape) -> str | None:
+        if shape.dtype not in SERVER_DTYPES:
+            return f"--kernel vllm runs {', '.join(d.value for d in SERVER_DTYPES)}, not {shape.dtype.value}"
+        if shape.block_shape is not None and shape.dtype is not DType.FP8_W8A8:
+            return f"block-quantized {shape.dtype.value} runs vLLM's GPTQ/AWQ kernel, not the one tuned here"
+        layout = layout_refusal(self.name, shape)
+        if layout:
+            return layout
+        return None
+
+    def runner(self, inputs: MoEInputs, config: Config, down_config: Config | None = None):
+        reason = self.check(inputs.shape)
+        if reason:
+            raise ValueError(reason)
+        if down_config is not None and down_config != config:
+            raise ValueError("--kernel vllm runs one config for both GEMMs")
+        if self.entry == ENTRY_LAUNCHER:
+            return LauncherRunner(self._launch, inputs, config, quantizes_input=False, assignment=self._assignment)
+        args, kwargs = self._call_arguments(inputs)
+        return ServerCallRunner(lambda: self._fused_experts(*args, **kwargs), self._override, config, inputs)
+
+    # -- launcher entry ------------------------------------------------------------------------
+
+    def _assignment(self, topk_ids: torch.Tensor, config: dict, num_experts: int) -> tuple | None:
+        """vLLM's own choice between sorting tokens and its unsorted small-batch path: its
+        ``_prepare_expert_assignment`` is called with the sort replaced by a marker (the sort
+        itself is a compiled op here); the marker coming back means "sort"."""
+        prepare = getattr(self.module, "_prepare_expert_assignment", None)
+        if prepare is None:
+            return None
+        marker = object()
+        original = getattr(self.module, "moe_align_block_size", None)
+        self.module.moe_align_block_size = lambda *args, **kwargs: marker
+        try:
+            offered = {"topk_ids": topk_ids, "config": config, "num_tokens": topk_ids.shape[0],
+                       "top_k_num": topk_ids.shape[1], "global_num_experts": num_experts, "expert_map": None,
+                       "ignore_invalid_experts": True, "weights_host_resident": False}
+            parameters = inspect.signature(prepare).parameters
+            result = prepare(**{k: v for k, v in offered.items() if k in parameters})
+        finally:
+            self.module.moe_align_block_size = original
+        return None if result is marker else tuple(result)
+
+    # -- fused_experts entry -------------------------------------------------------------------
+
+    def _call_arguments(self, inputs: MoEInputs) -> tuple[tuple, dict]:
+        args = (inputs.x, inputs.w13.data, inputs.w2.data, inputs.topk_weights, inputs.topk_ids)
+        if "quant_config" not in inspect.signature(self._fused_experts).parameters:
+            return args, {"inplace": False, **_legacy_quant_keywords(inputs)}
+        return args, {"inplace": False, "quant_config": _quant_config(inputs)}
+
+
+def _legacy_quant_keywords(inputs: MoEInputs) -> dict[str, Any]:
+    dtype = inputs.shape.dtype
+    if dtype is DType.FP8_W8A8:
+        return {"use_fp8_w8a8": True, "w1_scale": inputs.w13.scale, "w2_scale": inputs.w2.scale,
+                "block_shape": block_list(inputs)}
+    if dtype is DType.INT8_W8A16:
+        return {"use_int8_w8a16": True, "w1_scale": inputs.w13.scale, "w2_scale": inputs.w2.scale}
+    return {}
+
+
+def _quant_config(inputs: MoEInputs) -> Any:
+    dtype = inputs.shape.dtype
+    config = importlib.import_module(PACKAGE + ".config")
+    if dtype is DType.FP8_W8A8:
+        return config.fp8_w8a8_moe_quant_config(w1_scale=inputs.w13.scale, w2_scale=inputs.w2.scale,
+                                                a1_scale=None, a2_scale=None, block_shape=block_list(inputs))
+    if dtype is DType.INT8_W8A16:
+        return config.int8_w8a16_moe_quant_config(w1_scale=inputs.w13.scale, w2_scale=inputs.w2.scale,
+                                                  w1_zp=None, w2_zp=None)
+    return None
+
