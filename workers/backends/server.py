@@ -20,6 +20,7 @@ the same fp32 reference as the builtin kernel's.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +35,41 @@ from workers.quant import FP8_DTYPE
 from workers.records import Config, DType, MoEShape
 
 SERVER_DTYPES = (DType.BF16, DType.FP16, DType.FP8_W8A8, DType.INT8_W8A16)
+ENTRY_FUSED_EXPERTS = "fused_experts"
+"""Entry point: the package's public ``fused_experts`` under its ``override_config``."""
+ENTRY_LAUNCHER = "launcher"
+"""Entry point: the server's own per-GEMM launcher of its Triton kernel (compiled ops absent)."""
+
+
+def compiled_ops_load(module: str) -> bool:
+    """Whether the server's compiled extension ``module`` (``vllm._C``, ``sgl_kernel``) imports here."""
+    try:
+        importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - a wheel built for another torch fails with any of several errors
+        return False
+    return True
+
+
+def shape_refusal(name: str, server: str, shape: MoEShape) -> str | None:
+    """Why server backend ``name`` (``server``: the server's display name) cannot time ``shape``
+    (None when it can): a dtype outside ``SERVER_DTYPES``, a block-quantized weight-only dtype (the
+    server's GPTQ/AWQ kernel runs it), or a layout the call cannot pass (``layout_refusal``)."""
+    if shape.dtype not in SERVER_DTYPES:
+        return f"--kernel {name} runs {', '.join(d.value for d in SERVER_DTYPES)}, not {shape.dtype.value}"
+    if shape.block_shape is not None and shape.dtype is not DType.FP8_W8A8:
+        return f"block-quantized {shape.dtype.value} runs {server}'s GPTQ/AWQ kernel, not the one tuned here"
+    return layout_refusal(name, shape)
+
+
+def keyword_quant_arguments(inputs: MoEInputs) -> dict[str, Any]:
+    """The ``use_*`` flag and scales of the keyword-style ``fused_experts`` call both servers accept(ed)."""
+    dtype = inputs.shape.dtype
+    if dtype is DType.FP8_W8A8:
+        return {"use_fp8_w8a8": True, "w1_scale": inputs.w13.scale, "w2_scale": inputs.w2.scale,
+                "block_shape": block_list(inputs)}
+    if dtype is DType.INT8_W8A16:
+        return {"use_int8_w8a16": True, "w1_scale": inputs.w13.scale, "w2_scale": inputs.w2.scale}
+    return {}
 
 
 def layout_refusal(name: str, shape: MoEShape) -> str | None:

@@ -14,7 +14,6 @@ Entry points (``describe()["kernel_entry"]``):
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from typing import Any
 
@@ -22,29 +21,20 @@ import torch
 
 from workers.backends import server_code
 from workers.backends.base import BackendUnavailable, KernelBackend, MoEInputs
-from workers.backends.server import SERVER_DTYPES, LauncherRunner, ServerCallRunner, block_list, layout_refusal
+from workers.backends.server import (ENTRY_FUSED_EXPERTS, ENTRY_LAUNCHER, LauncherRunner, ServerCallRunner,
+                                     compiled_ops_load, keyword_quant_arguments, shape_refusal)
 from workers.records import Config, DType, MoEShape
 
 CALL_MODULES = ("sglang.srt.layers.moe.moe_runner.triton_utils", "sglang.srt.layers.moe.fused_moe_triton")
 LAUNCHER_MODULE = "sglang.srt.layers.moe.fused_moe_triton.fused_moe_triton_kernels"
 LAUNCHER = "invoke_fused_moe_kernel"
-ENTRY_FUSED_EXPERTS = "fused_experts"
-ENTRY_LAUNCHER = "launcher"
-
-
-def _compiled_ops_load() -> bool:
-    try:
-        importlib.import_module("sgl_kernel")
-    except Exception:  # noqa: BLE001 - a wheel built for another torch fails with any of several errors
-        return False
-    return True
 
 
 class SglangBackend(KernelBackend):
     name = "sglang"
 
     def __init__(self) -> None:
-        self._ops = _compiled_ops_load()
+        self._ops = compiled_ops_load("sgl_kernel")
         self.entry, self.module, self._fused_experts, self._override, self._launch = self._import()
         self.compiles_ahead = self.entry == ENTRY_LAUNCHER
 
@@ -79,13 +69,9 @@ class SglangBackend(KernelBackend):
                 "kernel_hash": server_code.source_hash(self.module)}
 
     def check(self, shape: MoEShape) -> str | None:
-        if shape.dtype not in SERVER_DTYPES:
-            return f"--kernel sglang runs {', '.join(d.value for d in SERVER_DTYPES)}, not {shape.dtype.value}"
-        if shape.block_shape is not None and shape.dtype is not DType.FP8_W8A8:
-            return f"block-quantized {shape.dtype.value} runs SGLang's GPTQ/AWQ kernel, not the one tuned here"
-        layout = layout_refusal(self.name, shape)
-        if layout:
-            return layout
+        refusal = shape_refusal(self.name, "SGLang", shape)
+        if refusal:
+            return refusal
         if self.entry == ENTRY_LAUNCHER and shape.dtype is DType.FP8_W8A8 and not self._ops:
             return "SGLang's launcher quantizes fp8 activations with sgl_kernel, which does not import here"
         return None
@@ -102,7 +88,7 @@ class SglangBackend(KernelBackend):
         return ServerCallRunner(lambda: self._fused_experts(*args, **kwargs), self._override, config, inputs)
 
     def _call_arguments(self, inputs: MoEInputs) -> tuple[tuple, dict]:
-        quant = _quant_keywords(inputs)
+        quant = keyword_quant_arguments(inputs)
         if "topk_output" not in inspect.signature(self._fused_experts).parameters:
             args = (inputs.x, inputs.w13.data, inputs.w2.data, inputs.topk_weights, inputs.topk_ids)
             return args, {"inplace": False, **quant}
@@ -111,13 +97,3 @@ class SglangBackend(KernelBackend):
         router_logits = torch.empty(inputs.x.shape[0], inputs.shape.E, device=inputs.x.device)
         topk_output = (inputs.topk_weights, inputs.topk_ids, router_logits)
         return (inputs.x, inputs.w13.data, inputs.w2.data, topk_output, runner_config), quant
-
-
-def _quant_keywords(inputs: MoEInputs) -> dict[str, Any]:
-    dtype = inputs.shape.dtype
-    if dtype is DType.FP8_W8A8:
-        return {"use_fp8_w8a8": True, "w1_scale": inputs.w13.scale, "w2_scale": inputs.w2.scale,
-                "block_shape": block_list(inputs)}
-    if dtype is DType.INT8_W8A16:
-        return {"use_int8_w8a16": True, "w1_scale": inputs.w13.scale, "w2_scale": inputs.w2.scale}
-    return {}

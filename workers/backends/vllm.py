@@ -24,22 +24,13 @@ import torch
 
 from workers.backends import server_code
 from workers.backends.base import BackendUnavailable, KernelBackend, MoEInputs
-from workers.backends.server import SERVER_DTYPES, LauncherRunner, ServerCallRunner, block_list, layout_refusal
+from workers.backends.server import (ENTRY_FUSED_EXPERTS, ENTRY_LAUNCHER, LauncherRunner, ServerCallRunner,
+                                     block_list, compiled_ops_load, keyword_quant_arguments, shape_refusal)
 from workers.records import Config, DType, MoEShape
 
 PACKAGE = "vllm.model_executor.layers.fused_moe"
 MODULE = PACKAGE + ".fused_moe"
 LAUNCHERS = ("invoke_fused_moe_triton_kernel", "invoke_fused_moe_kernel")
-ENTRY_FUSED_EXPERTS = "fused_experts"
-ENTRY_LAUNCHER = "launcher"
-
-
-def _compiled_ops_load() -> bool:
-    try:
-        importlib.import_module("vllm._C")
-    except Exception:  # noqa: BLE001 - a wheel built for another torch fails with any of several errors
-        return False
-    return True
 
 
 class VllmBackend(KernelBackend):
@@ -54,7 +45,7 @@ class VllmBackend(KernelBackend):
         try:
             package = server_code.import_module(PACKAGE, bare_parents=False)
             module = server_code.import_module(MODULE, bare_parents=False)
-            if not _compiled_ops_load():
+            if not compiled_ops_load("vllm._C"):
                 failure = "vllm._C does not load"
             elif hasattr(package, "override_config") and hasattr(module, "fused_experts"):
                 return ENTRY_FUSED_EXPERTS, module, module.fused_experts, package.override_config, None
@@ -80,14 +71,7 @@ class VllmBackend(KernelBackend):
                 "kernel_hash": server_code.source_hash(self.module)}
 
     def check(self, shape: MoEShape) -> str | None:
-        if shape.dtype not in SERVER_DTYPES:
-            return f"--kernel vllm runs {', '.join(d.value for d in SERVER_DTYPES)}, not {shape.dtype.value}"
-        if shape.block_shape is not None and shape.dtype is not DType.FP8_W8A8:
-            return f"block-quantized {shape.dtype.value} runs vLLM's GPTQ/AWQ kernel, not the one tuned here"
-        layout = layout_refusal(self.name, shape)
-        if layout:
-            return layout
-        return None
+        return shape_refusal(self.name, "vLLM", shape)
 
     def runner(self, inputs: MoEInputs, config: Config, down_config: Config | None = None):
         reason = self.check(inputs.shape)
@@ -127,18 +111,8 @@ class VllmBackend(KernelBackend):
     def _call_arguments(self, inputs: MoEInputs) -> tuple[tuple, dict]:
         args = (inputs.x, inputs.w13.data, inputs.w2.data, inputs.topk_weights, inputs.topk_ids)
         if "quant_config" not in inspect.signature(self._fused_experts).parameters:
-            return args, {"inplace": False, **_legacy_quant_keywords(inputs)}
+            return args, {"inplace": False, **keyword_quant_arguments(inputs)}
         return args, {"inplace": False, "quant_config": _quant_config(inputs)}
-
-
-def _legacy_quant_keywords(inputs: MoEInputs) -> dict[str, Any]:
-    dtype = inputs.shape.dtype
-    if dtype is DType.FP8_W8A8:
-        return {"use_fp8_w8a8": True, "w1_scale": inputs.w13.scale, "w2_scale": inputs.w2.scale,
-                "block_shape": block_list(inputs)}
-    if dtype is DType.INT8_W8A16:
-        return {"use_int8_w8a16": True, "w1_scale": inputs.w13.scale, "w2_scale": inputs.w2.scale}
-    return {}
 
 
 def _quant_config(inputs: MoEInputs) -> Any:
@@ -151,4 +125,3 @@ def _quant_config(inputs: MoEInputs) -> Any:
         return config.int8_w8a16_moe_quant_config(w1_scale=inputs.w13.scale, w2_scale=inputs.w2.scale,
                                                   w1_zp=None, w2_zp=None)
     return None
-
