@@ -10,7 +10,8 @@
 # table is printed last. DTYPES (default bf16,fp8_w8a8,mxfp4,nvfp4) splits a call further.
 #
 #   GPU host, repository root:   TP=1 bash benchmarks/mxfp4_compare.sh ; TP=4 bash benchmarks/mxfp4_compare.sh
-#   needs: .gpu-wheels/ (the project's offline wheels, as compare_run.sh) and SERVER_KERNELS
+#   needs: .gpu-wheels/ (the project's offline wheels, as compare_run.sh; or .gpu-site/ left by
+#   benchmarks/server_kernel_bench.sh on a warm host, with vLLM's import needs) and SERVER_KERNELS
 #   (default .server-kernels, made by ../shared/tools/server-kernels: triton_kernels/ is put on
 #   PYTHONPATH; vLLM's Python files there serve --kernel vllm). KERNEL (default vllm): the kernel the
 #   fused-MoE dtypes are tuned on; with builtin their numbers are reported but not ranked.
@@ -31,10 +32,14 @@ if [[ -n "${DRY:-}" ]]; then
         --interpret --kernel builtin)
 else
   ARGS=(--model gpt-oss-120b --tp "$TP" --moe-layers 36 --batch-sizes 1,16,64,256,1024,4096 --kernel "${KERNEL:-vllm}")
-  timeout 120 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu-wheels/*.whl \
-    >"$OUT/compare.log" 2>&1
+  # .gpu-site/: what benchmarks/server_kernel_bench.sh installed on this (warm) host, vLLM's import needs included
+  [[ -d .gpu-site/ray ]] || timeout 120 python3 -m pip install -q --no-index --no-deps --no-compile --target .gpu-site \
+    .gpu-wheels/*.whl >"$OUT/compare.log" 2>&1
+  # vLLM's Python files (extracted from .server-kernels/vllm-py.zip) serve --kernel vllm
+  [[ -d .vllm-src/vllm ]] || timeout 60 python3 -c "import zipfile; zipfile.ZipFile('$SERVER_KERNELS/vllm-py.zip').extractall('.vllm-src')"
+  export MOE_TUNE_SERVER_CODE=$PWD/.vllm-src
 fi
-export PYTHONPATH=/tmp/site:$PWD${SERVER_KERNELS:+:$SERVER_KERNELS} PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD/.gpu-site:$PWD${SERVER_KERNELS:+:$SERVER_KERNELS} PYTHONUNBUFFERED=1
 { date -u; nvidia-smi -L 2>/dev/null; timeout 60 python3 -c "import torch, triton, ray; print('torch', torch.__version__, 'triton', triton.__version__, 'ray', ray.__version__)"
   timeout 60 python3 -c "import triton_kernels as t; print('triton_kernels at', t.__file__)"; } >>"$OUT/compare.log" 2>&1
 START=$(date +%s)

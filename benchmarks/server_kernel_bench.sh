@@ -53,9 +53,14 @@ has() { case " $PHASES " in *" $1 "*) return 0;; esac; return 1; }
 step "setup"
 for wheels in .gpu-wheels .vllm-wheels; do
   if ls "$wheels"/*.whl >/dev/null 2>&1; then
+    stamp="$SITE/.installed-${wheels#.}"
+    if [ -f "$stamp" ] && [ "$(ls "$wheels")" = "$(cat "$stamp")" ]; then
+      echo "$wheels: installed by an earlier call" | tee -a "$LOG"; continue
+    fi
     timeout 200 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" \
       "$wheels"/*.whl >>"$LOG" 2>&1
-    echo "installed $wheels: exit $?" | tee -a "$LOG"
+    rc=$?; echo "installed $wheels: exit $rc" | tee -a "$LOG"
+    [ "$rc" = 0 ] && ls "$wheels" >"$stamp"
   fi
 done
 has install && [ "$PHASES" = install ] && { echo "install done"; exit 0; }
@@ -80,7 +85,7 @@ if has tune; then
   n=$(echo $SHAPES | wc -w)
   for shape in $SHAPES; do
     IFS=: read -r model tp dtype <<<"$shape"
-    reserve=20; has compare && reserve=200
+    reserve=20; has compare && reserve=${COMPARE_RESERVE_S:-200}; has exhaustive && reserve=$((reserve + ${EXHAUSTIVE_S:-0}))
     per=$(( ($(left) - reserve) / n )); n=$((n - 1))
     [ "$per" -lt 45 ] && { echo "skip $shape: $per s left for it" | tee -a "$LOG"; continue; }
     budget=$(python3 -c "print(round(max(0.3, ($per - 40) / 60), 2))")

@@ -193,6 +193,40 @@ def test_missing_server_dependency_is_named(tmp_path, monkeypatch):
         _forget_servers()
 
 
+def test_failed_package_import_keeps_modules_it_loaded(tmp_path, monkeypatch):
+    """The GPU host's case: the fused-MoE package ``__init__`` fails on a missing dependency after
+    other server modules were imported (vLLM's register torch types, which fails on a second
+    import). The retry with bare parents reuses those modules instead of importing them again."""
+    from workers import backends
+
+    root = tmp_path / "vllm"
+    module = root / "model_executor" / "layers" / "fused_moe"
+    module.mkdir(parents=True)
+    (root / "__init__.py").write_text('__version__ = "9.9"\n')
+    (root / "registry.py").write_text(
+        "import builtins\n"
+        "if getattr(builtins, '_moe_tune_test_registered', False):\n"
+        "    raise RuntimeError('type already registered')\n"
+        "builtins._moe_tune_test_registered = True\n")
+    (root / "model_executor" / "__init__.py").write_text("")
+    (module.parent / "__init__.py").write_text("")
+    (module / "__init__.py").write_text("import vllm.registry\nimport harmony_not_installed_here\n")
+    (module / "fused_moe.py").write_text(
+        "import vllm.registry\n"
+        "def invoke_fused_moe_triton_kernel(*args, **kwargs):\n    pass\n")
+    monkeypatch.setenv("MOE_TUNE_SERVER_CODE", str(tmp_path))
+    _forget_servers()
+    try:
+        backend = backends.load("vllm")
+        assert backend.entry == "launcher" and backend.describe()["kernel_version"] == "vllm 9.9"
+    finally:
+        import builtins
+
+        builtins.__dict__.pop("_moe_tune_test_registered", None)
+        sys.path.remove(str(tmp_path))
+        _forget_servers()
+
+
 def test_worker_measures_and_names_the_server_kernel():
     script = (
         "import json\n"

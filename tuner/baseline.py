@@ -1,10 +1,10 @@
 """The configs a server runs today, which a tune has to beat (``--baseline DIR``).
 
 A platform team ships new configs only if they are at least as fast as what the server already
-uses: vLLM's shipped JSONs, last night's output. Per batch size, the config a server would take
-from each baseline folder (the file for the shape and GPU, vLLM's nearest-M lookup; the server's
-default config where the folder has no file for it: the default rule of the server version in
-use, ``rule``, see ``workers.default_config``) joins the search as a candidate that is
+uses: vLLM's shipped JSONs, last night's output, or no file at all. Per batch size, the config a
+server would take from each baseline folder (the file for the shape and GPU, vLLM's nearest-M
+lookup) and the server's default config (the default rule of the server version in use, ``rule``,
+see ``workers.default_config``: what it runs with no file) join the search as candidates that are
 always fully timed and always among the finalists re-timed back to back (``tuner.select``). So
 the file written is never slower than the baseline beyond that re-timing's noise, and the run
 summary states the ratio at every batch size, at no extra GPU time.
@@ -42,14 +42,17 @@ class Baseline:
     def configs_for(self, shape: MoEShape, device_name: str, batch_sizes: list[int],
                     triton_version: str | None = None) -> dict[int, tuple[Config, ...]]:
         """Per batch size, the distinct configs the baseline folders give a server for ``shape``
-        on ``device_name`` (empty when no folder was given); SGLang folders are searched from the
+        on ``device_name``, and the server's default config (empty when no folder was given); SGLang folders are searched from the
         ``triton_version`` folder on (``tuner.writers.server_file``)."""
         out: dict[int, tuple[Config, ...]] = {}
         for M in batch_sizes:
             configs = []
             for files in self.files:
                 found = server_file(files, shape, device_name, triton_version)
-                configs.append(lookup(found[1], M) if found else server_default(shape, M, self.rule)[0])
+                if found:
+                    configs.append(lookup(found[1], M))
+            if self.files:  # what the server runs once the file is gone (or where none was shipped)
+                configs.append(server_default(shape, M, self.rule)[0])
             if configs:
                 out[M] = tuple(dict.fromkeys(configs))
         return out

@@ -10,8 +10,10 @@ Two places, in this order:
 A server's fused-MoE module sits under packages whose ``__init__`` imports most of the server
 (vLLM's ``vllm.model_executor`` pulls its distributed runtime, ``…fused_moe/__init__`` every MoE
 method). ``import_module`` first imports normally; if that fails it imports the module again with
-those parent packages registered bare (their folder on ``__path__``, their ``__init__`` not run),
-so only the modules the fused-MoE file itself imports are loaded. What still fails is reported
+the parent packages whose ``__init__`` failed registered bare (their folder on ``__path__``, their
+``__init__`` not run), so only the modules the fused-MoE file itself imports are loaded. Modules the
+failed attempt did import stay loaded and are reused, never imported twice (vLLM registers torch
+custom types and ops at import; a second import of those modules fails). What still fails is reported
 by name (``ImportError.name``) so the caller can say what to install. Extracted sources have no
 package metadata; ``importlib.metadata`` is answered with the package's own ``__version__``.
 """
@@ -50,11 +52,6 @@ def _use_server_code_dir() -> None:
         if not Path(root).is_dir():
             raise ImportFailed("server code", None, f"{SERVER_CODE_ENV}={root} is not a folder")
         sys.path.insert(0, root)
-
-
-def _forget(prefix: str) -> None:
-    for name in [n for n in sys.modules if n == prefix or n.startswith(prefix + ".")]:
-        del sys.modules[name]
 
 
 def _bare_parents(module: str) -> None:
@@ -140,7 +137,6 @@ def import_module(module: str, *, bare_parents: bool = True) -> types.ModuleType
     except Exception as first:  # noqa: BLE001 - a package __init__ may fail in any way on a foreign host
         error = ImportError(f"{type(first).__name__}: {first}")
     if bare_parents and importlib.util.find_spec(top) is not None:
-        _forget(top)
         try:
             _bare_parents(module)
             return importlib.import_module(module)

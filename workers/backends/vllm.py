@@ -60,6 +60,12 @@ class VllmBackend(KernelBackend):
         if launch is None:
             raise BackendUnavailable(f"--kernel vllm: {MODULE} has none of {', '.join(LAUNCHERS)} "
                                      f"(package import: {failure or 'compiled ops do not load'})")
+        kernel = getattr(module, "fused_moe_kernel", None)
+        if kernel is not None and not hasattr(kernel, "__getitem__"):
+            # vllm.triton_utils hands out a placeholder `triton.jit` (a plain function) when it does not
+            # find exactly one active Triton GPU driver (HAS_TRITON false), e.g. on a CPU host
+            raise BackendUnavailable("--kernel vllm: vLLM disabled Triton here (vllm.triton_utils.HAS_TRITON is "
+                                     "False: no single active Triton GPU driver), so its kernel cannot run")
         return ENTRY_LAUNCHER, module, None, None, launch
 
     def describe(self) -> dict[str, str]:
