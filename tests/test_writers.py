@@ -133,8 +133,15 @@ def test_reads_vllm_shipped_style_files(tmp_path):
               "num_warps": 4, "num_stages": 2, "waves_per_eu": 0, "matrix_instr_nonkdim": 16, "kpack": 2},
     }))
     (tmp_path / "README").write_text("not a config")
+    # another kernel's file (vLLM 0.33 ships AMD FlyDSL tiles like this): not the Triton kernel's, skipped
+    (tmp_path / "E=384,N=256,device_name=AMD_Instinct_MI350X,dtype=int4_w4a16,backend=flydsl.json").write_text(
+        json.dumps({"1": {"tile_m": 16, "tile_n": 64, "tile_k": 512}}))
+    block = "E=8,N=7168,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json"
+    (tmp_path / block).write_text(json.dumps({"1": {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 128,
+                                                   "GROUP_SIZE_M": 1, "num_warps": 4, "num_stages": 3}}))
     assert read_config_folder(tmp_path) == {
-        "E=8,N=7168,device_name=AMD_Instinct_MI300X.json": {1: Config(16, 64, 128, 1, 4, 2)}}
+        "E=8,N=7168,device_name=AMD_Instinct_MI300X.json": {1: Config(16, 64, 128, 1, 4, 2)},
+        block: {1: Config(16, 128, 128, 1, 4, 3)}}
 
 
 @pytest.mark.parametrize("content,message", [

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -333,14 +334,28 @@ def _read_config_file(path: Path) -> dict[int, Config]:
 def read_config_folder(path: str | Path) -> dict[str, dict[int, Config]]:
     """Every MoE config file under ``path``: vLLM's flat layout (e.g. the JSONs shipped inside
     the vllm package) keyed by file name, SGLang's ``triton_*/`` folders keyed by
-    ``triton_X_Y_Z/<file name>``, moe-tune's builtin fp4 files by ``moe-tune-builtin/<file name>``. Extra keys in an entry (``num_ctas``, ``USE_TMA``, ROCm's
-    ``waves_per_eu``) are ignored."""
+    ``triton_X_Y_Z/<file name>``, moe-tune's builtin fp4 files by ``moe-tune-builtin/<file name>``.
+    Files of other kernels (names with fields no Triton lookup uses, ``_names_triton_configs``) are
+    skipped; extra keys in an entry (``num_ctas``, ``USE_TMA``, ROCm's ``waves_per_eu``) are ignored."""
     root = Path(path)
     if not root.is_dir():
         raise UsageError(f"{root}: not a folder")
     files = (sorted(root.glob("E=*.json")) + sorted(root.glob("triton_*/E=*.json"))
              + sorted(root.glob(f"{BUILTIN_FOLDER}/E=*.json")))
-    return {p.relative_to(root).as_posix(): _read_config_file(p) for p in files}
+    return {p.relative_to(root).as_posix(): _read_config_file(p) for p in files if _names_triton_configs(p.name)}
+
+
+TRITON_FILE_FIELDS = frozenset({"E", "N", "device_name", "dtype", "block_shape", "per_channel_quant"})
+"""The fields of the file names the servers' fused-MoE Triton kernels look up (vLLM's
+``get_config_file_name``; SGLang's adds ``per_channel_quant``)."""
+
+
+def _names_triton_configs(file_name: str) -> bool:
+    """Whether a file name is one the servers' fused-MoE Triton kernels look up: files that name
+    other fields are another kernel's (vLLM 0.33 ships e.g. ``…,dtype=int4_w4a16,backend=flydsl.json``
+    for AMD's FlyDSL kernel, with tile keys of its own) and are left alone."""
+    stem = file_name.removesuffix(".json").removesuffix("_down")
+    return set(re.findall(r"(?:^|,)([A-Za-z_]+)=", stem)) <= TRITON_FILE_FIELDS
 
 
 def _version_key(folder_file: str) -> tuple[int, ...]:
