@@ -81,6 +81,10 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'kernel', b.desc
 grep -q "kernel_entry" "$OUT/kernel.txt" || { echo "vLLM's kernel does not import (see above)"; exit 1; }
 
 name() { echo "$1" | tr ':' '_'; }
+# RESUME_JOURNAL: journal.jsonl.gz of an earlier call; its measurements are reused, never repeated
+if [ -n "${RESUME_JOURNAL:-}" ] && [ -f "$RESUME_JOURNAL" ] && [ ! -s "$WORK/journal.jsonl" ]; then
+  gunzip -c "$RESUME_JOURNAL" >"$WORK/journal.jsonl" && echo "resuming $(wc -l <"$WORK/journal.jsonl") journal records" | tee -a "$LOG"
+fi
 if has tune; then
   n=$(echo $SHAPES | wc -w)
   for shape in $SHAPES; do
@@ -88,7 +92,9 @@ if has tune; then
     reserve=20; has compare && reserve=${COMPARE_RESERVE_S:-200}; has exhaustive && reserve=$((reserve + ${EXHAUSTIVE_S:-0}))
     per=$(( ($(left) - reserve) / n )); n=$((n - 1))
     [ "$per" -lt 45 ] && { echo "skip $shape: $per s left for it" | tee -a "$LOG"; continue; }
-    budget=$(python3 -c "print(round(max(0.3, ($per - 40) / 60), 2))")
+    # start-up before the first measurement (Ray, the workers' and 15 compile processes' vLLM import,
+    # first compiles: ~40 s on an H200 host) and re-timing + writing after the budget (~20 s)
+    budget=$(python3 -c "print(round(max(0.3, ($per - ${OVERHEAD_S:-75}) / 60), 2))")
     step "tune $shape (--kernel vllm, budget ${budget} min, limit ${per}s)"
     timeout "$per" python3 -m tuner.cli tune --model "$model" --tp "$tp" --dtype "$dtype" --kernel vllm \
       --batch-sizes "$BATCH_SIZES" --budget-minutes "$budget" --baseline "$SHIPPED" --out "$WORK/tuned" \
