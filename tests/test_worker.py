@@ -39,3 +39,27 @@ def test_worker_checks_times_and_retimes_on_the_interpreter():
     assert err1 <= report["bound"] and err2 <= report["bound"]
     assert s3 == "compile_error" and lat3 is None and "16" in msg3
     assert len(report["retimed"]) == 2 and all(v > 0 for v in report["retimed"])
+
+
+CRASHES = """
+from workers.records import Candidate, Config, DType, MoEShape
+from workers.worker import BenchmarkWorker
+
+worker = BenchmarkWorker(timeout_s=60)
+candidate = Candidate(MoEShape(E=4, N=64, K=64, topk=2, dtype=DType.BF16), 1, Config(16, 32, 32, 1, 4, 2))
+for message in ("this backend runs bf16, not mxfp4", "this backend runs bf16, not mxfp4", "another failure"):
+    try:
+        raise ValueError(message)
+    except ValueError as exc:
+        print(worker._failure(candidate, exc).status.value)
+"""
+
+
+def test_a_repeated_crash_prints_its_traceback_once():
+    """A backend refusing a whole dtype fails every candidate alike: one traceback per distinct
+    failure reaches the log (the rest are recorded, with their message, in the journal)."""
+    done = subprocess.run([sys.executable, "-c", CRASHES], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["crashed"] * 3
+    assert done.stderr.count("Traceback") == 2

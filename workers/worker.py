@@ -91,6 +91,7 @@ class BenchmarkWorker:
         self.kernel = kernel
         self.backend = backends.load(kernel)
         self.watchdog = Watchdog(timeout_s)
+        self._crashes_shown: set[str] = set()  # messages whose traceback this process printed
         self.fault_plan = faults.active_plan()
         if self.fault_plan is not None:
             self.fault_plan.check_start()
@@ -237,9 +238,12 @@ class BenchmarkWorker:
         status = classify(exc)
         if status is None:
             self._die_poisoned(exc)
-        if status is Status.CRASHED:
+        message = describe(exc)
+        if status is Status.CRASHED and message not in self._crashes_shown:
+            # one traceback per distinct failure: a backend refusing a whole dtype would print one per candidate
+            self._crashes_shown.add(message)
             traceback.print_exc(file=sys.stderr)
-        return self._measurement(candidate, status, message=describe(exc))
+        return self._measurement(candidate, status, message=message)
 
     def _die_poisoned(self, exc: BaseException) -> None:
         print(f"moe-tune worker: CUDA context poisoned ({type(exc).__name__}: {exc}); ending this process",
