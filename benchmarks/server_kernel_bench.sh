@@ -16,20 +16,20 @@
 # Needs: .server-kernels/vllm-py.zip and .server-kernels/configs/vllm (carried), Ray and
 # vLLM's import-time dependencies installed (the install phase), torch + Triton on the host.
 #
-# Calls (carry ≤ 64 MiB each; .gpu-site/ stays on the warm GPU host between calls):
-#   here, once:  ../shared/tools/offline-wheels .vllm-wheels psutil pyzmq regex cbor2 transformers \
-#                  huggingface_hub tqdm httpx2 httpcore2 truststore h11 safetensors tokenizers aiohttp multidict \
-#                  yarl propcache aiohappyeyeballs aiosignal frozenlist openai-harmony openai sniffio anyio pybase64 \
-#                  cachetools msgspec cloudpickle uvloop py-cpuinfo prometheus-client xgrammar apache-tvm-ffi \
-#                  fastapi starlette annotated-doc opentelemetry-api opentelemetry-sdk \
-#                  opentelemetry-semantic-conventions partial-json-parser llguidance einops blake3 nvidia-ml-py \
-#                && rm -f .vllm-wheels/ray-*.whl          (~40 MB: vLLM 0.33's fused-MoE import chain)
+# Calls (carry <= 64 MiB each; .gpu-site/ and .vllm-src/ stay on the warm GPU host between calls, which
+# must follow each other within the host's idle window, ~30 s):
+#   here, once:  ../shared/tools/offline-wheels .vllm-wheels pyzmq cbor2 httpx2 httpcore2 truststore openai-harmony \
+#                  openai sniffio pybase64 cachetools msgspec xgrammar apache-tvm-ffi fastapi starlette \
+#                  opentelemetry-api opentelemetry-sdk opentelemetry-semantic-conventions opentelemetry-exporter-otlp \
+#                  partial-json-parser llguidance blake3
+#                then delete from .vllm-wheels/ Ray and the wheels .gpu-wheels/ already has (~16 MB left: vLLM
+#                0.33's fused-MoE import chain minus what the GPU image holds, see the device's KINDS.md)
 #   call 1:  PHASES=install bash benchmarks/server_kernel_bench.sh        carry [".gpu-wheels"]
-#   call 2:  PHASES=install bash benchmarks/server_kernel_bench.sh        carry [".vllm-wheels"]
-#   call 3:  bash benchmarks/server_kernel_bench.sh                       carry [".server-kernels/vllm-py.zip",
-#                                                                                ".server-kernels/configs/vllm"]
-#   call 4:  PHASES=exhaustive bash benchmarks/server_kernel_bench.sh     same carry as call 3
-#   (calls 1+2 may be one call where both folders fit in 64 MiB together.)
+#   call 2:  SHAPES="…" bash benchmarks/server_kernel_bench.sh            carry [".vllm-wheels",
+#                                     ".server-kernels/vllm-py.zip", ".server-kernels/configs/vllm"]
+#            (about 2.5 minutes per shape for a complete 18-batch tune from a cold cache, then ~20-50 s per
+#            shape to compare; RESUME_JOURNAL=<journal.jsonl.gz of an earlier call> finishes cut tunes)
+#   call 3:  PHASES=exhaustive bash benchmarks/server_kernel_bench.sh     same carry as call 2
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)
