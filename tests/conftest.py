@@ -84,3 +84,16 @@ def generator(seed: int):
     import torch
 
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def moe_tune(capsys):
+    """Run ``moe-tune`` in-process: ``moe_tune(*argv)`` returns (exit code, stdout, stderr)."""
+    from tuner import cli
+
+    def run(*argv: str):
+        rc = cli.main(list(argv))
+        captured = capsys.readouterr()
+        return rc, captured.out, captured.err
+
+    return run

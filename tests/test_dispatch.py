@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from tuner import cli
 from tuner.dispatch import Arch, gpu_arch, mxfp4_padding, server_kernel
 from tuner.models import preset_names
 from tuner.plan import build_plan
@@ -17,18 +16,6 @@ from workers.records import Config, DType, MoEShape
 
 FIXTURES = Path(__file__).parent / "fixtures"
 H200 = "NVIDIA H200"
-
-
-@pytest.fixture
-def moe_tune(capsys):
-    """Run ``moe-tune`` in-process; return (rc, out, err)."""
-
-    def run(*argv: str):
-        rc = cli.main(list(argv))
-        captured = capsys.readouterr()
-        return rc, captured.out, captured.err
-
-    return run
 
 
 @pytest.mark.parametrize("name,arch", [

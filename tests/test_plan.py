@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-import tuner.cli as cli
 from tuner.commands import plan as plan_command
 from tuner.errors import UsageError
 from tuner.plan import DEFAULT_BATCH_SIZES, build_plan
@@ -20,18 +19,6 @@ from workers.records import DType, MoEShape
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MIXTRAL = str(FIXTURES / "mixtral-8x7b.json")
-
-
-@pytest.fixture
-def moe_tune(capsys):
-    """Run ``moe-tune`` in-process; return (rc, out, err)."""
-
-    def run(*argv: str):
-        rc = cli.main(list(argv))
-        captured = capsys.readouterr()
-        return rc, captured.out, captured.err
-
-    return run
 
 
 def test_done_when_mixtral_fp8_tp2_on_h200(moe_tune):

@@ -1,7 +1,16 @@
-"""The MoE every stand-in computes: fp32 GEMMs on dequantized weights; for fp8_w8a8 the activations
-are quantized as the servers' Triton path does (dynamic e4m3: one scale per tensor, or per token
-and K group of the weight block), both the input and the SwiGLU output, after the gate/up output
-is stored in the activation dtype."""
+"""What every stand-in server shares, so that each stand-in module holds only its server's call form.
+
+- ``override_config`` / ``get_config``: the servers' pair that forces one config for the calls
+  inside the ``with`` (each stand-in re-exports it where its server has it).
+- ``fused_experts``: what each stand-in ``fused_experts`` does once its own signature is read:
+  refuse an unforced config, record the call, compute, and write in place when asked.
+- The MoE every stand-in computes: fp32 GEMMs on dequantized weights; for fp8_w8a8 the activations
+  are quantized as the servers' Triton path does (dynamic e4m3: one scale per tensor, or per token
+  and K group of the weight block), both the input and the SwiGLU output, after the gate/up output
+  is stored in the activation dtype. ``launch`` is one GEMM of the servers' per-GEMM launchers.
+"""
+
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -10,9 +19,41 @@ CONFIG_KEYS = {"BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "
 E4M3_MAX = 448.0
 
 
+_config = None
+
+
+@contextmanager
+def override_config(config):
+    global _config
+    previous, _config = _config, config
+    try:
+        yield
+    finally:
+        _config = previous
+
+
+def get_config():
+    return _config
+
+
 def check_forced(config):
     if config is None or set(config) != CONFIG_KEYS:
         raise RuntimeError(f"stand-in fused_experts called without a forced config: {config!r}")
+
+
+def fused_experts(calls, call, hidden_states, w1, w2, topk_weights, topk_ids, *, inplace, fp8, w1_scale, w2_scale,
+                  block_shape):
+    """A server's ``fused_experts`` once its call form is read: refuses to run unless a config is
+    forced, appends ``call`` (what that server was given) with the forced config and ``inplace`` to
+    ``calls``, and returns the MoE (written into ``hidden_states`` when ``inplace``)."""
+    check_forced(_config)
+    calls.append({"config": dict(_config), "inplace": inplace, **call})
+    out = moe(hidden_states, dequantize(w1, w1_scale, block_shape), dequantize(w2, w2_scale, block_shape),
+              topk_weights, topk_ids, fp8, block_shape)
+    if inplace:
+        hidden_states.copy_(out)
+        return hidden_states
+    return out
 
 
 def dequantize(w, scale, block_shape):

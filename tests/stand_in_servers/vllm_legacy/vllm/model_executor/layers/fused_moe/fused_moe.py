@@ -1,7 +1,6 @@
 """Stand-in of vLLM's ``fused_experts`` before ``quant_config``: quantization by keywords."""
 
 import stand_in_moe_math as math_
-from vllm.model_executor.layers.fused_moe import get_config
 
 CALLS = []
 
@@ -10,14 +9,7 @@ def fused_experts(hidden_states, w1, w2, topk_weights, topk_ids, inplace=False, 
                   use_fp8_w8a8=False, use_int8_w8a8=False, use_int8_w8a16=False, use_int4_w4a16=False,
                   per_channel_quant=False, global_num_experts=-1, expert_map=None, w1_scale=None, w2_scale=None,
                   w1_zp=None, w2_zp=None, a1_scale=None, a2_scale=None, block_shape=None):
-    config = get_config()
-    math_.check_forced(config)
-    CALLS.append({"config": dict(config), "inplace": inplace, "use_fp8_w8a8": use_fp8_w8a8,
-                  "use_int8_w8a16": use_int8_w8a16, "w1_scale": w1_scale, "w2_scale": w2_scale,
-                  "a1_scale": a1_scale, "block_shape": block_shape})
-    out = math_.moe(hidden_states, math_.dequantize(w1, w1_scale, block_shape),
-                    math_.dequantize(w2, w2_scale, block_shape), topk_weights, topk_ids, use_fp8_w8a8, block_shape)
-    if inplace:
-        hidden_states.copy_(out)
-        return hidden_states
-    return out
+    call = {"use_fp8_w8a8": use_fp8_w8a8, "use_int8_w8a16": use_int8_w8a16, "w1_scale": w1_scale,
+            "w2_scale": w2_scale, "a1_scale": a1_scale, "block_shape": block_shape}
+    return math_.fused_experts(CALLS, call, hidden_states, w1, w2, topk_weights, topk_ids, inplace=inplace,
+                               fp8=use_fp8_w8a8, w1_scale=w1_scale, w2_scale=w2_scale, block_shape=block_shape)
