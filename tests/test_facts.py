@@ -8,7 +8,7 @@ import math
 import pytest
 
 from tuner import cost_model, roofline
-from tuner.devices import KNOWN_DEVICES, device_facts, memory_bytes
+from tuner.devices import KNOWN_DEVICES, device_facts
 from tuner.spaces import DeviceLimits
 from workers.formats import FORMATS, TILE_RULES, format_of, tile_rule_broken
 from workers.records import Config, DType, MoEShape
@@ -33,13 +33,12 @@ def test_every_listed_gpu_has_a_compute_capability() -> None:
 
 def test_an_unknown_gpu_gets_no_facts_and_every_consumer_says_so() -> None:
     name = "Some Future GPU"
-    assert device_facts(name) is None and roofline.device_peaks(name) is None and memory_bytes(name) is None
+    assert device_facts(name) is None and roofline.device_peaks(name) is None
     limits = DeviceLimits.for_device(name)
     assert not limits.known and name in limits.note
     assert limits.shared_memory_bytes == max(f.shared_memory_bytes for f in KNOWN_DEVICES)
     assert DeviceLimits.for_device("NVIDIA H200").note is None
     assert roofline.device_peaks("NVIDIA GH200 480GB") is None  # listed, but its peaks are not
-    assert memory_bytes("cpu") > 0
 
 
 def test_the_cost_model_reference_gpu_is_a_listed_one() -> None:
@@ -88,9 +87,9 @@ def test_tile_rules_name_the_first_broken_rule() -> None:
 def test_a_near_name_gets_only_the_family_facts() -> None:
     """The issue's case: "A100 80GB PCIe" is no 40 GB A100; an unlisted variant of a family gets
     the family's shared memory and nothing that differs between variants."""
-    assert memory_bytes("NVIDIA A100 80GB PCIe") == 80 * 2**30
+    assert device_facts("NVIDIA A100 80GB PCIe").sms == 108
     assert roofline.device_peaks("NVIDIA A100 80GB PCIe").hbm_bytes_per_s == 1.935e12
     variant = device_facts("NVIDIA A100 96GB Future")
     assert variant.name == "A100" and variant.shared_memory_bytes == 163 * 1024
-    assert (variant.memory_bytes, variant.sms, roofline.device_peaks("NVIDIA A100 96GB Future")) == (None, None, None)
-    assert memory_bytes("NVIDIA H100 96GB Future") is None
+    assert (variant.sms, variant.hbm_bytes_per_s, roofline.device_peaks("NVIDIA A100 96GB Future")) == (None, None, None)
+    assert device_facts("NVIDIA H100 96GB Future").sms is None

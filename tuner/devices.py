@@ -1,12 +1,13 @@
 """Facts about GPU models, defined once: shared memory per block, SMs, HBM bandwidth, tensor-core
-peaks and memory size.
+peaks and compute capability.
 
 Read by search-space pruning (``tuner.spaces``: shared memory), the cost model
 (``tuner.cost_model``: its reference GPU), the roofline and report (``tuner.roofline``: peaks) and
-``compare`` (memory size). A fact not known for a GPU is None, and a GPU not listed gets no
+the servers' kernel choice (``tuner.dispatch``: compute capability). A GPU's memory size is not
+here: ``compare`` takes it from the device itself (``BenchmarkWorker.device_memory``). A fact not known for a GPU is None, and a GPU not listed gets no
 facts at all: every caller says what it does without them instead of assuming a GPU.
 
-Sources: NVIDIA's datasheets (dense peaks, no sparsity; HBM bandwidth; memory), NVIDIA's CUDA GPU
+Sources: NVIDIA's datasheets (dense peaks, no sparsity; HBM bandwidth), NVIDIA's CUDA GPU
 compute-capability list, and the CUDA programming guide's per-architecture table (``cudaDevAttrMaxSharedMemoryPerBlockOptin``: 227 KiB
 on Hopper and Blackwell data-center parts, 163 KiB on A100/A800/A30, 99 KiB on the other Ampere
 and Ada parts, 96 KiB on Volta, 64 KiB on Turing). Standard library only.
@@ -14,12 +15,10 @@ and Ada parts, 96 KiB on Volta, 64 KiB on Turing). Standard library only.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 
 KIB = 1024
-GIB = 2**30
 
 
 @dataclass(frozen=True)
@@ -29,7 +28,7 @@ class DeviceFacts:
     (``NVIDIA_H200``), by words: an entry whose words are exactly the reported name's (less
     "NVIDIA") gives every fact it lists; otherwise the first entry whose words all appear in the
     name gives only what a whole family shares (shared memory per block, compute capability): peaks,
-    SMs and memory differ between variants ("A100 80GB PCIe" is not a 40 GB A100), so a near name never gets them."""
+    SMs and bandwidth differ between variants ("A100 80GB PCIe" is not a 40 GB A100), so a near name never gets them."""
 
     name: str
     shared_memory_bytes: int
@@ -39,7 +38,6 @@ class DeviceFacts:
     bf16_flops: float | None = None
     fp8_flops: float | None = None
     """None where the GPU has no fp8 tensor cores (or the peak is not listed here)."""
-    memory_bytes: int | None = None
     compute_capability: tuple[int, int] | None = None
     """CUDA compute capability (the servers choose kernels by it: ``tuner.dispatch``)."""
 
@@ -51,23 +49,23 @@ class DeviceFacts:
 
 # More specific names first ("H100 PCIe" before "H100").
 KNOWN_DEVICES: tuple[DeviceFacts, ...] = (
-    DeviceFacts("H100 PCIe", 227 * KIB, 114, 2.0e12, 756e12, 1513e12, 80 * GIB, compute_capability=(9, 0)),
-    DeviceFacts("H100 NVL", 227 * KIB, 132, 3.9e12, 835e12, 1671e12, 94 * GIB, compute_capability=(9, 0)),
-    DeviceFacts("H100 80GB HBM3", 227 * KIB, 132, 3.35e12, 989e12, 1979e12, 80 * GIB, compute_capability=(9, 0)),
+    DeviceFacts("H100 PCIe", 227 * KIB, 114, 2.0e12, 756e12, 1513e12, compute_capability=(9, 0)),
+    DeviceFacts("H100 NVL", 227 * KIB, 132, 3.9e12, 835e12, 1671e12, compute_capability=(9, 0)),
+    DeviceFacts("H100 80GB HBM3", 227 * KIB, 132, 3.35e12, 989e12, 1979e12, compute_capability=(9, 0)),
     DeviceFacts("H100", 227 * KIB, compute_capability=(9, 0)),
     DeviceFacts("GH200", 227 * KIB, compute_capability=(9, 0)),
-    DeviceFacts("H200", 227 * KIB, 132, 4.8e12, 989e12, 1979e12, 141 * GIB, compute_capability=(9, 0)),
+    DeviceFacts("H200", 227 * KIB, 132, 4.8e12, 989e12, 1979e12, compute_capability=(9, 0)),
     DeviceFacts("H800", 227 * KIB, compute_capability=(9, 0)),
     DeviceFacts("H20", 227 * KIB, compute_capability=(9, 0)),
     DeviceFacts("GB300", 227 * KIB, compute_capability=(10, 3)),
     DeviceFacts("B300", 227 * KIB, compute_capability=(10, 3)),
     DeviceFacts("GB200", 227 * KIB, compute_capability=(10, 0)),
-    DeviceFacts("B200", 227 * KIB, 148, 8.0e12, 2250e12, 4500e12, 180 * GIB, compute_capability=(10, 0)),
+    DeviceFacts("B200", 227 * KIB, 148, 8.0e12, 2250e12, 4500e12, compute_capability=(10, 0)),
     DeviceFacts("B100", 227 * KIB, compute_capability=(10, 0)),
-    DeviceFacts("A100 SXM4 80GB", 163 * KIB, 108, 2.039e12, 312e12, None, 80 * GIB, compute_capability=(8, 0)),
-    DeviceFacts("A100 SXM4 40GB", 163 * KIB, 108, 1.555e12, 312e12, None, 40 * GIB, compute_capability=(8, 0)),
-    DeviceFacts("A100 80GB PCIe", 163 * KIB, 108, 1.935e12, 312e12, None, 80 * GIB, compute_capability=(8, 0)),
-    DeviceFacts("A100 PCIE 40GB", 163 * KIB, 108, 1.555e12, 312e12, None, 40 * GIB, compute_capability=(8, 0)),
+    DeviceFacts("A100 SXM4 80GB", 163 * KIB, 108, 2.039e12, 312e12, None, compute_capability=(8, 0)),
+    DeviceFacts("A100 SXM4 40GB", 163 * KIB, 108, 1.555e12, 312e12, None, compute_capability=(8, 0)),
+    DeviceFacts("A100 80GB PCIe", 163 * KIB, 108, 1.935e12, 312e12, None, compute_capability=(8, 0)),
+    DeviceFacts("A100 PCIE 40GB", 163 * KIB, 108, 1.555e12, 312e12, None, compute_capability=(8, 0)),
     DeviceFacts("A100", 163 * KIB, compute_capability=(8, 0)),
     DeviceFacts("A800", 163 * KIB, compute_capability=(8, 0)),
     DeviceFacts("A30", 163 * KIB, compute_capability=(8, 0)),
@@ -84,10 +82,6 @@ KNOWN_DEVICES: tuple[DeviceFacts, ...] = (
     DeviceFacts("V100", 96 * KIB, compute_capability=(7, 0)),
     DeviceFacts("T4", 64 * KIB, compute_capability=(7, 5)),
 )
-
-CPU = "cpu"
-"""The device name of ``--interpret`` workers (the Triton interpreter on the host's CPU)."""
-
 
 def _words(name: str) -> list[str]:
     return [w for w in re.split(r"[\s_\-]+", name.upper()) if w]
@@ -109,11 +103,3 @@ def largest_shared_memory() -> int:
     """The most opt-in shared memory per block of any listed GPU."""
     return max(f.shared_memory_bytes for f in KNOWN_DEVICES)
 
-
-def memory_bytes(device_name: str) -> int | None:
-    """Memory of one device: the GPU's from its facts; for ``CPU`` (interpreter runs) the host's
-    physical memory; None when not known."""
-    if device_name == CPU:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    facts = device_facts(device_name)
-    return facts.memory_bytes if facts is not None else None
