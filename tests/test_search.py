@@ -126,6 +126,15 @@ def test_local_search_steps_from_a_baseline_outside_the_space_to_the_nearest_val
                                                                replace(off_space, BLOCK_SIZE_M=64)}
 
 
+def test_neighbour_groups_are_the_adjacent_batch_sizes_and_for_a_gemm_part_the_whole_op():
+    fast = Fast([_search_job({1: CONFIGS[:4], 4: CONFIGS[:4], 16: CONFIGS[:4]})], split_gemms=True)
+    group = {(g.M, g.gemm): g for g in fast.groups}
+    assert [(n.M, n.gemm) for n in fast.neighbour_groups(group[4, Gemm.BOTH])] == [(1, Gemm.BOTH), (16, Gemm.BOTH)]
+    assert [(n.M, n.gemm) for n in fast.neighbour_groups(group[1, Gemm.BOTH])] == [(4, Gemm.BOTH)]
+    up = [g for g in fast.groups if g.gemm is not Gemm.BOTH][0].gemm
+    assert [(n.M, n.gemm) for n in fast.neighbour_groups(group[16, up])] == [(4, up), (16, Gemm.BOTH)]
+
+
 def test_a_search_is_a_function_of_the_measurements_alone(rng: random.Random):
     optimum = {k: rng.choice(v) for k, v in SPACE.items()}
     job = _search_job({M: CONFIGS for M in (1, 64)})

@@ -147,7 +147,7 @@ def _screen_bounds(search: Strategy, strategy: str) -> tuple[int, int]:
         space = len(set(group.configs) | set(group.baseline))
         if strategy == "fast":
             first = len(set(search.initial_slice(group)) | set(group.baseline))
-            neighbours = len(search._neighbour_groups(group))
+            neighbours = len(search.neighbour_groups(group))
             low += first
             high += min(space, first + FAST_SEEDS_PER_NEIGHBOUR * neighbours
                         + FAST_MAX_LOCAL_ROUNDS * _LOCAL_NEIGHBOURS)

@@ -287,7 +287,7 @@ class Fast(Strategy):
             group.phase = Phase.SEED
             return [(group, c, Level.SCREEN) for c in dict.fromkeys([*self.initial_slice(group), *group.baseline])]
         if group.phase == Phase.SEED:
-            neighbours = self._neighbour_groups(group)
+            neighbours = self.neighbour_groups(group)
             if any(n.phase == Phase.START or (n.phase == Phase.SEED and not n.idle) for n in neighbours):
                 return None  # a neighbour's first slice is still out: its best is not known yet
             group.phase = Phase.LOCAL
@@ -339,8 +339,11 @@ class Fast(Strategy):
                     out.append(moved)
         return out
 
-    def _neighbour_groups(self, group: Group) -> list[Group]:
-        """The same GEMM part at the adjacent batch sizes; for one GEMM, also the whole op at this one."""
+    def neighbour_groups(self, group: Group) -> list[Group]:
+        """The groups whose best screened configs seed ``group``'s search (at most
+        ``FAST_SEEDS_PER_NEIGHBOUR`` each, once their first slice is measured): the same GEMM part
+        at the adjacent batch sizes of the job; for one GEMM part (``--split-gemms``), also the
+        whole op at the same batch size. ``group`` must be one of this strategy's ``groups``."""
         shape, routing = group.job.shape, group.job.routing
         sizes = group.job.batch_sizes
         i = sizes.index(group.M)
