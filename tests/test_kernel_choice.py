@@ -1,5 +1,5 @@
-"""``--kernel``: auto resolution per format and for a missing server, usage errors naming what is
-missing, and one ``tune`` end to end on a server's kernel (the stand-in vLLM launcher, CPU,
+"""``--kernel``: auto resolution per format and for a missing server (tune, and compare's default),
+usage errors naming what is missing or takes no config, and one ``tune`` end to end on a server's kernel (the stand-in vLLM launcher, CPU,
 interpreter) whose summary names that kernel."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tune_helpers import tune_argv
+from tune_helpers import TINY_MODEL, tune_argv
 from tuner import kernel_choice
 from tuner.errors import UsageError
 from workers.records import DType, MoEShape
@@ -97,6 +97,57 @@ def test_auto_checks_each_server_only_on_its_own_shapes(servers, capsys):
         kernel_choice.KernelRun("sglang", "sglang")]
     with pytest.raises(UsageError, match="ep layouts"):
         kernel_choice.resolve("vllm", "vllm", [ep])
+
+
+def test_a_kernel_that_takes_no_config_is_refused_in_one_line(moe_tune, tmp_path):
+    """triton_kernels' matmul_ogs reads no config file: tune and bench refuse it before any work
+    (and so does ``resolve``, which every other path to a tune goes through)."""
+    for argv in (tune_argv(tmp_path / "out", "--kernel", "triton_kernels"),
+                 ["bench", "--model", str(TINY_MODEL), "--configs", str(tmp_path), "--interpret",
+                  "--kernel", "triton_kernels"]):
+        rc, out, err = moe_tune(*argv)
+        assert (rc, out) == (2, ""), err
+        (line,) = err.strip().splitlines()
+        assert "--kernel" in line and "triton_kernels" in line and "takes no fused-MoE config" in line, line
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(UsageError, match="--kernel triton_kernels: .*takes no fused-MoE config"):
+        kernel_choice.resolve("triton_kernels", "vllm", [MXFP4])
+
+
+def _compare_request(tmp_path: Path, *extra: str):
+    from tuner.cli import build_parser
+    from tuner.commands import compare
+
+    args = build_parser("compare").parse_args(
+        ["compare", "--model", str(TINY_MODEL), "--out", str(tmp_path / "report"), "--batch-sizes", "1",
+         "--dtypes", "bf16,fp8_w8a8,mxfp4", *extra])
+    return compare._request(args)
+
+
+def test_compare_defaults_to_auto_resolved_on_the_dtypes_the_servers_fused_moe_kernel_runs(servers, tmp_path,
+                                                                                          capsys):
+    """mxfp4 is timed in its own kernel (matmul_ogs, or builtin as the second column): it is no
+    reason for auto to leave the server's fused-MoE kernel."""
+    from tuner.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser("compare").parse_args(["compare", "--help"])
+    assert "Default auto: the --server's own kernel" in " ".join(capsys.readouterr().out.split())
+    servers("vllm_launcher", "sglang_topk_output")
+    request, warnings = _compare_request(tmp_path)
+    assert (request.kernel, warnings) == ("vllm", [])
+    request, warnings = _compare_request(tmp_path, "--server", "sglang")
+    assert (request.kernel, warnings) == ("sglang", [])
+    request, warnings = _compare_request(tmp_path, "--interpret")  # server kernels do not run under it
+    assert (request.kernel, warnings) == ("builtin", [])
+    request, warnings = _compare_request(tmp_path, "--kernel", "builtin")
+    assert (request.kernel, warnings) == ("builtin", [])
+    servers("sglang_topk_output")
+    request, (line,) = _compare_request(tmp_path)
+    assert request.kernel == "builtin" and "vllm" in line and "builtin" in line, line
+    with pytest.raises(UsageError, match="--kernel vllm"):  # named and missing: refused before any work
+        _compare_request(tmp_path, "--kernel", "vllm")
+    assert not (tmp_path / "report").exists()
 
 
 def _moe_tune(argv: list[str], *paths: Path, timeout: int = 600) -> subprocess.CompletedProcess:

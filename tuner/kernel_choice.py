@@ -37,9 +37,38 @@ class KernelRun:
 
 
 def kernel_names() -> tuple[str, ...]:
+    """What ``--kernel`` accepts: ``auto`` and every backend whose kernel takes a fused-MoE config
+    (``workers.backends.config_names``)."""
     from workers import backends
 
-    return (AUTO, *backends.names())
+    return (AUTO, *backends.config_names())
+
+
+def kernel_metavar() -> str:
+    return "{" + ",".join(kernel_names()) + "}"
+
+
+def _refusal(kernel: str) -> str | None:
+    """Why ``--kernel kernel`` is refused before anything is probed (a phrase), or None."""
+    from workers import backends
+
+    if kernel in backends.NO_CONFIG:
+        return f"{backends.NO_CONFIG[kernel]}: nothing to tune or bench in it"
+    if kernel not in kernel_names():
+        return f"unknown kernel; expected one of {', '.join(kernel_names())}"
+    return None
+
+
+def kernel_arg(text: str) -> str:
+    """argparse ``type`` of ``--kernel`` (tune, bench, compare): ``text`` if it is one of
+    ``kernel_names()``, else ArgumentTypeError saying why (a backend that takes no config, such as
+    triton_kernels, is named as such)."""
+    import argparse
+
+    reason = _refusal(text)
+    if reason:
+        raise argparse.ArgumentTypeError(f"{text}: {reason}")
+    return text
 
 
 def use_server_code(path: Path | None) -> None:
@@ -78,8 +107,13 @@ def resolve(kernel: str, fmt: str, shapes: list[MoEShape],
     shared-expert fusion a model has one shape per server); under ``auto`` each server's kernel
     must run only its own shapes, and a layout without shapes makes no run. Default: every shape
     is for every server. ``warnings``: where the fallback warning lines go instead of stderr (a
-    caller that validates more input afterwards prints them once all of it is accepted)."""
+    caller that validates more input afterwards prints them once all of it is accepted).
+    UsageError (one line) for a named kernel that takes no config, does not import or does not
+    run a shape."""
     if kernel != AUTO:
+        refused = _refusal(kernel)
+        if refused:
+            raise UsageError(f"--kernel {kernel}: {refused}")
         reason = _unavailable(kernel, shapes)
         if reason:
             raise UsageError(reason)

@@ -30,7 +30,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--routing", type=routing_arg, default="uniform", help="uniform | zipf:<alpha> | file:<path>")
     parser.add_argument("--rounds", type=positive_int, default=bench.RETIME_ROUNDS,
                         help="interleaved timing rounds per batch size")
-    parser.add_argument("--kernel", default=kernel_choice.AUTO, choices=kernel_choice.kernel_names(),
+    parser.add_argument("--kernel", default=kernel_choice.AUTO, type=kernel_choice.kernel_arg,
+                        metavar=kernel_choice.kernel_metavar(),
                         help="kernel to time in: auto (default: --server's where it imports and runs the shape, else "
                              "builtin with a warning), "
                              "builtin, vllm, sglang")

@@ -6,18 +6,18 @@ report.json."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from tuner import compare, report
+from tuner import compare, kernel_choice, report
 from tuner.commands.arguments import (add_batch_sizes_argument, add_fresh_arguments, add_layout_arguments,
                                       check_interpret_limits, confirm_fresh, dtype_list, positive_float,
                                       positive_int, routing_arg)
-KERNELS = ("builtin", "vllm", "sglang")
-from tuner.dispatch import SERVERS
+from tuner.dispatch import SERVER_READ_DTYPES, SERVERS
 from tuner.errors import UsageError
 from tuner.journal import JOURNAL_NAME, JournalBusy, count_measurements
 from tuner.models import derive_shape, load_model
-from tuner.plan import plan, resolve_batch_sizes
+from tuner.plan import Plan, plan, resolve_batch_sizes
 from tuner.search import STRATEGIES
 from tuner.ray_session import DEFAULT_CONNECT_TIMEOUT_S
 from tuner.spaces import load_space
@@ -55,9 +55,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report's JSON (report.json) on stdout")
     parser.add_argument("--server", choices=SERVERS, default="vllm",
                         help="whose kernel choice per dtype to follow (default vllm: vLLM 0.33's)")
-    parser.add_argument("--kernel", choices=KERNELS, default="builtin",
+    parser.add_argument("--kernel", type=kernel_choice.kernel_arg, default=kernel_choice.AUTO,
+                        metavar=kernel_choice.kernel_metavar(),
                         help="kernel the fused-MoE dtypes are tuned on; numbers count as the server's only "
-                             "when this is the --server (default builtin)")
+                             "when this is the --server. Default auto: the --server's own kernel where its code "
+                             "imports here and runs those dtypes, else builtin with a warning (as tune's auto; "
+                             "builtin under --interpret)")
     parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--connect-timeout", type=positive_float, default=DEFAULT_CONNECT_TIMEOUT_S, metavar="SECONDS",
                         help=f"give up joining --address after this long (default {DEFAULT_CONNECT_TIMEOUT_S:g})")
@@ -68,7 +71,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="run the kernels under the Triton interpreter on the CPU (tiny shapes only)")
 
 
-def _request(args: argparse.Namespace) -> compare.CompareRequest:
+def _request(args: argparse.Namespace) -> tuple[compare.CompareRequest, list[str]]:
+    """The request, and ``--kernel auto``'s fallback warning (if any) to print once all input is accepted."""
     spec = load_model(args.model)
     dtypes = [DType.BF16] + [d for d in args.dtypes if d is not DType.BF16]
     # The dtypes are compared on the shape of the server whose files are asked for (vLLM's for "both").
@@ -83,7 +87,7 @@ def _request(args: argparse.Namespace) -> compare.CompareRequest:
     batch_sizes = resolve_batch_sizes(args.batch_sizes)
     if args.interpret:
         check_interpret_limits(list(shapes.values()), batch_sizes)
-        if args.kernel != "builtin":
+        if args.kernel not in (kernel_choice.AUTO, "builtin"):
             raise UsageError(f"--kernel {args.kernel} times the server's GPU kernel; it cannot run with --interpret")
     for path, what in ((args.out, "--out"), (args.configs_out, "--configs-out")):
         if path.exists() and not path.is_dir():
@@ -91,6 +95,8 @@ def _request(args: argparse.Namespace) -> compare.CompareRequest:
     space = load_space(args.search_space)
     # moe-tune's own fp4 kernel too: the report's second column (its files written apart)
     planned = plan([spec], args.tp, args.ep, dtypes, None, batch_sizes, space, args.format, builtin_fp4=True)
+    warnings: list[str] = []
+    kernel = "builtin" if args.interpret else _fused_moe_kernel(args.kernel, args.server, planned, warnings)
     servers_by_shape: dict = {}
     journal = args.journal or args.configs_out / JOURNAL_NAME
     if args.fresh:
@@ -109,14 +115,26 @@ def _request(args: argparse.Namespace) -> compare.CompareRequest:
         workers=args.workers, interpret=args.interpret, strategy=args.strategy,
         budget_s=args.budget_minutes * 60 if args.budget_minutes else None, moe_layers=args.moe_layers,
         memory_budget_bytes=int(args.memory_budget_gib * 2**30) if args.memory_budget_gib else None,
-        max_rel_err=args.max_rel_err, server=args.server, kernel=args.kernel, ep=args.ep)
+        max_rel_err=args.max_rel_err, server=args.server, kernel=kernel, ep=args.ep), warnings
+
+
+def _fused_moe_kernel(kernel: str, server: str, planned: Plan, warnings: list[str]) -> str:
+    """The backend ``--kernel`` means for the dtypes ``server`` runs in its fused-MoE Triton kernel
+    (the plan's server-read shapes; the fp4 dtypes are timed in their own kernels), resolved as
+    tune resolves it (``tuner.kernel_choice.resolve``): auto is the server's kernel where it imports
+    and runs every such shape, else builtin with a warning line appended to ``warnings``."""
+    shapes = [s.shape for s in planned.shapes if s.shape.dtype in SERVER_READ_DTYPES]
+    (run,) = kernel_choice.resolve(kernel, server, shapes, warnings=warnings)
+    return run.kernel
 
 
 def run(args: argparse.Namespace) -> int:
-    request = _request(args)
+    request, warnings = _request(args)
     probe_writable(args.out, "--out")  # before Ray starts: the report is written last
     probe_writable(args.configs_out, "--configs-out")
     probe_writable(request.journal.parent, "--journal")
+    for line in warnings:  # after every check: refused input stays one line
+        print(line, file=sys.stderr)
     try:
         results = compare.run_compare(request)
     except JournalBusy as exc:

@@ -64,9 +64,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="let the GPU workers compile for themselves instead of CPU processes ahead of them")
     parser.add_argument("--compile-timeout", type=positive_float, metavar="SECONDS",
                         help="a compile running longer is killed and its config recorded as timeout (default 180)")
-    parser.add_argument("--kernel", choices=kernel_choice.kernel_names(),
+    parser.add_argument("--kernel", type=kernel_choice.kernel_arg, metavar=kernel_choice.kernel_metavar(),
                         help="kernel to tune on: auto (default: the kernel of the server each --format is for, "
-                             "builtin with a warning where it does not import), builtin (moe-tune's), vllm, sglang")
+                             "builtin with a warning where it does not import), builtin (moe-tune's), vllm, sglang "
+                             "(triton_kernels is refused: its matmul_ogs takes no config)")
     parser.add_argument("--server-code", type=Path, metavar="DIR",
                         help="folder with the server's extracted Python packages (DIR/vllm, DIR/sglang) to use "
                              "instead of the installed ones (also MOE_TUNE_SERVER_CODE)")

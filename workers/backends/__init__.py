@@ -21,11 +21,23 @@ _REGISTRY: dict[str, str] = {
     "sglang": "workers.backends.sglang:SglangBackend",
     "triton_kernels": "workers.backends.triton_kernels:TritonKernelsBackend",
 }
+NO_CONFIG: dict[str, str] = {
+    "triton_kernels": "triton_kernels' matmul_ogs takes no fused-MoE config (its launch choices are its own "
+                      "heuristic's) and no server reads a config file for it",
+}
+"""Backends whose kernel takes no fused-MoE config, with why (one phrase): there is nothing to tune
+or bench in them (``compare`` times them as the servers launch them)."""
 _loaded: dict[str, KernelBackend] = {}
 
 
 def names() -> tuple[str, ...]:
+    """Every backend name."""
     return tuple(_REGISTRY)
+
+
+def config_names() -> tuple[str, ...]:
+    """The backends whose kernel takes a fused-MoE config (the ones ``tune`` and ``bench`` can time)."""
+    return tuple(name for name in _REGISTRY if name not in NO_CONFIG)
 
 
 def load(name: str) -> KernelBackend:
@@ -40,5 +52,5 @@ def load(name: str) -> KernelBackend:
     return _loaded[name]
 
 
-__all__ = ["BUILTIN", "DESCRIBE_KEYS", "BackendUnavailable", "KernelBackend", "KernelRunner", "MoEInputs",
-           "SplitRunner", "load", "names"]
+__all__ = ["BUILTIN", "DESCRIBE_KEYS", "NO_CONFIG", "BackendUnavailable", "KernelBackend", "KernelRunner",
+           "MoEInputs", "SplitRunner", "config_names", "load", "names"]
