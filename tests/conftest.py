@@ -18,12 +18,16 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import sys
+from pathlib import Path
 
 import pytest
 
 os.environ["TRITON_INTERPRET"] = "1"
 
 SEED_VARIABLE = "MOE_TUNE_TEST_SEED"
+STAND_IN_SERVERS = Path(__file__).parent / "stand_in_servers"
+"""One folder per call form of vLLM's and SGLang's code (tests/stand_in_servers/README.md)."""
 
 
 def _base_seed() -> int:
@@ -97,3 +101,31 @@ def moe_tune(capsys):
         return rc, captured.out, captured.err
 
     return run
+
+
+@pytest.fixture
+def servers(monkeypatch):
+    """``servers(*forms)``: exactly these stand-ins (``tests/stand_in_servers/<form>``) importable in
+    this process; every other server missing. Undone, stand-ins and their versions forgotten, at the end."""
+    from workers import backends
+    from workers.backends import server_code
+
+    def use(*forms: str) -> None:
+        for name in [n for n in sys.modules if n.split(".")[0] in ("vllm", "sglang", "sgl_kernel")]:
+            monkeypatch.delitem(sys.modules, name)
+        backends._loaded.clear()
+        server_code._finder.versions.clear()  # a server loaded before must not answer importlib.metadata
+        monkeypatch.syspath_prepend(str(STAND_IN_SERVERS))
+        for form in forms:
+            monkeypatch.syspath_prepend(str(STAND_IN_SERVERS / form))
+        present = {form.split("_")[0] for form in forms}
+        for server in {"vllm", "sglang"} - present:
+            monkeypatch.setitem(sys.modules, server, None)
+
+    monkeypatch.delenv("MOE_TUNE_SERVER_CODE", raising=False)
+    yield use
+    monkeypatch.undo()  # sys.path and the modules set aside come back first
+    for name in [n for n in sys.modules if n.split(".")[0] in ("vllm", "sglang", "sgl_kernel", "stand_in_moe_math")]:
+        del sys.modules[name]  # stand-ins imported here must not serve later tests
+    backends._loaded.clear()
+    server_code._finder.versions.clear()  # nor their version, answered to importlib.metadata

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tune_helpers import moe_tune_process
 from tuner.cli import main
 from tuner.commands.job import _dtypes_by_model, _shapes
 from tuner.jobspec import (Gate, JobSpec, Layout, Output, gate_checks, load_job_spec, reference_markdown,
@@ -28,6 +29,7 @@ ROOT = Path(__file__).parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
 MODEL = str(FIXTURES / "job-tiny-moe.json")
 SPACE = str(FIXTURES / "job-space.yaml")
+STAND_INS = Path(__file__).parent / "stand_in_servers"
 
 
 def _write(tmp_path: Path, data: dict | str) -> Path:
@@ -172,6 +174,10 @@ def test_routing_folders_are_safe_names_equal_only_for_equal_routings() -> None:
     (_minimal(budget_minutes=0), "budget_minutes: Input should be greater than 0"),
     (_minimal(strategy="magic"), "strategy: Value error, unknown strategy 'magic'; expected one of exhaustive, fast"),
     (_minimal(dtypes=["mxfp4"]), "nothing to tune: no server reads a fused-MoE config file"),
+    (_minimal(kernel="triton_kernels"), "kernel: Value error, triton_kernels: triton_kernels' matmul_ogs takes no "
+                                        "fused-MoE config"),
+    (_minimal(kernel="tensorrt"), "kernel: Value error, tensorrt: unknown kernel; expected one of auto, builtin"),
+    (_minimal(server_version="vllm==0.1"), "--server-version vllm==0.1: which default rule vLLM 0.1 applies"),
 ])
 def test_invalid_specs_exit_2_with_one_line(tmp_path: Path, data, message: str, capsys) -> None:
     for action in ("validate", "run"):
@@ -179,6 +185,39 @@ def test_invalid_specs_exit_2_with_one_line(tmp_path: Path, data, message: str, 
         err = capsys.readouterr().err
         assert code == 2, err
         assert err.count("\n") == 1 and message in err, err
+
+
+def test_the_gate_benches_on_the_kernel_each_run_tuned_on(tmp_path: Path, servers, capsys) -> None:
+    """The job's ``kernel`` resolved per run as tune resolves it: the gate times the fresh files in
+    the kernel that tuned them, at the shape of the server whose file it reads, with that kernel's
+    default rule where a folder has no file."""
+    from tuner.commands.job import validate
+
+    reference = tmp_path / "accepted"
+    reference.mkdir()
+
+    def benches(output_format: str = "vllm", **keys):
+        spec = JobSpec.model_validate(_minimal(output={"dir": str(tmp_path / "o"), "format": output_format},
+                                               gate={"reference": str(reference)}, **keys))
+        return [(b.kernel, b.rule, b.shape, b.check.dtype) for b in validate(spec)[2]]
+
+    shape = {server: derive_shape(load_model(MODEL), dtype=DType.BF16, server=server) for server in ("vllm", "sglang")}
+    servers("vllm_launcher", "sglang_topk_output")
+    assert benches(server_version="vllm") == [("vllm", "vllm", shape["vllm"], DType.BF16)]
+    assert benches("both", server_version="vllm") == [("vllm", "vllm", shape["vllm"], DType.BF16)]  # vLLM's file first
+    assert benches("sglang") == [("sglang", "sglang", shape["sglang"], DType.BF16)]
+    # SGLang fuses shared experts into E: its file, hence the gate's shape, differs from vLLM's
+    shared = str(FIXTURES / "glm-4.5.json")
+    fused = derive_shape(load_model(shared), dtype=DType.BF16, server="sglang")
+    assert fused != derive_shape(load_model(shared), dtype=DType.BF16, server="vllm")
+    assert benches("sglang", models=[shared], batch_sizes=[1]) == [("sglang", "sglang", fused, DType.BF16)]
+    assert benches(kernel="builtin", server_version="vllm-pre-34846") == [
+        ("builtin", "vllm-pre-34846", shape["vllm"], DType.BF16)]
+    code = main(["job", "validate", str(_write(tmp_path, _minimal(gate={"reference": str(reference)})))])
+    (line,) = capsys.readouterr().err.strip().splitlines()  # the stand-in's vLLM 0.0.0 has no known rule
+    assert code == 2 and line.startswith("moe-tune: error: gate: --server-version vllm==0.0.0+stand-in-launcher"), line
+    servers()
+    assert benches() == [("builtin", "vllm", shape["vllm"], DType.BF16)]
 
 
 def test_missing_spec_file(tmp_path: Path, capsys) -> None:
@@ -254,6 +293,29 @@ def test_job_run_tunes_then_fails_the_gate_on_a_regression(tmp_path: Path, monke
     fp8_ratio = latency(Candidate(fp8, M, default_config(fp8, M))) / latency(Candidate(fp8, M, fp8_tuned))
     failing = ["bf16"] + (["fp8_w8a8"] if fp8_ratio < 0.999 else [])
     assert f"gate failed at {len(failing)} point(s)" in captured.err.strip().splitlines()[-1]
+
+
+@pytest.mark.timeout(900)
+def test_job_run_gates_on_the_server_kernel_it_tuned_on(tmp_path: Path) -> None:
+    """With vLLM (its launcher stand-in) importable in the job and its Ray workers, the job's
+    default ``kernel: auto`` tunes on vLLM's kernel, and the gate times the fresh file in that
+    same kernel, not moe-tune's."""
+    accepted = tmp_path / "accepted"
+    accepted.mkdir()  # empty: the gate compares with the server's default config
+    spec = _write(tmp_path, {
+        "name": "server-kernel", "models": [MODEL], "dtypes": ["bf16"], "batch_sizes": [1], "search_space": SPACE,
+        "interpret": True, "workers": 1, "server_version": "vllm",
+        "output": {"dir": str(tmp_path / "nightly"), "format": "vllm"},
+        "gate": {"reference": str(accepted), "fail_if_slower": 0.01, "rounds": 1}})
+    done = moe_tune_process(["job", "run", str(spec)], STAND_INS / "vllm_launcher", STAND_INS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    tuned = json.loads((tmp_path / "nightly" / "E=4,N=64,device_name=cpu.json").read_text())
+    assert "1" in tuned
+    (table,) = done.stdout.split("\ngate ")[1:]
+    (kernel,) = [line for line in table.splitlines() if line.startswith("kernel: ")]
+    assert kernel.startswith("kernel: vllm (vllm.model_executor.layers.fused_moe.fused_moe.invoke_fused_moe_triton_kernel"
+                             ", vllm 0.0.0+stand-in-launcher"), kernel
+    assert kernel.endswith("default: the vllm rule"), kernel
 
 
 def test_each_routing_writes_its_own_folder_and_is_gated_under_its_own_routing(tmp_path: Path, monkeypatch,

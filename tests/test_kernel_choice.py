@@ -1,18 +1,15 @@
-"""``--kernel``: auto resolution per format and for a missing server (tune, and compare's default),
-usage errors naming what is missing or takes no config, and one ``tune`` end to end on a server's kernel (the stand-in vLLM launcher, CPU,
-interpreter) whose summary names that kernel."""
+"""``--kernel``: auto resolution per format and for a missing server (tune, and compare's
+default), usage errors naming what is missing or takes no config, and one ``tune`` end to end on a
+server's kernel (the stand-in vLLM launcher, CPU, interpreter) whose summary names that kernel."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tune_helpers import TINY_MODEL, tune_argv
+from tune_helpers import TINY_MODEL, moe_tune_process, tune_argv
 from tuner import kernel_choice
 from tuner.errors import UsageError
 from workers.records import DType, MoEShape
@@ -20,32 +17,6 @@ from workers.records import DType, MoEShape
 STAND_INS = Path(__file__).parent / "stand_in_servers"
 BF16 = MoEShape(E=4, N=64, K=64, topk=2, dtype=DType.BF16)
 MXFP4 = MoEShape(E=4, N=64, K=64, topk=2, dtype=DType.MXFP4)
-
-
-@pytest.fixture
-def servers(monkeypatch):
-    """``servers(*forms)``: exactly these stand-in servers importable; every other one missing."""
-    from workers import backends
-    from workers.backends import server_code
-
-    def use(*forms: str) -> None:
-        for name in [n for n in sys.modules if n.split(".")[0] in ("vllm", "sglang", "sgl_kernel")]:
-            monkeypatch.delitem(sys.modules, name)
-        backends._loaded.clear()
-        monkeypatch.syspath_prepend(str(STAND_INS))
-        for form in forms:
-            monkeypatch.syspath_prepend(str(STAND_INS / form))
-        present = {form.split("_")[0] for form in forms}
-        for server in {"vllm", "sglang"} - present:
-            monkeypatch.setitem(sys.modules, server, None)
-
-    monkeypatch.delenv("MOE_TUNE_SERVER_CODE", raising=False)
-    yield use
-    monkeypatch.undo()  # sys.path and the modules set aside come back first
-    for name in [n for n in sys.modules if n.split(".")[0] in ("vllm", "sglang", "sgl_kernel", "stand_in_moe_math")]:
-        del sys.modules[name]  # stand-ins imported here must not serve later tests
-    backends._loaded.clear()
-    server_code._finder.versions.clear()  # nor their version, answered to importlib.metadata
 
 
 def test_auto_picks_each_formats_server(servers):
@@ -150,16 +121,8 @@ def test_compare_defaults_to_auto_resolved_on_the_dtypes_the_servers_fused_moe_k
     assert not (tmp_path / "report").exists()
 
 
-def _moe_tune(argv: list[str], *paths: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, paths), os.environ.get("PYTHONPATH", "")])}
-    env.pop("MOE_TUNE_SERVER_CODE", None)
-    code = "import sys; from tuner.cli import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=timeout,
-                          env=env)
-
-
 def test_missing_server_exits_2_naming_it_before_any_work(tmp_path):
-    done = _moe_tune(tune_argv(tmp_path / "out", "--kernel", "sglang", "--format", "sglang"), timeout=120)
+    done = moe_tune_process(tune_argv(tmp_path / "out", "--kernel", "sglang", "--format", "sglang"), timeout=120)
     assert done.returncode == 2, done.stderr[-2000:]
     (line,) = done.stderr.strip().splitlines()
     assert "--kernel sglang" in line and "sglang" in line
@@ -169,7 +132,7 @@ def test_missing_server_exits_2_naming_it_before_any_work(tmp_path):
 @pytest.mark.timeout(900)
 def test_tune_on_the_server_kernel_names_it_in_the_summary(tmp_path):
     """No flag: ``--format vllm`` with vLLM (its launcher) importable tunes vLLM's kernel."""
-    done = _moe_tune(tune_argv(tmp_path / "out", "--format", "vllm"), STAND_INS / "vllm_launcher", STAND_INS)
+    done = moe_tune_process(tune_argv(tmp_path / "out", "--format", "vllm"), STAND_INS / "vllm_launcher", STAND_INS)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout)
     assert summary["kernel"] == "vllm" and summary["format"] == "vllm"

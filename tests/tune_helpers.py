@@ -6,6 +6,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import triton
@@ -38,6 +41,16 @@ def run_tune(argv: list[str]) -> tuple[int, dict]:
         code = main(argv)
     text = stdout.getvalue()
     return code, json.loads(text) if text.strip() else {}
+
+
+def moe_tune_process(argv: list[str], *paths: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``moe-tune argv`` in a fresh process with ``paths`` first on its PYTHONPATH (which its Ray
+    workers inherit: e.g. stand-in servers) and no ``MOE_TUNE_SERVER_CODE``."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, paths), os.environ.get("PYTHONPATH", "")])}
+    env.pop("MOE_TUNE_SERVER_CODE", None)
+    code = "import sys; from tuner.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=timeout,
+                          env=env)
 
 
 def write_fault_plan(path: Path, faults: list[dict] | None = None) -> Path:

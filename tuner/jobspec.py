@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal
-
-import re
 import types
 import typing
+from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
+from typing import Literal
 
 import annotated_types
 import yaml
@@ -76,10 +74,11 @@ class Output(_Strict):
 
 class Gate(_Strict):
     """Fail the job when a fresh config is slower than the reference folder's at any batch size
-    by more than the ratio (reference latency / fresh latency < ``fail_if_slower``)."""
+    by more than the ratio (reference latency / fresh latency < ``fail_if_slower``), timed on the
+    kernel the fresh configs were tuned on."""
 
     reference: Path = Field(description="config folder in production; must exist (an empty folder gates "
-                                        "against vLLM's default heuristic)")
+                                        "against the server's default config)")
     fail_if_slower: float = Field(0.98, gt=0.0, le=1.0,
                                   description="fail when reference latency / new latency is below this at any M")
     batch_sizes: list[PositiveInt] | None = Field(None, description="batch sizes gated (default: the job's)")
@@ -104,6 +103,14 @@ class JobSpec(_Strict):
     search_space: Path | None = Field(None, description="a search space name (default, wide, smoke) or YAML "
                                                         "file (default: the built-in default space)")
     strategy: str | None = Field(None, description="tune's --strategy: fast (the default) or exhaustive")
+    kernel: str = Field("auto", description="tune's --kernel: auto (each output layout's server's own kernel where "
+                                            "its code imports here, else builtin with a warning), builtin, vllm or "
+                                            "sglang; the gate benches on the kernel each run tuned on")
+    server_version: str | None = Field(
+        None, description="tune's --server-version: whose default config baseline folders and the gate fall back "
+                          "to where a folder has no file: vllm, vllm-pre-34846, sglang, or vllm==X.Y.Z / "
+                          "sglang==X.Y.Z (default: the tuned server's version, else the installed vLLM's, else "
+                          "vLLM's newest rule)")
     budget_minutes: PositiveFloat | None = Field(
         None, description="per tune run: stop searching and write the best found so far")
     baseline: list[Path] = Field(default_factory=list, description="config folders (e.g. vLLM's shipped JSONs) "
@@ -131,6 +138,16 @@ class JobSpec(_Strict):
     def _known_strategy(cls, value: str | None) -> str | None:
         if value is not None and value not in STRATEGIES:
             raise ValueError(f"unknown strategy {value!r}; expected one of {', '.join(sorted(STRATEGIES))}")
+        return value
+
+    @field_validator("kernel")
+    @classmethod
+    def _known_kernel(cls, value: str) -> str:
+        from tuner.kernel_choice import refusal
+
+        reason = refusal(value)
+        if reason:
+            raise ValueError(f"{value}: {reason}")
         return value
 
     def relative_to(self, folder: Path) -> "JobSpec":
@@ -239,7 +256,7 @@ def tune_runs(spec: JobSpec) -> list[TuneRun]:
         batch_sizes=resolve_batch_sizes(spec.batch_sizes) if spec.batch_sizes else None,
         baseline=list(spec.baseline), out=str(spec.output.dir), format=spec.output.format, address=spec.address,
         workers=spec.workers, interpret=spec.interpret, budget_minutes=spec.budget_minutes,
-        journal=str(spec.journal) if spec.journal else None)
+        journal=str(spec.journal) if spec.journal else None, kernel=spec.kernel, server_version=spec.server_version)
     if spec.search_space:
         common["search_space"] = str(spec.search_space)
     if spec.strategy:

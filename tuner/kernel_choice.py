@@ -48,8 +48,9 @@ def kernel_metavar() -> str:
     return "{" + ",".join(kernel_names()) + "}"
 
 
-def _refusal(kernel: str) -> str | None:
-    """Why ``--kernel kernel`` is refused before anything is probed (a phrase), or None."""
+def refusal(kernel: str) -> str | None:
+    """Why ``--kernel kernel`` is refused before anything is probed (a phrase: an unknown name, or
+    a backend that takes no config), or None."""
     from workers import backends
 
     if kernel in backends.NO_CONFIG:
@@ -65,7 +66,7 @@ def kernel_arg(text: str) -> str:
     triton_kernels, is named as such)."""
     import argparse
 
-    reason = _refusal(text)
+    reason = refusal(text)
     if reason:
         raise argparse.ArgumentTypeError(f"{text}: {reason}")
     return text
@@ -111,7 +112,7 @@ def resolve(kernel: str, fmt: str, shapes: list[MoEShape],
     UsageError (one line) for a named kernel that takes no config, does not import or does not
     run a shape."""
     if kernel != AUTO:
-        refused = _refusal(kernel)
+        refused = refusal(kernel)
         if refused:
             raise UsageError(f"--kernel {kernel}: {refused}")
         reason = _unavailable(kernel, shapes)

@@ -7,22 +7,25 @@ model × layout × dtype shape, the routings, the search space, then each tune r
 space, routing files, output and journal locations, baseline folders — and the gate's reference
 folder) and exits 0 or 2. ``run`` validates the same way, then, in one Ray session, runs the tunes
 in order and, when the spec has a gate, benches the fresh configs against the reference folder on
-one GPU worker, each routing's configs (its own subfolder when the spec has several routings)
-under that routing. Exit 1 when a tune failed (the gate is then skipped: half a run proves
+one GPU worker per kernel, each routing's configs (its own subfolder when the spec has several
+routings) under that routing, on the kernel the tune run that wrote them tuned on (the job's
+``kernel``, resolved per run as tune resolves it), at the shape of the server whose file the gate
+reads (vLLM's for ``format: vllm`` or ``both``, SGLang's for ``sglang``). Exit 1 when a tune failed (the gate is then skipped: half a run proves
 nothing) or the gate failed. ``keys`` prints the reference of every spec key.
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
-from tuner import bench
+from tuner import bench, kernel_choice
 from tuner.commands import tune
 from tuner.commands.arguments import check_interpret_limits
 from tuner.errors import RunFailed, UsageError
-from tuner.jobspec import (JobSpec, Layout, TuneRun, gate_checks, load_job_spec, reference_markdown, routing_folder,
-                           tune_runs)
+from tuner.jobspec import (GateCheck, JobSpec, Layout, TuneRun, gate_checks, load_job_spec, reference_markdown,
+                           routing_folder, tune_runs)
 from tuner.models import derive_shape, load_model
 from tuner.plan import resolve_batch_sizes
 from tuner.ray_session import RaySession, ray_session
@@ -41,16 +44,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
     actions.add_parser("keys", help="print every job spec key (Markdown)", description="print every job spec key")
 
 
+def gate_server(spec: JobSpec) -> str:
+    """The server whose file the gate reads in the fresh folder (``tuner.writers.server_file``
+    looks for vLLM's first): SGLang only for ``format: sglang``."""
+    return "sglang" if spec.output.format == "sglang" else "vllm"
+
+
 def _shapes(spec: JobSpec) -> dict[tuple[str, Layout, DType], MoEShape]:
-    """Every (model, layout, dtype) shape, with each model's own dtype where the spec names none
-    (as ``tune`` without ``--dtype``); a model or layout that does not fit fails here."""
+    """Every (model, layout, dtype) shape as ``gate_server``'s kernel runs it, with each model's own
+    dtype where the spec names none (as ``tune`` without ``--dtype``); a model or layout that does
+    not fit fails here."""
     shapes = {}
     for model in spec.models:
         model_spec = load_model(model)
         for layout in spec.layouts:
             for dtype in spec.dtypes or [None]:
                 block = spec.block_shape if dtype is not None and format_of(dtype).block_shapes else None
-                shape = derive_shape(model_spec, tp=layout.tp, ep=layout.ep, dtype=dtype, block_shape=block)
+                shape = derive_shape(model_spec, tp=layout.tp, ep=layout.ep, dtype=dtype, block_shape=block,
+                                     server=gate_server(spec))
                 shapes[(model, layout, shape.dtype)] = shape
     return shapes
 
@@ -63,9 +74,44 @@ def _dtypes_by_model(shapes: dict[tuple[str, Layout, DType], MoEShape]) -> dict[
     return out
 
 
-def validate(spec: JobSpec) -> tuple[list[tuple[TuneRun, "tune.Validated"]], dict]:
+@dataclass(frozen=True)
+class GateBench:
+    """One gate check as it is benched: ``shape`` timed on ``kernel`` (a ``workers.backends``
+    name), folders without a file falling back to the default ``rule``
+    (``workers.default_config``)."""
+
+    check: GateCheck
+    shape: MoEShape
+    kernel: str
+    rule: str
+
+
+def gate_benches(spec: JobSpec, tunes: list[tuple[TuneRun, "tune.Validated"]],
+                 shapes: dict[tuple[str, Layout, DType], MoEShape]) -> list[GateBench]:
+    """The gate's benches (none without a gate): each check on the kernel the tune run of its
+    layout and routing tuned ``gate_server``'s files on (that run's resolved ``--kernel``), with
+    the default rule ``moe-tune bench`` would take for that kernel (the spec's ``server_version``,
+    else the kernel's server version; ``kernel_choice.default_rule``). UsageError when that rule
+    cannot be placed."""
+    if spec.gate is None:
+        return []
+    server = gate_server(spec)
+    kernels = {(run.layout, run.routing): next(k.kernel for k in valid.runs if k.format in (server, "both"))
+               for run, valid in tunes}
+    try:
+        rules = {kernel: kernel_choice.default_rule(kernel, spec.server_version) for kernel in set(kernels.values())}
+    except UsageError as exc:
+        raise UsageError(f"gate: {exc}") from None
+    benches = []
+    for check in gate_checks(spec, _dtypes_by_model(shapes)):
+        kernel = kernels[check.layout, check.routing]
+        benches.append(GateBench(check, shapes[(check.model, check.layout, check.dtype)], kernel, rules[kernel]))
+    return benches
+
+
+def validate(spec: JobSpec) -> tuple[list[tuple[TuneRun, "tune.Validated"]], dict, list[GateBench]]:
     """Every check ``job run`` makes before it starts; UsageError on the first failing one. Returns
-    each tune run with its validation, and every (model, layout, dtype) shape."""
+    each tune run with its validation, every (model, layout, dtype) shape, and the gate's benches."""
     shapes = _shapes(spec)
     folders: dict[str, str] = {}
     for routing in spec.routing:
@@ -88,22 +134,25 @@ def validate(spec: JobSpec) -> tuple[list[tuple[TuneRun, "tune.Validated"]], dic
             raise UsageError(f"tune {tune_run.label}: {exc}") from None
     if spec.gate is not None and not spec.gate.reference.is_dir():
         raise UsageError(f"gate.reference {spec.gate.reference}: not a folder (an empty folder gates against "
-                         "vLLM's default heuristic)")
-    return tunes, shapes
+                         "the server's default config)")
+    return tunes, shapes, gate_benches(spec, tunes, shapes)
 
 
-def _gate(spec: JobSpec, shapes: dict, session: RaySession) -> list[str]:
+def _gate(spec: JobSpec, benches: list[GateBench], session: RaySession) -> list[str]:
+    """Run the gate's benches, one GPU worker per kernel; the regressions, one line each."""
     gate = spec.gate
     batch_sizes = resolve_batch_sizes(gate.batch_sizes or spec.batch_sizes)
     regressions: list[str] = []
-    with bench.bench_pool() as pool:
-        for check in gate_checks(spec, _dtypes_by_model(shapes)):
-            shape = shapes[(check.model, check.layout, check.dtype)]
-            variants, reference = bench.variants_for([check.fresh], gate.reference)
-            result = bench.bench_on(pool, shape, variants, reference, batch_sizes, check.routing, gate.rounds)
-            print(f"gate {check.label}", file=session.stdout)
-            print(bench.format_table(result, gate.fail_if_slower), file=session.stdout, flush=True)
-            regressions += [f"{check.label}: {line}" for line in result.regressions(gate.fail_if_slower)]
+    for kernel in dict.fromkeys(b.kernel for b in benches):
+        with bench.bench_pool(kernel=kernel) as pool:
+            for planned in [b for b in benches if b.kernel == kernel]:
+                check = planned.check
+                variants, reference = bench.variants_for([check.fresh], gate.reference)
+                result = bench.bench_on(pool, planned.shape, variants, reference, batch_sizes, check.routing,
+                                        gate.rounds, planned.rule)
+                print(f"gate {check.label}", file=session.stdout)
+                print(bench.format_table(result, gate.fail_if_slower), file=session.stdout, flush=True)
+                regressions += [f"{check.label}: {line}" for line in result.regressions(gate.fail_if_slower)]
     return regressions
 
 
@@ -112,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
         print(reference_markdown(), end="")
         return 0
     spec = load_job_spec(args.spec)
-    tunes, shapes = validate(spec)
+    tunes, shapes, benches = validate(spec)
     tune.print_warnings([valid for _, valid in tunes])  # after every check: refused input stays one line
     runs = [tune_run for tune_run, _ in tunes]
     if args.action == "validate":
@@ -134,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
         if spec.gate is None:
             print(f"job {spec.name}: {len(runs)} tune run(s) done; no gate", file=session.stdout)
             return 0
-        regressions = _gate(spec, shapes, session)
+        regressions = _gate(spec, benches, session)
     if regressions:
         raise RunFailed(f"gate failed at {len(regressions)} point(s): {regressions[0]}")
     print(f"job {spec.name}: {len(runs)} tune run(s) done; gate passed")
