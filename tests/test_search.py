@@ -215,6 +215,9 @@ class StandInPool:
     def busy(self) -> bool:
         return bool(self._events)
 
+    def recovering(self) -> bool:
+        return False
+
     def submit(self, slot: Slot, work, call) -> None:
         candidate = work.candidate
         self.submitted.append((self.clock[0], candidate))
@@ -299,3 +302,65 @@ def test_fast_steps_over_a_hole_that_one_key_moves_cannot_cross(rng: random.Rand
     fast = Fast([job])
     measured = drive(fast, surface)
     assert best_full(measured, 256) == winner
+
+
+class LateVerdictCompiler:
+    """Compile-ahead whose verdicts on BLOCK_SIZE_N=256 (out of resources) come only once the GPUs
+    are idle and the engine pumps it, as on the H200: a config compiling for seconds, alone in
+    flight at the end of a round, then refused."""
+
+    def __init__(self) -> None:
+        self.pumped = False
+
+    def status(self, shape: MoEShape, config: Config) -> CompileOutcome | None:
+        if config.BLOCK_SIZE_N != 256:
+            return CompileOutcome(Status.OK)
+        if not self.pumped:
+            return None
+        return CompileOutcome(Status.OUT_OF_RESOURCES, "OutOfResources: stand-in")
+
+    def pump(self, wait_s: float) -> bool:
+        self.pumped |= wait_s > 0  # the engine waits on compiles only while no GPU call is in flight
+        return True
+
+
+@pytest.mark.parametrize("strategy_class", [Exhaustive, Fast])
+def test_a_round_settled_by_a_late_compile_verdict_still_gets_its_full_timings(strategy_class, tmp_path,
+                                                                                rng: random.Random):
+    """On the H200 (gpt-oss-120b fp8_w8a8, M=4096, no budget) the last outcome of a screening
+    round was a compile-ahead verdict settled while the GPU sat idle; the engine ended without
+    asking the strategy again, and the batch size was chosen on a screen alone (87 screens, no
+    full timing). Every batch size with correct screens must get its full timings."""
+    optimum = {k: rng.choice(v) for k, v in SPACE.items()}
+    clock = [0.0]
+    pool = StandInPool(bowl(optimum, rng), clock)
+    job = _search_job({M: [c for c in CONFIGS if c.BLOCK_SIZE_M == 16] for M in (64, 4096)})
+    engine, group = _engine(tmp_path, strategy_class([job]), pool, clock, compiler=LateVerdictCompiler())
+    engine.run()
+    assert not engine.budget_ended
+    assert any(m.status is Status.OUT_OF_RESOURCES for m in group.measurements)
+    for M in (64, 4096):
+        fulls = [m for m in group.measurements if m.candidate.M == M and m.candidate.level is Level.FULL and m.ok]
+        assert len(fulls) >= SCREEN_FLOOR, f"M={M}: no full timing"
+    assert all(g.phase.value == "done" for g in group.strategy.groups)
+
+
+def test_a_group_whose_full_timings_all_fail_fully_times_the_next_screens(rng: random.Random):
+    optimum = {k: rng.choice(v) for k, v in SPACE.items()}
+    surface = bowl(optimum, rng)
+    job = _search_job({64: CONFIGS[:200]})
+    fast = Fast([job])
+    failed_fulls: set[Config] = set()
+    measured = []
+    while round_ := fast.propose():
+        for c in round_:
+            fails = c.level is Level.FULL and len(failed_fulls) < FAST_FULL_MAX
+            if fails:
+                failed_fulls.add(c.config)
+            m = Measurement(c, Status.CRASHED if fails else Status.OK,
+                            latency_us=None if fails else surface(c.config, c.M, c.gemm))
+            measured.append(m)
+            fast.observe(m)
+    good = [m for m in measured if m.candidate.level is Level.FULL and m.ok]
+    assert len(failed_fulls) == FAST_FULL_MAX and len(good) == SCREEN_FLOOR
+    assert not {m.candidate.config for m in good} & failed_fulls

@@ -95,12 +95,17 @@ class Engine:
         self.workers_lost = False
         self.evaluations_run = 0
         self.evaluations_reused = 0
+        self._observed = False
         self._group_of_slot = {slot.index: g for g in groups for slot in g.slots}
 
     def run(self) -> None:
         while True:
             self.progress.tick()
             proposed = False
+            # Outcomes that arrive after the strategy was last asked (a compile-ahead verdict settled
+            # while the GPUs sat idle) may free a group's next round: the run ends only once the
+            # strategy, asked after the last outcome, has nothing more to propose.
+            self._observed = False
             if self._within_budget():
                 for group in self.groups:
                     if not group.queue:
@@ -110,8 +115,8 @@ class Engine:
             queued = any(g.queue for g in self.groups)
             compiling = [g.compiler for g in self.groups if g.compiling and g.compiler is not None]
             if not self.pool.busy() and not queued and not compiling:
-                if proposed:
-                    continue  # everything proposed was in the journal; the strategy may want more
+                if proposed or (self._observed and not self.budget_ended):
+                    continue  # the strategy has outcomes it was not asked about yet: it may want more
                 return
             if not self.pool.live_slots():
                 self.workers_lost = True
@@ -248,6 +253,7 @@ class Engine:
             self.evaluations_run += 1
         group.measurements.append(measurement)
         group.strategy.observe(measurement)
+        self._observed = True
         self.progress.record(measurement, reused=reused)
 
 

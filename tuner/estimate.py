@@ -12,7 +12,8 @@ timings are given with it:
 - ``fast``: per group the initial slice is screened (exact: it is the cost model's ordering),
   then at most ``FAST_SEEDS_PER_NEIGHBOUR`` seeds per neighbouring batch size and at most
   ``FAST_MAX_LOCAL_ROUNDS`` local-search rounds of one- or two-key neighbours; full timings: at
-  most ``max(FAST_FULL_MAX, SCREEN_FLOOR)`` per group.
+  most ``max(FAST_FULL_MAX, SCREEN_FLOOR)`` per group, plus ``FULL_RETRY_ROUNDS`` ×
+  ``SCREEN_FLOOR`` where every full timing of a group fails.
 
 The time is the sum of three parts, each modelled from the measured H200 runs of
 ``docs/benchmarks.md`` (Mixtral-8x7B TP2 bf16, fast, one GPU: 102 s wall for 1301 screens and
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 
 from tuner.cost_model import predict_seconds
 from tuner.progress import format_duration
-from tuner.search import (FAST_FULL_MAX, FAST_MAX_LOCAL_ROUNDS, FAST_SEEDS_PER_NEIGHBOUR, SCREEN_FLOOR, STRATEGIES,
+from tuner.search import (FAST_FULL_MAX, FAST_MAX_LOCAL_ROUNDS, FAST_SEEDS_PER_NEIGHBOUR, FULL_RETRY_ROUNDS, SCREEN_FLOOR, STRATEGIES,
                           SearchJob, Strategy)
 from workers.records import CONFIG_KEYS, Gemm, Level, Measurement, Status
 
@@ -158,10 +159,10 @@ def _screen_bounds(search: Strategy, strategy: str) -> tuple[int, int]:
 
 
 def _full_bounds(search: Strategy, strategy: str) -> tuple[int, int]:
-    """No full timing at all when every screen fails; at most the promotion cap (fast) or every
-    screened config (exhaustive), the baselines, and with split GEMMs the pairing round's two per
-    GEMM part."""
-    cap = max(FAST_FULL_MAX, SCREEN_FLOOR) if strategy == "fast" else None
+    """No full timing at all when every screen fails; at most the promotion cap (fast; plus the
+    retry rounds of a group whose every full timing failed) or every screened config
+    (exhaustive), the baselines, and with split GEMMs the pairing round's two per GEMM part."""
+    cap = max(FAST_FULL_MAX, SCREEN_FLOOR) + FULL_RETRY_ROUNDS * SCREEN_FLOOR if strategy == "fast" else None
     high = 0
     for group in search.groups:
         screened = len(group.screens)

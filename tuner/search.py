@@ -17,6 +17,10 @@ Measuring only what matters (successive halving over repetitions):
    timing (``Level.FULL``), at least ``SCREEN_FLOOR`` = 3 of them (the best screens), so noise
    in a screen can never leave the group with a single contender;
 3. the fastest full timings are re-timed back to back before the choice (``tuner.select``).
+If every full timing of a group fails (a crash or time-out its screen did not show), the next
+``SCREEN_FLOOR`` best screens are fully timed, up to ``FULL_RETRY_ROUNDS`` times: a group with
+correct screens ends with a correct full timing unless every one of those fails too (or the
+time budget cuts the search), so a winner is chosen on a screen alone only then.
 A 1.3× margin drops only clear losers: screens of one candidate on a CUDA graph agree within a
 few per cent.
 
@@ -61,6 +65,7 @@ FAST_SLICE_FRACTION = 0.02
 FAST_SEEDS_PER_NEIGHBOUR = 3
 FAST_MAX_LOCAL_ROUNDS = 12
 FAST_FULL_MAX = 6
+FULL_RETRY_ROUNDS = 2
 SPLIT_GEMMS = (Gemm.BOTH, Gemm.UP, Gemm.DOWN)
 
 
@@ -128,6 +133,7 @@ class Group:
     waiting: set[tuple[Config, Level]] = field(default_factory=set)
     phase: Phase = Phase.START
     local_rounds: int = 0
+    full_retries: int = 0
 
     @property
     def configs(self) -> tuple[Config, ...]:
@@ -235,6 +241,14 @@ class Strategy(ABC):
                        if group.screens.get(c) is not None and c not in group.fulls and c not in chosen]
             return [(group, c, Level.FULL) for c in chosen]
         if group.phase == Phase.TIMED:
+            if group.best(Level.FULL) is None and group.full_retries < FULL_RETRY_ROUNDS:
+                # Every full timing failed (a crash or time-out the screen did not show): the next
+                # best screens get theirs, so a batch size with correct screens is never left to
+                # be chosen on a screen alone.
+                group.full_retries += 1
+                retry = [c for c in group.ranked(Level.SCREEN) if c not in group.fulls][:SCREEN_FLOOR]
+                if retry:
+                    return [(group, c, Level.FULL) for c in retry]
             group.phase = Phase.PAIR if group.gemm is Gemm.BOTH and self.split_gemms else Phase.DONE
             return []
         if group.phase == Phase.PAIR:
