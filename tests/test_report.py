@@ -310,5 +310,11 @@ def test_a_screening_only_dtype_is_named_in_the_recommendation(rng: random.Rando
     [rec] = [r for r in report.recommend(results) if r.m_low <= 16 <= r.m_high]
     assert rec.dtype is DType.FP8_W8A8
     assert "screening-only timing for fp8_w8a8" in rec.text and "not final" in rec.text
+    assert report.SCREENED_WHY_UNKNOWN in rec.text and "budget" not in rec.text  # no cause recorded: none claimed
     others = [r for r in report.recommend(results) if not r.m_low <= 16 <= r.m_high]
     assert all("screening" not in r.text for r in others)
+    # The caveat states the cause the compare recorded, never another.
+    for why in ("the time budget ended before a full timing", "its full timings failed (crashed 6)"):
+        results.points = [replace(p, screened_why=why) if p.screened else p for p in results.points]
+        [rec] = [r for r in report.recommend(results) if r.m_low <= 16 <= r.m_high]
+        assert f"screening-only timing for fp8_w8a8: {why}, so this ranking is not final" in rec.text

@@ -27,6 +27,8 @@ DEFAULT_MAX_REL_ERR = 0.10
 """Recommend only dtypes within 10% relative error of bf16 unless told otherwise: admits per-tensor
 fp8_w8a8 (6.5–6.7% on the tuner's Gaussian weights) and int8_w8a16 (1.6%), not the 4-bit formats
 (17–21%), whose error on real checkpoints the user must judge (docs/reports/*/report.md)."""
+SCREENED_WHY_UNKNOWN = "no full timing stands behind it"
+"""What a recommendation says of a screening-only timing whose cause was not recorded."""
 MIN_SIGNIFICANT_DIFFERENCE = 0.03
 """A dtype is called faster only when it wins by more than 3% of the slower latency, and by more than
 the two full timings' spreads (interquartile ranges) added. Each dtype's winner is timed in its own
@@ -68,7 +70,8 @@ class PointResult:
     server_kernel: bool = True
     builtin_latency_us: float | None = None
     builtin_config: Config | None = None
-    screened: bool = False  # the latency comes from a screening timing only (time budget ended first)
+    screened: bool = False  # the latency comes from a screening timing only
+    screened_why: str = ""  # why no full timing stands behind it, in words (``SCREENED_WHY_UNKNOWN`` if unsaid)
     note: str = ""
 
     @property
@@ -148,7 +151,7 @@ def summarize_dtype(shape: MoEShape, moe_layers: int) -> DTypeSummary:
 def measured_point(shape: MoEShape, M: int, latency_us: float, config: Config | None, rel_err_vs_bf16: float,
                    experts_touched: float, peaks: DeviceFacts | None, spread_us: float | None = None, *,
                    kernel: str = "builtin", server_kernel: bool = True, builtin_latency_us: float | None = None,
-                   screened: bool = False, note: str = "") -> PointResult:
+                   screened: bool = False, screened_why: str = "", note: str = "") -> PointResult:
     """A point with its floor fractions (None when ``peaks`` is None, e.g. on CPU)."""
     fractions = None if peaks is None else roofline.floor_fractions(shape, M, latency_us, peaks, experts_touched)
     return PointResult(dtype=shape.dtype, M=M, latency_us=latency_us, config=config, rel_err_vs_bf16=rel_err_vs_bf16,
@@ -156,7 +159,7 @@ def measured_point(shape: MoEShape, M: int, latency_us: float, config: Config | 
                        compute_floor_fraction=fractions.compute if fractions else None, spread_us=spread_us,
                        kernel=kernel, server_kernel=server_kernel, builtin_latency_us=builtin_latency_us,
                        builtin_config=config if builtin_latency_us is not None else None, screened=screened,
-                       note=note)
+                       screened_why=screened_why, note=note)
 
 
 def significantly_faster(fast: PointResult, slow: PointResult) -> bool:
@@ -179,9 +182,9 @@ class Recommendation:
     last: bool
     tied: tuple[DType, ...] = ()
     """Eligible dtypes neither significantly faster nor significantly slower than the recommended one."""
-    screened_against: tuple[str, ...] = ()
-    """Set when the winner or a dtype it beat at some M was timed by screening only (time budget):
-    the dtypes so timed, named in ``text``."""
+    screened_against: tuple[tuple[str, str], ...] = ()
+    """Set when the winner or a dtype it beat at some M was timed by screening only: (dtype, why no
+    full timing stands behind it: the time budget, or failed full timings), named in ``text``."""
 
     @property
     def range_text(self) -> str:
@@ -216,8 +219,12 @@ class Recommendation:
     def text(self) -> str:
         text = f"{self.range_text}: {self.dtype.value} — {self.reason}"
         if self.screened_against:
-            text += (f" (screening-only timing for {', '.join(self.screened_against)}: the time budget ended "
-                     f"before a full timing, so this ranking is not final)")
+            causes: dict[str, list[str]] = {}
+            for dtype, why in self.screened_against:
+                causes.setdefault(why, []).append(dtype)
+            text += (" (screening-only timing for " + "; ".join(f"{', '.join(dtypes)}: {why}"
+                                                               for why, dtypes in causes.items())
+                     + ", so this ranking is not final)")
         return text
 
 
@@ -260,7 +267,7 @@ def recommend(results: ComparisonResults, max_rel_err: float | None = None) -> l
         if chosen is None:
             continue
         eligible = _eligible(results, M, max_rel_err)
-        screened = tuple(p.dtype.value for p in eligible if p.screened)
+        screened = tuple((p.dtype.value, p.screened_why or SCREENED_WHY_UNKNOWN) for p in eligible if p.screened)
         mixed = screened if len(screened) < len(eligible) else ()
         if runs and (runs[-1][-1][0].dtype, runs[-1][-1][1]) == (chosen[0].dtype, chosen[1]):
             runs[-1].append((*chosen, mixed))
@@ -460,7 +467,7 @@ def to_json(results: ComparisonResults, recommendations: list[Recommendation]) -
                     "spread_us": p.spread_us, "config": p.config.to_dict() if p.config else None,
                     "kernel": p.kernel, "server_kernel": p.server_kernel, "builtin_latency_us": p.builtin_latency_us,
                     "builtin_config": p.builtin_config.to_dict() if p.builtin_config else None,
-                    "screened": p.screened, "note": p.note} for p in results.points],
+                    "screened": p.screened, "screened_why": p.screened_why, "note": p.note} for p in results.points],
         "recommendations": [{"m_low": r.m_low, "m_high": r.m_high, "dtype": r.dtype.value,
                              "tied": [d.value for d in r.tied], "text": r.text} for r in recommendations],
         "not_ranked": unranked(results),
