@@ -134,3 +134,48 @@ def test_compare_times_fp4_in_the_server_kernel_or_says_why_not(tmp_path: Path, 
     assert len(data["not_ranked"]) == 2 and all(line in stdout for line in data["not_ranked"])
     assert sorted(read_config_folder(configs)) == ["E=4,N=80,device_name=cpu.json",
                                                    "moe-tune-builtin/E=4,N=96,device_name=cpu,dtype=mxfp4_w4a16.json"]
+
+
+STAND_INS = Path(__file__).parent / "stand_in_servers"
+
+
+@pytest.mark.timeout(900)
+def test_compare_sends_no_candidate_to_a_kernel_that_refuses_its_dtype(tmp_path: Path) -> None:
+    """``--kernel vllm`` (the stand-in vLLM launcher, CPU) with mxfp4 asked for: on the H200 the
+    builtin-kernel search of mxfp4 and nvfp4 was handed to vLLM's backend, whose ``check`` refuses
+    them (512 crashed candidates, the builtin column empty). Now the fused-MoE dtypes run on
+    vLLM's kernel and moe-tune's own fp4 kernel on builtin: no candidate fails, the builtin column
+    is filled. The checkpoint is mxfp4 (gpt-oss-like), so the errors are measured on its grid."""
+    import subprocess
+    import sys
+
+    model = tmp_path / "oss-like.json"
+    model.write_text(json.dumps({"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 64,
+                                 "num_local_experts": 4, "num_experts_per_tok": 2,
+                                 "quantization_config": {"quant_method": "mxfp4"}}))
+    faults = tmp_path / "faults.json"
+    faults.write_text(json.dumps({"deterministic_latency": True}))
+    out, configs, journal = tmp_path / "report", tmp_path / "configs", tmp_path / "journal.jsonl"
+    argv = ["compare", "--model", str(model), "--dtypes", "mxfp4", "--batch-sizes", "3", "--search-space", SPACE,
+            "--out", str(out), "--configs-out", str(configs), "--journal", str(journal), "--interpret",
+            "--kernel", "vllm", "--workers", "1"]
+    env = {**os.environ, "MOE_TUNE_FAULTS": str(faults),
+           "PYTHONPATH": os.pathsep.join([str(STAND_INS / "vllm_launcher"), str(STAND_INS),
+                                          os.environ.get("PYTHONPATH", "")])}
+    env.pop("MOE_TUNE_SERVER_CODE", None)
+    done = subprocess.run([sys.executable, "-c", "import sys; from tuner.cli import main; sys.exit(main(sys.argv[1:]))",
+                           *argv], capture_output=True, text=True, timeout=800, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in journal.read_text().splitlines()]
+    measured = [r for r in records if r["kind"] == "measure"]
+    assert {r["candidate"]["shape"]["dtype"] for r in measured} == {"bf16", "mxfp4"}
+    assert [r for r in measured if r["status"] != "ok"] == []  # nothing refused, nothing crashed
+
+    data = json.loads((out / "report.json").read_text())
+    points = {p["dtype"]: p for p in data["points"]}
+    assert points["bf16"]["kernel"].startswith("vllm (") and points["bf16"]["server_kernel"]
+    assert points["mxfp4"]["builtin_latency_us"] > 0 and points["mxfp4"]["latency_us"] is None
+    assert sorted(data["config_files"]) == ["E=4,N=64,device_name=cpu.json",
+                                            "moe-tune-builtin/E=4,N=64,device_name=cpu,dtype=mxfp4_w4a16.json"]
+    assert data["reference_weights"].startswith("weights on the mxfp4 grid of the checkpoint")
+    assert "Accuracy reference: weights on the mxfp4 grid" in (out / "report.md").read_text()

@@ -92,7 +92,9 @@ def _compare_request(tmp_path: Path, *extra: str):
     args = build_parser("compare").parse_args(
         ["compare", "--model", str(TINY_MODEL), "--out", str(tmp_path / "report"), "--batch-sizes", "1",
          "--dtypes", "bf16,fp8_w8a8,mxfp4", *extra])
-    return compare._request(args)
+    request, warnings = compare._request(args)
+    # the kernel of the fused-MoE dtypes' run (moe-tune's own fp4 kernel always has a builtin one)
+    return next(run.kernel for run in request.runs if run.server_files), warnings
 
 
 def test_compare_defaults_to_auto_resolved_on_the_dtypes_the_servers_fused_moe_kernel_runs(servers, tmp_path,
@@ -105,20 +107,54 @@ def test_compare_defaults_to_auto_resolved_on_the_dtypes_the_servers_fused_moe_k
         build_parser("compare").parse_args(["compare", "--help"])
     assert "Default auto: the --server's own kernel" in " ".join(capsys.readouterr().out.split())
     servers("vllm_launcher", "sglang_topk_output")
-    request, warnings = _compare_request(tmp_path)
-    assert (request.kernel, warnings) == ("vllm", [])
-    request, warnings = _compare_request(tmp_path, "--server", "sglang")
-    assert (request.kernel, warnings) == ("sglang", [])
-    request, warnings = _compare_request(tmp_path, "--interpret")  # server kernels do not run under it
-    assert (request.kernel, warnings) == ("builtin", [])
-    request, warnings = _compare_request(tmp_path, "--kernel", "builtin")
-    assert (request.kernel, warnings) == ("builtin", [])
+    kernel, warnings = _compare_request(tmp_path)
+    assert (kernel, warnings) == ("vllm", [])
+    kernel, warnings = _compare_request(tmp_path, "--server", "sglang")
+    assert (kernel, warnings) == ("sglang", [])
+    kernel, warnings = _compare_request(tmp_path, "--interpret")  # server kernels do not run under it
+    assert (kernel, warnings) == ("builtin", [])
+    kernel, warnings = _compare_request(tmp_path, "--kernel", "builtin")
+    assert (kernel, warnings) == ("builtin", [])
     servers("sglang_topk_output")
-    request, (line,) = _compare_request(tmp_path)
-    assert request.kernel == "builtin" and "vllm" in line and "builtin" in line, line
+    kernel, (line,) = _compare_request(tmp_path)
+    assert kernel == "builtin" and "vllm" in line and "builtin" in line, line
     with pytest.raises(UsageError, match="--kernel vllm"):  # named and missing: refused before any work
         _compare_request(tmp_path, "--kernel", "vllm")
     assert not (tmp_path / "report").exists()
+
+
+def test_builtin_fp4_jobs_always_run_on_builtin(servers, capsys):
+    """moe-tune's own fp4 kernel's jobs go to a builtin run: the server runs' own when they fall
+    back to builtin, one of their own otherwise; a server kernel never gets them to refuse."""
+    from tuner.plan import Job
+
+    servers("vllm_launcher")
+    runs = kernel_choice.resolve("vllm", "vllm", [BF16], builtin_fp4=True)
+    assert runs == [kernel_choice.KernelRun("vllm", "vllm"),
+                    kernel_choice.KernelRun("vllm", "builtin", server_files=False, builtin_fp4=True)]
+    fp4_job = Job(model="m", shape=MXFP4, tp=1, ep=1, file_name=None, sglang_file_name=None, candidates={},
+                  dropped_by_reason={}, servers=(), builtin_file_name="E=4,...,dtype=mxfp4_w4a16.json")
+    bf16_job = Job(model="m", shape=BF16, tp=1, ep=1, file_name="E=4,...", sglang_file_name=None, candidates={},
+                   dropped_by_reason={}, servers=("vllm",))
+    assert [[run.takes(job) for job in (bf16_job, fp4_job)] for run in runs] == [[True, False], [False, True]]
+    assert kernel_choice.resolve("auto", "both", [BF16], builtin_fp4=True) == [
+        kernel_choice.KernelRun("vllm", "vllm"), kernel_choice.KernelRun("sglang", "builtin", builtin_fp4=True)]
+    assert kernel_choice.resolve("vllm", "vllm", [], builtin_fp4=True) == [
+        kernel_choice.KernelRun("vllm", "builtin", server_files=False, builtin_fp4=True)]
+    servers()
+    assert kernel_choice.resolve("builtin", "vllm", [BF16], builtin_fp4=True) == [
+        kernel_choice.KernelRun("vllm", "builtin", builtin_fp4=True)]
+
+
+def test_tune_builtin_fp4_writes_the_builtin_kernel_s_file_apart(tmp_path):
+    """``tune --dtype mxfp4 --builtin-fp4`` once planned a job no run took (it had no server), and
+    wrote nothing."""
+    done = moe_tune_process(tune_argv(tmp_path / "out", "--dtype", "mxfp4", "--builtin-fp4", "--kernel", "builtin"),
+                     timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert [Path(p).relative_to(tmp_path / "out").as_posix() for p in summary["files_written"]] == [
+        "moe-tune-builtin/E=4,N=64,device_name=cpu,dtype=mxfp4_w4a16.json"]
 
 
 def test_missing_server_exits_2_naming_it_before_any_work(tmp_path):

@@ -3,27 +3,34 @@ server dispatches for it on this GPU, measure each against bf16 on the same inpu
 report's record.
 
 Kernels (``tuner.dispatch``): dtypes the server runs with its fused-MoE Triton kernel are tuned
-through the service's engine (``tuner.driver.tune``, the journal shared with ``tune``) on
-``--kernel`` (the server's own kernel when that is the server; moe-tune's builtin kernel
-otherwise, and then those numbers are not the server's). mxfp4 on Hopper runs triton_kernels'
-``matmul_ogs`` in both servers: it has no config to tune and is timed as is
-(``workers.backends.triton_kernels``). Kernels moe-tune cannot run (Marlin for nvfp4 on Hopper)
-leave the dtype without a server number. moe-tune's builtin kernel is the second column: its
-tuned config for the fp4 dtypes (written apart, ``moe-tune-builtin/``), the tuned config re-timed
-in it for the others. Recommendations rank server-kernel numbers only.
+through the service's engine (``tuner.driver.tune``, the journal shared with ``tune``) on the
+kernel ``--kernel`` resolves to (``tuner.kernel_choice``: the server's own kernel when that is the
+server; moe-tune's builtin kernel otherwise, and then those numbers are not the server's). mxfp4
+on Hopper runs triton_kernels' ``matmul_ogs`` in both servers: it has no config to tune and is
+timed as is (``workers.backends.triton_kernels``). Kernels moe-tune cannot run (Marlin for nvfp4
+on Hopper) leave the dtype without a server number. moe-tune's builtin kernel is the second
+column: its tuned config for the fp4 dtypes (a search of its own on the builtin backend, one
+``KernelRun`` per backend, so no fp4 candidate ever reaches a server kernel; written apart,
+``moe-tune-builtin/``), the tuned config re-timed in it for the others. Recommendations rank
+server-kernel numbers only.
 
 Accuracy is measured in the same Ray session: on one pool worker (``tuner.pool``), one call per
 batch size and shape (``BenchmarkWorker.relative_errors``), the problem of every dtype is built
-from the same seed (the same x, routing and bf16 master weights, quantized per dtype; seed = M as
-the tuner's correctness check uses) and each tuned config's output compared with the bf16 output
-at the same shape; matmul_ogs (one Ray task on one GPU) is compared with matmul_ogs bf16 (gpt-oss's
-SwiGLU) and checked against the fp32 reference.
+from the same seed (the same x, routing and master weights, quantized per dtype; seed = M as the
+tuner's correctness check uses) and each tuned config's output compared with the bf16 output at
+the same shape; matmul_ogs (one Ray task on one GPU) is compared with matmul_ogs bf16 (gpt-oss's
+SwiGLU) and checked against the fp32 reference. When the model's checkpoint is quantized
+(``ModelSpec.checkpoint_grid``: gpt-oss → mxfp4, DeepSeek-V3 → block fp8, GPTQ → int4, ...), the
+master weights are drawn on that format's grid (``workers.problem.build_problem``'s ``grid``), so
+bf16 is the checkpoint as deployed in bf16, the checkpoint's own dtype carries only kernel error,
+and every other dtype's error is against the checkpoint; the report says which reference it used.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +39,7 @@ import ray
 
 from tuner import dispatch, driver, roofline, writers
 from tuner.errors import RunFailed
+from tuner.kernel_choice import KernelRun
 from tuner.plan import Plan
 from tuner.pool import Done, Lost, start_pool
 from tuner.progress import Progress
@@ -39,8 +47,9 @@ from tuner.ray_session import DEFAULT_CONNECT_TIMEOUT_S, ray_session
 from tuner.report import (DEFAULT_MAX_REL_ERR, REFERENCE, ComparisonResults, PointResult, measured_point,
                           summarize_dtype)
 from tuner.search import SearchJob
+from tuner.select import Selection
 from workers.default_config import default_config
-from workers.records import Config, DType, Gemm, Level, MoEShape
+from workers.records import Config, DType, Gemm, Level, Measurement, MoEShape, WeightGrid
 
 BUILTIN = "builtin"
 DEFAULT_BUDGET_FRACTION = 0.9  # vLLM's default --gpu-memory-utilization
@@ -75,9 +84,14 @@ class CompareRequest:
     max_rel_err: float = DEFAULT_MAX_REL_ERR
     server: str = "vllm"
     """The server whose kernel choice per dtype is followed (``tuner.dispatch``)."""
-    kernel: str = BUILTIN
-    """The kernel the fused-MoE dtypes are tuned on (``builtin``, ``vllm``, ``sglang``)."""
+    runs: tuple[KernelRun, ...] = (KernelRun("vllm", BUILTIN, builtin_fp4=True),)
+    """The tuning runs, one per kernel backend (``tuner.kernel_choice.resolve``): the fused-MoE
+    dtypes on the kernel ``--kernel`` resolves to, moe-tune's own fp4 kernel on builtin."""
     ep: int = 1
+    grid: WeightGrid | None = None
+    """The checkpoint's quantized format the master weights are drawn on (``ModelSpec.checkpoint_grid``)."""
+    reference_weights: str = "random bf16 weights"
+    """Which weights the errors are measured on, in words (the report's accuracy reference)."""
 
 
 def search_jobs(planned: Plan, routing: str, device_name: str,
@@ -130,7 +144,7 @@ def _errors_vs_bf16(shapes: dict[DType, MoEShape], configs: dict[DType, dict[int
                 if REFERENCE not in dtypes:
                     at_m[REFERENCE], group_shapes[REFERENCE] = default_config(twin, M), twin
                 event = pool.call(M, lambda actor, s=group_shapes, c=at_m, m=M: actor.relative_errors.remote(
-                    s, c, m, request.routing, REFERENCE))
+                    s, c, m, request.routing, REFERENCE, request.grid))
                 if not isinstance(event, Done):
                     reason = event.detail if isinstance(event, Lost) else f"{type(event.error).__name__}: {event.error}"
                     raise RunFailed(f"the accuracy pass failed at M={M}: {reason.splitlines()[0]}")
@@ -144,10 +158,10 @@ def _errors_vs_bf16(shapes: dict[DType, MoEShape], configs: dict[DType, dict[int
 
 @ray.remote(num_gpus=1)
 def _time_kernels(shapes: dict[DType, MoEShape], ogs_dtypes: list[DType], retime: dict[DType, dict[int, Config]],
-                  batch_sizes: list[int], routing: str) -> dict:
+                  batch_sizes: list[int], routing: str, grid: WeightGrid | None = None) -> dict:
     """On one GPU, per M: each of ``ogs_dtypes`` in triton_kernels' matmul_ogs (time; error against
     the fp32 reference with gpt-oss's SwiGLU; error against matmul_ogs bf16 at the same shape),
-    and each ``retime`` config in moe-tune's builtin kernel (time). Returns ``{"ogs": {dtype: {M:
+    and each ``retime`` config in moe-tune's builtin kernel (time); weights on ``grid`` when given. Returns ``{"ogs": {dtype: {M:
     (µs, spread, err_ref, err_bf16)}}, "builtin": {dtype: {M: µs}}, "kernel": describe() or None,
     "unavailable": why matmul_ogs has no numbers, or None}``."""
     from workers.backends.base import BackendUnavailable
@@ -171,12 +185,12 @@ def _time_kernels(shapes: dict[DType, MoEShape], ogs_dtypes: list[DType], retime
         if backend is not None and result["unavailable"] is None:
             try:
                 for dtype in ogs_dtypes:
-                    result["ogs"][dtype][M] = _time_ogs(backend, shapes[dtype], M, routing, device)
+                    result["ogs"][dtype][M] = _time_ogs(backend, shapes[dtype], M, routing, device, grid)
             except Exception as exc:  # noqa: BLE001 - goes into the report's notes; the rest still runs
                 result["unavailable"] = f"matmul_ogs failed at M={M}: {type(exc).__name__}: {exc}"
         for dtype, per_m in retime.items():
             if M in per_m:
-                problem = build_problem(shapes[dtype], M, routing=routing, seed=M, device=device)
+                problem = build_problem(shapes[dtype], M, routing=routing, seed=M, device=device, grid=grid)
                 runner = MoERunner(problem.x, problem.w13, problem.w2, problem.topk_weights, problem.topk_ids,
                                    per_m[M])
                 result["builtin"][dtype][M] = time_call(runner.run, device).median_us
@@ -185,15 +199,18 @@ def _time_kernels(shapes: dict[DType, MoEShape], ogs_dtypes: list[DType], retime
     return result
 
 
-def _time_ogs(backend, shape: MoEShape, M: int, routing: str, device: str) -> tuple[float, float, float, float]:
+def _time_ogs(backend, shape: MoEShape, M: int, routing: str, device: str,
+              grid: WeightGrid | None) -> tuple[float, float, float, float]:
     """matmul_ogs on ``shape`` at batch size M: (µs, spread µs, error vs fp32 reference, error vs bf16)."""
     from workers.problem import build_problem, rel_error
     from workers.timing import time_call
 
-    twin = build_problem(bf16_twin(shape), M, routing=routing, seed=M, device=device, activation=backend.activation)
+    twin = build_problem(bf16_twin(shape), M, routing=routing, seed=M, device=device, activation=backend.activation,
+                         grid=grid)
     bf16_out = backend.runner(twin, None).run().float()
     del twin
-    problem = build_problem(shape, M, routing=routing, seed=M, device=device, activation=backend.activation)
+    problem = build_problem(shape, M, routing=routing, seed=M, device=device, activation=backend.activation,
+                            grid=grid)
     runner = backend.runner(problem, None)
     out = runner.run().float()
     timing = time_call(runner.run, device)
@@ -207,7 +224,7 @@ def _server_kernel_timings(shapes: dict[DType, MoEShape], ogs_dtypes: list[DType
     if not ogs_dtypes and not retime:
         return {"ogs": {}, "builtin": {}, "kernel": None, "unavailable": None}
     limit = ACCURACY_TIMEOUT_S * len(request.batch_sizes)
-    ref = _time_kernels.remote(shapes, ogs_dtypes, retime, request.batch_sizes, request.routing)
+    ref = _time_kernels.remote(shapes, ogs_dtypes, retime, request.batch_sizes, request.routing, request.grid)
     try:
         return ray.get(ref, timeout=limit)
     except ray.exceptions.GetTimeoutError:
@@ -230,36 +247,98 @@ def run_compare(request: CompareRequest, progress: Progress | None = None) -> Co
         return _compare_in_session(request, progress or Progress())
 
 
+@dataclass
+class _Tuned:
+    """What the tuning runs produced for one GPU type, per dtype: the winners and the worker
+    environment (kernel) of the run that tuned it; all measurements; the files written."""
+
+    device: str
+    budget_ended: bool = False
+    envs: dict[DType, dict[str, str]] = field(default_factory=dict)
+    winners: dict[DType, dict[int, Selection]] = field(default_factory=dict)
+    measurements: list[Measurement] = field(default_factory=list)
+    files: list[writers.Written] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+def _tune(request: CompareRequest, progress: Progress) -> list[tuple[KernelRun, driver.TuneResult]]:
+    """Each of ``request.runs`` through the engine, on its own backend and only its own jobs
+    (``KernelRun.takes``); one time budget for all of them."""
+    results = []
+    remaining = request.budget_s
+    for index, run in enumerate(request.runs):
+        if remaining is not None and remaining <= 0:
+            progress.note(f"time budget spent: {run.kernel} run for {run.what} skipped")
+            results.append((run, driver.TuneResult(budget_ended=True, budget_s=0.0)))
+            continue
+        tuned = driver.tune(driver.TuneRequest(
+            jobs_for_device=lambda device, run=run: [job for job in request.plan_for_device(device) if run.takes(job.job)],
+            write_outputs=writers.server_files_writer(request.configs_out, request.servers_by_shape.__getitem__,
+                                                      request.replace),
+            journal_path=request.journal, fresh=request.fresh and index == 0, workers=request.workers,
+            interpret=request.interpret, kernel=run.kernel, strategy=request.strategy, budget_s=remaining),
+            progress)
+        results.append((run, tuned))
+        if remaining is not None:
+            remaining -= tuned.wall_s
+    return results
+
+
+def _collect(runs: list[tuple[KernelRun, driver.TuneResult]], shapes_for_device: Callable[[str], dict[DType, MoEShape]],
+             routing: str) -> tuple[_Tuned, dict[DType, MoEShape]]:
+    """The runs' results merged for the one GPU type they ran on (RunFailed when several)."""
+    devices = [device for _, tuned in runs for device in tuned.devices]
+    names = sorted({device.device for device in devices})
+    if len(names) != 1:
+        raise RunFailed(f"compare needs one GPU type; the workers are on {len(names)}: " + ", ".join(names))
+    shapes = shapes_for_device(names[0])
+    merged = _Tuned(names[0], budget_ended=any(tuned.budget_ended for _, tuned in runs),
+                    winners={dtype: {} for dtype in shapes})
+    for device in devices:
+        merged.measurements += device.measurements
+        merged.files += device.files
+        merged.versions = merged.versions or {k: v for k, v in device.env.items() if k not in _KERNEL_KEYS}
+        for key, selection in device.selections.items():
+            for dtype, shape in shapes.items():
+                if key.shape == shape and key.gemm is Gemm.BOTH and key.routing == routing:
+                    merged.winners[dtype][key.M] = selection
+                    merged.envs[dtype] = device.env
+    return merged, shapes
+
+
+_KERNEL_KEYS = ("device", "kernel", "kernel_entry", "kernel_version", "kernel_hash")
+
+
+def _screened_why(selection: Selection, measurements: list[Measurement], budget_ended: bool) -> str:
+    """Why a winner chosen on a screen has no full timing: its group's full timings all failed,
+    or the time budget ended before one; never a cause that did not happen."""
+    c = selection.candidate
+    failed = Counter(m.status.value for m in measurements if m.candidate.level is Level.FULL and not m.ok
+                     and (m.candidate.shape, m.candidate.routing, m.candidate.gemm, m.candidate.M)
+                     == (c.shape, c.routing, c.gemm, c.M))
+    if failed:
+        return "its full timings failed (" + ", ".join(f"{s} {n}" for s, n in sorted(failed.items())) + ")"
+    if budget_ended:
+        return "the time budget ended before a full timing"
+    return "the search ended without a full timing"
+
+
 def _compare_in_session(request: CompareRequest, progress: Progress) -> ComparisonResults:
-    tuned = driver.tune(driver.TuneRequest(
-        jobs_for_device=request.plan_for_device,
-        write_outputs=writers.server_files_writer(request.configs_out, request.servers_by_shape.__getitem__,
-                                                  request.replace),
-        journal_path=request.journal, fresh=request.fresh, workers=request.workers,
-        interpret=request.interpret, kernel=request.kernel, strategy=request.strategy, budget_s=request.budget_s),
-        progress)
-    if len(tuned.devices) != 1:
-        raise RunFailed(f"compare needs one GPU type; the workers are on {len(tuned.devices)}: "
-                        + ", ".join(d.device for d in tuned.devices))
-    device = tuned.devices[0]
-    shapes = request.shapes_for_device(device.device)
-    arch = dispatch.gpu_arch(device.device)
+    tuned, shapes = _collect(_tune(request, progress), request.shapes_for_device, request.routing)
+    arch = dispatch.gpu_arch(tuned.device)
     served = {dtype: dispatch.server_kernel(request.server, dtype, arch, request.ep) for dtype in shapes}
-    winners = {dtype: {} for dtype in shapes}
-    for key, selection in device.selections.items():
-        for dtype, shape in shapes.items():
-            if key.shape == shape and key.gemm is Gemm.BOTH and key.routing == request.routing:
-                winners[dtype][key.M] = selection
+    winners = tuned.winners
     if not winners[REFERENCE]:
         raise RunFailed("bf16 produced no correct config: nothing to compare against")
+    kernel_of = {dtype: env.get("kernel", BUILTIN) for dtype, env in tuned.envs.items()}
 
     configs = {dtype: {M: s.candidate.config for M, s in per_m.items()} for dtype, per_m in winners.items()}
     # bf16 is the yardstick at every M a quantized dtype has; any correct bf16 config computes it alike.
     for M in {M for per_m in configs.values() for M in per_m} - set(configs[REFERENCE]):
         configs[REFERENCE][M] = default_config(shapes[REFERENCE], M)
-    tuned_kernel = device.env.get("kernel", BUILTIN)
     ogs_dtypes = [d for d, k in served.items() if k.kernel == dispatch.MATMUL_OGS]
-    retime = {d: configs[d] for d, k in served.items() if k.kernel == dispatch.FUSED_MOE and tuned_kernel != BUILTIN}
+    retime = {d: configs[d] for d, k in served.items()
+              if k.kernel == dispatch.FUSED_MOE and kernel_of.get(d, BUILTIN) != BUILTIN}
     progress.phase("measuring every dtype against bf16 on the same inputs; timing the server kernels "
                    + ", ".join(f"{d.value}: {served[d].kernel}" for d in shapes))
     errors, touched, (device_memory, memory_source) = _errors_vs_bf16(shapes, configs, request, progress)
@@ -267,28 +346,26 @@ def _compare_in_session(request: CompareRequest, progress: Progress) -> Comparis
 
     from workers.problem import ERROR_BOUNDS
 
-    peaks = roofline.device_peaks(device.device)
+    peaks = roofline.device_peaks(tuned.device)
     if request.memory_budget_bytes is not None:
         budget, source = request.memory_budget_bytes, "--memory-budget-gib"
     else:
         budget = int(DEFAULT_BUDGET_FRACTION * device_memory)
         source = f"{DEFAULT_BUDGET_FRACTION:.0%} of {device_memory / 2**30:.1f} GiB, {memory_source}"
-    tuned_label = _kernel_label(device.env)
     ogs_label = _kernel_label(timed["kernel"]) if timed["kernel"] else None
     results = ComparisonResults(
-        model=request.model, layout=request.layout, device=device.device,
-        versions={k: v for k, v in device.env.items() if k not in ("device", "kernel", "kernel_entry",
-                                                                   "kernel_version", "kernel_hash")},
+        model=request.model, layout=request.layout, device=tuned.device, versions=tuned.versions,
         routing=request.routing, moe_layers=request.moe_layers, memory_budget_bytes=budget,
         budget_ended=tuned.budget_ended, server=request.server,
         dtypes={dtype: summarize_dtype(shape, request.moe_layers) for dtype, shape in shapes.items()},
         memory_source=source, configs_folder=str(request.configs_out),
-        config_files=[str(written.path.relative_to(request.configs_out)) for written in device.files],
-        max_rel_err=request.max_rel_err)
-    spreads = {m.candidate: (m.latency_us, m.spread_us) for m in device.measurements
+        config_files=sorted({str(written.path.relative_to(request.configs_out)) for written in tuned.files}),
+        max_rel_err=request.max_rel_err, reference_weights=request.reference_weights)
+    spreads = {m.candidate: (m.latency_us, m.spread_us) for m in tuned.measurements
                if m.ok and m.candidate.level is Level.FULL}
     for dtype, shape in shapes.items():
         kernel = served[dtype]
+        tuned_kernel = kernel_of.get(dtype, BUILTIN)
         for M in request.batch_sizes:
             selection = winners[dtype].get(M)
             builtin_us = None
@@ -310,11 +387,13 @@ def _compare_in_session(request: CompareRequest, progress: Progress) -> Comparis
                     builtin_latency_us=builtin_us, note=f"rel. err vs fp32 reference {err_ref:.2e}"))
             elif kernel.kernel == dispatch.FUSED_MOE and selection is not None and M in errors[dtype]:
                 is_server = tuned_kernel == request.server
+                screened = selection.candidate.level is Level.SCREEN
                 results.points.append(measured_point(
                     shape, M, selection.latency_us, selection.candidate.config, errors[dtype][M], touched[M], peaks,
                     _spread(spreads.get(selection.candidate), selection.latency_us),
-                    kernel=tuned_label, server_kernel=is_server, builtin_latency_us=builtin_us,
-                    screened=selection.candidate.level is Level.SCREEN,
+                    kernel=_kernel_label(tuned.envs[dtype]), server_kernel=is_server, builtin_latency_us=builtin_us,
+                    screened=screened,
+                    screened_why=_screened_why(selection, tuned.measurements, tuned.budget_ended) if screened else "",
                     note="" if is_server else f"not {request.server}'s kernel: tuned with --kernel {tuned_kernel}"))
             elif kernel.kernel != dispatch.FUSED_MOE:
                 results.points.append(_unmeasured(dtype, M, f"{request.server} runs {kernel.why}: moe-tune cannot "

@@ -10,6 +10,12 @@ that does not run a shape, is a usage error (exit 2) naming what is missing.
 
 The probe imports the server's code in this process: the Ray workers must see the same code
 (same installed version, or the same ``--server-code`` path, which is forwarded to them).
+
+moe-tune's own fp4 kernel (``--builtin-fp4``, and ``compare``'s second column: jobs whose files no
+server reads, written apart) runs on the ``builtin`` backend whatever ``--kernel`` says: those
+jobs are routed to a run on it (the server runs' own when they fall back to builtin anyway), so
+no candidate is ever sent to a server kernel whose ``check`` refuses its dtype. Each run times
+exactly the plan jobs ``KernelRun.takes`` gives it.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tuner.errors import UsageError
+from tuner.plan import Job
+from tuner.writers import format_servers
 from workers.records import MoEShape
 
 AUTO = "auto"
@@ -30,10 +38,30 @@ FORMAT_SERVER = {"vllm": "vllm", "sglang": "sglang"}
 
 @dataclass(frozen=True)
 class KernelRun:
-    """One tuning run: the layout(s) it writes and the backend it times."""
+    """One tuning run: the layout(s) it writes and the backend it times.
+
+    ``server_files``: it times the jobs whose files the servers of ``format`` read;
+    ``builtin_fp4``: it times the jobs of moe-tune's own fp4 kernel (``Job.builtin_file_name``;
+    only ever on ``builtin``)."""
 
     format: str
     kernel: str
+    server_files: bool = True
+    builtin_fp4: bool = False
+
+    def takes(self, job: Job) -> bool:
+        """Whether this run times plan job ``job``."""
+        if job.builtin_file_name is not None:
+            return self.builtin_fp4
+        return self.server_files and bool(set(job.servers) & set(format_servers(self.format)))
+
+    @property
+    def what(self) -> str:
+        """What the run tunes, in words (``tune --dry-run``)."""
+        parts = [f"the {' and '.join(format_servers(self.format))} files"] if self.server_files else []
+        if self.builtin_fp4:
+            parts.append("moe-tune's own fp4 kernel (files apart, moe-tune-builtin/)")
+        return " and ".join(parts)
 
 
 def kernel_names() -> tuple[str, ...]:
@@ -101,20 +129,41 @@ def _unavailable(kernel: str, shapes: list[MoEShape]) -> str | None:
 
 def resolve(kernel: str, fmt: str, shapes: list[MoEShape],
             servers_of: Callable[[MoEShape], tuple[str, ...]] | None = None,
-            warnings: list[str] | None = None) -> list[KernelRun]:
+            warnings: list[str] | None = None, builtin_fp4: bool = False) -> list[KernelRun]:
     """The runs ``--kernel kernel --format fmt`` makes for ``shapes`` (see the module docstring).
 
+    ``shapes``: the shapes of the jobs whose files a server reads (not moe-tune's own fp4 kernel's).
     ``servers_of``: the servers whose files each shape is planned for (``tuner.plan``: with SGLang's
     shared-expert fusion a model has one shape per server); under ``auto`` each server's kernel
     must run only its own shapes, and a layout without shapes makes no run. Default: every shape
     is for every server. ``warnings``: where the fallback warning lines go instead of stderr (a
     caller that validates more input afterwards prints them once all of it is accepted).
+    ``builtin_fp4``: the plan also has jobs for moe-tune's own fp4 kernel; they go to a builtin run.
     UsageError (one line) for a named kernel that takes no config, does not import or does not
     run a shape."""
+    return _with_builtin_fp4(_server_runs(kernel, fmt, shapes, servers_of, warnings), fmt, builtin_fp4)
+
+
+def _with_builtin_fp4(runs: list[KernelRun], fmt: str, builtin_fp4: bool) -> list[KernelRun]:
+    """``runs`` with the builtin fp4 jobs given to the first builtin run, else to one of their own."""
+    if not builtin_fp4:
+        return runs
+    for index, run in enumerate(runs):
+        if run.kernel == "builtin":
+            return [*runs[:index], KernelRun(run.format, run.kernel, run.server_files, True), *runs[index + 1:]]
+    return [*runs, KernelRun(fmt, "builtin", server_files=False, builtin_fp4=True)]
+
+
+def _server_runs(kernel: str, fmt: str, shapes: list[MoEShape],
+                 servers_of: Callable[[MoEShape], tuple[str, ...]] | None,
+                 warnings: list[str] | None) -> list[KernelRun]:
     if kernel != AUTO:
         refused = refusal(kernel)
         if refused:
             raise UsageError(f"--kernel {kernel}: {refused}")
+    if not shapes:
+        return []
+    if kernel != AUTO:
         reason = _unavailable(kernel, shapes)
         if reason:
             raise UsageError(reason)

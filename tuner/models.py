@@ -32,7 +32,7 @@ from tuner import dispatch
 from tuner.errors import UsageError
 from tuner.validation import one_line
 from workers.formats import block_shape_dtypes, format_of, shape_rule_broken
-from workers.records import INT4_DEFAULT_GROUP, DType, MoEShape
+from workers.records import INT4_DEFAULT_GROUP, DType, MoEShape, WeightGrid
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -69,6 +69,16 @@ class ModelSpec:
     def layer_specs(self) -> list["ModelSpec"]:
         """One spec per distinct MoE layer shape (a server needs one config file for each)."""
         return [replace(self, other_layers=()), *self.other_layers]
+
+    @property
+    def checkpoint_grid(self) -> WeightGrid | None:
+        """The quantized format the checkpoint stores its expert weights in (the natural dtype with
+        its block shape, group size or per-channel scales), or None for an unquantized (bf16/fp16)
+        checkpoint and for schemes moe-tune does not run."""
+        if self.natural_dtype in (None, DType.BF16, DType.FP16):
+            return None
+        block = tuple(self.block_shape) if self.block_shape else None
+        return WeightGrid(self.natural_dtype, block, self.per_channel)
 
     def source(self, quantity: str) -> str:
         """The config field ``quantity`` ("E", "N", "K", "top-k") was read from."""

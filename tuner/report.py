@@ -24,9 +24,11 @@ from workers.records import Config, DType, MoEShape
 REFERENCE = DType.BF16
 REPORT_FILES = ("report.md", "report.html", "report.json")
 DEFAULT_MAX_REL_ERR = 0.10
-"""Recommend only dtypes within 10% relative error of bf16 unless told otherwise: admits per-tensor
-fp8_w8a8 (6.5–6.7% on the tuner's Gaussian weights) and int8_w8a16 (1.6%), not the 4-bit formats
-(17–21%), whose error on real checkpoints the user must judge (docs/reports/*/report.md)."""
+"""Recommend only dtypes within 10% relative error of bf16 unless told otherwise: on Gaussian bf16
+weights (a bf16 checkpoint) it admits per-tensor fp8_w8a8 (6.5–6.7%) and int8_w8a16 (1.6%), not the
+4-bit formats (17–21%), whose error on real checkpoints the user must judge. On a quantized
+checkpoint's grid (``tuner.compare``: gpt-oss's mxfp4) the checkpoint's own format carries only
+kernel error and passes."""
 SCREENED_WHY_UNKNOWN = "no full timing stands behind it"
 """What a recommendation says of a screening-only timing whose cause was not recorded."""
 MIN_SIGNIFICANT_DIFFERENCE = 0.03
@@ -115,6 +117,7 @@ class ComparisonResults:
     config_files: list[str] = field(default_factory=list)
     max_rel_err: float = DEFAULT_MAX_REL_ERR  # the bound the recommendations were made under
     server: str = "vllm"  # whose kernel choice per dtype the latencies follow
+    reference_weights: str = "random bf16 weights"  # the weights every dtype's error is measured on, in words
 
     def max_batch_in_budget(self, dtype: DType) -> int:
         summary = self.dtypes[dtype]
@@ -337,7 +340,8 @@ def _sections(results: ComparisonResults, recommendations: list[Recommendation])
                     f"top-k sum) in the kernel {results.server} dispatches for each dtype on this GPU (column "
                     "'kernel': backend, entry point, version, source hash), with the tuned config where the "
                     "kernel has one; tokens/s = M / latency. 'builtin µs' is moe-tune's own kernel on the same "
-                    "problem. Recommendations rank only the server's kernels."]
+                    "problem. Recommendations rank only the server's kernels.",
+                    f"Accuracy reference: {results.reference_weights}."]
         + (["The time budget ended the tuning: every latency is the best config found by then, not the "
             "end of the search."] if results.budget_ended else []))
     recommendation = _Section(
@@ -455,6 +459,7 @@ def to_json(results: ComparisonResults, recommendations: list[Recommendation]) -
         "memory_budget_bytes": results.memory_budget_bytes, "memory_source": results.memory_source,
         "configs_folder": results.configs_folder, "config_files": results.config_files,
         "max_rel_err": results.max_rel_err, "min_significant_difference": MIN_SIGNIFICANT_DIFFERENCE,
+        "reference_weights": results.reference_weights,
         "memory_model": MEMORY_MODEL,
         "roofline_model": ROOFLINE_MODEL,
         "dtypes": {d.value: {"shape": s.shape.label, "weight_bytes_per_gpu": s.weight_bytes_per_gpu,

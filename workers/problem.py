@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.quant import QuantizedWeight, activation_dtype, quantize_weight
-from workers.records import DType, MoEShape
+from workers.quant import QuantizedWeight, activation_dtype, quantize_weight, round_to_grid
+from workers.records import DType, MoEShape, WeightGrid
 from workers.reference import reference_moe
 from workers.routing import make_routing
 
@@ -61,18 +61,23 @@ class Problem:
 
 
 def build_problem(shape: MoEShape, M: int, *, routing: str = "uniform", seed: int = 0,
-                  device: torch.device | str = "cpu", activation: str | None = None) -> Problem:
+                  device: torch.device | str = "cpu", activation: str | None = None,
+                  grid: WeightGrid | None = None) -> Problem:
     """Random problem for ``shape`` at batch size ``M``; repeatable for equal arguments.
 
     x ~ N(0, 1), w13 ~ N(0, 1/K), w2 ~ N(0, 1/N), so every GEMM output is O(1) whatever the shape.
-    The weights depend only on (shape, seed, device) and are kept for the next call, so a sweep
-    over batch sizes builds them once. ``activation``: the reference's (``workers.reference``;
-    None: the experts' own, silu when ``shape.gated``, relu² when not).
+    The weights depend only on (shape, seed, device, grid) and are kept for the next call, so a
+    sweep over batch sizes builds them once. ``activation``: the reference's
+    (``workers.reference``; None: the experts' own, silu when ``shape.gated``, relu² when not).
+    ``grid``: a quantized checkpoint's format (``compare``): the master weights are rounded to it
+    once (``workers.quant.round_to_grid``) before ``shape.dtype`` quantizes them, so every dtype
+    runs the checkpoint as deployed (bf16: its dequantized weights) and the checkpoint's own
+    dtype carries no quantization error of its own (mxfp4 and block fp8 re-quantize exactly).
     """
     if M < 1:
         raise ValueError(f"batch size must be >= 1, got {M}")
     device = torch.device(device)
-    w13, w2 = _expert_weights(shape, seed, device)
+    w13, w2 = _expert_weights(shape, seed, device, grid)
     generator = torch.Generator(device=device).manual_seed(_derive_seed(seed, "inputs", M))
     x = torch.randn((M, shape.K), generator=generator, device=device).to(activation_dtype(shape.dtype))
     routing_generator = torch.Generator().manual_seed(_derive_seed(seed, "routing", M))
@@ -102,24 +107,37 @@ def release_weights() -> None:
 _weight_cache: dict[tuple, tuple[QuantizedWeight, QuantizedWeight]] = {}
 
 
-def _expert_weights(shape: MoEShape, seed: int, device: torch.device) -> tuple[QuantizedWeight, QuantizedWeight]:
-    key = (shape, seed, str(device))
+def _expert_weights(shape: MoEShape, seed: int, device: torch.device,
+                    grid: WeightGrid | None) -> tuple[QuantizedWeight, QuantizedWeight]:
+    key = (shape, seed, str(device), grid)
     if key not in _weight_cache:
         _weight_cache.clear()  # free the previous shape's weights before allocating these
         generator = torch.Generator(device=device).manual_seed(_derive_seed(seed, "weights"))
-        w13 = _random_weight((shape.E, shape.up_rows, shape.K), shape.K ** -0.5, shape, generator)
-        w2 = _random_weight((shape.E, shape.K, shape.N), shape.N ** -0.5, shape, generator)
+        w13 = _random_weight((shape.E, shape.up_rows, shape.K), shape.K ** -0.5, shape, generator, grid)
+        w2 = _random_weight((shape.E, shape.K, shape.N), shape.N ** -0.5, shape, generator, grid)
         _weight_cache[key] = (w13, w2)
     return _weight_cache[key]
 
 
-def _random_weight(size: tuple[int, int, int], std: float, shape: MoEShape,
-                   generator: torch.Generator) -> QuantizedWeight:
-    """N(0, std²) in the activation dtype, drawn one expert at a time (fp32 temporaries of one expert)."""
+def _random_weight(size: tuple[int, int, int], std: float, shape: MoEShape, generator: torch.Generator,
+                   grid: WeightGrid | None) -> QuantizedWeight:
+    """N(0, std²) (rounded to ``grid`` when given) in the activation dtype, drawn one expert at a
+    time (fp32 temporaries of one expert)."""
     E, R, C = size
+    if grid is not None and grid == WeightGrid(shape.dtype, shape.block_shape, shape.per_channel):
+        # The checkpoint's own format: quantized from the draw itself, as the checkpoint was (a
+        # quantizer need not be idempotent: int4_w4a16's amax/7.5 scale moves on a second pass).
+        experts = [quantize_weight((torch.randn((R, C), generator=generator, device=generator.device) * std)[None],
+                                   shape.dtype, shape.block_shape, per_channel=shape.per_channel) for _ in range(E)]
+        first = experts[0]
+        return QuantizedWeight(first.dtype, torch.cat([q.data for q in experts]),
+                               None if first.scale is None else torch.cat([q.scale for q in experts]),
+                               None if first.global_scale is None else torch.cat([q.global_scale for q in experts]),
+                               first.block_shape)
     weight = torch.empty(size, dtype=activation_dtype(shape.dtype), device=generator.device)
     for expert in range(E):
-        weight[expert] = torch.randn((R, C), generator=generator, device=generator.device) * std
+        drawn = torch.randn((R, C), generator=generator, device=generator.device) * std
+        weight[expert] = drawn if grid is None else round_to_grid(drawn, grid)
     return quantize_weight(weight, shape.dtype, shape.block_shape, per_channel=shape.per_channel)
 
 

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from workers.formats import format_of
-from workers.records import INT4_DEFAULT_GROUP, DType
+from workers.records import INT4_DEFAULT_GROUP, DType, WeightGrid
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -209,6 +209,24 @@ def quantize_weight(w: torch.Tensor, dtype: DType, block_shape: tuple[int, int] 
     for e in range(E):
         data[e], scale[e], global_scale[e] = quantize_nvfp4(w[e])
     return QuantizedWeight(dtype, data, scale, global_scale)
+
+
+def round_to_grid(w: torch.Tensor, grid: WeightGrid) -> torch.Tensor:
+    """fp32 ``[R, C]``: ``w [R, C]`` quantized to ``grid``'s format (its block shape, per-channel
+    scales, group size) and dequantized, i.e. values a checkpoint in that format holds. C is
+    zero-padded to whole scale groups first (zeros change no group's amax) and cropped after, so a
+    per-GPU slice whose C is not a multiple of the group (gpt-oss-120b's down projection at TP4:
+    720 columns, mxfp4 groups of 32) still gets one."""
+    if w.dim() != 2:
+        raise ValueError(f"round_to_grid takes one expert's [R, C], got shape {tuple(w.shape)}")
+    C = w.shape[1]
+    group = format_of(grid.dtype).scale_group
+    if grid.dtype is DType.INT4_W4A16:
+        named = grid.block_shape[1] if grid.block_shape else INT4_DEFAULT_GROUP
+        group = (C + C % 2) if named == -1 else named
+    padded = _pad_to_multiple(w.float(), (group,)) if group else w.float()
+    quantized = quantize_weight(padded[None], grid.dtype, grid.block_shape, per_channel=grid.per_channel)
+    return quantized.dequantize_expert(0)[:, :C]
 
 
 # ---------------------------------------------------------------- fp8 (E4M3FN)

@@ -144,6 +144,29 @@ class MoEShape:
         return f"E={self.E},N={self.N},K={self.K},topk={self.topk},dtype={self.dtype.value}{bs}{layout}"
 
 
+@dataclass(frozen=True)
+class WeightGrid:
+    """A quantized checkpoint's format, whose grid ``compare``'s master weights are drawn on
+    (``workers.problem.build_problem``): the dtype, its block shape (fp8 ``(bn, bk)``, int4_w4a16
+    ``(0, group)``) and whether fp8 weights have one scale per output channel."""
+
+    dtype: DType
+    block_shape: tuple[int, int] | None = None
+    per_channel: bool = False
+
+    @property
+    def label(self) -> str:
+        """``mxfp4``, ``fp8_w8a8 block [128, 128]``, ``fp8_w8a8 per channel``, ``int4_w4a16 group 128``, ..."""
+        if self.dtype is DType.INT4_W4A16:
+            group = self.block_shape[1] if self.block_shape else INT4_DEFAULT_GROUP
+            return f"{self.dtype.value} " + ("channel-wise" if group == -1 else f"group {group}")
+        if self.block_shape:
+            return f"{self.dtype.value} block [{self.block_shape[0]}, {self.block_shape[1]}]"
+        if self.dtype is DType.FP8_W8A8:
+            return f"{self.dtype.value} per " + ("channel" if self.per_channel else "tensor")
+        return self.dtype.value
+
+
 class Gemm(str, Enum):
     """Which part of the MoE a candidate times: the whole op, or one GEMM (SGLang's split)."""
 

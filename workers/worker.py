@@ -36,7 +36,7 @@ from workers import backends, faults
 from workers.compile_ahead import CompileTarget, WorkerTarget
 from workers.failures import ConfigRejected, classify, describe
 from workers.problem import ERROR_BOUNDS, Problem, build_problem, rel_error, release_weights
-from workers.records import Candidate, Config, DType, Gemm, Level, Measurement, MoEShape, Status
+from workers.records import Candidate, Config, DType, Gemm, Level, Measurement, MoEShape, Status, WeightGrid
 from workers.timing import Timing, time_call, time_interleaved, time_screen
 
 WATCHDOG_EXIT_CODE = 87
@@ -132,11 +132,12 @@ class BenchmarkWorker:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "the host's memory: a CPU run"
 
     def relative_errors(self, shapes: dict[DType, MoEShape], configs: dict[DType, Config], M: int, routing: str,
-                        reference: DType) -> tuple[dict[DType, float], int]:
+                        reference: DType, grid: WeightGrid | None = None) -> tuple[dict[DType, float], int]:
         """At batch size ``M``: per dtype, the relative error of ``fused_moe`` with that dtype's
         config against the ``reference`` dtype's output on the same inputs (same x, routing and
-        master weights, quantized per dtype; seed = M, as the correctness check uses), and the
-        number of distinct experts the routing touches. ``configs`` must hold ``reference``."""
+        master weights, on ``grid`` when given (``build_problem``), quantized per dtype; seed = M,
+        as the correctness check uses), and the number of distinct experts the routing touches.
+        ``configs`` must hold ``reference``."""
         from workers.moe import fused_moe
 
         self._problem, self._problem_key = None, None
@@ -144,7 +145,7 @@ class BenchmarkWorker:
         touched = 0
         with self.watchdog.guard(f"comparing {len(configs)} dtypes at M={M}"):
             for dtype, config in configs.items():
-                problem = build_problem(shapes[dtype], M, routing=routing, seed=M, device=self.device)
+                problem = build_problem(shapes[dtype], M, routing=routing, seed=M, device=self.device, grid=grid)
                 touched = int(torch.unique(problem.topk_ids).numel())
                 outputs[dtype] = fused_moe(problem.x, problem.w13, problem.w2, problem.topk_weights,
                                            problem.topk_ids, config).float()

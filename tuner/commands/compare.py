@@ -6,6 +6,7 @@ report.json."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from tuner import compare, kernel_choice, report
 from tuner.commands.arguments import (add_batch_sizes_argument, add_fresh_arguments, add_layout_arguments,
                                       check_interpret_limits, confirm_fresh, dtype_list, positive_float,
                                       positive_int, routing_arg)
-from tuner.dispatch import SERVER_READ_DTYPES, SERVERS
+from tuner.commands.tune import PREFLIGHT_DEVICE
+from tuner.dispatch import SERVERS
 from tuner.errors import UsageError
 from tuner.journal import JOURNAL_NAME, JournalBusy, count_measurements
 from tuner.models import derive_shape, load_model
@@ -51,7 +53,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="memory per GPU for weights + MoE buffers (default: 90%% of the memory the GPU reports)")
     parser.add_argument("--max-rel-err", type=positive_float, default=report.DEFAULT_MAX_REL_ERR, metavar="ERR",
                         help="recommend only dtypes within this relative error of bf16 (default "
-                             f"{report.DEFAULT_MAX_REL_ERR:g}: fp8 and int8 pass, the 4-bit formats do not)")
+                             f"{report.DEFAULT_MAX_REL_ERR:g}: fp8 and int8 pass; on a bf16 checkpoint the 4-bit "
+                             "formats do not; a quantized checkpoint's own format carries only kernel error)")
     parser.add_argument("--json", action="store_true", help="print the report's JSON (report.json) on stdout")
     parser.add_argument("--server", choices=SERVERS, default="vllm",
                         help="whose kernel choice per dtype to follow (default vllm: vLLM 0.33's)")
@@ -87,8 +90,6 @@ def _request(args: argparse.Namespace) -> tuple[compare.CompareRequest, list[str
     batch_sizes = resolve_batch_sizes(args.batch_sizes)
     if args.interpret:
         check_interpret_limits(list(shapes.values()), batch_sizes)
-        if args.kernel not in (kernel_choice.AUTO, "builtin"):
-            raise UsageError(f"--kernel {args.kernel} times the server's GPU kernel; it cannot run with --interpret")
     for path, what in ((args.out, "--out"), (args.configs_out, "--configs-out")):
         if path.exists() and not path.is_dir():
             raise UsageError(f"{what} {path}: exists and is not a folder")
@@ -96,7 +97,8 @@ def _request(args: argparse.Namespace) -> tuple[compare.CompareRequest, list[str
     # moe-tune's own fp4 kernel too: the report's second column (its files written apart)
     planned = plan([spec], args.tp, args.ep, dtypes, None, batch_sizes, space, args.format, builtin_fp4=True)
     warnings: list[str] = []
-    kernel = "builtin" if args.interpret else _fused_moe_kernel(args.kernel, args.server, planned, warnings)
+    runs = _kernel_runs(args.kernel, args.server, args.format, planned, args.interpret, warnings)
+    grid, reference_weights = compare.accuracy_reference(spec)
     servers_by_shape: dict = {}
     journal = args.journal or args.configs_out / JOURNAL_NAME
     if args.fresh:
@@ -115,17 +117,23 @@ def _request(args: argparse.Namespace) -> tuple[compare.CompareRequest, list[str
         workers=args.workers, interpret=args.interpret, strategy=args.strategy,
         budget_s=args.budget_minutes * 60 if args.budget_minutes else None, moe_layers=args.moe_layers,
         memory_budget_bytes=int(args.memory_budget_gib * 2**30) if args.memory_budget_gib else None,
-        max_rel_err=args.max_rel_err, server=args.server, kernel=kernel, ep=args.ep), warnings
+        max_rel_err=args.max_rel_err, server=args.server, runs=tuple(runs), ep=args.ep, grid=grid,
+        reference_weights=reference_weights), warnings
 
 
-def _fused_moe_kernel(kernel: str, server: str, planned: Plan, warnings: list[str]) -> str:
-    """The backend ``--kernel`` means for the dtypes ``server`` runs in its fused-MoE Triton kernel
-    (the plan's server-read shapes; the fp4 dtypes are timed in their own kernels), resolved as
-    tune resolves it (``tuner.kernel_choice.resolve``): auto is the server's kernel where it imports
-    and runs every such shape, else builtin with a warning line appended to ``warnings``."""
-    shapes = [s.shape for s in planned.shapes if s.shape.dtype in SERVER_READ_DTYPES]
-    (run,) = kernel_choice.resolve(kernel, server, shapes, warnings=warnings)
-    return run.kernel
+def _kernel_runs(kernel: str, server: str, fmt: str, planned: Plan, interpret: bool,
+                 warnings: list[str]) -> list[kernel_choice.KernelRun]:
+    """The tuning runs, one per backend (``tuner.kernel_choice.resolve``, as tune resolves them):
+    the dtypes ``server`` runs in its fused-MoE Triton kernel (the plan's server-read jobs) on the
+    backend ``--kernel`` means (auto: the server's kernel where it imports and runs every such
+    shape, else builtin with a warning line appended to ``warnings``; builtin under --interpret; a
+    named kernel that cannot run one is a usage error), moe-tune's own fp4 kernel (the second
+    column) always on builtin. Each run writes the ``fmt`` layouts."""
+    preflight = planned.for_device("cpu" if interpret else PREFLIGHT_DEVICE)
+    shapes = [job.shape for job in preflight.jobs if job.builtin_file_name is None]
+    runs = kernel_choice.resolve("builtin" if interpret and kernel == kernel_choice.AUTO else kernel, server, shapes,
+                                 warnings=warnings, builtin_fp4=any(job.builtin_file_name for job in preflight.jobs))
+    return [dataclasses.replace(run, format=fmt) for run in runs]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -148,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {recommendation.text}")
     for line in report.unranked(results):
         print(f"  {line}")
+    print(f"accuracy reference: {results.reference_weights}")
     print(f"tuned config files in {results.configs_folder}: {', '.join(results.config_files) or 'none'}")
     for path in paths:
         print(f"wrote {path}")

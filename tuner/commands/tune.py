@@ -166,10 +166,11 @@ def validate(args: TuneOptions, probe: bool = True) -> Validated:
     if args.server_version:
         kernel_choice.default_rule(args.kernel, args.server_version)
     # which backend times which layout; each backend's check refuses the dtypes and layouts it cannot run
-    servers = {s.shape: s.servers for s in planned.shapes}
+    # (moe-tune's own fp4 kernel's jobs always run on builtin)
+    server_jobs = {job.shape: job.servers for job in preflight.jobs if job.builtin_file_name is None}
     warnings: list[str] = []
-    runs = kernel_choice.resolve(args.kernel, args.format, [s.shape for s in planned.shapes], servers.__getitem__,
-                                 warnings)
+    runs = kernel_choice.resolve(args.kernel, args.format, list(server_jobs), server_jobs.__getitem__, warnings,
+                                 builtin_fp4=any(job.builtin_file_name for job in preflight.jobs))
     needs_rule = bool(args.baseline or args.server_version)  # the rule matters only where a baseline falls back
     baselines = {run.kernel: replace(baseline, rule=kernel_choice.default_rule(run.kernel, args.server_version))
                  if needs_rule else baseline for run in runs}
@@ -197,8 +198,7 @@ def _dry_run(args: TuneOptions, device_name: str | None, valid: Validated) -> No
     print(format_plan(planned, expected))
     if args.interpret:
         print("(the time is modelled for a GPU: under --interpret the kernels run far slower)")
-    print("kernel: " + "; ".join(f"{run.kernel} for the {' and '.join(writers.format_servers(run.format))} files"
-                                 for run in valid.runs))
+    print("kernel: " + "; ".join(f"{run.kernel} for {run.what}" for run in valid.runs))
     print(f"would write to {valid.out}/ ({args.format} layout):")
     for job in planned.jobs:
         server_read = job.shape.dtype in SERVER_READ_DTYPES  # the builtin fp4 kernel's files: vLLM layout, apart
@@ -256,9 +256,9 @@ def tune_in_session(args: TuneOptions, valid: Validated, session: RaySession, ti
 
     servers_by_shape: dict = {}
 
-    def jobs_for(baseline: Baseline, layouts: tuple[str, ...]):
+    def jobs_for(baseline: Baseline, choice: kernel_choice.KernelRun):
         def jobs_for_device(device_name: str) -> list[SearchJob]:
-            jobs = [job for job in valid.plan.for_device(device_name).jobs if set(job.servers) & set(layouts)]
+            jobs = [job for job in valid.plan.for_device(device_name).jobs if choice.takes(job)]
             servers_by_shape.update({job.shape: job.servers for job in jobs})
             return [SearchJob(job, valid.routing, baseline.configs_for(job.shape, device_name, job.batch_sizes,
                                                                        _triton_version()))
@@ -274,7 +274,7 @@ def tune_in_session(args: TuneOptions, valid: Validated, session: RaySession, ti
         baseline = valid.baselines[choice.kernel]
         layouts = writers.format_servers(choice.format)
         request = driver.TuneRequest(
-            jobs_for_device=jobs_for(baseline, layouts),
+            jobs_for_device=jobs_for(baseline, choice),
             write_outputs=writers.server_files_writer(valid.out, servers_of(layouts), args.replace),
             journal_path=valid.journal, fresh=args.fresh and index == 0, workers=args.workers,
             interpret=args.interpret, kernel=choice.kernel, timeout_s=args.timeout, finalists=args.finalists,
