@@ -179,3 +179,22 @@ def test_compare_sends_no_candidate_to_a_kernel_that_refuses_its_dtype(tmp_path:
                                             "moe-tune-builtin/E=4,N=64,device_name=cpu,dtype=mxfp4_w4a16.json"]
     assert data["reference_weights"].startswith("weights on the mxfp4 grid of the checkpoint")
     assert "Accuracy reference: weights on the mxfp4 grid" in (out / "report.md").read_text()
+
+
+def test_a_screen_only_winner_is_explained_by_what_happened() -> None:
+    """The caveat of a winner chosen on a screen names its real cause: failed full timings, else
+    the time budget, never the budget when there was none (the H200 report blamed a budget the
+    run did not have)."""
+    from tuner.compare import _screened_why
+    from tuner.select import Selection
+    from workers.records import Candidate, Config, Level, Measurement, MoEShape, Status
+
+    shape = MoEShape(E=4, N=64, K=64, topk=2, dtype=DType.FP8_W8A8)
+    screen = Candidate(shape, 4096, Config(16, 32, 64, 1, 4, 2), level=Level.SCREEN)
+    won = Selection(screen, 1678.5, 1678.5, retimed=False)
+    other_m = Measurement(Candidate(shape, 1024, Config(16, 32, 64, 1, 4, 2)), Status.CRASHED)
+    assert _screened_why(won, [other_m], budget_ended=True) == "the time budget ended before a full timing"
+    assert _screened_why(won, [other_m], budget_ended=False) == "the search ended without a full timing"
+    failed = [Measurement(Candidate(shape, 4096, Config(16, 32, b, 1, 4, 2)), status)
+              for b, status in ((32, Status.CRASHED), (64, Status.TIMEOUT), (128, Status.CRASHED))]
+    assert _screened_why(won, failed, budget_ended=True) == "its full timings failed (crashed 2, timeout 1)"

@@ -249,16 +249,24 @@ def run_compare(request: CompareRequest, progress: Progress | None = None) -> Co
 
 @dataclass
 class _Tuned:
-    """What the tuning runs produced for one GPU type, per dtype: the winners and the worker
-    environment (kernel) of the run that tuned it; all measurements; the files written."""
+    """What the tuning runs produced for one GPU type: per dtype the result of the run that tuned
+    it (its winners, measurements and worker environment, hence kernel); the files written."""
 
     device: str
+    shapes: dict[DType, MoEShape]
+    routing: str
     budget_ended: bool = False
-    envs: dict[DType, dict[str, str]] = field(default_factory=dict)
-    winners: dict[DType, dict[int, Selection]] = field(default_factory=dict)
-    measurements: list[Measurement] = field(default_factory=list)
+    by_dtype: dict[DType, driver.DeviceResult] = field(default_factory=dict)
     files: list[writers.Written] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
+
+    def winners(self, dtype: DType) -> dict[int, Selection]:
+        """Per M the winner of ``dtype``'s shape (whole op, the compare's routing)."""
+        result = self.by_dtype.get(dtype)
+        if result is None:
+            return {}
+        return {key.M: s for key, s in result.selections.items() if key.shape == self.shapes[dtype]
+                and key.gemm is Gemm.BOTH and key.routing == self.routing}
 
 
 def _tune(request: CompareRequest, progress: Progress) -> list[tuple[KernelRun, driver.TuneResult]]:
@@ -285,24 +293,25 @@ def _tune(request: CompareRequest, progress: Progress) -> list[tuple[KernelRun, 
 
 
 def _collect(runs: list[tuple[KernelRun, driver.TuneResult]], shapes_for_device: Callable[[str], dict[DType, MoEShape]],
-             routing: str) -> tuple[_Tuned, dict[DType, MoEShape]]:
-    """The runs' results merged for the one GPU type they ran on (RunFailed when several)."""
+             routing: str, server: str) -> tuple[_Tuned, dict[DType, MoEShape]]:
+    """The runs' results merged for the one GPU type they ran on (RunFailed when several). A dtype
+    tuned by several runs (``--format both``: each layout on its own server's kernel) is taken from
+    the run on ``server``'s kernel, else from the first."""
     devices = [device for _, tuned in runs for device in tuned.devices]
     names = sorted({device.device for device in devices})
     if len(names) != 1:
         raise RunFailed(f"compare needs one GPU type; the workers are on {len(names)}: " + ", ".join(names))
     shapes = shapes_for_device(names[0])
-    merged = _Tuned(names[0], budget_ended=any(tuned.budget_ended for _, tuned in runs),
-                    winners={dtype: {} for dtype in shapes})
+    merged = _Tuned(names[0], shapes, routing, budget_ended=any(tuned.budget_ended for _, tuned in runs))
     for device in devices:
-        merged.measurements += device.measurements
         merged.files += device.files
         merged.versions = merged.versions or {k: v for k, v in device.env.items() if k not in _KERNEL_KEYS}
-        for key, selection in device.selections.items():
-            for dtype, shape in shapes.items():
-                if key.shape == shape and key.gemm is Gemm.BOTH and key.routing == routing:
-                    merged.winners[dtype][key.M] = selection
-                    merged.envs[dtype] = device.env
+        tuned_here = {key.shape for key in device.selections}
+        for dtype, shape in shapes.items():
+            earlier = merged.by_dtype.get(dtype)
+            if shape in tuned_here and (earlier is None or (earlier.env.get("kernel") != server
+                                                            and device.env.get("kernel") == server)):
+                merged.by_dtype[dtype] = device
     return merged, shapes
 
 
@@ -324,13 +333,13 @@ def _screened_why(selection: Selection, measurements: list[Measurement], budget_
 
 
 def _compare_in_session(request: CompareRequest, progress: Progress) -> ComparisonResults:
-    tuned, shapes = _collect(_tune(request, progress), request.shapes_for_device, request.routing)
+    tuned, shapes = _collect(_tune(request, progress), request.shapes_for_device, request.routing, request.server)
     arch = dispatch.gpu_arch(tuned.device)
     served = {dtype: dispatch.server_kernel(request.server, dtype, arch, request.ep) for dtype in shapes}
-    winners = tuned.winners
+    winners = {dtype: tuned.winners(dtype) for dtype in shapes}
     if not winners[REFERENCE]:
         raise RunFailed("bf16 produced no correct config: nothing to compare against")
-    kernel_of = {dtype: env.get("kernel", BUILTIN) for dtype, env in tuned.envs.items()}
+    kernel_of = {dtype: result.env.get("kernel", BUILTIN) for dtype, result in tuned.by_dtype.items()}
 
     configs = {dtype: {M: s.candidate.config for M, s in per_m.items()} for dtype, per_m in winners.items()}
     # bf16 is the yardstick at every M a quantized dtype has; any correct bf16 config computes it alike.
@@ -361,11 +370,12 @@ def _compare_in_session(request: CompareRequest, progress: Progress) -> Comparis
         memory_source=source, configs_folder=str(request.configs_out),
         config_files=sorted({str(written.path.relative_to(request.configs_out)) for written in tuned.files}),
         max_rel_err=request.max_rel_err, reference_weights=request.reference_weights)
-    spreads = {m.candidate: (m.latency_us, m.spread_us) for m in tuned.measurements
-               if m.ok and m.candidate.level is Level.FULL}
     for dtype, shape in shapes.items():
         kernel = served[dtype]
         tuned_kernel = kernel_of.get(dtype, BUILTIN)
+        measurements = tuned.by_dtype[dtype].measurements if dtype in tuned.by_dtype else []
+        spreads = {m.candidate: (m.latency_us, m.spread_us) for m in measurements
+                   if m.ok and m.candidate.level is Level.FULL}
         for M in request.batch_sizes:
             selection = winners[dtype].get(M)
             builtin_us = None
@@ -391,9 +401,10 @@ def _compare_in_session(request: CompareRequest, progress: Progress) -> Comparis
                 results.points.append(measured_point(
                     shape, M, selection.latency_us, selection.candidate.config, errors[dtype][M], touched[M], peaks,
                     _spread(spreads.get(selection.candidate), selection.latency_us),
-                    kernel=_kernel_label(tuned.envs[dtype]), server_kernel=is_server, builtin_latency_us=builtin_us,
+                    kernel=_kernel_label(tuned.by_dtype[dtype].env), server_kernel=is_server,
+                    builtin_latency_us=builtin_us,
                     screened=screened,
-                    screened_why=_screened_why(selection, tuned.measurements, tuned.budget_ended) if screened else "",
+                    screened_why=_screened_why(selection, measurements, tuned.budget_ended) if screened else "",
                     note="" if is_server else f"not {request.server}'s kernel: tuned with --kernel {tuned_kernel}"))
             elif kernel.kernel != dispatch.FUSED_MOE:
                 results.points.append(_unmeasured(dtype, M, f"{request.server} runs {kernel.why}: moe-tune cannot "
