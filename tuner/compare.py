@@ -40,6 +40,7 @@ import ray
 from tuner import dispatch, driver, roofline, writers
 from tuner.errors import RunFailed
 from tuner.kernel_choice import KernelRun
+from tuner.models import ModelSpec
 from tuner.plan import Plan
 from tuner.pool import Done, Lost, start_pool
 from tuner.progress import Progress
@@ -104,6 +105,24 @@ def search_jobs(planned: Plan, routing: str, device_name: str,
     if servers_by_shape is not None:
         servers_by_shape.update({job.shape: job.servers for job in jobs})
     return [SearchJob(job, routing) for job in jobs]
+
+
+def accuracy_reference(spec: ModelSpec) -> tuple[WeightGrid | None, str]:
+    """The grid the compare's master weights are drawn on (the checkpoint's quantized format,
+    ``ModelSpec.checkpoint_grid``; None for an unquantized checkpoint) and, in words for the
+    report, which weights every dtype's error is measured on."""
+    grid = spec.checkpoint_grid
+    if grid is not None:
+        return grid, (f"weights on the {grid.label} grid of the checkpoint ({spec.name} is quantized as "
+                      f"{spec.quant_format or grid.dtype.value}): the random master weights are quantized to "
+                      f"{grid.label} once and every dtype runs them as deployed (bf16: dequantized), so "
+                      f"{grid.dtype.value} carries only kernel error and every other dtype's error is against the "
+                      "checkpoint")
+    if spec.natural_dtype is None:
+        return None, (f"random bf16 weights ({spec.name}'s checkpoint format, {spec.quant_format}, is not one "
+                      "moe-tune runs): each dtype's error includes its own quantization of them")
+    return None, (f"random {spec.natural_dtype.value} weights (the checkpoint is unquantized "
+                  f"{spec.natural_dtype.value}): each dtype's error includes its own quantization of them")
 
 
 def bf16_twin(shape: MoEShape) -> MoEShape:
