@@ -133,3 +133,17 @@ def test_builtin_fp4_configs_are_written_apart_and_found_again(tmp_path):
     assert server_file(files, shape, H200) == (written.path.relative_to(tmp_path).as_posix(), configs)
     # the server-file writer sends fp4 winners there whatever servers the plan names (no SGLang copy)
     server_files_writer(tmp_path, lambda _: ("vllm", "sglang")).check(H200, {"triton": "3.6.0", "kernel": "builtin"}, {shape: {1, 64}})
+
+
+def test_int4_checkpoints_plan_the_file_the_servers_read_in_triton():
+    """int4_w4a16 once fell through to the NVFP4 rule ("Humming ... Marlin NVFP4"): no job, and
+    its files would have gone to moe-tune-builtin/. Both servers read ``dtype=int4_w4a16`` when
+    they run int4 MoE in Triton."""
+    for server in ("vllm", "sglang"):
+        kernel = server_kernel(server, DType.INT4_W4A16, Arch.HOPPER)
+        assert (kernel.kernel, kernel.file_dtype) == ("fused_moe", DType.INT4_W4A16) and "Marlin" in kernel.why
+    plan = build_plan(["mixtral-8x7b"], tp=2, ep=1, dtypes=["int4_w4a16"], block_shape=None, batch_sizes=[1],
+                      space="default", device_name=H200)
+    [job] = plan.jobs
+    assert job.file_name == "E=8,N=7168,device_name=NVIDIA_H200,dtype=int4_w4a16.json" and job.sglang_file_name
+    assert job.builtin_file_name is None and not plan.served_elsewhere

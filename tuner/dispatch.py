@@ -8,7 +8,9 @@ reads it. The facts below are read from vLLM 0.33 (``fused_moe/oracle/mxfp4.py``
 ``server_args.py``, ``fused_moe_triton_config.get_config_dtype_str``):
 
 - bf16/fp16, fp8_w8a8 and int8_w8a16 run the fused-MoE Triton kernel in both servers, which
-  reads ``E=..,N=..,device_name=..[,dtype=<fp8_w8a8|int8_w8a16>].json``.
+  reads ``E=..,N=..,device_name=..[,dtype=<fp8_w8a8|int8_w8a16>].json``. int4_w4a16 (GPTQ/AWQ/
+  compressed-tensors) runs Marlin by default and the fused-MoE Triton kernel, reading
+  ``dtype=int4_w4a16``, where the server runs int4 MoE in Triton (``tuner.plan.int4_kernel_notes``).
 - mxfp4 never reads a ``dtype=mxfp4*`` file. vLLM on Hopper (SM90) runs
   triton_kernels' ``matmul_ogs`` (backend TRITON, ahead of Marlin) and reads no config file;
   datacenter Blackwell runs FlashInfer TRT-LLM, Ampere/Ada and consumer Blackwell Marlin. vLLM's
@@ -40,7 +42,7 @@ FUSED_MOE = "fused_moe"
 MATMUL_OGS = "matmul_ogs"
 """triton_kernels' ``matmul_ogs`` MoE (routing, gate/up GEMM with fused SwiGLU, down GEMM with
 scatter); its launch choices come from triton_kernels' heuristics, not from any config file."""
-SERVER_READ_DTYPES = (DType.BF16, DType.FP16, DType.FP8_W8A8, DType.INT8_W8A16)
+SERVER_READ_DTYPES = (DType.BF16, DType.FP16, DType.FP8_W8A8, DType.INT8_W8A16, DType.INT4_W4A16)
 """Dtypes whose fused-MoE config files some server reads under a name of their own."""
 
 
@@ -97,6 +99,10 @@ def server_kernel(server: str, dtype: DType | str, arch: Arch, ep: int = 1) -> S
     dtype = DType(dtype)
     if server not in SERVERS:
         raise ValueError(f"unknown server {server!r}; expected one of {SERVERS}")
+    if dtype is DType.INT4_W4A16:  # tuner.plan.int4_kernel_notes has the sources
+        return ServerKernel(server, dtype, FUSED_MOE, dtype,
+                            "fused-MoE Triton kernel where the server runs int4 MoE in Triton (vLLM: --moe-backend "
+                            "triton; SGLang: AWQ layers Marlin cannot take, --quantization moe_wna16); Marlin otherwise")
     if dtype in SERVER_READ_DTYPES:
         return ServerKernel(server, dtype, FUSED_MOE, dtype, "fused-MoE Triton kernel")
     if dtype is DType.MXFP4:
