@@ -96,7 +96,8 @@ def gate_benches(spec: JobSpec, tunes: list[tuple[TuneRun, "tune.Validated"]],
     if spec.gate is None:
         return []
     server = gate_server(spec)
-    kernels = {(run.layout, run.routing): next(k.kernel for k in valid.runs if k.format in (server, "both"))
+    kernels = {(run.layout, run.routing): next(k.kernel for k in valid.runs
+                                                if k.server_files and k.format in (server, "both"))
                for run, valid in tunes}
     try:
         rules = {kernel: kernel_choice.default_rule(kernel, spec.server_version) for kernel in set(kernels.values())}
