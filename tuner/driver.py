@@ -6,7 +6,10 @@ compile-ahead from ``tuner.compiling`` on GPUs), every result journaled (``tuner
 per device group the finalists of every (shape, M) are re-timed back to back (``tuner.select``)
 and the winners written through the request's ``tuner.writers.OutputWriter``. A time budget
 (``budget_s``), counted from the first candidate handed to a GPU (worker start-up is not charged
-to it), stops the search where it is; the best so far is chosen without re-timing.
+to it), stops the search where it is; the finalists found by then (candidates with a correct full
+timing, or a correct screen where a batch size got no full timing) are still re-timed, within a
+cap of ``retime_cap_s(budget_s)`` seconds: no group starts after it, the calls running then
+finish (each within the per-call timeout), and groups not reached keep the search's numbers.
 
 Existing output files that writing would refuse are refused before any measurement
 (``FileConflict`` → exit 2). When every worker is lost, the batch sizes whose search had finished
@@ -37,6 +40,15 @@ from tuner.spaces import DeviceLimits
 from tuner.timeline import Timeline
 from tuner.writers import FileConflict, OutputWriter, SplitChoices, Written
 from workers.records import Gemm, Measurement, MoEShape
+
+BUDGET_RETIME_MIN_S = 30.0
+BUDGET_RETIME_FRACTION = 0.25
+
+
+def retime_cap_s(budget_s: float) -> float:
+    """Seconds the finalists may be re-timed for after the time budget ended: a quarter of the
+    budget, at least ``BUDGET_RETIME_MIN_S`` (a full re-timing took 7–20 s per model on an H200)."""
+    return max(BUDGET_RETIME_MIN_S, BUDGET_RETIME_FRACTION * budget_s)
 
 @dataclass(frozen=True)
 class TuneRequest:
@@ -83,6 +95,10 @@ class TuneResult:
     evaluations_reused: int = 0
     retimed_groups: int = 0
     retimes_reused: int = 0
+    retimes_cut: int = 0
+    """Batch sizes whose finalists kept the search's numbers: the re-timing cap after the budget ran out."""
+    retime_cap_s: float | None = None
+    """The re-timing cap applied (seconds; only when the time budget ended the search)."""
     wall_s: float = 0.0
     budget_ended: bool = False
     budget_s: float | None = None
@@ -150,9 +166,11 @@ def _write_failed(exc: BaseException, journal: Journal) -> RunFailed:
                      f"{journal.measured()} measurements are in the journal {journal.path}, nothing is measured twice")
 
 
-def tune(request: TuneRequest, progress: Progress | None = None, timeline: Timeline | None = None) -> TuneResult:
+def tune(request: TuneRequest, progress: Progress | None = None, timeline: Timeline | None = None,
+         clock: Callable[[], float] = time.monotonic) -> TuneResult:
     """Run the whole tune: search, re-time finalists, write files. Needs an open
-    ``tuner.ray_session`` (``timeline``: the one its start was recorded on). Raises RunFailed on
+    ``tuner.ray_session`` (``timeline``: the one its start was recorded on; ``clock``: the time
+    budget's and the re-timing cap's, injectable for tests). Raises RunFailed on
     run failures, UsageError when an existing file would be refused, ``signals.Terminated`` (with
     a resume hint) on SIGTERM."""
     progress = progress or Progress()
@@ -183,12 +201,18 @@ def tune(request: TuneRequest, progress: Progress | None = None, timeline: Timel
                     g.compiler = _compile_ahead(g, request, progress)
                 if g.compiler is None:
                     timeline.spans.pop("compile_ahead", None)
-            engine = Engine(pool, groups, journal, progress, request.budget_s, timeline=timeline)
+            engine = Engine(pool, groups, journal, progress, request.budget_s, clock=clock, timeline=timeline)
             progress.phase(f"searching ({request.strategy} strategy)")
             engine.run()
             progress.close()
             result.evaluations_run, result.evaluations_reused = engine.evaluations_run, engine.evaluations_reused
             result.budget_ended = engine.budget_ended
+            deadline = None
+            if engine.budget_ended and not engine.workers_lost:
+                result.retime_cap_s = retime_cap_s(request.budget_s)
+                deadline = clock() + result.retime_cap_s
+                progress.note(f"re-timing the finalists found so far (at most {result.retime_cap_s:g}s), so the "
+                              "winners are confirmed against the baseline back to back")
             for group in groups:
                 if group.compiler is not None:
                     group.compiler.close()
@@ -196,27 +220,29 @@ def tune(request: TuneRequest, progress: Progress | None = None, timeline: Timel
                 if engine.workers_lost:
                     group.strategy.propose()  # moves idle groups past rounds that need no GPU; proposals dropped
                     finished = group.strategy.finished()
-                retimer = Retimer(pool, group, journal, progress, timeline)
+                retimer = Retimer(pool, group, journal, progress, timeline, deadline, clock)
                 try:
                     result.devices.append(_choose_and_write(
-                        group, no_retiming if engine.budget_ended or engine.workers_lost else retimer,
-                        request, progress, finished))
+                        group, no_retiming if engine.workers_lost else retimer, request, progress, finished))
                 except (OSError, FileConflict) as exc:
                     raise _write_failed(exc, journal) from None
                 finally:
                     timeline.touch("writing")
                 result.retimed_groups += retimer.fresh
                 result.retimes_reused += retimer.reused
+                result.retimes_cut += retimer.cut
             if engine.workers_lost:
                 wrote = ", ".join(str(p) for p in result.files_written) or "no file (no batch size had finished)"
                 raise RunFailed(f"every worker was lost; wrote {wrote}; {journal.measured()} measurements are in the "
                                 f"journal {journal.path}: run the same command again to resume")
         except FileConflict as exc:
             raise UsageError(str(exc)) from None
-        except signals.Terminated as exc:
-            exc.hint = (f"{journal.measured()} measurements are in the journal {journal.path}; "
-                        "run the same command again to resume")
-            raise
+        except BaseException as exc:
+            if not signals.caused(exc):
+                raise
+            # However the signal surfaced (``Terminated``, or Ray's call ending in a SystemError around it).
+            raise signals.Terminated(f"{journal.measured()} measurements are in the journal {journal.path}; "
+                                     "run the same command again to resume") from None
         finally:
             for group in groups:
                 if group.compiler is not None:

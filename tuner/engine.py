@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from tuner import signals
 from tuner.compiling import CompileAhead
 from tuner.errors import RunFailed
 from tuner.timeline import Timeline
@@ -100,6 +101,7 @@ class Engine:
 
     def run(self) -> None:
         while True:
+            signals.check()
             self.progress.tick()
             proposed = False
             # Outcomes that arrive after the strategy was last asked (a compile-ahead verdict settled
@@ -262,17 +264,26 @@ def _phase_of(candidate: Candidate) -> str:
 
 
 class Retimer:
-    """Re-times groups of finalists on the actors of one device group, journaling each result."""
+    """Re-times groups of finalists on the actors of one device group, journaling each result.
+
+    ``deadline`` (a ``clock()`` instant; None: no bound) caps the re-timing: no group is handed
+    to a worker after it; the calls running then finish (each bounded by the per-call timeout),
+    and the groups never started keep the search's numbers (counted in ``cut``). ``clock`` is
+    injectable, as the engine's."""
 
     def __init__(self, pool: WorkerPool, group: DeviceGroup, journal: Journal, progress: Progress,
-                 timeline: Timeline | None = None) -> None:
+                 timeline: Timeline | None = None, deadline: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.pool = pool
         self.timeline = timeline or Timeline()
         self.group = group
         self.journal = journal
         self.progress = progress
+        self.deadline = deadline
+        self.clock = clock
         self.fresh = 0
         self.reused = 0
+        self.cut = 0
 
     def __call__(self, finalist_groups: list[list[Candidate]]) -> list[list[float] | None]:
         results: list[list[float] | None] = [None] * len(finalist_groups)
@@ -288,6 +299,12 @@ class Retimer:
             self.timeline.touch("retiming")
         slots = {s.index for s in self.group.slots}
         while todo or any(s.pending for s in self.group.slots):
+            signals.check()
+            if todo and self.deadline is not None and self.clock() >= self.deadline:
+                self.cut += len(todo)
+                self.progress.note(f"re-timing cap reached: {len(todo)} batch sizes on {self.group.device} keep "
+                                   "the search's numbers")
+                todo = []
             for slot in self.pool.free_slots():
                 if slot.index in slots and todo and not slot.pending:
                     # Prefer the batch size whose problem this worker holds already.
@@ -329,7 +346,7 @@ def device_groups(pool: WorkerPool, strategy_for: Callable[[str], Strategy]) -> 
 
 
 def no_retiming(finalist_groups: list[list[Candidate]]) -> list[list[float] | None]:
-    """After the time budget: choose on the search's own numbers."""
+    """When every worker is lost: choose on the search's own numbers."""
     return [None] * len(finalist_groups)
 
 

@@ -6,7 +6,17 @@ through its ``finally`` blocks (compile services closed, actors killed, ``ray.sh
 Code that must not be cut in half (a journal append: one line, fsynced) runs inside
 ``deferred()``: a SIGTERM arriving there is held and raised when the block ends. Ray installs its
 own SIGTERM handler in ``ray.init`` (it exits through a crash-looking dump), so
-``tuner.ray_session`` installs this one again after starting Ray.
+``tuner.ray_session`` puts this one back (``restore``) after starting Ray.
+
+Where the signal lands decides what the exception looks like. In Python code it is
+``Terminated``. Inside a call into Ray's compiled core (``ray.wait``/``ray.get`` run Python's
+signal handlers from C while they wait), the handler's ``Terminated`` is left pending and Ray's
+call ends in ``SystemError: ... returned a result with an exception set`` whose ``__context__``
+is the ``Terminated``; best-effort code that catches ``Exception`` might even swallow that. So
+the handler also sets a flag, and termination is recognised by the flag, not by the exception's
+type: ``caused(exc)`` at the command's top level, ``check()`` in every waiting loop (so a
+swallowed one still stops the run within one wait). A second SIGTERM while the stop is under way
+is ignored, so it cannot cut the clean-up short.
 """
 
 from __future__ import annotations
@@ -28,12 +38,16 @@ class Terminated(BaseException):
         self.hint = hint
 
 
+_received = False
 _held = 0
 _pending = False
 
 
 def _handler(signum: int, frame: object) -> None:
-    global _pending
+    global _received, _pending
+    if _received:
+        return  # the orderly stop is under way
+    _received = True
     if _held:
         _pending = True
         return
@@ -41,9 +55,55 @@ def _handler(signum: int, frame: object) -> None:
 
 
 def install() -> None:
-    """Route SIGTERM to ``Terminated`` (only the main thread may set signal handlers; elsewhere a no-op)."""
+    """Route SIGTERM to ``Terminated`` for a new command (forgetting an earlier command's SIGTERM
+    in this process). Only the main thread may set signal handlers; elsewhere a no-op."""
+    global _received, _pending
+    if threading.current_thread() is threading.main_thread():
+        _received = _pending = False
+        signal.signal(signal.SIGTERM, _handler)
+
+
+def restore() -> None:
+    """Put the handler back after a library replaced it (``ray.init``), keeping a SIGTERM already received."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _handler)
+
+
+def received() -> bool:
+    """True once SIGTERM arrived during this command."""
+    return _received
+
+
+def check() -> None:
+    """Raise ``Terminated`` if SIGTERM arrived (and is not being held): for loops that wait on Ray,
+    where the exception raised by the handler may have been swallowed or converted."""
+    global _pending
+    if _received and not _held:
+        _pending = False
+        raise Terminated()
+
+
+def caused(exc: BaseException) -> bool:
+    """Whether ``exc`` ends the command because of SIGTERM: a ``Terminated`` itself or in its
+    ``__cause__``/``__context__`` chain, or any exception raised after SIGTERM arrived."""
+    return _received or _terminated_in(exc) is not None
+
+
+def hint_of(exc: BaseException) -> str:
+    """The resume hint a ``Terminated`` in ``exc``'s chain carries ("" when none)."""
+    found = _terminated_in(exc)
+    return found.hint if found is not None else ""
+
+
+def _terminated_in(exc: BaseException) -> Terminated | None:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, Terminated):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 @contextmanager

@@ -344,6 +344,8 @@ def summarize(result: driver.TuneResult) -> dict:
         "timeline": result.timeline.to_json(),
         "retimed_groups": result.retimed_groups,
         "retimes_reused": result.retimes_reused,
+        "retimes_cut": result.retimes_cut,
+        "retime_cap_s": result.retime_cap_s,
         "budget_ended": result.budget_ended,
         "budget_minutes": result.budget_s / 60 if result.budget_s is not None else None,
         "devices": devices,
@@ -385,8 +387,13 @@ def format_summary(summary: dict) -> str:
         lines.append(f"baseline: the --baseline folders; where one has no file, the {summary['baseline_default_rule']} "
                      "default rule")
     if summary["budget_ended"]:
+        retimed = (f"their finalists were re-timed back to back ({summary['retimed_groups']} batch sizes"
+                   + (f", {summary['retimes_reused']} from the journal" if summary["retimes_reused"] else "") + ")")
+        if summary["retimes_cut"]:
+            retimed += (f"; {summary['retimes_cut']} batch sizes kept the search's numbers (the "
+                        f"{summary['retime_cap_s']:g}s re-timing cap ran out)")
         lines.append(f"the time budget ({summary['budget_minutes']:g} min from the first measurement) ended the "
-                     "search: the configs written are the best found by then, not re-timed")
+                     f"search: the configs written are the best found by then; {retimed}")
     if summary["failed"]:
         lines.append("failed: " + ", ".join(f"{status} {n}" for status, n in summary["failed"].items()))
     for device in summary["devices"]:
