@@ -117,11 +117,24 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "verbose", False):
             os.environ[VERBOSE_ENV] = "1"
         module = importlib.import_module(f"tuner.commands.{args.command}")
-        return int(module.run(args) or 0)
-    except UsageError as exc:
+        code = int(module.run(args) or 0)
+        signals.check()  # a SIGTERM swallowed in clean-up code still ends the command as one
+        return code
+    except BaseException as exc:  # noqa: BLE001 - dispatched below; anything else propagates
+        if signals.caused(exc):
+            # However it surfaced: Terminated, or a Ray call ended by it (a SystemError around it).
+            hint = signals.hint_of(exc) or "run the same command again to resume"
+            print(f"moe-tune: terminated by SIGTERM; Ray stopped; {hint}", file=sys.stderr)
+            return signals.EXIT_CODE
+        return _failure(exc)
+
+
+def _failure(exc: BaseException) -> int:
+    """The exit code and the one line for a command's exception; re-raises what is not a known failure."""
+    if isinstance(exc, UsageError):
         print(f"moe-tune: error: {exc}".splitlines()[0], file=sys.stderr)
         return 2
-    except RunFailed as exc:
+    if isinstance(exc, RunFailed):
         print(f"moe-tune: run failed: {exc}".splitlines()[0], file=sys.stderr)
         session = sys.modules.get("tuner.ray_session")  # loaded by every command that starts Ray
         if session is not None and session.connect_stranded():
@@ -129,18 +142,14 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()
             os._exit(1)  # a ray.init given up on cannot be stopped; interpreter shutdown would crash on it
         return 1
-    except BrokenPipeError:
+    if isinstance(exc, BrokenPipeError):
         # The reader went away (``moe-tune plan | head``): not a failure; keep Python's exit flush quiet.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except KeyboardInterrupt:
+    if isinstance(exc, KeyboardInterrupt):
         print("moe-tune: interrupted", file=sys.stderr)
         return 130
-    except signals.Terminated as exc:
-        hint = exc.hint or "run the same command again to resume"
-        print(f"moe-tune: terminated by SIGTERM; Ray stopped; {hint}", file=sys.stderr)
-        return signals.EXIT_CODE
-
+    raise exc
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -26,6 +26,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from tuner import signals
 from tuner.pool import STARTUP_TIMEOUT_S, Slot
 from workers.compile_ahead import CompileJob, CompileOutcome, CompileService, CompileTarget, WorkerTarget
 from workers.records import Config, MoEShape, Status
@@ -84,6 +85,7 @@ class CompileAhead:
         try:
             sizes = ray.get([s.actor.size.remote() for s in self._services], timeout=SERVICE_START_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - compile-ahead is an optimisation; the run goes on without it
+            signals.check()  # a SIGTERM that surfaced inside Ray's call stops the run
             self.note(f"compile-ahead unavailable ({type(exc).__name__}: {exc}); the GPU workers compile themselves")
             self.close()
             sizes = []
@@ -130,6 +132,7 @@ class CompileAhead:
             try:
                 results = ray.get(service.collecting)
             except Exception as exc:  # noqa: BLE001
+                signals.check()  # a SIGTERM that surfaced inside Ray's call stops the run
                 self._drop(service, f"{type(exc).__name__}: {exc}")
                 continue
             service.collecting = None
@@ -180,6 +183,7 @@ def start_compile_ahead(slots: list[Slot], batch_sizes: dict[MoEShape, tuple[int
         reports: list[WorkerTarget | None] = ray.get([slot.actor.compile_target.remote() for slot in slots],
                                                      timeout=STARTUP_TIMEOUT_S)
     except Exception as exc:  # noqa: BLE001 - compile-ahead is an optimisation; the workers can compile themselves
+        signals.check()  # a SIGTERM that surfaced inside Ray's call stops the run
         note(f"compile-ahead skipped on {slots[0].device}: {type(exc).__name__}: {exc}".splitlines()[0][:300])
         return None
     if any(r is None for r in reports):

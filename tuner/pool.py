@@ -31,6 +31,7 @@ from typing import Any
 import ray
 from ray.exceptions import ActorDiedError, ActorUnschedulableError, GetTimeoutError, RayActorError
 
+from tuner import signals
 from tuner.errors import RunFailed
 from workers.records import Status
 
@@ -193,6 +194,7 @@ class WorkerPool:
         except RayActorError:
             return self._actor_died(slot, now)
         except Exception as exc:  # noqa: BLE001 - the method raised; the actor lives
+            signals.check()  # or a SIGTERM surfaced inside ray.get: not the candidate's failure
             slot.pending.popleft()
             slot.last_done = now
             return [Raised(slot, flight.task, exc)]

@@ -142,7 +142,7 @@ def ray_session(address: str | None, interpret: bool, workers: int | None = None
                      logging_level=ray_logging_level())
         else:
             ray.init(include_dashboard=False, runtime_env=runtime_env, logging_level=ray_logging_level())
-        signals.install()
+        signals.restore()
         try:
             yield session
         finally:
