@@ -213,6 +213,97 @@ def test_sigterm_finishes_the_record_stops_ray_and_exits_143(tmp_path, monkeypat
     assert json.loads((out / VLLM_FILE).read_text()) == expected_vllm_file()
 
 
+def _plan_slow_compile(path: Path) -> Path:
+    """Compile-ahead (the plan's stand-in compiler) that never finishes: the engine waits in
+    ``CompileAhead.pump``'s ``ray.wait`` with every candidate still compiling."""
+    path.write_text(json.dumps({"deterministic_latency": True, "faults": [],
+                                "compile_ahead": {"setup_s": 0, "job_s": 600}}))
+    return path
+
+
+def _plan_hanging_candidates(path: Path) -> Path:
+    """Every candidate hangs on its worker: the engine waits in the pool's ``ray.wait``."""
+    labels = sorted({c.config.label for ranked in deterministic_ranking().values() for c in ranked})
+    return write_fault_plan(path, [{"config": label, "action": "hang"} for label in labels])
+
+
+@pytest.mark.parametrize("waiting_in, plan, marker", [
+    ("compile-ahead", _plan_slow_compile, "compile-ahead: "),
+    ("measuring", _plan_hanging_candidates, "searching ("),
+])
+def test_sigterm_while_the_driver_waits_on_ray_exits_143_quietly(tmp_path, monkeypatch, waiting_in, plan, marker):
+    """Ray's ``ray.wait`` runs the SIGTERM handler from compiled code and ends in a SystemError
+    around our ``Terminated``: still one line, exit 143, no traceback, no Ray process left behind."""
+    monkeypatch.setenv(ENV_VAR, str(plan(tmp_path / "faults.json")))
+    out = tmp_path / "out"
+    driver = subprocess.Popen([sys.executable, "-m", "tuner.cli", *tune_argv(out, timeout_s=300)], cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(driver.stderr), daemon=True)
+    reader.start()
+    ours: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 300
+        while not any(marker in line for line in lines) and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert driver.poll() is None and any(marker in line for line in lines), "".join(lines)[-3000:]
+        time.sleep(3)  # well inside the wait: nothing can finish (the compile or the candidates never end)
+        ours = _descendants(driver.pid)
+        assert any("raylet" in cmdline for cmdline in ours.values()), ours
+        driver.send_signal(signal.SIGTERM)
+        code = driver.wait(60)
+        reader.join(10)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    err = "".join(lines)
+    assert code == 143, err[-3000:]
+    line = _one_error_line(err, "moe-tune: terminated by SIGTERM")
+    assert "run the same command again to resume" in line and str(out / JOURNAL_NAME) in line
+    assert "SystemError" not in err and "Traceback" not in err, err[-3000:]
+    assert _records(out / JOURNAL_NAME) == []  # nothing finished, nothing half-written
+    deadline = time.monotonic() + 10
+    while _alive(ours) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(ours), [ours[pid] for pid in _alive(ours)]
+
+
+def test_termination_is_recognised_however_it_surfaces():
+    """The cases the handler produces, without a process: Ray's SystemError around ``Terminated``
+    (its ``__context__``), one raised ``from`` it, and an exception after a swallowed one."""
+    from tuner import signals
+
+    signals.install()
+    assert not signals.caused(SystemError("unrelated")) and not signals.received()
+    try:
+        try:
+            raise signals.Terminated("resume hint")
+        except signals.Terminated:
+            raise SystemError("<cyfunction CoreWorker.wait> returned a result with an exception set")
+    except SystemError as wrapped:
+        assert signals.caused(wrapped) and signals.hint_of(wrapped) == "resume hint"
+    try:
+        raise RuntimeError("converted") from signals.Terminated()
+    except RuntimeError as converted:
+        assert signals.caused(converted) and signals.hint_of(converted) == ""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(signals.Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs in the main thread at the next bytecode
+        assert signals.received() and signals.caused(ValueError("anything after it"))
+        os.kill(os.getpid(), signal.SIGTERM)  # a second SIGTERM during the stop is ignored
+        time.sleep(0.2)
+        with pytest.raises(signals.Terminated):
+            signals.check()  # a swallowed one still stops the next waiting loop
+        with signals.deferred():
+            signals.check()  # held while a journal line is written
+    finally:
+        signals.install()
+        signal.signal(signal.SIGTERM, previous)
+    assert not signals.received()
+
+
 # -- 8: the time budget -----------------------------------------------------------------------------
 
 def test_a_budget_that_ends_before_any_result_says_so_once(tmp_path, monkeypatch):

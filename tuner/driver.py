@@ -115,9 +115,9 @@ class TuneResult:
 
 
 def _compile_ahead(group: DeviceGroup, request: TuneRequest, progress: Progress) -> CompileAhead | None:
-    """Compile-ahead for one device group; None where nothing compiles ahead (interpreter,
-    ``compile_ahead`` off, or workers reporting no target: a backend that cannot)."""
-    if request.interpret or not request.compile_ahead:
+    """Compile-ahead for one device group; None where nothing compiles ahead (``compile_ahead``
+    off, or workers reporting no target: the interpreter, a backend that cannot)."""
+    if not request.compile_ahead:
         return None
     batch_sizes: dict[MoEShape, set[int]] = {}
     for job in group.strategy.jobs:

@@ -39,6 +39,10 @@ from workers.compile_pool import CompilePool, PoolFailure
 from workers.failures import COMPILE_VERDICTS, ConfigRejected, classify, describe
 from workers.records import Config, MoEShape, Status
 
+STAND_IN_BACKEND = "stand-in"
+"""The target backend of the fault plan's stand-in compiler (``workers.faults.CompileStandIn``: tests only)."""
+
+
 @dataclass(frozen=True)
 class CompileTarget:
     """The GPU a compile is for, as its worker reports it (``BenchmarkWorker.compile_target``):
@@ -176,7 +180,13 @@ def setup_compile_process() -> None:
     """Once per compile process: one CPU thread for torch (the pool runs one process per core)."""
     import torch
 
+    from workers import faults
+
     torch.set_num_threads(1)
+    plan = faults.active_plan()
+    if plan is not None and plan.compile_ahead is not None:
+        time.sleep(plan.compile_ahead.setup_s)
+        return
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("compile-ahead needs the Triton compiler, not the interpreter (unset TRITON_INTERPRET)")
 
@@ -186,6 +196,13 @@ def compile_job(job: CompileJob) -> CompileOutcome:
     from workers import backends
 
     started = time.monotonic()
+    if job.target.backend == STAND_IN_BACKEND:
+        from workers import faults
+
+        plan = faults.active_plan()
+        time.sleep(plan.compile_ahead.job_s if plan is not None and plan.compile_ahead is not None else 0.0)
+        return CompileOutcome(Status.OK, "not compiled ahead (the fault plan's stand-in compiler)", 0,
+                              time.monotonic() - started)
     shape, config = job.shape, job.config
     compiled: list = []
     try:

@@ -13,7 +13,11 @@ forwards the variable to its workers); production runs never set it. The file::
      "faults": [{"config": "<Config.label>", "M": 4, "action": "raise" | "kill" | "hang" | "corrupt"
                                                        | "kill_retiming" | "lose" | "poison"}]}
 
-``M`` is optional (absent: every batch size). ``corrupt`` lets the kernel run, then scales its
+``M`` is optional (absent: every batch size). ``"compile_ahead": {"setup_s": S, "job_s": J}``
+turns on a stand-in compile-ahead under the interpreter (which has no compiler to run ahead), so
+the driver's compile-ahead path runs on the CPU: workers report a stand-in target, each compile
+process's start-up sleeps S seconds (as importing a server's package does) and each job J seconds,
+ending "not compiled ahead" (the worker then decides on the candidate, as without compile-ahead). ``corrupt`` lets the kernel run, then scales its
 output by ``CORRUPT_SCALE`` (a relative error of 0.5, finite, far above every dtype's bound).
 ``kill_retiming`` leaves the measurement alone and ends the process when the candidate is
 re-timed among finalists. ``lose`` ends the process and makes every later worker start under
@@ -51,10 +55,19 @@ class InjectedFault(RuntimeError):
 
 
 @dataclass(frozen=True)
+class CompileStandIn:
+    """The plan's stand-in compile-ahead: seconds a compile process takes to start and per job."""
+
+    setup_s: float = 0.0
+    job_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class FaultPlan:
     deterministic_latency: bool = False
     actions: dict[tuple[str, int | None], str] = field(default_factory=dict)
     source: str | None = None  # the plan file (``lose`` puts its marker next to it)
+    compile_ahead: CompileStandIn | None = None
 
     @classmethod
     def from_file(cls, path: str) -> "FaultPlan":
@@ -66,8 +79,9 @@ class FaultPlan:
                 raise ValueError(f"unknown fault action {entry['action']!r}; expected one of {ACTIONS}")
             m = entry.get("M")
             actions[(entry["config"], None if m is None else int(m))] = entry["action"]
+        stand_in = data.get("compile_ahead")
         return cls(deterministic_latency=bool(data.get("deterministic_latency", False)), actions=actions,
-                   source=path)
+                   source=path, compile_ahead=CompileStandIn(**stand_in) if stand_in is not None else None)
 
     def action_for(self, candidate: Candidate) -> str | None:
         label = candidate.config.label

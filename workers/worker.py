@@ -33,7 +33,7 @@ import torch
 import triton
 
 from workers import backends, faults
-from workers.compile_ahead import CompileTarget, WorkerTarget
+from workers.compile_ahead import STAND_IN_BACKEND, CompileTarget, WorkerTarget
 from workers.failures import ConfigRejected, classify, describe
 from workers.problem import ERROR_BOUNDS, Problem, build_problem, rel_error, release_weights
 from workers.records import Candidate, Config, DType, Gemm, Level, Measurement, MoEShape, Status, WeightGrid
@@ -113,9 +113,13 @@ class BenchmarkWorker:
         """What compile-ahead processes need to build this worker's kernels without its GPU and the
         Ray node they must run on to share its Triton cache; None where nothing is compiled ahead
         (interpreter, a backend whose entry point cannot be driven on meta tensors)."""
+        import ray
+
+        if self.device != "cuda" and self.fault_plan is not None and self.fault_plan.compile_ahead is not None:
+            return WorkerTarget(CompileTarget(STAND_IN_BACKEND, 0, 32, 0, self.kernel),
+                                ray.get_runtime_context().get_node_id())  # the fault plan's stand-in compiler
         if self.device != "cuda" or not self.backend.compiles_ahead:
             return None
-        import ray
         from triton.runtime.driver import driver
 
         target = driver.active.get_current_target()
