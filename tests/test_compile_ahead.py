@@ -65,14 +65,18 @@ print(json.dumps({k: [v.status.value, v.message, v.kernels] for k, v in out.item
 THROUGH_RAY = r"""
 import json, time
 import ray
-ray.init(num_cpus=2, include_dashboard=False)
-from tuner.compiling import CompileAhead
+ray.init(num_cpus=3, num_gpus=1, include_dashboard=False)
+from tuner.compiling import CompileAhead, PrestartedServices
 from workers.compile_ahead import CompileTarget
 from workers.records import Config, DType, MoEShape
 
 node = ray.get_runtime_context().get_node_id()
 shape = MoEShape(E=4, N=64, K=64, topk=2, dtype=DType.BF16)
-ahead = CompileAhead(CompileTarget("cuda", 90, 32, 232448), {node: 2}, {shape: (1, 4)}, 120, print)
+# Started before any target is known (as while the GPU workers start), adopted by the group.
+prestarted = PrestartedServices("builtin", 120)
+service = prestarted.take(node, "builtin")
+assert service is not None and prestarted.take(node, "builtin") is None
+ahead = CompileAhead(CompileTarget("cuda", 90, 32, 232448), [service], {shape: (1, 4)}, print)
 configs = [Config(16, 32, 32, 1, 4, 2), Config(16, 32, 16, 1, 4, 2)]
 outcomes = {}
 deadline = time.monotonic() + 200
@@ -137,4 +141,5 @@ def test_compile_service_on_a_ray_node(cache):
     out = _run(THROUGH_RAY, cache=cache)
     assert out["outcomes"] == {"M16_N32_K32_G1_w4_s2": ["ok", ""],
                                "M16_N32_K16_G1_w4_s2": ["ok", ""]}
+    # The node's 3 CPUs minus its 1 GPU.
     assert out["stats"]["jobs"] == 2 and out["stats"]["processes"] == 2 and out["stats"]["outcomes"] == {"ok": 2}

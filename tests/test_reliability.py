@@ -304,6 +304,34 @@ def test_termination_is_recognised_however_it_surfaces():
     assert not signals.received()
 
 
+# -- 9: start-up -------------------------------------------------------------------------------------
+
+def test_compile_processes_start_while_the_workers_start(tmp_path, monkeypatch):
+    """On a GPU both ends import the server's package (~10 s each): the GPU workers, and the
+    compile-ahead processes whose first outcome every candidate waits for. Stand-ins for both
+    (the fault plan: each worker's start and each compile process's start-up take 10 s longer)
+    show they overlap: the first measurement follows the workers' start at once, not 10 s later."""
+    slow_s = 10.0
+    plan = tmp_path / "faults.json"
+    plan.write_text(json.dumps({"deterministic_latency": True, "faults": [], "worker_start_s": slow_s,
+                                "compile_ahead": {"setup_s": slow_s, "job_s": 0}}))
+    monkeypatch.setenv(ENV_VAR, str(plan))
+    out = tmp_path / "out"
+    argv = tune_argv(out, "--strategy", "exhaustive")
+    argv[argv.index("--batch-sizes") + 1] = "1"
+    code, summary = run_tune(argv)
+    assert code == 0
+    assert json.loads((out / VLLM_FILE).read_text()) == {k: v for k, v in expected_vllm_file().items()
+                                                         if k in ("triton_version", "1")}
+    compile_stats = summary["devices"][0]["compile_ahead"]
+    assert compile_stats["jobs"] > 0 and compile_stats["not_compiled_ahead"] == compile_stats["jobs"]
+    t = summary["timeline"]
+    assert t["compile_ahead"]["start_s"] <= t["worker_start"]["start_s"]  # started before the workers were up
+    assert t["worker_start"]["end_s"] - t["worker_start"]["start_s"] >= slow_s
+    # Serially the compile processes would start once the workers are up and be ready slow_s later.
+    assert t["first_measurement_s"] - t["worker_start"]["end_s"] < slow_s / 2, t
+
+
 # -- 8: the time budget -----------------------------------------------------------------------------
 
 def test_a_budget_that_ends_before_any_result_says_so_once(tmp_path, monkeypatch):

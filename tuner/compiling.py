@@ -8,8 +8,15 @@ while no node has finished it; then the first outcome: ok (queue it; the worker 
 binaries in its cache) or a verdict (compile error, out of resources, compile time-out), which
 settles the candidate without the GPU.
 
-``start_compile_ahead`` places it: one service per node of the group's workers, sized to the
-node's CPUs minus one per GPU worker there, for the target the workers report.
+``start_compile_ahead`` places it: one service per node of the group's workers, for the target
+the workers report. Starting a service's processes costs what importing the kernel backend costs
+(vLLM's or SGLang's package: ~10 s), so ``PrestartedServices`` starts them while the GPU workers
+start (the driver calls it before ``tuner.pool.start_pool``): one service on every node with GPUs,
+sized to its CPUs minus its GPUs, whose processes import the backend at once
+(``workers.compile_ahead.setup_compile_process``). No target is needed for that: every job
+carries the target, which the workers report once up. ``start_compile_ahead`` adopts the
+prestarted service of each of its workers' nodes (else starts one, sized to the node's CPUs minus
+one per GPU worker there); services on nodes without workers are closed when the driver is done.
 
 A node's service that fails (it could not start, or died) is dropped with a note; with none left
 the engine simply goes on without compile-ahead: the GPU workers compile for themselves, as
@@ -63,25 +70,69 @@ class _Service:
     outstanding: int = 0
 
 
-class CompileAhead:
-    """Compile-ahead for one device group (one GPU target) over the nodes of its workers."""
+def _start_service(node: str, processes: int, timeout_s: float, kernel: str) -> _Service:
+    """A compile service pinned to ``node`` (returns at once; its processes start in the background)."""
+    actor = ray.remote(CompileService).options(
+        num_cpus=0, max_concurrency=2, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
+    ).remote(processes, timeout_s, kernel)
+    return _Service(node, actor, processes)
 
-    def __init__(self, target: CompileTarget, processes_by_node: dict[str, int], batch_sizes: dict[MoEShape, tuple[int, ...]],
-                 timeout_s: float, note: Callable[[str], None]) -> None:
+
+def _close_services(services: list[_Service]) -> None:
+    """Stop the compile processes (a killed actor would leave a hung compile running), then the actors."""
+    try:
+        ray.get([s.actor.close.remote() for s in services], timeout=SERVICE_CLOSE_TIMEOUT_S)
+    except Exception:  # noqa: BLE001 - best effort at exit
+        pass
+    for service in services:
+        try:
+            ray.kill(service.actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+
+
+class PrestartedServices:
+    """Compile services started before the GPU workers are up, one per alive node with GPUs
+    (processes: the node's CPUs minus its GPUs), their processes importing ``kernel``'s backend
+    meanwhile. ``take`` hands one to the group whose workers run on that node."""
+
+    def __init__(self, kernel: str, timeout_s: float) -> None:
+        self.kernel = kernel
+        self._services: dict[str, _Service] = {}
+        for node in ray.nodes():
+            resources = node.get("Resources", {})
+            gpus = int(resources.get("GPU", 0))
+            if node.get("Alive") and gpus > 0:
+                processes = max(1, int(resources.get("CPU", 1)) - gpus)
+                self._services[node["NodeID"]] = _start_service(node["NodeID"], processes, timeout_s, kernel)
+
+    def take(self, node: str, kernel: str) -> _Service | None:
+        """The service started on ``node`` for ``kernel`` (once), or None."""
+        return self._services.pop(node, None) if kernel == self.kernel else None
+
+    def release(self) -> None:
+        """Tell the services no group took to stop, without waiting (the search is about to start)."""
+        for service in self._services.values():
+            service.actor.close.remote()
+
+    def close(self) -> None:
+        """Close the services no group took (waiting for their processes, then killing the actors)."""
+        _close_services(list(self._services.values()))
+        self._services = {}
+
+
+class CompileAhead:
+    """Compile-ahead for one device group (one GPU target) over the services on its workers' nodes."""
+
+    def __init__(self, target: CompileTarget, services: list[_Service], batch_sizes: dict[MoEShape, tuple[int, ...]],
+                 note: Callable[[str], None]) -> None:
         self.target = target
         self.batch_sizes = batch_sizes
         self.note = note
         self.stats = CompileStats()
         self._outcomes: dict[tuple[MoEShape, Config], CompileOutcome] = {}
         self._asked: set[tuple[MoEShape, Config]] = set()
-        actor_class = ray.remote(CompileService)
-        self._services = []
-        for node, processes in processes_by_node.items():
-            actor = actor_class.options(
-                num_cpus=0, max_concurrency=2,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
-            ).remote(processes, timeout_s)
-            self._services.append(_Service(node, actor, processes))
+        self._services = list(services)
         try:
             sizes = ray.get([s.actor.size.remote() for s in self._services], timeout=SERVICE_START_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - compile-ahead is an optimisation; the run goes on without it
@@ -160,25 +211,19 @@ class CompileAhead:
                 self._outcomes[key] = NOT_AHEAD
 
     def close(self) -> None:
-        """Stop the compile processes (a killed actor would leave a hung compile running), then the actors."""
-        try:
-            ray.get([s.actor.close.remote() for s in self._services], timeout=SERVICE_CLOSE_TIMEOUT_S)
-        except Exception:  # noqa: BLE001 - best effort at exit
-            pass
-        for service in self._services:
-            try:
-                ray.kill(service.actor, no_restart=True)
-            except Exception:  # noqa: BLE001 - best effort at exit
-                pass
+        """Stop the compile processes, then the actors."""
+        _close_services(self._services)
         self._services = []
 
 
 def start_compile_ahead(slots: list[Slot], batch_sizes: dict[MoEShape, tuple[int, ...]], timeout_s: float,
-                        note: Callable[[str], None]) -> CompileAhead | None:
+                        note: Callable[[str], None], prestarted: PrestartedServices | None = None
+                        ) -> CompileAhead | None:
     """Compile-ahead for the GPU workers in ``slots`` (one device group): a service on each of their
-    nodes, sized to the node's CPUs minus one per GPU worker there. None where nothing can be
-    compiled ahead: a worker that reports no target (interpreter, a server's kernel), a worker
-    that does not answer, or no service that starts (the workers then compile for themselves)."""
+    nodes, the one ``prestarted`` there if any, else a new one sized to the node's CPUs minus one
+    per GPU worker there. None where nothing can be compiled ahead: a worker that reports no
+    target (interpreter, a server's kernel), a worker that does not answer, or no service that
+    starts (the workers then compile for themselves)."""
     try:
         reports: list[WorkerTarget | None] = ray.get([slot.actor.compile_target.remote() for slot in slots],
                                                      timeout=STARTUP_TIMEOUT_S)
@@ -191,8 +236,10 @@ def start_compile_ahead(slots: list[Slot], batch_sizes: dict[MoEShape, tuple[int
     target = reports[0].target
     cpus = {node["NodeID"]: int(node.get("Resources", {}).get("CPU", 1)) for node in ray.nodes() if node.get("Alive")}
     workers_on = Counter(r.node_id for r in reports)
-    processes = {node: max(1, cpus.get(node, 1) - count) for node, count in workers_on.items()}
-    compiler = CompileAhead(target, processes, batch_sizes, timeout_s, note)
+    services = [(prestarted.take(node, target.kernel) if prestarted is not None else None)
+                or _start_service(node, max(1, cpus.get(node, 1) - count), timeout_s, target.kernel)
+                for node, count in workers_on.items()]
+    compiler = CompileAhead(target, services, batch_sizes, note)
     if not compiler.available:
         return None
     note(f"compile-ahead: {compiler.stats.processes} CPU processes for {slots[0].device} "

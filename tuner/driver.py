@@ -29,7 +29,8 @@ from pathlib import Path
 
 from tuner import select as selection
 from tuner import signals
-from tuner.compiling import DEFAULT_COMPILE_TIMEOUT_S, CompileAhead, CompileStats, start_compile_ahead
+from tuner.compiling import (DEFAULT_COMPILE_TIMEOUT_S, CompileAhead, CompileStats, PrestartedServices,
+                             start_compile_ahead)
 from tuner.engine import DeviceGroup, Engine, Retimer, device_groups, no_retiming
 from tuner.errors import RunFailed, UsageError
 from tuner.journal import Journal
@@ -39,6 +40,7 @@ from tuner.search import STRATEGIES, SearchJob
 from tuner.spaces import DeviceLimits
 from tuner.timeline import Timeline
 from tuner.writers import FileConflict, OutputWriter, SplitChoices, Written
+from workers import faults
 from workers.records import Gemm, Measurement, MoEShape
 
 BUDGET_RETIME_MIN_S = 30.0
@@ -114,7 +116,18 @@ class TuneResult:
         return [w.path for d in self.devices for w in d.files]
 
 
-def _compile_ahead(group: DeviceGroup, request: TuneRequest, progress: Progress) -> CompileAhead | None:
+def _prestart_compile_services(request: TuneRequest) -> PrestartedServices | None:
+    """Compile services started before the GPU workers, so their processes' start-up (importing
+    the kernel backend) overlaps the workers' (``tuner.compiling``). Not under the interpreter,
+    which compiles nothing ahead (unless the fault plan's stand-in compiler stands in)."""
+    plan = faults.active_plan()
+    if not request.compile_ahead or (request.interpret and (plan is None or plan.compile_ahead is None)):
+        return None
+    return PrestartedServices(request.kernel, request.compile_timeout_s)
+
+
+def _compile_ahead(group: DeviceGroup, request: TuneRequest, progress: Progress,
+                   prestarted: PrestartedServices | None) -> CompileAhead | None:
     """Compile-ahead for one device group; None where nothing compiles ahead (``compile_ahead``
     off, or workers reporting no target: the interpreter, a backend that cannot)."""
     if not request.compile_ahead:
@@ -123,7 +136,7 @@ def _compile_ahead(group: DeviceGroup, request: TuneRequest, progress: Progress)
     for job in group.strategy.jobs:
         batch_sizes.setdefault(job.shape, set()).update(job.batch_sizes)
     return start_compile_ahead(group.slots, {shape: tuple(sorted(ms)) for shape, ms in batch_sizes.items()},
-                               request.compile_timeout_s, progress.note)
+                               request.compile_timeout_s, progress.note, prestarted)
 
 
 def _choose_and_write(group: DeviceGroup, retimer: selection.Retimer, request: TuneRequest,
@@ -182,9 +195,12 @@ def tune(request: TuneRequest, progress: Progress | None = None, timeline: Timel
         if journal.warning():
             progress.note(journal.warning())
         pool = None
+        prestarted = None
         groups: list[DeviceGroup] = []
         try:
             progress.phase("starting the GPU workers")
+            with timeline.phase("compile_ahead"):
+                prestarted = _prestart_compile_services(request)
             with timeline.phase("worker_start"):
                 pool = start_pool(request.workers, request.kernel, request.timeout_s, progress.note)
                 strategy_class = STRATEGIES[request.strategy]
@@ -198,9 +214,11 @@ def tune(request: TuneRequest, progress: Progress | None = None, timeline: Timel
                 if limits.note and not request.interpret:
                     progress.note(limits.note)
                 with timeline.phase("compile_ahead"):
-                    g.compiler = _compile_ahead(g, request, progress)
-                if g.compiler is None:
-                    timeline.spans.pop("compile_ahead", None)
+                    g.compiler = _compile_ahead(g, request, progress, prestarted)
+            if all(g.compiler is None for g in groups):
+                timeline.spans.pop("compile_ahead", None)
+            if prestarted is not None:
+                prestarted.release()  # services on nodes without a worker of any group
             engine = Engine(pool, groups, journal, progress, request.budget_s, clock=clock, timeline=timeline)
             progress.phase(f"searching ({request.strategy} strategy)")
             engine.run()
@@ -247,6 +265,8 @@ def tune(request: TuneRequest, progress: Progress | None = None, timeline: Timel
             for group in groups:
                 if group.compiler is not None:
                     group.compiler.close()
+            if prestarted is not None:
+                prestarted.close()
             if pool is not None:
                 pool.shutdown()
     result.wall_s = time.monotonic() - timeline.started

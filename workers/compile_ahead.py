@@ -29,6 +29,7 @@ candidate goes to the GPU, which decides as it always did.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Hashable, Iterator
@@ -176,8 +177,11 @@ def _meta_runner(shape: MoEShape, M: int, config: Config, kernel: str = "builtin
     return backends.load(kernel).runner(_MetaInputs(shape, x, w13, w2, topk_weights, topk_ids), config)
 
 
-def setup_compile_process() -> None:
-    """Once per compile process: one CPU thread for torch (the pool runs one process per core)."""
+def setup_compile_process(kernel: str | None = None) -> None:
+    """Once per compile process: one CPU thread for torch (the pool runs one process per core),
+    and ``kernel``'s backend imported now (a server's package takes ~10 s), while the GPU workers
+    start, rather than at the first job. A backend that does not import is left to the first
+    job, which reports it ("not compiled ahead")."""
     import torch
 
     from workers import faults
@@ -189,6 +193,13 @@ def setup_compile_process() -> None:
         return
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("compile-ahead needs the Triton compiler, not the interpreter (unset TRITON_INTERPRET)")
+    if kernel is not None:
+        from workers import backends
+
+        try:
+            backends.load(kernel)
+        except Exception:  # noqa: BLE001 - the first job meets the same error and reports it
+            pass
 
 
 def compile_job(job: CompileJob) -> CompileOutcome:
@@ -236,8 +247,8 @@ class CompileService:
     node's CPUs minus one per GPU worker there). Being on the GPU worker's node is the point: the
     Triton cache the processes fill is the one that worker reads."""
 
-    def __init__(self, processes: int, timeout_s: float) -> None:
-        self.pool = CompilePool(compile_job, processes, timeout_s, setup=setup_compile_process)
+    def __init__(self, processes: int, timeout_s: float, kernel: str | None = None) -> None:
+        self.pool = CompilePool(compile_job, processes, timeout_s, setup=functools.partial(setup_compile_process, kernel))
 
     def size(self) -> int:
         return self.pool.size

@@ -17,7 +17,9 @@ forwards the variable to its workers); production runs never set it. The file::
 turns on a stand-in compile-ahead under the interpreter (which has no compiler to run ahead), so
 the driver's compile-ahead path runs on the CPU: workers report a stand-in target, each compile
 process's start-up sleeps S seconds (as importing a server's package does) and each job J seconds,
-ending "not compiled ahead" (the worker then decides on the candidate, as without compile-ahead). ``corrupt`` lets the kernel run, then scales its
+ending "not compiled ahead" (the worker then decides on the candidate, as without compile-ahead).
+``"worker_start_s": W`` makes every worker's start take W seconds longer (as a GPU worker
+importing a server's package does), so the start-up's overlaps can be tested on the CPU. ``corrupt`` lets the kernel run, then scales its
 output by ``CORRUPT_SCALE`` (a relative error of 0.5, finite, far above every dtype's bound).
 ``kill_retiming`` leaves the measurement alone and ends the process when the candidate is
 re-timed among finalists. ``lose`` ends the process and makes every later worker start under
@@ -68,6 +70,7 @@ class FaultPlan:
     actions: dict[tuple[str, int | None], str] = field(default_factory=dict)
     source: str | None = None  # the plan file (``lose`` puts its marker next to it)
     compile_ahead: CompileStandIn | None = None
+    worker_start_s: float = 0.0
 
     @classmethod
     def from_file(cls, path: str) -> "FaultPlan":
@@ -81,7 +84,8 @@ class FaultPlan:
             actions[(entry["config"], None if m is None else int(m))] = entry["action"]
         stand_in = data.get("compile_ahead")
         return cls(deterministic_latency=bool(data.get("deterministic_latency", False)), actions=actions,
-                   source=path, compile_ahead=CompileStandIn(**stand_in) if stand_in is not None else None)
+                   source=path, compile_ahead=CompileStandIn(**stand_in) if stand_in is not None else None,
+                   worker_start_s=float(data.get("worker_start_s", 0.0)))
 
     def action_for(self, candidate: Candidate) -> str | None:
         label = candidate.config.label
@@ -121,7 +125,9 @@ class FaultPlan:
                 _exit(f"killing worker while re-timing {candidate.config.label} at M={candidate.M}")
 
     def check_start(self) -> None:
-        """At a worker's start: refuse (raise InjectedFault) once a ``lose`` fault has fired."""
+        """At a worker's start: take ``worker_start_s`` longer; refuse (raise InjectedFault) once a
+        ``lose`` fault has fired."""
+        time.sleep(self.worker_start_s)
         if self.source is not None and os.path.exists(self._lost_marker()):
             raise InjectedFault("injected fault: this worker is lost for good")
 
