@@ -120,7 +120,7 @@ def _prestart_compile_services(request: TuneRequest) -> PrestartedServices | Non
     """Compile services started before the GPU workers, so their processes' start-up (importing
     the kernel backend) overlaps the workers' (``tuner.compiling``). Not under the interpreter,
     which compiles nothing ahead (unless the fault plan's stand-in compiler stands in)."""
-    plan = faults.active_plan()
+    plan = faults.read_plan()
     if not request.compile_ahead or (request.interpret and (plan is None or plan.compile_ahead is None)):
         return None
     return PrestartedServices(request.kernel, request.compile_timeout_s)

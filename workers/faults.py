@@ -158,8 +158,14 @@ def _exit(what: str) -> None:
     os._exit(KILL_EXIT_CODE)
 
 
-@functools.cache
-def active_plan() -> FaultPlan | None:
-    """The plan named by ``MOE_TUNE_FAULTS`` (read once per process), or None."""
+def read_plan() -> FaultPlan | None:
+    """The plan ``MOE_TUNE_FAULTS`` names now, read afresh (the driver: one process may run many
+    commands, each with its own plan), or None."""
     path = os.environ.get(ENV_VAR)
     return FaultPlan.from_file(path) if path else None
+
+
+@functools.cache
+def active_plan() -> FaultPlan | None:
+    """The plan named by ``MOE_TUNE_FAULTS`` (read once per process: workers), or None."""
+    return read_plan()
