@@ -268,6 +268,38 @@ def test_sigterm_while_the_driver_waits_on_ray_exits_143_quietly(tmp_path, monke
     assert not _alive(ours), [ours[pid] for pid in _alive(ours)]
 
 
+def test_sigterm_while_ray_starts_exits_143_and_leaves_no_ray_process(tmp_path):
+    """While ``ray.init`` runs, Ray's own SIGTERM handler is the active one (it exits with code 15):
+    the signal still ends the command as a termination. Sent as soon as Ray's first process is up."""
+    out = tmp_path / "out"
+    driver = subprocess.Popen([sys.executable, "-m", "tuner.cli", *tune_argv(out)], cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    ours: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while driver.poll() is None and time.monotonic() < deadline:
+            ours = _descendants(driver.pid)
+            if any("gcs_server" in cmdline for cmdline in ours.values()):
+                break
+            time.sleep(0.02)
+        assert driver.poll() is None and ours, "Ray never started"
+        driver.send_signal(signal.SIGTERM)
+        code = driver.wait(60)
+        err = driver.stderr.read()
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.stderr.close()
+    assert code == 143, err[-3000:]
+    _one_error_line(err, "moe-tune: terminated by SIGTERM")
+    assert "Traceback" not in err and "SystemExit" not in err, err[-3000:]
+    ours.update(_descendants(driver.pid) if driver.poll() is None else {})
+    deadline = time.monotonic() + 10
+    while _alive(ours) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(ours), [ours[pid] for pid in _alive(ours)]
+
+
 def test_termination_is_recognised_however_it_surfaces():
     """The cases the handler produces, without a process: Ray's SystemError around ``Terminated``
     (its ``__context__``), one raised ``from`` it, and an exception after a swallowed one."""

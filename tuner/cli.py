@@ -125,8 +125,20 @@ def main(argv: list[str] | None = None) -> int:
             # However it surfaced: Terminated, or a Ray call ended by it (a SystemError around it).
             hint = signals.hint_of(exc) or "run the same command again to resume"
             print(f"moe-tune: terminated by SIGTERM; Ray stopped; {hint}", file=sys.stderr)
+            _exit_now_if_stranded(signals.EXIT_CODE)
             return signals.EXIT_CODE
         return _failure(exc)
+
+
+def _exit_now_if_stranded(code: int) -> None:
+    """End the process at once when a ``ray.init`` given up on (a cluster join past its timeout, or
+    one a SIGTERM interrupted) is still running: it cannot be stopped, and interpreter shutdown
+    would crash on it."""
+    session = sys.modules.get("tuner.ray_session")  # loaded by every command that starts Ray
+    if session is not None and session.connect_stranded():
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(code)
 
 
 def _failure(exc: BaseException) -> int:
@@ -136,11 +148,7 @@ def _failure(exc: BaseException) -> int:
         return 2
     if isinstance(exc, RunFailed):
         print(f"moe-tune: run failed: {exc}".splitlines()[0], file=sys.stderr)
-        session = sys.modules.get("tuner.ray_session")  # loaded by every command that starts Ray
-        if session is not None and session.connect_stranded():
-            sys.stderr.flush()
-            sys.stdout.flush()
-            os._exit(1)  # a ray.init given up on cannot be stopped; interpreter shutdown would crash on it
+        _exit_now_if_stranded(1)
         return 1
     if isinstance(exc, BrokenPipeError):
         # The reader went away (``moe-tune plan | head``): not a failure; keep Python's exit flush quiet.

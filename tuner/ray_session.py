@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -95,7 +96,11 @@ def join(address: str, runtime_env: dict | None, timeout_s: float) -> None:
 
     thread = threading.Thread(target=connect, name="moe-tune-ray-connect", daemon=True)
     thread.start()
-    thread.join(max(0.0, deadline - time.monotonic()))
+    try:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    except BaseException:  # SIGTERM while waiting: the thread stays inside ray.init
+        _stranded.append(thread)
+        raise
     if thread.is_alive():
         _stranded.append(thread)
         raise RunFailed(f"could not join the Ray cluster at {address} within {timeout_s:g}s "
@@ -136,12 +141,18 @@ def ray_session(address: str | None, interpret: bool, workers: int | None = None
     with contextlib.redirect_stdout(sys.stderr):
         if address:
             join(address, runtime_env, connect_timeout_s)
-        elif interpret:
-            gpus = workers or INTERPRET_NUM_GPUS
-            ray.init(num_cpus=max(2, gpus), num_gpus=gpus, include_dashboard=False, runtime_env=runtime_env,
-                     logging_level=ray_logging_level())
         else:
-            ray.init(include_dashboard=False, runtime_env=runtime_env, logging_level=ray_logging_level())
+            gpus = workers or INTERPRET_NUM_GPUS
+            resources = {"num_cpus": max(2, gpus), "num_gpus": gpus} if interpret else {}
+            try:
+                ray.init(include_dashboard=False, runtime_env=runtime_env, logging_level=ray_logging_level(),
+                         **resources)
+            except SystemExit as exc:
+                if exc.code != signal.SIGTERM:
+                    raise
+                # Ray's own SIGTERM handler (active while ray.init runs) exits with the signal's number.
+                ray.shutdown()
+                raise signals.arrived_elsewhere() from None
         signals.restore()
         try:
             yield session

@@ -6,7 +6,8 @@ through its ``finally`` blocks (compile services closed, actors killed, ``ray.sh
 Code that must not be cut in half (a journal append: one line, fsynced) runs inside
 ``deferred()``: a SIGTERM arriving there is held and raised when the block ends. Ray installs its
 own SIGTERM handler in ``ray.init`` (it exits through a crash-looking dump), so
-``tuner.ray_session`` puts this one back (``restore``) after starting Ray.
+``tuner.ray_session`` puts this one back (``restore``) after starting Ray, and turns Ray's exit
+during ``ray.init`` (``SystemExit(15)``) into ``Terminated`` (``arrived_elsewhere``).
 
 Where the signal lands decides what the exception looks like. In Python code it is
 ``Terminated``. Inside a call into Ray's compiled core (``ray.wait``/``ray.get`` run Python's
@@ -67,6 +68,14 @@ def restore() -> None:
     """Put the handler back after a library replaced it (``ray.init``), keeping a SIGTERM already received."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _handler)
+
+
+def arrived_elsewhere() -> Terminated:
+    """Record a SIGTERM that another handler caught (Ray's, active while ``ray.init`` runs, exits
+    with the signal's number); returns the ``Terminated`` to raise in its place."""
+    global _received
+    _received = True
+    return Terminated()
 
 
 def received() -> bool:
