@@ -93,7 +93,8 @@ if has tune; then
     per=$(( ($(left) - reserve) / n )); n=$((n - 1))
     [ "$per" -lt 45 ] && { echo "skip $shape: $per s left for it" | tee -a "$LOG"; continue; }
     # start-up before the first measurement (Ray, the workers' and 15 compile processes' vLLM import,
-    # first compiles: ~40 s on an H200 host) and re-timing + writing after the budget (~20 s)
+    # first compiles: ~40 s on an H200 host when measured, before the compile services were started
+    # alongside the workers) and re-timing (capped at max(30 s, budget/4)) + writing after the budget
     budget=$(python3 -c "print(round(max(0.3, ($per - ${OVERHEAD_S:-75}) / 60), 2))")
     step "tune $shape (--kernel vllm, budget ${budget} min, limit ${per}s)"
     timeout "$per" python3 -m tuner.cli tune --model "$model" --tp "$tp" --dtype "$dtype" --kernel vllm \
