@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from workers.routing import make_routing, parse_routing
+from workers.records import MoEShape
+from workers.routing import check_file, make_routing, parse_routing, pin_file
 
 def seeded(seed: int, offset: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed + offset)
@@ -125,3 +126,40 @@ def test_routing_rejects_impossible_sizes(seed: int) -> None:
         make_routing("uniform", 4, 2, 3, seeded(seed), "cpu")
     with pytest.raises(ValueError, match="M >= 1"):
         make_routing("uniform", 0, 8, 2, seeded(seed), "cpu")
+
+
+def test_a_pinned_file_routing_changes_with_the_content(tmp_path) -> None:
+    """The journal keys on the routing spec: a file's spec carries its content's digest, so ids
+    fixed in place are measured again, never answered from timings of the old content."""
+    path = tmp_path / "ids.pt"
+    torch.save(torch.tensor([[0, 1], [2, 3]]), path)
+    first = pin_file(f"file:{path}")
+    assert first == pin_file(f"file:{path}") and first.startswith(f"file:{path.resolve()}#sha256:")
+    torch.save(torch.tensor([[1, 0], [3, 2]]), path)
+    second = pin_file(f"file:{path}")
+    assert second != first
+    parsed = parse_routing(second)
+    assert parsed.path == str(path.resolve()) and str(parsed) == second
+    weights, ids = make_routing(second, 4, 4, 2, torch.Generator().manual_seed(0), "cpu")
+    assert ids.shape == (4, 2)
+    with pytest.raises(ValueError, match="no such file"):
+        pin_file(f"file:{tmp_path / 'missing.pt'}")
+
+
+def test_a_file_routing_is_checked_against_each_shape_before_any_work(tmp_path) -> None:
+    """Ids out of range or the wrong top-k for a shape are bad input (exit 2, one line), found
+    before Ray starts, not by every candidate in the workers."""
+    from tuner.cli import main
+
+    path = tmp_path / "ids.pt"
+    torch.save(torch.tensor([[0, 7], [2, 3]]), path)  # expert 7 of the tiny model's 4
+    argv = ["tune", "--model", "tests/fixtures/tiny-moe.json", "--batch-sizes", "1", "--interpret",
+            "--search-space", "tests/fixtures/tune-space.yaml", "--out", str(tmp_path / "out"),
+            "--routing", f"file:{path}"]
+    assert main(argv) == 2
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        check_file(pin_file(f"file:{path}"), MoEShape(4, 64, 64, 2, "bf16"))
+    torch.save(torch.tensor([[0, 1, 2]]), path)  # top-3 for a top-2 model
+    with pytest.raises(ValueError, match=r"\[rows, 2\]"):
+        check_file(f"file:{path}", MoEShape(4, 64, 64, 2, "bf16"))

@@ -121,7 +121,7 @@ def server_kernel(server: str, dtype: DType | str, arch: Arch, ep: int = 1) -> S
     # NVFP4
     if server == "sglang":
         kernel = "flashinfer" if arch is Arch.BLACKWELL else "unsupported"
-        return ServerKernel(server, dtype, kernel, None, "SGLang runs NVFP4 MoE on SM100 only (no Triton config)")
+        return ServerKernel(server, dtype, kernel, None, "NVFP4 MoE on SM100 only (no Triton config)")
     if arch is Arch.BLACKWELL:
         return ServerKernel(server, dtype, "flashinfer", None, "FlashInfer NVFP4 MoE (no Triton config)")
     return ServerKernel(server, dtype, "marlin", None, "Humming if installed, else Marlin NVFP4 MoE (no Triton config)")

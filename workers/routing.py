@@ -8,7 +8,9 @@ and how many experts' weights are read), so the tuner can time under the load a 
   uniform), still ``topk`` distinct experts per token;
 - ``file:<path>``: ``topk_ids`` captured from a real router (``.pt`` tensor or ``.npy`` array,
   ``[rows, topk]``, global expert ids under expert parallelism); tokens take rows of a
-  generator-drawn permutation, cycling when M > rows.
+  generator-drawn permutation, cycling when M > rows. ``pin_file`` makes the spec
+  ``file:<absolute path>#sha256:<16 hex digits of the content>``, so a journal never hands back
+  timings taken on another content of the same path.
 
 Under expert parallelism and SGLang's shared-expert fusion ``make_routing`` gives what one GPU's
 kernel sees: picks on other GPUs' experts as -1, the always-routed shared expert in the last slot.
@@ -21,12 +23,17 @@ logits. Everything is drawn from the caller's generator, so a (spec, M, E, topk,
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from workers.records import MoEShape
 
 
 @dataclass(frozen=True)
@@ -36,13 +43,18 @@ class RoutingSpec:
     kind: str
     alpha: float = 0.0
     path: str | None = None
+    digest: str | None = None
+    """``file`` only: the content's digest when pinned (``pin_file``)."""
 
     def __str__(self) -> str:
         if self.kind == "zipf":
             return f"zipf:{self.alpha:g}"
         if self.kind == "file":
-            return f"file:{self.path}"
+            return f"file:{self.path}" + (f"{DIGEST_MARK}{self.digest}" if self.digest else "")
         return self.kind
+
+
+DIGEST_MARK = "#sha256:"
 
 
 def parse_routing(spec: str) -> RoutingSpec:
@@ -59,10 +71,33 @@ def parse_routing(spec: str) -> RoutingSpec:
             raise ValueError(f"routing {spec!r}: alpha must be finite and >= 0")
         return RoutingSpec("zipf", alpha=alpha)
     if kind == "file" and arg:
-        if Path(arg).suffix not in (".pt", ".npy"):
+        path, _, digest = arg.partition(DIGEST_MARK)
+        if Path(path).suffix not in (".pt", ".npy"):
             raise ValueError(f"routing {spec!r}: the file must be .pt or .npy")
-        return RoutingSpec("file", path=arg)
+        return RoutingSpec("file", path=path, digest=digest or None)
     raise ValueError(f"unknown routing {spec!r}: expected uniform, zipf:<alpha> or file:<path.pt|path.npy>")
+
+
+def pin_file(spec: str) -> str:
+    """``spec`` canonical; a ``file:`` routing with its absolute path and its content's digest
+    (ValueError when the file does not exist). What every command keys its journal on."""
+    parsed = parse_routing(spec)
+    if parsed.kind != "file":
+        return str(parsed)
+    path = Path(parsed.path).expanduser().resolve()
+    if not path.is_file():
+        raise ValueError(f"routing file {parsed.path}: no such file")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return str(RoutingSpec("file", path=str(path), digest=digest))
+
+
+def check_file(spec: str, shape: MoEShape) -> None:
+    """A ``file:`` routing's ids checked against what ``shape``'s router picks from (its routed
+    experts over all GPUs, its routed top-k) before any work; ValueError naming the file. Other
+    kinds need no check."""
+    parsed = parse_routing(spec)
+    if parsed.kind == "file":
+        load_topk_ids(parsed.path, shape.routed_experts, shape.topk - (1 if shape.fused_shared else 0))
 
 
 def make_routing(spec: str, M: int, E: int, topk: int, generator: torch.Generator,

@@ -95,11 +95,12 @@ def ratio_arg(text: str) -> float:
 
 
 def routing_arg(text: str) -> str:
-    """The canonical routing spec (``uniform``, ``zipf:<alpha>``, ``file:<path>``)."""
-    from workers.routing import parse_routing  # imports torch: only for commands that take --routing
+    """The canonical routing spec (``uniform``, ``zipf:<alpha>``, ``file:<path>``; a file pinned
+    to its absolute path and content digest, ``workers.routing.pin_file``)."""
+    from workers.routing import pin_file  # imports torch: only for commands that take --routing
 
     try:
-        return str(parse_routing(text))
+        return pin_file(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 

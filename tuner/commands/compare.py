@@ -98,6 +98,13 @@ def _request(args: argparse.Namespace) -> tuple[compare.CompareRequest, list[str
     planned = plan([spec], args.tp, args.ep, dtypes, None, batch_sizes, space, args.format, builtin_fp4=True)
     warnings: list[str] = []
     runs = _kernel_runs(args.kernel, args.server, args.format, planned, args.interpret, warnings)
+    from workers.routing import check_file  # imports torch: only when the command runs
+
+    for shape in {s.shape for s in planned.shapes}:
+        try:
+            check_file(args.routing, shape)  # captured ids against each shape's experts and top-k
+        except ValueError as exc:
+            raise UsageError(f"--routing ({shape.label}): {exc}") from None
     grid, reference_weights = compare.accuracy_reference(spec)
     servers_by_shape: dict = {}
     journal = args.journal or args.configs_out / JOURNAL_NAME

@@ -33,7 +33,7 @@ from tuner.spaces import load_space
 from tuner.timeline import Timeline
 from tuner.writers import FORMATS, partial_file_warning, probe_writable
 from workers.records import DType, Status
-from workers.routing import parse_routing
+from workers.routing import check_file, parse_routing, pin_file
 
 PREFLIGHT_DEVICE = "preflight"
 """Device name for the validation plan made before any worker exists (generic limits);
@@ -134,12 +134,10 @@ def print_warnings(valids: list[Validated]) -> None:
 
 def validate(args: TuneOptions, probe: bool = True) -> Validated:
     """Everything ``args`` asks for, checked before Ray starts; UsageError on bad input."""
-    routing = parse_routing(args.routing)  # valid already (routing_arg)
-    if routing.kind == "file":
-        path = Path(routing.path).expanduser().resolve()
-        if not path.is_file():
-            raise UsageError(f"--routing {args.routing}: no such file")
-        routing = parse_routing(f"file:{path}")  # workers may run elsewhere than this folder
+    try:  # a file: its absolute path (workers may run elsewhere) and its content's digest (the journal key)
+        routing = parse_routing(pin_file(args.routing))
+    except ValueError as exc:
+        raise UsageError(f"--routing {args.routing}: {exc}") from None
     kernel_choice.use_server_code(args.server_code)
 
     out = Path(args.out).expanduser()
@@ -159,6 +157,11 @@ def validate(args: TuneOptions, probe: bool = True) -> Validated:
         raise UsageError(nothing_to_tune(preflight))
     if args.interpret:
         check_interpret_limits([s.shape for s in planned.shapes], planned.batch_sizes)
+    for shape in {s.shape for s in planned.shapes}:
+        try:
+            check_file(str(routing), shape)  # captured ids against each shape's experts and top-k
+        except ValueError as exc:
+            raise UsageError(f"--routing ({shape.label}): {exc}") from None
     empty = [(job.shape.label, M) for job in preflight.jobs for M, configs in job.candidates.items() if not configs]
     if empty:
         raise UsageError(f"search space {planned.space.name} leaves no config for {empty[0][0]} at M={empty[0][1]}")
