@@ -227,6 +227,30 @@ def test_failed_package_import_keeps_modules_it_loaded(tmp_path, monkeypatch):
         _forget_servers()
 
 
+def test_a_vllm_that_disabled_triton_is_refused_by_name(tmp_path, monkeypatch):
+    """vLLM hands out a placeholder ``triton.jit`` (a plain function) where it finds no single active
+    Triton GPU driver: its kernel cannot be launched, so the backend is unavailable, not every candidate
+    a crash."""
+    from workers import backends
+
+    module = tmp_path / "vllm" / "model_executor" / "layers" / "fused_moe"
+    module.mkdir(parents=True)
+    (tmp_path / "vllm" / "__init__.py").write_text('__version__ = "9.9"\n')
+    for folder in (tmp_path / "vllm" / "model_executor", module.parent, module):
+        (folder / "__init__.py").write_text("")
+    (module / "fused_moe.py").write_text(
+        "def fused_moe_kernel(*args, **kwargs):  # what vLLM's placeholder jit leaves\n    pass\n"
+        "def invoke_fused_moe_triton_kernel(*args, **kwargs):\n    fused_moe_kernel[(1,)](*args)\n")
+    monkeypatch.setenv("MOE_TUNE_SERVER_CODE", str(tmp_path))
+    _forget_servers()
+    try:
+        with pytest.raises(backends.BackendUnavailable, match="disabled Triton"):
+            backends.load("vllm")
+    finally:
+        sys.path.remove(str(tmp_path))
+        _forget_servers()
+
+
 def test_worker_measures_and_names_the_server_kernel():
     script = (
         "import json\n"

@@ -158,6 +158,13 @@ def test_a_file_routing_is_checked_against_each_shape_before_any_work(tmp_path) 
             "--routing", f"file:{path}"]
     assert main(argv) == 2
     assert not (tmp_path / "out").exists()
+    (tmp_path / "configs").mkdir()
+    for command in (["bench", "--configs", str(tmp_path / "configs")],
+                    ["compare", "--dtypes", "bf16", "--out", str(tmp_path / "compare"),
+                     "--configs-out", str(tmp_path / "compare-configs")]):
+        assert main([*command, "--model", "tests/fixtures/tiny-moe.json", "--batch-sizes", "1", "--interpret",
+                     "--routing", f"file:{path}"]) == 2, command
+    assert not (tmp_path / "compare").exists()
     with pytest.raises(ValueError, match=r"\[0, 4\)"):
         check_file(pin_file(f"file:{path}"), MoEShape(4, 64, 64, 2, "bf16"))
     torch.save(torch.tensor([[0, 1, 2]]), path)  # top-3 for a top-2 model

@@ -105,6 +105,18 @@ def routing_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def check_routing_file(routing: str, shapes: Iterable[MoEShape]) -> None:
+    """A captured routing's ids (``file:``) checked against each shape's experts and top-k before
+    any work starts (``workers.routing.check_file``); UsageError naming the shape. Other kinds pass."""
+    from workers.routing import check_file  # imports torch: only when a command runs
+
+    for shape in dict.fromkeys(shapes):
+        try:
+            check_file(routing, shape)
+        except ValueError as exc:
+            raise UsageError(f"--routing ({shape.label}): {exc}") from None
+
+
 def check_interpret_limits(shapes: Iterable[MoEShape], batch_sizes: Iterable[int]) -> None:
     """Refuse what ``--interpret`` cannot run in reasonable time: the interpreter runs on the CPU."""
     for shape in shapes:

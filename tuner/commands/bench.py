@@ -9,8 +9,9 @@ from pathlib import Path
 
 from tuner import bench, kernel_choice
 from tuner.commands.arguments import (add_batch_sizes_argument, add_layout_arguments, block_shape_arg,
-                                      check_interpret_limits, positive_int, ratio_arg, routing_arg)
-from tuner.errors import RunFailed, UsageError
+                                      check_interpret_limits, check_routing_file, positive_int, ratio_arg,
+                                      routing_arg)
+from tuner.errors import RunFailed
 from tuner.models import SERVERS, derive_shape, load_model
 from tuner.plan import resolve_batch_sizes
 from workers.records import DType, MoEShape
@@ -64,12 +65,7 @@ def run(args: argparse.Namespace) -> int:
     batch_sizes = resolve_batch_sizes(args.batch_sizes)
     if args.interpret:
         check_interpret_limits([shape], batch_sizes)
-    from workers.routing import check_file  # imports torch: only when the command runs
-
-    try:
-        check_file(args.routing, shape)  # captured ids against the shape's experts and top-k
-    except ValueError as exc:
-        raise UsageError(f"--routing ({shape.label}): {exc}") from None
+    check_routing_file(args.routing, [shape])
     variants, reference = bench.variants_for(args.configs, args.reference)
     kernel_choice.use_server_code(args.server_code)
     if args.server_version:  # refused before auto's fallback warning: bad input stays one line

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from tuner import compare, kernel_choice, report
 from tuner.commands.arguments import (add_batch_sizes_argument, add_fresh_arguments, add_layout_arguments,
-                                      check_interpret_limits, confirm_fresh, dtype_list, positive_float,
-                                      positive_int, routing_arg)
+                                      check_interpret_limits, check_routing_file, confirm_fresh, dtype_list,
+                                      positive_float, positive_int, routing_arg)
 from tuner.commands.tune import PREFLIGHT_DEVICE
 from tuner.dispatch import SERVERS
 from tuner.errors import UsageError
@@ -98,13 +98,7 @@ def _request(args: argparse.Namespace) -> tuple[compare.CompareRequest, list[str
     planned = plan([spec], args.tp, args.ep, dtypes, None, batch_sizes, space, args.format, builtin_fp4=True)
     warnings: list[str] = []
     runs = _kernel_runs(args.kernel, args.server, args.format, planned, args.interpret, warnings)
-    from workers.routing import check_file  # imports torch: only when the command runs
-
-    for shape in {s.shape for s in planned.shapes}:
-        try:
-            check_file(args.routing, shape)  # captured ids against each shape's experts and top-k
-        except ValueError as exc:
-            raise UsageError(f"--routing ({shape.label}): {exc}") from None
+    check_routing_file(args.routing, [s.shape for s in planned.shapes])
     grid, reference_weights = compare.accuracy_reference(spec)
     servers_by_shape: dict = {}
     journal = args.journal or args.configs_out / JOURNAL_NAME

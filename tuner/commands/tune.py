@@ -17,7 +17,7 @@ from pathlib import Path
 from tuner import driver, kernel_choice, writers
 from tuner.baseline import Baseline
 from tuner.commands.arguments import (add_batch_sizes_argument, add_fresh_arguments, add_layout_arguments,
-                                      block_shape_arg, check_interpret_limits, confirm_fresh, positive_float,
+                                      block_shape_arg, check_interpret_limits, check_routing_file, confirm_fresh, positive_float,
                                       positive_int, routing_arg)
 from tuner.commands.plan import format_plan, plan_estimate, resolve_device_name
 from tuner.errors import RunFailed, UsageError
@@ -33,7 +33,7 @@ from tuner.spaces import load_space
 from tuner.timeline import Timeline
 from tuner.writers import FORMATS, partial_file_warning, probe_writable
 from workers.records import DType, Status
-from workers.routing import check_file, parse_routing, pin_file
+from workers.routing import parse_routing, pin_file
 
 PREFLIGHT_DEVICE = "preflight"
 """Device name for the validation plan made before any worker exists (generic limits);
@@ -157,11 +157,7 @@ def validate(args: TuneOptions, probe: bool = True) -> Validated:
         raise UsageError(nothing_to_tune(preflight))
     if args.interpret:
         check_interpret_limits([s.shape for s in planned.shapes], planned.batch_sizes)
-    for shape in {s.shape for s in planned.shapes}:
-        try:
-            check_file(str(routing), shape)  # captured ids against each shape's experts and top-k
-        except ValueError as exc:
-            raise UsageError(f"--routing ({shape.label}): {exc}") from None
+    check_routing_file(str(routing), [s.shape for s in planned.shapes])
     empty = [(job.shape.label, M) for job in preflight.jobs for M, configs in job.candidates.items() if not configs]
     if empty:
         raise UsageError(f"search space {planned.space.name} leaves no config for {empty[0][0]} at M={empty[0][1]}")

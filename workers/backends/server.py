@@ -12,6 +12,9 @@
   sort (``workers.align``), SwiGLU (``workers.activation``), fp8 activation quantization where the
   launcher expects it done (``workers.fp8_activation``) and the top-k sum.
 
+``ServerBackend`` is the backend both build on: which entry point was imported, what
+``describe`` names, and which runner a candidate gets.
+
 The weights are moe-tune's (``workers.quant`` layouts are what both servers' kernels read: w13
 ``[E, 2N, K]`` gate rows first, w2 ``[E, K, N]``, fp8 per-expert ``[E]`` or block
 ``[E, ⌈R/bn⌉, ⌈C/bk⌉]`` scales, int8 per-channel ``[E, R]``), so results are checked against
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from abc import abstractmethod
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +33,8 @@ import torch
 
 from workers.activation import swiglu, swiglu_fp8_groups
 from workers.align import TokenAligner
-from workers.backends.base import MoEInputs
+from workers.backends import server_code
+from workers.backends.base import KernelBackend, KernelRunner, MoEInputs
 from workers.fp8_activation import fp8_absmax, fp8_quantize_per_group, fp8_quantize_per_tensor
 from workers.quant import FP8_DTYPE
 from workers.records import Config, DType, MoEShape
@@ -217,3 +222,47 @@ class LauncherRunner:
         self._gemm(a, a_scale, self.w2, self._down, assignment, True, 1)
         torch.sum(self._down, dim=1, out=self.output)
         return self.output
+
+
+class ServerBackend(KernelBackend):
+    """A server's fused-MoE kernel through one of the two entry points (module docstring).
+
+    Subclasses import the server's code (``_import``: the entry point, the module whose source is
+    hashed, ``fused_experts``, ``override_config`` and the launcher, the last three None where the
+    entry does not use them), build the ``fused_experts`` call (``_call_arguments``) and the
+    launcher's runner (``_launcher_runner``)."""
+
+    def __init__(self) -> None:
+        self.entry, self.module, self._fused_experts, self._override, self._launch = self._import()
+        self.compiles_ahead = self.entry == ENTRY_LAUNCHER
+
+    @abstractmethod
+    def _import(self) -> tuple[str, Any, Any, Any, Any]:
+        """``(entry, module, fused_experts, override_config, launcher)``; BackendUnavailable if neither imports."""
+
+    @abstractmethod
+    def _call_arguments(self, inputs: MoEInputs) -> tuple[tuple, dict]:
+        """Positional and keyword arguments of the server's ``fused_experts`` for ``inputs``."""
+
+    @abstractmethod
+    def _launcher_runner(self, inputs: MoEInputs, config: Config) -> LauncherRunner:
+        """The runner around the server's launcher, with its own choices (input quantization, sort)."""
+
+    def describe(self) -> dict[str, str]:
+        name = self.module.__name__
+        entry = (f"{name}.fused_experts+override_config" if self.entry == ENTRY_FUSED_EXPERTS
+                 else f"{name}.{self._launch.__name__}")
+        return {"kernel": self.name, "kernel_entry": entry,
+                "kernel_version": f"{self.name} {server_code.version(self.name)}",
+                "kernel_hash": server_code.source_hash(self.module)}
+
+    def runner(self, inputs: MoEInputs, config: Config, down_config: Config | None = None) -> KernelRunner:
+        reason = self.check(inputs.shape)
+        if reason:
+            raise ValueError(reason)
+        if down_config is not None and down_config != config:
+            raise ValueError(f"--kernel {self.name} runs one config for both GEMMs")
+        if self.entry == ENTRY_LAUNCHER:
+            return self._launcher_runner(inputs, config)
+        args, kwargs = self._call_arguments(inputs)
+        return ServerCallRunner(lambda: self._fused_experts(*args, **kwargs), self._override, config, inputs)

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from workers.backends import server_code
-from workers.backends.base import BackendUnavailable, KernelBackend, MoEInputs
-from workers.backends.server import (ENTRY_FUSED_EXPERTS, ENTRY_LAUNCHER, LauncherRunner, ServerCallRunner,
+from workers.backends.base import BackendUnavailable, MoEInputs
+from workers.backends.server import (ENTRY_FUSED_EXPERTS, ENTRY_LAUNCHER, LauncherRunner, ServerBackend,
                                      compiled_ops_load, keyword_quant_arguments, shape_refusal)
 from workers.records import Config, DType, MoEShape
 
@@ -30,13 +30,12 @@ LAUNCHER_MODULE = "sglang.srt.layers.moe.fused_moe_triton.fused_moe_triton_kerne
 LAUNCHER = "invoke_fused_moe_kernel"
 
 
-class SglangBackend(KernelBackend):
+class SglangBackend(ServerBackend):
     name = "sglang"
 
     def __init__(self) -> None:
         self._ops = compiled_ops_load("sgl_kernel")
-        self.entry, self.module, self._fused_experts, self._override, self._launch = self._import()
-        self.compiles_ahead = self.entry == ENTRY_LAUNCHER
+        super().__init__()
 
     def _import(self) -> tuple[str, Any, Any, Any, Any]:
         failure = "sgl_kernel does not import"
@@ -59,15 +58,6 @@ class SglangBackend(KernelBackend):
             raise BackendUnavailable(f"--kernel sglang: {LAUNCHER_MODULE} has no {LAUNCHER} (package entry: {failure})")
         return ENTRY_LAUNCHER, module, None, None, getattr(module, LAUNCHER)
 
-    def describe(self) -> dict[str, str]:
-        if self.entry == ENTRY_FUSED_EXPERTS:
-            entry = f"{self.module.__name__}.fused_experts+override_config"
-        else:
-            entry = f"{LAUNCHER_MODULE}.{LAUNCHER}"
-        return {"kernel": self.name, "kernel_entry": entry,
-                "kernel_version": f"sglang {server_code.version('sglang')}",
-                "kernel_hash": server_code.source_hash(self.module)}
-
     def check(self, shape: MoEShape) -> str | None:
         refusal = shape_refusal(self.name, "SGLang", shape)
         if refusal:
@@ -76,16 +66,8 @@ class SglangBackend(KernelBackend):
             return "SGLang's launcher quantizes fp8 activations with sgl_kernel, which does not import here"
         return None
 
-    def runner(self, inputs: MoEInputs, config: Config, down_config: Config | None = None):
-        reason = self.check(inputs.shape)
-        if reason:
-            raise ValueError(reason)
-        if down_config is not None and down_config != config:
-            raise ValueError("--kernel sglang times one config for both GEMMs")
-        if self.entry == ENTRY_LAUNCHER:
-            return LauncherRunner(self._launch, inputs, config, quantizes_input=True)
-        args, kwargs = self._call_arguments(inputs)
-        return ServerCallRunner(lambda: self._fused_experts(*args, **kwargs), self._override, config, inputs)
+    def _launcher_runner(self, inputs: MoEInputs, config: Config) -> LauncherRunner:
+        return LauncherRunner(self._launch, inputs, config, quantizes_input=True)
 
     def _call_arguments(self, inputs: MoEInputs) -> tuple[tuple, dict]:
         quant = keyword_quant_arguments(inputs)

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 
 from workers.backends import server_code
-from workers.backends.base import BackendUnavailable, KernelBackend, MoEInputs
-from workers.backends.server import (ENTRY_FUSED_EXPERTS, ENTRY_LAUNCHER, LauncherRunner, ServerCallRunner,
-                                     block_list, compiled_ops_load, keyword_quant_arguments, shape_refusal)
+from workers.backends.base import BackendUnavailable, MoEInputs
+from workers.backends.server import (ENTRY_FUSED_EXPERTS, ENTRY_LAUNCHER, LauncherRunner, ServerBackend, block_list,
+                                     compiled_ops_load, keyword_quant_arguments, shape_refusal)
 from workers.records import Config, DType, MoEShape
 
 PACKAGE = "vllm.model_executor.layers.fused_moe"
@@ -33,12 +33,8 @@ MODULE = PACKAGE + ".fused_moe"
 LAUNCHERS = ("invoke_fused_moe_triton_kernel", "invoke_fused_moe_kernel")
 
 
-class VllmBackend(KernelBackend):
+class VllmBackend(ServerBackend):
     name = "vllm"
-
-    def __init__(self) -> None:
-        self.entry, self.module, self._fused_experts, self._override, self._launch = self._import()
-        self.compiles_ahead = self.entry == ENTRY_LAUNCHER
 
     def _import(self) -> tuple[str, Any, Any, Any, Any]:
         failure: str | None = None
@@ -68,27 +64,11 @@ class VllmBackend(KernelBackend):
                                      "False: no single active Triton GPU driver), so its kernel cannot run")
         return ENTRY_LAUNCHER, module, None, None, launch
 
-    def describe(self) -> dict[str, str]:
-        if self.entry == ENTRY_FUSED_EXPERTS:
-            entry = f"{MODULE}.fused_experts+override_config"
-        else:
-            entry = f"{MODULE}.{self._launch.__name__}"
-        return {"kernel": self.name, "kernel_entry": entry, "kernel_version": f"vllm {server_code.version('vllm')}",
-                "kernel_hash": server_code.source_hash(self.module)}
-
     def check(self, shape: MoEShape) -> str | None:
         return shape_refusal(self.name, "vLLM", shape)
 
-    def runner(self, inputs: MoEInputs, config: Config, down_config: Config | None = None):
-        reason = self.check(inputs.shape)
-        if reason:
-            raise ValueError(reason)
-        if down_config is not None and down_config != config:
-            raise ValueError("--kernel vllm runs one config for both GEMMs")
-        if self.entry == ENTRY_LAUNCHER:
-            return LauncherRunner(self._launch, inputs, config, quantizes_input=False, assignment=self._assignment)
-        args, kwargs = self._call_arguments(inputs)
-        return ServerCallRunner(lambda: self._fused_experts(*args, **kwargs), self._override, config, inputs)
+    def _launcher_runner(self, inputs: MoEInputs, config: Config) -> LauncherRunner:
+        return LauncherRunner(self._launch, inputs, config, quantizes_input=False, assignment=self._assignment)
 
     # -- launcher entry ------------------------------------------------------------------------
 
