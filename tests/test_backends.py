@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -173,58 +174,60 @@ def test_server_backends_refuse_the_layouts_their_call_cannot_express(form, stan
     assert "int4_w4a16" in backend.check(MoEShape(8, 64, 128, 2, DType.INT4_W4A16, (0, 128)))
 
 
+@contextlib.contextmanager
+def extracted_vllm(root: Path, monkeypatch, fused_moe: str, package_init: str = "",
+                   modules: dict[str, str] | None = None):
+    """A vLLM 9.9 of extracted Python files under ``root`` (``MOE_TUNE_SERVER_CODE``): the fused-MoE
+    module's source, its package ``__init__`` and further ``vllm/<name>.py`` modules; forgotten after."""
+    module = root / "vllm" / "model_executor" / "layers" / "fused_moe"
+    module.mkdir(parents=True)
+    (root / "vllm" / "__init__.py").write_text('__version__ = "9.9"\n')
+    for folder in (root / "vllm" / "model_executor", module.parent):
+        (folder / "__init__.py").write_text("")
+    (module / "__init__.py").write_text(package_init)
+    (module / "fused_moe.py").write_text(fused_moe)
+    for name, source in (modules or {}).items():
+        (root / "vllm" / f"{name}.py").write_text(source)
+    monkeypatch.setenv("MOE_TUNE_SERVER_CODE", str(root))
+    _forget_servers()
+    try:
+        yield
+    finally:
+        if str(root) in sys.path:
+            sys.path.remove(str(root))
+        _forget_servers()
+
+
 def test_missing_server_dependency_is_named(tmp_path, monkeypatch):
     """Extracted sources whose fused-MoE module imports a package this host lacks: the error names it."""
     from workers import backends
 
-    module = tmp_path / "vllm" / "model_executor" / "layers" / "fused_moe"
-    module.mkdir(parents=True)
-    (tmp_path / "vllm" / "__init__.py").write_text('__version__ = "9.9"\n')
-    for folder in (tmp_path / "vllm" / "model_executor", module.parent, module):
-        (folder / "__init__.py").write_text("")
-    (module / "fused_moe.py").write_text("import cbor2_not_installed_here\n")
-    monkeypatch.setenv("MOE_TUNE_SERVER_CODE", str(tmp_path))
-    _forget_servers()
-    try:
+    with extracted_vllm(tmp_path, monkeypatch, "import cbor2_not_installed_here\n"):
         with pytest.raises(backends.BackendUnavailable, match="cbor2_not_installed_here"):
             backends.load("vllm")
-    finally:
-        sys.path.remove(str(tmp_path))
-        _forget_servers()
 
 
 def test_failed_package_import_keeps_modules_it_loaded(tmp_path, monkeypatch):
     """The GPU host's case: the fused-MoE package ``__init__`` fails on a missing dependency after
     other server modules were imported (vLLM's register torch types, which fails on a second
     import). The retry with bare parents reuses those modules instead of importing them again."""
+    import builtins
+
     from workers import backends
 
-    root = tmp_path / "vllm"
-    module = root / "model_executor" / "layers" / "fused_moe"
-    module.mkdir(parents=True)
-    (root / "__init__.py").write_text('__version__ = "9.9"\n')
-    (root / "registry.py").write_text(
-        "import builtins\n"
-        "if getattr(builtins, '_moe_tune_test_registered', False):\n"
-        "    raise RuntimeError('type already registered')\n"
-        "builtins._moe_tune_test_registered = True\n")
-    (root / "model_executor" / "__init__.py").write_text("")
-    (module.parent / "__init__.py").write_text("")
-    (module / "__init__.py").write_text("import vllm.registry\nimport harmony_not_installed_here\n")
-    (module / "fused_moe.py").write_text(
-        "import vllm.registry\n"
-        "def invoke_fused_moe_triton_kernel(*args, **kwargs):\n    pass\n")
-    monkeypatch.setenv("MOE_TUNE_SERVER_CODE", str(tmp_path))
-    _forget_servers()
+    registry = ("import builtins\n"
+                "if getattr(builtins, '_moe_tune_test_registered', False):\n"
+                "    raise RuntimeError('type already registered')\n"
+                "builtins._moe_tune_test_registered = True\n")
     try:
-        backend = backends.load("vllm")
-        assert backend.entry == "launcher" and backend.describe()["kernel_version"] == "vllm 9.9"
+        with extracted_vllm(tmp_path, monkeypatch,
+                            "import vllm.registry\ndef invoke_fused_moe_triton_kernel(*args, **kwargs):\n    pass\n",
+                            package_init="import vllm.registry\nimport harmony_not_installed_here\n",
+                            modules={"registry": registry}):
+            backend = backends.load("vllm")
+            assert backend.entry == "launcher" and backend.describe()["kernel_version"] == "vllm 9.9"
     finally:
-        import builtins
-
         builtins.__dict__.pop("_moe_tune_test_registered", None)
-        sys.path.remove(str(tmp_path))
-        _forget_servers()
 
 
 def test_a_vllm_that_disabled_triton_is_refused_by_name(tmp_path, monkeypatch):
@@ -233,22 +236,11 @@ def test_a_vllm_that_disabled_triton_is_refused_by_name(tmp_path, monkeypatch):
     a crash."""
     from workers import backends
 
-    module = tmp_path / "vllm" / "model_executor" / "layers" / "fused_moe"
-    module.mkdir(parents=True)
-    (tmp_path / "vllm" / "__init__.py").write_text('__version__ = "9.9"\n')
-    for folder in (tmp_path / "vllm" / "model_executor", module.parent, module):
-        (folder / "__init__.py").write_text("")
-    (module / "fused_moe.py").write_text(
-        "def fused_moe_kernel(*args, **kwargs):  # what vLLM's placeholder jit leaves\n    pass\n"
-        "def invoke_fused_moe_triton_kernel(*args, **kwargs):\n    fused_moe_kernel[(1,)](*args)\n")
-    monkeypatch.setenv("MOE_TUNE_SERVER_CODE", str(tmp_path))
-    _forget_servers()
-    try:
+    placeholder = ("def fused_moe_kernel(*args, **kwargs):  # what vLLM's placeholder jit leaves\n    pass\n"
+                   "def invoke_fused_moe_triton_kernel(*args, **kwargs):\n    fused_moe_kernel[(1,)](*args)\n")
+    with extracted_vllm(tmp_path, monkeypatch, placeholder):
         with pytest.raises(backends.BackendUnavailable, match="disabled Triton"):
             backends.load("vllm")
-    finally:
-        sys.path.remove(str(tmp_path))
-        _forget_servers()
 
 
 def test_worker_measures_and_names_the_server_kernel():
