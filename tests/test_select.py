@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from tuner.select import GroupKey, by_shape, finalists, groups_without_winner, select
+from tuner.select import BASELINE_MARGIN, GroupKey, by_shape, finalists, groups_without_winner, select
 from workers.records import Candidate, Config, DType, Level, Measurement, MoEShape, Status
 
 SHAPE = MoEShape(E=8, N=7168, K=4096, topk=2, dtype=DType.BF16)
@@ -116,6 +116,22 @@ def test_a_pinned_baseline_is_retimed_with_the_finalists_and_reported(rng):
     unretimed = select(ms, no_retime, count=3, pinned={key: {cs[5], cs[0]}})[key]
     assert unretimed.candidate.config == cs[0] and unretimed.baseline_us == 10.0
     assert select(ms, no_retime, count=3)[key].baseline_us is None
+
+
+def test_a_baseline_within_the_margin_of_the_retimed_winner_keeps_its_place(rng):
+    cs = configs(4, rng)
+    ms = [measured(c, 4096, 100.0 + i) for i, c in enumerate(cs)]  # cs[3], the baseline, ranks last
+    key = GroupKey.of(ms[0].candidate)
+
+    def retimed(baseline_us):
+        return lambda groups: [[100.0, 101.0, 102.0, baseline_us] for _ in groups]
+
+    inside = select(ms, retimed(100.0 * (1 + BASELINE_MARGIN) - 0.01), count=3, pinned={key: {cs[3]}})[key]
+    assert inside.candidate.config == cs[3] and inside.latency_us == inside.baseline_us
+    beyond = select(ms, retimed(100.0 * (1 + BASELINE_MARGIN) + 0.5), count=3, pinned={key: {cs[3]}})[key]
+    assert beyond.candidate.config == cs[0] and beyond.latency_us == 100.0
+    # The search's own numbers (no re-timing: taken minutes apart) never move the choice to the baseline.
+    assert select(ms, no_retime, count=3, pinned={key: {cs[3]}})[key].candidate.config == cs[0]
 
 
 def test_failed_retiming_falls_back_to_search_numbers(rng):
