@@ -143,3 +143,22 @@ def test_compile_service_on_a_ray_node(cache):
                                "M16_N32_K16_G1_w4_s2": ["ok", ""]}
     # The node's 3 CPUs minus its 1 GPU.
     assert out["stats"]["jobs"] == 2 and out["stats"]["processes"] == 2 and out["stats"]["outcomes"] == {"ok": 2}
+
+
+def test_compile_processes_run_below_the_gpu_workers_priority(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # compile processes refuse the interpreter
+    from workers.compile_ahead import COMPILE_NICENESS, setup_compile_process
+    from workers.compile_pool import CompilePool
+
+    pool = CompilePool(os.nice, processes=1, timeout_s=120.0, setup=setup_compile_process)
+    try:
+        pool.submit("niceness", 0)  # os.nice(0): the process's niceness, unchanged
+        results = []
+        for _ in range(240):
+            results += pool.results(0.5)
+            if results:
+                break
+    finally:
+        pool.close()
+    [(key, niceness, _)] = results
+    assert key == "niceness" and niceness >= min(19, os.nice(0) + COMPILE_NICENESS)

@@ -40,6 +40,9 @@ from workers.compile_pool import CompilePool, PoolFailure
 from workers.failures import COMPILE_VERDICTS, ConfigRejected, classify, describe
 from workers.records import Config, MoEShape, Status
 
+COMPILE_NICENESS = 10
+"""How much a compile process lowers its CPU priority (``os.nice``) below the GPU workers'."""
+
 STAND_IN_BACKEND = "stand-in"
 """The target backend of the fault plan's stand-in compiler (``workers.faults.CompileStandIn``: tests only)."""
 
@@ -181,7 +184,16 @@ def setup_compile_process(kernel: str | None = None) -> None:
     """Once per compile process: one CPU thread for torch (the pool runs one process per core),
     and ``kernel``'s backend imported now (a server's package takes ~10 s), while the GPU workers
     start, rather than at the first job. A backend that does not import is left to the first
-    job, which reports it ("not compiled ahead")."""
+    job, which reports it ("not compiled ahead").
+
+    The process lowers its CPU priority by ``COMPILE_NICENESS`` first: a node's compile processes
+    outnumber its cores, and at full priority they starved the GPU workers' own start (on an H200
+    host, 62 compile processes importing vLLM on 32 cores held a GPU worker's start to 48-54 s).
+    Compiles use the cores the workers and the driver leave idle."""
+    try:
+        os.nice(COMPILE_NICENESS)
+    except OSError:  # a platform without nice: compile at normal priority
+        pass
     import torch
 
     from workers import faults
