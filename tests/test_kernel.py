@@ -49,8 +49,8 @@ def make_problem(M, E, N, K, topk, dtype, generator, block_shape=None, experts_u
     return x, w13, w2, topk_weights, topk_ids
 
 
-def run_checked(problem, config, down_config=None) -> float:
-    runner = MoERunner(*problem, config, down_config)
+def run_checked(problem, config, down_config=None, fp4_swap=False) -> float:
+    runner = MoERunner(*problem, config, down_config, fp4_swap=fp4_swap)
     runner.poison_buffers()
     out = runner.run()
     return rel_error(out, reference_moe(*problem))
@@ -68,6 +68,30 @@ def run_checked(problem, config, down_config=None) -> float:
 def test_every_dtype_matches_reference(dtype, block_shape, N, K, generator):
     problem = make_problem(12, 4, N, K, 2, dtype, generator, block_shape)
     assert run_checked(problem, SMALL) < BOUNDS[dtype]
+
+
+@pytest.mark.parametrize("dtype, M, topk, N, K, config", [
+    (DType.MXFP4, 1, 2, 64, 96, SMALL),                       # one token: a tile row of 16 is 1 real row
+    (DType.MXFP4, 3, 2, 64, 96, Config(16, 64, 64, 1, 4, 2)),  # K 96 = 1.5 K tiles, N 64 = one N tile
+    (DType.NVFP4, 12, 2, 48, 80, SMALL),                      # N 48 = 1.5 N tiles, K 80 = 2.5 K tiles
+    (DType.NVFP4, 20, 1, 48, 80, Config(32, 16, 16, 1, 4, 2)),  # top-1: the down GEMM writes the output
+])
+def test_fp4_swapped_operands_match_reference(dtype, M, topk, N, K, config, generator):
+    """The transposed tile (weights on the MMA's M side): both GEMMs, routed weights applied along
+    the token axis, partial N and K tiles, tiny M; the same result as the unswapped kernel."""
+    problem = make_problem(M, 4, N, K, topk, dtype, generator)
+    assert run_checked(problem, config, fp4_swap=True) < BOUNDS[dtype]
+    swapped = MoERunner(*problem, config, fp4_swap=True).run()
+    plain = MoERunner(*problem, config).run()
+    assert rel_error(swapped, plain.float()) < 1e-2
+
+
+def test_swapped_operands_are_an_fp4_path(generator):
+    x, w13, _, _, topk_ids = make_problem(4, 2, 32, 64, 1, DType.BF16, generator)
+    sort = TokenAligner(4, 2, SMALL.BLOCK_SIZE_M, "cpu").run(topk_ids)
+    out = torch.empty((4, 64), dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="fp4 path, not bf16"):
+        launch_moe_gemm(x, None, w13, out, sort, None, top_k=1, config=SMALL, swap_ab=True)
 
 
 @pytest.mark.parametrize("M, topk, experts_used", [

@@ -25,6 +25,17 @@ Per weight dtype (the B operand, ``QuantizedWeight`` layouts):
   to the fp32 accumulator at the end (the same product, one multiply per output instead of per
   weight, and no extra bf16 rounding).
 
+Swapped operands (fp4 only, ``swap_ab``; off unless asked for): the program computes the
+transposed tile, ``acc[BLOCK_SIZE_N, BLOCK_SIZE_M] = W_tile @ A_tile^T``, so the decoded weight rows
+fill the MMA's wide M side and the few tokens its narrow N side; config keys keep their meaning
+(BLOCK_SIZE_M the token rows per tile, i.e. the sort's block; BLOCK_SIZE_N the weight rows). On
+Hopper the dot becomes a wgmma with the weights as its register operand, but compiled for sm_90
+(Triton 3.9) the loop issues more instructions per weight byte than the unswapped one (about
+14.4 against 12.3 at BLOCK_SIZE_M 16, N 128, K 128, 4 warps): the packed bytes are staged
+through shared memory and read back in 2-byte pieces in the wgmma operand layout, and the decode
+(ALU), not the tensor cores, bounds the small-M kernel. So it is not the default until
+``benchmarks/fp4_kernel_bench.py`` shows it faster on the GPU; that benchmark times both orders.
+
 Under Triton's interpreter bf16 arithmetic is wrong (see ``workers.interpreter``) and inline PTX
 cannot run; the constexpr ``INTERPRETER``, set only when interpreting, routes bf16 through fp32
 and decodes fp4 with plain Triton ops, at no cost on the GPU.
@@ -57,13 +68,14 @@ def check_config(config: Config, b: QuantizedWeight) -> None:
 
 def launch_moe_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, b: QuantizedWeight, c: torch.Tensor,
                     aligned: AlignedTokens, topk_weights: torch.Tensor | None, *, top_k: int,
-                    config: Config, interpreter: bool | None = None) -> None:
+                    config: Config, interpreter: bool | None = None, swap_ab: bool = False) -> None:
     """``c[r] = a[r // top_k] @ b[expert(r)]^T`` (× ``topk_weights`` flat [r] when given) for sorted rows.
 
     ``a [T, K]`` (fp8 for fp8_w8a8, else the activation dtype), ``a_scale`` fp32 ``[1]`` or
     ``[T, ceil(K/bk)]`` for fp8, ``c [rows, R]`` with ``rows`` = the sort's sentinel. The one place
     that launches the kernel (compile-ahead hooks in here). ``interpreter`` defaults to
-    "interpreting"; tests pass False to show what the switch guards against.
+    "interpreting"; tests pass False to show what the switch guards against. ``swap_ab`` runs an fp4
+    weight with swapped operands (module docstring; ValueError for another dtype).
     """
     if config.BLOCK_SIZE_M != aligned.block_m:
         raise ValueError(f"config BLOCK_SIZE_M {config.BLOCK_SIZE_M} != sort block {aligned.block_m}")
@@ -73,6 +85,8 @@ def launch_moe_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, b: QuantizedW
         raise ValueError(f"shapes disagree: a {tuple(a.shape)}, b {b.shape}, c {tuple(c.shape)}")
     dtype = b.dtype
     fp4 = dtype in (DType.MXFP4, DType.NVFP4)
+    if swap_ab and not fp4:
+        raise ValueError(f"swapped operands are an fp4 path, not {dtype.value}")
     block_quant = dtype is DType.FP8_W8A8 and b.block_shape is not None
     int4 = dtype is DType.INT4_W4A16
     group_n, group_k = b.block_shape if block_quant else (0, b.int4_group) if int4 else (0, 0)
@@ -103,7 +117,7 @@ def launch_moe_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, b: QuantizedW
         FP8_W8A8=dtype is DType.FP8_W8A8, FP8_BLOCK=block_quant, INT8_W8A16=dtype is DType.INT8_W8A16,
         FP4_GROUP=format_of(dtype).scale_group if fp4 else 0,
         INT4_W4A16=int4, INT4_ZERO=INT4_ZERO, FP8_CHANNEL=b.per_channel,
-        EVEN_K=K % block_k == 0, INTERPRETER=bool(interpreter),
+        EVEN_K=K % block_k == 0, SWAP_AB=swap_ab, INTERPRETER=bool(interpreter),
         COMPUTE_TYPE=tl.float16 if c.dtype == torch.float16 else tl.bfloat16,
         BLOCK_SIZE_M=config.BLOCK_SIZE_M, BLOCK_SIZE_N=config.BLOCK_SIZE_N,
         BLOCK_SIZE_K=block_k, GROUP_SIZE_M=config.GROUP_SIZE_M,
@@ -116,23 +130,29 @@ def _e2m1_ptx() -> str:
     ``$6``: bytes 2-3): low nibbles to ``$0`` (bytes 0-1) and ``$1`` (bytes 2-3), high nibbles
     to ``$2`` and ``$3``, two bf16 per register.
 
-    PRMT spreads two bytes into the two 16-bit halves of a register, so one shift/mask sequence
-    decodes two values at once: the magnitude bits (exponent, mantissa) go to bf16 bits 8..6 and
-    the sign to bit 15, which reads as value·2^-126 (the code for 0.5 as a subnormal); exact
-    multiplies by 2^126 (0x7E80) and by the scale finish it (fma with -0.0 is a multiply that keeps
-    signed zeros). On an H200 (Triton 3.6) this form, with the scales loaded in the K step that
-    uses them, ran BLOCK_SIZE_M = 16 configs 1.3-1.6x faster than a one-byte-per-register decode
-    with the scales prefetched a step ahead (which was 1.3x faster at BLOCK_SIZE_M = 64, 8 warps).
+    PRMT puts two bytes into the high bytes of a register's two 16-bit halves (a free shift by
+    8), so one sequence decodes two values at once and the high nibble's sign already sits on
+    bf16's sign bit: its magnitude bits (exponent, mantissa) shift right by 6 to bf16 bits 8..6,
+    the low nibble's by 2, its sign left by 4. The pattern reads as value·2^-126 (the code for
+    0.5 as a subnormal); exact multiplies by 2^126 (0x7E80) and by the scale finish it (fma with
+    -0.0 is a multiply that keeps signed zeros). Per byte (two weights) that is 6 instructions
+    (PRMT 1/2, shifts 3/2, and-or 2, bf16x2 multiplies 2), down from 7.5 with the bytes spread
+    to the low halves (two shifts per value). Only elementwise per byte, so correct in any
+    register layout Triton gives the tile.
     """
+    mask_sign, mask_mag = "0x80008000", "0x01C001C0"
     lines = ["{", ".reg .b32 bytes, mag, sign, two126, negzero;",
              "mov.b32 two126, 0x7E807E80;", "mov.b32 negzero, 0x80008000;"]
-    for pair, selector in enumerate(("0x4140", "0x4342")):
+    for pair, selector in enumerate(("0x1404", "0x3424")):
         lines.append(f"prmt.b32 bytes, $4, 0, {selector};")
-        for out, (mag_shift, sign_shift) in ((pair, (6, 12)), (pair + 2, (2, 8))):
-            lines += [f"shl.b32 mag, bytes, {mag_shift};", "and.b32 mag, mag, 0x01C001C0;",
-                      f"shl.b32 sign, bytes, {sign_shift};", "and.b32 sign, sign, 0x80008000;",
-                      "or.b32 mag, mag, sign;", "fma.rn.bf16x2 mag, mag, two126, negzero;",
-                      f"fma.rn.bf16x2 ${out}, mag, ${5 + pair}, negzero;"]
+        # low nibble: sign from bit 11 of each half, magnitude from bits 10..8
+        lines += ["shl.b32 sign, bytes, 4;", f"and.b32 sign, sign, {mask_sign};",
+                  "shr.b32 mag, bytes, 2;", f"and.b32 mag, mag, {mask_mag};", "or.b32 mag, mag, sign;",
+                  "fma.rn.bf16x2 mag, mag, two126, negzero;", f"fma.rn.bf16x2 ${pair}, mag, ${5 + pair}, negzero;"]
+        # high nibble: sign already at bit 15, magnitude from bits 14..12
+        lines += [f"and.b32 sign, bytes, {mask_sign};",
+                  "shr.b32 mag, bytes, 6;", f"and.b32 mag, mag, {mask_mag};", "or.b32 mag, mag, sign;",
+                  "fma.rn.bf16x2 mag, mag, two126, negzero;", f"fma.rn.bf16x2 ${pair + 2}, mag, ${5 + pair}, negzero;"]
     return "\n".join(lines + ["}"])
 
 
@@ -209,7 +229,7 @@ def _fused_moe_gemm_kernel(
     TOP_K: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
     FP8_W8A8: tl.constexpr, FP8_BLOCK: tl.constexpr, INT8_W8A16: tl.constexpr, FP4_GROUP: tl.constexpr,
     INT4_W4A16: tl.constexpr, INT4_ZERO: tl.constexpr, FP8_CHANNEL: tl.constexpr,
-    EVEN_K: tl.constexpr, INTERPRETER: tl.constexpr, COMPUTE_TYPE: tl.constexpr,
+    EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr, INTERPRETER: tl.constexpr, COMPUTE_TYPE: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr,
 ):
@@ -264,7 +284,10 @@ def _fused_moe_gemm_kernel(
         a_scale = tl.load(a_scale_ptrs, mask=token_mask, other=0.0)
         b_scale = tl.load(b_scale_ptrs)
 
-    accumulator = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    if SWAP_AB:  # the transposed tile: weight rows along the MMA's M side
+        accumulator = tl.zeros((BLOCK_SIZE_N, BLOCK_SIZE_M), dtype=tl.float32)
+    else:
+        accumulator = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
     for k_step in range(0, num_k_steps):
         k_left = K - k_step * BLOCK_SIZE_K
         if EVEN_K:
@@ -279,7 +302,10 @@ def _fused_moe_gemm_kernel(
                 packed = tl.load(b_ptrs, mask=offs_kp[None, :] < k_left // 2, other=0)
                 scales = tl.load(b_scale_ptrs, mask=offs_group[None, :] < k_left // FP4_GROUP, other=0)
             b = _dequantize_fp4_tile(packed, scales, BLOCK_SIZE_N, BLOCK_SIZE_K, FP4_GROUP, INTERPRETER)
-            accumulator = dot(a, tl.trans(b), accumulator, INTERPRETER)
+            if SWAP_AB:
+                accumulator = dot(b, tl.trans(a), accumulator, INTERPRETER)
+            else:
+                accumulator = dot(a, tl.trans(b), accumulator, INTERPRETER)
             b_ptrs += (BLOCK_SIZE_K // 2) * stride_bk
             b_scale_ptrs += (BLOCK_SIZE_K // FP4_GROUP) * stride_bsk
         elif INT4_W4A16:
@@ -321,7 +347,10 @@ def _fused_moe_gemm_kernel(
 
     if MUL_ROUTED_WEIGHT:
         routed_weight = tl.load(topk_weights_ptr + offs_token, mask=token_mask, other=0.0)
-        accumulator *= routed_weight[:, None]
+        if SWAP_AB:
+            accumulator *= routed_weight[None, :]
+        else:
+            accumulator *= routed_weight[:, None]
     if FP8_CHANNEL:
         token_scale = tl.load(a_scale_ptr + offs_token // TOP_K * stride_asm, mask=token_mask, other=0.0)
         channel_scale = tl.load(b_scale_ptr + expert * stride_bse + offs_bn * stride_bsn)
@@ -334,6 +363,10 @@ def _fused_moe_gemm_kernel(
         accumulator *= tl.load(b_global_scale_ptr + expert)
 
     offs_cn = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
-    c_ptrs = c_ptr + offs_token[:, None] * stride_cm + offs_cn[None, :] * stride_cn
-    c_mask = token_mask[:, None] & (offs_cn[None, :] < N)
+    if SWAP_AB:
+        c_ptrs = c_ptr + offs_token[None, :] * stride_cm + offs_cn[:, None] * stride_cn
+        c_mask = token_mask[None, :] & (offs_cn[:, None] < N)
+    else:
+        c_ptrs = c_ptr + offs_token[:, None] * stride_cm + offs_cn[None, :] * stride_cn
+        c_mask = token_mask[:, None] & (offs_cn[None, :] < N)
     tl.store(c_ptrs, round_to(accumulator, COMPUTE_TYPE, INTERPRETER), mask=c_mask)

@@ -29,11 +29,13 @@ class MoERunner:
     and its own sort when its BLOCK_SIZE_M differs); ``run_down`` reads the SwiGLU output and sort
     left by the last ``run()``. ``topk_ids`` must hold experts in [0, E) or -1 (a pair computed
     on another GPU under expert parallelism); not checked beyond that, which would sync the host.
+    ``fp4_swap`` runs both fp4 GEMMs with swapped operands (``launch_moe_gemm``'s ``swap_ab``, not
+    a default yet: ``benchmarks/fp4_kernel_bench.py`` times both orders).
     """
 
     def __init__(self, x: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight,
                  topk_weights: torch.Tensor, topk_ids: torch.Tensor, config: Config,
-                 down_config: Config | None = None) -> None:
+                 down_config: Config | None = None, fp4_swap: bool = False) -> None:
         M, K = x.shape
         E, up_rows, w13_k = w13.shape
         N = w2.shape[2]
@@ -56,6 +58,7 @@ class MoERunner:
         self.topk_ids = topk_ids.to(torch.int32).contiguous()
         self.topk_weights = topk_weights.contiguous()
         self.config, self.down_config = config, down_config
+        self._fp4_swap = fp4_swap
         self.topk = topk_ids.shape[1]
         # Pairs routed to other GPUs' experts (id -1, expert parallelism) are never computed: their
         # rows of the down GEMM's output are zeroed every call (vLLM zeroes that cache with an
@@ -125,7 +128,8 @@ class MoERunner:
                 self._x_amax.zero_()
                 fp8_absmax(self.x, self._x_amax)
                 fp8_quantize_per_tensor(self.x, self._x_amax, a, a_scale)
-        launch_moe_gemm(a, a_scale, self.w13, self._gate_up, aligned, None, top_k=self.topk, config=self.config)
+        launch_moe_gemm(a, a_scale, self.w13, self._gate_up, aligned, None, top_k=self.topk, config=self.config,
+                        swap_ab=self._fp4_swap)
 
     def _activate(self) -> None:
         if self._group_k:
@@ -147,7 +151,7 @@ class MoERunner:
         if self._remote_pairs:
             self._down.zero_()
         launch_moe_gemm(a, a_scale, self.w2, self._down, aligned, self.topk_weights, top_k=1,
-                        config=self.down_config)
+                        config=self.down_config, swap_ab=self._fp4_swap)
 
     def run(self) -> torch.Tensor:
         """The whole MoE call; returns ``output``."""
