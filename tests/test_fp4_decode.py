@@ -90,24 +90,34 @@ def run_ptx(ptx: str, operands: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return regs
 
 
-def _decode_with_ptx(packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(low, high) values of ``packed [n, 4]`` bytes with bf16 ``scales [n, 4]`` through the PTX."""
+def _decode_with_ptx(packed: torch.Tensor, scales: torch.Tensor, ptx: str | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(low, high) values of ``packed [n, 4]`` bytes with bf16 ``scales [n, 4]`` through the PTX
+    (default: the kernel's)."""
     word = sum(packed[:, i].to(torch.int64) << (8 * i) for i in range(4))
     bits = _bf16_bits(scales)
-    regs = run_ptx(_e2m1_ptx(), {"$4": word, "$5": bits[:, 0] | bits[:, 1] << 16,
+    regs = run_ptx(ptx or _e2m1_ptx(), {"$4": word, "$5": bits[:, 0] | bits[:, 1] << 16,
                                  "$6": bits[:, 2] | bits[:, 3] << 16})
     low = torch.stack([_bf16_values((regs[f"${r}"] >> s) & 0xFFFF) for r in (0, 1) for s in (0, 16)], dim=1)
     high = torch.stack([_bf16_values((regs[f"${r}"] >> s) & 0xFFFF) for r in (2, 3) for s in (0, 16)], dim=1)
     return low, high
 
 
+def _main_decode_ptx() -> str:
+    from benchmarks.fp4_kernel_bench import MAIN_DECODE_PTX
+
+    return MAIN_DECODE_PTX
+
+
+@pytest.mark.parametrize("which", ["kernel", "benchmark's main baseline"])
 @pytest.mark.parametrize("scale", [1.0, 2.0 ** -127, 2.0 ** -20, 0.375, 448.0, 2.0 ** 120])
-def test_every_byte_decodes_exactly(scale):
-    """All 256 bytes in each of the 4 byte slots (so every PRMT selector is exercised), one scale."""
+def test_every_byte_decodes_exactly(scale, which):
+    """All 256 bytes in each of the 4 byte slots (so every PRMT selector is exercised), one scale;
+    the kernel's decode and the old one ``benchmarks/fp4_kernel_bench.py`` times it against."""
     codes = torch.arange(256, dtype=torch.int64)
     packed = torch.stack([codes.roll(i) for i in range(4)], dim=1)
     scales = torch.full((256, 4), scale, dtype=torch.float64)
-    low, high = _decode_with_ptx(packed, scales)
+    low, high = _decode_with_ptx(packed, scales, None if which == "kernel" else _main_decode_ptx())
     expected_low = decode_e2m1(packed & 0xF).to(torch.float64) * scales.to(torch.bfloat16).to(torch.float64)
     expected_high = decode_e2m1(packed >> 4).to(torch.float64) * scales.to(torch.bfloat16).to(torch.float64)
     assert torch.equal(low, expected_low)
@@ -122,3 +132,19 @@ def test_each_byte_takes_its_own_scale():
     scales = torch.tensor([[1.0, 2.0, 4.0, 8.0]], dtype=torch.float64)
     low, high = _decode_with_ptx(packed, scales)
     assert low.tolist() == high.tolist() == [[1.0, 2.0, 4.0, 8.0]]
+
+
+def test_benchmark_main_variant_runs_the_old_decode(tmp_path):
+    """The benchmark's ``main`` variant: a copy of workers.moe launching a kernel module copy whose
+    decode is the old PTX; the product modules are left untouched."""
+    import sys
+
+    import workers.fused_moe_kernel as kernel
+    import workers.moe as moe
+    from benchmarks.fp4_kernel_bench import MAIN_DECODE_PTX, main_variant_moe
+
+    copy = main_variant_moe(tmp_path)
+    old_kernel = sys.modules["fp4_bench_main_kernel"]
+    assert old_kernel._E2M1_PTX.value == MAIN_DECODE_PTX != kernel._E2M1_PTX.value
+    assert copy.launch_moe_gemm is old_kernel.launch_moe_gemm
+    assert moe.launch_moe_gemm is kernel.launch_moe_gemm
