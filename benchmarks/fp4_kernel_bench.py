@@ -6,10 +6,11 @@
 Shape: gpt-oss-120b TP1 (E=128, N=2880, K=2880, top-4), M = 1, 16, 64, 256, 1024, 4096.
 Kernels, each named in the output with its entry point and source hash:
 - ``builtin`` (``workers.moe.MoERunner``, this checkout) in three variants, so the old and the new
-  kernel are measured in one process: ``main`` = the unswapped kernel with the E2M1 decode of
-  main before this change (``MAIN_DECODE_PTX``, patched into a copy of the kernel module),
-  ``new`` = this checkout's decode, unswapped (the default path), ``swap`` = this checkout's decode
-  with swapped operands (``fp4_swap=True``: weights on the MMA's M side);
+  kernel are measured in one process: ``main`` = the kernel as on main before this change
+  (unswapped, its E2M1 decode ``MAIN_DECODE_PTX`` patched into a copy of the kernel module, block
+  scales read row-major as stored), ``new`` = this checkout's default path (its decode, scales
+  K-group-major: ``workers.fused_moe_kernel.launch_layout``), ``swap`` = ``new`` with swapped
+  operands (``fp4_swap=True``: weights on the MMA's M side);
 - ``matmul_ogs`` (``workers.backends.triton_kernels``: routing + gate/up with gpt-oss's SwiGLU
   fused + down with the scatter-sum, weights in vLLM's Hopper layouts), the kernel vLLM and SGLang
   run for MXFP4 on Hopper; needs ``triton_kernels`` importable (``.server-kernels`` on PYTHONPATH).
@@ -113,7 +114,12 @@ def main_variant_moe(folder: Path) -> ModuleType:
     kernel = sys.modules.get("fp4_bench_main_kernel") or _load("fp4_bench_main_kernel", path)
     moe = sys.modules.get("fp4_bench_main_moe") or _load("fp4_bench_main_moe", ROOT / "workers" / "moe.py")
     moe.launch_moe_gemm, moe.check_config = kernel.launch_moe_gemm, kernel.check_config
+    moe.launch_layout = _as_stored  # main read the scales row-major, as workers.quant stores them
     return moe
+
+
+def _as_stored(weight):
+    return weight
 
 
 def builtin_runner(variant: str, problem, config, folder: Path):

@@ -18,7 +18,7 @@ import torch
 from workers.activation import swiglu, swiglu_fp8_groups
 from workers.align import TokenAligner
 from workers.fp8_activation import fp8_absmax, fp8_quantize_per_group, fp8_quantize_per_tensor
-from workers.fused_moe_kernel import check_config, launch_moe_gemm
+from workers.fused_moe_kernel import check_config, launch_layout, launch_moe_gemm
 from workers.moe import MoERunner
 from workers.problem import rel_error
 from workers.quant import FP8_DTYPE, QuantizedWeight, activation_dtype, quantize_fp8_activation, quantize_weight
@@ -84,6 +84,25 @@ def test_fp4_swapped_operands_match_reference(dtype, M, topk, N, K, config, gene
     swapped = MoERunner(*problem, config, fp4_swap=True).run()
     plain = MoERunner(*problem, config).run()
     assert rel_error(swapped, plain.float()) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [DType.MXFP4, DType.NVFP4])
+def test_fp4_scales_launch_k_group_major_with_the_same_result(dtype, generator):
+    """launch_layout keeps the scale values and changes only their strides; the GEMM reads them
+    through the strides, so both layouts give the same output bit for bit."""
+    x, w13, _, _, topk_ids = make_problem(5, 2, 64, 96, 1, dtype, generator)
+    laid = launch_layout(w13)
+    E, R, G = w13.scale.shape
+    assert torch.equal(laid.scale.view(torch.uint8), w13.scale.view(torch.uint8))
+    assert laid.scale.stride() == (R * G, 1, R) and laid.data is w13.data
+    sort = TokenAligner(5, 2, SMALL.BLOCK_SIZE_M, "cpu").run(topk_ids)
+    outputs = []
+    for weight in (w13, laid):
+        out = torch.full((5, 2 * 64), float("nan"), dtype=torch.bfloat16)
+        launch_moe_gemm(x, None, weight, out, sort, None, top_k=1, config=Config(16, 32, 64, 1, 4, 2))
+        outputs.append(out)
+    assert torch.equal(outputs[0], outputs[1]) and bool(torch.isfinite(outputs[0]).all())
+    assert launch_layout(make_problem(1, 2, 32, 64, 1, DType.BF16, generator)[1]).scale is None
 
 
 def test_swapped_operands_are_an_fp4_path(generator):

@@ -43,6 +43,8 @@ and decodes fp4 with plain Triton ops, at no cost on the GPU.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -64,6 +66,22 @@ def validate_config(config: Config, dtype: DType, block_shape: tuple[int, int] |
 def check_config(config: Config, b: QuantizedWeight) -> None:
     """``validate_config`` for the weight ``b``."""
     validate_config(config, DType(b.dtype), b.block_shape)
+
+
+def launch_layout(weight: QuantizedWeight) -> QuantizedWeight:
+    """``weight`` with its fp4 block scales stored K-group-major: the same ``[E, R, C//group]``
+    values, strides ``(R·G, 1, R)`` instead of ``(R·G, G, 1)`` (a copy of the scales, 1/32 resp.
+    1/16 of the weight's elements; other dtypes are returned as they are).
+
+    The kernel's scale tile is ``[BLOCK_SIZE_N, BLOCK_SIZE_K/group]`` bytes; row-major, each row's
+    few bytes sit ``C//group`` bytes apart (90 for K = 2880: no aligned vector), which Triton loads
+    one byte at a time and synchronously inside every K step (the pipeliner cannot make them
+    asynchronous copies). K-group-major, each group's BLOCK_SIZE_N scales are contiguous, so they
+    load as vectors and, from 4 groups per step on (BLOCK_SIZE_K 128 for mxfp4), the pipeliner
+    copies them ahead with the packed weights (compiled for sm_90, Triton 3.9)."""
+    if weight.dtype not in (DType.MXFP4, DType.NVFP4) or weight.scale is None:
+        return weight
+    return dataclasses.replace(weight, scale=weight.scale.transpose(1, 2).contiguous().transpose(1, 2))
 
 
 def launch_moe_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, b: QuantizedWeight, c: torch.Tensor,

@@ -15,7 +15,7 @@ import torch
 from workers.activation import swiglu, swiglu_fp8_groups
 from workers.align import TokenAligner
 from workers.fp8_activation import fp8_absmax, fp8_quantize_per_group, fp8_quantize_per_tensor
-from workers.fused_moe_kernel import check_config, launch_moe_gemm
+from workers.fused_moe_kernel import check_config, launch_layout, launch_moe_gemm
 from workers.quant import FP8_DTYPE, QuantizedWeight, activation_dtype
 from workers.records import Config, DType
 
@@ -54,7 +54,7 @@ class MoERunner:
         check_config(down_config, w2)
 
         self.x = x.contiguous()
-        self.w13, self.w2 = w13, w2
+        self.w13, self.w2 = launch_layout(w13), launch_layout(w2)
         self.topk_ids = topk_ids.to(torch.int32).contiguous()
         self.topk_weights = topk_weights.contiguous()
         self.config, self.down_config = config, down_config
