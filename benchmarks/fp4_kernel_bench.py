@@ -387,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"kernel {name}: {facts}")
 
     folder = Path(tempfile.mkdtemp(prefix="fp4_bench_"))
+    main_variant_moe(folder)  # writes the patched kernel file once, before any compile process reads it
     bandwidth = None
     if not args.interpret:
         log(compile_ahead(args.batch_sizes, folder, COMPILE_SHARE * args.max_seconds))
