@@ -5,7 +5,7 @@
 Compiles ``workers.fused_moe_kernel._fused_moe_gemm_kernel`` for sm_90 with the Triton at hand
 (the NVIDIA backend and its ptxas/cuobjdump ship in Triton's wheel, no GPU or driver needed) with
 the specialization the gpt-oss-120b TP1 up GEMM gets (N=5760, K=2880, 16-byte-divisible strides
-and pointers), in both operand orders, and counts the instructions of the K loop's body (the
+and pointers, scales K-group-major as ``launch_layout`` hands them over), in both operand orders, and counts the instructions of the K loop's body (the
 largest backward branch in the SASS) per packed weight byte one thread decodes per iteration,
 with the opcode mix. At the HBM rate an H200 SM must consume ~21 weight bytes per clock and issues
 at most 128 thread-instructions per clock, so a loop above ~6 instructions per byte cannot reach
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 DEFAULT_CONFIGS = "M16_N64_K64_w4_s3,M16_N128_K128_w4_s3,M64_N128_K128_w4_s3,M128_N128_K64_w8_s3"
 N_UP, K = 5760, 2880  # gpt-oss-120b TP1 up GEMM
-INT_ARGS_DIVISIBLE_BY_16 = {"N", "K", "stride_am", "stride_be", "stride_bn", "stride_cm", "stride_bse"}
+INT_ARGS_DIVISIBLE_BY_16 = {"N", "K", "stride_am", "stride_be", "stride_bn", "stride_cm", "stride_bse", "stride_bsk"}
 
 
 def parse_config(label: str) -> tuple[int, int, int, int, int]:
@@ -54,7 +54,7 @@ def compile_gemm(dtype: str, bm: int, bn: int, bk: int, warps: int, stages: int,
                       FP4_GROUP=32 if dtype == "mxfp4" else 16, INT4_W4A16=False, INT4_ZERO=8, FP8_CHANNEL=False,
                       EVEN_K=K % bk == 0, SWAP_AB=swap, INTERPRETER=False, COMPUTE_TYPE=tl.bfloat16,
                       BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, GROUP_SIZE_M=1,
-                      stride_ak=1, stride_bk=1, stride_cn=1, stride_bsk=1)
+                      stride_ak=1, stride_bk=1, stride_cn=1, stride_bsn=1)  # scales as launch_layout stores them
     names = list(fn.arg_names)
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
