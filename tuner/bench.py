@@ -8,11 +8,16 @@ once and checked against the fp32 reference, so a folder whose config fails or c
 on this GPU is reported as such, never timed as a winner. Variants that resolve to the same
 config share one timing (so an identical config always compares as exactly 1.00x).
 
+Ratios are times, as ``tune`` reports against its baseline (``RATIO_CONVENTION``): a variant's
+latency ÷ the reference's latency, below 1 faster than the reference.
+
 A folder with no file for the shape falls back to the default rule, as the server would, and the
 result says so; the result names the rule and where its configs came from (the server's own
-``get_default_config`` or moe-tune's encoding), and the kernel every number was timed in. The gate: every ``--configs`` folder must reach ``reference latency / latency
->= fail_if_slower`` at every batch size where the reference ran; a folder config that fails
-where the reference ran is a regression too.
+``get_default_config`` or moe-tune's encoding), and the kernel every number was timed in. The
+gate (``fail_if_slower``, a speed fraction in (0, 1], e.g. 0.98): every ``--configs`` folder's
+time ratio must stay at or below ``1 / fail_if_slower`` at every batch size where the reference
+ran (0.98: at most ~2% slower); a folder config that fails where the reference ran is a
+regression too.
 """
 
 from __future__ import annotations
@@ -32,6 +37,13 @@ from workers.records import Candidate, Config, MoEShape, Status
 
 HEURISTIC = "default"
 RETIME_ROUNDS = 20
+RATIO_CONVENTION = "time / reference time (below 1: faster than the reference)"
+"""What every ratio ``bench`` and ``tune`` print means (``tune``: the reference is its baseline)."""
+
+
+def max_time_ratio(fail_if_slower: float) -> float:
+    """The largest time ratio the gate accepts: ``1 / fail_if_slower`` (0.98 → 1.0204)."""
+    return 1.0 / fail_if_slower
 
 
 @dataclass(frozen=True)
@@ -70,11 +82,12 @@ class BenchResult:
     rows: dict[int, dict[str, Cell]] = field(default_factory=dict)
 
     def ratio(self, label: str, M: int) -> float | None:
-        """reference latency / this variant's latency (> 1: faster than the reference)."""
+        """This variant's latency / the reference's latency (< 1: faster than the reference;
+        ``RATIO_CONVENTION``); None where either has no timing."""
         cell, ref = self.rows[M][label], self.rows[M][self.reference.label]
         if cell.latency_us is None or ref.latency_us is None:
             return None
-        return ref.latency_us / cell.latency_us
+        return cell.latency_us / ref.latency_us
 
     @property
     def gated(self) -> list[Variant]:
@@ -83,6 +96,7 @@ class BenchResult:
     def regressions(self, fail_if_slower: float) -> list[str]:
         """One line per (folder, M) that fails the gate."""
         found = []
+        limit = max_time_ratio(fail_if_slower)
         for M, cells in self.rows.items():
             if cells[self.reference.label].latency_us is None:
                 continue  # nothing to compare with
@@ -90,23 +104,25 @@ class BenchResult:
                 cell, ratio = cells[variant.label], self.ratio(variant.label, M)
                 if cell.status is not Status.OK:
                     found.append(f"{variant.label} at M={M}: {cell.status.value} ({cell.config.label})")
-                elif ratio is not None and ratio < fail_if_slower:
-                    found.append(f"{variant.label} at M={M}: {ratio:.3f}x the reference (< {fail_if_slower})")
+                elif ratio is not None and ratio > limit:
+                    found.append(f"{variant.label} at M={M}: {ratio:.3f}x the reference's time (above {limit:.3f} "
+                                 f"= 1/{fail_if_slower:g})")
         return found
 
     def to_json(self, fail_if_slower: float | None) -> dict:
         data = {
             "shape": self.shape.label, "routing": self.routing, "device": self.device, "versions": self.versions,
-            "reference": self.reference.label, "default_rule": self.default_rule,
+            "reference": self.reference.label, "default_rule": self.default_rule, "ratio": RATIO_CONVENTION,
             "variants": [{"label": v.label, "folder": str(v.folder) if v.folder else None} for v in self.variants],
             "rows": [{"M": M, "results": {label: {
                 "latency_us": cell.latency_us, "status": cell.status.value, "config": cell.config.to_dict(),
-                "source": cell.source, "ratio_vs_reference": self.ratio(label, M), "message": cell.message}
+                "source": cell.source, "vs_reference": self.ratio(label, M), "message": cell.message}
                 for label, cell in cells.items()}} for M, cells in self.rows.items()],
         }
         if fail_if_slower is not None:
             regressions = self.regressions(fail_if_slower)
-            data["gate"] = {"fail_if_slower": fail_if_slower, "passed": not regressions, "regressions": regressions}
+            data["gate"] = {"fail_if_slower": fail_if_slower, "max_time_ratio": round(max_time_ratio(fail_if_slower), 4),
+                            "passed": not regressions, "regressions": regressions}
         return data
 
 
@@ -177,14 +193,15 @@ def bench_on(pool: WorkerPool, shape: MoEShape, variants: list[Variant], referen
     return result
 
 
-def run_bench(shape: MoEShape, variants: list[Variant], reference: Variant, batch_sizes: list[int],
+def run_bench(shapes: list[MoEShape], variants: list[Variant], reference: Variant, batch_sizes: list[int],
               routing: str = "uniform", rounds: int = RETIME_ROUNDS, address: str | None = None,
-              interpret: bool = False, kernel: str = "builtin", rule: str = VLLM) -> BenchResult:
+              interpret: bool = False, kernel: str = "builtin", rule: str = VLLM) -> list[BenchResult]:
+    """Bench each of ``shapes`` (e.g. one per dtype) in turn on one worker of one Ray session."""
     for variant in variants:
         if variant.folder is not None:
             read_config_folder(variant.folder)  # unreadable files fail before Ray starts
     with ray_session(address, interpret, workers=1), bench_pool(kernel=kernel) as pool:
-        return bench_on(pool, shape, variants, reference, batch_sizes, routing, rounds, rule)
+        return [bench_on(pool, shape, variants, reference, batch_sizes, routing, rounds, rule) for shape in shapes]
 
 
 def _time_batch(pool: WorkerPool, shape: MoEShape, routing: str, M: int, cells: dict[str, Cell],
@@ -221,8 +238,9 @@ def format_table(result: BenchResult, fail_if_slower: float | None) -> str:
     lines = [f"bench {result.shape.label} routing={result.routing} on {result.device}",
              f"kernel: {v.get('kernel', '?')} ({v.get('kernel_entry', '?')}, {v.get('kernel_version', '?')}, "
              f"source {v.get('kernel_hash', '?')}); default: the {result.default_rule} rule",
-             f"reference: {result.reference.label}" + (f"; gate: fail if reference/latency < {fail_if_slower}"
-                                                       if fail_if_slower is not None else "")]
+             f"reference: {result.reference.label}" + (
+                 f"; gate: fail where a folder's time ratio is above {max_time_ratio(fail_if_slower):.3f} "
+                 f"(= 1/{fail_if_slower:g})" if fail_if_slower is not None else "")]
     header = [f"{'M':>6}"] + [f"{label + ' µs':>24}" for label in labels]
     lines.append("  ".join(header))
     fell_back = False
@@ -241,7 +259,7 @@ def format_table(result: BenchResult, fail_if_slower: float | None) -> str:
         lines.append("  ".join(row))
     if fell_back:
         lines.append(f"* no file for this shape in that folder: the server would use its default ({result.default_rule} rule)")
-    lines.append("(x) = reference latency / latency: above 1 is faster than the reference")
+    lines.append(f"(x) = {RATIO_CONVENTION}")
     for label in labels:
         sources = sorted({cells[label].source for cells in result.rows.values()})
         lines.append(f"{label}: {', '.join(sources)}")

@@ -178,7 +178,7 @@ def _server_runs(kernel: str, fmt: str, shapes: list[MoEShape],
         reason = _unavailable(server, own)
         if reason:
             line = (f"moe-tune: warning: --kernel auto: {server}'s kernel is not usable here ({reason}); the "
-                    f"{layout} files are tuned on moe-tune's builtin kernel, not {server}'s")
+                    f"{layout} configs are tuned and timed on moe-tune's builtin kernel, not {server}'s")
             if warnings is None:
                 print(line, file=sys.stderr)
             else:
@@ -189,16 +189,21 @@ def _server_runs(kernel: str, fmt: str, shapes: list[MoEShape],
     return runs
 
 
-def default_rule(kernel: str, server_version: str | None) -> str:
-    """The default-config rule baselines use (``workers.default_config.RULES``): the one of
-    ``--server-version`` when given, else of the server whose kernel is timed (its version as
-    imported), else of the installed vLLM, else vLLM's newest rule."""
+def default_rule(kernel: str, server_version: str | None, server: str = "vllm") -> str:
+    """The default-config rule (``workers.default_config.RULES``) of ``server``, the server whose
+    file is tuned or benched (what it runs where that file is missing): ``--server-version``'s rule
+    when given; else SGLang's rule for ``sglang``; else, for ``vllm``, the rule of the vLLM version
+    whose kernel is timed (``kernel`` ``vllm``, as imported), else of the installed vLLM, else vLLM's
+    newest rule. Whatever ``kernel`` times the configs (builtin included), the default is the
+    server's. UsageError (one line) for a version whose rule is not recorded."""
     from workers import default_config
 
+    if server not in FORMAT_SERVER.values():
+        raise ValueError(f"unknown server {server!r}")
     try:
         if server_version:
             return default_config.rule_for_version(server_version)
-        if kernel == "sglang":
+        if server == "sglang":
             return default_config.SGLANG
         if kernel == "vllm":
             from workers import backends

@@ -72,6 +72,28 @@ def dtype_list(text: str) -> list[DType]:
     return list(dict.fromkeys(dtypes))
 
 
+class _DTypes(argparse.Action):
+    """Collects ``--dtype`` values: each occurrence a ``dtype_list`` (``D`` or ``D,D,...``), all
+    occurrences together, each dtype once in the order first given; the first occurrence replaces
+    the default."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        current = getattr(namespace, self.dest, None)
+        current = [] if current is None or current is self.default else list(current)
+        setattr(namespace, self.dest, list(dict.fromkeys([*current, *values])))
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser, help: str, *names: str,
+                       default: list[DType] | None = None) -> None:
+    """The dtypes option, alike in every command: ``--dtype D`` repeatable and ``--dtype D,D,...``
+    (also mixed: ``--dtype bf16,fp8_w8a8 --dtype int8_w8a16``); the parsed value is a list of
+    ``DType`` without repeats, or ``default`` when the option is absent. ``names``: the option's
+    spellings (default ``--dtype``)."""
+    choices = ", ".join(d.value for d in DType)
+    parser.add_argument(*(names or ("--dtype",)), type=dtype_list, action=_DTypes, default=default,
+                        metavar="D[,D...]", help=f"{help} (repeatable or comma-separated; {choices})")
+
+
 def _number(text: str, convert: Callable[[str], float], valid: Callable[[float], bool], expected: str):
     try:
         value = convert(text)

@@ -1,5 +1,8 @@
 """``moe-tune bench``: time the server version's default config and config folders back to back for
-one shape, in one kernel backend; ``--fail-if-slower`` turns it into a regression gate (exit 1)."""
+the shape of each dtype asked for (``--dtype``, as ``plan``/``tune``: repeatable or comma-separated;
+default the model's own), in one kernel backend; ``--fail-if-slower`` turns it into a regression
+gate over every dtype (exit 1). Where a folder has no file, and for the ``default`` column, the
+default rule is ``--server``'s (``tuner.kernel_choice.default_rule``), named in the output."""
 
 from __future__ import annotations
 
@@ -8,26 +11,30 @@ import json
 from pathlib import Path
 
 from tuner import bench, kernel_choice
-from tuner.commands.arguments import (add_batch_sizes_argument, add_layout_arguments, block_shape_arg,
-                                      check_interpret_limits, check_routing_file, positive_int, ratio_arg,
-                                      routing_arg)
+from tuner.commands.arguments import (add_batch_sizes_argument, add_dtype_argument, add_layout_arguments,
+                                      block_shape_arg, check_interpret_limits, check_routing_file, positive_int,
+                                      ratio_arg, routing_arg)
 from tuner.errors import RunFailed
 from tuner.models import SERVERS, derive_shape, load_model
 from tuner.plan import resolve_batch_sizes
+from workers.formats import format_of
 from workers.records import DType, MoEShape
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     add_layout_arguments(parser)
-    parser.add_argument("--dtype", choices=[d.value for d in DType], help="kernel dtype (default: the model's own)")
-    parser.add_argument("--block-shape", type=block_shape_arg, metavar="BN,BK", help="fp8 weight block shape")
+    add_dtype_argument(parser, "kernel dtype, one bench each; default: the model's own")
+    parser.add_argument("--block-shape", type=block_shape_arg, metavar="BN,BK",
+                        help="fp8 weight block shape (for the dtypes that take one)")
     add_batch_sizes_argument(parser)
     parser.add_argument("--configs", type=Path, nargs="+", required=True, metavar="DIR",
                         help="config folders to time (vLLM or SGLang layout)")
     parser.add_argument("--reference", type=Path, metavar="DIR",
                         help="the folder the others must not be slower than (default: the server's default config)")
     parser.add_argument("--fail-if-slower", type=ratio_arg, metavar="RATIO",
-                        help="exit 1 if a folder's reference latency / latency drops below RATIO at any batch size")
+                        help="exit 1 if a folder is slower than the reference by more than this speed fraction at "
+                             "any batch size of any dtype: its time ratio (time / reference time) above 1/RATIO "
+                             "(0.98: more than ~2%% slower)")
     parser.add_argument("--routing", type=routing_arg, default="uniform", help="uniform | zipf:<alpha> | file:<path>")
     parser.add_argument("--rounds", type=positive_int, default=bench.RETIME_ROUNDS,
                         help="interleaved timing rounds per batch size")
@@ -40,8 +47,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="folder with the server's extracted Python packages (also MOE_TUNE_SERVER_CODE)")
     parser.add_argument("--server-version", metavar="RULE|SERVER==VERSION",
                         help="whose default config is the baseline: vllm (PR #34846 and later, e.g. vLLM 0.33), "
-                             "vllm-pre-34846, sglang, or vllm==X.Y.Z / sglang==X.Y.Z (default: the timed server's "
-                             "version, else the installed vLLM's, else vLLM's newest rule)")
+                             "vllm-pre-34846, sglang, or vllm==X.Y.Z / sglang==X.Y.Z (default: --server's rule: "
+                             "SGLang's, or for vLLM the timed vLLM's version, else the installed vLLM's, else "
+                             "vLLM's newest rule)")
     parser.add_argument("--address", help="Ray cluster to run on (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--interpret", action="store_true",
                         help="run the kernels under the Triton interpreter on the CPU (tiny shapes only)")
@@ -52,32 +60,46 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
-def bench_shape(model: str, tp: int, ep: int, dtype: str | None, block_shape: tuple[int, int] | None,
-                server: str = "vllm", fuse_shared_experts: bool = True) -> MoEShape:
-    """The shape ``server``'s kernel runs for the model's first MoE layer shape."""
-    return derive_shape(load_model(model), tp=tp, ep=ep, dtype=dtype, block_shape=block_shape, server=server,
-                        fuse_shared_experts=fuse_shared_experts)
+def bench_shapes(model: str, tp: int, ep: int, dtypes: list[DType] | None, block_shape: tuple[int, int] | None,
+                 server: str = "vllm", fuse_shared_experts: bool = True) -> list[MoEShape]:
+    """The shape ``server``'s kernel runs for the model's first MoE layer shape, per dtype (None:
+    the model's own). ``block_shape`` goes to the dtypes that take one; given with none of them,
+    the model's refusal (UsageError) stands."""
+    spec = load_model(model)
+    wanted = dtypes or [None]
+    takes_block = [d for d in wanted if d is not None and format_of(d).block_shapes]
+    shapes = []
+    for dtype in wanted:
+        block = block_shape if (dtype in takes_block or not takes_block) else None
+        shapes.append(derive_shape(spec, tp=tp, ep=ep, dtype=dtype, block_shape=block, server=server,
+                                   fuse_shared_experts=fuse_shared_experts))
+    return list(dict.fromkeys(shapes))
 
 
 def run(args: argparse.Namespace) -> int:
-    shape = bench_shape(args.model, args.tp, args.ep, args.dtype, args.block_shape, args.server,
-                        not args.disable_shared_experts_fusion)
+    shapes = bench_shapes(args.model, args.tp, args.ep, args.dtype, args.block_shape, args.server,
+                          not args.disable_shared_experts_fusion)
     batch_sizes = resolve_batch_sizes(args.batch_sizes)
     if args.interpret:
-        check_interpret_limits([shape], batch_sizes)
-    check_routing_file(args.routing, [shape])
+        check_interpret_limits(shapes, batch_sizes)
+    check_routing_file(args.routing, shapes)
     variants, reference = bench.variants_for(args.configs, args.reference)
     kernel_choice.use_server_code(args.server_code)
     if args.server_version:  # refused before auto's fallback warning: bad input stays one line
-        kernel_choice.default_rule(args.kernel, args.server_version)
-    (run,) = kernel_choice.resolve(args.kernel, args.server, [shape])  # auto: the kernel of --server
-    rule = kernel_choice.default_rule(run.kernel, args.server_version)
-    result = bench.run_bench(shape, variants, reference, batch_sizes, routing=args.routing, rounds=args.rounds,
-                             address=args.address, interpret=args.interpret, kernel=run.kernel, rule=rule)
+        kernel_choice.default_rule(args.kernel, args.server_version, args.server)
+    (run,) = kernel_choice.resolve(args.kernel, args.server, shapes)  # auto: the kernel of --server
+    rule = kernel_choice.default_rule(run.kernel, args.server_version, args.server)
+    results = bench.run_bench(shapes, variants, reference, batch_sizes, routing=args.routing, rounds=args.rounds,
+                              address=args.address, interpret=args.interpret, kernel=run.kernel, rule=rule)
     if args.json:
-        print(json.dumps(result.to_json(args.fail_if_slower)))
+        data = [result.to_json(args.fail_if_slower) for result in results]
+        print(json.dumps(data[0] if len(data) == 1 else {"benches": data}))
     else:
-        print(bench.format_table(result, args.fail_if_slower))
-    if args.fail_if_slower is not None and result.regressions(args.fail_if_slower):
-        raise RunFailed(f"gate failed: {result.regressions(args.fail_if_slower)[0]}")
+        print("\n\n".join(bench.format_table(result, args.fail_if_slower) for result in results))
+    if args.fail_if_slower is not None:
+        regressions = [(f"{result.shape.dtype.value}: " if len(results) > 1 else "") + line
+                       for result in results for line in result.regressions(args.fail_if_slower)]
+        if regressions:
+            more = f" (and {len(regressions) - 1} more)" if len(regressions) > 1 else ""
+            raise RunFailed(f"gate failed: {regressions[0]}{more}")
     return 0

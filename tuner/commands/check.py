@@ -13,7 +13,8 @@ import json
 import os
 from pathlib import Path
 
-from tuner.commands.arguments import add_batch_sizes_argument, block_shape_arg, check_interpret_limits, dtype_list, int_list
+from tuner.commands.arguments import (add_batch_sizes_argument, add_dtype_argument, block_shape_arg, check_interpret_limits,
+                                      int_list)
 from tuner.errors import RunFailed, UsageError
 from workers.formats import block_shape_dtypes, format_of, shape_rule_broken
 from workers.records import CONFIG_KEYS, INT4_DEFAULT_GROUP, Config, DType, MoEShape
@@ -25,8 +26,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="experts, intermediate size per GPU, hidden size, top-k")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (with --model)")
     parser.add_argument("--ep", type=int, default=1, help="expert-parallel size, dividing --tp (with --model)")
-    parser.add_argument("--dtype", type=dtype_list, action="append", metavar="D[,D...]",
-                        help="kernel dtype(s), repeatable; default: the model's own, or bf16 with --shape")
+    add_dtype_argument(parser, "kernel dtype; default: the model's own, or bf16 with --shape")
     parser.add_argument("--block-shape", type=block_shape_arg, metavar="BN,BK", help="fp8 weight block shape, e.g. 128,128")
     parser.add_argument("--group-size", type=int, metavar="G",
                         help=f"int4_w4a16 scale group along K with --shape (default {INT4_DEFAULT_GROUP}; -1: per row)")
@@ -37,7 +37,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    dtypes = [d for group in args.dtype for d in group] if args.dtype else None
+    dtypes = args.dtype
     shapes = _shapes(args, dtypes)
     config = _parse_config(args.config) if args.config else None
     if args.interpret and os.environ.get("TRITON_INTERPRET") != "1":

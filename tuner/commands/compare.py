@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 from tuner import compare, kernel_choice, report
-from tuner.commands.arguments import (add_batch_sizes_argument, add_fresh_arguments, add_layout_arguments,
-                                      check_interpret_limits, check_routing_file, confirm_fresh, dtype_list,
-                                      positive_float, positive_int, routing_arg)
+from tuner.commands.arguments import (add_batch_sizes_argument, add_dtype_argument, add_fresh_arguments,
+                                      add_layout_arguments, check_interpret_limits, check_routing_file, confirm_fresh,
+                                      dtype_list, positive_float, positive_int, routing_arg)
 from tuner.commands.tune import PREFLIGHT_DEVICE
 from tuner.dispatch import SERVERS
 from tuner.errors import UsageError
@@ -31,8 +31,8 @@ DEFAULT_DTYPES = "bf16,fp8_w8a8,int8_w8a16,mxfp4,nvfp4"
 
 def configure(parser: argparse.ArgumentParser) -> None:
     add_layout_arguments(parser)
-    parser.add_argument("--dtypes", type=dtype_list, default=dtype_list(DEFAULT_DTYPES), metavar="D,D,...",
-                        help=f"dtypes to compare; bf16 is always included as the yardstick (default: {DEFAULT_DTYPES})")
+    add_dtype_argument(parser, f"dtypes to compare; bf16 is always included as the yardstick (default: {DEFAULT_DTYPES})",
+                       "--dtypes", "--dtype", default=dtype_list(DEFAULT_DTYPES))
     add_batch_sizes_argument(parser)
     parser.add_argument("--routing", type=routing_arg, default="uniform", help="uniform | zipf:<alpha> | file:<path>")
     parser.add_argument("--search-space", default="default", metavar="NAME|PATH", help="search space name or YAML file")

@@ -90,8 +90,8 @@ def gate_benches(spec: JobSpec, tunes: list[tuple[TuneRun, "tune.Validated"]],
                  shapes: dict[tuple[str, Layout, DType], MoEShape]) -> list[GateBench]:
     """The gate's benches (none without a gate): each check on the kernel the tune run of its
     layout and routing tuned ``gate_server``'s files on (that run's resolved ``--kernel``), with
-    the default rule ``moe-tune bench`` would take for that kernel (the spec's ``server_version``,
-    else the kernel's server version; ``kernel_choice.default_rule``). UsageError when that rule
+    the default rule ``moe-tune bench --server`` would take for that server and kernel (the spec's
+    ``server_version``, else that server's rule; ``kernel_choice.default_rule``). UsageError when that rule
     cannot be placed."""
     if spec.gate is None:
         return []
@@ -100,7 +100,8 @@ def gate_benches(spec: JobSpec, tunes: list[tuple[TuneRun, "tune.Validated"]],
                                                 if k.server_files and k.format in (server, "both"))
                for run, valid in tunes}
     try:
-        rules = {kernel: kernel_choice.default_rule(kernel, spec.server_version) for kernel in set(kernels.values())}
+        rules = {kernel: kernel_choice.default_rule(kernel, spec.server_version, server)
+                 for kernel in set(kernels.values())}
     except UsageError as exc:
         raise UsageError(f"gate: {exc}") from None
     benches = []

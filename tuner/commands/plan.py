@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from tuner.commands.arguments import add_batch_sizes_argument, add_layout_arguments, block_shape_arg, positive_int
+from tuner.commands.arguments import (add_batch_sizes_argument, add_dtype_argument, add_layout_arguments, block_shape_arg,
+                                      positive_int)
 from tuner.errors import UsageError
 from tuner.estimate import Estimate, default_compile_processes, estimate, format_estimate
 from tuner.plan import BUILTIN_FP4_HELP, DevicePlan, build_plan
 from tuner.search import STRATEGIES, SearchJob
 from tuner.spaces import REASONS
 from tuner.writers import FORMATS
-from workers.records import DType
 
 
 def detect_device_name() -> str | None:
@@ -31,8 +31,7 @@ def resolve_device_name(given: str | None) -> str:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     add_layout_arguments(parser, repeatable_model=True)
-    parser.add_argument("--dtype", action="append", choices=[d.value for d in DType],
-                        help="kernel dtype (repeatable); default: each model's own")
+    add_dtype_argument(parser, "kernel dtype; default: each model's own")
     parser.add_argument("--block-shape", type=block_shape_arg, metavar="BN,BK",
                         help="fp8 weight block shape, e.g. 128,128")
     add_batch_sizes_argument(parser)

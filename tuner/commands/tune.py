@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tuner import driver, kernel_choice, writers
 from tuner.baseline import Baseline
-from tuner.commands.arguments import (add_batch_sizes_argument, add_fresh_arguments, add_layout_arguments,
+from tuner.commands.arguments import (add_batch_sizes_argument, add_dtype_argument, add_fresh_arguments, add_layout_arguments,
                                       block_shape_arg, check_interpret_limits, check_routing_file, confirm_fresh, positive_float,
                                       positive_int, routing_arg)
 from tuner.commands.plan import format_plan, plan_estimate, resolve_device_name
@@ -32,7 +32,7 @@ from tuner.search import STRATEGIES, SearchJob
 from tuner.spaces import load_space
 from tuner.timeline import Timeline
 from tuner.writers import FORMATS, partial_file_warning, probe_writable
-from workers.records import DType, Status
+from workers.records import Status
 from workers.routing import parse_routing, pin_file
 
 PREFLIGHT_DEVICE = "preflight"
@@ -42,8 +42,7 @@ each device group is planned again under its own name once the workers report it
 
 def configure(parser: argparse.ArgumentParser) -> None:
     add_layout_arguments(parser, repeatable_model=True)
-    parser.add_argument("--dtype", action="append", choices=[d.value for d in DType],
-                        help="kernel dtype (repeatable); default: each model's own")
+    add_dtype_argument(parser, "kernel dtype; default: each model's own")
     parser.add_argument("--block-shape", type=block_shape_arg, metavar="BN,BK", help="fp8 weight block shape")
     add_batch_sizes_argument(parser)
     parser.add_argument("--search-space", metavar="NAME|PATH",
@@ -163,7 +162,7 @@ def validate(args: TuneOptions, probe: bool = True) -> Validated:
         raise UsageError(f"search space {planned.space.name} leaves no config for {empty[0][0]} at M={empty[0][1]}")
     baseline = Baseline.load(args.baseline)  # bad input is refused (one line) before auto's fallback warning
     if args.server_version:
-        kernel_choice.default_rule(args.kernel, args.server_version)
+        kernel_choice.default_rule(args.kernel, args.server_version, writers.format_servers(args.format)[0])
     # which backend times which layout; each backend's check refuses the dtypes and layouts it cannot run
     # (moe-tune's own fp4 kernel's jobs always run on builtin)
     server_jobs = {job.shape: job.servers for job in preflight.jobs if job.builtin_file_name is None}
@@ -171,8 +170,9 @@ def validate(args: TuneOptions, probe: bool = True) -> Validated:
     runs = kernel_choice.resolve(args.kernel, args.format, list(server_jobs), server_jobs.__getitem__, warnings,
                                  builtin_fp4=any(job.builtin_file_name for job in preflight.jobs))
     needs_rule = bool(args.baseline or args.server_version)  # the rule matters only where a baseline falls back
-    baselines = {run.kernel: replace(baseline, rule=kernel_choice.default_rule(run.kernel, args.server_version))
-                 if needs_rule else baseline for run in runs}
+    baselines = {run.kernel: replace(baseline, rules={
+        server: kernel_choice.default_rule(run.kernel, args.server_version, server)
+        for server in writers.format_servers(run.format)}) if needs_rule else baseline for run in runs}
     if args.fresh:
         work = {(s.shape, str(routing), M) for s in planned.shapes for M in planned.batch_sizes}
         confirm_fresh(journal, count_measurements(journal, work), args.yes)
@@ -256,11 +256,14 @@ def tune_in_session(args: TuneOptions, valid: Validated, session: RaySession, ti
     servers_by_shape: dict = {}
 
     def jobs_for(baseline: Baseline, choice: kernel_choice.KernelRun):
+        layouts = writers.format_servers(choice.format)
+
         def jobs_for_device(device_name: str) -> list[SearchJob]:
             jobs = [job for job in valid.plan.for_device(device_name).jobs if choice.takes(job)]
             servers_by_shape.update({job.shape: job.servers for job in jobs})
-            return [SearchJob(job, valid.routing, baseline.configs_for(job.shape, device_name, job.batch_sizes,
-                                                                       _triton_version()))
+            return [SearchJob(job, valid.routing, baseline.configs_for(
+                        job.shape, device_name, job.batch_sizes, _triton_version(),
+                        tuple(server for server in job.servers if server in layouts)))
                     for job in jobs]
         return jobs_for_device
 
@@ -294,7 +297,7 @@ def tune_in_session(args: TuneOptions, valid: Validated, session: RaySession, ti
         summary = summarize(result)
         summary["format"], summary["kernel"] = choice.format, choice.kernel
         if baseline.folders:
-            summary["baseline_default_rule"] = baseline.rule
+            summary["baseline_default_rules"] = dict(baseline.rules)
         summaries.append(summary)
         if not args.json:
             print(format_summary(summary), file=session.stdout)
@@ -382,9 +385,9 @@ def kernel_label(env: dict[str, str]) -> str:
 def format_summary(summary: dict) -> str:
     lines = [f"tuned in {format_duration(summary['wall_s'])}: {summary['evaluations_run']} evaluations run, "
              f"{summary['evaluations_reused']} reused from the journal"]
-    if "baseline_default_rule" in summary:
-        lines.append(f"baseline: the --baseline folders; where one has no file, the {summary['baseline_default_rule']} "
-                     "default rule")
+    if "baseline_default_rules" in summary:
+        rules = "; ".join(f"{server}: the {rule} rule" for server, rule in summary["baseline_default_rules"].items())
+        lines.append(f"baseline: the --baseline folders; where one has no file, the server's default config ({rules})")
     if summary["budget_ended"]:
         retimed = (f"their finalists were re-timed back to back ({summary['retimed_groups']} batch sizes"
                    + (f", {summary['retimes_reused']} from the journal" if summary["retimes_reused"] else "") + ")")
