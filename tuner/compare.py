@@ -10,8 +10,9 @@ on Hopper runs triton_kernels' ``matmul_ogs`` in both servers: it has no config 
 timed as is (``workers.backends.triton_kernels``). Kernels moe-tune cannot run (Marlin for nvfp4
 on Hopper) leave the dtype without a server number. moe-tune's builtin kernel is the second
 column: its tuned config for the fp4 dtypes (a search of its own on the builtin backend, one
-``KernelRun`` per backend, so no fp4 candidate ever reaches a server kernel; written apart,
-``moe-tune-builtin/``), the tuned config re-timed in it for the others. Recommendations rank
+``KernelRun`` per backend, so no fp4 candidate ever reaches a server kernel; its files, which no
+server reads, are written apart in ``moe-tune-builtin/`` only on request: ``--builtin-fp4``), the
+tuned config re-timed in it for the others. Recommendations rank
 server-kernel numbers only.
 
 Accuracy is measured in the same Ray session: on one pool worker (``tuner.pool``), one call per
@@ -91,6 +92,9 @@ class CompareRequest:
     ep: int = 1
     grid: WeightGrid | None = None
     """The checkpoint's quantized format the master weights are drawn on (``ModelSpec.checkpoint_grid``)."""
+    write_builtin_fp4: bool = False
+    """Also write moe-tune's own fp4 kernel's configs (``<configs_out>/moe-tune-builtin/``); they
+    are tuned for the second column either way."""
     reference_weights: str = "random bf16 weights"
     """Which weights the errors are measured on, in words (the report's accuracy reference)."""
 
@@ -301,7 +305,7 @@ def _tune(request: CompareRequest, progress: Progress) -> list[tuple[KernelRun, 
         tuned = driver.tune(driver.TuneRequest(
             jobs_for_device=lambda device, run=run: [job for job in request.plan_for_device(device) if run.takes(job.job)],
             write_outputs=writers.server_files_writer(request.configs_out, request.servers_by_shape.__getitem__,
-                                                      request.replace),
+                                                      request.replace, request.write_builtin_fp4),
             journal_path=request.journal, fresh=request.fresh and index == 0, workers=request.workers,
             interpret=request.interpret, kernel=run.kernel, strategy=request.strategy, budget_s=remaining),
             progress)

@@ -198,11 +198,17 @@ class Journal:
     Holds an exclusive ``flock`` while open: two drivers appending to one journal would each
     believe they own the queue, and the lock dies with its process, so a killed driver never
     leaves a stale lock behind.
+
+    A journal this object created (file and folders) that is still empty at ``close`` is removed
+    again: a run that ended before any measurement (no GPU, workers that never started) leaves
+    nothing behind.
     """
 
     def __init__(self, path: Path, fresh: bool = False) -> None:
         self.path = Path(path)
+        self._created_folders = [p for p in self.path.parents if not p.exists()]  # deepest first
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._created = not self.path.exists()
         self.set_aside: Path | None = None
         self._handle = open(self.path, "a+b")
         try:
@@ -296,7 +302,16 @@ class Journal:
         return sum(1 for r in self.records.values() if r.get("kind") == "measure")
 
     def close(self) -> None:
-        if not self._handle.closed:
+        if self._handle.closed:
+            return
+        try:
+            if self._created and self.set_aside is None and os.fstat(self._handle.fileno()).st_size == 0:
+                self.path.unlink(missing_ok=True)  # still holding the lock: no other run writes to it
+                for folder in self._created_folders:
+                    folder.rmdir()
+        except OSError:
+            pass  # a folder something else wrote into meanwhile stays
+        finally:
             self._handle.close()
 
     def __enter__(self) -> "Journal":

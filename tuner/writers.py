@@ -419,15 +419,24 @@ class ServerFilesWriter:
     holds the whole-op winner per M. SGLang's file holds the up GEMM's config and its ``_down``
     file the down GEMM's where the split search chose a pair (batch sizes without a pair keep the
     whole-op winner for both); the fp4 dtypes' winners, configs of moe-tune's own kernel that no
-    server reads, go apart in vLLM's format only (``_layouts``). Existing files are merged into,
-    or refused, as the module says; ``replace`` overwrites them instead."""
+    server reads, go apart in vLLM's format only (``_layouts``), and only with ``builtin_fp4``
+    (``compare`` tunes them for its report and writes them only when asked). Existing files are
+    merged into, or refused, as the module says; ``replace`` overwrites them instead."""
 
-    def __init__(self, out: Path, servers_of: Callable[[MoEShape], tuple[str, ...]], replace: bool = False) -> None:
-        self.out, self.servers_of, self.replace = Path(out), servers_of, replace
+    def __init__(self, out: Path, servers_of: Callable[[MoEShape], tuple[str, ...]], replace: bool = False,
+                 builtin_fp4: bool = True) -> None:
+        self.out, self.servers_of, self.replace, self.builtin_fp4 = Path(out), servers_of, replace, builtin_fp4
+
+    def writes(self, shape: MoEShape) -> bool:
+        """Whether ``shape``'s winners are written: every server-read dtype; the fp4 dtypes (moe-tune's
+        own kernel) only with ``builtin_fp4``."""
+        return self.builtin_fp4 or shape.dtype in SERVER_READ_DTYPES
 
     def check(self, device: str, env: dict[str, str], batch_sizes: dict[MoEShape, set[int]]) -> None:
         """``FileConflict`` now for what writing these batch sizes would refuse later."""
         for shape, sizes in batch_sizes.items():
+            if not self.writes(shape):
+                continue
             check_existing(self.out, shape, device, sizes, env, env["triton"], _layouts(shape, self.servers_of(shape)),
                            self.replace)
 
@@ -435,7 +444,7 @@ class ServerFilesWriter:
                  split: SplitChoices) -> list[Written]:
         written: list[Written] = []
         for (shape, routing, gemm), per_m in selection.by_shape(chosen).items():
-            if gemm is not Gemm.BOTH:
+            if gemm is not Gemm.BOTH or not self.writes(shape):
                 continue
             configs = {M: s.candidate.config for M, s in per_m.items()}
             layouts = _layouts(shape, self.servers_of(shape))
@@ -450,8 +459,8 @@ class ServerFilesWriter:
 
 
 def server_files_writer(out: Path, servers_of: Callable[[MoEShape], tuple[str, ...]],
-                        replace: bool = False) -> ServerFilesWriter:
-    return ServerFilesWriter(out, servers_of, replace)
+                        replace: bool = False, builtin_fp4: bool = True) -> ServerFilesWriter:
+    return ServerFilesWriter(out, servers_of, replace, builtin_fp4)
 
 
 def key_coverage(keys: list[int] | set[int]) -> list[tuple[int, int, int | None]]:
@@ -470,15 +479,20 @@ def key_coverage(keys: list[int] | set[int]) -> list[tuple[int, int, int | None]
 
 def partial_file_warning(path: Path, expected: tuple[int, ...]) -> str | None:
     """A one-line warning when the config file at ``path`` lacks some of the ``expected`` batch
-    sizes (the servers' tuning grid): the server then uses the nearest key for them, and the line
-    says which key serves which range. None for a complete file."""
+    sizes (the servers' tuning grid): which batch sizes it holds, how many of the grid's it lacks,
+    and which of its configs the servers' nearest-key lookup (``lookup``) then runs for every batch
+    size (``key_coverage``). None for a complete file."""
     configs = _read_config_file(path)
     missing = sorted(set(expected) - set(configs))
     if not missing:
         return None
-    spans = ", ".join(f"{key}: M {first}-{last if last is not None else 'up'}"
+    spans = ", ".join(f"M {first}-{last} runs the M={key} config" if last is not None and last != first else
+                      f"M {first} runs the M={key} config" if last is not None else
+                      f"M {first} and above run the M={key} config"
                       for key, first, last in key_coverage(configs))
-    name = f"{path.parent.name}/{path.name}" if path.parent.name.startswith("triton_") else path.name
-    return (f"{name} holds {len(configs)} batch size(s), not {', '.join(map(str, missing[:6]))}"
-            f"{'...' if len(missing) > 6 else ''}: the server uses the nearest key for every other batch size "
-            f"({spans})")
+    name = (f"{path.parent.name}/{path.name}" if path.parent.name.startswith("triton_") or
+            path.parent.name == BUILTIN_FOLDER else path.name)
+    shown = ", ".join(map(str, missing[:4])) + (f", ... {missing[-1]}" if len(missing) > 4 else "")
+    return (f"{name} is partial: it has configs for M={','.join(map(str, sorted(configs)))} only, none for "
+            f"{len(missing)} of the {len(expected)} batch sizes servers are tuned for ({shown}); the servers take "
+            f"the nearest batch size's config instead ({spans}). Tune without --batch-sizes for a complete file")

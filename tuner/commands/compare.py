@@ -23,6 +23,7 @@ from tuner.plan import Plan, plan, resolve_batch_sizes
 from tuner.search import STRATEGIES
 from tuner.ray_session import DEFAULT_CONNECT_TIMEOUT_S
 from tuner.spaces import load_space
+from tuner.naming import BUILTIN_FOLDER
 from tuner.writers import DEFAULT_OUT, probe_writable
 from workers.records import DType, MoEShape
 
@@ -43,6 +44,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for report.md/.html/.json")
     parser.add_argument("--configs-out", type=Path, default=DEFAULT_OUT, metavar="DIR",
                         help=f"folder for the tuned config files (default: ./{DEFAULT_OUT}/, as tune)")
+    parser.add_argument("--builtin-fp4", action="store_true",
+                        help="also write the configs of moe-tune's own fp4 kernel (the mxfp4/nvfp4 second column, "
+                             f"tuned either way) to <configs-out>/{BUILTIN_FOLDER}/, which no server reads")
     parser.add_argument("--format", default="vllm", choices=("vllm", "sglang", "both"), help="config file layout")
     parser.add_argument("--journal", type=Path,
                         help=f"journal (default: <configs-out>/{JOURNAL_NAME}, shared with tune)")
@@ -119,6 +123,7 @@ def _request(args: argparse.Namespace) -> tuple[compare.CompareRequest, list[str
         budget_s=args.budget_minutes * 60 if args.budget_minutes else None, moe_layers=args.moe_layers,
         memory_budget_bytes=int(args.memory_budget_gib * 2**30) if args.memory_budget_gib else None,
         max_rel_err=args.max_rel_err, server=args.server, runs=tuple(runs), ep=args.ep, grid=grid,
+        write_builtin_fp4=args.builtin_fp4,
         reference_weights=reference_weights), warnings
 
 

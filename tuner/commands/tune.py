@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tuner import driver, kernel_choice, writers
 from tuner.baseline import Baseline
+from tuner.bench import RATIO_CONVENTION
 from tuner.commands.arguments import (add_batch_sizes_argument, add_dtype_argument, add_fresh_arguments, add_layout_arguments,
                                       block_shape_arg, check_interpret_limits, check_routing_file, confirm_fresh, positive_float,
                                       positive_int, routing_arg)
@@ -298,13 +299,19 @@ def tune_in_session(args: TuneOptions, valid: Validated, session: RaySession, ti
         summary["format"], summary["kernel"] = choice.format, choice.kernel
         if baseline.folders:
             summary["baseline_default_rules"] = dict(baseline.rules)
+            summary["vs_baseline"] = BASELINE_RATIO
         summaries.append(summary)
         if not args.json:
             print(format_summary(summary), file=session.stdout)
+            for line in summary["partial_files"]:  # in --json: the summary's partial_files
+                print(f"moe-tune: warning: {line}", file=sys.stderr)
     if args.json:
         print(json.dumps(summaries[0] if len(summaries) == 1 else {"runs": summaries}), file=session.stdout)
     return 0
 
+
+BASELINE_RATIO = RATIO_CONVENTION.replace("reference", "baseline")
+"""What ``vs_baseline`` means: tuned time / baseline time, below 1 faster (as ``bench``'s ratios)."""
 
 LISTED_FAILURES = (Status.WRONG_RESULT, Status.CRASHED, Status.TIMEOUT)
 """Failures listed config by config in the summary; compile errors and out-of-resources are only
@@ -387,7 +394,8 @@ def format_summary(summary: dict) -> str:
              f"{summary['evaluations_reused']} reused from the journal"]
     if "baseline_default_rules" in summary:
         rules = "; ".join(f"{server}: the {rule} rule" for server, rule in summary["baseline_default_rules"].items())
-        lines.append(f"baseline: the --baseline folders; where one has no file, the server's default config ({rules})")
+        lines.append(f"baseline: the --baseline folders; where one has no file, the server's default config ({rules}); "
+                     f"(x) = {BASELINE_RATIO}")
     if summary["budget_ended"]:
         retimed = (f"their finalists were re-timed back to back ({summary['retimed_groups']} batch sizes"
                    + (f", {summary['retimes_reused']} from the journal" if summary["retimes_reused"] else "") + ")")
@@ -406,7 +414,7 @@ def format_summary(summary: dict) -> str:
                 c = best["config"]
                 label = (f"BLOCK_SIZE_M={c['BLOCK_SIZE_M']} N={c['BLOCK_SIZE_N']} K={c['BLOCK_SIZE_K']} "
                          f"GROUP_SIZE_M={c['GROUP_SIZE_M']} warps={c['num_warps']} stages={c['num_stages']}")
-                versus = (f"  ({best['vs_baseline']:.3f}x baseline {best['baseline_us']:.1f} us)"
+                versus = (f"  ({best['vs_baseline']:.3f}x the baseline's time, {best['baseline_us']:.1f} us)"
                           if "vs_baseline" in best else "")
                 lines.append(f"    M={M:>5}  {best['latency_us']:10.1f} us  {label}{versus}")
         lines += [f"  no correct config: {gap['shape']} M={gap['M']}" for gap in device["without_winner"]]
@@ -429,5 +437,4 @@ def format_summary(summary: dict) -> str:
         lines.append("timeline: first measurement at " + f"{t['first_measurement_s']:.1f}s; "
                      + ", ".join(f"{name} {span['duration_s']:.1f}s" for name, span in t.items()
                                  if isinstance(span, dict)))
-    lines += [f"warning: {line}" for line in summary["partial_files"]]
     return "\n".join(lines)
