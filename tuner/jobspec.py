@@ -74,13 +74,15 @@ class Output(_Strict):
 
 class Gate(_Strict):
     """Fail the job when a fresh config is slower than the reference folder's at any batch size
-    by more than the ratio (reference latency / fresh latency < ``fail_if_slower``), timed on the
-    kernel the fresh configs were tuned on."""
+    beyond ``fail_if_slower`` (a speed fraction: its time ratio, fresh time / reference time, above
+    ``1 / fail_if_slower``; ``tuner.bench``), timed on the kernel the fresh configs were tuned on."""
 
     reference: Path = Field(description="config folder in production; must exist (an empty folder gates "
                                         "against the server's default config)")
     fail_if_slower: float = Field(0.98, gt=0.0, le=1.0,
-                                  description="fail when reference latency / new latency is below this at any M")
+                                  description="speed fraction: fail where a new config's time ratio (new time / "
+                                              "reference time) is above 1/fail_if_slower at any M (0.98: more than "
+                                              "~2% slower)")
     batch_sizes: list[PositiveInt] | None = Field(None, description="batch sizes gated (default: the job's)")
     rounds: PositiveInt = Field(20, description="interleaved timing rounds per batch size")
 
@@ -92,7 +94,8 @@ class JobSpec(_Strict):
     models: list[str] = Field(min_length=1, description="preset names, config.json paths, model folders or cached "
                                                         "HF repo ids")
     dtypes: list[DType] | None = Field(None, min_length=1,
-                                       description="kernel dtypes (default: each model's own, as tune)")
+                                       description="kernel dtypes, a list or one comma-separated string (as tune's "
+                                                   "--dtype; default: each model's own, as tune)")
     block_shape: tuple[PositiveInt, PositiveInt] | None = Field(
         None, description="[bn, bk] weight block shape for block-quantized fp8_w8a8")
     layouts: list[Layout] = Field(default_factory=lambda: [Layout()], min_length=1,
@@ -132,6 +135,12 @@ class JobSpec(_Strict):
         if any(not v.strip() for v in values):
             raise ValueError("entries must not be empty")
         return values
+
+    @field_validator("dtypes", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        """``"bf16,fp8_w8a8"`` as ``[bf16, fp8_w8a8]``, as ``--dtype`` takes it."""
+        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
 
     @field_validator("strategy")
     @classmethod
@@ -227,6 +236,20 @@ def output_dir(spec: JobSpec, routing: str) -> Path:
     return spec.output.dir if len(spec.routing) == 1 else spec.output.dir / routing_folder(routing)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last
+    silently: ``{tp: 1, tp: 2}`` would tune tp=2 without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _value in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_job_spec(path: Path) -> JobSpec:
     """Read and validate a job file; every problem is a one-line UsageError naming the file."""
     try:
@@ -234,7 +257,7 @@ def load_job_spec(path: Path) -> JobSpec:
     except OSError as exc:
         raise UsageError(f"{path}: cannot read job spec: {exc.strerror or exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""

@@ -478,21 +478,36 @@ def key_coverage(keys: list[int] | set[int]) -> list[tuple[int, int, int | None]
 
 
 def partial_file_warning(path: Path, expected: tuple[int, ...]) -> str | None:
-    """A one-line warning when the config file at ``path`` lacks some of the ``expected`` batch
-    sizes (the servers' tuning grid): which batch sizes it holds, how many of the grid's it lacks,
-    and which of its configs the servers' nearest-key lookup (``lookup``) then runs for every batch
-    size (``key_coverage``). None for a complete file."""
-    configs = _read_config_file(path)
-    missing = sorted(set(expected) - set(configs))
-    if not missing:
-        return None
+    """``partial_file_warnings`` of one file: its line, or None for a complete file."""
+    lines = partial_file_warnings([path], expected)
+    return lines[0] if lines else None
+
+
+def partial_file_warnings(paths: list[Path], expected: tuple[int, ...]) -> list[str]:
+    """One-line warnings for the config files at ``paths`` that lack some of the ``expected`` batch
+    sizes (the servers' tuning grid), one line per set of batch sizes held (files tuned together
+    share a line): which batch sizes they hold, how many of the grid's they lack, and which of
+    their configs the servers' nearest-key lookup (``lookup``) then runs for every batch size
+    (``key_coverage``). Empty when every file is complete."""
+    groups: dict[tuple[int, ...], list[Path]] = {}
+    for path in paths:
+        keys = tuple(sorted(_read_config_file(path)))
+        if set(expected) - set(keys):
+            groups.setdefault(keys, []).append(path)
+    return [_partial_line(group, keys, expected) for keys, group in groups.items()]
+
+
+def _partial_line(paths: list[Path], keys: tuple[int, ...], expected: tuple[int, ...]) -> str:
+    missing = sorted(set(expected) - set(keys))
     spans = ", ".join(f"M {first}-{last} runs the M={key} config" if last is not None and last != first else
                       f"M {first} runs the M={key} config" if last is not None else
                       f"M {first} and above run the M={key} config"
-                      for key, first, last in key_coverage(configs))
-    name = (f"{path.parent.name}/{path.name}" if path.parent.name.startswith("triton_") or
-            path.parent.name == BUILTIN_FOLDER else path.name)
+                      for key, first, last in key_coverage(keys))
+    names = ", ".join(f"{path.parent.name}/{path.name}" if path.parent.name.startswith("triton_") or
+                      path.parent.name == BUILTIN_FOLDER else path.name for path in paths)
+    one = len(paths) == 1
     shown = ", ".join(map(str, missing[:4])) + (f", ... {missing[-1]}" if len(missing) > 4 else "")
-    return (f"{name} is partial: it has configs for M={','.join(map(str, sorted(configs)))} only, none for "
-            f"{len(missing)} of the {len(expected)} batch sizes servers are tuned for ({shown}); the servers take "
-            f"the nearest batch size's config instead ({spans}). Tune without --batch-sizes for a complete file")
+    return (f"{names} {'is' if one else 'are'} partial: {'it has' if one else 'they have'} configs for "
+            f"M={','.join(map(str, keys))} only, none for {len(missing)} of the {len(expected)} batch sizes servers "
+            f"are tuned for ({shown}); the servers take the nearest batch size's config instead ({spans}). Tune "
+            "without --batch-sizes for a complete file")

@@ -139,16 +139,32 @@ def check_routing_file(routing: str, shapes: Iterable[MoEShape]) -> None:
             raise UsageError(f"--routing ({shape.label}): {exc}") from None
 
 
-def check_interpret_limits(shapes: Iterable[MoEShape], batch_sizes: Iterable[int]) -> None:
-    """Refuse what ``--interpret`` cannot run in reasonable time: the interpreter runs on the CPU."""
+def interpret_shape_problem(shapes: Iterable[MoEShape]) -> str | None:
+    """Why ``--interpret`` cannot run one of ``shapes`` in reasonable time (one line), or None."""
     for shape in shapes:
         weights = shape.E * shape.up_rows * shape.K
         if weights > INTERPRET_MAX_WEIGHTS:
-            raise UsageError(f"--interpret runs the Triton interpreter on the CPU, tiny shapes only: {shape.label} "
-                             f"has E*2N*K = {weights} weights (limit {INTERPRET_MAX_WEIGHTS})")
+            return (f"--interpret runs the Triton interpreter on the CPU, tiny shapes only: {shape.label} "
+                    f"has E*2N*K = {weights} weights (limit {INTERPRET_MAX_WEIGHTS})")
+    return None
+
+
+def interpret_batch_problem(batch_sizes: Iterable[int]) -> str | None:
+    """Why ``--interpret`` cannot run ``batch_sizes`` (one line), or None."""
     largest = max(batch_sizes)
     if largest > INTERPRET_MAX_M:
-        raise UsageError(f"--interpret takes batch sizes up to {INTERPRET_MAX_M} (got {largest}); pass --batch-sizes")
+        return f"--interpret takes batch sizes up to {INTERPRET_MAX_M} (got {largest})"
+    return None
+
+
+def check_interpret_limits(shapes: Iterable[MoEShape], batch_sizes: Iterable[int]) -> None:
+    """Refuse what ``--interpret`` cannot run in reasonable time: the interpreter runs on the CPU."""
+    problem = interpret_shape_problem(shapes)
+    if problem:
+        raise UsageError(problem)
+    problem = interpret_batch_problem(batch_sizes)
+    if problem:
+        raise UsageError(f"{problem}; pass --batch-sizes")
 
 
 def add_layout_arguments(parser: argparse.ArgumentParser, repeatable_model: bool = False) -> None:

@@ -17,6 +17,7 @@ from tuner.commands.arguments import (add_batch_sizes_argument, add_dtype_argume
 from tuner.errors import RunFailed
 from tuner.models import SERVERS, derive_shape, load_model
 from tuner.plan import resolve_batch_sizes
+from tuner.writers import read_config_folder
 from workers.formats import format_of
 from workers.records import DType, MoEShape
 
@@ -84,6 +85,9 @@ def run(args: argparse.Namespace) -> int:
         check_interpret_limits(shapes, batch_sizes)
     check_routing_file(args.routing, shapes)
     variants, reference = bench.variants_for(args.configs, args.reference)
+    for variant in variants:  # an unreadable file is bad input: refused before auto's fallback warning
+        if variant.folder is not None:
+            read_config_folder(variant.folder)
     kernel_choice.use_server_code(args.server_code)
     if args.server_version:  # refused before auto's fallback warning: bad input stays one line
         kernel_choice.default_rule(args.kernel, args.server_version, args.server)

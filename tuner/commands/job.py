@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tuner import bench, kernel_choice
 from tuner.commands import tune
-from tuner.commands.arguments import check_interpret_limits
+from tuner.commands.arguments import interpret_batch_problem, interpret_shape_problem
 from tuner.errors import RunFailed, UsageError
 from tuner.jobspec import (GateCheck, JobSpec, Layout, TuneRun, gate_checks, load_job_spec, reference_markdown,
                            routing_folder, tune_runs)
@@ -50,18 +50,66 @@ def gate_server(spec: JobSpec) -> str:
     return "sglang" if spec.output.format == "sglang" else "vllm"
 
 
+TUNE_FLAG_KEYS = {"--out": "output.dir", "--journal": "journal", "--baseline": "baseline", "--routing": "routing",
+                  "--search-space": "search_space", "--server-version": "server_version", "--kernel": "kernel",
+                  "--block-shape": "block_shape", "--dtype": "dtypes", "--batch-sizes": "batch_sizes",
+                  "--interpret": "interpret", "--tp": "layouts", "--ep": "layouts", "--workers": "workers",
+                  "--budget-minutes": "budget_minutes", "--strategy": "strategy", "--format": "output.format"}
+"""The spec key of each ``moe-tune tune`` flag a job's tune runs are checked under (``tune.validate``
+speaks in flags): a refusal that starts with a flag names the key instead."""
+
+
+class SpecError(UsageError):
+    """Bad input in a job spec, naming the key (pydantic's location form, ``layouts.1``)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+def _keyed(exc: UsageError, key: str) -> SpecError:
+    """``exc`` as a SpecError naming ``key`` (or the spec key of the tune flag it starts with)."""
+    message = str(exc)
+    if isinstance(exc, SpecError):
+        return exc
+    for flag, flag_key in TUNE_FLAG_KEYS.items():
+        if message.startswith(f"{flag} ") or message.startswith(f"{flag}:"):
+            return SpecError(flag_key, message[len(flag):].lstrip(" :"))
+    return SpecError(key, message)
+
+
 def _shapes(spec: JobSpec) -> dict[tuple[str, Layout, DType], MoEShape]:
     """Every (model, layout, dtype) shape as ``gate_server``'s kernel runs it, with each model's own
-    dtype where the spec names none (as ``tune`` without ``--dtype``); a model or layout that does
-    not fit fails here."""
+    dtype where the spec names none (as ``tune`` without ``--dtype``). A model that does not load
+    is refused naming ``models.<i>``, a layout it does not split over ``layouts.<j>``, a dtype that
+    does not fit ``dtypes.<k>`` (``block_shape`` where the block is what does not fit)."""
     shapes = {}
-    for model in spec.models:
-        model_spec = load_model(model)
-        for layout in spec.layouts:
-            for dtype in spec.dtypes or [None]:
+    for i, model in enumerate(spec.models):
+        try:
+            model_spec = load_model(model)
+        except UsageError as exc:
+            raise _keyed(exc, f"models.{i}") from None
+        for j, layout in enumerate(spec.layouts):
+            try:  # the layout alone, in the one dtype every model runs
+                derive_shape(model_spec, tp=layout.tp, ep=layout.ep, dtype=DType.BF16, server=gate_server(spec))
+            except UsageError as exc:
+                raise SpecError(f"layouts.{j}", f"{exc} (tp: {layout.tp}, ep: {layout.ep})") from None
+            for k, dtype in enumerate(spec.dtypes or [None]):
                 block = spec.block_shape if dtype is not None and format_of(dtype).block_shapes else None
-                shape = derive_shape(model_spec, tp=layout.tp, ep=layout.ep, dtype=dtype, block_shape=block,
-                                     server=gate_server(spec))
+                try:
+                    shape = derive_shape(model_spec, tp=layout.tp, ep=layout.ep, dtype=dtype, block_shape=block,
+                                         server=gate_server(spec))
+                except UsageError as exc:
+                    if dtype is None:
+                        raise SpecError(f"models.{i}", f"{exc} (no dtypes in the spec: the model's own)") from None
+                    if block is not None:
+                        try:
+                            derive_shape(model_spec, tp=layout.tp, ep=layout.ep, dtype=dtype, server=gate_server(spec))
+                        except UsageError:
+                            pass
+                        else:
+                            raise SpecError("block_shape", f"{exc} (layouts.{j}, dtypes.{k})") from None
+                    raise SpecError(f"dtypes.{k}", f"{exc} (layouts.{j})") from None
                 shapes[(model, layout, shape.dtype)] = shape
     return shapes
 
@@ -103,7 +151,7 @@ def gate_benches(spec: JobSpec, tunes: list[tuple[TuneRun, "tune.Validated"]],
         rules = {kernel: kernel_choice.default_rule(kernel, spec.server_version, server)
                  for kernel in set(kernels.values())}
     except UsageError as exc:
-        raise UsageError(f"gate: {exc}") from None
+        raise _keyed(exc, "server_version") from None
     benches = []
     for check in gate_checks(spec, _dtypes_by_model(shapes)):
         kernel = kernels[check.layout, check.routing]
@@ -111,32 +159,56 @@ def gate_benches(spec: JobSpec, tunes: list[tuple[TuneRun, "tune.Validated"]],
     return benches
 
 
-def validate(spec: JobSpec) -> tuple[list[tuple[TuneRun, "tune.Validated"]], dict, list[GateBench]]:
-    """Every check ``job run`` makes before it starts; UsageError on the first failing one. Returns
-    each tune run with its validation, every (model, layout, dtype) shape, and the gate's benches."""
+def validate(spec: JobSpec, source: str | None = None
+             ) -> tuple[list[tuple[TuneRun, "tune.Validated"]], dict, list[GateBench]]:
+    """Every check ``job run`` makes before it starts; on the first failing one a UsageError of one
+    line, ``<source>: <key>: <why>``, the key in pydantic's location form (``layouts.1``,
+    ``gate.reference``; ``source``: the spec file). Returns each tune run with its validation,
+    every (model, layout, dtype) shape, and the gate's benches."""
+    try:
+        return _validate(spec)
+    except UsageError as exc:
+        keyed = _keyed(exc, "(spec)")
+        raise UsageError(f"{source}: {keyed}" if source else str(keyed)) from None
+
+
+def _validate(spec: JobSpec) -> tuple[list[tuple[TuneRun, "tune.Validated"]], dict, list[GateBench]]:
     shapes = _shapes(spec)
     folders: dict[str, str] = {}
-    for routing in spec.routing:
+    for index, routing in enumerate(spec.routing):
         try:
             parse_routing(routing)
         except ValueError as exc:
-            raise UsageError(f"routing: {exc}") from None
+            raise SpecError(f"routing.{index}", str(exc)) from None
         if routing_folder(routing) in folders:
-            raise UsageError(f"routing: {folders[routing_folder(routing)]!r} and {routing!r} are the same routing")
+            raise SpecError(f"routing.{index}", f"{folders[routing_folder(routing)]!r} and {routing!r} are the same "
+                                                "routing")
         folders[routing_folder(routing)] = routing
+    for index, folder in enumerate(spec.baseline):
+        if not folder.is_dir():
+            raise SpecError(f"baseline.{index}", f"{folder}: not a folder")
     if spec.search_space:
-        load_space(str(spec.search_space))
+        try:
+            load_space(str(spec.search_space))
+        except UsageError as exc:
+            raise SpecError("search_space", str(exc)) from None
     if spec.interpret:
-        check_interpret_limits(list(shapes.values()), resolve_batch_sizes(spec.batch_sizes))
+        problem = interpret_shape_problem(shapes.values())
+        if problem:
+            raise SpecError("interpret", problem.replace("--interpret", "interpret: true", 1))
+        problem = interpret_batch_problem(resolve_batch_sizes(spec.batch_sizes))
+        if problem:
+            raise SpecError("batch_sizes", problem.replace("--interpret", "interpret: true", 1)
+                            + ("; the default batch sizes go further: set batch_sizes" if spec.batch_sizes is None else ""))
     tunes = []
     for tune_run in tune_runs(spec):
         try:
             tunes.append((tune_run, tune.validate(tune_run.options)))
         except UsageError as exc:
-            raise UsageError(f"tune {tune_run.label}: {exc}") from None
+            raise _keyed(exc, f"(tune {tune_run.label})") from None
     if spec.gate is not None and not spec.gate.reference.is_dir():
-        raise UsageError(f"gate.reference {spec.gate.reference}: not a folder (an empty folder gates against "
-                         "the server's default config)")
+        raise SpecError("gate.reference", f"{spec.gate.reference}: not a folder (create it: an empty folder gates "
+                                          "against the server's default config)")
     return tunes, shapes, gate_benches(spec, tunes, shapes)
 
 
@@ -163,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
         print(reference_markdown(), end="")
         return 0
     spec = load_job_spec(args.spec)
-    tunes, shapes, benches = validate(spec)
+    tunes, shapes, benches = validate(spec, str(args.spec))
     tune.print_warnings([valid for _, valid in tunes])  # after every check: refused input stays one line
     runs = [tune_run for tune_run, _ in tunes]
     if args.action == "validate":

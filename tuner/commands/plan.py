@@ -9,6 +9,7 @@ from tuner.commands.arguments import (add_batch_sizes_argument, add_dtype_argume
                                       positive_int)
 from tuner.errors import UsageError
 from tuner.estimate import Estimate, default_compile_processes, estimate, format_estimate
+from tuner.models import load_model
 from tuner.plan import BUILTIN_FP4_HELP, DevicePlan, build_plan
 from tuner.search import STRATEGIES, SearchJob
 from tuner.spaces import REASONS
@@ -116,14 +117,15 @@ def format_plan(plan: DevicePlan, expected: Estimate | None = None) -> str:
     total_before = space.size * sum(len(job.candidates) for job in plan.jobs)
     lines += ["", f"{len(plan.jobs)} job(s): {plan.total_candidates} configs left after pruning "
                   f"({total_before} before)"]
-    if expected is not None:
+    if expected is not None and plan.jobs:  # nothing to measure: no estimate of it
         lines.append(format_estimate(expected))
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
+    models = [load_model(m) for m in args.model]  # a bad model is named before the GPU is asked for
     plan = build_plan(
-        models=args.model, tp=args.tp, ep=args.ep, dtypes=args.dtype, block_shape=args.block_shape,
+        models=models, tp=args.tp, ep=args.ep, dtypes=args.dtype, block_shape=args.block_shape,
         batch_sizes=args.batch_sizes, space=args.search_space, device_name=resolve_device_name(args.device_name),
         formats=args.format, fuse_shared_experts=not args.disable_shared_experts_fusion,
         builtin_fp4=args.builtin_fp4,

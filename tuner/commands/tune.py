@@ -32,7 +32,7 @@ from tuner.ray_session import DEFAULT_CONNECT_TIMEOUT_S, INTERPRET_NUM_GPUS, Ray
 from tuner.search import STRATEGIES, SearchJob
 from tuner.spaces import load_space
 from tuner.timeline import Timeline
-from tuner.writers import FORMATS, partial_file_warning, probe_writable
+from tuner.writers import FORMATS, partial_file_warnings, probe_writable
 from workers.records import Status
 from workers.routing import parse_routing, pin_file
 
@@ -183,11 +183,11 @@ def validate(args: TuneOptions, probe: bool = True) -> Validated:
     return Validated(planned, out, journal, str(routing), runs, baselines, tuple(warnings))
 
 
-def _dry_run(args: TuneOptions, device_name: str | None, valid: Validated) -> None:
-    """The plan for the GPU named (or this host's), the estimate, and the paths a run would write."""
+def _dry_run(args: TuneOptions, device_name: str, valid: Validated) -> None:
+    """The plan for ``device_name`` (the GPU named, or this host's), the estimate, and the paths a
+    run would write."""
     import triton  # the workers' Triton names SGLang's folder; on their host this is the same one
 
-    device_name = "cpu" if args.interpret else resolve_device_name(device_name)
     planned = valid.plan.for_device(device_name)
     workers = args.workers or (INTERPRET_NUM_GPUS if args.interpret else _local_gpus())
     from workers import backends
@@ -238,8 +238,9 @@ def run(parsed: argparse.Namespace) -> int:
     args = TuneOptions.from_args(parsed)
     if parsed.dry_run:
         valid = validate(replace(args, fresh=False), probe=False)  # asks, writes nothing
+        device_name = "cpu" if args.interpret else resolve_device_name(parsed.device_name)  # input: before warnings
         print_warnings([valid])
-        _dry_run(args, parsed.device_name, valid)
+        _dry_run(args, device_name, valid)
         return 0
     valid = validate(args)
     print_warnings([valid])
@@ -347,8 +348,8 @@ def summarize(result: driver.TuneResult) -> dict:
         "files_written": [str(p) for p in result.files_written],
         "files": [{"path": str(w.path), "action": w.action, "kept_batch_sizes": list(w.kept)}
                   for d in result.devices for w in d.files],
-        "partial_files": [w for w in (partial_file_warning(p, DEFAULT_BATCH_SIZES) for p in result.files_written
-                                      if not p.name.endswith("_down.json")) if w],
+        "partial_files": partial_file_warnings([p for p in result.files_written if not p.name.endswith("_down.json")],
+                                               DEFAULT_BATCH_SIZES),
         "wall_s": round(result.wall_s, 3),
         "timeline": result.timeline.to_json(),
         "retimed_groups": result.retimed_groups,
