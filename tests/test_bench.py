@@ -72,11 +72,12 @@ def test_gate_passes_when_no_folder_is_slower(tmp_path: Path, deterministic, cap
     assert code == 0, out
     assert "gate: PASS" in out
     assert "* no file for this shape in that folder" in out  # the empty folder fell back, and says so
+    assert "(x) = time / reference time (below 1: faster than the reference)" in out
     for M in BATCH_SIZES:
         best = _extremes(M)[0]
         heuristic = _latency(default_config(SHAPE, M), M)
         row = next(line for line in out.splitlines() if line.split()[:1] == [str(M)])
-        assert f"{_latency(best, M):.1f} ({heuristic / _latency(best, M):.2f}x)" in row
+        assert f"{_latency(best, M):.1f} ({_latency(best, M) / heuristic:.2f}x)" in row  # time / reference time
         assert f"{heuristic:.1f}* (1.00x)" in row
 
 
@@ -95,11 +96,12 @@ def test_gate_fails_on_a_slower_or_broken_folder(tmp_path: Path, deterministic, 
     assert result["reference"] == "default" and result["gate"]["passed"] is False
     for row in result["rows"]:
         M, cells = row["M"], row["results"]
-        expected = _latency(default_config(SHAPE, M), M) / _latency(slow_configs[M], M)
-        assert cells["slow"]["ratio_vs_reference"] == pytest.approx(expected)
+        expected = _latency(slow_configs[M], M) / _latency(default_config(SHAPE, M), M)  # time / reference time
+        assert cells["slow"]["vs_reference"] == pytest.approx(expected)
         assert cells["broken"]["status"] == "crashed" and cells["broken"]["latency_us"] is None
         assert f"broken at M={M}: crashed ({broken.label})" in result["gate"]["regressions"]
-        assert any(r.startswith(f"slow at M={M}:") for r in result["gate"]["regressions"]) == (expected < 0.999)
+        assert any(r.startswith(f"slow at M={M}:") for r in result["gate"]["regressions"]) == (expected > 1 / 0.999)
+    assert result["ratio"].startswith("time / reference time") and result["gate"]["max_time_ratio"] == 1.001
 
 
 def test_a_config_that_kills_the_worker_is_crashed_and_a_fresh_worker_times_the_rest(tmp_path: Path, deterministic,
@@ -123,6 +125,29 @@ def test_a_config_that_kills_the_worker_is_crashed_and_a_fresh_worker_times_the_
         assert cells["fast"]["latency_us"] == pytest.approx(_latency(fast_configs[M], M))
         assert cells["default"]["latency_us"] == pytest.approx(_latency(default_config(SHAPE, M), M))
     assert result["gate"]["regressions"] == [f"deadly at M={M}: crashed ({deadly.label})" for M in BATCH_SIZES]
+
+
+def test_each_dtype_is_benched_against_the_named_servers_default(tmp_path: Path, deterministic, capsys) -> None:
+    """``--server sglang`` without ``--server-version``: the default column and a folder without a
+    file run SGLang's default rule (not vLLM's), named in the result, whatever kernel times them
+    (builtin here); two dtypes, given repeated, are two benches."""
+    deterministic()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code = main(_bench("--configs", str(empty), "--server", "sglang", "--dtype", "bf16", "--dtype", "fp8_w8a8",
+                       "--json"))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    benches = json.loads(captured.out)["benches"]
+    assert [b["shape"].split("dtype=")[1] for b in benches] == ["bf16", "fp8_w8a8"]
+    for bench in benches:
+        shape = derive_shape(load_model(MODEL), dtype=bench["shape"].split("dtype=")[1], server="sglang")
+        assert bench["default_rule"] == "sglang"
+        for row in bench["rows"]:
+            for cell in row["results"].values():
+                assert Config.from_dict(cell["config"]) == default_config(shape, row["M"], "sglang")
+                assert cell["source"] == "sglang default rule (moe-tune encoding)"
+    assert any(default_config(SHAPE, M, "sglang") != default_config(SHAPE, M, "vllm") for M in BATCH_SIZES)
 
 
 @pytest.mark.parametrize("argv,message", [

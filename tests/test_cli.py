@@ -195,3 +195,40 @@ def test_the_default_output_folder_is_not_the_committed_results() -> None:
     assert not (ROOT / DEFAULT_OUT).is_dir() or not any((ROOT / DEFAULT_OUT).glob("E=*.json"))
     assert any((ROOT / "results" / "h200").glob("E=*.json")) and not (ROOT / "configs_out").exists()
     assert f"./{DEFAULT_OUT}/" in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("command,required", [
+    ("plan", ["--model", "mixtral-8x7b"]), ("tune", ["--model", "mixtral-8x7b"]),
+    ("bench", ["--model", "mixtral-8x7b", "--configs", "."]), ("check", ["--shape", "4,64,64,2"]),
+    ("compare", ["--model", "mixtral-8x7b", "--out", "r"])])
+def test_every_command_takes_dtypes_repeated_and_comma_separated(command: str, required: list[str]) -> None:
+    from workers.records import DType
+
+    option = "--dtypes" if command == "compare" else "--dtype"
+    parser = cli.build_parser(command)
+    for words in (["--dtype", "bf16,fp8_w8a8", "--dtype", "int8_w8a16,bf16"],
+                  [option, "bf16", option, "fp8_w8a8,int8_w8a16"], ["--dtype", " bf16 , fp8_w8a8,int8_w8a16"]):
+        args = parser.parse_args([command, *required, *words])
+        assert (args.dtypes if command == "compare" else args.dtype) == [DType.BF16, DType.FP8_W8A8,
+                                                                          DType.INT8_W8A16], words
+    with pytest.raises(UsageError, match="got 'bf16,fp9'"):
+        parser.parse_args([command, *required, "--dtype", "bf16,fp9"])
+    if command == "compare":  # the default list is replaced, not extended
+        assert parser.parse_args([command, *required]).dtypes == [DType(d) for d in
+                                                                  "bf16,fp8_w8a8,int8_w8a16,mxfp4,nvfp4".split(",")]
+    else:
+        assert parser.parse_args([command, *required]).dtype is None
+
+
+def test_a_run_that_measures_nothing_leaves_no_journal_or_folder(tmp_path: Path, capsys) -> None:
+    """Without a GPU and without --interpret the run fails at the workers (exit 1, one line), and
+    the output folder and the journal it would have written are not left behind, empty."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a host without a GPU")
+    out = tmp_path / "out"
+    argv = ["tune", "--model", TINY, "--search-space", SPACE, "--batch-sizes", "1,4", "--out", str(out)]
+    assert cli.main(argv) == 1
+    assert "Ray reports no GPUs" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not out.exists()

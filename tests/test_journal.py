@@ -171,3 +171,30 @@ def test_retime_key_ignores_finalist_order(rng):
     keys = [f"{rng.getrandbits(64):x}" for _ in range(4)]
     assert retime_key(keys) == retime_key(reversed(keys))
     assert retime_key(keys) != retime_key(keys[:3])
+
+
+def test_a_journal_created_for_nothing_is_removed_with_its_folders(tmp_path, rng):
+    """A run that ends before its first measurement (no GPU, workers that never start) leaves no
+    empty journal and no folder behind; a journal with a record, or one that was there, stays."""
+    path = tmp_path / "out" / "deeper" / "j.jsonl"
+    with Journal(path):
+        assert path.exists()  # held (and locked) while the run is open
+    assert not (tmp_path / "out").exists()
+
+    with Journal(path) as journal:
+        m = random_measurement(rng)
+        journal.append(measurement_to_record(measurement_key(ENV, m.candidate), m, attempts=1))
+    assert path.stat().st_size > 0
+    with Journal(path):  # reopened: its measurements stay
+        pass
+    assert path.stat().st_size > 0
+
+    existing = tmp_path / "given.jsonl"
+    existing.touch()
+    with Journal(existing):  # an empty file the user made is theirs
+        pass
+    assert existing.exists()
+    (tmp_path / "folder").mkdir()
+    with Journal(tmp_path / "folder" / "j.jsonl"):
+        pass
+    assert (tmp_path / "folder").is_dir() and not (tmp_path / "folder" / "j.jsonl").exists()

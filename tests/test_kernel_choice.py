@@ -32,7 +32,7 @@ def test_auto_falls_back_to_builtin_with_one_warning_per_layout(servers, capsys)
     runs = kernel_choice.resolve("auto", "both", [BF16])
     assert runs == [kernel_choice.KernelRun("vllm", "vllm"), kernel_choice.KernelRun("sglang", "builtin")]
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert "sglang" in line and "builtin" in line and "tuned on moe-tune's" in line
+    assert "sglang" in line and "builtin" in line and "tuned and timed on moe-tune's" in line
     assert kernel_choice.resolve("auto", "vllm", [MXFP4]) == [kernel_choice.KernelRun("vllm", "builtin")]
     assert "mxfp4" in capsys.readouterr().err
     servers()
@@ -176,3 +176,38 @@ def test_tune_on_the_server_kernel_names_it_in_the_summary(tmp_path):
     assert env["kernel"] == "vllm" and env["kernel_version"] == "vllm 0.0.0+stand-in-launcher"
     assert env["kernel_entry"].endswith("fused_moe.invoke_fused_moe_triton_kernel") and len(env["kernel_hash"]) == 16
     assert summary["files_written"] and "warning" not in done.stderr
+
+
+def test_the_default_rule_is_the_servers_whatever_kernel_times_it(servers):
+    """The baseline of ``bench --server sglang`` / SGLang files is SGLang's default config even when
+    builtin (no SGLang here, or --interpret) or vLLM's kernel times it; vLLM's files get vLLM's rule
+    (the timed vLLM's version, else the newest rule); --server-version names the rule for all."""
+    servers()  # no server importable
+    for kernel in ("builtin", "vllm", "sglang"):
+        assert kernel_choice.default_rule(kernel, None, "sglang") == "sglang"
+    assert kernel_choice.default_rule("builtin", None, "vllm") == "vllm"
+    assert kernel_choice.default_rule("builtin", None) == "vllm"
+    assert kernel_choice.default_rule("builtin", "vllm-pre-34846", "sglang") == "vllm-pre-34846"
+    assert kernel_choice.default_rule("sglang", "sglang==0.5.2", "vllm") == "sglang"
+    with pytest.raises(UsageError, match="vllm==0.1"):
+        kernel_choice.default_rule("builtin", "vllm==0.1", "sglang")
+
+
+def test_a_baseline_times_the_default_config_of_each_server_reading_the_file(tmp_path: Path):
+    """``tune --baseline``: a shape written for SGLang is held against SGLang's default config, one
+    written for vLLM against vLLM's, one both read against both."""
+    from tuner.baseline import Baseline
+    from tuner.writers import write_vllm
+    from workers.default_config import default_config
+    from workers.records import Config
+
+    fp8 = MoEShape(E=4, N=64, K=64, topk=2, dtype=DType.FP8_W8A8)
+    write_vllm(tmp_path, BF16, "cpu", {1: Config(16, 32, 32, 1, 4, 2)}, "3.9.0")  # no file for fp8
+    baseline = Baseline.load([tmp_path], {"vllm": "vllm", "sglang": "sglang"})
+    M = 64  # > E: SGLang's fp8 rule differs from vLLM's
+    vllm_default, sglang_default = default_config(fp8, M, "vllm"), default_config(fp8, M, "sglang")
+    assert vllm_default != sglang_default
+    assert baseline.configs_for(fp8, "cpu", [M], servers=("sglang",)) == {M: (sglang_default,)}
+    assert baseline.configs_for(fp8, "cpu", [M], servers=("vllm",)) == {M: (vllm_default,)}
+    assert baseline.configs_for(fp8, "cpu", [M], servers=("vllm", "sglang")) == {M: (vllm_default, sglang_default)}
+    assert baseline.configs_for(BF16, "cpu", [M], servers=("sglang",))[M][0] == Config(16, 32, 32, 1, 4, 2)

@@ -17,7 +17,8 @@ from tuner import cli
 from tuner.errors import UsageError
 from tuner.models import derive_shape, parse_config, sglang_fused_shared_experts
 from tuner.plan import build_plan
-from tuner.writers import key_coverage, lookup, partial_file_warning, server_file, write_vllm
+from tuner.writers import (key_coverage, lookup, partial_file_warning, partial_file_warnings, server_file,
+                           write_vllm)
 from workers.records import Config, DType, MoEShape
 
 CASES = Path(__file__).parent / "fixtures" / "cases"
@@ -195,9 +196,24 @@ def test_partial_file_warning_names_the_ranges(tmp_path):
     shape = MoEShape(8, 1792, 4096, 2, DType.BF16)
     path = write_vllm(tmp_path, shape, "NVIDIA H200", {M: Config(16, 32, 64, 1, 4, 2) for M in (1, 64)}, "3.4.0").path
     warning = partial_file_warning(path, (1, 2, 64, 128))
-    assert "nearest key" in warning and "1: M 1-32" in warning and "64: M 33-up" in warning
-    assert "2, 128" in warning
+    assert warning.startswith("E=8,N=1792,device_name=NVIDIA_H200.json is partial: it has configs for M=1,64 only, "
+                              "none for 2 of the 4 batch sizes servers are tuned for (2, 128)"), warning
+    assert "M 1-32 runs the M=1 config, M 33 and above run the M=64 config" in warning
     assert partial_file_warning(path, (1, 64)) is None
+
+
+def test_files_tuned_together_share_one_partial_warning(tmp_path):
+    """Files holding the same batch sizes are named in one line; a complete file in none."""
+    grid = tuple(range(1, 11))
+    paths = [write_vllm(tmp_path, MoEShape(8, n, 4096, 2, DType.BF16), "NVIDIA H200",
+                        {M: Config(16, 32, 64, 1, 4, 2) for M in keys}, "3.4.0").path
+             for n, keys in ((128, (2, 8)), (256, (2, 8)), (512, (4,)), (1024, grid))]
+    first, second = partial_file_warnings(paths, grid)
+    assert first.startswith(f"{paths[0].name}, {paths[1].name} are partial: they have configs for M=2,8 only, none "
+                            "for 8 of the 10 batch sizes servers are tuned for (1, 3, 4, 5, ... 10)"), first
+    assert "M 1-5 runs the M=2 config, M 6 and above run the M=8 config" in first
+    assert second.startswith(f"{paths[2].name} is partial: it has configs for M=4 only") and "M 1 and above" in second
+    assert partial_file_warnings(paths[3:], grid) == []
 
 
 CASE_NAMES = {
