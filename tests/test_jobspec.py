@@ -45,17 +45,17 @@ def _minimal(**overrides) -> dict:
 def test_fixture_validates_with_paths_from_its_folder(tmp_path: Path, monkeypatch, capsys) -> None:
     folder = tmp_path / "specs"
     folder.mkdir()
-    for name in ("job-tiny.yaml", "job-tiny-moe.json"):
+    for name in ("job-tiny.yaml", "job-tiny-moe.json", "tune-space.yaml"):
         shutil.copy(FIXTURES / name, folder / name)
     monkeypatch.chdir(tmp_path)  # not the spec's folder: relative paths must not resolve here
     code = main(["job", "validate", str(folder / "job-tiny.yaml")])
     err = capsys.readouterr().err
-    assert code == 2 and f"gate.reference {folder / 'out' / 'accepted'}: not a folder" in err, err
-    (folder / "out" / "accepted").mkdir(parents=True)
+    assert code == 2 and f"job-tiny.yaml: gate.reference: {folder / 'accepted'}: not a folder" in err, err
+    (folder / "accepted").mkdir(parents=True)
     code = main(["job", "validate", "specs/job-tiny.yaml"])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert f"valid: 2 tune run(s), 4 shape(s); gate vs {folder / 'out' / 'accepted'} at 0.5" in out
+    assert f"valid: 2 tune run(s), 4 shape(s); gate vs {folder / 'accepted'} at 0.5" in out
     spec = load_job_spec(Path("specs/job-tiny.yaml"))
     assert spec.models == [str(folder / "job-tiny-moe.json")] and spec.output.dir == folder / "out" / "nightly"
     assert spec.journal == folder / "out" / "journal.jsonl"
@@ -66,12 +66,14 @@ def test_validate_makes_the_checks_run_makes(tmp_path: Path, capsys) -> None:
     a_file = tmp_path / "a-file"
     a_file.write_text("")
     for data, message in [
-        (_minimal(output={"dir": str(a_file / "out")}), f"--out {a_file / 'out'}: {a_file} is a file, not a folder"),
-        (_minimal(journal=str(a_file / "j.jsonl")), "is a file, not a folder"),
-        (_minimal(baseline=["no-such-folder"]), "no-such-folder"),
-        (_minimal(routing=["file:missing-ids.pt"]), "no such file"),
-        (_minimal(search_space="missing.yaml"), "not found"),
-        (_minimal(output={"dir": str(tmp_path / "o")}, gate={"reference": "absent"}), "gate.reference"),
+        (_minimal(output={"dir": str(a_file / "out")}),
+         f"job.yaml: output.dir: {a_file / 'out'}: {a_file} is a file, not a folder"),
+        (_minimal(journal=str(a_file / "j.jsonl")), f"job.yaml: journal: {a_file / 'j.jsonl'}: {a_file} is a file"),
+        (_minimal(baseline=[str(tmp_path), "no-such-folder"]), f"job.yaml: baseline.1: {tmp_path / 'no-such-folder'}"),
+        (_minimal(routing=["uniform", "file:missing-ids.pt"]), "job.yaml: routing.1: routing file "),
+        (_minimal(search_space="missing.yaml"), "job.yaml: search_space: search space "),
+        (_minimal(output={"dir": str(tmp_path / "o")}, gate={"reference": "absent"}),
+         f"job.yaml: gate.reference: {tmp_path / 'absent'}: not a folder"),
     ]:
         for action in ("validate", "run"):
             code = main(["job", action, str(_write(tmp_path, data))])
@@ -166,18 +168,27 @@ def test_routing_folders_are_safe_names_equal_only_for_equal_routings() -> None:
     (_minimal(gate={"reference": "r", "fail_if_slower": 1.5}), "gate.fail_if_slower: Input should be less than"),
     (_minimal(gate={"fail_if_slower": 0.9}), "gate.reference: Field required"),
     (_minimal(output={"format": "tensorrt"}), "output.format: Input should be 'vllm', 'sglang' or 'both'"),
-    (_minimal(models=["no-such-model"]), "no-such-model: not a config.json"),
-    (_minimal(layouts=[{"tp": 3}]), "does not split over tp/ep=3"),
-    (_minimal(routing=["zipf:1.2", "uniform", "zipf:1.20"]), "'zipf:1.2' and 'zipf:1.20' are the same routing"),
-    (_minimal(routing=["zipf:x"]), "alpha must be a number"),
-    (_minimal(interpret=True, batch_sizes=[128]), "--interpret takes batch sizes up to"),
+    (_minimal(models=[MODEL, "no-such-model"]), "job.yaml: models.1: no-such-model: not a config.json"),
+    (_minimal(layouts=[{"tp": 1}, {"tp": 3}]), "job.yaml: layouts.1: job-tiny-moe: intermediate size 64 does not "
+                                               "split over tp/ep=3 (tp: 3, ep: 1)"),
+    (_minimal(layouts=[{"tp": 8, "ep": 8}]), "job.yaml: layouts.0: job-tiny-moe: 4 experts do not split over ep=8"),
+    (_minimal(dtypes=["bf16", "fp8_w8a8"], block_shape=[48, 64]), "job.yaml: block_shape: job-tiny-moe: N=64 per GPU "
+                                                                   "is not a multiple of block shape [48,64]"),
+    (_minimal(dtypes=["bf16", "int4_w4a16"], models=[str(FIXTURES / "mixtral-8x7b.json")], layouts=[{"tp": 128}]),
+     "job.yaml: dtypes.1: mixtral-8x7b: int4_w4a16 needs K and N per GPU multiples of its group size 128"),
+    ("models: [x]\nlayouts: [{tp: 1, tp: 2}]\n",
+     "job.yaml: not valid YAML (line 2): key 'tp' given twice"),
+    (_minimal(routing=["zipf:1.2", "uniform", "zipf:1.20"]),
+     "job.yaml: routing.2: 'zipf:1.2' and 'zipf:1.20' are the same routing"),
+    (_minimal(routing=["zipf:x"]), "job.yaml: routing.0: "),
+    (_minimal(interpret=True, batch_sizes=[128]), "job.yaml: batch_sizes: interpret: true takes batch sizes up to 64"),
     (_minimal(budget_minutes=0), "budget_minutes: Input should be greater than 0"),
     (_minimal(strategy="magic"), "strategy: Value error, unknown strategy 'magic'; expected one of exhaustive, fast"),
-    (_minimal(dtypes=["mxfp4"]), "nothing to tune: no server reads a fused-MoE config file"),
+    (_minimal(dtypes=["mxfp4"]), "job.yaml: dtypes: nothing to tune: no server reads a fused-MoE config file"),
     (_minimal(kernel="triton_kernels"), "kernel: Value error, triton_kernels: triton_kernels' matmul_ogs takes no "
                                         "fused-MoE config"),
     (_minimal(kernel="tensorrt"), "kernel: Value error, tensorrt: unknown kernel; expected one of auto, builtin"),
-    (_minimal(server_version="vllm==0.1"), "--server-version vllm==0.1: which default rule vLLM 0.1 applies"),
+    (_minimal(server_version="vllm==0.1"), "job.yaml: server_version: vllm==0.1: which default rule vLLM 0.1 applies"),
 ])
 def test_invalid_specs_exit_2_with_one_line(tmp_path: Path, data, message: str, capsys) -> None:
     for action in ("validate", "run"):
@@ -215,7 +226,7 @@ def test_the_gate_benches_on_the_kernel_each_run_tuned_on(tmp_path: Path, server
         ("builtin", "vllm-pre-34846", shape["vllm"], DType.BF16)]
     code = main(["job", "validate", str(_write(tmp_path, _minimal(gate={"reference": str(reference)})))])
     (line,) = capsys.readouterr().err.strip().splitlines()  # the stand-in's vLLM 0.0.0 has no known rule
-    assert code == 2 and line.startswith("moe-tune: error: gate: --server-version vllm==0.0.0+stand-in-launcher"), line
+    assert code == 2 and "job.yaml: server_version: vllm==0.0.0+stand-in-launcher: " in line, line
     servers()
     assert benches() == [("builtin", "vllm", shape["vllm"], DType.BF16)]
 
@@ -359,3 +370,19 @@ def test_each_routing_writes_its_own_folder_and_is_gated_under_its_own_routing(t
         row = next(line for line in table.splitlines() if line.split()[:1] == [str(M)])
         assert f"{latency(Candidate(shape, M, pick(M, routing), routing=routing)):.1f}" in row
         assert f"{latency(Candidate(shape, M, default_config(shape, M), routing=routing)):.1f}" in row
+
+
+def test_the_shipped_example_and_the_readme_spec_are_valid(capsys) -> None:
+    """``tests/fixtures/job-tiny.yaml`` validates where it is (its gate reference ships with it),
+    leaving nothing behind; README's minimal spec is a valid spec, dtypes as a comma string too."""
+    ran_before = (FIXTURES / "out").exists()  # someone ran the example here
+    assert main(["job", "validate", str(FIXTURES / "job-tiny.yaml")]) == 0, capsys.readouterr().err
+    assert "valid: 2 tune run(s), 4 shape(s)" in capsys.readouterr().out
+    assert (FIXTURES / "out").exists() == ran_before
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("A minimal nightly spec:\n\n```yaml\n", 1)[1].split("```", 1)[0]
+    spec = JobSpec.model_validate(yaml.safe_load(block))
+    assert spec.dtypes == [DType.BF16, DType.FP8_W8A8] and spec.gate.reference == Path("/results/accepted")
+    data = yaml.safe_load(block)
+    data["dtypes"] = "bf16, fp8_w8a8"
+    assert JobSpec.model_validate(data).dtypes == spec.dtypes

@@ -32,7 +32,7 @@ from tuner.ray_session import RaySession, ray_session
 from tuner.spaces import load_space
 from workers.formats import format_of
 from workers.records import DType, MoEShape
-from workers.routing import parse_routing
+from workers.routing import pin_file
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +57,11 @@ TUNE_FLAG_KEYS = {"--out": "output.dir", "--journal": "journal", "--baseline": "
                   "--budget-minutes": "budget_minutes", "--strategy": "strategy", "--format": "output.format"}
 """The spec key of each ``moe-tune tune`` flag a job's tune runs are checked under (``tune.validate``
 speaks in flags): a refusal that starts with a flag names the key instead."""
+
+
+TUNE_MESSAGE_KEYS = {"nothing to tune": "dtypes", "search space": "search_space"}
+"""The spec key of ``tune.validate``'s refusals that name no flag, by how they start; any other is
+put on the tune run's layout."""
 
 
 class SpecError(UsageError):
@@ -177,7 +182,7 @@ def _validate(spec: JobSpec) -> tuple[list[tuple[TuneRun, "tune.Validated"]], di
     folders: dict[str, str] = {}
     for index, routing in enumerate(spec.routing):
         try:
-            parse_routing(routing)
+            pin_file(routing)  # parsed, and a file: routing's file read
         except ValueError as exc:
             raise SpecError(f"routing.{index}", str(exc)) from None
         if routing_folder(routing) in folders:
@@ -205,7 +210,10 @@ def _validate(spec: JobSpec) -> tuple[list[tuple[TuneRun, "tune.Validated"]], di
         try:
             tunes.append((tune_run, tune.validate(tune_run.options)))
         except UsageError as exc:
-            raise _keyed(exc, f"(tune {tune_run.label})") from None
+            message = str(exc)
+            key = next((key for start, key in TUNE_MESSAGE_KEYS.items() if message.startswith(start)),
+                       f"layouts.{spec.layouts.index(tune_run.layout)}")
+            raise _keyed(exc, key) from None
     if spec.gate is not None and not spec.gate.reference.is_dir():
         raise SpecError("gate.reference", f"{spec.gate.reference}: not a folder (create it: an empty folder gates "
                                           "against the server's default config)")
