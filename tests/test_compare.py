@@ -112,7 +112,8 @@ def test_budget_and_strategy_reach_the_tuning_engine(tmp_path: Path, monkeypatch
 
 def test_compare_times_fp4_in_the_server_kernel_or_says_why_not(tmp_path: Path, deterministic, capsys) -> None:
     """mxfp4 whose per-GPU N the servers pad (80 → 96 with no GPU named: the MX block): moe-tune's
-    own kernel is tuned at the padded shape into moe-tune-builtin/ (the second column), its error
+    own kernel is tuned at the padded shape (the second column; its moe-tune-builtin/ file is not
+    written: no --builtin-fp4), its error
     measured against bf16 at that same shape; without a server kernel it runs (no GPU here) the
     dtype is left out of the recommendation with the reason, and so is everything tuned on the
     builtin kernel."""
@@ -132,8 +133,8 @@ def test_compare_times_fp4_in_the_server_kernel_or_says_why_not(tmp_path: Path, 
     assert points["bf16"]["kernel"].startswith("builtin (workers.moe.MoERunner") and not points["bf16"]["server_kernel"]
     assert data["recommendations"] == []
     assert len(data["not_ranked"]) == 2 and all(line in stdout for line in data["not_ranked"])
-    assert sorted(read_config_folder(configs)) == ["E=4,N=80,device_name=cpu.json",
-                                                   "moe-tune-builtin/E=4,N=96,device_name=cpu,dtype=mxfp4_w4a16.json"]
+    assert sorted(read_config_folder(configs)) == ["E=4,N=80,device_name=cpu.json"]
+    assert not (configs / "moe-tune-builtin").exists() and data["config_files"] == ["E=4,N=80,device_name=cpu.json"]
 
 
 STAND_INS = Path(__file__).parent / "stand_in_servers"
@@ -145,7 +146,8 @@ def test_compare_sends_no_candidate_to_a_kernel_that_refuses_its_dtype(tmp_path:
     builtin-kernel search of mxfp4 and nvfp4 was handed to vLLM's backend, whose ``check`` refuses
     them (512 crashed candidates, the builtin column empty). Now the fused-MoE dtypes run on
     vLLM's kernel and moe-tune's own fp4 kernel on builtin: no candidate fails, the builtin column
-    is filled. The checkpoint is mxfp4 (gpt-oss-like), so the errors are measured on its grid."""
+    is filled, and with --builtin-fp4 its configs are written apart. The checkpoint is mxfp4
+    (gpt-oss-like), so the errors are measured on its grid."""
     import subprocess
     import sys
 
@@ -158,7 +160,7 @@ def test_compare_sends_no_candidate_to_a_kernel_that_refuses_its_dtype(tmp_path:
     out, configs, journal = tmp_path / "report", tmp_path / "configs", tmp_path / "journal.jsonl"
     argv = ["compare", "--model", str(model), "--dtypes", "mxfp4", "--batch-sizes", "3", "--search-space", SPACE,
             "--out", str(out), "--configs-out", str(configs), "--journal", str(journal), "--interpret",
-            "--kernel", "vllm", "--workers", "1"]
+            "--kernel", "vllm", "--workers", "1", "--builtin-fp4"]
     env = {**os.environ, "MOE_TUNE_FAULTS": str(faults),
            "PYTHONPATH": os.pathsep.join([str(STAND_INS / "vllm_launcher"), str(STAND_INS),
                                           os.environ.get("PYTHONPATH", "")])}
