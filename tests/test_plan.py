@@ -130,7 +130,8 @@ def test_detected_device_is_the_default(moe_tune, monkeypatch):
     (["--model", MIXTRAL, "--tp", "2", "--ep", "4"], "must divide"),
     (["--model", MIXTRAL, "--batch-sizes", "1,x"], "comma-separated integers"),
     (["--model", MIXTRAL, "--batch-sizes", "0,4"], ">= 1"),
-    (["--model", MIXTRAL, "--dtype", "int4"], "invalid choice"),
+    (["--model", MIXTRAL, "--dtype", "int4"], "expected dtypes from bf16, fp16, fp8_w8a8, int8_w8a16, int4_w4a16, "
+                                              "mxfp4, nvfp4, got 'int4'"),
     (["--model", MIXTRAL, "--block-shape", "128"], "BN,BK"),
     (["--model", MIXTRAL, "--block-shape", "128,128"], "add --dtype fp8_w8a8"),
     (["--model", MIXTRAL, "--search-space", "nope"], "search space 'nope' not found"),

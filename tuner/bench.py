@@ -121,7 +121,8 @@ class BenchResult:
         }
         if fail_if_slower is not None:
             regressions = self.regressions(fail_if_slower)
-            data["gate"] = {"fail_if_slower": fail_if_slower, "max_time_ratio": round(max_time_ratio(fail_if_slower), 4),
+            data["gate"] = {"fail_if_slower": fail_if_slower,
+                            "max_time_ratio": round(max_time_ratio(fail_if_slower), 4),
                             "passed": not regressions, "regressions": regressions}
         return data
 

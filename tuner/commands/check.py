@@ -13,8 +13,8 @@ import json
 import os
 from pathlib import Path
 
-from tuner.commands.arguments import (add_batch_sizes_argument, add_dtype_argument, block_shape_arg, check_interpret_limits,
-                                      int_list)
+from tuner.commands.arguments import (add_batch_sizes_argument, add_dtype_argument, block_shape_arg,
+                                      check_interpret_limits, int_list)
 from tuner.errors import RunFailed, UsageError
 from workers.formats import block_shape_dtypes, format_of, shape_rule_broken
 from workers.records import CONFIG_KEYS, INT4_DEFAULT_GROUP, Config, DType, MoEShape

@@ -32,8 +32,8 @@ DEFAULT_DTYPES = "bf16,fp8_w8a8,int8_w8a16,mxfp4,nvfp4"
 
 def configure(parser: argparse.ArgumentParser) -> None:
     add_layout_arguments(parser)
-    add_dtype_argument(parser, f"dtypes to compare; bf16 is always included as the yardstick (default: {DEFAULT_DTYPES})",
-                       "--dtypes", "--dtype", default=dtype_list(DEFAULT_DTYPES))
+    add_dtype_argument(parser, f"dtypes to compare; bf16 is always included as the yardstick (default: "
+                               f"{DEFAULT_DTYPES})", "--dtypes", "--dtype", default=dtype_list(DEFAULT_DTYPES))
     add_batch_sizes_argument(parser)
     parser.add_argument("--routing", type=routing_arg, default="uniform", help="uniform | zipf:<alpha> | file:<path>")
     parser.add_argument("--search-space", default="default", metavar="NAME|PATH", help="search space name or YAML file")

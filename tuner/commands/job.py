@@ -203,8 +203,8 @@ def _validate(spec: JobSpec) -> tuple[list[tuple[TuneRun, "tune.Validated"]], di
             raise SpecError("interpret", problem.replace("--interpret", "interpret: true", 1))
         problem = interpret_batch_problem(resolve_batch_sizes(spec.batch_sizes))
         if problem:
-            raise SpecError("batch_sizes", problem.replace("--interpret", "interpret: true", 1)
-                            + ("; the default batch sizes go further: set batch_sizes" if spec.batch_sizes is None else ""))
+            hint = "; the default batch sizes go further: set batch_sizes" if spec.batch_sizes is None else ""
+            raise SpecError("batch_sizes", problem.replace("--interpret", "interpret: true", 1) + hint)
     tunes = []
     for tune_run in tune_runs(spec):
         try:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from tuner.commands.arguments import (add_batch_sizes_argument, add_dtype_argument, add_layout_arguments, block_shape_arg,
-                                      positive_int)
+from tuner.commands.arguments import (add_batch_sizes_argument, add_dtype_argument, add_layout_arguments,
+                                      block_shape_arg, positive_int)
 from tuner.errors import UsageError
 from tuner.estimate import Estimate, default_compile_processes, estimate, format_estimate
 from tuner.models import load_model

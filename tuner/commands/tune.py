@@ -17,9 +17,9 @@ from pathlib import Path
 from tuner import driver, kernel_choice, writers
 from tuner.baseline import Baseline
 from tuner.bench import RATIO_CONVENTION
-from tuner.commands.arguments import (add_batch_sizes_argument, add_dtype_argument, add_fresh_arguments, add_layout_arguments,
-                                      block_shape_arg, check_interpret_limits, check_routing_file, confirm_fresh, positive_float,
-                                      positive_int, routing_arg)
+from tuner.commands.arguments import (add_batch_sizes_argument, add_dtype_argument, add_fresh_arguments,
+                                      add_layout_arguments, block_shape_arg, check_interpret_limits, check_routing_file,
+                                      confirm_fresh, positive_float, positive_int, routing_arg)
 from tuner.commands.plan import format_plan, plan_estimate, resolve_device_name
 from tuner.errors import RunFailed, UsageError
 from tuner.dispatch import SERVER_READ_DTYPES
