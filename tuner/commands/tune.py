@@ -300,7 +300,7 @@ def tune_in_session(args: TuneOptions, valid: Validated, session: RaySession, ti
         summary["format"], summary["kernel"] = choice.format, choice.kernel
         if baseline.folders:
             summary["baseline_default_rules"] = dict(baseline.rules)
-            summary["vs_baseline"] = BASELINE_RATIO
+            summary["ratio"] = BASELINE_RATIO
         summaries.append(summary)
         if not args.json:
             print(format_summary(summary), file=session.stdout)
