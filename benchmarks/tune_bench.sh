@@ -111,15 +111,15 @@ if exhaustive and exhaustive["devices"]:
           f"(+{exhaustive['evaluations_reused']} reused), budget ended {exhaustive['budget_ended']}")
 if bench:
     labels = [v["label"] for v in bench["variants"]]
-    print(f"bench on {bench['device']} (us per MoE call; ratio = default / variant):")
+    print(f"bench on {bench['device']} (us per MoE call; ratio = {bench['ratio']}):")
     print("      M " + "".join(f"{l[-22:]:>26}" for l in labels))
     for row in bench["rows"]:
         cells = []
         for l in labels:
             r = row["results"][l]
             us = r["latency_us"]
-            ratio = r["ratio_vs_reference"]
-            cells.append(f"{us:12.1f} ({ratio:5.3f}x)" if us is not None else f"{r['status']:>20}")
+            ratio = r["vs_reference"]
+            cells.append(f"{us:12.1f} ({ratio:5.3f}x)" if ratio is not None else f"{r['status']:>20}")
         print(f"  {row['M']:5d} " + "".join(f"{c:>26}" for c in cells))
 for M, b in sorted(ex_best.items()):
     print(f"  exhaustive pick at M={M}: {b['latency_us']:.1f} us {b['config']}")
