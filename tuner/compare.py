@@ -428,7 +428,8 @@ def _compare_in_session(request: CompareRequest, progress: Progress) -> Comparis
                     builtin_latency_us=builtin_us,
                     screened=screened,
                     screened_why=_screened_why(selection, measurements, tuned.budget_ended) if screened else "",
-                    note="" if is_server else f"not {request.server}'s kernel: tuned with --kernel {tuned_kernel}"))
+                    note="" if is_server else (f"not {request.server}'s kernel: tuned and timed on the "
+                                               f"{tuned_kernel} kernel backend")))
             elif kernel.kernel != dispatch.FUSED_MOE:
                 results.points.append(_unmeasured(dtype, M, f"{request.server} runs {kernel.why}: moe-tune cannot "
                                                   "run it", builtin_us, selection))
