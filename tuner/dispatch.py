@@ -117,7 +117,7 @@ def server_kernel(server: str, dtype: DType | str, arch: Arch, ep: int = 1) -> S
             return ServerKernel(server, dtype, "flashinfer", None, "FlashInfer TRT-LLM MXFP4 MoE (no Triton config)")
         if server == "vllm" and arch in (Arch.AMPERE, Arch.BLACKWELL_CONSUMER):
             return ServerKernel(server, dtype, "marlin", None, "Marlin MXFP4 MoE (no Triton config)")
-        return ServerKernel(server, dtype, "unknown", None, f"no known {server} MXFP4 kernel for this GPU")
+        return ServerKernel(server, dtype, "unknown", None, "an MXFP4 MoE kernel moe-tune does not know for this GPU")
     # NVFP4
     if server == "sglang":
         kernel = "flashinfer" if arch is Arch.BLACKWELL else "unsupported"
