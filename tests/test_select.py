@@ -127,9 +127,9 @@ def test_a_baseline_within_the_margin_of_the_retimed_winner_keeps_its_place(rng)
         return lambda groups: [[100.0, 101.0, 102.0, baseline_us] for _ in groups]
 
     inside = select(ms, retimed(100.0 * (1 + BASELINE_MARGIN) - 0.01), count=3, pinned={key: {cs[3]}})[key]
-    assert inside.candidate.config == cs[3] and inside.latency_us == inside.baseline_us
+    assert inside.candidate.config == cs[3] and inside.latency_us == inside.baseline_us and inside.kept_baseline
     beyond = select(ms, retimed(100.0 * (1 + BASELINE_MARGIN) + 0.5), count=3, pinned={key: {cs[3]}})[key]
-    assert beyond.candidate.config == cs[0] and beyond.latency_us == 100.0
+    assert beyond.candidate.config == cs[0] and beyond.latency_us == 100.0 and not beyond.kept_baseline
     # The search's own numbers (no re-timing: taken minutes apart) never move the choice to the baseline.
     assert select(ms, no_retime, count=3, pinned={key: {cs[3]}})[key].candidate.config == cs[0]
 

@@ -65,6 +65,8 @@ class Selection:
     retimed: bool
     baseline_us: float | None = None
     """The fastest pinned (baseline) config's latency, timed alongside the winner; None without one."""
+    kept_baseline: bool = False
+    """A faster config was re-timed, but within ``BASELINE_MARGIN`` of the baseline, which was kept."""
 
     @property
     def shape(self) -> MoEShape:
@@ -129,14 +131,15 @@ def select(measurements: Iterable[Measurement], retime: Retimer, count: int = FI
             winner_index = min(range(len(ms)), key=lambda i: _rank(latencies[i], ms[i].candidate))
         baseline = set((pinned or {}).get(key, ()))
         pinned_indices = [i for i, m in enumerate(ms) if m.candidate.config in baseline]
+        kept = False
         baseline_us = min((latencies[i] for i in pinned_indices), default=None)
         if retimed.get(key) is not None and pinned_indices and winner_index not in pinned_indices:
             best_pinned = min(pinned_indices, key=lambda i: _rank(latencies[i], ms[i].candidate))
             if latencies[best_pinned] <= latencies[winner_index] * (1.0 + BASELINE_MARGIN):
-                winner_index = best_pinned
+                winner_index, kept = best_pinned, True
         winner = ms[winner_index]
         chosen[key] = Selection(winner.candidate, latencies[winner_index], winner.latency_us,
-                                retimed=retimed.get(key) is not None, baseline_us=baseline_us)
+                                retimed=retimed.get(key) is not None, baseline_us=baseline_us, kept_baseline=kept)
     return chosen
 
 

@@ -26,6 +26,7 @@ from tuner.dispatch import SERVER_READ_DTYPES
 from tuner.journal import JOURNAL_NAME, JournalBusy, count_measurements
 from tuner.models import load_model
 from tuner.options import TuneOptions
+from tuner.select import BASELINE_MARGIN
 from tuner.plan import BUILTIN_FP4_HELP, DEFAULT_BATCH_SIZES, Plan, nothing_to_tune, plan
 from tuner.progress import Progress, format_duration
 from tuner.ray_session import DEFAULT_CONNECT_TIMEOUT_S, INTERPRET_NUM_GPUS, RaySession, ray_session
@@ -328,7 +329,8 @@ def summarize(result: driver.TuneResult) -> dict:
             entry = {"config": s.candidate.config.to_dict(), "latency_us": round(s.latency_us, 3),
                      "search_latency_us": round(s.search_latency_us, 3), "retimed": s.retimed}
             if s.baseline_us is not None:
-                entry.update(baseline_us=round(s.baseline_us, 3), vs_baseline=round(s.latency_us / s.baseline_us, 4))
+                entry.update(baseline_us=round(s.baseline_us, 3), vs_baseline=round(s.latency_us / s.baseline_us, 4),
+                             kept_baseline=s.kept_baseline)
             best.setdefault(key.shape_label, {})[str(key.M)] = entry
         failures = [{"shape": m.candidate.shape.label, "M": m.candidate.M, "config": m.candidate.config.label,
                      "status": m.status.value, "message": m.message}
@@ -415,8 +417,9 @@ def format_summary(summary: dict) -> str:
                 c = best["config"]
                 label = (f"BLOCK_SIZE_M={c['BLOCK_SIZE_M']} N={c['BLOCK_SIZE_N']} K={c['BLOCK_SIZE_K']} "
                          f"GROUP_SIZE_M={c['GROUP_SIZE_M']} warps={c['num_warps']} stages={c['num_stages']}")
-                versus = (f"  ({best['vs_baseline']:.3f}x the baseline's time, {best['baseline_us']:.1f} us)"
-                          if "vs_baseline" in best else "")
+                versus = (f"  ({best['vs_baseline']:.3f}x the baseline's time, {best['baseline_us']:.1f} us"
+                          + (f"; baseline kept: nothing re-timed more than {BASELINE_MARGIN:.0%} faster" if best.get("kept_baseline") else "")
+                          + ")" if "vs_baseline" in best else "")
                 lines.append(f"    M={M:>5}  {best['latency_us']:10.1f} us  {label}{versus}")
         lines += [f"  no correct config: {gap['shape']} M={gap['M']}" for gap in device["without_winner"]]
         if "compile_ahead" in device:
