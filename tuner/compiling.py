@@ -264,6 +264,13 @@ class CompileAhead:
             for key in self._asked - set(self._outcomes):
                 self._outcomes[key] = NOT_AHEAD
 
+    def release(self) -> None:
+        """Tell the services to stop their processes, without waiting (the search is over; what
+        they still compile is speculation nobody needs): the re-timing need not wait for it.
+        ``close`` still waits for them and ends the actors."""
+        for service in self._services:
+            service.actor.close.remote()
+
     def close(self) -> None:
         """Stop the compile processes, then the actors."""
         _close_services(self._services)

@@ -87,6 +87,7 @@ class CompilePool:
         self._lock = threading.Lock()
         self._results: queue.Queue[tuple[Hashable, Any, float]] = queue.Queue()
         self._closed = False
+        self._close_lock = threading.Lock()
         self._processes = [self._start() for _ in range(processes)]
         self._supervisor = threading.Thread(target=self._supervise, name="compile-pool", daemon=True)
         self._supervisor.start()
@@ -131,8 +132,13 @@ class CompilePool:
         """Stop every process at once: idle ones are told to end, busy ones (whose jobs nobody
         waits for any more) are killed — Triton writes its cache files whole (temporary file,
         then rename), so a killed compile leaves nothing half-written. Waits at most about
-        ``timeout_s`` in all, then kills what is left."""
-        self._closed = True
+        ``timeout_s`` in all, then kills what is left. A second call waits for the first."""
+        with self._close_lock:
+            if not self._closed:
+                self._closed = True
+                self._stop(timeout_s)
+
+    def _stop(self, timeout_s: float) -> None:
         self._supervisor.join(timeout=5)
         for proc in self._processes:
             if proc.key is not None:
