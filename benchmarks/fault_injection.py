@@ -31,7 +31,7 @@ fixed time outside the timeline: ``pre_timeline_s`` (process launch to the timel
 interpreter, imports, input checks) and ``tail_s`` (the summary printed to the process's exit:
 ``ray.shutdown`` and interpreter exit). A start-up probe first times, in fresh processes, what
 the fixed time is made of on this host: importing torch and initialising CUDA, importing Ray,
-``ray.init``, two GPU actors and one CPU actor ready, ``ray.shutdown`` — with Ray's default worker
+``ray.init``, two GPU actors (one on a 1-GPU host) and one CPU actor ready, ``ray.shutdown`` — with Ray's default worker
 prestart and without it. Results: ``$OUT/scaling.json``.
 
 ``--interpret`` runs either mode on the CPU (tiny fixture model, two logical GPUs, Triton
@@ -314,9 +314,9 @@ class Probe:
         return True
 
 t = time.monotonic()
-actors = [ray.remote(Probe).options(num_gpus=1).remote() for _ in range(min(2, max(gpus, 2)))]
+actors = [ray.remote(Probe).options(num_gpus=1).remote() for _ in range(min(2, gpus) if gpus else 2)]
 actors.append(ray.remote(Probe).options(num_cpus=0).remote())
-ray.get([a.ready.remote() for a in actors], timeout=120)
+ray.get([a.ready.remote() for a in actors], timeout=60)
 out["actors_ready_s"] = time.monotonic() - t
 t = time.monotonic(); ray.shutdown()
 out["ray_shutdown_s"] = time.monotonic() - t
