@@ -31,8 +31,8 @@ fixed time outside the timeline: ``pre_timeline_s`` (process launch to the timel
 interpreter, imports, input checks) and ``tail_s`` (the summary printed to the process's exit:
 ``ray.shutdown`` and interpreter exit). A start-up probe first times, in fresh processes, what
 the fixed time is made of on this host: importing torch and initialising CUDA, importing Ray,
-``ray.init``, two GPU actors (one on a 1-GPU host) and one CPU actor ready, ``ray.shutdown`` — with Ray's default worker
-prestart and without it. Results: ``$OUT/scaling.json``.
+``ray.init``, two GPU actors (one on a 1-GPU host) and one CPU actor ready, ``ray.shutdown`` —
+with Ray's default worker prestart and without it. Results: ``$OUT/scaling.json``.
 
 ``--interpret`` runs either mode on the CPU (tiny fixture model, two logical GPUs, Triton
 interpreter), to test this script.
