@@ -23,8 +23,16 @@ per run, and a table printed last.
 
 Scaling (``--scaling``): the full 18-batch-size tune (default space, fast strategy, real
 timings) with ``--workers 1`` and then ``--workers 2`` (when two GPUs are present), each from a
-cold Triton cache; prints wall times, the speed-up, the first measurement's time and the
-summary's per-phase timeline. Results: ``$OUT/scaling.json``.
+cold Triton cache of its own, then (while the time allows) the same pair again on those now warm
+caches (fresh output folders and journals, so everything is measured again). Per run: the wall
+time of the process, the summary's per-phase timeline and first measurement, compile-ahead's
+counts (jobs, speculative jobs used/unused, candidates idle workers took still compiling), and the
+fixed time outside the timeline: ``pre_timeline_s`` (process launch to the timeline's zero:
+interpreter, imports, input checks) and ``tail_s`` (the summary printed to the process's exit:
+``ray.shutdown`` and interpreter exit). A start-up probe first times, in fresh processes, what
+the fixed time is made of on this host: importing torch and initialising CUDA, importing Ray,
+``ray.init``, two GPU actors (one on a 1-GPU host) and one CPU actor ready, ``ray.shutdown`` —
+with Ray's default worker prestart and without it. Results: ``$OUT/scaling.json``.
 
 ``--interpret`` runs either mode on the CPU (tiny fixture model, two logical GPUs, Triton
 interpreter), to test this script.
@@ -90,6 +98,7 @@ class Run:
     files_identical: bool | None = None
     journal_ok: bool | None = None
     named: bool | None = None
+    fixed: dict = field(default_factory=dict)
 
 
 def _log(text: str) -> None:
@@ -280,30 +289,134 @@ def faults_mode(setup: Setup) -> list[Run]:
     return runs
 
 
-def scaling_mode(setup: Setup, gpus: int) -> list[Run]:
-    runs = []
-    for workers in sorted({1, min(2, gpus)}):
-        cache = setup.work / f"triton-cache-{workers}"
-        shutil.rmtree(cache, ignore_errors=True)
-        os.environ["TRITON_CACHE_DIR"] = str(cache)  # cold for each run
-        name = f"scaling-{workers}gpu"
-        out = setup.work / name
-        shutil.rmtree(out, ignore_errors=True)
-        argv = [sys.executable, "-m", "tuner.cli", "tune", *setup.model_args, "--batch-sizes", setup.batch_sizes,
-                "--workers", str(workers), "--out", str(out), "--json"]
-        if setup.interpret:
-            argv += ["--interpret", "--search-space", str(setup.space)]
-        _log(f"== {name}")
-        started = time.monotonic()
-        env = {k: v for k, v in os.environ.items() if k != "MOE_TUNE_FAULTS"}
-        rc, stdout = _finish(_launch(argv, env, setup.out / f"{name}.log"), setup.deadline - started)
-        run = Run(name, rc=rc, wall_s=time.monotonic() - started)
+STARTUP_PROBE = r"""
+import json, sys, time
+t0 = time.monotonic(); out = {}
+import torch
+out["import_torch_s"] = time.monotonic() - t0
+t = time.monotonic(); gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+if gpus:
+    torch.zeros(1, device="cuda")
+out["cuda_init_s"] = time.monotonic() - t
+t = time.monotonic(); import ray
+out["import_ray_s"] = time.monotonic() - t
+kwargs = {"num_cpus": 4, "num_gpus": 2} if not gpus else {}
+if sys.argv[1] == "no-prestart":
+    kwargs["_system_config"] = {"prestart_worker_first_driver": False}
+t = time.monotonic(); ray.init(include_dashboard=False, logging_level=40, **kwargs)
+out["ray_init_s"] = time.monotonic() - t
+
+class Probe:
+    def ready(self):
+        import torch
+        if torch.cuda.is_available():
+            torch.zeros(1, device="cuda")
+        return True
+
+t = time.monotonic()
+actors = [ray.remote(Probe).options(num_gpus=1).remote() for _ in range(min(2, gpus) if gpus else 2)]
+actors.append(ray.remote(Probe).options(num_cpus=0).remote())
+ray.get([a.ready.remote() for a in actors], timeout=60)
+out["actors_ready_s"] = time.monotonic() - t
+t = time.monotonic(); ray.shutdown()
+out["ray_shutdown_s"] = time.monotonic() - t
+print(json.dumps({k: round(v, 3) for k, v in out.items()}))
+"""
+
+
+def startup_probe(setup: Setup) -> dict:
+    """Where the fixed start-up and shutdown time goes on this host (see the module docstring)."""
+    probes = {}
+    for variant in ("default", "no-prestart"):
         try:
-            run.summary = json.loads(stdout) if stdout.strip() else {}
-        except json.JSONDecodeError:
-            run.notes.append("stdout was not the JSON summary")
-        runs.append(run)
+            done = subprocess.run([sys.executable, "-c", STARTUP_PROBE, variant], capture_output=True, text=True,
+                                  timeout=max(1.0, min(90.0, setup.deadline - time.monotonic())), cwd=REPO)
+            probes[variant] = (json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0
+                               else {"error": done.stderr.strip().splitlines()[-1:]})
+        except (subprocess.TimeoutExpired, json.JSONDecodeError, IndexError) as exc:
+            probes[variant] = {"error": type(exc).__name__}
+        _log(f"start-up probe ({variant}): {probes[variant]}")
+    return probes
+
+
+def _scaling_run(setup: Setup, workers: int, cache: Path, name: str) -> Run:
+    os.environ["TRITON_CACHE_DIR"] = str(cache)
+    out = setup.work / name
+    shutil.rmtree(out, ignore_errors=True)  # a fresh journal: everything is measured again
+    argv = [sys.executable, "-m", "tuner.cli", "tune", *setup.model_args, "--batch-sizes", setup.batch_sizes,
+            "--workers", str(workers), "--out", str(out), "--json"]
+    if setup.interpret:
+        argv += ["--interpret", "--search-space", str(setup.space)]
+    _log(f"== {name}")
+    env = {k: v for k, v in os.environ.items() if k != "MOE_TUNE_FAULTS"}
+    started = time.monotonic()
+    proc = _launch(argv, env, setup.out / f"{name}.log")
+    printed: list[float] = []
+    lines: list[bytes] = []
+
+    def read() -> None:  # when the summary (one line) arrives, apart from when the process ends
+        for line in proc.stdout:
+            printed.append(time.monotonic())
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        proc.wait(timeout=max(1.0, setup.deadline - started))
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        rc = 124
+    ended = time.monotonic()
+    reader.join(5)
+    run = Run(name, rc=rc, wall_s=ended - started)
+    try:
+        run.summary = json.loads(b"".join(lines)) if lines else {}
+    except json.JSONDecodeError:
+        run.notes.append("stdout was not the JSON summary")
+    if run.summary and printed:
+        run.fixed = {"pre_timeline_s": round(printed[0] - started - run.summary["wall_s"], 2),
+                     "tail_s": round(ended - printed[0], 2)}
+    return run
+
+
+def scaling_mode(setup: Setup, gpus: int) -> list[Run]:
+    counts = sorted({1, min(2, gpus)})
+    caches = {workers: setup.work / f"triton-cache-{workers}" for workers in counts}
+    for cache in caches.values():
+        shutil.rmtree(cache, ignore_errors=True)
+    runs = [_scaling_run(setup, workers, caches[workers], f"scaling-{workers}gpu") for workers in counts]
+    for workers, cold in zip(counts, list(runs)):
+        left = setup.deadline - time.monotonic()
+        if cold.rc != 0 or left < 1.2 * cold.wall_s:
+            _log(f"== warm-{workers}gpu skipped ({left:.0f}s left)")
+            continue
+        runs.append(_scaling_run(setup, workers, caches[workers], f"warm-{workers}gpu"))
     return runs
+
+
+def _span(span: dict | None) -> str:
+    return f"{span['start_s']:.1f}-{span['end_s']:.1f}" if span else "-"
+
+
+def _scaling_table(runs: list[Run]) -> str:
+    phases = ("ray_start", "worker_start", "compile_ahead", "screening", "full_timing", "retiming")
+    head = (f"{'run':<15} {'exit':>4} {'wall s':>7} {'pre s':>5} {'tail s':>6} {'1st meas':>8} "
+            + " ".join(f"{p:>13}" for p in phases) + "  compile-ahead (jobs, speculative used/jobs, taken compiling)")
+    lines = [head]
+    for r in runs:
+        t = r.summary.get("timeline") or {}
+        spans = " ".join(f"{_span(t.get(p)):>13}" for p in phases)
+        c = ((r.summary.get("devices") or [{}])[0]).get("compile_ahead") or {}
+        spec = c.get("speculative") or {}
+        first = t.get("first_measurement_s")
+        lines.append(f"{r.name:<15} {r.rc if r.rc is not None else '-':>4} {r.wall_s:7.1f} "
+                     f"{r.fixed.get('pre_timeline_s', '-'):>5} {r.fixed.get('tail_s', '-'):>6} "
+                     f"{first if first is not None else '-':>8} {spans}  "
+                     + (f"{c.get('jobs')}, {spec.get('used')}/{spec.get('jobs')}, {c.get('taken_uncompiled')}"
+                        if c else "-") + ("  " + "; ".join(r.notes) if r.notes else ""))
+    return "\n".join(lines)
 
 
 def _environment() -> dict:
@@ -365,6 +478,7 @@ def main() -> int:
     os.environ.setdefault("TRITON_CACHE_DIR", str(work / "triton-cache"))
     setup = Setup(model, batch_sizes, space, gpus, timeout_s, args.interpret, args.out, work,
                   started + args.total_s, {name for name in args.runs.split(",") if name})
+    probe = startup_probe(setup) if args.scaling else None
     runs = scaling_mode(setup, gpus) if args.scaling else faults_mode(setup)
     report = {"environment": env, "mode": "scaling" if args.scaling else "faults", "workers": gpus,
               "batch_sizes": batch_sizes, "kernel": "builtin (moe-tune's fused_moe_kernel)",
@@ -372,19 +486,27 @@ def main() -> int:
                         "files_identical": r.files_identical, "journal_ok": r.journal_ok,
                         "bad_configs_named": r.named, "injected": r.injected,
                         "timeline": r.summary.get("timeline"), "failed": r.summary.get("failed"),
+                        "summary_wall_s": r.summary.get("wall_s"), "fixed": r.fixed,
+                        "compile_ahead": (r.summary.get("devices") or [{}])[0].get("compile_ahead"),
                         "kernel_env": (r.summary.get("devices") or [{}])[0].get("env")} for r in runs]}
     if args.scaling:
-        by_workers = {r.name: r for r in runs}
-        one, two = by_workers.get("scaling-1gpu"), by_workers.get("scaling-2gpu")
-        if one and two and one.rc == 0 and two.rc == 0:
-            report["speedup"] = round(one.wall_s / two.wall_s, 3)
+        report["startup_probe"] = probe
+        by_name = {r.name: r for r in runs}
+        for label, prefix in (("speedup", "scaling"), ("speedup_warm", "warm")):
+            one, two = by_name.get(f"{prefix}-1gpu"), by_name.get(f"{prefix}-2gpu")
+            if one and two and one.rc == 0 and two.rc == 0:
+                report[label] = round(one.wall_s / two.wall_s, 3)
     (args.out / ("scaling.json" if args.scaling else "fault_injection.json")).write_text(json.dumps(report, indent=2))
     clean = next((r.wall_s for r in runs if r.name == "clean" and r.rc == 0), None)
     print(f"{env['device']} x{gpus} · torch {env['torch']} · triton {env['triton']} · kernel builtin"
           f" · batch sizes {batch_sizes}")
-    print(_table(runs, clean if not args.scaling else None))
-    if "speedup" in report:
-        print(f"speed-up 2 GPUs vs 1: {report['speedup']:.2f}x")
+    print(_scaling_table(runs) if args.scaling else _table(runs, clean))
+    for label, what in (("speedup", "cold cache"), ("speedup_warm", "warm cache")):
+        if label in report:
+            print(f"speed-up 2 GPUs vs 1 ({what}): {report[label]:.2f}x")
+    if probe:
+        print("start-up probe (s): " + "; ".join(f"{variant}: " + ", ".join(f"{k} {v}" for k, v in values.items())
+                                                 for variant, values in probe.items()))
     bad = [r for r in runs if r.rc not in (0, None) or False in (r.files_identical, r.journal_ok, r.named)]
     return 1 if bad else 0
 

@@ -5,6 +5,7 @@ deadline and reported as timeout, and the pool goes on with fresh processes eith
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import pytest
@@ -16,8 +17,11 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def stand_in_compile(job: tuple[str, int]) -> tuple[int, int]:
-    """("ok", n) → (n², pid); "raise" raises; "die" ends its process; "hang" never returns."""
+    """("ok", n) → (n², pid); "sleep" sleeps n s first; "raise" raises; "die" ends its process;
+    "hang" never returns."""
     action, n = job
+    if action == "sleep":
+        time.sleep(n)
     if action == "raise":
         raise ValueError(f"stand-in compile error {n}")
     if action == "die":
@@ -66,3 +70,43 @@ def test_results_failures_and_timeouts():
         assert results["a"][1] != os.getpid()
     finally:
         pool.close()
+
+
+def test_speculative_jobs_run_only_while_no_needed_job_waits():
+    """One process: a needed job runs while speculative and needed ones arrive; every needed one
+    (and a promoted one, in promotion order) then runs before the speculative ones, oldest first."""
+    pool = CompilePool(stand_in_compile, processes=1, timeout_s=60.0)
+    try:
+        pool.submit("block", ("sleep", 1.5))
+        deadline = time.monotonic() + 60
+        while pool._processes[0].key is None and time.monotonic() < deadline:  # the process took it
+            time.sleep(0.01)
+        for key in ("s1", "s2", "s3"):
+            pool.submit(key, ("ok", 1), speculative=True)
+        pool.submit("n1", ("ok", 2))
+        pool.submit("n2", ("ok", 3))
+        pool.promote("s3")
+        pool.promote("x")  # promoted before its speculative submission arrives: it is ordinary
+        pool.submit("x", ("ok", 4), speculative=True)
+        pool.promote("block")  # already running: nothing changes
+        order = []
+        while len(order) < 7 and time.monotonic() < deadline:
+            order += [key for key, _, _ in pool.results(timeout_s=0.5)]
+        assert order == ["block", "n1", "n2", "s3", "x", "s1", "s2"]
+    finally:
+        pool.close()
+
+
+def test_close_ends_busy_processes_at_once():
+    pool = CompilePool(stand_in_compile, processes=2, timeout_s=600.0)
+    pool.submit("hang", ("hang", 0))
+    pool.submit("a", ("ok", 1))
+    collect(pool, 1)
+    processes = [p.process for p in pool._processes]
+    started = time.monotonic()
+    other = threading.Thread(target=pool.close)  # as the driver's release and its final close may
+    other.start()
+    pool.close()
+    other.join(10)
+    assert not other.is_alive()
+    assert time.monotonic() - started < 5 and not any(p.is_alive() for p in processes)

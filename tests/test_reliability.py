@@ -214,9 +214,12 @@ def test_sigterm_finishes_the_record_stops_ray_and_exits_143(tmp_path, monkeypat
 
 
 def _plan_slow_compile(path: Path) -> Path:
-    """Compile-ahead (the plan's stand-in compiler) that never finishes: the engine waits in
-    ``CompileAhead.pump``'s ``ray.wait`` with every candidate still compiling."""
-    path.write_text(json.dumps({"deterministic_latency": True, "faults": [],
+    """Compile-ahead (the plan's stand-in compiler) that never finishes, and candidates that hang
+    once an idle worker takes them still compiling: the engine waits in ``CompileAhead.pump``'s
+    and the pool's ``ray.wait`` with every candidate compiling or running."""
+    labels = sorted({c.config.label for ranked in deterministic_ranking().values() for c in ranked})
+    path.write_text(json.dumps({"deterministic_latency": True,
+                                "faults": [{"config": label, "action": "hang"} for label in labels],
                                 "compile_ahead": {"setup_s": 0, "job_s": 600}}))
     return path
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 import io
 import itertools
 import random
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import pytest
 
 from tuner import select as selection
+from tuner.compiling import CompileStats
 from tuner.cost_model import predict_seconds
 from tuner.engine import DeviceGroup, Engine
 from tuner.journal import Journal, WorkerEnv
@@ -231,18 +233,36 @@ class StandInPool:
         return events
 
 
-class StandInCompiler:
+class NoSpeculation:
+    """The parts of ``tuner.compiling.CompileAhead`` a stand-in without spare processes needs."""
+
+    outstanding = False
+
+    def __init__(self) -> None:
+        self.stats = CompileStats()
+
+    def spare(self) -> int:
+        return 0
+
+    def speculate(self, likely) -> int:
+        return 0
+
+
+class StandInCompiler(NoSpeculation):
     """Compile-ahead verdicts by rule: BLOCK_SIZE_N=256 fails to compile; the first ask of a config
     is pending (as while a compile runs), later asks answer."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.asked: set[Config] = set()
+        self.judged: set[Config] = set()
 
     def status(self, shape: MoEShape, config: Config) -> CompileOutcome | None:
         if config not in self.asked:
             self.asked.add(config)
             return None
         if config.BLOCK_SIZE_N == 256:
+            self.judged.add(config)
             return CompileOutcome(Status.COMPILE_ERROR, "CompilationError: stand-in")
         return CompileOutcome(Status.OK)
 
@@ -277,10 +297,21 @@ def test_compile_verdicts_never_reach_a_gpu_worker(tmp_path, rng: random.Random)
     clock = [0.0]
     pool = StandInPool(bowl(optimum, rng), clock)
     job = _search_job({M: CONFIGS[:200] for M in (1, 32)})
-    engine, group = _engine(tmp_path, Exhaustive([job]), pool, clock, compiler=StandInCompiler())
+    compiler = StandInCompiler()
+    engine, group = _engine(tmp_path, Exhaustive([job]), pool, clock, compiler=compiler)
+    submit = pool.submit
+
+    def submit_unjudged(slot, work, call):
+        # An idle worker may take a candidate still compiling (and compile it itself), never one
+        # whose config compile-ahead has already refused.
+        assert work.candidate.config not in compiler.judged, work.candidate
+        submit(slot, work, call)
+
+    pool.submit = submit_unjudged
     engine.run()
     assert not engine.budget_ended
-    assert all(c.config.BLOCK_SIZE_N != 256 for _, c in pool.submitted)
+    taken = [c for _, c in pool.submitted if c.config.BLOCK_SIZE_N == 256]
+    assert len(taken) <= compiler.stats.taken_uncompiled <= len(pool.slots)  # only the first dispatch finds none compiled
     failed = [m for m in group.measurements if not m.ok]
     assert failed and all(m.status is Status.COMPILE_ERROR and m.candidate.config.BLOCK_SIZE_N == 256 for m in failed)
     assert "compile-ahead" in failed[0].message
@@ -304,12 +335,16 @@ def test_fast_steps_over_a_hole_that_one_key_moves_cannot_cross(rng: random.Rand
     assert best_full(measured, 256) == winner
 
 
-class LateVerdictCompiler:
-    """Compile-ahead whose verdicts on BLOCK_SIZE_N=256 (out of resources) come only once the GPUs
-    are idle and the engine pumps it, as on the H200: a config compiling for seconds, alone in
-    flight at the end of a round, then refused."""
+class LateVerdictCompiler(NoSpeculation):
+    """Compile-ahead whose verdicts on BLOCK_SIZE_N=256 (out of resources) come only once nothing
+    else is left to run (no GPU call in flight, nothing queued), as on the H200: a config compiling
+    for seconds, alone in flight at the end of a round, then refused. (An idle worker may take one
+    of them before that and decide it itself; the others still settle last.)"""
 
-    def __init__(self) -> None:
+    def __init__(self, pool: StandInPool) -> None:
+        super().__init__()
+        self.pool = pool
+        self.group: DeviceGroup | None = None
         self.pumped = False
 
     def status(self, shape: MoEShape, config: Config) -> CompileOutcome | None:
@@ -320,7 +355,7 @@ class LateVerdictCompiler:
         return CompileOutcome(Status.OUT_OF_RESOURCES, "OutOfResources: stand-in")
 
     def pump(self, wait_s: float) -> bool:
-        self.pumped |= wait_s > 0  # the engine waits on compiles only while no GPU call is in flight
+        self.pumped |= not self.pool.busy() and not self.group.queue
         return True
 
 
@@ -335,7 +370,9 @@ def test_a_round_settled_by_a_late_compile_verdict_still_gets_its_full_timings(s
     clock = [0.0]
     pool = StandInPool(bowl(optimum, rng), clock)
     job = _search_job({M: [c for c in CONFIGS if c.BLOCK_SIZE_M == 16] for M in (64, 4096)})
-    engine, group = _engine(tmp_path, strategy_class([job]), pool, clock, compiler=LateVerdictCompiler())
+    compiler = LateVerdictCompiler(pool)
+    engine, group = _engine(tmp_path, strategy_class([job]), pool, clock, compiler=compiler)
+    compiler.group = group
     engine.run()
     assert not engine.budget_ended
     assert any(m.status is Status.OUT_OF_RESOURCES for m in group.measurements)
@@ -364,3 +401,116 @@ def test_a_group_whose_full_timings_all_fail_fully_times_the_next_screens(rng: r
     good = [m for m in measured if m.candidate.level is Level.FULL and m.ok]
     assert len(failed_fulls) == FAST_FULL_MAX and len(good) == SCREEN_FLOOR
     assert not {m.candidate.config for m in good} & failed_fulls
+
+
+class TickCompiler:
+    """Compile-ahead on the engine's loop: ``processes`` jobs compile at once, each done ``ticks``
+    pumps after it started (``None``: never); needed jobs start before speculative ones and a
+    speculative job the engine asks about becomes needed, as in ``workers.compile_pool``.
+    ``ready_at_ask`` counts candidates whose config was compiled when the engine first asked."""
+
+    def __init__(self, processes: int, ticks: int | None) -> None:
+        self.stats = CompileStats(processes=processes)
+        self.processes, self.ticks = processes, ticks
+        self.needed: list = []
+        self.speculative: list = []
+        self.running: dict = {}
+        self.done: dict = {}
+        self.asked: set = set()
+        self.speculated: set = set()
+        self.ready_at_ask = 0
+
+    @property
+    def outstanding(self) -> bool:
+        return bool(self.needed or self.speculative or self.running)
+
+    def spare(self) -> int:
+        return self.processes - len(self.needed) - len(self.speculative) - len(self.running)
+
+    def status(self, shape: MoEShape, config: Config) -> CompileOutcome | None:
+        key = (shape, config)
+        if key in self.speculated:
+            self.speculated.discard(key)
+            self.stats.speculative_used += 1
+            if key in self.speculative:
+                self.speculative.remove(key)
+                self.needed.append(key)
+            self.ready_at_ask += key in self.done
+        if key in self.done:
+            return self.done[key]
+        if key not in self.asked:
+            self.asked.add(key)
+            self.stats.jobs += 1
+            self.needed.append(key)
+        return None
+
+    def speculate(self, likely) -> int:
+        room, added = self.spare(), 0
+        for key in likely:
+            if added >= room:
+                break
+            if key not in self.asked:
+                self.asked.add(key)
+                self.speculated.add(key)
+                self.speculative.append(key)
+                added += 1
+        self.stats.jobs += added
+        self.stats.speculative += added
+        return added
+
+    def pump(self, wait_s: float) -> bool:
+        arrived = False
+        for key in list(self.running):
+            self.running[key] -= 1
+            if self.running[key] <= 0:
+                del self.running[key]
+                self.done[key] = CompileOutcome(Status.OK)
+                self.stats.outcomes["ok"] += 1
+                arrived = True
+        while self.ticks is not None and len(self.running) < self.processes and (self.needed or self.speculative):
+            key = (self.needed or self.speculative).pop(0)
+            self.running[key] = self.ticks
+        return arrived
+
+
+def _fast_run(tmp_path, rng_seed: int, compiler: TickCompiler) -> tuple[list[Measurement], StandInPool]:
+    rng = random.Random(rng_seed)
+    optimum = {k: rng.choice(v) for k, v in SPACE.items()}
+    clock = [0.0]
+    pool = StandInPool(bowl(optimum, rng), clock)
+    job = _search_job({M: CONFIGS for M in (1, 16, 256, 4096)})
+    engine, group = _engine(tmp_path, Fast([job]), pool, clock, compiler=compiler)
+    engine.run()
+    return group.measurements, pool
+
+
+def test_speculative_compiles_are_used_and_change_nothing_the_search_decides(tmp_path, rng: random.Random):
+    """With spare compile processes the fast strategy's likely next configs (its local walk's next
+    neighbours) compile before they are proposed; the candidates measured and their outcomes are
+    the same as with no process to spare."""
+    seed = rng.randrange(1 << 30)
+    spare = TickCompiler(processes=400, ticks=2)
+    measured, _ = _fast_run(tmp_path / "a", seed, spare)
+    busy = TickCompiler(processes=400, ticks=2)
+    busy.spare = lambda: 0  # every process taken: nothing is speculated
+    reference, _ = _fast_run(tmp_path / "b", seed, busy)
+    outcome = lambda ms: Counter((m.candidate, m.status, m.latency_us) for m in ms)  # noqa: E731
+    assert outcome(measured) == outcome(reference)
+    assert busy.stats.speculative == 0 and busy.ready_at_ask == 0
+    stats = spare.stats
+    assert stats.speculative > 0 and 0 < stats.speculative_used <= stats.speculative
+    assert stats.to_json()["speculative"] == {"jobs": stats.speculative, "used": stats.speculative_used,
+                                              "unused": stats.speculative - stats.speculative_used}
+    assert spare.ready_at_ask > 0  # proposed configs found compiled already
+
+
+def test_an_idle_worker_takes_a_candidate_still_compiling(tmp_path, rng: random.Random):
+    """Compile-ahead that never finishes does not hold the GPUs back: each idle worker takes the
+    oldest candidate still compiling and compiles it itself; the search ends as without it."""
+    seed = rng.randrange(1 << 30)
+    stuck = TickCompiler(processes=8, ticks=None)
+    measured, pool = _fast_run(tmp_path / "a", seed, stuck)
+    reference, _ = _fast_run(tmp_path / "b", seed, TickCompiler(processes=400, ticks=2))
+    assert Counter(m.candidate for m in measured) == Counter(m.candidate for m in reference)
+    assert stuck.stats.taken_uncompiled == len(pool.submitted) == len(measured)
+    assert stuck.stats.outcomes.total() == 0

@@ -8,6 +8,13 @@ while no node has finished it; then the first outcome: ok (queue it; the worker 
 binaries in its cache) or a verdict (compile error, out of resources, compile time-out), which
 settles the candidate without the GPU.
 
+Speculation: while a service has processes no job waits for, ``speculate`` hands it configs the
+strategy is likely to propose next (``Strategy.likely_next``) as speculative jobs, which its pool
+runs only while no needed job waits (``workers.compile_pool``). A speculative config the engine
+then asks about is promoted to a needed job if it is not done yet; either way it counts as used.
+Speculation changes only where and when a config compiles, never what the search proposes or
+decides: a speculative outcome is the same outcome the needed job would have had.
+
 ``start_compile_ahead`` places it: one service per node of the group's workers, for the target
 the workers report. Starting a service's processes costs what importing the kernel backend costs
 (vLLM's or SGLang's package: ~10 s), so ``PrestartedServices`` starts them while the GPU workers
@@ -26,7 +33,7 @@ they always could.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,10 +62,19 @@ class CompileStats:
     compile_s: float = 0.0
     not_ahead: int = 0
     """Jobs that could not be compiled ahead for a reason that says nothing about the config."""
+    speculative: int = 0
+    """Of ``jobs``, those submitted before the strategy proposed them (``CompileAhead.speculate``)."""
+    speculative_used: int = 0
+    """Speculative jobs whose config the strategy did propose later."""
+    taken_uncompiled: int = 0
+    """Candidates an idle GPU worker took (and compiled itself) before compile-ahead had finished them."""
 
     def to_json(self) -> dict:
         return {"jobs": self.jobs, "processes": self.processes, "outcomes": dict(sorted(self.outcomes.items())),
-                "compile_s": round(self.compile_s, 1), "not_compiled_ahead": self.not_ahead}
+                "compile_s": round(self.compile_s, 1), "not_compiled_ahead": self.not_ahead,
+                "speculative": {"jobs": self.speculative, "used": self.speculative_used,
+                                "unused": self.speculative - self.speculative_used},
+                "taken_uncompiled": self.taken_uncompiled}
 
 
 @dataclass
@@ -132,6 +148,7 @@ class CompileAhead:
         self.stats = CompileStats()
         self._outcomes: dict[tuple[MoEShape, Config], CompileOutcome] = {}
         self._asked: set[tuple[MoEShape, Config]] = set()
+        self._speculated: set[tuple[MoEShape, Config]] = set()  # speculative, not proposed yet
         self._services = list(services)
         try:
             sizes = ray.get([s.actor.size.remote() for s in self._services], timeout=SERVICE_START_TIMEOUT_S)
@@ -151,6 +168,12 @@ class CompileAhead:
     def status(self, shape: MoEShape, config: Config) -> CompileOutcome | None:
         """The outcome of compiling ``config`` for ``shape``; None while it is being compiled."""
         key = (shape, config)
+        if key in self._speculated:
+            self._speculated.remove(key)
+            self.stats.speculative_used += 1
+            if key not in self._outcomes:
+                for service in self._services:
+                    service.actor.promote.remote([key])
         if key in self._outcomes:
             return self._outcomes[key]
         if not self._services:
@@ -163,6 +186,37 @@ class CompileAhead:
                 service.actor.submit.remote([(key, job)])
                 service.outstanding += 1
         return None
+
+    @property
+    def outstanding(self) -> bool:
+        """Jobs submitted whose outcome has not come in (needed or speculative)."""
+        return any(s.outstanding for s in self._services)
+
+    def spare(self) -> int:
+        """Processes no job waits for, on the busiest service (every job goes to every service)."""
+        return min((s.size - s.outstanding for s in self._services), default=0)
+
+    def speculate(self, likely: Iterable[tuple[MoEShape, Config]]) -> int:
+        """Submit the first configs of ``likely`` (most likely first) not asked about yet as
+        speculative jobs, as many as there are ``spare`` processes; returns how many."""
+        room = self.spare()
+        jobs = []
+        for key in likely:
+            if room <= 0:
+                break
+            if key in self._asked or key[0] not in self.batch_sizes:
+                continue
+            self._asked.add(key)
+            self._speculated.add(key)
+            jobs.append((key, CompileJob(key[0], key[1], self.batch_sizes[key[0]], self.target)))
+            room -= 1
+        if jobs:
+            self.stats.jobs += len(jobs)
+            self.stats.speculative += len(jobs)
+            for service in self._services:
+                service.actor.submit.remote(jobs, True)
+                service.outstanding += len(jobs)
+        return len(jobs)
 
     def pump(self, wait_s: float) -> bool:
         """Take in finished outcomes (waiting up to ``wait_s`` for one); True if any arrived."""
@@ -209,6 +263,13 @@ class CompileAhead:
         if not self._services:
             for key in self._asked - set(self._outcomes):
                 self._outcomes[key] = NOT_AHEAD
+
+    def release(self) -> None:
+        """Tell the services to stop their processes, without waiting (the search is over; what
+        they still compile is speculation nobody needs): the re-timing need not wait for it.
+        ``close`` still waits for them and ends the actors."""
+        for service in self._services:
+            service.actor.close.remote()
 
     def close(self) -> None:
         """Stop the compile processes, then the actors."""

@@ -233,7 +233,7 @@ def tune(request: TuneRequest, progress: Progress | None = None, timeline: Timel
                               "winners are confirmed against the baseline back to back")
             for group in groups:
                 if group.compiler is not None:
-                    group.compiler.close()
+                    group.compiler.release()  # closed in ``finally``; re-timing need not wait for it
                 finished = None
                 if engine.workers_lost:
                     group.strategy.propose()  # moves idle groups past rounds that need no GPU; proposals dropped

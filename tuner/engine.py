@@ -10,6 +10,13 @@ they arrive. ``Retimer`` re-times the finalists of one device group back to back
 Compile-ahead (``tuner.compiling``): on a GPU, a candidate whose config is not compiled yet waits
 off the queue while CPU processes on its node compile it; compile errors, out-of-resources and
 compile time-outs found there are recorded as the candidate's outcome and never reach a GPU.
+Two things keep compiling off the GPUs' critical path: a worker with nothing in flight and no
+compiled candidate to take gets the oldest candidate still compiling (preferring the batch size
+whose problem it holds) and compiles it itself, as it always could — its own outcome then stands,
+whatever compile-ahead says later; and while the compile services have processes no job waits
+for, the strategy's likely next configs (``Strategy.likely_next``) are compiled speculatively at
+the lowest priority (``CompileAhead.speculate``), so a round is often compiled before it is
+proposed. Neither changes what the strategy proposes: only where and when configs compile.
 A time budget (``budget_s``), counted from the first candidate handed to a GPU, stops the search
 where it is: nothing more is proposed or queued, calls in flight finish. When no worker is left
 the engine stops (``workers_lost``) and the caller writes what finished.
@@ -67,6 +74,8 @@ class DeviceGroup:
     compiling: list[_Work] = field(default_factory=list)
     known: set[Candidate] = field(default_factory=set)
     measurements: list[Measurement] = field(default_factory=list)
+    speculated_at: tuple[int, int] | None = None
+    """(measurements, compile outcomes) when the strategy was last asked for its likely next configs."""
 
     @property
     def device(self) -> str:
@@ -114,6 +123,7 @@ class Engine:
                         proposed |= self._refill(group)
             self._settle_compiled()
             self._dispatch()
+            self._speculate()
             queued = any(g.queue for g in self.groups)
             compiling = [g.compiler for g in self.groups if g.compiling and g.compiler is not None]
             if not self.pool.busy() and not queued and not compiling:
@@ -179,19 +189,26 @@ class Engine:
 
     def _settle_compiled(self) -> None:
         for group in self.groups:
-            if group.compiler is not None and group.compiling:
+            if group.compiler is None or not (group.compiling or group.compiler.outstanding):
+                continue
+            if group.compiler.pump(0) or group.compiling:
                 self.timeline.touch("compile_ahead")
-                group.compiler.pump(0)
-                waiting, group.compiling = group.compiling, []
-                for work in waiting:
-                    self._route(work)
+            waiting, group.compiling = group.compiling, []
+            for work in waiting:
+                self._route(work)
 
     def _dispatch(self) -> None:
         for slot in self.pool.free_slots():
             if not self._within_budget():
                 return
             group = self._group_of_slot[slot.index]
-            work = self._take(group, slot)
+            work = self._take(group.queue, group, slot)
+            if work is None and not slot.pending and group.compiling:
+                # Idle, and nothing compiled is ready: rather than wait for compile-ahead, the
+                # worker compiles one itself (its outcome stands, whatever compile-ahead says later).
+                work = self._take(group.compiling, group, slot)
+                if work is not None and group.compiler is not None:
+                    group.compiler.stats.taken_uncompiled += 1
             if work is not None:
                 slot.last_group = work.affinity
                 if self.deadline is None and self.budget_s is not None:
@@ -200,26 +217,39 @@ class Engine:
                 self.timeline.touch(_phase_of(work.candidate))
                 self.pool.submit(slot, work, lambda actor, c=work.candidate: actor.measure.remote(c))
 
-    def _take(self, group: DeviceGroup, slot: Slot) -> _Work | None:
-        """The next candidate for ``slot``: one of the (shape, routing, M) it holds a problem for;
-        else one of a (shape, routing, M) no other live worker holds (so each problem is built
-        once, not by every worker in turn: with every worker on the queue's head, each batch
-        size's weights and fp32 reference were built on each GPU, a serial cost per M that no
-        number of GPUs shortened); else the queue's head."""
+    def _speculate(self) -> None:
+        """Fill compile processes no job waits for with the configs the strategy is likely to
+        propose next (asked again only once a measurement or a compile outcome came in)."""
+        for group in self.groups:
+            compiler = group.compiler
+            if compiler is None or not self._within_budget() or compiler.spare() <= 0:
+                continue
+            state = (len(group.measurements), compiler.stats.outcomes.total())
+            if state == group.speculated_at:
+                continue
+            group.speculated_at = state
+            compiler.speculate(dict.fromkeys((c.shape, c.config) for c in group.strategy.likely_next()))
+
+    def _take(self, works: list[_Work], group: DeviceGroup, slot: Slot) -> _Work | None:
+        """The next candidate of ``works`` (oldest first) for ``slot``: one of the (shape, routing,
+        M) it holds a problem for; else one of a (shape, routing, M) no other live worker holds (so
+        each problem is built once, not by every worker in turn: with every worker on the queue's
+        head, each batch size's weights and fp32 reference were built on each GPU, a serial cost
+        per M that no number of GPUs shortened); else the oldest."""
         others = [s for s in group.slots if not s.retired and s.index != slot.index]
         held = {s.last_group for s in others}
         unheld = fallback = None
-        for i, work in enumerate(group.queue):
+        for i, work in enumerate(works):
             if slot.index in work.avoid and others:
                 continue
             if work.affinity == slot.last_group:
-                return group.queue.pop(i)
+                return works.pop(i)
             if fallback is None:
                 fallback = i
             if unheld is None and work.affinity not in held:
                 unheld = i
         chosen = unheld if unheld is not None else fallback
-        return group.queue.pop(chosen) if chosen is not None else None
+        return works.pop(chosen) if chosen is not None else None
 
     def _handle(self, event: Done | Lost | Raised) -> None:
         work: _Work = event.task

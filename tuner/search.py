@@ -32,6 +32,12 @@ neighbours (each of the six keys one step up or down in the space; when none of 
 every pair of keys moved one step each, which steps over configs that do not compile) until no
 neighbour is faster, and promotes at most ``FAST_FULL_MAX`` contenders to the full timing.
 
+``likely_next()`` lists what a strategy expects to propose once its rounds in flight are back
+(the fast strategy: per open group, the neighbours of its best screens so far, and the seeds its
+neighbour groups' screens so far give), so compile-ahead can compile them on otherwise idle CPUs
+(``tuner.compiling``). It is a guess, read only for that: nothing it returns changes what
+``propose()`` returns, so the search stays a function of the measurements alone.
+
 Baseline configs (``--baseline``: what the server runs today) join a batch size's first round in
 either strategy and are always fully timed, whatever their screen.
 
@@ -215,6 +221,12 @@ class Strategy(ABC):
         (group.screens if c.level is Level.SCREEN else group.fulls)[c.config] = latency
         group.waiting.discard((c.config, c.level))
 
+    def likely_next(self) -> list[Candidate]:
+        """Candidates this strategy expects to propose after the rounds now in flight, most likely
+        first; none by default (a strategy that proposes everything at once has nothing to guess).
+        A guess for compile-ahead only: it changes no state and no later proposal."""
+        return []
+
     def finished(self) -> set[tuple[MoEShape, str, int]]:
         """The (shape, routing, M) whose every group (GEMM part) has finished its search: nothing
         waiting and nothing more to propose. Call ``propose`` first so idle groups pass the rounds
@@ -365,6 +377,33 @@ class Fast(Strategy):
         if group.gemm is not Gemm.BOTH:
             keys.append(GroupKey(shape, routing, Gemm.BOTH, group.M))
         return [self._by_key[k] for k in keys]
+
+    def likely_next(self) -> list[Candidate]:
+        """Per group still screening: the seeds its neighbour groups' best screens so far give (while
+        it waits to seed), the unscreened one-key neighbours of its two best screens so far, then
+        the two-key neighbours of its best (the walk's next round if the best stays the best).
+        Round robin over the groups, so each group's likeliest come first; no duplicates."""
+        per_group = [self._likely(g) for g in self.groups if g.phase in (Phase.SEED, Phase.LOCAL)]
+        out: list[Candidate] = []
+        seen: set[Candidate] = set()
+        for rank in itertools.zip_longest(*per_group):
+            for candidate in rank:
+                if candidate is not None and candidate not in seen:
+                    seen.add(candidate)
+                    out.append(candidate)
+        return out
+
+    def _likely(self, group: Group) -> list[Candidate]:
+        known = set(group.screens) | {c for c, level in group.waiting if level is Level.SCREEN}
+        likely: list[Config] = []
+        if group.phase == Phase.SEED:
+            likely += self._seeds(group, self.neighbour_groups(group))
+        top = [c for c in group.ranked(Level.SCREEN) if c in group.in_space][:2]
+        for config in top:
+            likely += self.neighbours(group, config)
+        if top:
+            likely += self.neighbours(group, top[0], keys_moved=2)
+        return [group.candidate(c, Level.SCREEN) for c in dict.fromkeys(likely) if c not in known]
 
     def _seeds(self, group: Group, neighbours: list[Group]) -> list[Config]:
         seeds = [c for n in neighbours for c in n.ranked(Level.SCREEN)[:FAST_SEEDS_PER_NEIGHBOUR]]

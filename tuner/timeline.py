@@ -2,9 +2,9 @@
 
 Phases (seconds from the run's start, ``time.monotonic``): ``ray_start`` (starting or joining
 Ray), ``worker_start`` (the GPU actors created and described), ``compile_ahead`` (from the
-compile services' start to the last compile-ahead verdict), ``screening`` and ``full_timing``
-(first submission to last result of that timing level on any GPU), ``retiming`` (the finalists
-re-timed back to back), ``writing`` (the config files). Phases may overlap (screening and full
+compile services' start to the last compile-ahead outcome, speculative ones included),
+``screening`` and ``full_timing`` (first submission to last result of that timing level on any
+GPU), ``retiming`` (the finalists re-timed back to back), ``writing`` (the config files). Phases may overlap (screening and full
 timing run side by side, compile-ahead runs under both); a phase that did not happen is absent.
 ``first_measurement_s`` is when the first candidate reached a GPU.
 """

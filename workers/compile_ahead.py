@@ -188,8 +188,9 @@ def setup_compile_process(kernel: str | None = None) -> None:
 
     The process lowers its CPU priority by ``COMPILE_NICENESS`` first: a node's compile processes
     outnumber its cores, and at full priority they starved the GPU workers' own start (on an H200
-    host, 62 compile processes importing vLLM on 32 cores held a GPU worker's start to 48-54 s).
-    Compiles use the cores the workers and the driver leave idle."""
+    host, 62 compile processes importing vLLM on 32 cores held a GPU worker's start to 48-54 s);
+    with speculative jobs they are also busy most of a run. Compiles use the cores the workers and
+    the driver leave idle."""
     try:
         os.nice(COMPILE_NICENESS)
     except OSError:  # a platform without nice: compile at normal priority
@@ -265,9 +266,15 @@ class CompileService:
     def size(self) -> int:
         return self.pool.size
 
-    def submit(self, jobs: list[tuple[Hashable, CompileJob]]) -> None:
+    def submit(self, jobs: list[tuple[Hashable, CompileJob]], speculative: bool = False) -> None:
+        """Queue ``jobs``; ``speculative`` ones only fill processes no needed job waits for."""
         for key, job in jobs:
-            self.pool.submit(key, job)
+            self.pool.submit(key, job, speculative)
+
+    def promote(self, keys: list[Hashable]) -> None:
+        """Speculative jobs now needed: they run before every speculative one still waiting."""
+        for key in keys:
+            self.pool.promote(key)
 
     def collect(self, wait_s: float) -> list[tuple[Hashable, CompileOutcome]]:
         """Outcomes finished since the last call (waits up to ``wait_s`` for a first one)."""

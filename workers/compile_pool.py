@@ -3,7 +3,10 @@
 Why processes and not threads: Triton's compiler holds the GIL for much of its work and some
 compiles never finish (the issue saw them on Triton 3.6); a hung thread cannot be stopped, a
 process can. Each process runs one job at a time; a supervisor thread hands out jobs in
-submission order, collects results, kills a process whose job outlives ``timeout_s`` (the job is
+submission order — every ordinary job before any speculative one (``submit(...,
+speculative=True)``: a config the caller only expects to need; ``promote`` makes it ordinary once
+it is needed), so speculation never delays a job already needed, beyond the one compile a
+process may be running when it arrives — collects results, kills a process whose job outlives ``timeout_s`` (the job is
 reported as ``timeout``) and starts a fresh one in its place. A process that dies on its own
 (a segfault in the compiler) reports its job as ``crashed``, and so does a job function that raises.
 
@@ -78,9 +81,13 @@ class CompilePool:
         self._setup = setup
         self.timeout_s = timeout_s
         self._waiting: deque[tuple[Hashable, Any]] = deque()
+        self._speculative: dict[Hashable, Any] = {}  # insertion-ordered: handed out oldest first
+        self._promoted: set[Hashable] = set()  # promoted before their speculative submission arrived
+        self._submitted: set[Hashable] = set()
         self._lock = threading.Lock()
         self._results: queue.Queue[tuple[Hashable, Any, float]] = queue.Queue()
         self._closed = False
+        self._close_lock = threading.Lock()
         self._processes = [self._start() for _ in range(processes)]
         self._supervisor = threading.Thread(target=self._supervise, name="compile-pool", daemon=True)
         self._supervisor.start()
@@ -89,9 +96,24 @@ class CompilePool:
     def size(self) -> int:
         return len(self._processes)
 
-    def submit(self, key: Hashable, job: Any) -> None:
+    def submit(self, key: Hashable, job: Any, speculative: bool = False) -> None:
+        """Queue ``job``; a ``speculative`` one runs only while no ordinary job waits."""
         with self._lock:
-            self._waiting.append((key, job))
+            self._submitted.add(key)
+            if speculative and key not in self._promoted:
+                self._speculative[key] = job
+            else:
+                self._promoted.discard(key)
+                self._waiting.append((key, job))
+
+    def promote(self, key: Hashable) -> None:
+        """The speculative job ``key`` is needed now: it joins the ordinary jobs (at their end). A
+        job already running or done is left alone; one not submitted yet will be ordinary."""
+        with self._lock:
+            if key in self._speculative:
+                self._waiting.append((key, self._speculative.pop(key)))
+            elif key not in self._submitted:
+                self._promoted.add(key)
 
     def results(self, timeout_s: float = 0.0) -> list[tuple[Hashable, Any, float]]:
         """Everything finished so far; waits up to ``timeout_s`` for the first one if none is."""
@@ -106,19 +128,33 @@ class CompilePool:
             except queue.Empty:
                 return out
 
-    def close(self) -> None:
-        self._closed = True
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Stop every process at once: idle ones are told to end, busy ones (whose jobs nobody
+        waits for any more) are killed — Triton writes its cache files whole (temporary file,
+        then rename), so a killed compile leaves nothing half-written. Waits at most about
+        ``timeout_s`` in all, then kills what is left. A second call waits for the first."""
+        with self._close_lock:
+            if not self._closed:
+                self._closed = True
+                self._stop(timeout_s)
+
+    def _stop(self, timeout_s: float) -> None:
         self._supervisor.join(timeout=5)
         for proc in self._processes:
+            if proc.key is not None:
+                proc.process.kill()
+                continue
             try:
                 proc.connection.send(None)
             except (OSError, BrokenPipeError):
-                pass
+                proc.process.kill()
+        deadline = time.monotonic() + timeout_s
         for proc in self._processes:
-            proc.process.join(timeout=2)
+            proc.process.join(timeout=max(0.0, deadline - time.monotonic()))
+        for proc in self._processes:
             if proc.process.is_alive():
                 proc.process.kill()
-                proc.process.join(timeout=2)
+                proc.process.join(timeout=1)
 
     # -- supervisor ----------------------------------------------------------------------------
 
@@ -144,12 +180,20 @@ class CompilePool:
     def _hand_out(self) -> None:
         with self._lock:
             for i, proc in enumerate(self._processes):
-                if proc.key is None and self._waiting:
-                    key, job = self._waiting.popleft()
+                if proc.key is None and (self._waiting or self._speculative):
+                    speculative = not self._waiting
+                    if speculative:
+                        key = next(iter(self._speculative))
+                        job = self._speculative.pop(key)
+                    else:
+                        key, job = self._waiting.popleft()
                     try:
                         proc.connection.send((key, job))
                     except (OSError, BrokenPipeError):
-                        self._waiting.appendleft((key, job))
+                        if speculative:  # back at the head of its own queue
+                            self._speculative = {key: job, **self._speculative}
+                        else:
+                            self._waiting.appendleft((key, job))
                         self._replace(i)
                         continue
                     proc.key, proc.started = key, time.monotonic()

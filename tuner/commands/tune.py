@@ -424,8 +424,11 @@ def format_summary(summary: dict) -> str:
         lines += [f"  no correct config: {gap['shape']} M={gap['M']}" for gap in device["without_winner"]]
         if "compile_ahead" in device:
             c = device["compile_ahead"]
-            lines.append(f"  compile-ahead: {c['jobs']} configs on {c['processes']} processes, {c['compile_s']:.0f} "
-                         "CPU-s, " + ", ".join(f"{k} {v}" for k, v in c["outcomes"].items()))
+            spec = c["speculative"]
+            lines.append(f"  compile-ahead: {c['jobs']} configs on {c['processes']} processes ({spec['jobs']} "
+                         f"speculative, {spec['used']} of them used; {c['taken_uncompiled']} taken by idle GPUs "
+                         f"still compiling), {c['compile_s']:.0f} CPU-s, "
+                         + ", ".join(f"{k} {v}" for k, v in c["outcomes"].items()))
         for shape, per_m in device.get("split_gemms", {}).items():
             lines.append(f"  split GEMMs {shape}:")
             lines += [f"    M={M:>5}  up {s['up']}  down {s['down']}  {s['split_us']:.1f} us"

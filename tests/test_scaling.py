@@ -1,0 +1,86 @@
+"""Compile-ahead off the GPUs' critical path (issue 11, scaling), end to end through Ray with
+logical GPUs and the fault hook's stand-in compiler (``workers.faults``: it controls how long a
+compile-ahead job takes, under the interpreter, which has no compiler to run ahead).
+
+- Idle workers never wait for compile-ahead: with compiles that never finish, every candidate is
+  taken by an idle worker (which compiles it itself) and the run writes the clean run's file.
+- Speculation: with spare compile processes the fast strategy's likely next configs are
+  compiled before they are proposed (counted in the summary), and the run measures exactly what
+  the strategy, replayed offline on the same latencies, measures.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tune_helpers import (BATCH_SIZES, TINY_MODEL, VLLM_FILE, expected_vllm_file, run_tune, tune_argv,
+                          write_fault_plan)
+from tuner.models import load_model
+from tuner.plan import build_plan
+from tuner.search import Fast, SearchJob
+from tuner.spaces import load_space
+from workers.faults import ENV_VAR, FaultPlan
+from workers.records import Measurement, Status
+
+pytestmark = pytest.mark.timeout(600)
+
+WIDER_SPACE = """description: 72 tiny configs, so the fast strategy walks past its first slice
+BLOCK_SIZE_M: [16, 32]
+BLOCK_SIZE_N: [16, 32, 64]
+BLOCK_SIZE_K: [16, 32, 64]
+GROUP_SIZE_M: [1, 4]
+num_warps: [2, 4]
+num_stages: [2]
+"""
+
+
+def _plan(path: Path, job_s: float) -> Path:
+    write_fault_plan(path)
+    plan = json.loads(path.read_text())
+    plan["compile_ahead"] = {"setup_s": 0, "job_s": job_s}
+    path.write_text(json.dumps(plan))
+    return path
+
+
+def test_idle_workers_do_not_wait_for_compile_ahead(tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV_VAR, str(_plan(tmp_path / "faults.json", job_s=3600)))
+    out = tmp_path / "out"
+    code, summary = run_tune(tune_argv(out, "--strategy", "exhaustive"))
+    assert code == 0
+    assert json.loads((out / VLLM_FILE).read_text()) == expected_vllm_file()
+    stats = summary["devices"][0]["compile_ahead"]
+    assert stats["outcomes"] == {}  # not one compile-ahead job finished
+    assert stats["taken_uncompiled"] == summary["evaluations_run"] > 0
+    t = summary["timeline"]
+    assert t["first_measurement_s"] - t["worker_start"]["end_s"] < 5, t
+
+
+def _replayed_evaluations(space: Path) -> int:
+    """What the fast strategy measures on the tiny model when every candidate takes the fault
+    hook's deterministic latency."""
+    plan = build_plan([load_model(str(TINY_MODEL))], 1, 1, None, None, list(BATCH_SIZES), load_space(str(space)),
+                      "cpu")
+    strategy = Fast([SearchJob(job) for job in plan.jobs])
+    latency = FaultPlan(deterministic_latency=True).latency_us
+    total = 0
+    while proposed := strategy.propose():
+        for candidate in proposed:
+            strategy.observe(Measurement(candidate, Status.OK, latency_us=latency(candidate)))
+            total += 1
+    return total
+
+
+def test_speculative_compiles_are_counted_and_change_nothing_measured(tmp_path, monkeypatch):
+    space = tmp_path / "space.yaml"
+    space.write_text(WIDER_SPACE)
+    monkeypatch.setenv(ENV_VAR, str(_plan(tmp_path / "faults.json", job_s=0.02)))
+    argv = tune_argv(tmp_path / "out")
+    argv[argv.index("--search-space") + 1] = str(space)
+    code, summary = run_tune(argv)
+    assert code == 0
+    assert summary["evaluations_run"] == _replayed_evaluations(space)
+    speculative = summary["devices"][0]["compile_ahead"]["speculative"]
+    assert speculative["jobs"] > 0 and speculative["used"] + speculative["unused"] == speculative["jobs"]
