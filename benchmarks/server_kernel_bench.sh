@@ -30,6 +30,29 @@
 #            (about 2.5 minutes per shape for a complete 18-batch tune from a cold cache, then ~20-50 s per
 #            shape to compare; RESUME_JOURNAL=<journal.jsonl.gz of an earlier call> finishes cut tunes)
 #   call 3:  PHASES=exhaustive bash benchmarks/server_kernel_bench.sh     same carry as call 2
+#
+# KERNEL=sglang (default vllm): the same on SGLang's own fused-MoE kernel (SGLang 0.5.10's Python package from
+# .server-kernels/sglang, imported through MOE_TUNE_SERVER_CODE=.server-kernels; the launcher entry point
+# fused_moe_triton_kernels.invoke_fused_moe_kernel, as sgl_kernel does not load with the host's torch): tune with
+# --kernel sglang --format sglang, baseline = SGLang's shipped configs (.server-kernels/configs/sglang, triton_X_Y_Z
+# folders: the running Triton's folder, else the newest other), default = SGLang's own default rule; compare with
+# --kernel sglang --rule sglang reading SGLang's folder layout for tuned and shipped. Default SHAPES there: the bf16
+# ones (SGLang's launcher quantizes fp8 activations with sgl_kernel, which does not load: fp8 shapes are refused).
+# SGLang 0.5.10's import chain to that module (bare top package: sglang/__init__ is not run), beyond the GPU image,
+# as checked on CPU (Python 3.11, torch 2.13): pyzmq openai httpx2 httpcore2 sniffio partial-json-parser truststore
+# pybase64 starlette (all in .vllm-wheels) and pydantic (.gpu-wheels), plus ipython traitlets dill (sglang.utils,
+# reached through server_args, imports IPython.display; sampling imports dill):
+#   here, once:  ../shared/tools/offline-wheels .sglang-wheels ipython traitlets dill   (pure Python, < 1 MB)
+#   call 1:  PHASES=install KERNEL=sglang bash …   carry [".gpu-wheels"] (skip if the vLLM calls installed it)
+#   call 2:  KERNEL=sglang bash benchmarks/server_kernel_bench.sh   carry [".vllm-wheels", ".sglang-wheels",
+#                                     ".server-kernels/sglang", ".server-kernels/configs/sglang"]
+#            (26 MB + 16 MB + < 1 MB + 1 MB with the repo: under the 64 MiB a call carries)
+#
+# DRY=1: the whole path on CPU, no GPU: the tiny fixture model (tests/fixtures/tiny-moe.json, 2 batch sizes,
+# tests/fixtures/tune-space.yaml), --interpret, the stand-in server of tests/stand_in_servers for KERNEL
+# (sglang_topk_output / vllm_launcher) through MOE_TUNE_SERVER_CODE, "shipped" = the real shipped folder when
+# carried plus a stand-in file for the fixture shape (for SGLang in an older triton_X_Y_Z folder, so the compare
+# must apply SGLang's fallback to find it). E.g. DRY=1 KERNEL=sglang OUT=/tmp/dry bash benchmarks/server_kernel_bench.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)
@@ -42,9 +65,22 @@ TOTAL_S=${TOTAL_S:-540}
 PHASES=${PHASES:-tune compare}
 SITE=$PWD/.gpu-site
 BATCH_SIZES=${BATCH_SIZES:-1,2,4,8,16,24,32,48,64,96,128,256,512,1024,1536,2048,3072,4096}
-SHAPES=${SHAPES:-mixtral-8x7b:2:bf16 mixtral-8x7b:2:fp8_w8a8 qwen3-30b-a3b:1:bf16 gpt-oss-120b:1:bf16}
+KERNEL=${KERNEL:-vllm}
+DRY=${DRY:-}
+case "$KERNEL" in
+  vllm)   SHAPES=${SHAPES:-mixtral-8x7b:2:bf16 mixtral-8x7b:2:fp8_w8a8 qwen3-30b-a3b:1:bf16 gpt-oss-120b:1:bf16}
+          SERVER="vLLM"; RULE=vllm; STAND_IN=vllm_launcher ;;
+  sglang) SHAPES=${SHAPES:-mixtral-8x7b:2:bf16 qwen3-30b-a3b:1:bf16 gpt-oss-120b:1:bf16}
+          SERVER="SGLang"; RULE=sglang; STAND_IN=sglang_topk_output ;;
+  *) echo "server_kernel_bench: KERNEL must be vllm or sglang, not '$KERNEL'" >&2; exit 2 ;;
+esac
 EXHAUSTIVE_SHAPE=${EXHAUSTIVE_SHAPE:-qwen3-30b-a3b:1:bf16}
-SHIPPED=.server-kernels/configs/vllm
+SHIPPED=.server-kernels/configs/$KERNEL
+TUNE_EXTRA=()
+if [ -n "$DRY" ]; then
+  BATCH_SIZES=1,4; SHAPES=tests/fixtures/tiny-moe.json:1:bf16; EXHAUSTIVE_SHAPE=$SHAPES; TOTAL_S=${TOTAL_S_DRY:-900}
+  TUNE_EXTRA=(--interpret --workers 1 --search-space tests/fixtures/tune-space.yaml)
+fi
 
 left() { echo $(( TOTAL_S - ($(date +%s) - START) )); }
 step() { echo "== $1 (t=$(( $(date +%s) - START ))s, $(left)s left)" | tee -a "$LOG"; }
@@ -66,19 +102,31 @@ done
 has install && [ "$PHASES" = install ] && { echo "install done"; exit 0; }
 export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR=$WORK/triton-cache
-if [ ! -d .vllm-src/vllm ]; then
-  timeout 60 python3 -c "import zipfile; zipfile.ZipFile('.server-kernels/vllm-py.zip').extractall('.vllm-src')" \
-    >>"$LOG" 2>&1 || { echo "no .server-kernels/vllm-py.zip carried" | tee -a "$LOG"; exit 2; }
+if [ -n "$DRY" ]; then
+  export TRITON_INTERPRET=1 PYTHONPATH=$PYTHONPATH:$PWD/tests/stand_in_servers
+  export MOE_TUNE_SERVER_CODE=$PWD/tests/stand_in_servers/$STAND_IN
+  dry_shipped=$WORK/shipped-dry; rm -rf "$dry_shipped"; mkdir -p "$dry_shipped"
+  [ -d "$SHIPPED" ] && cp -r "$SHIPPED"/. "$dry_shipped"/
+  SHIPPED=$dry_shipped
+elif [ "$KERNEL" = vllm ]; then
+  if [ ! -d .vllm-src/vllm ]; then
+    timeout 60 python3 -c "import zipfile; zipfile.ZipFile('.server-kernels/vllm-py.zip').extractall('.vllm-src')" \
+      >>"$LOG" 2>&1 || { echo "no .server-kernels/vllm-py.zip carried" | tee -a "$LOG"; exit 2; }
+  fi
+  export MOE_TUNE_SERVER_CODE=$PWD/.vllm-src
+else
+  [ -f .server-kernels/sglang/__init__.py ] || { echo "no .server-kernels/sglang carried" | tee -a "$LOG"; exit 2; }
+  [ -d "$SHIPPED" ] || { echo "no $SHIPPED carried" | tee -a "$LOG"; exit 2; }
+  export MOE_TUNE_SERVER_CODE=$PWD/.server-kernels
 fi
-export MOE_TUNE_SERVER_CODE=$PWD/.vllm-src
-nvidia-smi -L | tee -a "$LOG"
+[ -z "$DRY" ] && nvidia-smi -L | tee -a "$LOG"
 timeout 120 python3 -c "
 import torch, triton
 from workers import backends
-b = backends.load('vllm')
+b = backends.load('$KERNEL')
 print('torch', torch.__version__, 'triton', triton.__version__, 'kernel', b.describe())" 2>&1 | tail -3 | tee -a "$LOG" \
   "$OUT/kernel.txt"
-grep -q "kernel_entry" "$OUT/kernel.txt" || { echo "vLLM's kernel does not import (see above)"; exit 1; }
+grep -q "kernel_entry" "$OUT/kernel.txt" || { echo "$SERVER's kernel does not import (see above)"; exit 1; }
 
 name() { echo "$1" | tr ':' '_'; }
 # RESUME_JOURNAL: journal.jsonl.gz of an earlier call; its measurements are reused, never repeated
@@ -96,19 +144,37 @@ if has tune; then
     # first compiles: ~40 s on an H200 host when measured, before the compile services were started
     # alongside the workers) and re-timing (capped at max(30 s, budget/4)) + writing after the budget
     budget=$(python3 -c "print(round(max(0.3, ($per - ${OVERHEAD_S:-75}) / 60), 2))")
-    step "tune $shape (--kernel vllm, budget ${budget} min, limit ${per}s)"
-    timeout "$per" python3 -m tuner.cli tune --model "$model" --tp "$tp" --dtype "$dtype" --kernel vllm \
-      --batch-sizes "$BATCH_SIZES" --budget-minutes "$budget" --baseline "$SHIPPED" --out "$WORK/tuned" \
-      --journal "$WORK/journal.jsonl" --json >"$OUT/tune_$(name "$shape").json" 2>>"$LOG"
+    step "tune $shape (--kernel $KERNEL, budget ${budget} min, limit ${per}s)"
+    timeout "$per" python3 -m tuner.cli tune --model "$model" --tp "$tp" --dtype "$dtype" --kernel "$KERNEL" \
+      --format "$KERNEL" --batch-sizes "$BATCH_SIZES" --budget-minutes "$budget" --baseline "$SHIPPED" \
+      --out "$WORK/tuned" --journal "$WORK/journal.jsonl" "${TUNE_EXTRA[@]}" --json \
+      >"$OUT/tune_$(name "$shape" | tr '/' '_').json" 2>>"$LOG"
     echo "tune $shape exit $?" | tee -a "$LOG"
   done
-  cp "$WORK"/tuned/E=*.json "$OUT/" 2>/dev/null
+  (cd "$WORK/tuned" 2>/dev/null && find . -name 'E=*.json' | while read -r f; do   # flat names in $OUT
+     cp "$f" "$OUT/$(echo "${f#./}" | tr '/' '_')"; done)
+fi
+if [ -n "$DRY" ] && has compare; then
+  # the stand-in "shipped" file for the fixture shape: the tuned file's keys with its first config at
+  # every key (so it differs from tuned), for SGLang in an older Triton's folder than the running one
+  timeout 60 python3 - "$WORK/tuned" "$SHIPPED" "$KERNEL" >>"$LOG" 2>&1 <<'PY'
+import json, pathlib, sys
+tuned, shipped, kernel = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3]
+for f in sorted(tuned.rglob("E=*.json")):
+    entries = json.loads(f.read_text())
+    first = next(iter(entries.values()))
+    target = shipped / ("triton_3_1_0" if kernel == "sglang" else "") / f.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps({key: first for key in entries}, indent=4))
+    print("dry stand-in shipped file:", target.relative_to(shipped))
+PY
 fi
 
 if has compare; then
-  step "compare in vLLM's kernel: tuned vs shipped vs vLLM 0.33 default (3 interleaved rounds)"
+  step "compare in $SERVER's kernel: tuned vs shipped vs $SERVER's default (rule $RULE; 3 interleaved rounds)"
   args=(); for shape in $SHAPES; do args+=(--shape "$shape"); done
-  timeout $(( $(left) > 60 ? $(left) - 10 : 60 )) python3 benchmarks/server_kernel_compare.py --kernel vllm "${args[@]}" \
+  timeout $(( $(left) > 60 ? $(left) - 10 : 60 )) python3 benchmarks/server_kernel_compare.py --kernel "$KERNEL" \
+    --server "$KERNEL" --rule "$RULE" "${args[@]}" \
     --configs tuned="$WORK/tuned" --configs shipped="$SHIPPED" --versus shipped,default --rounds 3 \
     --batch-sizes "$BATCH_SIZES" --out "$OUT" 2>>"$LOG" | tee "$OUT/compare.txt"
   echo "compare exit ${PIPESTATUS[0]}" | tee -a "$LOG"
@@ -118,13 +184,13 @@ if has exhaustive; then
   IFS=: read -r model tp dtype <<<"$EXHAUSTIVE_SHAPE"
   budget=$(python3 -c "print(round(max(0.5, ($(left) - 170) / 60), 2))")
   step "exhaustive $EXHAUSTIVE_SHAPE at M=1,64,1024,4096 (budget ${budget} min)"
-  timeout $(( $(left) - 120 )) python3 -m tuner.cli tune --model "$model" --tp "$tp" --dtype "$dtype" --kernel vllm \
-    --strategy exhaustive --batch-sizes 1,64,1024,4096 --budget-minutes "$budget" --out "$WORK/exhaustive" \
-    --journal "$WORK/journal.jsonl" --json >"$OUT/exhaustive.json" 2>>"$LOG"
+  timeout $(( $(left) - 120 )) python3 -m tuner.cli tune --model "$model" --tp "$tp" --dtype "$dtype" --kernel "$KERNEL" \
+    --format "$KERNEL" --strategy exhaustive --batch-sizes 1,64,1024,4096 --budget-minutes "$budget" \
+    --out "$WORK/exhaustive" --journal "$WORK/journal.jsonl" "${TUNE_EXTRA[@]}" --json >"$OUT/exhaustive.json" 2>>"$LOG"
   echo "exhaustive exit $?" | tee -a "$LOG"
   step "compare at M=1,64,1024,4096: tuned vs exhaustive (vs shipped, default)"
-  timeout $(( $(left) > 40 ? $(left) - 5 : 40 )) python3 benchmarks/server_kernel_compare.py --kernel vllm \
-    --shape "$EXHAUSTIVE_SHAPE" --configs tuned="$WORK/tuned" --configs exhaustive="$WORK/exhaustive" \
+  timeout $(( $(left) > 40 ? $(left) - 5 : 40 )) python3 benchmarks/server_kernel_compare.py --kernel "$KERNEL" \
+    --server "$KERNEL" --rule "$RULE" --shape "$EXHAUSTIVE_SHAPE" --configs tuned="$WORK/tuned" --configs exhaustive="$WORK/exhaustive" \
     --configs shipped="$SHIPPED" --versus exhaustive --rounds 3 --batch-sizes 1,64,1024,4096 \
     --out "$OUT/vs_exhaustive" 2>>"$LOG" | tee "$OUT/compare_exhaustive.txt"
 fi

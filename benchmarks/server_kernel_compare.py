@@ -3,7 +3,7 @@
 A measurement aid for ``benchmarks/server_kernel_bench.sh`` (not the product: ``moe-tune bench``
 is). For each shape (``MODEL:TP:DTYPE``) and batch size it resolves the config each source
 would make the server use — each ``--configs`` folder (its file for the shape, nearest key, as
-vLLM looks up; a folder without the file is reported as missing there) and the server version's
+vLLM or SGLang (``--server``) looks up; a folder without the file is reported as missing there) and the server version's
 default rule (``workers.default_config.server_default``: the server's own ``get_default_config``
 when importable) — checks each once against the fp32 reference, then times all of them back to
 back, ``--rounds`` interleaved rounds (``BenchmarkWorker.retime``), and reports per variant the
@@ -13,6 +13,8 @@ as soon as that shape is done; a table is printed last.
 
     python3 benchmarks/server_kernel_compare.py --kernel vllm --shape mixtral-8x7b:2:bf16 \
         --configs tuned=DIR --configs shipped=DIR --versus shipped,default --out OUT
+    python3 benchmarks/server_kernel_compare.py --kernel sglang --server sglang --rule sglang \
+        --shape qwen3-30b-a3b:1:bf16 --configs tuned=DIR --configs shipped=DIR --out OUT
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ def main() -> int:
     parser.add_argument("--kernel", default="vllm")
     parser.add_argument("--shape", action="append", required=True, metavar="MODEL:TP:DTYPE")
     parser.add_argument("--configs", action="append", default=[], metavar="LABEL=DIR")
+    parser.add_argument("--server", choices=("vllm", "sglang"), default=None,
+                        help="look files up as this server does (vLLM: flat files; SGLang: triton_X_Y_Z folders, "
+                             "the running Triton's first, then the newest other); default: either")
     parser.add_argument("--rule", default=VLLM, choices=RULES, help="default rule timed as variant 'default'")
     parser.add_argument("--versus", default="shipped,default", help="variants the ratio is taken against")
     parser.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)))
@@ -75,7 +80,7 @@ def main() -> int:
             variants: dict[str, Candidate] = {}
             sources: dict[str, str] = {}
             for label, files in folders.items():
-                found = server_file(files, shape, env["device"], env["triton"])
+                found = server_file(files, shape, env["device"], env["triton"], args.server)
                 if found:
                     variants[label] = Candidate(shape, M, lookup(found[1], M))
                     sources[label] = found[0]

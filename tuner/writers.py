@@ -365,20 +365,23 @@ def _version_key(folder_file: str) -> tuple[int, ...]:
 
 
 def server_file(files: dict[str, dict[int, Config]], shape: MoEShape, device_name: str,
-                triton_version: str | None = None) -> tuple[str, dict[int, Config]] | None:
+                triton_version: str | None = None, server: str | None = None) -> tuple[str, dict[int, Config]] | None:
     """The file of ``files`` (``read_config_folder``'s result) a server would load for ``shape``
     on ``device_name``: vLLM's, else SGLang's in the running Triton version's folder, else SGLang's
     other version folders newest first by version number (``triton_3_10_0`` before
     ``triton_3_9_0``), as SGLang falls back; None when there is none (the server falls back to
-    its heuristic). For the fp4 dtypes, whose files no server reads, moe-tune's builtin-kernel file."""
+    its heuristic). ``server`` ("vllm" or "sglang") keeps to that server's own lookup (vLLM's flat
+    file only; SGLang's folders only). For the fp4 dtypes, whose files no server reads, moe-tune's
+    builtin-kernel file."""
     if shape.dtype not in SERVER_READ_DTYPES:
         name = builtin_file_name(shape, device_name)
         return (name, files[name]) if files.get(name) else None
     sglang_name = sglang_file_name(shape, device_name)
-    preferred = [vllm_file_name(shape, device_name)]
-    if triton_version:
+    preferred = [vllm_file_name(shape, device_name)] if server != "sglang" else []
+    if triton_version and server != "vllm":
         preferred.append(f"{sglang_version_folder(triton_version)}/{sglang_name}")
-    others = sorted((k for k in files if k.endswith("/" + sglang_name)), key=_version_key, reverse=True)
+    others = (sorted((k for k in files if k.endswith("/" + sglang_name)), key=_version_key, reverse=True)
+              if server != "vllm" else [])
     for name in [*preferred, *others]:
         if files.get(name):
             return name, files[name]

@@ -194,7 +194,10 @@ class LauncherRunner:
                    "sorted_token_ids": sorted_token_ids, "expert_ids": expert_ids,
                    "num_tokens_post_padded": num_tokens_post_padded, "mul_routed_weight": mul_routed_weight,
                    "top_k": top_k, "config": dict(self._config), "compute_type": self._compute_type,
-                   "per_channel_quant": False, "block_shape": self._block, **quant_flags(self._dtype)}
+                   "per_channel_quant": False, "block_shape": self._block, **quant_flags(self._dtype),
+                   # every expert is local (no expert map): SGLang's fused_experts then launches with
+                   # filter_expert=False (0.5.x); its launcher's default is True
+                   "filter_expert": False}
         self._launch(**filter_arguments(self._launch, offered))
 
     def run(self) -> torch.Tensor:

@@ -10,8 +10,8 @@ Two places, in this order:
 A server's fused-MoE module sits under packages whose ``__init__`` imports most of the server
 (vLLM's ``vllm.model_executor`` pulls its distributed runtime, ``…fused_moe/__init__`` every MoE
 method). ``import_module`` first imports normally; if that fails it imports the module again with
-the parent packages whose ``__init__`` failed registered bare (their folder on ``__path__``, their
-``__init__`` not run), so only the modules the fused-MoE file itself imports are loaded. Modules the
+the parent packages registered bare (their folder on ``__path__``, their ``__init__`` not run; the
+top-level package too where its ``__init__`` fails, e.g. SGLang's, which imports its frontend language), so only the modules the fused-MoE file itself imports are loaded. Modules the
 failed attempt did import stay loaded and are reused, never imported twice (vLLM registers torch
 custom types and ops at import; a second import of those modules fails). What still fails is reported
 by name (``ImportError.name``) so the caller can say what to install. Extracted sources have no
@@ -54,17 +54,60 @@ def _use_server_code_dir() -> None:
         sys.path.insert(0, root)
 
 
+VERSION_MODULES = ("version", "_version")
+"""Submodules that state a package's ``__version__`` without its ``__init__`` (SGLang's ``version.py``,
+setuptools-scm's ``_version.py``)."""
+
+
+def _bare_top(name: str) -> types.ModuleType:
+    """Register top-level package ``name`` without running its ``__init__`` (SGLang's imports its
+    frontend language, which needs IPython and tqdm, neither used by the kernels); its
+    ``__version__`` is read from a version submodule where it has one."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"{name} is not a package", name=name)
+    package = types.ModuleType(name)
+    package.__path__ = list(spec.submodule_search_locations)
+    package.__file__ = spec.origin
+    package.__package__ = name
+    package.__spec__ = spec  # where it lives; its loader is never run
+    sys.modules[name] = package
+    for submodule in VERSION_MODULES:
+        try:
+            found = getattr(importlib.import_module(f"{name}.{submodule}"), "__version__", None)
+        except Exception:  # noqa: BLE001 - no such submodule, or one that fails: no version stated
+            continue
+        if found:
+            package.__version__ = str(found)
+            _finder.versions.setdefault(name, str(found))
+            if _finder not in sys.meta_path:
+                sys.meta_path.append(_finder)
+            break
+    return package
+
+
 def _bare_parents(module: str) -> None:
-    """Register the packages between the top-level package and ``module`` without running their
-    ``__init__`` (the top-level package itself is imported normally)."""
+    """After a failed import of ``module``: register the failed package among its parents without
+    running its ``__init__`` (the one not in ``sys.modules``: the import stopped there). The parents
+    below it were never tried: each is imported normally (other server modules import names from
+    it, e.g. SGLang's from ``sglang.srt.layers.moe``), and registered bare where that fails too. A
+    top-level package that failed is registered by ``_bare_top``."""
     parts = module.split(".")
-    top = importlib.import_module(parts[0])
-    path = Path(top.__file__).parent
+    failed = parts[0] not in sys.modules
+    top = _bare_top(parts[0]) if failed else sys.modules[parts[0]]
+    path = Path(top.__path__[0])
     for depth in range(1, len(parts) - 1):
         name = ".".join(parts[:depth + 1])
         path = path / parts[depth]
         if name in sys.modules:
             continue
+        if failed:
+            try:
+                importlib.import_module(name)
+                continue
+            except Exception:  # noqa: BLE001 - a package __init__ may fail in any way on a foreign host
+                pass
+        failed = True
         package = types.ModuleType(name)
         package.__path__ = [str(path)]
         package.__file__ = str(path / "__init__.py")

@@ -74,8 +74,12 @@ class SglangBackend(ServerBackend):
         if "topk_output" not in inspect.signature(self._fused_experts).parameters:
             args = (inputs.x, inputs.w13.data, inputs.w2.data, inputs.topk_weights, inputs.topk_ids)
             return args, {"inplace": False, **quant}
-        runner_config = server_code.import_module("sglang.srt.layers.moe.moe_runner",
-                                                  bare_parents=False).MoeRunnerConfig(inplace=False)
+        runner_class = server_code.import_module("sglang.srt.layers.moe.moe_runner", bare_parents=False).MoeRunnerConfig
+        # all experts local, as a server without expert parallelism sets them (SGLang 0.5.x then
+        # launches with filter_expert=False); releases without these fields take inplace only
+        fields = inspect.signature(runner_class).parameters
+        experts = {name: inputs.shape.E for name in ("num_experts", "num_local_experts") if name in fields}
+        runner_config = runner_class(inplace=False, **experts)
         router_logits = torch.empty(inputs.x.shape[0], inputs.shape.E, device=inputs.x.device)
         topk_output = (inputs.topk_weights, inputs.topk_ids, router_logits)
         return (inputs.x, inputs.w13.data, inputs.w2.data, topk_output, runner_config), quant
