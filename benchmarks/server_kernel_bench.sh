@@ -87,7 +87,7 @@ step() { echo "== $1 (t=$(( $(date +%s) - START ))s, $(left)s left)" | tee -a "$
 has() { case " $PHASES " in *" $1 "*) return 0;; esac; return 1; }
 
 step "setup"
-for wheels in .gpu-wheels .vllm-wheels; do
+for wheels in .gpu-wheels .vllm-wheels .sglang-wheels; do
   if ls "$wheels"/*.whl >/dev/null 2>&1; then
     stamp="$SITE/.installed-${wheels#.}"
     if [ -f "$stamp" ] && [ "$(ls "$wheels")" = "$(cat "$stamp")" ]; then

@@ -47,8 +47,10 @@ ENTRY_LAUNCHER = "launcher"
 
 
 def compiled_ops_load(module: str) -> bool:
-    """Whether the server's compiled extension ``module`` (``vllm._C``, ``sgl_kernel``) imports here."""
+    """Whether the server's compiled extension ``module`` (``vllm._C``, ``sgl_kernel``) imports here
+    (looked for in ``MOE_TUNE_SERVER_CODE`` first, as the server's Python code is)."""
     try:
+        server_code.use_server_code_dir()
         importlib.import_module(module)
     except Exception:  # noqa: BLE001 - a wheel built for another torch fails with any of several errors
         return False

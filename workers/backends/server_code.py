@@ -46,7 +46,7 @@ def where() -> str:
     return f"{SERVER_CODE_ENV}={root}" if root else "the installed packages"
 
 
-def _use_server_code_dir() -> None:
+def use_server_code_dir() -> None:
     root = os.environ.get(SERVER_CODE_ENV)
     if root and root not in sys.path:
         if not Path(root).is_dir():
@@ -170,7 +170,7 @@ def _provide_metadata(top: str) -> None:
 
 def import_module(module: str, *, bare_parents: bool = True) -> types.ModuleType:
     """Import ``module`` of a server package (see the module docstring); raises ImportFailed."""
-    _use_server_code_dir()
+    use_server_code_dir()
     top = module.split(".")[0]
     _provide_metadata(top)
     try:
