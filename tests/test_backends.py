@@ -230,6 +230,78 @@ def test_failed_package_import_keeps_modules_it_loaded(tmp_path, monkeypatch):
         builtins.__dict__.pop("_moe_tune_test_registered", None)
 
 
+SGLANG_LAUNCHER_STAND_IN = """
+from sglang.srt.layers.moe import MoeRunner  # names from a parent package: it must really be imported
+from sglang.srt.server_args import get_global_server_args
+LAUNCHES = []
+def invoke_fused_moe_kernel(A, B, bias, C, A_scale, B_scale, B_zp, topk_weights, topk_ids, sorted_token_ids,
+                            expert_ids, num_tokens_post_padded, mul_routed_weight, top_k, config, compute_type,
+                            use_fp8_w8a8, use_int8_w8a8, use_int8_w8a16, use_int4_w4a16, per_channel_quant,
+                            block_shape=None, no_combine=False, a_use_tma=False, b_use_tma=False, c_sorted=False,
+                            filter_expert=True, fuse_sum_all_reduce=False, router_topk=1):
+    get_global_server_args()  # raises outside a server unless moe-tune set SGLang's defaults
+    LAUNCHES.append({"config": config, "filter_expert": filter_expert, "top_k": top_k})
+    C.zero_()
+"""
+
+SGLANG_SERVER_ARGS_STAND_IN = """
+from dataclasses import dataclass
+_global = None
+@dataclass
+class ServerArgs:
+    model_path: str
+    def __post_init__(self):
+        if self.model_path != "dummy":
+            raise RuntimeError("No accelerator is available.")  # what a real model path asks for
+def set_global_server_args_for_scheduler(args):
+    global _global
+    _global = args
+def get_global_server_args():
+    if _global is None:
+        raise ValueError("Global server args is not set yet!")
+    return _global
+"""
+
+
+def test_sglang_package_whose_init_fails_imports_its_launcher(tmp_path, monkeypatch):
+    """SGLang's layout on the GPU host: the top-level ``__init__`` fails (it imports the frontend
+    language: IPython), the version is in ``sglang/version.py``, a parent package ``__init__`` runs
+    and is imported from, another fails. The launcher is imported with the failing packages bare, is
+    called with ``filter_expert=False`` (all experts local, as SGLang's ``fused_experts`` passes
+    without expert parallelism) and finds SGLang's default server arguments set."""
+    from workers import backends
+
+    files = {"__init__.py": "import ipython_not_installed_here\n",
+             "version.py": '__version__ = "7.7.post1"\n',
+             "srt/__init__.py": "", "srt/layers/__init__.py": "",
+             "srt/server_args.py": SGLANG_SERVER_ARGS_STAND_IN,
+             "srt/layers/moe/__init__.py": "MoeRunner = object\n",
+             "srt/layers/moe/fused_moe_triton/__init__.py": "import sgl_kernel_not_installed_here\n",
+             "srt/layers/moe/fused_moe_triton/fused_moe_triton_kernels.py": SGLANG_LAUNCHER_STAND_IN}
+    for name, text in files.items():
+        path = tmp_path / "sglang" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    monkeypatch.setenv("MOE_TUNE_SERVER_CODE", str(tmp_path))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _forget_servers()
+    try:
+        backend = backends.load("sglang")
+        env = backend.describe()
+        assert backend.entry == "launcher" and env["kernel_version"] == "sglang 7.7.post1"
+        assert env["kernel_entry"].endswith("fused_moe_triton_kernels.invoke_fused_moe_kernel")
+        assert sys.modules["sglang.srt.layers.moe"].MoeRunner is object  # its __init__ ran
+        backend.runner(problem(DType.BF16, 1), CONFIG).run()
+        launches = backend.module.LAUNCHES
+        assert [(c["filter_expert"], c["top_k"], c["config"]) for c in launches] == [
+            (False, 2, CONFIG.to_dict()), (False, 1, CONFIG.to_dict())]
+        assert sys.modules["sglang.srt.server_args"].get_global_server_args().model_path == "dummy"
+    finally:
+        if str(tmp_path) in sys.path:
+            sys.path.remove(str(tmp_path))
+        _forget_servers()
+
+
 def test_a_vllm_that_disabled_triton_is_refused_by_name(tmp_path, monkeypatch):
     """vLLM hands out a placeholder ``triton.jit`` (a plain function) where it finds no single active
     Triton GPU driver: its kernel cannot be launched, so the backend is unavailable, not every candidate

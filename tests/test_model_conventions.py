@@ -182,6 +182,19 @@ def test_sglang_folders_by_version_number_after_the_running_one():
     assert server_file(files, shape, "NVIDIA H200", "3.11.0")[0] == f"triton_3_10_0/{name}"
 
 
+def test_server_file_keeps_to_the_named_servers_lookup():
+    """A folder holding both layouts: vLLM reads only its flat file, SGLang only its triton_X_Y_Z folders."""
+    shape = MoEShape(8, 1792, 4096, 2, DType.BF16)
+    name = "E=8,N=1792,device_name=NVIDIA_H200.json"
+    files = {name: {1: Config(16, 32, 64, 1, 4, 2)}, f"triton_3_1_0/{name}": {1: Config(16, 32, 64, 1, 4, 3)}}
+    assert server_file(files, shape, "NVIDIA H200", "3.6.0")[0] == name
+    assert server_file(files, shape, "NVIDIA H200", "3.6.0", "vllm")[0] == name
+    assert server_file(files, shape, "NVIDIA H200", "3.6.0", "sglang")[0] == f"triton_3_1_0/{name}"
+    assert server_file({name: files[name]}, shape, "NVIDIA H200", "3.6.0", "sglang") is None
+    assert server_file({f"triton_3_1_0/{name}": files[f"triton_3_1_0/{name}"]}, shape, "NVIDIA H200", "3.6.0",
+                       "vllm") is None
+
+
 def test_key_coverage_matches_the_servers_nearest_key_lookup():
     keys = [1, 4, 16, 64]
     configs = {k: Config(16, 32, 64, 1, 4, i + 1) for i, k in enumerate(keys)}

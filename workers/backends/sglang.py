@@ -28,6 +28,36 @@ from workers.records import Config, DType, MoEShape
 CALL_MODULES = ("sglang.srt.layers.moe.moe_runner.triton_utils", "sglang.srt.layers.moe.fused_moe_triton")
 LAUNCHER_MODULE = "sglang.srt.layers.moe.fused_moe_triton.fused_moe_triton_kernels"
 LAUNCHER = "invoke_fused_moe_kernel"
+SERVER_ARGS_MODULE = "sglang.srt.server_args"
+
+
+def ensure_server_args() -> None:
+    """Give SGLang's kernel code the server arguments it reads, where none are set.
+
+    SGLang 0.5.x's fused-MoE code reads the running server's arguments (``get_global_server_args()``:
+    ``enable_deterministic_inference`` in ``get_default_config``, ``enable_fused_moe_sum_all_reduce``
+    in ``fused_experts``), which raises ValueError outside a server. Outside one this sets SGLang's
+    defaults, ``ServerArgs(model_path="dummy")`` (a model path SGLang's ``__post_init__`` skips its
+    model and device checks for) through ``set_global_server_args_for_scheduler``, as SGLang's own
+    kernel tests do. Arguments already set (inside a server) are kept; a release
+    without the mechanism, or whose ``ServerArgs`` cannot be built here, is left as it is."""
+    try:
+        module = server_code.import_module(SERVER_ARGS_MODULE)
+    except server_code.ImportFailed:
+        return
+    get = getattr(module, "get_global_server_args", None)
+    put = getattr(module, "set_global_server_args_for_scheduler", None)
+    if get is None or put is None:
+        return
+    try:
+        get()
+        return
+    except ValueError:
+        pass
+    try:
+        put(module.ServerArgs(model_path="dummy"))
+    except Exception:  # noqa: BLE001 - a release whose ServerArgs validates more than this host offers
+        pass
 
 
 class SglangBackend(ServerBackend):
@@ -47,6 +77,7 @@ class SglangBackend(ServerBackend):
                     failure = str(exc)
                     continue
                 if hasattr(module, "override_config") and hasattr(module, "fused_experts"):
+                    ensure_server_args()
                     return ENTRY_FUSED_EXPERTS, module, module.fused_experts, module.override_config, None
         try:
             module = server_code.import_module(LAUNCHER_MODULE)
@@ -56,6 +87,7 @@ class SglangBackend(ServerBackend):
                                      f"(package entry: {failure})") from exc
         if not hasattr(module, LAUNCHER):
             raise BackendUnavailable(f"--kernel sglang: {LAUNCHER_MODULE} has no {LAUNCHER} (package entry: {failure})")
+        ensure_server_args()
         return ENTRY_LAUNCHER, module, None, None, getattr(module, LAUNCHER)
 
     def check(self, shape: MoEShape) -> str | None:
