@@ -116,6 +116,10 @@ elif [ "$KERNEL" = vllm ]; then
   export MOE_TUNE_SERVER_CODE=$PWD/.vllm-src
 else
   [ -f .server-kernels/sglang/__init__.py ] || { echo "no .server-kernels/sglang carried" | tee -a "$LOG"; exit 2; }
+  # on CUDA SGLang imports sglang.jit_kernel, which requires its C++ sources' folders at import
+  [ -d .server-kernels/sglang/jit_kernel/include ] && [ -d .server-kernels/sglang/jit_kernel/csrc ] || {
+    echo "no .server-kernels/sglang/jit_kernel/{include,csrc}: extract them from the sglang wheel too" | tee -a "$LOG"
+    exit 2; }
   [ -d "$SHIPPED" ] || { echo "no $SHIPPED carried" | tee -a "$LOG"; exit 2; }
   export MOE_TUNE_SERVER_CODE=$PWD/.server-kernels
 fi

@@ -233,6 +233,7 @@ def test_failed_package_import_keeps_modules_it_loaded(tmp_path, monkeypatch):
 SGLANG_LAUNCHER_STAND_IN = """
 from sglang.srt.layers.moe import MoeRunner  # names from a parent package: it must really be imported
 from sglang.srt.server_args import get_global_server_args
+from sgl_kernel import sgl_per_token_quant_fp8  # what SGLang's fp8_kernel imports on CUDA
 LAUNCHES = []
 def invoke_fused_moe_kernel(A, B, bias, C, A_scale, B_scale, B_zp, topk_weights, topk_ids, sorted_token_ids,
                             expert_ids, num_tokens_post_padded, mul_routed_weight, top_k, config, compute_type,
@@ -268,7 +269,8 @@ def test_sglang_package_whose_init_fails_imports_its_launcher(tmp_path, monkeypa
     language: IPython), the version is in ``sglang/version.py``, a parent package ``__init__`` runs
     and is imported from, another fails. The launcher is imported with the failing packages bare, is
     called with ``filter_expert=False`` (all experts local, as SGLang's ``fused_experts`` passes
-    without expert parallelism) and finds SGLang's default server arguments set."""
+    without expert parallelism) and finds SGLang's default server arguments set. ``sgl_kernel``
+    does not load here: its ops imported at module level are ones that raise when called."""
     from workers import backends
 
     files = {"__init__.py": "import ipython_not_installed_here\n",
@@ -296,6 +298,10 @@ def test_sglang_package_whose_init_fails_imports_its_launcher(tmp_path, monkeypa
         assert [(c["filter_expert"], c["top_k"], c["config"]) for c in launches] == [
             (False, 2, CONFIG.to_dict()), (False, 1, CONFIG.to_dict())]
         assert sys.modules["sglang.srt.server_args"].get_global_server_args().model_path == "dummy"
+        assert "sgl_kernel" not in sys.modules
+        with pytest.raises(RuntimeError, match="sgl_kernel.sgl_per_token_quant_fp8: SGLang's compiled ops"):
+            backend.module.sgl_per_token_quant_fp8(None)
+        assert "sgl_kernel" in backend.check(MoEShape(E=4, N=64, K=128, topk=2, dtype=DType.FP8_W8A8))
     finally:
         if str(tmp_path) in sys.path:
             sys.path.remove(str(tmp_path))
@@ -313,6 +319,49 @@ def test_a_vllm_that_disabled_triton_is_refused_by_name(tmp_path, monkeypatch):
     with extracted_vllm(tmp_path, monkeypatch, placeholder):
         with pytest.raises(backends.BackendUnavailable, match="disabled Triton"):
             backends.load("vllm")
+
+
+def test_sglang_launcher_kernel_and_default_rule_under_the_interpreter():
+    """SGLang's own ``invoke_fused_moe_kernel`` and ``fused_moe_kernel`` (the extracted package:
+    ``MOE_TUNE_SGLANG_SOURCES``, the folder holding ``sglang/``; skipped otherwise, as in CI) on tiny
+    fp16 shapes (bf16 is computed wrongly by Triton's interpreter, see the vLLM test above), in a
+    subprocess, and SGLang's own ``get_default_config`` behind the ``sglang`` default rule, equal
+    to moe-tune's encoding of it. Needs SGLang's import-time dependencies
+    (``benchmarks/server_kernel_bench.sh`` lists them)."""
+    given = os.environ.get("MOE_TUNE_SGLANG_SOURCES")
+    if not given:
+        pytest.skip("MOE_TUNE_SGLANG_SOURCES (the folder holding SGLang's package) not set")
+    script = (
+        "import json\n"
+        "from workers import backends\n"
+        "from workers.default_config import default_config, server_default\n"
+        "from workers.problem import build_problem, rel_error\n"
+        "from workers.records import Config, DType, MoEShape\n"
+        "b = backends.load('sglang')\n"
+        "errors = []\n"
+        "for M, E in ((5, 4), (1, 16)):\n"
+        "    p = build_problem(MoEShape(E=E, N=64, K=128, topk=2, dtype=DType.FP16), M, seed=3)\n"
+        "    errors.append(rel_error(b.runner(p, Config(16, 32, 64, 1, 4, 3)).run(), p.reference))\n"
+        "rules = []\n"
+        "for dtype, block in ((DType.BF16, None), (DType.FP8_W8A8, None), (DType.FP8_W8A8, (128, 128)),\n"
+        "                     (DType.INT8_W8A16, None)):\n"
+        "    for M in (1, 16, 64, 512, 4096):\n"
+        "        s = MoEShape(E=64, N=1536, K=2048, topk=6, dtype=dtype, block_shape=block)\n"
+        "        config, source = server_default(s, M, 'sglang')\n"
+        "        rules.append([config == default_config(s, M, 'sglang'), source.implementation])\n"
+        "print(json.dumps({'errors': errors, 'env': b.describe(), 'rules': rules}))\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "MOE_TUNE_SERVER_CODE": given, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
+    if done.returncode != 0 and "BackendUnavailable" in done.stderr:
+        pytest.skip(done.stderr.strip().splitlines()[-1][:300])
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["env"]["kernel_entry"].endswith("fused_moe_triton_kernels.invoke_fused_moe_kernel")
+    assert report["env"]["kernel_version"].startswith("sglang 0.")
+    assert all(error <= ERROR_BOUNDS[DType.FP16] for error in report["errors"]), report["errors"]
+    assert all(same and implementation.startswith("sglang.srt.") for same, implementation in report["rules"]), \
+        report["rules"]
 
 
 def test_worker_measures_and_names_the_server_kernel():

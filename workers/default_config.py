@@ -179,11 +179,13 @@ def _server_function(rule: str) -> tuple | None:
 
         module_name, package = _SERVER_FUNCTIONS[rule]
         try:
-            module = server_code.import_module(module_name)
             if rule == SGLANG:
-                from workers.backends.sglang import ensure_server_args
+                from workers.backends.sglang import ensure_server_args, import_code
 
+                module = import_code(module_name)  # its imports need sgl_kernel on CUDA
                 ensure_server_args()  # its get_default_config reads the server's arguments
+            else:
+                module = server_code.import_module(module_name)
             version = server_code.version(package)
             _found[rule] = (module.get_default_config, f"{module_name}.get_default_config, {package} {version}")
             if rule == VLLM and _vllm_release(version) < VLLM_BATCH_AWARE_VERIFIED:

@@ -9,12 +9,19 @@ Entry points (``describe()["kernel_entry"]``):
 - the launcher — only the Python files import: ``…fused_moe_triton.fused_moe_triton_kernels.
   invoke_fused_moe_kernel`` with ``workers.backends.server.LauncherRunner`` around it. SGLang's
   launcher quantizes fp8 activations itself with ``sgl_kernel`` ops on CUDA, so fp8_w8a8 needs
-  ``sgl_kernel`` there; bf16, fp16 and int8_w8a16 do not.
+  ``sgl_kernel`` there; bf16, fp16 and int8_w8a16 do not. On CUDA, SGLang's quantization modules
+  (``fp8_kernel``, ``int8_kernel``: imported by the launcher's module) import ``sgl_kernel``'s ops
+  at module level; where ``sgl_kernel`` does not load, ``import_code`` imports them against
+  ``AbsentCompiledOps``, whose every op raises when called (the launches timed here call none).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import sys
+import types
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -29,6 +36,49 @@ CALL_MODULES = ("sglang.srt.layers.moe.moe_runner.triton_utils", "sglang.srt.lay
 LAUNCHER_MODULE = "sglang.srt.layers.moe.fused_moe_triton.fused_moe_triton_kernels"
 LAUNCHER = "invoke_fused_moe_kernel"
 SERVER_ARGS_MODULE = "sglang.srt.server_args"
+COMPILED_OPS = "sgl_kernel"
+
+
+class AbsentCompiledOps(types.ModuleType):
+    """What ``import sgl_kernel`` finds while SGLang's Python code is imported on a host where
+    ``sgl_kernel`` does not load (its wheel is built for another torch): every name is a function
+    that raises RuntimeError naming the op when called, so SGLang's module-level ``from sgl_kernel
+    import …`` succeeds and any use of a compiled op fails loudly."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+
+        def absent(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError(f"{COMPILED_OPS}.{name}: SGLang's compiled ops do not load on this host")
+
+        absent.__name__ = absent.__qualname__ = name
+        return absent
+
+
+@contextlib.contextmanager
+def _absent_compiled_ops() -> Iterator[None]:
+    """``AbsentCompiledOps`` as ``sgl_kernel`` for the duration (only where none is imported);
+    removed after, so nothing later takes it for the compiled ops."""
+    if COMPILED_OPS in sys.modules:
+        yield
+        return
+    sys.modules[COMPILED_OPS] = AbsentCompiledOps(COMPILED_OPS)
+    try:
+        yield
+    finally:
+        if isinstance(sys.modules.get(COMPILED_OPS), AbsentCompiledOps):
+            del sys.modules[COMPILED_OPS]
+
+
+def import_code(module: str) -> types.ModuleType:
+    """``server_code.import_module(module)`` for a module of SGLang's Python code (the launcher's,
+    the default-config one): with ``AbsentCompiledOps`` standing for ``sgl_kernel`` where that
+    does not load. Raises ``server_code.ImportFailed``."""
+    if compiled_ops_load(COMPILED_OPS):
+        return server_code.import_module(module)
+    with _absent_compiled_ops():
+        return server_code.import_module(module)
 
 
 def ensure_server_args() -> None:
@@ -42,7 +92,7 @@ def ensure_server_args() -> None:
     kernel tests do. Arguments already set (inside a server) are kept; a release
     without the mechanism, or whose ``ServerArgs`` cannot be built here, is left as it is."""
     try:
-        module = server_code.import_module(SERVER_ARGS_MODULE)
+        module = import_code(SERVER_ARGS_MODULE)
     except server_code.ImportFailed:
         return
     get = getattr(module, "get_global_server_args", None)
@@ -64,7 +114,7 @@ class SglangBackend(ServerBackend):
     name = "sglang"
 
     def __init__(self) -> None:
-        self._ops = compiled_ops_load("sgl_kernel")
+        self._ops = compiled_ops_load(COMPILED_OPS)
         super().__init__()
 
     def _import(self) -> tuple[str, Any, Any, Any, Any]:
@@ -80,7 +130,7 @@ class SglangBackend(ServerBackend):
                     ensure_server_args()
                     return ENTRY_FUSED_EXPERTS, module, module.fused_experts, module.override_config, None
         try:
-            module = server_code.import_module(LAUNCHER_MODULE)
+            module = import_code(LAUNCHER_MODULE)
         except server_code.ImportFailed as exc:
             hint = f"; install {exc.missing!r}" if exc.missing else ""
             raise BackendUnavailable(f"--kernel sglang: cannot import SGLang's fused-MoE code: {exc}{hint} "
