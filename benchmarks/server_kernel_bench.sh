@@ -31,22 +31,28 @@
 #            shape to compare; RESUME_JOURNAL=<journal.jsonl.gz of an earlier call> finishes cut tunes)
 #   call 3:  PHASES=exhaustive bash benchmarks/server_kernel_bench.sh     same carry as call 2
 #
-# KERNEL=sglang (default vllm): the same on SGLang's own fused-MoE kernel (SGLang 0.5.10's Python package from
-# .server-kernels/sglang, imported through MOE_TUNE_SERVER_CODE=.server-kernels; the launcher entry point
-# fused_moe_triton_kernels.invoke_fused_moe_kernel, as sgl_kernel does not load with the host's torch): tune with
-# --kernel sglang --format sglang, baseline = SGLang's shipped configs (.server-kernels/configs/sglang, triton_X_Y_Z
-# folders: the running Triton's folder, else the newest other), default = SGLang's own default rule; compare with
-# --kernel sglang --rule sglang reading SGLang's folder layout for tuned and shipped. Default SHAPES there: the bf16
-# ones (SGLang's launcher quantizes fp8 activations with sgl_kernel, which does not load: fp8 shapes are refused).
-# SGLang 0.5.10's import chain to that module (bare top package: sglang/__init__ is not run), beyond the GPU image,
-# as checked on CPU (Python 3.11, torch 2.13): pyzmq openai httpx2 httpcore2 sniffio partial-json-parser truststore
-# pybase64 starlette (all in .vllm-wheels) and pydantic (.gpu-wheels), plus ipython traitlets dill (sglang.utils,
-# reached through server_args, imports IPython.display; sampling imports dill):
-#   here, once:  ../shared/tools/offline-wheels .sglang-wheels ipython traitlets dill   (pure Python, < 1 MB)
-#   call 1:  PHASES=install KERNEL=sglang bash …   carry [".gpu-wheels"] (skip if the vLLM calls installed it)
-#   call 2:  KERNEL=sglang bash benchmarks/server_kernel_bench.sh   carry [".vllm-wheels", ".sglang-wheels",
+# KERNEL=sglang (default vllm): the same on SGLang's own fused-MoE kernel, SGLang 0.5.10's Python package from
+# .server-kernels/sglang imported through MOE_TUNE_SERVER_CODE=.server-kernels, launcher entry point
+# (fused_moe_triton_kernels.invoke_fused_moe_kernel: sgl_kernel's wheel is built for another torch and is not
+# carried; SGLang's module-level imports of its ops, on CUDA, get ops that raise if called, none is on the timed
+# path). Tune: --kernel sglang --format sglang, baseline = SGLang's shipped configs (.server-kernels/configs/sglang,
+# triton_X_Y_Z folders: the running Triton's, else the newest other, as SGLang falls back), default = SGLang's own
+# get_default_config (rule sglang). Compare: --kernel sglang --server sglang --rule sglang (SGLang's lookup in both
+# the tuned and the shipped folder). Default SHAPES: the bf16 ones (SGLang's launcher quantizes fp8 activations with
+# sgl_kernel: fp8 shapes are refused by name).
+# Needs, beyond the GPU image (SGLang 0.5.10's import chain to the launcher with its top-level __init__ not run,
+# checked on CPU with Python 3.11 and CUDA faked at import): pyzmq openai httpx2 httpcore2 sniffio
+# partial-json-parser truststore pybase64 starlette (in .vllm-wheels), pydantic (.gpu-wheels), and ipython
+# traitlets dill (.sglang-wheels: server_args -> openai protocol -> sglang.utils imports IPython.display; the
+# sampling code imports dill). And sglang/jit_kernel/include and csrc (C++ sources, 0.85 MB; SGLang checks at
+# import on CUDA that they exist): ../shared/tools/server-kernels extracts only .py files, so add them from the
+# same wheel (sglang/jit_kernel/**, non-.py) before carrying.
+#   here, once:  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#                  --platform manylinux_2_28_x86_64 -d .sglang-wheels ipython traitlets dill     (0.85 MB)
+#   call 1:  PHASES=install bash benchmarks/server_kernel_bench.sh     carry [".gpu-wheels"] (once per GPU host)
+#   call 2:  KERNEL=sglang bash benchmarks/server_kernel_bench.sh      carry [".vllm-wheels", ".sglang-wheels",
 #                                     ".server-kernels/sglang", ".server-kernels/configs/sglang"]
-#            (26 MB + 16 MB + < 1 MB + 1 MB with the repo: under the 64 MiB a call carries)
+#            (23 + 16 + 0.85 + 1.3 MB, ~44 MB with the repo: under the 64 MiB a call carries)
 #
 # DRY=1: the whole path on CPU, no GPU: the tiny fixture model (tests/fixtures/tiny-moe.json, 2 batch sizes,
 # tests/fixtures/tune-space.yaml), --interpret, the stand-in server of tests/stand_in_servers for KERNEL
@@ -75,11 +81,14 @@ case "$KERNEL" in
   *) echo "server_kernel_bench: KERNEL must be vllm or sglang, not '$KERNEL'" >&2; exit 2 ;;
 esac
 EXHAUSTIVE_SHAPE=${EXHAUSTIVE_SHAPE:-qwen3-30b-a3b:1:bf16}
+EXHAUSTIVE_BATCH_SIZES=1,64,1024,4096
 SHIPPED=.server-kernels/configs/$KERNEL
 TUNE_EXTRA=()
 if [ -n "$DRY" ]; then
-  BATCH_SIZES=1,4; SHAPES=tests/fixtures/tiny-moe.json:1:bf16; EXHAUSTIVE_SHAPE=$SHAPES; TOTAL_S=${TOTAL_S_DRY:-900}
-  TUNE_EXTRA=(--interpret --workers 1 --search-space tests/fixtures/tune-space.yaml)
+  BATCH_SIZES=1,4; EXHAUSTIVE_BATCH_SIZES=1,4; SHAPES=tests/fixtures/tiny-moe.json:1:bf16; EXHAUSTIVE_SHAPE=$SHAPES
+  TOTAL_S=${TOTAL_S_DRY:-900}
+  # the stand-ins' versions (0.0.0+stand-in…) name no rule: the rule is given
+  TUNE_EXTRA=(--interpret --workers 1 --search-space tests/fixtures/tune-space.yaml --server-version "$RULE")
 fi
 
 left() { echo $(( TOTAL_S - ($(date +%s) - START) )); }
@@ -88,7 +97,7 @@ has() { case " $PHASES " in *" $1 "*) return 0;; esac; return 1; }
 
 step "setup"
 for wheels in .gpu-wheels .vllm-wheels .sglang-wheels; do
-  if ls "$wheels"/*.whl >/dev/null 2>&1; then
+  if [ -z "$DRY" ] && ls "$wheels"/*.whl >/dev/null 2>&1; then   # DRY: this host's packages
     stamp="$SITE/.installed-${wheels#.}"
     if [ -f "$stamp" ] && [ "$(ls "$wheels")" = "$(cat "$stamp")" ]; then
       echo "$wheels: installed by an earlier call" | tee -a "$LOG"; continue
@@ -166,10 +175,10 @@ import json, pathlib, sys
 tuned, shipped, kernel = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3]
 for f in sorted(tuned.rglob("E=*.json")):
     entries = json.loads(f.read_text())
-    first = next(iter(entries.values()))
+    first = next(value for key, value in entries.items() if key.isdigit())
     target = shipped / ("triton_3_1_0" if kernel == "sglang" else "") / f.name
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps({key: first for key in entries}, indent=4))
+    target.write_text(json.dumps({key: first if key.isdigit() else value for key, value in entries.items()}, indent=4))
     print("dry stand-in shipped file:", target.relative_to(shipped))
 PY
 fi
@@ -187,15 +196,15 @@ fi
 if has exhaustive; then
   IFS=: read -r model tp dtype <<<"$EXHAUSTIVE_SHAPE"
   budget=$(python3 -c "print(round(max(0.5, ($(left) - 170) / 60), 2))")
-  step "exhaustive $EXHAUSTIVE_SHAPE at M=1,64,1024,4096 (budget ${budget} min)"
+  step "exhaustive $EXHAUSTIVE_SHAPE at M=$EXHAUSTIVE_BATCH_SIZES (budget ${budget} min)"
   timeout $(( $(left) - 120 )) python3 -m tuner.cli tune --model "$model" --tp "$tp" --dtype "$dtype" --kernel "$KERNEL" \
-    --format "$KERNEL" --strategy exhaustive --batch-sizes 1,64,1024,4096 --budget-minutes "$budget" \
+    --format "$KERNEL" --strategy exhaustive --batch-sizes $EXHAUSTIVE_BATCH_SIZES --budget-minutes "$budget" \
     --out "$WORK/exhaustive" --journal "$WORK/journal.jsonl" "${TUNE_EXTRA[@]}" --json >"$OUT/exhaustive.json" 2>>"$LOG"
   echo "exhaustive exit $?" | tee -a "$LOG"
-  step "compare at M=1,64,1024,4096: tuned vs exhaustive (vs shipped, default)"
+  step "compare at M=$EXHAUSTIVE_BATCH_SIZES: tuned vs exhaustive (vs shipped, default)"
   timeout $(( $(left) > 40 ? $(left) - 5 : 40 )) python3 benchmarks/server_kernel_compare.py --kernel "$KERNEL" \
     --server "$KERNEL" --rule "$RULE" --shape "$EXHAUSTIVE_SHAPE" --configs tuned="$WORK/tuned" --configs exhaustive="$WORK/exhaustive" \
-    --configs shipped="$SHIPPED" --versus exhaustive --rounds 3 --batch-sizes 1,64,1024,4096 \
+    --configs shipped="$SHIPPED" --versus exhaustive --rounds 3 --batch-sizes $EXHAUSTIVE_BATCH_SIZES \
     --out "$OUT/vs_exhaustive" 2>>"$LOG" | tee "$OUT/compare_exhaustive.txt"
 fi
 gzip -c "$WORK/journal.jsonl" >"$OUT/journal.jsonl.gz" 2>/dev/null
