@@ -197,14 +197,14 @@ if has exhaustive; then
   IFS=: read -r model tp dtype <<<"$EXHAUSTIVE_SHAPE"
   budget=$(python3 -c "print(round(max(0.5, ($(left) - 170) / 60), 2))")
   step "exhaustive $EXHAUSTIVE_SHAPE at M=$EXHAUSTIVE_BATCH_SIZES (budget ${budget} min)"
-  timeout $(( $(left) - 120 )) python3 -m tuner.cli tune --model "$model" --tp "$tp" --dtype "$dtype" --kernel "$KERNEL" \
-    --format "$KERNEL" --strategy exhaustive --batch-sizes $EXHAUSTIVE_BATCH_SIZES --budget-minutes "$budget" \
+  timeout $(( $(left) - 120 )) python3 -m tuner.cli tune --model "$model" --tp "$tp" --dtype "$dtype" \
+    --kernel "$KERNEL" --format "$KERNEL" --strategy exhaustive --batch-sizes $EXHAUSTIVE_BATCH_SIZES --budget-minutes "$budget" \
     --out "$WORK/exhaustive" --journal "$WORK/journal.jsonl" "${TUNE_EXTRA[@]}" --json >"$OUT/exhaustive.json" 2>>"$LOG"
   echo "exhaustive exit $?" | tee -a "$LOG"
   step "compare at M=$EXHAUSTIVE_BATCH_SIZES: tuned vs exhaustive (vs shipped, default)"
   timeout $(( $(left) > 40 ? $(left) - 5 : 40 )) python3 benchmarks/server_kernel_compare.py --kernel "$KERNEL" \
-    --server "$KERNEL" --rule "$RULE" --shape "$EXHAUSTIVE_SHAPE" --configs tuned="$WORK/tuned" --configs exhaustive="$WORK/exhaustive" \
-    --configs shipped="$SHIPPED" --versus exhaustive --rounds 3 --batch-sizes $EXHAUSTIVE_BATCH_SIZES \
+    --server "$KERNEL" --rule "$RULE" --shape "$EXHAUSTIVE_SHAPE" --configs tuned="$WORK/tuned" \
+    --configs exhaustive="$WORK/exhaustive" --configs shipped="$SHIPPED" --versus exhaustive --rounds 3 --batch-sizes $EXHAUSTIVE_BATCH_SIZES \
     --out "$OUT/vs_exhaustive" 2>>"$LOG" | tee "$OUT/compare_exhaustive.txt"
 fi
 gzip -c "$WORK/journal.jsonl" >"$OUT/journal.jsonl.gz" 2>/dev/null

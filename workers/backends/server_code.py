@@ -10,10 +10,12 @@ Two places, in this order:
 A server's fused-MoE module sits under packages whose ``__init__`` imports most of the server
 (vLLM's ``vllm.model_executor`` pulls its distributed runtime, ``…fused_moe/__init__`` every MoE
 method). ``import_module`` first imports normally; if that fails it imports the module again with
-the parent packages registered bare (their folder on ``__path__``, their ``__init__`` not run; the
-top-level package too where its ``__init__`` fails, e.g. SGLang's, which imports its frontend language), so only the modules the fused-MoE file itself imports are loaded. Modules the
-failed attempt did import stay loaded and are reused, never imported twice (vLLM registers torch
-custom types and ops at import; a second import of those modules fails). What still fails is reported
+the package the first attempt failed in registered bare (its folder on ``__path__``, its
+``__init__`` not run; the top-level package too, e.g. SGLang's, which imports its frontend
+language), the packages below it imported normally where they can be, so only what the fused-MoE
+file itself imports is loaded. Modules the failed attempt did import stay loaded and are reused,
+never imported twice (vLLM registers torch custom types and ops at import; a second import of
+those modules fails). What still fails is reported
 by name (``ImportError.name``) so the caller can say what to install. Extracted sources have no
 package metadata; ``importlib.metadata`` is answered with the package's own ``__version__``.
 """
