@@ -38,7 +38,7 @@ def _engine_counts(tmp_path: Path, strategy: str, jobs: list[SearchJob], latency
 
 
 @pytest.mark.parametrize("strategy", ["fast", "exhaustive"])
-def test_the_estimate_is_what_the_engine_measures(tmp_path: Path, strategy: str) -> None:
+def test_the_estimate_is_what_the_engine_measures(tmp_path: Path, strategy: str, rng: random.Random) -> None:
     jobs = [_search_job({M: CONFIGS[:300] for M in (1, 16, 256)})]
     expected = est.estimate(jobs, strategy)
 
@@ -49,7 +49,6 @@ def test_the_estimate_is_what_the_engine_measures(tmp_path: Path, strategy: str)
     assert _engine_counts(tmp_path, strategy, jobs, model_latency) == (expected.screens, expected.fulls)
 
     # Any other GPU: within the bounds the estimate states.
-    rng = random.Random()
     for _ in range(3):
         surface = bowl({k: rng.choice(v) for k, v in SPACE.items()}, rng)
         screens, fulls = _engine_counts(tmp_path, strategy, jobs, surface)

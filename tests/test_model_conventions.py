@@ -17,7 +17,7 @@ from tuner import cli
 from tuner.errors import UsageError
 from tuner.models import derive_shape, parse_config, sglang_fused_shared_experts
 from tuner.plan import build_plan
-from tuner.writers import (key_coverage, lookup, partial_file_warning, partial_file_warnings, server_file,
+from tuner.writers import (key_coverage, lookup, partial_file_warnings, server_file,
                            write_vllm)
 from workers.records import Config, DType, MoEShape
 
@@ -208,11 +208,11 @@ def test_key_coverage_matches_the_servers_nearest_key_lookup():
 def test_partial_file_warning_names_the_ranges(tmp_path):
     shape = MoEShape(8, 1792, 4096, 2, DType.BF16)
     path = write_vllm(tmp_path, shape, "NVIDIA H200", {M: Config(16, 32, 64, 1, 4, 2) for M in (1, 64)}, "3.4.0").path
-    warning = partial_file_warning(path, (1, 2, 64, 128))
+    [warning] = partial_file_warnings([path], (1, 2, 64, 128))
     assert warning.startswith("E=8,N=1792,device_name=NVIDIA_H200.json is partial: it has configs for M=1,64 only, "
                               "none for 2 of the 4 batch sizes servers are tuned for (2, 128)"), warning
     assert "M 1-32 runs the M=1 config, M 33 and above run the M=64 config" in warning
-    assert partial_file_warning(path, (1, 64)) is None
+    assert partial_file_warnings([path], (1, 64)) == []
 
 
 def test_files_tuned_together_share_one_partial_warning(tmp_path):

@@ -6,8 +6,8 @@ the weight preparation (Hopper layouts) undone and decoded with triton_kernels' 
 decoder, and the runner's wiring (router logits, gate/up interleave, fused SwiGLU, routed weights,
 scatter-sum) with triton_kernels' own torch references of ``routing`` and ``matmul_ogs`` standing in
 for the kernels. triton_kernels is found installed, at ``$MOE_TUNE_TRITON_KERNELS`` (a folder
-holding the package), or in ``.server-kernels/`` of the repository (``../shared/tools/server-kernels``
-puts it there); without it those tests are skipped.
+holding the package), or in ``.server-kernels/`` of the repository (a folder of extracted server
+packages, not committed); without it those tests are skipped.
 """
 
 from __future__ import annotations
@@ -29,13 +29,6 @@ from workers.records import DType, MoEShape
 from workers.reference import SILU, SWIGLU_OAI, activate
 
 REPO = Path(__file__).resolve().parent.parent
-SEED = random.SystemRandom().randrange(2**32)
-
-
-@pytest.fixture
-def rng() -> random.Random:
-    print(f"seed={SEED}")
-    return random.Random(SEED)
 
 
 def _triton_kernels():
@@ -48,12 +41,27 @@ def _triton_kernels():
         pytest.skip("triton_kernels not found (install it, or set MOE_TUNE_TRITON_KERNELS)")
 
 
+def deinterleave_gate_up(t: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``tk.interleave_gate_up``."""
+    E, two_n, C = t.shape
+    return t.view(E, two_n // 2, 2, C).transpose(1, 2).reshape(E, two_n, C)
+
+
+def unprepare_mxfp4(values: object, scales: object, rows: int, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of ``tk.prepare_mxfp4`` (layouts and padding undone): packed ``[E, rows, C//2]`` and
+    scales ``[E, rows, groups]``, for checking a preparation."""
+    data = values.storage.layout.unswizzle_data(values.storage.data)
+    scale = scales.storage.layout.unswizzle_data(scales.storage.data)
+    return (data.transpose(-2, -1)[..., :rows, :].contiguous(),
+            scale.transpose(-2, -1)[..., :rows, :groups].contiguous())
+
+
 def test_interleave_puts_gate_and_up_rows_of_one_column_side_by_side(rng: random.Random) -> None:
     E, N, C = rng.randint(1, 3), rng.randint(1, 9), rng.randint(1, 5)
     t = torch.randn(E, 2 * N, C)
     mixed = tk.interleave_gate_up(t)
     assert torch.equal(mixed[:, 0::2], t[:, :N]) and torch.equal(mixed[:, 1::2], t[:, N:])
-    assert torch.equal(tk.deinterleave_gate_up(mixed), t)
+    assert torch.equal(deinterleave_gate_up(mixed), t)
 
 
 def test_gpt_oss_activation_clamps_gate_above_and_up_both_ways() -> None:
@@ -81,7 +89,7 @@ def test_prepared_mxfp4_weights_decode_to_the_quantized_values(rows: int, cols: 
     values, scales = tk.prepare_mxfp4(QuantizedWeight(DType.MXFP4, data, scale), package)
     assert values.storage.layout.name == "HOPPER_VALUE" and scales.storage.layout.name == "HOPPER_SCALE"
     assert list(values.shape) == [E, cols, rows]  # [E, K, N] as matmul_ogs reads w
-    back, back_scale = tk.unprepare_mxfp4(values, scales, rows, cols // 32)
+    back, back_scale = unprepare_mxfp4(values, scales, rows, cols // 32)
     assert torch.equal(back, data) and torch.equal(back_scale, scale)
     decoded = upcast_from_mxfp_torch(back, back_scale, torch.float32, axis=-1)
     expected = dequantize_mxfp4(data, scale)
@@ -101,7 +109,7 @@ def _torch_package(package, monkeypatch: pytest.MonkeyPatch) -> None:
         if isinstance(w, torch.Tensor):  # bf16: a plain [E, K, N] tensor
             return w
         groups = w.shape[-2] // 32
-        data, scale = tk.unprepare_mxfp4(w, precision.weight_scale, w.shape[-1], groups)
+        data, scale = unprepare_mxfp4(w, precision.weight_scale, w.shape[-1], groups)
         return upcast_from_mxfp_torch(data, scale, torch.float32, axis=-1).transpose(-2, -1)
 
     def matmul(x, w, bias, routing_data, gather_indx=None, scatter_indx=None, precision_config=None, gammas=None,

@@ -19,7 +19,7 @@ COMMANDS = {
     "plan": "list the tuning jobs a model, layout and dtypes need (no GPU)",
     "check": "compare the fused-MoE kernel against the fp32 reference",
     "tune": "tune configs on GPU workers through Ray and write server files",
-    "bench": "time config folders against vLLM's default heuristic, back to back; optional regression gate",
+    "bench": "time config folders against the server's default config, back to back; optional regression gate",
     "compare": "tune every dtype of a model and report which to deploy per batch size (md/html/json)",
     "job": "validate or run a job spec (models x dtypes x layouts, optional bench gate): the nightly entry point",
 }
@@ -158,6 +158,7 @@ def _failure(exc: BaseException) -> int:
         print("moe-tune: interrupted", file=sys.stderr)
         return 130
     raise exc
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -210,8 +210,7 @@ class Plan:
         configs = self.space.expand()
         limits = DeviceLimits.for_device(device_name)
         arch = dispatch.gpu_arch(device_name)
-        # job shape -> (models, servers reading its file, padding, builtin)
-        # job shape -> (models, servers reading its file, padding, builtin, the first planned shape)
+        # job shape -> (models, servers reading its file, padding, builtin, the planned shapes behind it)
         by_shape: dict[MoEShape, tuple[list[str], list[ServerKernel], list[Padding], list[bool],
                                        list[PlannedShape]]] = {}
         elsewhere: list[ServedElsewhere] = []

@@ -51,11 +51,6 @@ def working_bytes_per_token(shape: MoEShape) -> int:
     return per_token
 
 
-def expected_experts_touched(E: int, topk: int, M: int) -> float:
-    """Distinct experts that M tokens with uniform top-k routing reach on average."""
-    return E * (1.0 - (1.0 - topk / E) ** M)
-
-
 def min_bytes_moved(shape: MoEShape, M: int, experts_touched: float) -> float:
     """The HBM floor's bytes: every touched expert's weights once, the input read, the output written."""
     return weight_bytes(shape) * experts_touched / shape.E + 2 * ACTIVATION_BYTES * M * shape.K

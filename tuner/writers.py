@@ -480,12 +480,6 @@ def key_coverage(keys: list[int] | set[int]) -> list[tuple[int, int, int | None]
     return spans
 
 
-def partial_file_warning(path: Path, expected: tuple[int, ...]) -> str | None:
-    """``partial_file_warnings`` of one file: its line, or None for a complete file."""
-    lines = partial_file_warnings([path], expected)
-    return lines[0] if lines else None
-
-
 def partial_file_warnings(paths: list[Path], expected: tuple[int, ...]) -> list[str]:
     """One-line warnings for the config files at ``paths`` that lack some of the ``expected`` batch
     sizes (the servers' tuning grid), one line per set of batch sizes held (files tuned together

@@ -37,8 +37,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "any batch size of any dtype: its time ratio (time / reference time) above 1/RATIO "
                              "(0.98: more than ~2%% slower)")
     parser.add_argument("--routing", type=routing_arg, default="uniform", help="uniform | zipf:<alpha> | file:<path>")
-    parser.add_argument("--rounds", type=positive_int, default=bench.RETIME_ROUNDS,
-                        help="interleaved timing rounds per batch size")
+    parser.add_argument("--rounds", type=positive_int, default=bench.RETIME_ROUNDS, metavar="N",
+                        help=f"interleaved timing rounds per batch size (default {bench.RETIME_ROUNDS})")
     parser.add_argument("--kernel", default=kernel_choice.AUTO, type=kernel_choice.kernel_arg,
                         metavar=kernel_choice.kernel_metavar(),
                         help="kernel to time in: auto (default: --server's where it imports and runs the shape, else "

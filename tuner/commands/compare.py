@@ -47,11 +47,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--builtin-fp4", action="store_true",
                         help="also write the configs of moe-tune's own fp4 kernel (the mxfp4/nvfp4 second column, "
                              f"tuned either way) to <configs-out>/{BUILTIN_FOLDER}/, which no server reads")
-    parser.add_argument("--format", default="vllm", choices=("vllm", "sglang", "both"), help="config file layout")
-    parser.add_argument("--journal", type=Path,
+    parser.add_argument("--format", default="vllm", choices=("vllm", "sglang", "both"),
+                        help="config file layout (default: vllm)")
+    parser.add_argument("--journal", type=Path, metavar="PATH",
                         help=f"journal (default: <configs-out>/{JOURNAL_NAME}, shared with tune)")
     add_fresh_arguments(parser)
-    parser.add_argument("--moe-layers", type=positive_int, default=1,
+    parser.add_argument("--moe-layers", type=positive_int, default=1, metavar="N",
                         help="MoE layers of the model, for the weight total per GPU (default 1: one layer)")
     parser.add_argument("--memory-budget-gib", type=positive_float, metavar="GIB",
                         help="memory per GPU for weights + MoE buffers (default: 90%% of the memory the GPU reports)")
@@ -73,7 +74,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"give up joining --address after this long (default {DEFAULT_CONNECT_TIMEOUT_S:g})")
     parser.add_argument("--replace", action="store_true",
                         help="overwrite existing config files instead of merging into them (see tune --replace)")
-    parser.add_argument("--workers", type=positive_int, help="use at most N GPUs")
+    parser.add_argument("--workers", type=positive_int, metavar="N",
+                        help="use at most N GPUs (default: every GPU Ray reports; --interpret: 2 logical GPUs)")
     parser.add_argument("--interpret", action="store_true",
                         help="run the kernels under the Triton interpreter on the CPU (tiny shapes only)")
 

@@ -77,10 +77,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "vllm-pre-34846, sglang, or vllm==X.Y.Z / sglang==X.Y.Z (default: the tuned server's "
                              "version, else the installed vLLM's, else vLLM's newest rule)")
     parser.add_argument("--builtin-fp4", action="store_true", help=BUILTIN_FP4_HELP)
-    parser.add_argument("--address", help="Ray cluster to join (auto, ray://host:port); default: start one here")
+    parser.add_argument("--address", help="Ray cluster to join (auto, ray://host:port; default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--connect-timeout", type=positive_float, metavar="SECONDS",
                         help=f"give up joining --address after this long (default {DEFAULT_CONNECT_TIMEOUT_S:g})")
-    parser.add_argument("--workers", type=positive_int, help="use at most N GPUs (default: every GPU Ray reports)")
+    parser.add_argument("--workers", type=positive_int, metavar="N",
+                        help="use at most N GPUs (default: every GPU Ray reports; --interpret: 2 logical GPUs)")
     parser.add_argument("--out", help=f"output folder (default: ./{writers.DEFAULT_OUT}/)")
     parser.add_argument("--format", choices=FORMATS, help="file layout to write (default: vllm)")
     parser.add_argument("--replace", action="store_true",
@@ -88,13 +89,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "now are kept when tuned for the same kernel and Triton version, else the run refuses")
     parser.add_argument("--disable-shared-experts-fusion", action="store_true",
                         help="SGLang layout: the server runs with this SGLang flag (shared experts not fused into E)")
-    parser.add_argument("--journal", help=f"journal file (default: <out>/{JOURNAL_NAME})")
+    parser.add_argument("--journal", metavar="PATH", help=f"journal file (default: <out>/{JOURNAL_NAME})")
     add_fresh_arguments(parser)
     parser.add_argument("--interpret", action="store_true",
                         help="no GPU: Triton interpreter on CPU workers (tiny shapes only)")
     parser.add_argument("--timeout", type=positive_float, metavar="SECONDS",
                         help="per-candidate limit; a candidate running longer ends its worker (default 300)")
-    parser.add_argument("--finalists", type=positive_int,
+    parser.add_argument("--finalists", type=positive_int, metavar="N",
                         help="fastest candidates per batch size re-timed back to back before choosing (default 3)")
     parser.add_argument("--json", action="store_true", help="print the run summary as one JSON object")
     parser.add_argument("--dry-run", action="store_true",

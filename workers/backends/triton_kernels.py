@@ -61,7 +61,7 @@ def import_package() -> ModuleType:
         except ImportError as exc:
             errors.append(f"{name}: {exc}")
     raise BackendUnavailable("triton_kernels is not importable (" + "; ".join(errors) + "); "
-                             "pip install it, or put the copy ../shared/tools/server-kernels extracts on PYTHONPATH")
+                             "pip install triton_kernels, or put a folder holding the triton_kernels package on PYTHONPATH")
 
 
 def _module(package: ModuleType, name: str) -> ModuleType:
@@ -74,12 +74,6 @@ def interleave_gate_up(t: torch.Tensor) -> torch.Tensor:
     E, two_n, C = t.shape
     n = two_n // 2
     return t.view(E, 2, n, C).transpose(1, 2).reshape(E, two_n, C)
-
-
-def deinterleave_gate_up(t: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``interleave_gate_up``."""
-    E, two_n, C = t.shape
-    return t.view(E, two_n // 2, 2, C).transpose(1, 2).reshape(E, two_n, C)
 
 
 @dataclasses.dataclass
@@ -112,15 +106,6 @@ def prepare_mxfp4(weight: QuantizedWeight, package: ModuleType, hopper: bool = T
     values = tensor.convert_layout(tensor.wrap_torch_tensor(data, dtype=tensor.FP4), value_layout, **value_opts)
     scales = tensor.convert_layout(tensor.wrap_torch_tensor(scale), scale_layout, **scale_opts)
     return values, scales
-
-
-def unprepare_mxfp4(values: object, scales: object, rows: int, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of ``prepare_mxfp4`` (layouts and padding undone): packed ``[E, rows, C//2]`` and
-    scales ``[E, rows, groups]``, for checking a preparation."""
-    data = values.storage.layout.unswizzle_data(values.storage.data)
-    scale = scales.storage.layout.unswizzle_data(scales.storage.data)
-    return (data.transpose(-2, -1)[..., :rows, :].contiguous(),
-            scale.transpose(-2, -1)[..., :rows, :groups].contiguous())
 
 
 def _hopper(device: torch.device) -> bool:
