@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from workers.backends.base import describe_label
 from workers.problem import ERROR_BOUNDS, build_problem, rel_error
 from workers.records import Config, DType, MoEShape
 
@@ -61,13 +62,6 @@ def stand_in(monkeypatch):
     _forget_servers()
 
 
-@pytest.fixture
-def seed():
-    value = int.from_bytes(os.urandom(4), "little")
-    print(f"seed {value}")
-    return value
-
-
 def problem(dtype: DType, seed: int, block_shape=None, M: int = 5, E: int = 4):
     return build_problem(MoEShape(E=E, N=64, K=128, topk=2, dtype=dtype, block_shape=block_shape), M, seed=seed)
 
@@ -94,6 +88,8 @@ def test_package_entry_forces_the_config_and_matches_the_reference(form, dtype, 
     env = backend.describe()
     assert env["kernel"] == FORMS[form] and env["kernel_version"].startswith(f"{FORMS[form]} 0.0.0+stand-in")
     assert env["kernel_entry"].endswith("fused_experts+override_config") and len(env["kernel_hash"]) == 16
+    assert describe_label(env) == (f"{env['kernel']} ({env['kernel_entry']}, {env['kernel_version']}, "
+                                   f"source {env['kernel_hash']})")  # every summary, table and report names it so
 
 
 @pytest.mark.parametrize("block_shape", [None, (64, 64)])

@@ -32,6 +32,8 @@ from tuner.errors import RunFailed, UsageError
 from tuner.pool import Done, Lost, WorkerPool, start_pool
 from tuner.ray_session import ray_session
 from tuner.writers import lookup, read_config_folder, server_file
+from workers.backends import BUILTIN
+from workers.backends.base import describe_label
 from workers.default_config import VLLM, server_default
 from workers.records import Candidate, Config, MoEShape, Status
 
@@ -166,7 +168,7 @@ def resolve_config(variant: Variant, files: dict[str, dict[int, Config]] | None,
 
 
 @contextmanager
-def bench_pool(timeout_s: float = 300.0, kernel: str = "builtin") -> Iterator[WorkerPool]:
+def bench_pool(timeout_s: float = 300.0, kernel: str = BUILTIN) -> Iterator[WorkerPool]:
     """One BenchmarkWorker actor (``tuner.pool``) timing ``kernel`` inside an open ``ray_session``:
     a candidate that kills it is recorded as crashed and the pool brings the actor back for the next one."""
     pool = start_pool(1, kernel, timeout_s, lambda text: print(f"bench: {text}", file=sys.stderr))
@@ -196,7 +198,7 @@ def bench_on(pool: WorkerPool, shape: MoEShape, variants: list[Variant], referen
 
 def run_bench(shapes: list[MoEShape], variants: list[Variant], reference: Variant, batch_sizes: list[int],
               routing: str = "uniform", rounds: int = RETIME_ROUNDS, address: str | None = None,
-              interpret: bool = False, kernel: str = "builtin", rule: str = VLLM) -> list[BenchResult]:
+              interpret: bool = False, kernel: str = BUILTIN, rule: str = VLLM) -> list[BenchResult]:
     """Bench each of ``shapes`` (e.g. one per dtype) in turn on one worker of one Ray session."""
     for variant in variants:
         if variant.folder is not None:
@@ -237,8 +239,7 @@ def format_table(result: BenchResult, fail_if_slower: float | None) -> str:
     labels = [v.label for v in result.variants]
     v = result.versions
     lines = [f"bench {result.shape.label} routing={result.routing} on {result.device}",
-             f"kernel: {v.get('kernel', '?')} ({v.get('kernel_entry', '?')}, {v.get('kernel_version', '?')}, "
-             f"source {v.get('kernel_hash', '?')}); default: the {result.default_rule} rule",
+             f"kernel: {describe_label(v)}; default: the {result.default_rule} rule",
              f"reference: {result.reference.label}" + (
                  f"; gate: fail where a folder's time ratio is above {max_time_ratio(fail_if_slower):.3f} "
                  f"(= 1/{fail_if_slower:g})" if fail_if_slower is not None else "")]

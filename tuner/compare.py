@@ -50,10 +50,11 @@ from tuner.report import (DEFAULT_MAX_REL_ERR, REFERENCE, ComparisonResults, Poi
                           summarize_dtype)
 from tuner.search import SearchJob
 from tuner.select import Selection
+from workers.backends import BUILTIN
+from workers.backends.base import describe_label
 from workers.default_config import default_config
 from workers.records import Config, DType, Gemm, Level, Measurement, MoEShape, WeightGrid
 
-BUILTIN = "builtin"
 DEFAULT_BUDGET_FRACTION = 0.9  # vLLM's default --gpu-memory-utilization
 ACCURACY_TIMEOUT_S = 600.0
 """Limit for the accuracy pass at one batch size (every dtype's problem, reference and run)."""
@@ -256,15 +257,6 @@ def _server_kernel_timings(shapes: dict[DType, MoEShape], ogs_dtypes: list[DType
                 "unavailable": f"the server-kernel timing did not finish within {limit:.0f} s"}
 
 
-def _kernel_label(env: dict[str, str]) -> str:
-    """``name (entry, version, hash)`` from a worker's or backend's description."""
-    name = env.get("kernel", BUILTIN)
-    details = [env[k] for k in ("kernel_entry", "kernel_version", "kernel_hash") if env.get(k)]
-    if name == BUILTIN and not env.get("kernel_entry"):
-        details = ["workers.moe.MoERunner", "moe-tune"] + details
-    return f"{name} ({', '.join(details)})" if details else name
-
-
 def run_compare(request: CompareRequest, progress: Progress | None = None) -> ComparisonResults:
     with ray_session(request.address, request.interpret, request.workers, request.connect_timeout_s):
         return _compare_in_session(request, progress or Progress())
@@ -384,7 +376,7 @@ def _compare_in_session(request: CompareRequest, progress: Progress) -> Comparis
     else:
         budget = int(DEFAULT_BUDGET_FRACTION * device_memory)
         source = f"{DEFAULT_BUDGET_FRACTION:.0%} of {device_memory / 2**30:.1f} GiB, {memory_source}"
-    ogs_label = _kernel_label(timed["kernel"]) if timed["kernel"] else None
+    ogs_label = describe_label(timed["kernel"]) if timed["kernel"] else None
     results = ComparisonResults(
         model=request.model, layout=request.layout, device=tuned.device, versions=tuned.versions,
         routing=request.routing, moe_layers=request.moe_layers, memory_budget_bytes=budget,
@@ -424,7 +416,7 @@ def _compare_in_session(request: CompareRequest, progress: Progress) -> Comparis
                 results.points.append(measured_point(
                     shape, M, selection.latency_us, selection.candidate.config, errors[dtype][M], touched[M], peaks,
                     _spread(spreads.get(selection.candidate), selection.latency_us),
-                    kernel=_kernel_label(tuned.by_dtype[dtype].env), server_kernel=is_server,
+                    kernel=describe_label(tuned.by_dtype[dtype].env), server_kernel=is_server,
                     builtin_latency_us=builtin_us,
                     screened=screened,
                     screened_why=_screened_why(selection, measurements, tuned.budget_ended) if screened else "",

@@ -34,6 +34,7 @@ from tuner.search import STRATEGIES, SearchJob
 from tuner.spaces import load_space
 from tuner.timeline import Timeline
 from tuner.writers import FORMATS, partial_file_warnings, probe_writable
+from workers.backends.base import describe_label
 from workers.records import Status
 from workers.routing import parse_routing, pin_file
 
@@ -387,12 +388,6 @@ def _split_summary(d: driver.DeviceResult) -> dict:
     return out
 
 
-def kernel_label(env: dict[str, str]) -> str:
-    """The kernel behind a worker's numbers, from its environment (``workers.backends.DESCRIBE_KEYS``)."""
-    return (f"{env.get('kernel', '?')} ({env.get('kernel_entry', '?')}, {env.get('kernel_version', '?')}, "
-            f"source {env.get('kernel_hash', '?')})")
-
-
 def format_summary(summary: dict) -> str:
     lines = [f"tuned in {format_duration(summary['wall_s'])}: {summary['evaluations_run']} evaluations run, "
              f"{summary['evaluations_reused']} reused from the journal"]
@@ -411,7 +406,7 @@ def format_summary(summary: dict) -> str:
     if summary["failed"]:
         lines.append("failed: " + ", ".join(f"{status} {n}" for status, n in summary["failed"].items()))
     for device in summary["devices"]:
-        lines.append(f"{device['device']} ({device['workers']} worker(s)), kernel: {kernel_label(device['env'])}")
+        lines.append(f"{device['device']} ({device['workers']} worker(s)), kernel: {describe_label(device['env'])}")
         for shape, per_m in device["best"].items():
             lines.append(f"  {shape}")
             for M, best in per_m.items():

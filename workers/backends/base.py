@@ -24,6 +24,7 @@ Contract of a runner (what CUDA-graph timing and compile-ahead rely on):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Protocol
 
 import torch
@@ -36,6 +37,13 @@ DESCRIBE_KEYS = ("kernel", "kernel_entry", "kernel_version", "kernel_hash")
 ...), the entry point timed (a dotted function name, or for the builtin kernel its module), the
 version of the code that provides it (e.g. ``vllm 0.33.0``), and a 16-hex-digit hash of the source
 files whose change would change a timing."""
+
+
+def describe_label(described: Mapping[str, str]) -> str:
+    """``backend (entry point, version, source hash)``: the kernel behind a number, from a
+    ``describe()`` (or a worker environment holding its ``DESCRIBE_KEYS``); ``?`` for a part not given."""
+    kernel, entry, version, source = (described.get(key, "?") for key in DESCRIBE_KEYS)
+    return f"{kernel} ({entry}, {version}, source {source})"
 
 
 class BackendUnavailable(RuntimeError):
