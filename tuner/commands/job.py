@@ -40,8 +40,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     for name, text in (("validate", "check a job spec (no GPU); exit 0 or 2"),
                        ("run", "run every tune of a job spec, then its bench gate")):
         action = actions.add_parser(name, help=text, description=text)
-        action.add_argument("spec", type=Path, metavar="JOB.yaml")
-    actions.add_parser("keys", help="print every job spec key (Markdown)", description="print every job spec key")
+        action.add_argument("spec", type=Path, metavar="JOB.yaml",
+                            help="the job spec (YAML; every key: moe-tune job keys)")
+    actions.add_parser("keys", help="print every job spec key (Markdown)",
+                       description="print every job spec key, its type, default and meaning (Markdown)")
 
 
 def gate_server(spec: JobSpec) -> str:
