@@ -348,16 +348,23 @@ def test_sglang_launcher_kernel_and_default_rule_under_the_interpreter():
         "print(json.dumps({'errors': errors, 'env': b.describe(), 'rules': rules}))\n"
     )
     env = {**os.environ, "TRITON_INTERPRET": "1", "MOE_TUNE_SERVER_CODE": given, "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
-    if done.returncode != 0 and "BackendUnavailable" in done.stderr:
-        pytest.skip(done.stderr.strip().splitlines()[-1][:300])
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = _run_script(script, env, skip_unavailable=True)
     assert report["env"]["kernel_entry"].endswith("fused_moe_triton_kernels.invoke_fused_moe_kernel")
     assert report["env"]["kernel_version"].startswith("sglang 0.")
     assert all(error <= ERROR_BOUNDS[DType.FP16] for error in report["errors"]), report["errors"]
     assert all(same and implementation.startswith("sglang.srt.") for same, implementation in report["rules"]), \
         report["rules"]
+
+
+def _run_script(script: str, env: dict[str, str], skip_unavailable: bool = False) -> dict:
+    """Run ``script`` in a fresh interpreter (a server's code is imported once per process) and
+    return the JSON object its last stdout line prints; with ``skip_unavailable`` a backend whose
+    code does not load there skips the test."""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
+    if skip_unavailable and done.returncode != 0 and "BackendUnavailable" in done.stderr:
+        pytest.skip(done.stderr.strip().splitlines()[-1][:300])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_worker_measures_and_names_the_server_kernel():
@@ -373,9 +380,7 @@ def test_worker_measures_and_names_the_server_kernel():
            "PYTHONPATH": os.pathsep.join([str(STAND_INS / "vllm_launcher"), str(STAND_INS),
                                           os.environ.get("PYTHONPATH", "")])}
     env.pop("MOE_TUNE_SERVER_CODE", None)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = _run_script(script, env)
     assert report["status"] == "ok" and report["latency"] > 0
     assert report["env"]["kernel"] == "vllm" and report["env"]["kernel_version"] == "vllm 0.0.0+stand-in-launcher"
     assert report["env"]["kernel_entry"].endswith("invoke_fused_moe_triton_kernel")
@@ -417,11 +422,7 @@ def test_vllm_launcher_and_kernel_under_the_interpreter(dtype, block_shape, M, E
         "print(json.dumps({'err': rel_error(r.run(), p.reference), 'env': b.describe(), 'naive': r._fixed is not None}))\n"
     )
     env = {**os.environ, "TRITON_INTERPRET": "1", "MOE_TUNE_SERVER_CODE": str(sources), "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
-    if done.returncode != 0 and "BackendUnavailable" in done.stderr:
-        pytest.skip(done.stderr.strip().splitlines()[-1][:300])
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = _run_script(script, env, skip_unavailable=True)
     assert report["env"]["kernel_entry"].endswith("fused_moe.invoke_fused_moe_triton_kernel")
     assert report["env"]["kernel_version"].startswith("vllm 0.")
     assert report["naive"] == (M * 2 * 4 <= E)
