@@ -20,6 +20,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+import yaml
 
 from tune_helpers import (VLLM_FILE, deterministic_ranking, expected_vllm_file, run_tune, tune_argv,
                           write_fault_plan)
@@ -66,6 +67,30 @@ def test_an_unreachable_address_fails_within_the_connect_timeout(tmp_path, capsy
     assert code == 1 and time.monotonic() - started < 10
     line = _one_error_line(capsys.readouterr().err, "moe-tune: run failed: cannot reach the Ray cluster")
     assert "within 2s" in line and "--connect-timeout" in line
+
+
+def test_bench_and_job_give_up_on_an_unreachable_address_within_their_connect_timeout(tmp_path, capsys):
+    fixtures = Path(__file__).parent / "fixtures"
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "E=4,N=64,device_name=cpu.json").write_text('{"1": {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, '
+                                                           '"BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 1, '
+                                                           '"num_warps": 4, "num_stages": 2}}')
+    address = f"127.0.0.1:{_free_port()}"
+    started = time.monotonic()
+    code = main(["bench", "--model", str(fixtures / "job-tiny-moe.json"), "--batch-sizes", "2", "--interpret",
+                 "--configs", str(configs), "--address", address, "--connect-timeout", "2"])
+    assert code == 1 and time.monotonic() - started < 10
+    assert "within 2s" in _one_error_line(capsys.readouterr().err, "moe-tune: run failed: cannot reach the Ray cluster")
+
+    shutil.copy(fixtures / "job-tiny-moe.json", tmp_path)
+    spec = {"name": "unreachable", "models": ["job-tiny-moe.json"], "batch_sizes": [2], "interpret": True,
+            "output": {"dir": "out"}, "address": address, "connect_timeout": 2}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    started = time.monotonic()
+    code = main(["job", "run", str(tmp_path / "job.yaml")])
+    assert code == 1 and time.monotonic() - started < 10
+    assert "within 2s" in _one_error_line(capsys.readouterr().err, "moe-tune: run failed: cannot reach the Ray cluster")
 
 
 def test_an_address_where_something_else_listens_fails_within_the_connect_timeout(tmp_path):

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from tuner.errors import RunFailed, UsageError
 from tuner.pool import Done, Lost, WorkerPool, start_pool
-from tuner.ray_session import ray_session
+from tuner.ray_session import DEFAULT_CONNECT_TIMEOUT_S, ray_session
 from tuner.writers import lookup, read_config_folder, server_file
 from workers.backends import BUILTIN
 from workers.backends.base import describe_label
@@ -198,12 +198,14 @@ def bench_on(pool: WorkerPool, shape: MoEShape, variants: list[Variant], referen
 
 def run_bench(shapes: list[MoEShape], variants: list[Variant], reference: Variant, batch_sizes: list[int],
               routing: str = "uniform", rounds: int = RETIME_ROUNDS, address: str | None = None,
-              interpret: bool = False, kernel: str = BUILTIN, rule: str = VLLM) -> list[BenchResult]:
+              interpret: bool = False, kernel: str = BUILTIN, rule: str = VLLM,
+              connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> list[BenchResult]:
     """Bench each of ``shapes`` (e.g. one per dtype) in turn on one worker of one Ray session."""
     for variant in variants:
         if variant.folder is not None:
             read_config_folder(variant.folder)  # unreadable files fail before Ray starts
-    with ray_session(address, interpret, workers=1), bench_pool(kernel=kernel) as pool:
+    with ray_session(address, interpret, workers=1, connect_timeout_s=connect_timeout_s), \
+            bench_pool(kernel=kernel) as pool:
         return [bench_on(pool, shape, variants, reference, batch_sizes, routing, rounds, rule) for shape in shapes]
 
 

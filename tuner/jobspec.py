@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, V
 from tuner.errors import UsageError
 from tuner.options import TuneOptions
 from tuner.plan import resolve_batch_sizes
+from tuner.ray_session import DEFAULT_CONNECT_TIMEOUT_S
 from tuner.search import STRATEGIES
 from tuner.validation import one_line
 from tuner.writers import DEFAULT_OUT
@@ -124,6 +125,8 @@ class JobSpec(_Strict):
                                                    "kernel, Triton, torch and GPU")
     address: str | None = Field(None, description='Ray cluster to join ("auto" inside a Ray job; default: '
                                                   "RAY_ADDRESS, else a Ray started here)")
+    connect_timeout: PositiveFloat = Field(DEFAULT_CONNECT_TIMEOUT_S, description="seconds to join address before "
+                                                                          "the job fails with one line")
     workers: PositiveInt | None = Field(None, description="use at most this many GPU workers")
     interpret: bool = Field(False, description="no GPU: Triton interpreter on CPU workers (tiny shapes only, "
                                                "for trying a spec out)")
@@ -278,6 +281,7 @@ def tune_runs(spec: JobSpec) -> list[TuneRun]:
         model=list(spec.models), dtype=list(spec.dtypes) if spec.dtypes else None, block_shape=spec.block_shape,
         batch_sizes=resolve_batch_sizes(spec.batch_sizes) if spec.batch_sizes else None,
         baseline=list(spec.baseline), out=str(spec.output.dir), format=spec.output.format, address=spec.address,
+        connect_timeout=spec.connect_timeout,
         workers=spec.workers, interpret=spec.interpret, budget_minutes=spec.budget_minutes,
         journal=str(spec.journal) if spec.journal else None, kernel=spec.kernel, server_version=spec.server_version)
     if spec.search_space:

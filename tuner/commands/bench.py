@@ -12,11 +12,13 @@ from pathlib import Path
 
 from tuner import bench, kernel_choice
 from tuner.commands.arguments import (add_batch_sizes_argument, add_dtype_argument, add_layout_arguments,
-                                      block_shape_arg, check_interpret_limits, check_routing_file, positive_int,
+                                      block_shape_arg, check_interpret_limits, check_routing_file, positive_float,
+                                      positive_int,
                                       ratio_arg, routing_arg)
 from tuner.errors import RunFailed
 from tuner.models import SERVERS, derive_shape, load_model
 from tuner.plan import resolve_batch_sizes
+from tuner.ray_session import DEFAULT_CONNECT_TIMEOUT_S
 from tuner.writers import read_config_folder
 from workers.formats import format_of
 from workers.records import DType, MoEShape
@@ -52,6 +54,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "SGLang's, or for vLLM the timed vLLM's version, else the installed vLLM's, else "
                              "vLLM's newest rule)")
     parser.add_argument("--address", help="Ray cluster to run on (default: RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--connect-timeout", type=positive_float, default=DEFAULT_CONNECT_TIMEOUT_S, metavar="SECONDS",
+                        help=f"give up joining --address after this long (default {DEFAULT_CONNECT_TIMEOUT_S:g})")
     parser.add_argument("--interpret", action="store_true",
                         help="run the kernels under the Triton interpreter on the CPU (tiny shapes only)")
     parser.add_argument("--server", default="vllm", choices=SERVERS,
@@ -94,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     (run,) = kernel_choice.resolve(args.kernel, args.server, shapes)  # auto: the kernel of --server
     rule = kernel_choice.default_rule(run.kernel, args.server_version, args.server)
     results = bench.run_bench(shapes, variants, reference, batch_sizes, routing=args.routing, rounds=args.rounds,
-                              address=args.address, interpret=args.interpret, kernel=run.kernel, rule=rule)
+                              address=args.address, interpret=args.interpret, kernel=run.kernel, rule=rule,
+                              connect_timeout_s=args.connect_timeout)
     if args.json:
         data = [result.to_json(args.fail_if_slower) for result in results]
         print(json.dumps(data[0] if len(data) == 1 else {"benches": data}))

@@ -253,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.spec}: valid: {len(runs)} tune run(s), {len(shapes)} shape(s){gate}")
         return 0
 
-    with ray_session(spec.address, spec.interpret, spec.workers) as session:
+    with ray_session(spec.address, spec.interpret, spec.workers, spec.connect_timeout) as session:
         failed = []
         for index, (tune_run, valid) in enumerate(tunes, 1):
             print(f"job {spec.name}: tune {index}/{len(runs)}: {tune_run.label}", file=session.stdout, flush=True)
