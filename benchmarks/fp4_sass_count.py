@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 DEFAULT_CONFIGS = "M16_N64_K64_w4_s3,M16_N128_K128_w4_s3,M64_N128_K128_w4_s3,M128_N128_K64_w8_s3"
 N_UP, K = 5760, 2880  # gpt-oss-120b TP1 up GEMM
-INT_ARGS_DIVISIBLE_BY_16 = {"N", "K", "stride_am", "stride_be", "stride_bn", "stride_cm", "stride_bse", "stride_bsk"}
+INT_ARGS_DIVISIBLE_BY_16 = {"N", "K", "stride_am", "stride_be", "stride_bn", "stride_bk", "stride_cm", "stride_bse",
+                            "stride_bsk"}
 
 
 def parse_config(label: str) -> tuple[int, int, int, int, int]:
@@ -38,7 +39,7 @@ def parse_config(label: str) -> tuple[int, int, int, int, int]:
     return tuple(int(v) for v in match.groups())
 
 
-def compile_gemm(dtype: str, bm: int, bn: int, bk: int, warps: int, stages: int, swap: bool):
+def compile_gemm(dtype: str, bm: int, bn: int, bk: int, warps: int, stages: int, swap: bool, atoms: bool = False):
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -52,9 +53,11 @@ def compile_gemm(dtype: str, bm: int, bn: int, bk: int, warps: int, stages: int,
              "expert_ids_ptr": "*i32", "num_tokens_post_padded_ptr": "*i32"}
     constexprs = dict(TOP_K=4, MUL_ROUTED_WEIGHT=False, FP8_W8A8=False, FP8_BLOCK=False, INT8_W8A16=False,
                       FP4_GROUP=32 if dtype == "mxfp4" else 16, INT4_W4A16=False, INT4_ZERO=8, FP8_CHANNEL=False,
-                      EVEN_K=K % bk == 0, SWAP_AB=swap, INTERPRETER=False, COMPUTE_TYPE=tl.bfloat16,
+                      FP4_ATOMS=atoms, EVEN_K=K % bk == 0, SWAP_AB=swap, INTERPRETER=False, COMPUTE_TYPE=tl.bfloat16,
                       BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, GROUP_SIZE_M=1,
-                      stride_ak=1, stride_bk=1, stride_cn=1, stride_bsn=1)  # scales as launch_layout stores them
+                      stride_ak=1, stride_cn=1, stride_bsn=1)  # scales as launch_layout stores them
+    if not atoms:
+        constexprs["stride_bk"] = 1
     names = list(fn.arg_names)
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)

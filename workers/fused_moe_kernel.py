@@ -51,6 +51,7 @@ import triton.language as tl
 
 from workers.align import AlignedTokens
 from workers.formats import format_of, launch_block_k, tile_rule_broken
+from workers.fp4_layout import Fp4Atoms, fits_atoms
 from workers.interpreter import dot, interpreting, round_to
 from workers.quant import INT4_ZERO, QuantizedWeight
 from workers.records import Config, DType
@@ -84,7 +85,7 @@ def launch_layout(weight: QuantizedWeight) -> QuantizedWeight:
     return dataclasses.replace(weight, scale=weight.scale.transpose(1, 2).contiguous().transpose(1, 2))
 
 
-def launch_moe_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, b: QuantizedWeight, c: torch.Tensor,
+def launch_moe_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, b: QuantizedWeight | Fp4Atoms, c: torch.Tensor,
                     aligned: AlignedTokens, topk_weights: torch.Tensor | None, *, top_k: int,
                     config: Config, interpreter: bool | None = None, swap_ab: bool = False) -> None:
     """``c[r] = a[r // top_k] @ b[expert(r)]^T`` (× ``topk_weights`` flat [r] when given) for sorted rows.
@@ -93,7 +94,9 @@ def launch_moe_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, b: QuantizedW
     ``[T, ceil(K/bk)]`` for fp8, ``c [rows, R]`` with ``rows`` = the sort's sentinel. The one place
     that launches the kernel (compile-ahead hooks in here). ``interpreter`` defaults to
     "interpreting"; tests pass False to show what the switch guards against. ``swap_ab`` runs an fp4
-    weight with swapped operands (module docstring; ValueError for another dtype).
+    weight with swapped operands (module docstring; ValueError for another dtype). A ``b`` in the
+    atom layout (``workers.fp4_layout.Fp4Atoms``) always runs swapped and needs a tile of whole
+    atoms (``fits_atoms``; ValueError otherwise).
     """
     if config.BLOCK_SIZE_M != aligned.block_m:
         raise ValueError(f"config BLOCK_SIZE_M {config.BLOCK_SIZE_M} != sort block {aligned.block_m}")
@@ -121,6 +124,12 @@ def launch_moe_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, b: QuantizedW
     weights = topk_weights if topk_weights is not None else c
     capacity = aligned.sorted_token_ids.shape[0]
     block_k = launch_block_k(config, dtype, b.block_shape)
+    atoms = isinstance(b, Fp4Atoms)
+    if atoms:
+        if not fits_atoms(config.BLOCK_SIZE_N, block_k):
+            raise ValueError(f"the fp4 atom layout needs BLOCK_SIZE_N % 16 == 0 and BLOCK_SIZE_K % 64 == 0, "
+                             f"got {config.BLOCK_SIZE_N} and {block_k}")
+        swap_ab = True
     if interpreter is None:
         interpreter = interpreting()
 
@@ -134,7 +143,7 @@ def launch_moe_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, b: QuantizedW
         TOP_K=top_k, MUL_ROUTED_WEIGHT=topk_weights is not None,
         FP8_W8A8=dtype is DType.FP8_W8A8, FP8_BLOCK=block_quant, INT8_W8A16=dtype is DType.INT8_W8A16,
         FP4_GROUP=format_of(dtype).scale_group if fp4 else 0,
-        INT4_W4A16=int4, INT4_ZERO=INT4_ZERO, FP8_CHANNEL=b.per_channel,
+        INT4_W4A16=int4, INT4_ZERO=INT4_ZERO, FP8_CHANNEL=b.per_channel, FP4_ATOMS=atoms,
         EVEN_K=K % block_k == 0, SWAP_AB=swap_ab, INTERPRETER=bool(interpreter),
         COMPUTE_TYPE=tl.float16 if c.dtype == torch.float16 else tl.bfloat16,
         BLOCK_SIZE_M=config.BLOCK_SIZE_M, BLOCK_SIZE_N=config.BLOCK_SIZE_N,
@@ -143,7 +152,7 @@ def launch_moe_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, b: QuantizedW
     )
 
 
-def _e2m1_ptx() -> str:
+def _e2m1_ptx(scale_operands: tuple[str, str] = ("$5", "$6"), bias_in_scale: bool = False) -> str:
     """Inline PTX decoding the 4 packed bytes of ``$4`` with their bf16 scales (``$5``: bytes 0-1,
     ``$6``: bytes 2-3): low nibbles to ``$0`` (bytes 0-1) and ``$1`` (bytes 2-3), high nibbles
     to ``$2`` and ``$3``, two bf16 per register.
@@ -157,8 +166,13 @@ def _e2m1_ptx() -> str:
     (PRMT 1/2, shifts 3/2, and-or 2, bf16x2 multiplies 2), down from 7.5 with the bytes spread
     to the low halves (two shifts per value). Only elementwise per byte, so correct in any
     register layout Triton gives the tile.
+
+    ``scale_operands`` names the registers of the two byte pairs' scales; ``bias_in_scale`` drops
+    the multiply by 2^126 for scales that carry it (the mxfp4 atoms' ``workers.fp4_layout``
+    scales): 5 instructions per byte.
     """
     mask_sign, mask_mag = "0x80008000", "0x01C001C0"
+    bias = [] if bias_in_scale else ["fma.rn.bf16x2 mag, mag, two126, negzero;"]
     lines = ["{", ".reg .b32 bytes, mag, sign, two126, negzero;",
              "mov.b32 two126, 0x7E807E80;", "mov.b32 negzero, 0x80008000;"]
     for pair, selector in enumerate(("0x1404", "0x3424")):
@@ -166,15 +180,19 @@ def _e2m1_ptx() -> str:
         # low nibble: sign from bit 11 of each half, magnitude from bits 10..8
         lines += ["shl.b32 sign, bytes, 4;", f"and.b32 sign, sign, {mask_sign};",
                   "shr.b32 mag, bytes, 2;", f"and.b32 mag, mag, {mask_mag};", "or.b32 mag, mag, sign;",
-                  "fma.rn.bf16x2 mag, mag, two126, negzero;", f"fma.rn.bf16x2 ${pair}, mag, ${5 + pair}, negzero;"]
+                  *bias, f"fma.rn.bf16x2 ${pair}, mag, {scale_operands[pair]}, negzero;"]
         # high nibble: sign already at bit 15, magnitude from bits 14..12
         lines += [f"and.b32 sign, bytes, {mask_sign};",
                   "shr.b32 mag, bytes, 6;", f"and.b32 mag, mag, {mask_mag};", "or.b32 mag, mag, sign;",
-                  "fma.rn.bf16x2 mag, mag, two126, negzero;", f"fma.rn.bf16x2 ${pair + 2}, mag, ${5 + pair}, negzero;"]
+                  *bias, f"fma.rn.bf16x2 ${pair + 2}, mag, {scale_operands[pair]}, negzero;"]
     return "\n".join(lines + ["}"])
 
 
 _E2M1_PTX = tl.constexpr(_e2m1_ptx())
+# The atoms' decode: one 32-bit scale word per byte ($5..$8, both halves the byte's bf16 scale,
+# made once per scale), of which bytes 0 and 2 are read: bytes 0-1 and 2-3 share a scale there.
+_E2M1_ATOMS_PTX = tl.constexpr(_e2m1_ptx(("$5", "$7")))
+_E2M1_ATOMS_BIASED_PTX = tl.constexpr(_e2m1_ptx(("$5", "$7"), bias_in_scale=True))
 
 
 @triton.jit
@@ -236,6 +254,54 @@ def _dequantize_fp4_tile(packed, scales, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_
     return tl.reshape(tl.join(low, high), (BLOCK_SIZE_N, BLOCK_SIZE_K))
 
 
+@triton.jit
+def _dequantize_fp4_atoms(packed, scales, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
+                          FP4_GROUP: tl.constexpr, INTERPRETER: tl.constexpr):
+    """Packed atoms ``[BN/16, BK/64, 512]`` bytes (``workers.fp4_layout``) and ``[BN, BK/FP4_GROUP]``
+    scales → bf16 ``[BN, BK]``.
+
+    The bytes are viewed as ``[i, j, g, q, r, C, CL, p]`` (atom row block, atom K block, lane
+    g·4+q, then the lane's 16 bytes: row half r, scale group C of the atom, 16-value chunk CL in
+    it, k half p); each byte's low nibble is e=0, its high nibble e=1; the value sits at row
+    16i + 8r + g, k 64j + 16(C·CL_N + CL) + 8p + 2q + e. Only reshapes and one permute bring it to
+    ``[BN, BK]``: the layout an MMA operand fragment wants is, traced back through them, each
+    thread's 16 contiguous bytes, so the compiler can load them as one vector and decode them in
+    place.
+    """
+    C_N: tl.constexpr = 64 // FP4_GROUP
+    CL_N: tl.constexpr = 4 // C_N
+    packed = tl.reshape(packed, (BLOCK_SIZE_N // 16, BLOCK_SIZE_K // 64, 8, 4, 2, C_N, CL_N, 2))
+    # Each scale once: its bf16 bits in both halves of a 32-bit word (the decode's bf16x2 operand).
+    if FP4_GROUP == 32:
+        # prepared byte t (workers.fp4_layout) → 2^(t-1) = the block scale times 2^126, always a
+        # normal bf16 (exponent t + 126 <= 254): one multiply-add per scale.
+        words = scales.to(tl.int32) * 0x00800080 + 0x3F003F00
+    else:
+        bits = scales.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        words = bits | (bits << 16)
+    # [BN, BK/G] → [i, r, g, j, C] → [i, j, g, r, C] → broadcast over q, CL, p
+    words = tl.reshape(words, (BLOCK_SIZE_N // 16, 2, 8, BLOCK_SIZE_K // 64, C_N))
+    words = tl.permute(words, (0, 3, 2, 1, 4))
+    words = tl.reshape(words, (BLOCK_SIZE_N // 16, BLOCK_SIZE_K // 64, 8, 1, 2, C_N, 1, 1))
+    words = tl.broadcast_to(words, (BLOCK_SIZE_N // 16, BLOCK_SIZE_K // 64, 8, 4, 2, C_N, CL_N, 2))
+    if INTERPRETER:
+        codes = packed.to(tl.int32)
+        scales = (words & 0xFFFF).to(tl.int16).to(tl.bfloat16, bitcast=True).to(tl.float32)
+        if FP4_GROUP == 32:
+            scales = scales * 1.1754943508222875e-38  # the 2^126 the atoms' mxfp4 scales carry
+        low = (_e2m1_to_bf16(codes & 0xF).to(tl.float32) * scales).to(tl.bfloat16)
+        high = (_e2m1_to_bf16(codes >> 4).to(tl.float32) * scales).to(tl.bfloat16)
+    elif FP4_GROUP == 32:
+        low, high = tl.inline_asm_elementwise(_E2M1_ATOMS_BIASED_PTX, "=r,=r,=r,=r,r,r,r,r,r", [packed, words],
+                                              dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    else:
+        low, high = tl.inline_asm_elementwise(_E2M1_ATOMS_PTX, "=r,=r,=r,=r,r,r,r,r,r", [packed, words],
+                                              dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    values = tl.join(low, high)  # [i, j, g, q, r, C, CL, e, p]
+    values = tl.permute(values, (0, 4, 2, 1, 5, 6, 8, 3, 7))  # [i, r, g, j, C, CL, p, q, e]
+    return tl.reshape(values, (BLOCK_SIZE_N, BLOCK_SIZE_K))
+
+
 # The row counts depend on the batch size: not specialized, so one compile serves every M.
 @triton.jit(do_not_specialize=["EM", "num_valid_tokens"])
 def _fused_moe_gemm_kernel(
@@ -246,7 +312,7 @@ def _fused_moe_gemm_kernel(
     stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk, group_n, group_k,
     TOP_K: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
     FP8_W8A8: tl.constexpr, FP8_BLOCK: tl.constexpr, INT8_W8A16: tl.constexpr, FP4_GROUP: tl.constexpr,
-    INT4_W4A16: tl.constexpr, INT4_ZERO: tl.constexpr, FP8_CHANNEL: tl.constexpr,
+    INT4_W4A16: tl.constexpr, INT4_ZERO: tl.constexpr, FP8_CHANNEL: tl.constexpr, FP4_ATOMS: tl.constexpr,
     EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr, INTERPRETER: tl.constexpr, COMPUTE_TYPE: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr,
@@ -279,7 +345,18 @@ def _fused_moe_gemm_kernel(
     a_ptrs = a_ptr + (offs_token[:, None] // TOP_K * stride_am + offs_k[None, :] * stride_ak)
     b_expert_ptr = b_ptr + expert * stride_be
     num_k_steps = tl.cdiv(K, BLOCK_SIZE_K)
-    if FP4_GROUP > 0:
+    if FP4_ATOMS:
+        # Prepared atoms (workers.fp4_layout): stride_bn steps a 16-row block, stride_bk an atom
+        # (64 K values, 512 bytes); the scales are K-group-major [E, rows padded to 16, groups].
+        offs_i = (pid_n * (BLOCK_SIZE_N // 16) + tl.arange(0, BLOCK_SIZE_N // 16).to(tl.int64)) % tl.cdiv(N, 16)
+        offs_j = tl.arange(0, BLOCK_SIZE_K // 64)
+        b_ptrs = (b_expert_ptr + offs_i[:, None, None] * stride_bn + offs_j[None, :, None] * stride_bk
+                  + tl.arange(0, 512)[None, None, :])
+        offs_sn = (pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N).to(tl.int64)) % (tl.cdiv(N, 16) * 16)
+        offs_group = tl.arange(0, BLOCK_SIZE_K // FP4_GROUP)
+        b_scale_ptrs = (b_scale_ptr + expert * stride_bse + offs_sn[:, None] * stride_bsn
+                        + offs_group[None, :] * stride_bsk)
+    elif FP4_GROUP > 0:
         # Packed weights, read as [BN, BK/2] bytes with K contiguous.
         offs_kp = tl.arange(0, BLOCK_SIZE_K // 2)
         b_ptrs = b_expert_ptr + offs_bn[:, None] * stride_bn + offs_kp[None, :] * stride_bk
@@ -312,7 +389,21 @@ def _fused_moe_gemm_kernel(
             a = tl.load(a_ptrs, mask=token_mask[:, None], other=0.0)
         else:
             a = tl.load(a_ptrs, mask=token_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        if FP4_GROUP > 0:
+        if FP4_ATOMS:
+            if EVEN_K:
+                packed = tl.load(b_ptrs)
+                scales = tl.load(b_scale_ptrs)
+            else:
+                packed = tl.load(b_ptrs, mask=offs_j[None, :, None] < tl.cdiv(k_left, 64), other=0)
+                scales = tl.load(b_scale_ptrs, mask=offs_group[None, :] < tl.cdiv(k_left, FP4_GROUP), other=0)
+            b = _dequantize_fp4_atoms(packed, scales, BLOCK_SIZE_N, BLOCK_SIZE_K, FP4_GROUP, INTERPRETER)
+            if SWAP_AB:
+                accumulator = dot(b, tl.trans(a), accumulator, INTERPRETER)
+            else:
+                accumulator = dot(a, tl.trans(b), accumulator, INTERPRETER)
+            b_ptrs += (BLOCK_SIZE_K // 64) * stride_bk
+            b_scale_ptrs += (BLOCK_SIZE_K // FP4_GROUP) * stride_bsk
+        elif FP4_GROUP > 0:
             if EVEN_K:
                 packed = tl.load(b_ptrs)
                 scales = tl.load(b_scale_ptrs)
@@ -377,7 +468,7 @@ def _fused_moe_gemm_kernel(
         accumulator *= tl.load(a_scale_ptr) * tl.load(b_scale_ptr + expert)
     if INT8_W8A16:
         accumulator *= tl.load(b_scale_ptr + expert * stride_bse + offs_bn * stride_bsn)[None, :]
-    if FP4_GROUP == 16:
+    if FP4_GROUP == 16 or FP4_ATOMS:  # nvfp4's global scale; the mxfp4 atoms' exponent offset
         accumulator *= tl.load(b_global_scale_ptr + expert)
 
     offs_cn = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)

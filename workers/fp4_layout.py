@@ -1,0 +1,102 @@
+"""The builtin fp4 kernel's prepared weight layout ("atoms"): each thread's bytes contiguous, in
+the order the MMA's register operand wants them after an in-place decode.
+
+A weight ``[E, R, C]`` (mxfp4 or nvfp4, ``workers.quant.QuantizedWeight``) is cut into atoms of
+16 rows × 64 K values (512 bytes), stored ``data [E, ceil(R/16), ceil(C/64), 512]`` (rows and K
+padded with code 0). Inside an atom, lane ``4g + q`` of a warp owns bytes ``16·lane ..
+16·lane + 15``: the values of rows ``g`` and ``g + 8`` at K offsets ``16c + 8p + 2q + e``
+(c = 0..3, p, e = 0, 1) — exactly what one thread holds of four 16 × 16 fragments of an
+``mma``/``wgmma`` register A operand (bf16). Byte ``8r + 2c + e`` of a lane holds row
+``g + 8r``, chunk ``c``, element ``e``; its low nibble is p = 0, its high nibble p = 1. So the
+kernel (``workers.fused_moe_kernel``, ``FP4_ATOMS``) loads 16 bytes per lane as one vector and
+its PRMT decode writes the values of bytes ``2m`` and ``2m + 1`` (same nibble) into one
+register as the consecutive K pair that register of the fragment holds: no data moves between
+threads or registers after the load. Bytes ``2m``, ``2m + 1`` share a scale group in both formats.
+
+Scales stay one byte per block, K-group-major ``[E, 16·ceil(R/16), ceil(C/64)·64/group]``
+(strides ``(R·G, 1, R)``; padding 0):
+- mxfp4: byte ``t = s − d_e`` of E8M0 exponent ``s``, with ``d_e = max(0, max_s − 128)`` per
+  expert and ``global_scale = 2^d_e`` (fp32, applied to the accumulator as nvfp4's). The kernel
+  turns ``t`` into the bf16 ``2^(t−1)`` = scale·2^126·2^−d_e with one integer multiply-add (always
+  a normal number), which folds the decode's 2^126 into the scale: one bf16x2 multiply per two
+  weights instead of two. ValueError for an E8M0 NaN (0xFF) or an expert whose scales span more
+  than 128 binades (not exactly representable this way).
+- nvfp4: the E4M3 scale bytes as stored, ``global_scale`` as given.
+
+Why: the row-major layout makes Triton stage the packed bytes through shared memory and read
+them back in 2-byte pieces in the operand layout (``benchmarks/fp4_sass_count.py`` counts the
+cost per weight byte). The idea — permute the bytes offline so each thread's share of the
+operand is one contiguous vector — is the one of triton_kernels' Hopper value layout; the atom,
+bit order and scale handling here are this kernel's own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from workers.quant import QuantizedWeight
+from workers.records import DType
+
+ATOM_ROWS, ATOM_K, ATOM_BYTES = 16, 64, 512
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp4Atoms:
+    """An fp4 weight in the atom layout (module docstring); ``shape`` is the logical ``(E, R, C)``."""
+
+    dtype: DType
+    data: torch.Tensor
+    scale: torch.Tensor
+    global_scale: torch.Tensor
+    shape: tuple[int, int, int]
+
+    block_shape = None  # as QuantizedWeight's for fp4
+    per_channel = False
+
+
+def fits_atoms(block_n: int, block_k: int) -> bool:
+    """Whether a tile of ``block_n`` weight rows and ``block_k`` K values covers whole atoms."""
+    return block_n % ATOM_ROWS == 0 and block_k % ATOM_K == 0
+
+
+def _unpack(data: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[..., C/2]`` (element 2i low) → codes ``[..., C]``."""
+    return torch.stack((data & 0xF, data >> 4), dim=-1).flatten(-2)
+
+
+def prepare_atoms(weight: QuantizedWeight) -> Fp4Atoms:
+    """``weight`` (mxfp4/nvfp4, as ``workers.quant`` stores it) in the atom layout. ValueError for
+    another dtype or scales the layout cannot carry exactly (module docstring)."""
+    if weight.dtype not in (DType.MXFP4, DType.NVFP4):
+        raise ValueError(f"the atom layout is for mxfp4/nvfp4, not {weight.dtype.value}")
+    E, R, C = weight.shape
+    group = 32 if weight.dtype is DType.MXFP4 else 16
+    rows, cols = -(-R // ATOM_ROWS) * ATOM_ROWS, -(-C // ATOM_K) * ATOM_K
+    codes = torch.zeros((E, rows, cols), dtype=torch.uint8, device=weight.data.device)
+    codes[:, :R, :C] = _unpack(weight.data)
+    c_n = ATOM_K // group  # scale groups per atom along K
+    # [E, i, r, g, j, C, CL, p, q, e] → [E, i, j, g, q, r, C, CL, e, p]
+    codes = codes.reshape(E, rows // 16, 2, 8, cols // 64, c_n, 4 // c_n, 2, 4, 2)
+    codes = codes.permute(0, 1, 4, 3, 8, 2, 5, 6, 9, 7)
+    data = (codes[..., 0] | (codes[..., 1] << 4)).reshape(E, rows // 16, cols // 64, ATOM_BYTES).contiguous()
+
+    groups = cols // group
+    scale = torch.zeros((E, rows, groups), dtype=torch.uint8, device=weight.data.device)
+    if weight.dtype is DType.MXFP4:
+        s = weight.scale.to(torch.int32)
+        if bool((s == 255).any()):
+            raise ValueError("mxfp4 scale 0xFF (NaN) cannot be prepared for the atom layout")
+        top = s.flatten(1).amax(dim=1) if s.numel() else torch.zeros(E, dtype=torch.int32)
+        offset = (top - 128).clamp(min=0)
+        t = s - offset[:, None, None]
+        if bool((t < 0).any()):
+            raise ValueError("an expert's mxfp4 scales span more than 128 binades: not exact in the atom layout")
+        scale[:, :R, :C // group] = t.to(torch.uint8)
+        global_scale = torch.exp2(offset.to(torch.float32))
+    else:
+        scale[:, :R, :C // group] = weight.scale.view(torch.uint8)
+        global_scale = weight.global_scale.to(torch.float32)
+    scale = scale.transpose(1, 2).contiguous().transpose(1, 2)
+    return Fp4Atoms(weight.dtype, data, scale, global_scale.contiguous(), (E, R, C))
