@@ -5,7 +5,9 @@
 Compiles ``workers.fused_moe_kernel._fused_moe_gemm_kernel`` for sm_90 with the Triton at hand
 (the NVIDIA backend and its ptxas/cuobjdump ship in Triton's wheel, no GPU or driver needed) with
 the specialization the gpt-oss-120b TP1 up GEMM gets (N=5760, K=2880, 16-byte-divisible strides
-and pointers, scales K-group-major as ``launch_layout`` hands them over), in both operand orders, and counts the instructions of the K loop's body (the
+and pointers, scales K-group-major as ``launch_layout`` hands them over), for the row-major packed
+weights in both operand orders and, where the tile covers whole atoms, for the atom layout
+(``workers.fp4_layout``, always swapped), and counts the instructions of the K loop's body (the
 largest backward branch in the SASS) per packed weight byte one thread decodes per iteration,
 with the opcode mix. At the HBM rate an H200 SM must consume ~21 weight bytes per clock and issues
 at most 128 thread-instructions per clock, so a loop above ~6 instructions per byte cannot reach
@@ -116,17 +118,22 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     import triton
 
+    from workers.fp4_layout import fits_atoms
+
     print(f"{args.dtype} up GEMM (N={N_UP}, K={K}), Triton {triton.__version__}, sm_90; loop body per thread")
-    print(f"{'config':<22} {'order':<8} {'instr/byte':>10}  top opcodes")
+    print(f"{'config':<22} {'path':<16} {'instr/byte':>10}  top opcodes")
     for bm, bn, bk, warps, stages in configs:
-        for swap in (False, True):
-            kernel = compile_gemm(args.dtype, bm, bn, bk, warps, stages, swap)
+        paths = [("rows, tokens-M", False, False), ("rows, swapped", True, False)]
+        if fits_atoms(bn, bk):
+            paths.append(("atoms (swapped)", True, True))
+        for name, swap, atoms in paths:
+            kernel = compile_gemm(args.dtype, bm, bn, bk, warps, stages, swap, atoms)
             ops = loop_body(kernel.asm["cubin"])
             bytes_per_thread = bn * bk / 2 / (32 * warps)
             mix = ", ".join(f"{op} {n}" for op, n in collections.Counter(ops).most_common(8))
             label = f"M{bm}_N{bn}_K{bk}_w{warps}_s{stages}"
             per_byte = f"{len(ops) / bytes_per_thread:.2f}" if ops else "no loop"
-            print(f"{label:<22} {'swapped' if swap else 'tokens-M':<8} {per_byte:>10}  {mix}", flush=True)
+            print(f"{label:<22} {name:<16} {per_byte:>10}  {mix}", flush=True)
     return 0
 
 

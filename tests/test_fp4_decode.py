@@ -148,3 +148,55 @@ def test_benchmark_main_variant_runs_the_old_decode(tmp_path):
     assert old_kernel._E2M1_PTX.value == MAIN_DECODE_PTX != kernel._E2M1_PTX.value
     assert copy.launch_moe_gemm is old_kernel.launch_moe_gemm
     assert moe.launch_moe_gemm is kernel.launch_moe_gemm
+
+
+def _decode_atoms_with_ptx(packed: torch.Tensor, scale_bits: torch.Tensor, bias_in_scale: bool
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The atom layout's decode: ``scale_bits [n, 2]`` bf16 bits of bytes 0-1's and 2-3's scales,
+    passed as four 32-bit words (both halves the scale) of which $5 and $7 are read; $6 and $8 hold
+    garbage so that reading them fails."""
+    word = sum(packed[:, i].to(torch.int64) << (8 * i) for i in range(4))
+    words = [scale_bits[:, i // 2] * 0x10001 if i % 2 == 0 else torch.full_like(word, 0x7FC07FC0) for i in range(4)]
+    regs = run_ptx(_e2m1_ptx(("$5", "$7"), bias_in_scale=bias_in_scale),
+                   {"$4": word, **{f"${5 + i}": w for i, w in enumerate(words)}})
+    low = torch.stack([_bf16_values((regs[f"${r}"] >> s) & 0xFFFF) for r in (0, 1) for s in (0, 16)], dim=1)
+    high = torch.stack([_bf16_values((regs[f"${r}"] >> s) & 0xFFFF) for r in (2, 3) for s in (0, 16)], dim=1)
+    return low, high
+
+
+@pytest.mark.parametrize("t", [0, 1, 100, 127, 128])
+def test_atom_decode_with_the_bias_in_the_scale(t):
+    """mxfp4 atoms: the scale word the kernel makes from prepared byte t (t·0x00800080 + 0x3F003F00,
+    bf16 2^(t-1) = 2^(t-127)·2^126) in the decode without its 2^126 multiply gives every byte's
+    values times 2^(t-127) exactly, signed zeros kept; bytes 2-3 read the second scale."""
+    codes = torch.arange(256, dtype=torch.int64)
+    packed = torch.stack([codes.roll(i) for i in range(4)], dim=1)
+    word = t * 0x00800080 + 0x3F003F00
+    assert _bf16_values(torch.tensor(word & 0xFFFF)).item() == 2.0 ** (t - 1)
+    other = max(t - 1, 0)
+    bits = torch.tensor([[word & 0xFFFF, (other * 0x80 + 0x3F00)]], dtype=torch.int64).expand(256, 2)
+    low, high = _decode_atoms_with_ptx(packed, bits, bias_in_scale=True)
+    scale = torch.tensor([2.0 ** (t - 127)] * 2 + [2.0 ** (other - 127)] * 2, dtype=torch.float64)
+    assert torch.equal(low, decode_e2m1(packed & 0xF).to(torch.float64) * scale)
+    assert torch.equal(high, decode_e2m1(packed >> 4).to(torch.float64) * scale)
+    assert torch.equal(torch.signbit(low), torch.signbit(decode_e2m1(packed & 0xF).to(torch.float64)))
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0 ** -9, 0.375, 448.0])
+def test_atom_decode_with_plain_scales(scale):
+    """nvfp4 atoms: the decode with its 2^126 multiply, scales read from $5 and $7."""
+    codes = torch.arange(256, dtype=torch.int64)
+    packed = torch.stack([codes.roll(i) for i in range(4)], dim=1)
+    bits = _bf16_bits(torch.tensor([[scale, scale * 2]], dtype=torch.float64)).expand(256, 2)
+    low, high = _decode_atoms_with_ptx(packed, bits, bias_in_scale=False)
+    expected = torch.tensor([scale, scale, 2 * scale, 2 * scale], dtype=torch.float64)
+    assert torch.equal(low, decode_e2m1(packed & 0xF).to(torch.float64) * expected)
+    assert torch.equal(high, decode_e2m1(packed >> 4).to(torch.float64) * expected)
+
+
+def test_the_kernel_launches_these_atom_decodes():
+    import workers.fused_moe_kernel as kernel
+
+    assert kernel._E2M1_ATOMS_BIASED_PTX.value == _e2m1_ptx(("$5", "$7"), bias_in_scale=True)
+    assert kernel._E2M1_ATOMS_PTX.value == _e2m1_ptx(("$5", "$7"))
+    assert "two126, negzero" not in kernel._E2M1_ATOMS_BIASED_PTX.value.split("}")[0].split("mov.b32 negzero")[1]
