@@ -50,7 +50,7 @@ def compile_gemm(dtype: str, bm: int, bn: int, bk: int, warps: int, stages: int,
     from workers import fused_moe_kernel as kernel
 
     fn = kernel._fused_moe_gemm_kernel
-    types = {"a_ptr": "*bf16", "b_ptr": "*u8", "c_ptr": "*bf16", "a_scale_ptr": "*bf16", "b_scale_ptr": "*u8",
+    types = {"a_ptr": "*bf16", "b_ptr": "*i32" if atoms else "*u8", "c_ptr": "*bf16", "a_scale_ptr": "*bf16", "b_scale_ptr": "*u8",
              "b_global_scale_ptr": "*fp32", "topk_weights_ptr": "*fp32", "sorted_token_ids_ptr": "*i32",
              "expert_ids_ptr": "*i32", "num_tokens_post_padded_ptr": "*i32"}
     constexprs = dict(TOP_K=4, MUL_ROUTED_WEIGHT=False, FP8_W8A8=False, FP8_BLOCK=False, INT8_W8A16=False,

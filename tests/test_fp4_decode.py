@@ -150,53 +150,72 @@ def test_benchmark_main_variant_runs_the_old_decode(tmp_path):
     assert moe.launch_moe_gemm is kernel.launch_moe_gemm
 
 
-def _decode_atoms_with_ptx(packed: torch.Tensor, scale_bits: torch.Tensor, bias_in_scale: bool
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The atom layout's decode: ``scale_bits [n, 2]`` bf16 bits of bytes 0-1's and 2-3's scales,
-    passed as four 32-bit words (both halves the scale) of which $5 and $7 are read; $6 and $8 hold
-    garbage so that reading them fails."""
-    word = sum(packed[:, i].to(torch.int64) << (8 * i) for i in range(4))
-    words = [scale_bits[:, i // 2] * 0x10001 if i % 2 == 0 else torch.full_like(word, 0x7FC07FC0) for i in range(4)]
-    regs = run_ptx(_e2m1_ptx(("$5", "$7"), bias_in_scale=bias_in_scale),
-                   {"$4": word, **{f"${5 + i}": w for i, w in enumerate(words)}})
-    low = torch.stack([_bf16_values((regs[f"${r}"] >> s) & 0xFFFF) for r in (0, 1) for s in (0, 16)], dim=1)
-    high = torch.stack([_bf16_values((regs[f"${r}"] >> s) & 0xFFFF) for r in (2, 3) for s in (0, 16)], dim=1)
-    return low, high
+
+def _atom_words(codes: torch.Tensor) -> torch.Tensor:
+    """int64 words of ``codes [n, 8]`` (value (c, p, e) at column 4c + 2p + e) placed at the
+    layout's ``WORD_BITS``."""
+    from workers.fp4_layout import WORD_BITS
+
+    words = torch.zeros(codes.shape[0], dtype=torch.int64)
+    for column in range(8):
+        c, p, e = column >> 2, (column >> 1) & 1, column & 1
+        for bit, position in zip((3, 2, 1, 0), WORD_BITS[2 * c + p]):
+            words |= ((codes[:, column] >> bit) & 1) << (position + 16 * e)
+    return words
+
+
+def _decode_atom_words(codes: torch.Tensor, scale_bits: tuple[int, int], bias_in_scale: bool) -> torch.Tensor:
+    """Values ``[n, 8]`` (columns as ``_atom_words``) through the kernel's word PTX, scale words
+    ``$5`` (c = 0) and ``$6`` (c = 1) from bf16 bits."""
+    from workers.fused_moe_kernel import _atom_word_ptx
+
+    words = _atom_words(codes)
+    regs = run_ptx(_atom_word_ptx(bias_in_scale), {"$4": words, "$5": torch.full_like(words, scale_bits[0] * 0x10001),
+                                                   "$6": torch.full_like(words, scale_bits[1] * 0x10001)})
+    return torch.stack([_bf16_values((regs[f"${(column >> 1)}"] >> (16 * (column & 1))) & 0xFFFF)
+                        for column in range(8)], dim=1)
+
+
+def _all_code_words() -> torch.Tensor:
+    """Every code in every one of a word's 8 slots, the other slots random."""
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (16 * 8 * 4, 8), generator=generator)
+    for slot in range(8):
+        codes[slot * 64:(slot + 1) * 64, slot] = torch.arange(64) % 16
+    return codes
 
 
 @pytest.mark.parametrize("t", [0, 1, 100, 127, 128])
-def test_atom_decode_with_the_bias_in_the_scale(t):
-    """mxfp4 atoms: the scale word the kernel makes from prepared byte t (t·0x00800080 + 0x3F003F00,
-    bf16 2^(t-1) = 2^(t-127)·2^126) in the decode without its 2^126 multiply gives every byte's
-    values times 2^(t-127) exactly, signed zeros kept; bytes 2-3 read the second scale."""
-    codes = torch.arange(256, dtype=torch.int64)
-    packed = torch.stack([codes.roll(i) for i in range(4)], dim=1)
-    word = t * 0x00800080 + 0x3F003F00
-    assert _bf16_values(torch.tensor(word & 0xFFFF)).item() == 2.0 ** (t - 1)
+def test_atom_words_with_the_bias_in_the_scale(t):
+    """mxfp4 atoms: the scale word the kernel makes from prepared byte t (t·0x80 + 0x3F00 per half,
+    bf16 2^(t-1) = 2^(t-127)·2^126) in the word decode without its 2^126 multiply gives every
+    value times 2^(t-127) exactly, signed zeros kept; outputs 2 and 3 read the second scale."""
+    codes = _all_code_words()
     other = max(t - 1, 0)
-    bits = torch.tensor([[word & 0xFFFF, (other * 0x80 + 0x3F00)]], dtype=torch.int64).expand(256, 2)
-    low, high = _decode_atoms_with_ptx(packed, bits, bias_in_scale=True)
-    scale = torch.tensor([2.0 ** (t - 127)] * 2 + [2.0 ** (other - 127)] * 2, dtype=torch.float64)
-    assert torch.equal(low, decode_e2m1(packed & 0xF).to(torch.float64) * scale)
-    assert torch.equal(high, decode_e2m1(packed >> 4).to(torch.float64) * scale)
-    assert torch.equal(torch.signbit(low), torch.signbit(decode_e2m1(packed & 0xF).to(torch.float64)))
+    bits = (t * 0x80 + 0x3F00, other * 0x80 + 0x3F00)
+    assert _bf16_values(torch.tensor(bits[0])).item() == 2.0 ** (t - 1)
+    values = _decode_atom_words(codes, bits, bias_in_scale=True)
+    scale = torch.tensor([2.0 ** (t - 127)] * 4 + [2.0 ** (other - 127)] * 4, dtype=torch.float64)
+    expected = decode_e2m1(codes).to(torch.float64) * scale
+    assert torch.equal(values, expected)
+    assert torch.equal(torch.signbit(values), torch.signbit(expected))
 
 
 @pytest.mark.parametrize("scale", [1.0, 2.0 ** -9, 0.375, 448.0])
-def test_atom_decode_with_plain_scales(scale):
-    """nvfp4 atoms: the decode with its 2^126 multiply, scales read from $5 and $7."""
-    codes = torch.arange(256, dtype=torch.int64)
-    packed = torch.stack([codes.roll(i) for i in range(4)], dim=1)
-    bits = _bf16_bits(torch.tensor([[scale, scale * 2]], dtype=torch.float64)).expand(256, 2)
-    low, high = _decode_atoms_with_ptx(packed, bits, bias_in_scale=False)
-    expected = torch.tensor([scale, scale, 2 * scale, 2 * scale], dtype=torch.float64)
-    assert torch.equal(low, decode_e2m1(packed & 0xF).to(torch.float64) * expected)
-    assert torch.equal(high, decode_e2m1(packed >> 4).to(torch.float64) * expected)
+def test_atom_words_with_plain_scales(scale):
+    """nvfp4 atoms: the word decode with its 2^126 multiply, E4M3-valued scales."""
+    codes = _all_code_words()
+    bits = _bf16_bits(torch.tensor([scale, scale * 2], dtype=torch.float64)).tolist()
+    values = _decode_atom_words(codes, tuple(bits), bias_in_scale=False)
+    expected = decode_e2m1(codes).to(torch.float64) * torch.tensor([scale] * 4 + [2 * scale] * 4, dtype=torch.float64)
+    assert torch.equal(values, expected)
+    assert torch.equal(torch.signbit(values), torch.signbit(expected))
 
 
-def test_the_kernel_launches_these_atom_decodes():
+def test_the_kernel_launches_these_word_decodes():
     import workers.fused_moe_kernel as kernel
 
-    assert kernel._E2M1_ATOMS_BIASED_PTX.value == _e2m1_ptx(("$5", "$7"), bias_in_scale=True)
-    assert kernel._E2M1_ATOMS_PTX.value == _e2m1_ptx(("$5", "$7"))
-    assert "two126, negzero" not in kernel._E2M1_ATOMS_BIASED_PTX.value.split("}")[0].split("mov.b32 negzero")[1]
+    assert kernel._ATOM_WORD_BIASED_PTX.value == kernel._atom_word_ptx(True)
+    assert kernel._ATOM_WORD_PTX.value == kernel._atom_word_ptx(False)
+    for ptx, bias_multiplies in ((kernel._ATOM_WORD_BIASED_PTX.value, 0), (kernel._ATOM_WORD_PTX.value, 4)):
+        assert sum(line.startswith("fma") and "two126" in line for line in ptx.splitlines()) == bias_multiplies

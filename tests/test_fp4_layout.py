@@ -11,7 +11,7 @@ import torch
 
 from tests.test_kernel import BOUNDS, make_problem, run_checked
 from workers.align import TokenAligner
-from workers.fp4_layout import Fp4Atoms, prepare_atoms
+from workers.fp4_layout import WORD_BITS, Fp4Atoms, prepare_atoms
 from workers.fused_moe_kernel import launch_moe_gemm
 from workers.moe import MoERunner
 from workers.problem import rel_error
@@ -20,24 +20,25 @@ from workers.records import Config, DType
 
 
 def _unprepare_codes(atoms: Fp4Atoms) -> torch.Tensor:
-    """Codes [E, R, C] back from the atoms, by the layout's definition (the row and K of byte b,
-    nibble p of lane 4g + q in atom (i, j)), element by element."""
-    E, R, C = atoms.shape
-    group = 32 if atoms.dtype is DType.MXFP4 else 16
-    c_n = 64 // group
+    """Codes [E, R, C] back from the atoms, by the layout's definition (the row, K and bits of
+    value (c, p, e) of word 2r + h of lane 4g + q in atom (i, j)), value by value."""
+    E = atoms.shape[0]
     out = torch.full((E, atoms.data.shape[1] * 16, atoms.data.shape[2] * 64), 255, dtype=torch.int64)
-    for i in range(atoms.data.shape[1]):
-        for j in range(atoms.data.shape[2]):
-            atom = atoms.data[:, i, j].to(torch.int64)
-            for lane in range(32):
-                g, q = divmod(lane, 4)
-                for b in range(16):
-                    r, rest = divmod(b, 8)
-                    chunk, e = divmod(rest, 2)  # chunk = C·CL_N + CL
+    words = atoms.data.to(torch.int64) & 0xFFFFFFFF
+    for lane in range(32):
+        g, q = divmod(lane, 4)
+        for r in range(2):
+            for h in range(2):
+                word = words[..., 4 * lane + 2 * r + h]  # [E, i, j]
+                for c in range(2):
                     for p in range(2):
-                        k = 64 * j + 16 * chunk + 8 * p + 2 * q + e
-                        out[:, 16 * i + 8 * r + g, k] = (atom[:, 16 * lane + b] >> (4 * p)) & 0xF
-    assert c_n * (4 // c_n) == 4
+                        for e in range(2):
+                            code = sum(((word >> (position + 16 * e)) & 1) << bit
+                                       for bit, position in zip((3, 2, 1, 0), WORD_BITS[2 * c + p]))
+                            k = 32 * h + 16 * c + 8 * p + 2 * q + e
+                            for i in range(words.shape[1]):
+                                for j in range(words.shape[2]):
+                                    out[:, 16 * i + 8 * r + g, 64 * j + k] = code[:, i, j]
     return out
 
 
@@ -45,7 +46,8 @@ def _unprepare_codes(atoms: Fp4Atoms) -> torch.Tensor:
 def test_atoms_hold_every_code_where_the_layout_says(dtype, R, C, generator):
     weight = quantize_weight(torch.randn((2, R, C), generator=generator), dtype)
     atoms = prepare_atoms(weight)
-    assert atoms.shape == (2, R, C) and atoms.data.shape == (2, -(-R // 16), -(-C // 64), 512)
+    assert atoms.shape == (2, R, C) and atoms.data.shape == (2, -(-R // 16), -(-C // 64), 128)
+    assert atoms.data.dtype == torch.int32
     codes = _unprepare_codes(atoms)
     packed = weight.data.to(torch.int64)
     assert torch.equal(codes[:, :R, :C], torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2))

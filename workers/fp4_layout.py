@@ -1,17 +1,17 @@
 """The builtin fp4 kernel's prepared weight layout ("atoms"): each thread's bytes contiguous, in
-the order the MMA's register operand wants them after an in-place decode.
+the order the MMA's register operand wants them, bits placed for a cheap decode.
 
 A weight ``[E, R, C]`` (mxfp4 or nvfp4, ``workers.quant.QuantizedWeight``) is cut into atoms of
-16 rows × 64 K values (512 bytes), stored ``data [E, ceil(R/16), ceil(C/64), 512]`` (rows and K
-padded with code 0). Inside an atom, lane ``4g + q`` of a warp owns bytes ``16·lane ..
-16·lane + 15``: the values of rows ``g`` and ``g + 8`` at K offsets ``16c + 8p + 2q + e``
-(c = 0..3, p, e = 0, 1) — exactly what one thread holds of four 16 × 16 fragments of an
-``mma``/``wgmma`` register A operand (bf16). Byte ``8r + 2c + e`` of a lane holds row
-``g + 8r``, chunk ``c``, element ``e``; its low nibble is p = 0, its high nibble p = 1. So the
-kernel (``workers.fused_moe_kernel``, ``FP4_ATOMS``) loads 16 bytes per lane as one vector and
-its PRMT decode writes the values of bytes ``2m`` and ``2m + 1`` (same nibble) into one
-register as the consecutive K pair that register of the fragment holds: no data moves between
-threads or registers after the load. Bytes ``2m``, ``2m + 1`` share a scale group in both formats.
+16 rows × 64 K values (512 bytes), stored as int32 words ``data [E, ceil(R/16), ceil(C/64), 128]``
+(rows and K padded with code 0). Inside an atom, lane ``4g + q`` of a warp owns words
+``4·lane .. 4·lane + 3`` (16 contiguous bytes): the values of rows ``g`` and ``g + 8`` at K offsets
+``16c + 8p + 2q + e`` (c = 0..3, p, e = 0, 1) — exactly what one thread holds of four 16 × 16
+fragments of an ``mma``/``wgmma`` register A operand (bf16). Word ``2r + h`` of a lane holds row
+``g + 8r`` and chunks ``c = 2h, 2h + 1``: 8 values, (c, p, e) for c, p, e in {0, 1}. Its bits: the
+value (c, p, e) has its sign, exponent (2 bits) and mantissa bit at ``WORD_BITS[2c + p]`` + 16e, so
+the decode gets output 2c + p — a bf16x2 register holding the K pair e = 0, 1 the fragment wants —
+by one mask (output 0), a shift and a mask (1, 2), or three of each (3), plus the multiplies
+(``workers.fused_moe_kernel._atom_word_ptx``): no data moves between threads or registers.
 
 Scales stay one byte per block, K-group-major ``[E, 16·ceil(R/16), ceil(C/64)·64/group]``
 (strides ``(R·G, 1, R)``; padding 0):
@@ -25,9 +25,10 @@ Scales stay one byte per block, K-group-major ``[E, 16·ceil(R/16), ceil(C/64)·
 
 Why: the row-major layout makes Triton stage the packed bytes through shared memory and read
 them back in 2-byte pieces in the operand layout (``benchmarks/fp4_sass_count.py`` counts the
-cost per weight byte). The idea — permute the bytes offline so each thread's share of the
-operand is one contiguous vector — is the one of triton_kernels' Hopper value layout; the atom,
-bit order and scale handling here are this kernel's own.
+cost per weight byte). The idea — permute and bit-interleave the values offline so each thread's
+share of the operand is one contiguous vector that decodes with masks and shifts — is the one of
+triton_kernels' Hopper value layout; the atom, word format and scale handling here are this
+kernel's own.
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ import torch
 from workers.quant import QuantizedWeight
 from workers.records import DType
 
-ATOM_ROWS, ATOM_K, ATOM_BYTES = 16, 64, 512
+ATOM_ROWS, ATOM_K, ATOM_WORDS = 16, 64, 128
+WORD_BITS = ((15, 8, 7, 6), (12, 5, 4, 3), (9, 2, 1, 0), (14, 13, 11, 10))
+"""Per decode output 2c + p: the low-half bit positions of a value's sign, exponent bits 1 and 0
+and mantissa bit (E2M1 code bits 3..0); the high half (e = 1) is 16 bits up."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,11 +80,18 @@ def prepare_atoms(weight: QuantizedWeight) -> Fp4Atoms:
     rows, cols = -(-R // ATOM_ROWS) * ATOM_ROWS, -(-C // ATOM_K) * ATOM_K
     codes = torch.zeros((E, rows, cols), dtype=torch.uint8, device=weight.data.device)
     codes[:, :R, :C] = _unpack(weight.data)
-    c_n = ATOM_K // group  # scale groups per atom along K
-    # [E, i, r, g, j, C, CL, p, q, e] → [E, i, j, g, q, r, C, CL, e, p]
-    codes = codes.reshape(E, rows // 16, 2, 8, cols // 64, c_n, 4 // c_n, 2, 4, 2)
-    codes = codes.permute(0, 1, 4, 3, 8, 2, 5, 6, 9, 7)
-    data = (codes[..., 0] | (codes[..., 1] << 4)).reshape(E, rows // 16, cols // 64, ATOM_BYTES).contiguous()
+    # [E, i, r, g, j, h, c, p, q, e] → [E, i, j, g, q, r, h, c, p, e]
+    codes = codes.to(torch.int64).reshape(E, rows // 16, 2, 8, cols // 64, 2, 2, 2, 4, 2)
+    codes = codes.permute(0, 1, 4, 3, 8, 2, 5, 6, 7, 9)
+    words = torch.zeros(codes.shape[:-3], dtype=torch.int64, device=codes.device)
+    for c in range(2):
+        for p in range(2):
+            for e in range(2):
+                code = codes[..., c, p, e]
+                for bit, position in zip((3, 2, 1, 0), WORD_BITS[2 * c + p]):
+                    words |= ((code >> bit) & 1) << (position + 16 * e)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    data = words.reshape(E, rows // 16, cols // 64, ATOM_WORDS).contiguous()
 
     groups = cols // group
     scale = torch.zeros((E, rows, groups), dtype=torch.uint8, device=weight.data.device)

@@ -152,7 +152,7 @@ def launch_moe_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, b: QuantizedW
     )
 
 
-def _e2m1_ptx(scale_operands: tuple[str, str] = ("$5", "$6"), bias_in_scale: bool = False) -> str:
+def _e2m1_ptx() -> str:
     """Inline PTX decoding the 4 packed bytes of ``$4`` with their bf16 scales (``$5``: bytes 0-1,
     ``$6``: bytes 2-3): low nibbles to ``$0`` (bytes 0-1) and ``$1`` (bytes 2-3), high nibbles
     to ``$2`` and ``$3``, two bf16 per register.
@@ -166,13 +166,8 @@ def _e2m1_ptx(scale_operands: tuple[str, str] = ("$5", "$6"), bias_in_scale: boo
     (PRMT 1/2, shifts 3/2, and-or 2, bf16x2 multiplies 2), down from 7.5 with the bytes spread
     to the low halves (two shifts per value). Only elementwise per byte, so correct in any
     register layout Triton gives the tile.
-
-    ``scale_operands`` names the registers of the two byte pairs' scales; ``bias_in_scale`` drops
-    the multiply by 2^126 for scales that carry it (the mxfp4 atoms' ``workers.fp4_layout``
-    scales): 5 instructions per byte.
     """
     mask_sign, mask_mag = "0x80008000", "0x01C001C0"
-    bias = [] if bias_in_scale else ["fma.rn.bf16x2 mag, mag, two126, negzero;"]
     lines = ["{", ".reg .b32 bytes, mag, sign, two126, negzero;",
              "mov.b32 two126, 0x7E807E80;", "mov.b32 negzero, 0x80008000;"]
     for pair, selector in enumerate(("0x1404", "0x3424")):
@@ -180,19 +175,44 @@ def _e2m1_ptx(scale_operands: tuple[str, str] = ("$5", "$6"), bias_in_scale: boo
         # low nibble: sign from bit 11 of each half, magnitude from bits 10..8
         lines += ["shl.b32 sign, bytes, 4;", f"and.b32 sign, sign, {mask_sign};",
                   "shr.b32 mag, bytes, 2;", f"and.b32 mag, mag, {mask_mag};", "or.b32 mag, mag, sign;",
-                  *bias, f"fma.rn.bf16x2 ${pair}, mag, {scale_operands[pair]}, negzero;"]
+                  "fma.rn.bf16x2 mag, mag, two126, negzero;", f"fma.rn.bf16x2 ${pair}, mag, ${5 + pair}, negzero;"]
         # high nibble: sign already at bit 15, magnitude from bits 14..12
         lines += [f"and.b32 sign, bytes, {mask_sign};",
                   "shr.b32 mag, bytes, 6;", f"and.b32 mag, mag, {mask_mag};", "or.b32 mag, mag, sign;",
-                  *bias, f"fma.rn.bf16x2 ${pair + 2}, mag, {scale_operands[pair]}, negzero;"]
+                  "fma.rn.bf16x2 mag, mag, two126, negzero;", f"fma.rn.bf16x2 ${pair + 2}, mag, ${5 + pair}, negzero;"]
     return "\n".join(lines + ["}"])
 
 
 _E2M1_PTX = tl.constexpr(_e2m1_ptx())
-# The atoms' decode: one 32-bit scale word per byte ($5..$8, both halves the byte's bf16 scale,
-# made once per scale), of which bytes 0 and 2 are read: bytes 0-1 and 2-3 share a scale there.
-_E2M1_ATOMS_PTX = tl.constexpr(_e2m1_ptx(("$5", "$7")))
-_E2M1_ATOMS_BIASED_PTX = tl.constexpr(_e2m1_ptx(("$5", "$7"), bias_in_scale=True))
+
+
+def _atom_word_ptx(bias_in_scale: bool) -> str:
+    """Inline PTX decoding one 32-bit word of the atom layout (``$4``; 8 values, bit positions
+    ``workers.fp4_layout.WORD_BITS``) with the bf16x2 scale words ``$5`` (outputs 0, 1) and ``$6``
+    (outputs 2, 3) into ``$0..$3``, two bf16 each (e = 0 low half, e = 1 high half).
+
+    Each output's bits land on bf16's sign and its exponent/mantissa bits 8..6 by one mask
+    (output 0), a shift and a mask (1, 2) or three (3): the pattern is value·2^-126 as in
+    ``_e2m1_ptx``, finished by × 2^126 (unless the scale carries it: mxfp4) and × the scale.
+    Per word 11 logic instructions and 4 (mxfp4) or 8 bf16x2 multiplies: 3.75 resp. 4.75 per byte.
+    """
+    mask = "0x81C081C0"
+    lines = ["{", ".reg .b32 a, b, two126, negzero;", "mov.b32 two126, 0x7E807E80;", "mov.b32 negzero, 0x80008000;",
+             f"and.b32 $0, $4, {mask};",
+             "shl.b32 a, $4, 3;", f"and.b32 $1, a, {mask};",
+             "shl.b32 a, $4, 6;", f"and.b32 $2, a, {mask};",
+             "shl.b32 a, $4, 1;", "and.b32 a, a, 0x80008000;",
+             "shr.b32 b, $4, 4;", "and.b32 b, b, 0x00C000C0;", "or.b32 a, a, b;",
+             "shr.b32 b, $4, 5;", "and.b32 b, b, 0x01000100;", "or.b32 $3, a, b;"]
+    for out in range(4):
+        if not bias_in_scale:
+            lines.append(f"fma.rn.bf16x2 ${out}, ${out}, two126, negzero;")
+        lines.append(f"fma.rn.bf16x2 ${out}, ${out}, ${5 + out // 2}, negzero;")
+    return "\n".join(lines + ["}"])
+
+
+_ATOM_WORD_PTX = tl.constexpr(_atom_word_ptx(False))
+_ATOM_WORD_BIASED_PTX = tl.constexpr(_atom_word_ptx(True))
 
 
 @triton.jit
@@ -255,50 +275,89 @@ def _dequantize_fp4_tile(packed, scales, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_
 
 
 @triton.jit
-def _dequantize_fp4_atoms(packed, scales, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
+def _atom_word_patterns(words):
+    """The interpreter's stand-in for ``_atom_word_ptx``'s bit work: the four bf16x2 patterns."""
+    words = words.to(tl.uint32, bitcast=True)
+    mask = 0x81C081C0
+    out0 = words & mask
+    out1 = (words << 3) & mask
+    out2 = (words << 6) & mask
+    out3 = ((words << 1) & 0x80008000) | ((words >> 4) & 0x00C000C0) | ((words >> 5) & 0x01000100)
+    return out0, out1, out2, out3
+
+
+@triton.jit
+def _bf16x2_halves(pattern, scale, BIAS: tl.constexpr, INTERPRETER: tl.constexpr):
+    """A bf16x2 int32 ``pattern`` → bf16 values ``[..., 2]`` (low half first). Under the
+    interpreter ``pattern`` is the undecoded bit pattern, read as fp32 (its bits 16 up: exact,
+    subnormals included), times ``BIAS`` and the fp32 ``scale``, in that order."""
+    if INTERPRETER:
+        low = ((pattern & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+        high = (pattern & -65536).to(tl.float32, bitcast=True)
+        low = (low * BIAS * scale).to(tl.bfloat16)
+        high = (high * BIAS * scale).to(tl.bfloat16)
+    else:
+        low = (pattern & 0xFFFF).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        high = (pattern >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    return tl.join(low, high)
+
+
+@triton.jit
+def _dequantize_fp4_atoms(words, scales, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
                           FP4_GROUP: tl.constexpr, INTERPRETER: tl.constexpr):
-    """Packed atoms ``[BN/16, BK/64, 512]`` bytes (``workers.fp4_layout``) and ``[BN, BK/FP4_GROUP]``
+    """Atom words ``[BN/16, BK/64, 128]`` int32 (``workers.fp4_layout``) and ``[BN, BK/FP4_GROUP]``
     scales → bf16 ``[BN, BK]``.
 
-    The bytes are viewed as ``[i, j, g, q, r, C, CL, p]`` (atom row block, atom K block, lane
-    g·4+q, then the lane's 16 bytes: row half r, scale group C of the atom, 16-value chunk CL in
-    it, k half p); each byte's low nibble is e=0, its high nibble e=1; the value sits at row
-    16i + 8r + g, k 64j + 16(C·CL_N + CL) + 8p + 2q + e. Only reshapes and one permute bring it to
-    ``[BN, BK]``: the layout an MMA operand fragment wants is, traced back through them, each
-    thread's 16 contiguous bytes, so the compiler can load them as one vector and decode them in
-    place.
+    The words are viewed as ``[i, j, g, q, r, h]`` (atom row block, atom K block, lane 4g + q,
+    row half r, word h of the lane's two per row); a word decodes to values ``[e, p, c]`` at row
+    16i + 8r + g, k 64j + 16(2h + c) + 8p + 2q + e. Only joins, one permute and reshapes bring them
+    to ``[BN, BK]``: the layout the MMA's register operand wants is, traced back through them, each
+    thread's 16 contiguous bytes, so the compiler loads them as one vector and decodes in place.
+    The decode is elementwise per word, so correct in whatever layout the compiler picks.
     """
-    C_N: tl.constexpr = 64 // FP4_GROUP
-    CL_N: tl.constexpr = 4 // C_N
-    packed = tl.reshape(packed, (BLOCK_SIZE_N // 16, BLOCK_SIZE_K // 64, 8, 4, 2, C_N, CL_N, 2))
-    # Each scale once: its bf16 bits in both halves of a 32-bit word (the decode's bf16x2 operand).
+    C_N: tl.constexpr = 64 // FP4_GROUP  # scale groups per atom row
+    words = tl.reshape(words, (BLOCK_SIZE_N // 16, BLOCK_SIZE_K // 64, 8, 4, 2, 2))
+    # Each scale once, as a bf16x2 word (both halves the scale): mxfp4's prepared byte t → 2^(t-1),
+    # the block scale times the decode's 2^126 (exponent t + 126 <= 254: always normal; one
+    # multiply-add); nvfp4's E4M3 → bf16.
     if FP4_GROUP == 32:
-        # prepared byte t (workers.fp4_layout) → 2^(t-1) = the block scale times 2^126, always a
-        # normal bf16 (exponent t + 126 <= 254): one multiply-add per scale.
-        words = scales.to(tl.int32) * 0x00800080 + 0x3F003F00
+        scale_words = scales.to(tl.int32) * 0x00800080 + 0x3F003F00
     else:
         bits = scales.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        words = bits | (bits << 16)
-    # [BN, BK/G] → [i, r, g, j, C] → [i, j, g, r, C] → broadcast over q, CL, p
-    words = tl.reshape(words, (BLOCK_SIZE_N // 16, 2, 8, BLOCK_SIZE_K // 64, C_N))
-    words = tl.permute(words, (0, 3, 2, 1, 4))
-    words = tl.reshape(words, (BLOCK_SIZE_N // 16, BLOCK_SIZE_K // 64, 8, 1, 2, C_N, 1, 1))
-    words = tl.broadcast_to(words, (BLOCK_SIZE_N // 16, BLOCK_SIZE_K // 64, 8, 4, 2, C_N, CL_N, 2))
+        scale_words = bits | (bits << 16)
+    # [BN, BK/G] → [i, r, g, j, C] → [i, j, g, r, C] → per word h its chunks c = 0, 1
+    scale_words = tl.reshape(scale_words, (BLOCK_SIZE_N // 16, 2, 8, BLOCK_SIZE_K // 64, C_N))
+    scale_words = tl.permute(scale_words, (0, 3, 2, 1, 4))
+    if FP4_GROUP == 32:  # one group per word
+        scale0 = tl.reshape(scale_words, (BLOCK_SIZE_N // 16, BLOCK_SIZE_K // 64, 8, 1, 2, 2))
+        scale1 = scale0
+    else:  # chunk c of word h is group 2h + c
+        scale0, scale1 = tl.split(tl.reshape(scale_words, (BLOCK_SIZE_N // 16, BLOCK_SIZE_K // 64, 8, 1, 2, 2, 2)))
+    scale0 = tl.broadcast_to(scale0, (BLOCK_SIZE_N // 16, BLOCK_SIZE_K // 64, 8, 4, 2, 2))
+    scale1 = tl.broadcast_to(scale1, (BLOCK_SIZE_N // 16, BLOCK_SIZE_K // 64, 8, 4, 2, 2))
     if INTERPRETER:
-        codes = packed.to(tl.int32)
-        scales = (words & 0xFFFF).to(tl.int16).to(tl.bfloat16, bitcast=True).to(tl.float32)
-        if FP4_GROUP == 32:
-            scales = scales * 1.1754943508222875e-38  # the 2^126 the atoms' mxfp4 scales carry
-        low = (_e2m1_to_bf16(codes & 0xF).to(tl.float32) * scales).to(tl.bfloat16)
-        high = (_e2m1_to_bf16(codes >> 4).to(tl.float32) * scales).to(tl.bfloat16)
-    elif FP4_GROUP == 32:
-        low, high = tl.inline_asm_elementwise(_E2M1_ATOMS_BIASED_PTX, "=r,=r,=r,=r,r,r,r,r,r", [packed, words],
-                                              dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+        out0, out1, out2, out3 = _atom_word_patterns(words)
+        f0 = ((scale0 & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+        f1 = ((scale1 & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+        out0, out1, out2, out3 = (out0.to(tl.int32, bitcast=True), out1.to(tl.int32, bitcast=True),
+                                  out2.to(tl.int32, bitcast=True), out3.to(tl.int32, bitcast=True))
     else:
-        low, high = tl.inline_asm_elementwise(_E2M1_ATOMS_PTX, "=r,=r,=r,=r,r,r,r,r,r", [packed, words],
-                                              dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-    values = tl.join(low, high)  # [i, j, g, q, r, C, CL, e, p]
-    values = tl.permute(values, (0, 4, 2, 1, 5, 6, 8, 3, 7))  # [i, r, g, j, C, CL, p, q, e]
+        f0, f1 = 1.0, 1.0
+        if FP4_GROUP == 32:
+            out0, out1, out2, out3 = tl.inline_asm_elementwise(
+                _ATOM_WORD_BIASED_PTX, "=r,=r,=r,=r,r,r,r", [words, scale0, scale1],
+                dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+        else:
+            out0, out1, out2, out3 = tl.inline_asm_elementwise(
+                _ATOM_WORD_PTX, "=r,=r,=r,=r,r,r,r", [words, scale0, scale1],
+                dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+    # outputs (c, p) = (0, 0), (0, 1), (1, 0), (1, 1), each [.., e]; the interpreter multiplies by
+    # 2^126 unless the scale carries it
+    BIAS: tl.constexpr = 1.0 if FP4_GROUP == 32 else 8.507059173023462e37
+    chunk0 = tl.join(_bf16x2_halves(out0, f0, BIAS, INTERPRETER), _bf16x2_halves(out1, f0, BIAS, INTERPRETER))
+    chunk1 = tl.join(_bf16x2_halves(out2, f1, BIAS, INTERPRETER), _bf16x2_halves(out3, f1, BIAS, INTERPRETER))
+    values = tl.join(chunk0, chunk1)  # [i, j, g, q, r, h, e, p, c]
+    values = tl.permute(values, (0, 4, 2, 1, 5, 8, 7, 3, 6))  # [i, r, g, j, h, c, p, q, e]
     return tl.reshape(values, (BLOCK_SIZE_N, BLOCK_SIZE_K))
 
 
@@ -346,12 +405,13 @@ def _fused_moe_gemm_kernel(
     b_expert_ptr = b_ptr + expert * stride_be
     num_k_steps = tl.cdiv(K, BLOCK_SIZE_K)
     if FP4_ATOMS:
-        # Prepared atoms (workers.fp4_layout): stride_bn steps a 16-row block, stride_bk an atom
-        # (64 K values, 512 bytes); the scales are K-group-major [E, rows padded to 16, groups].
+        # Prepared atoms (workers.fp4_layout), int32 words: stride_bn steps a 16-row block,
+        # stride_bk an atom (64 K values, 128 words); the scales are K-group-major
+        # [E, rows padded to 16, groups].
         offs_i = (pid_n * (BLOCK_SIZE_N // 16) + tl.arange(0, BLOCK_SIZE_N // 16).to(tl.int64)) % tl.cdiv(N, 16)
         offs_j = tl.arange(0, BLOCK_SIZE_K // 64)
         b_ptrs = (b_expert_ptr + offs_i[:, None, None] * stride_bn + offs_j[None, :, None] * stride_bk
-                  + tl.arange(0, 512)[None, None, :])
+                  + tl.arange(0, 128)[None, None, :])
         offs_sn = (pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N).to(tl.int64)) % (tl.cdiv(N, 16) * 16)
         offs_group = tl.arange(0, BLOCK_SIZE_K // FP4_GROUP)
         b_scale_ptrs = (b_scale_ptr + expert * stride_bse + offs_sn[:, None] * stride_bsn
