@@ -25,7 +25,7 @@ Per weight dtype (the B operand, ``QuantizedWeight`` layouts):
   to the fp32 accumulator at the end (the same product, one multiply per output instead of per
   weight, and no extra bf16 rounding).
 
-Swapped operands (fp4 only, ``swap_ab``; off unless asked for): the program computes the
+Swapped operands (fp4 only, ``swap_ab``): the program computes the
 transposed tile, ``acc[BLOCK_SIZE_N, BLOCK_SIZE_M] = W_tile @ A_tile^T``, so the decoded weight rows
 fill the MMA's wide M side and the few tokens its narrow N side; config keys keep their meaning
 (BLOCK_SIZE_M the token rows per tile, i.e. the sort's block; BLOCK_SIZE_N the weight rows). On
@@ -33,8 +33,17 @@ Hopper the dot becomes a wgmma with the weights as its register operand, but com
 (Triton 3.9) the loop issues more instructions per weight byte than the unswapped one (about
 14.4 against 12.3 at BLOCK_SIZE_M 16, N 128, K 128, 4 warps): the packed bytes are staged
 through shared memory and read back in 2-byte pieces in the wgmma operand layout, and the decode
-(ALU), not the tensor cores, bounds the small-M kernel. So it is not the default until
-``benchmarks/fp4_kernel_bench.py`` shows it faster on the GPU; that benchmark times both orders.
+(ALU), not the tensor cores, bounds the small-M kernel. So for row-major packed weights it is an
+option, not the default.
+
+The fp4 atom layout (``FP4_ATOMS``; ``workers.fp4_layout``, prepared once by the runner): the
+weights as int32 words ordered so that each thread's share of the MMA's register operand is 16
+contiguous bytes, 8 values per word with their bits interleaved so that masks and shifts put
+each consecutive K pair into one bf16x2 register (``_atom_word_ptx``; mxfp4's scales carry the
+decode's 2^126). Always swapped operands; the tile must cover whole atoms (BLOCK_SIZE_N % 16,
+BLOCK_SIZE_K % 64). Compiled for sm_90 its K loop issues about 6.6 instructions per weight byte
+at BLOCK_SIZE_M 16, N 128, K 128, 4 warps (``benchmarks/fp4_sass_count.py``), against 12.6 / 13.5
+for the row-major layout in either order; the runner's default where the config allows.
 
 Under Triton's interpreter bf16 arithmetic is wrong (see ``workers.interpreter``) and inline PTX
 cannot run; the constexpr ``INTERPRETER``, set only when interpreting, routes bf16 through fp32
