@@ -164,14 +164,14 @@ def _atom_words(codes: torch.Tensor) -> torch.Tensor:
     return words
 
 
-def _decode_atom_words(codes: torch.Tensor, scale_bits: tuple[int, int], bias_in_scale: bool) -> torch.Tensor:
-    """Values ``[n, 8]`` (columns as ``_atom_words``) through the kernel's word PTX, scale words
-    ``$5`` (c = 0) and ``$6`` (c = 1) from bf16 bits."""
+def _decode_atom_words(codes: torch.Tensor, scale_words: tuple[int, int]) -> torch.Tensor:
+    """Values ``[n, 8]`` (columns as ``_atom_words``) through the kernel's word PTX with the scale
+    words ``$5`` (c = 0) and ``$6`` (c = 1)."""
     from workers.fused_moe_kernel import _atom_word_ptx
 
     words = _atom_words(codes)
-    regs = run_ptx(_atom_word_ptx(bias_in_scale), {"$4": words, "$5": torch.full_like(words, scale_bits[0] * 0x10001),
-                                                   "$6": torch.full_like(words, scale_bits[1] * 0x10001)})
+    regs = run_ptx(_atom_word_ptx(), {"$4": words, "$5": torch.full_like(words, scale_words[0]),
+                                      "$6": torch.full_like(words, scale_words[1])})
     return torch.stack([_bf16_values((regs[f"${(column >> 1)}"] >> (16 * (column & 1))) & 0xFFFF)
                         for column in range(8)], dim=1)
 
@@ -185,37 +185,49 @@ def _all_code_words() -> torch.Tensor:
     return codes
 
 
+def _check_words(scale_words: tuple[int, int], scales: tuple[float, float]) -> None:
+    codes = _all_code_words()
+    values = _decode_atom_words(codes, scale_words)
+    expected = decode_e2m1(codes).to(torch.float64) * torch.tensor([scales[0]] * 4 + [scales[1]] * 4,
+                                                                    dtype=torch.float64)
+    assert torch.equal(values, expected)
+    assert torch.equal(torch.signbit(values), torch.signbit(expected))  # signed zeros kept
+
+
 @pytest.mark.parametrize("t", [0, 1, 100, 127, 128])
-def test_atom_words_with_the_bias_in_the_scale(t):
-    """mxfp4 atoms: the scale word the kernel makes from prepared byte t (t·0x80 + 0x3F00 per half,
-    bf16 2^(t-1) = 2^(t-127)·2^126) in the word decode without its 2^126 multiply gives every
-    value times 2^(t-127) exactly, signed zeros kept; outputs 2 and 3 read the second scale."""
-    codes = _all_code_words()
+def test_atom_words_mxfp4(t):
+    """mxfp4 atoms: the scale word the kernel makes from prepared byte t (t·0x00800080 +
+    0x3F003F00: bf16 2^(t-1) = 2^(t-127)·2^126) gives every value times 2^(t-127) exactly;
+    outputs 2 and 3 read the second scale."""
     other = max(t - 1, 0)
-    bits = (t * 0x80 + 0x3F00, other * 0x80 + 0x3F00)
-    assert _bf16_values(torch.tensor(bits[0])).item() == 2.0 ** (t - 1)
-    values = _decode_atom_words(codes, bits, bias_in_scale=True)
-    scale = torch.tensor([2.0 ** (t - 127)] * 4 + [2.0 ** (other - 127)] * 4, dtype=torch.float64)
-    expected = decode_e2m1(codes).to(torch.float64) * scale
-    assert torch.equal(values, expected)
-    assert torch.equal(torch.signbit(values), torch.signbit(expected))
+    _check_words((t * 0x00800080 + 0x3F003F00, other * 0x00800080 + 0x3F003F00),
+                 (2.0 ** (t - 127), 2.0 ** (other - 127)))
 
 
-@pytest.mark.parametrize("scale", [1.0, 2.0 ** -9, 0.375, 448.0])
-def test_atom_words_with_plain_scales(scale):
-    """nvfp4 atoms: the word decode with its 2^126 multiply, E4M3-valued scales."""
-    codes = _all_code_words()
-    bits = _bf16_bits(torch.tensor([scale, scale * 2], dtype=torch.float64)).tolist()
-    values = _decode_atom_words(codes, tuple(bits), bias_in_scale=False)
-    expected = decode_e2m1(codes).to(torch.float64) * torch.tensor([scale] * 4 + [2 * scale] * 4, dtype=torch.float64)
-    assert torch.equal(values, expected)
-    assert torch.equal(torch.signbit(values), torch.signbit(expected))
+@pytest.mark.parametrize("scale, other", [(2.0 ** -9, 0.375), (1.0, 448.0), (448.0, 2.0 ** -7)])
+def test_atom_words_nvfp4(scale, other):
+    """nvfp4 atoms: prepared byte u of the E4M3 scale (``_nvfp4_scale_bytes``) → the kernel's word
+    u·0x00100010 + 0x75807580 gives every value times scale·2^-9 exactly (the global scale
+    carries the 2^9)."""
+    from workers.fp4_layout import NVFP4_SHIFT, _nvfp4_scale_bytes
+
+    e4m3 = torch.tensor([scale, other]).to(torch.float8_e4m3fn)
+    assert e4m3.float().tolist() == [scale, other]
+    u = _nvfp4_scale_bytes(e4m3).to(torch.int64).tolist()
+    _check_words(tuple(v * 0x00100010 + 0x75807580 for v in u),
+                 (scale * 2.0 ** -NVFP4_SHIFT, other * 2.0 ** -NVFP4_SHIFT))
 
 
-def test_the_kernel_launches_these_word_decodes():
+def test_nvfp4_scale_bytes_cover_every_positive_e4m3():
+    from workers.fp4_layout import NVFP4_SHIFT, _nvfp4_scale_bytes
+
+    e4m3 = torch.arange(1, 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn)  # every positive finite
+    u = _nvfp4_scale_bytes(e4m3).to(torch.int32)
+    decoded = (u * 16 + 0x7580).to(torch.int16).view(torch.bfloat16).double()
+    assert torch.equal(decoded, e4m3.double() * 2.0 ** (126 - NVFP4_SHIFT))
+
+
+def test_the_kernel_launches_this_word_decode():
     import workers.fused_moe_kernel as kernel
 
-    assert kernel._ATOM_WORD_BIASED_PTX.value == kernel._atom_word_ptx(True)
-    assert kernel._ATOM_WORD_PTX.value == kernel._atom_word_ptx(False)
-    for ptx, bias_multiplies in ((kernel._ATOM_WORD_BIASED_PTX.value, 0), (kernel._ATOM_WORD_PTX.value, 4)):
-        assert sum(line.startswith("fma") and "two126" in line for line in ptx.splitlines()) == bias_multiplies
+    assert kernel._ATOM_WORD_PTX.value == kernel._atom_word_ptx()

@@ -55,8 +55,9 @@ def test_atoms_hold_every_code_where_the_layout_says(dtype, R, C, generator):
     G = C // (32 if dtype is DType.MXFP4 else 16)
     assert atoms.scale.stride() == (atoms.scale.shape[1] * atoms.scale.shape[2], 1, atoms.scale.shape[1])
     if dtype is DType.NVFP4:
-        assert torch.equal(atoms.scale[:, :R, :G], weight.scale.view(torch.uint8))
-        assert torch.equal(atoms.global_scale, weight.global_scale.float())
+        bits = (atoms.scale[:, :R, :G].to(torch.int32) * 16 + 0x7580).to(torch.int16).view(torch.bfloat16)
+        assert torch.equal(bits.double(), weight.scale.double() * 2.0 ** 117)
+        assert torch.equal(atoms.global_scale, weight.global_scale.float() * 512)
 
 
 def test_mxfp4_scales_move_their_exponent_to_the_global_scale():
@@ -94,6 +95,24 @@ def test_atoms_match_reference(dtype, M, topk, N, K, config, down, generator):
     rows = MoERunner(*problem, config, down, fp4_atoms=False)
     assert isinstance(rows.w13, QuantizedWeight)
     assert rel_error(runner.run(), rows.run().float()) < 1e-2
+
+
+def test_nvfp4_negative_and_zero_scales(generator):
+    """A negative block scale flips its codes' signs, a zero one zeroes its codes: the same
+    products, so the GEMM still matches the reference."""
+    x, w13, w2, topk_weights, topk_ids = make_problem(6, 4, 64, 128, 2, DType.NVFP4, generator)
+    scale = w13.scale.float()
+    scale[:, ::3, 1] = 0.0
+    scale[:, 1::2, 2] *= -1
+    odd = QuantizedWeight(DType.NVFP4, w13.data, scale.to(torch.float8_e4m3fn), w13.global_scale)
+    atoms = prepare_atoms(odd)
+    packed = w13.data.to(torch.int64)
+    plain = torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
+    codes = _unprepare_codes(atoms)[:, :128, :128]
+    assert bool((codes[:, ::3, 16:32] == 0).all())
+    assert torch.equal(codes[:, 1::2, 32:48], plain[:, 1::2, 32:48] ^ 8)
+    problem = (x, odd, w2, topk_weights, topk_ids)
+    assert run_checked(problem, Config(16, 64, 64, 1, 4, 2)) < BOUNDS[DType.NVFP4]
 
 
 def test_mxfp4_atoms_with_large_scales(generator):

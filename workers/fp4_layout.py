@@ -19,9 +19,11 @@ Scales stay one byte per block, K-group-major ``[E, 16·ceil(R/16), ceil(C/64)·
   expert and ``global_scale = 2^d_e`` (fp32, applied to the accumulator as nvfp4's). The kernel
   turns ``t`` into the bf16 ``2^(t−1)`` = scale·2^126·2^−d_e with one integer multiply-add (always
   a normal number), which folds the decode's 2^126 into the scale: one bf16x2 multiply per two
-  weights instead of two. ValueError for an E8M0 NaN (0xFF) or an expert whose scales span more
+  weights instead of two (both formats). ValueError for an E8M0 NaN (0xFF) or an expert whose scales span more
   than 128 binades (not exactly representable this way).
-- nvfp4: the E4M3 scale bytes as stored, ``global_scale`` as given.
+- nvfp4: byte ``u`` of |s|·2^117 (``_nvfp4_scale_bytes``; the kernel makes its bf16 with one
+  multiply-add as well), ``global_scale`` times 2^9; a negative scale flips its block's code
+  signs and a zero scale zeroes its codes (the same products). ValueError for a NaN scale.
 
 Why: the row-major layout makes Triton stage the packed bytes through shared memory and read
 them back in 2-byte pieces in the operand layout (``benchmarks/fp4_sass_count.py`` counts the
@@ -70,6 +72,21 @@ def _unpack(data: torch.Tensor) -> torch.Tensor:
     return torch.stack((data & 0xF, data >> 4), dim=-1).flatten(-2)
 
 
+NVFP4_SHIFT = 9
+"""nvfp4 scales are stored as |s|·2^(126 − NVFP4_SHIFT) (≤ 448·2^117 < 2^126: a normal bf16) and
+the global scale times 2^NVFP4_SHIFT; every product value·|s|·2^−9 stays a normal bf16 (≥ 2^−19)."""
+
+
+def _nvfp4_scale_bytes(scale: torch.Tensor) -> torch.Tensor:
+    """E4M3 scales → bytes ``u`` with bf16 bits ``16u + 0x7580`` = |s|·2^117 (exponent field
+    (u >> 3) + 235, mantissa u & 7: |s|·2^117 spans 2^108 .. 1.75·2^125 with at most 4 significant
+    bits, subnormal E4M3 included). Zero scales give 0 (their codes are zeroed)."""
+    magnitude = scale.to(torch.float32).abs() * 2.0 ** (126 - NVFP4_SHIFT)
+    bits = magnitude.to(torch.bfloat16).view(torch.int16).to(torch.int32)
+    u = torch.where(magnitude > 0, (bits - 0x7580) >> 4, 0)
+    return u.to(torch.uint8)
+
+
 def prepare_atoms(weight: QuantizedWeight) -> Fp4Atoms:
     """``weight`` (mxfp4/nvfp4, as ``workers.quant`` stores it) in the atom layout. ValueError for
     another dtype or scales the layout cannot carry exactly (module docstring)."""
@@ -80,6 +97,15 @@ def prepare_atoms(weight: QuantizedWeight) -> Fp4Atoms:
     rows, cols = -(-R // ATOM_ROWS) * ATOM_ROWS, -(-C // ATOM_K) * ATOM_K
     codes = torch.zeros((E, rows, cols), dtype=torch.uint8, device=weight.data.device)
     codes[:, :R, :C] = _unpack(weight.data)
+    if weight.dtype is DType.NVFP4:
+        # value · s = (−value) · |s| and value · 0 = +0: a block's codes take its scale's sign,
+        # and a zero scale zeroes them, so the scale bytes carry |s| > 0 only.
+        s = weight.scale.to(torch.float32).repeat_interleave(group, dim=2)
+        if not bool(torch.isfinite(s).all()):
+            raise ValueError("nvfp4 scale NaN cannot be prepared for the atom layout")
+        block = codes[:, :R, :C]
+        block ^= torch.where(s < 0, 8, 0).to(torch.uint8)
+        block[s == 0] = 0
     # [E, i, r, g, j, h, c, p, q, e] → [E, i, j, g, q, r, h, c, p, e]
     codes = codes.to(torch.int64).reshape(E, rows // 16, 2, 8, cols // 64, 2, 2, 2, 4, 2)
     codes = codes.permute(0, 1, 4, 3, 8, 2, 5, 6, 7, 9)
@@ -107,7 +133,7 @@ def prepare_atoms(weight: QuantizedWeight) -> Fp4Atoms:
         scale[:, :R, :C // group] = t.to(torch.uint8)
         global_scale = torch.exp2(offset.to(torch.float32))
     else:
-        scale[:, :R, :C // group] = weight.scale.view(torch.uint8)
-        global_scale = weight.global_scale.to(torch.float32)
+        scale[:, :R, :C // group] = _nvfp4_scale_bytes(weight.scale)
+        global_scale = weight.global_scale.to(torch.float32) * 2.0 ** NVFP4_SHIFT
     scale = scale.transpose(1, 2).contiguous().transpose(1, 2)
     return Fp4Atoms(weight.dtype, data, scale, global_scale.contiguous(), (E, R, C))

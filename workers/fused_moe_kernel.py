@@ -39,8 +39,8 @@ option, not the default.
 The fp4 atom layout (``FP4_ATOMS``; ``workers.fp4_layout``, prepared once by the runner): the
 weights as int32 words ordered so that each thread's share of the MMA's register operand is 16
 contiguous bytes, 8 values per word with their bits interleaved so that masks and shifts put
-each consecutive K pair into one bf16x2 register (``_atom_word_ptx``; mxfp4's scales carry the
-decode's 2^126). Always swapped operands; the tile must cover whole atoms (BLOCK_SIZE_N % 16,
+each consecutive K pair into one bf16x2 register (``_atom_word_ptx``; the prepared scales carry
+the decode's 2^126). Always swapped operands; the tile must cover whole atoms (BLOCK_SIZE_N % 16,
 BLOCK_SIZE_K % 64). Compiled for sm_90 its K loop issues about 6.6 instructions per weight byte
 at BLOCK_SIZE_M 16, N 128, K 128, 4 warps (``benchmarks/fp4_sass_count.py``), against 12.6 / 13.5
 for the row-major layout in either order; the runner's default where the config allows.
@@ -195,33 +195,30 @@ def _e2m1_ptx() -> str:
 _E2M1_PTX = tl.constexpr(_e2m1_ptx())
 
 
-def _atom_word_ptx(bias_in_scale: bool) -> str:
+def _atom_word_ptx() -> str:
     """Inline PTX decoding one 32-bit word of the atom layout (``$4``; 8 values, bit positions
     ``workers.fp4_layout.WORD_BITS``) with the bf16x2 scale words ``$5`` (outputs 0, 1) and ``$6``
     (outputs 2, 3) into ``$0..$3``, two bf16 each (e = 0 low half, e = 1 high half).
 
     Each output's bits land on bf16's sign and its exponent/mantissa bits 8..6 by one mask
-    (output 0), a shift and a mask (1, 2) or three (3): the pattern is value·2^-126 as in
-    ``_e2m1_ptx``, finished by × 2^126 (unless the scale carries it: mxfp4) and × the scale.
-    Per word 11 logic instructions and 4 (mxfp4) or 8 bf16x2 multiplies: 3.75 resp. 4.75 per byte.
+    (output 0), a shift and a mask (1, 2) or three (3): the pattern reads as value·2^-126 (as in
+    ``_e2m1_ptx``), and the atoms' scales carry the 2^126, so one multiply (fma with -0.0, which
+    keeps signed zeros) finishes it. Per word 11 logic instructions and 4 bf16x2 multiplies: 3.75
+    per byte.
     """
     mask = "0x81C081C0"
-    lines = ["{", ".reg .b32 a, b, two126, negzero;", "mov.b32 two126, 0x7E807E80;", "mov.b32 negzero, 0x80008000;",
+    lines = ["{", ".reg .b32 a, b, negzero;", "mov.b32 negzero, 0x80008000;",
              f"and.b32 $0, $4, {mask};",
              "shl.b32 a, $4, 3;", f"and.b32 $1, a, {mask};",
              "shl.b32 a, $4, 6;", f"and.b32 $2, a, {mask};",
              "shl.b32 a, $4, 1;", "and.b32 a, a, 0x80008000;",
              "shr.b32 b, $4, 4;", "and.b32 b, b, 0x00C000C0;", "or.b32 a, a, b;",
              "shr.b32 b, $4, 5;", "and.b32 b, b, 0x01000100;", "or.b32 $3, a, b;"]
-    for out in range(4):
-        if not bias_in_scale:
-            lines.append(f"fma.rn.bf16x2 ${out}, ${out}, two126, negzero;")
-        lines.append(f"fma.rn.bf16x2 ${out}, ${out}, ${5 + out // 2}, negzero;")
+    lines += [f"fma.rn.bf16x2 ${out}, ${out}, ${5 + out // 2}, negzero;" for out in range(4)]
     return "\n".join(lines + ["}"])
 
 
-_ATOM_WORD_PTX = tl.constexpr(_atom_word_ptx(False))
-_ATOM_WORD_BIASED_PTX = tl.constexpr(_atom_word_ptx(True))
+_ATOM_WORD_PTX = tl.constexpr(_atom_word_ptx())
 
 
 @triton.jit
@@ -296,15 +293,15 @@ def _atom_word_patterns(words):
 
 
 @triton.jit
-def _bf16x2_halves(pattern, scale, BIAS: tl.constexpr, INTERPRETER: tl.constexpr):
+def _bf16x2_halves(pattern, scale, INTERPRETER: tl.constexpr):
     """A bf16x2 int32 ``pattern`` → bf16 values ``[..., 2]`` (low half first). Under the
     interpreter ``pattern`` is the undecoded bit pattern, read as fp32 (its bits 16 up: exact,
-    subnormals included), times ``BIAS`` and the fp32 ``scale``, in that order."""
+    subnormals included), times the fp32 ``scale``."""
     if INTERPRETER:
         low = ((pattern & 0xFFFF) << 16).to(tl.float32, bitcast=True)
         high = (pattern & -65536).to(tl.float32, bitcast=True)
-        low = (low * BIAS * scale).to(tl.bfloat16)
-        high = (high * BIAS * scale).to(tl.bfloat16)
+        low = (low * scale).to(tl.bfloat16)
+        high = (high * scale).to(tl.bfloat16)
     else:
         low = (pattern & 0xFFFF).to(tl.int16).to(tl.bfloat16, bitcast=True)
         high = (pattern >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
@@ -326,14 +323,12 @@ def _dequantize_fp4_atoms(words, scales, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_
     """
     C_N: tl.constexpr = 64 // FP4_GROUP  # scale groups per atom row
     words = tl.reshape(words, (BLOCK_SIZE_N // 16, BLOCK_SIZE_K // 64, 8, 4, 2, 2))
-    # Each scale once, as a bf16x2 word (both halves the scale): mxfp4's prepared byte t → 2^(t-1),
-    # the block scale times the decode's 2^126 (exponent t + 126 <= 254: always normal; one
-    # multiply-add); nvfp4's E4M3 → bf16.
-    if FP4_GROUP == 32:
+    # Each scale once, as a bf16x2 word (both halves the scale, which carries the decode's 2^126;
+    # workers.fp4_layout): one multiply-add from the prepared byte.
+    if FP4_GROUP == 32:  # byte t → 2^(t-1): exponent field t + 126
         scale_words = scales.to(tl.int32) * 0x00800080 + 0x3F003F00
-    else:
-        bits = scales.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        scale_words = bits | (bits << 16)
+    else:  # byte u → exponent field (u >> 3) + 235, mantissa u & 7
+        scale_words = scales.to(tl.int32) * 0x00100010 + 0x75807580
     # [BN, BK/G] → [i, r, g, j, C] → [i, j, g, r, C] → per word h its chunks c = 0, 1
     scale_words = tl.reshape(scale_words, (BLOCK_SIZE_N // 16, 2, 8, BLOCK_SIZE_K // 64, C_N))
     scale_words = tl.permute(scale_words, (0, 3, 2, 1, 4))
@@ -352,19 +347,12 @@ def _dequantize_fp4_atoms(words, scales, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_
                                   out2.to(tl.int32, bitcast=True), out3.to(tl.int32, bitcast=True))
     else:
         f0, f1 = 1.0, 1.0
-        if FP4_GROUP == 32:
-            out0, out1, out2, out3 = tl.inline_asm_elementwise(
-                _ATOM_WORD_BIASED_PTX, "=r,=r,=r,=r,r,r,r", [words, scale0, scale1],
-                dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
-        else:
-            out0, out1, out2, out3 = tl.inline_asm_elementwise(
-                _ATOM_WORD_PTX, "=r,=r,=r,=r,r,r,r", [words, scale0, scale1],
-                dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
-    # outputs (c, p) = (0, 0), (0, 1), (1, 0), (1, 1), each [.., e]; the interpreter multiplies by
-    # 2^126 unless the scale carries it
-    BIAS: tl.constexpr = 1.0 if FP4_GROUP == 32 else 8.507059173023462e37
-    chunk0 = tl.join(_bf16x2_halves(out0, f0, BIAS, INTERPRETER), _bf16x2_halves(out1, f0, BIAS, INTERPRETER))
-    chunk1 = tl.join(_bf16x2_halves(out2, f1, BIAS, INTERPRETER), _bf16x2_halves(out3, f1, BIAS, INTERPRETER))
+        out0, out1, out2, out3 = tl.inline_asm_elementwise(
+            _ATOM_WORD_PTX, "=r,=r,=r,=r,r,r,r", [words, scale0, scale1],
+            dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+    # outputs (c, p) = (0, 0), (0, 1), (1, 0), (1, 1), each [.., e]
+    chunk0 = tl.join(_bf16x2_halves(out0, f0, INTERPRETER), _bf16x2_halves(out1, f0, INTERPRETER))
+    chunk1 = tl.join(_bf16x2_halves(out2, f1, INTERPRETER), _bf16x2_halves(out3, f1, INTERPRETER))
     values = tl.join(chunk0, chunk1)  # [i, j, g, q, r, h, e, p, c]
     values = tl.permute(values, (0, 4, 2, 1, 5, 8, 7, 3, 6))  # [i, r, g, j, h, c, p, q, e]
     return tl.reshape(values, (BLOCK_SIZE_N, BLOCK_SIZE_K))
@@ -537,7 +525,7 @@ def _fused_moe_gemm_kernel(
         accumulator *= tl.load(a_scale_ptr) * tl.load(b_scale_ptr + expert)
     if INT8_W8A16:
         accumulator *= tl.load(b_scale_ptr + expert * stride_bse + offs_bn * stride_bsn)[None, :]
-    if FP4_GROUP == 16 or FP4_ATOMS:  # nvfp4's global scale; the mxfp4 atoms' exponent offset
+    if FP4_GROUP == 16 or FP4_ATOMS:  # nvfp4's global scale; the atoms' exponent offset
         accumulator *= tl.load(b_global_scale_ptr + expert)
 
     offs_cn = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
