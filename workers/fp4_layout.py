@@ -95,6 +95,11 @@ def prepare_atoms(weight: QuantizedWeight) -> Fp4Atoms:
     E, R, C = weight.shape
     group = 32 if weight.dtype is DType.MXFP4 else 16
     rows, cols = -(-R // ATOM_ROWS) * ATOM_ROWS, -(-C // ATOM_K) * ATOM_K
+    if weight.data.is_meta:  # compile-ahead runners: shapes, strides and dtypes only
+        scale = torch.empty((E, cols // group, rows), dtype=torch.uint8, device="meta").transpose(1, 2)
+        return Fp4Atoms(weight.dtype, torch.empty((E, rows // 16, cols // 64, ATOM_WORDS), dtype=torch.int32,
+                                                  device="meta"),
+                        scale, torch.empty(E, dtype=torch.float32, device="meta"), (E, R, C))
     codes = torch.zeros((E, rows, cols), dtype=torch.uint8, device=weight.data.device)
     codes[:, :R, :C] = _unpack(weight.data)
     if weight.dtype is DType.NVFP4:
