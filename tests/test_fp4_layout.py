@@ -135,3 +135,13 @@ def test_configs_without_whole_atoms(generator):
     out = torch.empty((4, 128), dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="atom layout needs"):
         launch_moe_gemm(x, None, prepare_atoms(w13), out, sort, None, top_k=1, config=Config(16, 32, 32, 1, 4, 2))
+
+
+@pytest.mark.parametrize("dtype", [DType.MXFP4, DType.NVFP4])
+def test_meta_weights_prepare_by_shape(dtype, generator):
+    """Compile-ahead runners hold meta tensors: the atoms get the shapes, dtypes and strides a real
+    preparation gives (so the same kernel specialization), without reading values."""
+    real = prepare_atoms(quantize_weight(torch.randn((2, 48, 96), generator=generator), dtype))
+    meta = prepare_atoms(quantize_weight(torch.empty((2, 48, 96), device="meta"), dtype))
+    for a, b in ((real.data, meta.data), (real.scale, meta.scale), (real.global_scale, meta.global_scale)):
+        assert b.is_meta and (a.shape, a.stride(), a.dtype) == (b.shape, b.stride(), b.dtype)
