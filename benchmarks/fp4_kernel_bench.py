@@ -5,12 +5,14 @@
 
 Shape: gpt-oss-120b TP1 (E=128, N=2880, K=2880, top-4), M = 1, 16, 64, 256, 1024, 4096.
 Kernels, each named in the output with its entry point and source hash:
-- ``builtin`` (``workers.moe.MoERunner``, this checkout) in three variants, so the old and the new
-  kernel are measured in one process: ``main`` = the kernel as on main before this change
+- ``builtin`` (``workers.moe.MoERunner``, this checkout) in four variants, so the old and the new
+  kernel are measured in one process: ``main`` = the kernel as on main before the decode change
   (unswapped, its E2M1 decode ``MAIN_DECODE_PTX`` patched into a copy of the kernel module, block
-  scales read row-major as stored), ``new`` = this checkout's default path (its decode, scales
-  K-group-major: ``workers.fused_moe_kernel.launch_layout``), ``swap`` = ``new`` with swapped
-  operands (``fp4_swap=True``: weights on the MMA's M side);
+  scales read row-major as stored), ``rows`` = row-major packed weights with this checkout's decode
+  and K-group-major scales (``fp4_atoms=False``; ``workers.fused_moe_kernel.launch_layout``),
+  ``swap`` = ``rows`` with swapped operands (``fp4_swap=True``), ``atoms`` = this checkout's
+  default: weights prepared once in the atom layout (``workers.fp4_layout``; swapped operands;
+  only the candidates whose tiles cover whole atoms);
 - ``matmul_ogs`` (``workers.backends.triton_kernels``: routing + gate/up with gpt-oss's SwiGLU
   fused + down with the scatter-sum, weights in vLLM's Hopper layouts), the kernel vLLM and SGLang
   run for MXFP4 on Hopper; needs ``triton_kernels`` importable (``.server-kernels`` on PYTHONPATH).
@@ -55,7 +57,7 @@ TINY_SHAPE = dict(E=4, N=64, K=96, topk=2)  # --interpret
 GPU_BATCH_SIZES = (1, 16, 64, 256, 1024, 4096)
 TINY_BATCH_SIZES = (1, 3, 8)
 DTYPES = ("mxfp4", "nvfp4")
-VARIANTS = ("main", "new", "swap")
+VARIANTS = ("main", "rows", "swap", "atoms")
 COMPILE_SHARE = 0.4
 COMPILE_E = 4
 """Experts of the compile processes' problems: the kernels' specializations do not depend on E."""
@@ -128,13 +130,17 @@ def builtin_runner(variant: str, problem, config, folder: Path):
 
     cls = main_variant_moe(folder).MoERunner if variant == "main" else MoERunner
     return cls(problem.x, problem.w13, problem.w2, problem.topk_weights, problem.topk_ids, config,
-               fp4_swap=variant == "swap")
+               fp4_swap=variant == "swap", fp4_atoms=variant == "atoms")
 
 
-def configs_for(M: int, interpret: bool):
+def configs_for(M: int, interpret: bool, variant: str = "rows"):
+    """The candidate configs at ``M`` (the atom variant: those whose tiles cover whole atoms, so
+    no row of its table is a row-major fallback)."""
+    from workers.fp4_layout import fits_atoms
     from workers.records import Config
 
-    return [Config(*c) for c in (TINY_CANDIDATES if interpret else CANDIDATES[M])]
+    configs = [Config(*c) for c in (TINY_CANDIDATES if interpret else CANDIDATES[M])]
+    return [c for c in configs if variant != "atoms" or fits_atoms(c.BLOCK_SIZE_N, c.BLOCK_SIZE_K)]
 
 
 # ------------------------------------------------------------------ compile ahead (GPU)
@@ -147,8 +153,11 @@ def _compile_job(dtype: str, variant: str, configs: list[tuple], folder: str) ->
     start = time.perf_counter()
     shape = MoEShape(**{**GPU_SHAPE, "E": COMPILE_E}, dtype=DType(dtype))
     problem = build_problem(shape, 16, device="cuda")
+    from workers.fp4_layout import fits_atoms
+
     for config in configs:
-        builtin_runner(variant, problem, Config(*config), Path(folder)).run()
+        if variant != "atoms" or fits_atoms(config[1], config[2]):
+            builtin_runner(variant, problem, Config(*config), Path(folder)).run()
     import torch
 
     torch.cuda.synchronize()
@@ -235,7 +244,7 @@ def screen_variant(variant: str, problem, M: int, args, folder: Path, deadline: 
     from workers.timing import time_screen
 
     best = None
-    for config in configs_for(M, args.interpret):
+    for config in configs_for(M, args.interpret, variant):
         if time.monotonic() > deadline:
             break
         try:

@@ -5,7 +5,9 @@
 Compiles ``workers.fused_moe_kernel._fused_moe_gemm_kernel`` for sm_90 with the Triton at hand
 (the NVIDIA backend and its ptxas/cuobjdump ship in Triton's wheel, no GPU or driver needed) with
 the specialization the gpt-oss-120b TP1 up GEMM gets (N=5760, K=2880, 16-byte-divisible strides
-and pointers, scales K-group-major as ``launch_layout`` hands them over), in both operand orders, and counts the instructions of the K loop's body (the
+and pointers, scales K-group-major as ``launch_layout`` hands them over), for the row-major packed
+weights in both operand orders and, where the tile covers whole atoms, for the atom layout
+(``workers.fp4_layout``, always swapped), and counts the instructions of the K loop's body (the
 largest backward branch in the SASS) per packed weight byte one thread decodes per iteration,
 with the opcode mix. At the HBM rate an H200 SM must consume ~21 weight bytes per clock and issues
 at most 128 thread-instructions per clock, so a loop above ~6 instructions per byte cannot reach
@@ -28,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 DEFAULT_CONFIGS = "M16_N64_K64_w4_s3,M16_N128_K128_w4_s3,M64_N128_K128_w4_s3,M128_N128_K64_w8_s3"
 N_UP, K = 5760, 2880  # gpt-oss-120b TP1 up GEMM
-INT_ARGS_DIVISIBLE_BY_16 = {"N", "K", "stride_am", "stride_be", "stride_bn", "stride_cm", "stride_bse", "stride_bsk"}
+INT_ARGS_DIVISIBLE_BY_16 = {"N", "K", "stride_am", "stride_be", "stride_bn", "stride_bk", "stride_cm", "stride_bse",
+                            "stride_bsk"}
 
 
 def parse_config(label: str) -> tuple[int, int, int, int, int]:
@@ -38,7 +41,7 @@ def parse_config(label: str) -> tuple[int, int, int, int, int]:
     return tuple(int(v) for v in match.groups())
 
 
-def compile_gemm(dtype: str, bm: int, bn: int, bk: int, warps: int, stages: int, swap: bool):
+def compile_gemm(dtype: str, bm: int, bn: int, bk: int, warps: int, stages: int, swap: bool, atoms: bool = False):
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -47,14 +50,16 @@ def compile_gemm(dtype: str, bm: int, bn: int, bk: int, warps: int, stages: int,
     from workers import fused_moe_kernel as kernel
 
     fn = kernel._fused_moe_gemm_kernel
-    types = {"a_ptr": "*bf16", "b_ptr": "*u8", "c_ptr": "*bf16", "a_scale_ptr": "*bf16", "b_scale_ptr": "*u8",
+    types = {"a_ptr": "*bf16", "b_ptr": "*i32" if atoms else "*u8", "c_ptr": "*bf16", "a_scale_ptr": "*bf16", "b_scale_ptr": "*u8",
              "b_global_scale_ptr": "*fp32", "topk_weights_ptr": "*fp32", "sorted_token_ids_ptr": "*i32",
              "expert_ids_ptr": "*i32", "num_tokens_post_padded_ptr": "*i32"}
     constexprs = dict(TOP_K=4, MUL_ROUTED_WEIGHT=False, FP8_W8A8=False, FP8_BLOCK=False, INT8_W8A16=False,
                       FP4_GROUP=32 if dtype == "mxfp4" else 16, INT4_W4A16=False, INT4_ZERO=8, FP8_CHANNEL=False,
-                      EVEN_K=K % bk == 0, SWAP_AB=swap, INTERPRETER=False, COMPUTE_TYPE=tl.bfloat16,
+                      FP4_ATOMS=atoms, EVEN_K=K % bk == 0, SWAP_AB=swap, INTERPRETER=False, COMPUTE_TYPE=tl.bfloat16,
                       BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, GROUP_SIZE_M=1,
-                      stride_ak=1, stride_bk=1, stride_cn=1, stride_bsn=1)  # scales as launch_layout stores them
+                      stride_ak=1, stride_cn=1, stride_bsn=1)  # scales as launch_layout stores them
+    if not atoms:
+        constexprs["stride_bk"] = 1
     names = list(fn.arg_names)
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
@@ -113,17 +118,22 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     import triton
 
+    from workers.fp4_layout import fits_atoms
+
     print(f"{args.dtype} up GEMM (N={N_UP}, K={K}), Triton {triton.__version__}, sm_90; loop body per thread")
-    print(f"{'config':<22} {'order':<8} {'instr/byte':>10}  top opcodes")
+    print(f"{'config':<22} {'path':<16} {'instr/byte':>10}  top opcodes")
     for bm, bn, bk, warps, stages in configs:
-        for swap in (False, True):
-            kernel = compile_gemm(args.dtype, bm, bn, bk, warps, stages, swap)
+        paths = [("rows, tokens-M", False, False), ("rows, swapped", True, False)]
+        if fits_atoms(bn, bk):
+            paths.append(("atoms (swapped)", True, True))
+        for name, swap, atoms in paths:
+            kernel = compile_gemm(args.dtype, bm, bn, bk, warps, stages, swap, atoms)
             ops = loop_body(kernel.asm["cubin"])
             bytes_per_thread = bn * bk / 2 / (32 * warps)
             mix = ", ".join(f"{op} {n}" for op, n in collections.Counter(ops).most_common(8))
             label = f"M{bm}_N{bn}_K{bk}_w{warps}_s{stages}"
             per_byte = f"{len(ops) / bytes_per_thread:.2f}" if ops else "no loop"
-            print(f"{label:<22} {'swapped' if swap else 'tokens-M':<8} {per_byte:>10}  {mix}", flush=True)
+            print(f"{label:<22} {name:<16} {per_byte:>10}  {mix}", flush=True)
     return 0
 
 

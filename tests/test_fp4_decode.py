@@ -148,3 +148,86 @@ def test_benchmark_main_variant_runs_the_old_decode(tmp_path):
     assert old_kernel._E2M1_PTX.value == MAIN_DECODE_PTX != kernel._E2M1_PTX.value
     assert copy.launch_moe_gemm is old_kernel.launch_moe_gemm
     assert moe.launch_moe_gemm is kernel.launch_moe_gemm
+
+
+
+def _atom_words(codes: torch.Tensor) -> torch.Tensor:
+    """int64 words of ``codes [n, 8]`` (value (c, p, e) at column 4c + 2p + e) placed at the
+    layout's ``WORD_BITS``."""
+    from workers.fp4_layout import WORD_BITS
+
+    words = torch.zeros(codes.shape[0], dtype=torch.int64)
+    for column in range(8):
+        c, p, e = column >> 2, (column >> 1) & 1, column & 1
+        for bit, position in zip((3, 2, 1, 0), WORD_BITS[2 * c + p]):
+            words |= ((codes[:, column] >> bit) & 1) << (position + 16 * e)
+    return words
+
+
+def _decode_atom_words(codes: torch.Tensor, scale_words: tuple[int, int]) -> torch.Tensor:
+    """Values ``[n, 8]`` (columns as ``_atom_words``) through the kernel's word PTX with the scale
+    words ``$5`` (c = 0) and ``$6`` (c = 1)."""
+    from workers.fused_moe_kernel import _atom_word_ptx
+
+    words = _atom_words(codes)
+    regs = run_ptx(_atom_word_ptx(), {"$4": words, "$5": torch.full_like(words, scale_words[0]),
+                                      "$6": torch.full_like(words, scale_words[1])})
+    return torch.stack([_bf16_values((regs[f"${(column >> 1)}"] >> (16 * (column & 1))) & 0xFFFF)
+                        for column in range(8)], dim=1)
+
+
+def _all_code_words() -> torch.Tensor:
+    """Every code in every one of a word's 8 slots, the other slots random."""
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (16 * 8 * 4, 8), generator=generator)
+    for slot in range(8):
+        codes[slot * 64:(slot + 1) * 64, slot] = torch.arange(64) % 16
+    return codes
+
+
+def _check_words(scale_words: tuple[int, int], scales: tuple[float, float]) -> None:
+    codes = _all_code_words()
+    values = _decode_atom_words(codes, scale_words)
+    expected = decode_e2m1(codes).to(torch.float64) * torch.tensor([scales[0]] * 4 + [scales[1]] * 4,
+                                                                    dtype=torch.float64)
+    assert torch.equal(values, expected)
+    assert torch.equal(torch.signbit(values), torch.signbit(expected))  # signed zeros kept
+
+
+@pytest.mark.parametrize("t", [0, 1, 100, 127, 128])
+def test_atom_words_mxfp4(t):
+    """mxfp4 atoms: the scale word the kernel makes from prepared byte t (t·0x00800080 +
+    0x3F003F00: bf16 2^(t-1) = 2^(t-127)·2^126) gives every value times 2^(t-127) exactly;
+    outputs 2 and 3 read the second scale."""
+    other = max(t - 1, 0)
+    _check_words((t * 0x00800080 + 0x3F003F00, other * 0x00800080 + 0x3F003F00),
+                 (2.0 ** (t - 127), 2.0 ** (other - 127)))
+
+
+@pytest.mark.parametrize("scale, other", [(2.0 ** -9, 0.375), (1.0, 448.0), (448.0, 2.0 ** -7)])
+def test_atom_words_nvfp4(scale, other):
+    """nvfp4 atoms: prepared byte u of the E4M3 scale (``_nvfp4_scale_bytes``) → the kernel's word
+    u·0x00100010 + 0x75807580 gives every value times scale·2^-9 exactly (the global scale
+    carries the 2^9)."""
+    from workers.fp4_layout import NVFP4_SHIFT, _nvfp4_scale_bytes
+
+    e4m3 = torch.tensor([scale, other]).to(torch.float8_e4m3fn)
+    assert e4m3.float().tolist() == [scale, other]
+    u = _nvfp4_scale_bytes(e4m3).to(torch.int64).tolist()
+    _check_words(tuple(v * 0x00100010 + 0x75807580 for v in u),
+                 (scale * 2.0 ** -NVFP4_SHIFT, other * 2.0 ** -NVFP4_SHIFT))
+
+
+def test_nvfp4_scale_bytes_cover_every_positive_e4m3():
+    from workers.fp4_layout import NVFP4_SHIFT, _nvfp4_scale_bytes
+
+    e4m3 = torch.arange(1, 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn)  # every positive finite
+    u = _nvfp4_scale_bytes(e4m3).to(torch.int32)
+    decoded = (u * 16 + 0x7580).to(torch.int16).view(torch.bfloat16).double()
+    assert torch.equal(decoded, e4m3.double() * 2.0 ** (126 - NVFP4_SHIFT))
+
+
+def test_the_kernel_launches_this_word_decode():
+    import workers.fused_moe_kernel as kernel
+
+    assert kernel._ATOM_WORD_PTX.value == kernel._atom_word_ptx()

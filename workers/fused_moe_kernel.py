@@ -25,7 +25,7 @@ Per weight dtype (the B operand, ``QuantizedWeight`` layouts):
   to the fp32 accumulator at the end (the same product, one multiply per output instead of per
   weight, and no extra bf16 rounding).
 
-Swapped operands (fp4 only, ``swap_ab``; off unless asked for): the program computes the
+Swapped operands (fp4 only, ``swap_ab``): the program computes the
 transposed tile, ``acc[BLOCK_SIZE_N, BLOCK_SIZE_M] = W_tile @ A_tile^T``, so the decoded weight rows
 fill the MMA's wide M side and the few tokens its narrow N side; config keys keep their meaning
 (BLOCK_SIZE_M the token rows per tile, i.e. the sort's block; BLOCK_SIZE_N the weight rows). On
@@ -33,8 +33,17 @@ Hopper the dot becomes a wgmma with the weights as its register operand, but com
 (Triton 3.9) the loop issues more instructions per weight byte than the unswapped one (about
 14.4 against 12.3 at BLOCK_SIZE_M 16, N 128, K 128, 4 warps): the packed bytes are staged
 through shared memory and read back in 2-byte pieces in the wgmma operand layout, and the decode
-(ALU), not the tensor cores, bounds the small-M kernel. So it is not the default until
-``benchmarks/fp4_kernel_bench.py`` shows it faster on the GPU; that benchmark times both orders.
+(ALU), not the tensor cores, bounds the small-M kernel. So for row-major packed weights it is an
+option, not the default.
+
+The fp4 atom layout (``FP4_ATOMS``; ``workers.fp4_layout``, prepared once by the runner): the
+weights as int32 words ordered so that each thread's share of the MMA's register operand is 16
+contiguous bytes, 8 values per word with their bits interleaved so that masks and shifts put
+each consecutive K pair into one bf16x2 register (``_atom_word_ptx``; the prepared scales carry
+the decode's 2^126). Always swapped operands; the tile must cover whole atoms (BLOCK_SIZE_N % 16,
+BLOCK_SIZE_K % 64). Compiled for sm_90 its K loop issues about 6.6 instructions per weight byte
+at BLOCK_SIZE_M 16, N 128, K 128, 4 warps (``benchmarks/fp4_sass_count.py``), against 12.6 / 13.5
+for the row-major layout in either order; the runner's default where the config allows.
 
 Under Triton's interpreter bf16 arithmetic is wrong (see ``workers.interpreter``) and inline PTX
 cannot run; the constexpr ``INTERPRETER``, set only when interpreting, routes bf16 through fp32
@@ -51,6 +60,7 @@ import triton.language as tl
 
 from workers.align import AlignedTokens
 from workers.formats import format_of, launch_block_k, tile_rule_broken
+from workers.fp4_layout import Fp4Atoms, fits_atoms
 from workers.interpreter import dot, interpreting, round_to
 from workers.quant import INT4_ZERO, QuantizedWeight
 from workers.records import Config, DType
@@ -84,7 +94,7 @@ def launch_layout(weight: QuantizedWeight) -> QuantizedWeight:
     return dataclasses.replace(weight, scale=weight.scale.transpose(1, 2).contiguous().transpose(1, 2))
 
 
-def launch_moe_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, b: QuantizedWeight, c: torch.Tensor,
+def launch_moe_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, b: QuantizedWeight | Fp4Atoms, c: torch.Tensor,
                     aligned: AlignedTokens, topk_weights: torch.Tensor | None, *, top_k: int,
                     config: Config, interpreter: bool | None = None, swap_ab: bool = False) -> None:
     """``c[r] = a[r // top_k] @ b[expert(r)]^T`` (× ``topk_weights`` flat [r] when given) for sorted rows.
@@ -93,7 +103,9 @@ def launch_moe_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, b: QuantizedW
     ``[T, ceil(K/bk)]`` for fp8, ``c [rows, R]`` with ``rows`` = the sort's sentinel. The one place
     that launches the kernel (compile-ahead hooks in here). ``interpreter`` defaults to
     "interpreting"; tests pass False to show what the switch guards against. ``swap_ab`` runs an fp4
-    weight with swapped operands (module docstring; ValueError for another dtype).
+    weight with swapped operands (module docstring; ValueError for another dtype). A ``b`` in the
+    atom layout (``workers.fp4_layout.Fp4Atoms``) always runs swapped and needs a tile of whole
+    atoms (``fits_atoms``; ValueError otherwise).
     """
     if config.BLOCK_SIZE_M != aligned.block_m:
         raise ValueError(f"config BLOCK_SIZE_M {config.BLOCK_SIZE_M} != sort block {aligned.block_m}")
@@ -121,6 +133,12 @@ def launch_moe_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, b: QuantizedW
     weights = topk_weights if topk_weights is not None else c
     capacity = aligned.sorted_token_ids.shape[0]
     block_k = launch_block_k(config, dtype, b.block_shape)
+    atoms = isinstance(b, Fp4Atoms)
+    if atoms:
+        if not fits_atoms(config.BLOCK_SIZE_N, block_k):
+            raise ValueError(f"the fp4 atom layout needs BLOCK_SIZE_N % 16 == 0 and BLOCK_SIZE_K % 64 == 0, "
+                             f"got {config.BLOCK_SIZE_N} and {block_k}")
+        swap_ab = True
     if interpreter is None:
         interpreter = interpreting()
 
@@ -134,7 +152,7 @@ def launch_moe_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, b: QuantizedW
         TOP_K=top_k, MUL_ROUTED_WEIGHT=topk_weights is not None,
         FP8_W8A8=dtype is DType.FP8_W8A8, FP8_BLOCK=block_quant, INT8_W8A16=dtype is DType.INT8_W8A16,
         FP4_GROUP=format_of(dtype).scale_group if fp4 else 0,
-        INT4_W4A16=int4, INT4_ZERO=INT4_ZERO, FP8_CHANNEL=b.per_channel,
+        INT4_W4A16=int4, INT4_ZERO=INT4_ZERO, FP8_CHANNEL=b.per_channel, FP4_ATOMS=atoms,
         EVEN_K=K % block_k == 0, SWAP_AB=swap_ab, INTERPRETER=bool(interpreter),
         COMPUTE_TYPE=tl.float16 if c.dtype == torch.float16 else tl.bfloat16,
         BLOCK_SIZE_M=config.BLOCK_SIZE_M, BLOCK_SIZE_N=config.BLOCK_SIZE_N,
@@ -175,6 +193,32 @@ def _e2m1_ptx() -> str:
 
 
 _E2M1_PTX = tl.constexpr(_e2m1_ptx())
+
+
+def _atom_word_ptx() -> str:
+    """Inline PTX decoding one 32-bit word of the atom layout (``$4``; 8 values, bit positions
+    ``workers.fp4_layout.WORD_BITS``) with the bf16x2 scale words ``$5`` (outputs 0, 1) and ``$6``
+    (outputs 2, 3) into ``$0..$3``, two bf16 each (e = 0 low half, e = 1 high half).
+
+    Each output's bits land on bf16's sign and its exponent/mantissa bits 8..6 by one mask
+    (output 0), a shift and a mask (1, 2) or three (3): the pattern reads as value·2^-126 (as in
+    ``_e2m1_ptx``), and the atoms' scales carry the 2^126, so one multiply (fma with -0.0, which
+    keeps signed zeros) finishes it. Per word 11 logic instructions and 4 bf16x2 multiplies: 3.75
+    per byte.
+    """
+    mask = "0x81C081C0"
+    lines = ["{", ".reg .b32 a, b, negzero;", "mov.b32 negzero, 0x80008000;",
+             f"and.b32 $0, $4, {mask};",
+             "shl.b32 a, $4, 3;", f"and.b32 $1, a, {mask};",
+             "shl.b32 a, $4, 6;", f"and.b32 $2, a, {mask};",
+             "shl.b32 a, $4, 1;", "and.b32 a, a, 0x80008000;",
+             "shr.b32 b, $4, 4;", "and.b32 b, b, 0x00C000C0;", "or.b32 a, a, b;",
+             "shr.b32 b, $4, 5;", "and.b32 b, b, 0x01000100;", "or.b32 $3, a, b;"]
+    lines += [f"fma.rn.bf16x2 ${out}, ${out}, ${5 + out // 2}, negzero;" for out in range(4)]
+    return "\n".join(lines + ["}"])
+
+
+_ATOM_WORD_PTX = tl.constexpr(_atom_word_ptx())
 
 
 @triton.jit
@@ -236,6 +280,84 @@ def _dequantize_fp4_tile(packed, scales, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_
     return tl.reshape(tl.join(low, high), (BLOCK_SIZE_N, BLOCK_SIZE_K))
 
 
+@triton.jit
+def _atom_word_patterns(words):
+    """The interpreter's stand-in for ``_atom_word_ptx``'s bit work: the four bf16x2 patterns."""
+    words = words.to(tl.uint32, bitcast=True)
+    mask = 0x81C081C0
+    out0 = words & mask
+    out1 = (words << 3) & mask
+    out2 = (words << 6) & mask
+    out3 = ((words << 1) & 0x80008000) | ((words >> 4) & 0x00C000C0) | ((words >> 5) & 0x01000100)
+    return out0, out1, out2, out3
+
+
+@triton.jit
+def _bf16x2_halves(pattern, scale, INTERPRETER: tl.constexpr):
+    """A bf16x2 int32 ``pattern`` → bf16 values ``[..., 2]`` (low half first). Under the
+    interpreter ``pattern`` is the undecoded bit pattern, read as fp32 (its bits 16 up: exact,
+    subnormals included), times the fp32 ``scale``."""
+    if INTERPRETER:
+        low = ((pattern & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+        high = (pattern & -65536).to(tl.float32, bitcast=True)
+        low = (low * scale).to(tl.bfloat16)
+        high = (high * scale).to(tl.bfloat16)
+    else:
+        low = (pattern & 0xFFFF).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        high = (pattern >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    return tl.join(low, high)
+
+
+@triton.jit
+def _dequantize_fp4_atoms(words, scales, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
+                          FP4_GROUP: tl.constexpr, INTERPRETER: tl.constexpr):
+    """Atom words ``[BN/16, BK/64, 128]`` int32 (``workers.fp4_layout``) and ``[BN, BK/FP4_GROUP]``
+    scales → bf16 ``[BN, BK]``.
+
+    The words are viewed as ``[i, j, g, q, r, h]`` (atom row block, atom K block, lane 4g + q,
+    row half r, word h of the lane's two per row); a word decodes to values ``[e, p, c]`` at row
+    16i + 8r + g, k 64j + 16(2h + c) + 8p + 2q + e. Only joins, one permute and reshapes bring them
+    to ``[BN, BK]``: the layout the MMA's register operand wants is, traced back through them, each
+    thread's 16 contiguous bytes, so the compiler loads them as one vector and decodes in place.
+    The decode is elementwise per word, so correct in whatever layout the compiler picks.
+    """
+    C_N: tl.constexpr = 64 // FP4_GROUP  # scale groups per atom row
+    words = tl.reshape(words, (BLOCK_SIZE_N // 16, BLOCK_SIZE_K // 64, 8, 4, 2, 2))
+    # Each scale once, as a bf16x2 word (both halves the scale, which carries the decode's 2^126;
+    # workers.fp4_layout): one multiply-add from the prepared byte.
+    if FP4_GROUP == 32:  # byte t → 2^(t-1): exponent field t + 126
+        scale_words = scales.to(tl.int32) * 0x00800080 + 0x3F003F00
+    else:  # byte u → exponent field (u >> 3) + 235, mantissa u & 7
+        scale_words = scales.to(tl.int32) * 0x00100010 + 0x75807580
+    # [BN, BK/G] → [i, r, g, j, C] → [i, j, g, r, C] → per word h its chunks c = 0, 1
+    scale_words = tl.reshape(scale_words, (BLOCK_SIZE_N // 16, 2, 8, BLOCK_SIZE_K // 64, C_N))
+    scale_words = tl.permute(scale_words, (0, 3, 2, 1, 4))
+    if FP4_GROUP == 32:  # one group per word
+        scale0 = tl.reshape(scale_words, (BLOCK_SIZE_N // 16, BLOCK_SIZE_K // 64, 8, 1, 2, 2))
+        scale1 = scale0
+    else:  # chunk c of word h is group 2h + c
+        scale0, scale1 = tl.split(tl.reshape(scale_words, (BLOCK_SIZE_N // 16, BLOCK_SIZE_K // 64, 8, 1, 2, 2, 2)))
+    scale0 = tl.broadcast_to(scale0, (BLOCK_SIZE_N // 16, BLOCK_SIZE_K // 64, 8, 4, 2, 2))
+    scale1 = tl.broadcast_to(scale1, (BLOCK_SIZE_N // 16, BLOCK_SIZE_K // 64, 8, 4, 2, 2))
+    if INTERPRETER:
+        out0, out1, out2, out3 = _atom_word_patterns(words)
+        f0 = ((scale0 & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+        f1 = ((scale1 & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+        out0, out1, out2, out3 = (out0.to(tl.int32, bitcast=True), out1.to(tl.int32, bitcast=True),
+                                  out2.to(tl.int32, bitcast=True), out3.to(tl.int32, bitcast=True))
+    else:
+        f0, f1 = 1.0, 1.0
+        out0, out1, out2, out3 = tl.inline_asm_elementwise(
+            _ATOM_WORD_PTX, "=r,=r,=r,=r,r,r,r", [words, scale0, scale1],
+            dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+    # outputs (c, p) = (0, 0), (0, 1), (1, 0), (1, 1), each [.., e]
+    chunk0 = tl.join(_bf16x2_halves(out0, f0, INTERPRETER), _bf16x2_halves(out1, f0, INTERPRETER))
+    chunk1 = tl.join(_bf16x2_halves(out2, f1, INTERPRETER), _bf16x2_halves(out3, f1, INTERPRETER))
+    values = tl.join(chunk0, chunk1)  # [i, j, g, q, r, h, e, p, c]
+    values = tl.permute(values, (0, 4, 2, 1, 5, 8, 7, 3, 6))  # [i, r, g, j, h, c, p, q, e]
+    return tl.reshape(values, (BLOCK_SIZE_N, BLOCK_SIZE_K))
+
+
 # The row counts depend on the batch size: not specialized, so one compile serves every M.
 @triton.jit(do_not_specialize=["EM", "num_valid_tokens"])
 def _fused_moe_gemm_kernel(
@@ -246,7 +368,7 @@ def _fused_moe_gemm_kernel(
     stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk, group_n, group_k,
     TOP_K: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
     FP8_W8A8: tl.constexpr, FP8_BLOCK: tl.constexpr, INT8_W8A16: tl.constexpr, FP4_GROUP: tl.constexpr,
-    INT4_W4A16: tl.constexpr, INT4_ZERO: tl.constexpr, FP8_CHANNEL: tl.constexpr,
+    INT4_W4A16: tl.constexpr, INT4_ZERO: tl.constexpr, FP8_CHANNEL: tl.constexpr, FP4_ATOMS: tl.constexpr,
     EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr, INTERPRETER: tl.constexpr, COMPUTE_TYPE: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr,
@@ -279,7 +401,19 @@ def _fused_moe_gemm_kernel(
     a_ptrs = a_ptr + (offs_token[:, None] // TOP_K * stride_am + offs_k[None, :] * stride_ak)
     b_expert_ptr = b_ptr + expert * stride_be
     num_k_steps = tl.cdiv(K, BLOCK_SIZE_K)
-    if FP4_GROUP > 0:
+    if FP4_ATOMS:
+        # Prepared atoms (workers.fp4_layout), int32 words: stride_bn steps a 16-row block,
+        # stride_bk an atom (64 K values, 128 words); the scales are K-group-major
+        # [E, rows padded to 16, groups].
+        offs_i = (pid_n * (BLOCK_SIZE_N // 16) + tl.arange(0, BLOCK_SIZE_N // 16).to(tl.int64)) % tl.cdiv(N, 16)
+        offs_j = tl.arange(0, BLOCK_SIZE_K // 64)
+        b_ptrs = (b_expert_ptr + offs_i[:, None, None] * stride_bn + offs_j[None, :, None] * stride_bk
+                  + tl.arange(0, 128)[None, None, :])
+        offs_sn = (pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N).to(tl.int64)) % (tl.cdiv(N, 16) * 16)
+        offs_group = tl.arange(0, BLOCK_SIZE_K // FP4_GROUP)
+        b_scale_ptrs = (b_scale_ptr + expert * stride_bse + offs_sn[:, None] * stride_bsn
+                        + offs_group[None, :] * stride_bsk)
+    elif FP4_GROUP > 0:
         # Packed weights, read as [BN, BK/2] bytes with K contiguous.
         offs_kp = tl.arange(0, BLOCK_SIZE_K // 2)
         b_ptrs = b_expert_ptr + offs_bn[:, None] * stride_bn + offs_kp[None, :] * stride_bk
@@ -312,7 +446,21 @@ def _fused_moe_gemm_kernel(
             a = tl.load(a_ptrs, mask=token_mask[:, None], other=0.0)
         else:
             a = tl.load(a_ptrs, mask=token_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        if FP4_GROUP > 0:
+        if FP4_ATOMS:
+            if EVEN_K:
+                packed = tl.load(b_ptrs)
+                scales = tl.load(b_scale_ptrs)
+            else:
+                packed = tl.load(b_ptrs, mask=offs_j[None, :, None] < tl.cdiv(k_left, 64), other=0)
+                scales = tl.load(b_scale_ptrs, mask=offs_group[None, :] < tl.cdiv(k_left, FP4_GROUP), other=0)
+            b = _dequantize_fp4_atoms(packed, scales, BLOCK_SIZE_N, BLOCK_SIZE_K, FP4_GROUP, INTERPRETER)
+            if SWAP_AB:
+                accumulator = dot(b, tl.trans(a), accumulator, INTERPRETER)
+            else:
+                accumulator = dot(a, tl.trans(b), accumulator, INTERPRETER)
+            b_ptrs += (BLOCK_SIZE_K // 64) * stride_bk
+            b_scale_ptrs += (BLOCK_SIZE_K // FP4_GROUP) * stride_bsk
+        elif FP4_GROUP > 0:
             if EVEN_K:
                 packed = tl.load(b_ptrs)
                 scales = tl.load(b_scale_ptrs)
@@ -377,7 +525,7 @@ def _fused_moe_gemm_kernel(
         accumulator *= tl.load(a_scale_ptr) * tl.load(b_scale_ptr + expert)
     if INT8_W8A16:
         accumulator *= tl.load(b_scale_ptr + expert * stride_bse + offs_bn * stride_bsn)[None, :]
-    if FP4_GROUP == 16:
+    if FP4_GROUP == 16 or FP4_ATOMS:  # nvfp4's global scale; the atoms' exponent offset
         accumulator *= tl.load(b_global_scale_ptr + expert)
 
     offs_cn = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)

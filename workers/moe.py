@@ -15,6 +15,8 @@ import torch
 from workers.activation import swiglu, swiglu_fp8_groups
 from workers.align import TokenAligner
 from workers.fp8_activation import fp8_absmax, fp8_quantize_per_group, fp8_quantize_per_tensor
+from workers.formats import launch_block_k
+from workers.fp4_layout import Fp4Atoms, fits_atoms, prepare_atoms
 from workers.fused_moe_kernel import check_config, launch_layout, launch_moe_gemm
 from workers.quant import FP8_DTYPE, QuantizedWeight, activation_dtype
 from workers.records import Config, DType
@@ -29,13 +31,17 @@ class MoERunner:
     and its own sort when its BLOCK_SIZE_M differs); ``run_down`` reads the SwiGLU output and sort
     left by the last ``run()``. ``topk_ids`` must hold experts in [0, E) or -1 (a pair computed
     on another GPU under expert parallelism); not checked beyond that, which would sync the host.
-    ``fp4_swap`` runs both fp4 GEMMs with swapped operands (``launch_moe_gemm``'s ``swap_ab``, not
-    a default yet: ``benchmarks/fp4_kernel_bench.py`` times both orders).
+    ``fp4_atoms`` (default) prepares each fp4 weight once in the atom layout
+    (``workers.fp4_layout``) when its GEMM's config covers whole atoms (BLOCK_SIZE_N % 16 == 0,
+    BLOCK_SIZE_K % 64 == 0); that GEMM then runs with swapped operands. Otherwise, or with
+    ``fp4_atoms=False``, the weight keeps the row-major layout with K-group-major scales, and
+    ``fp4_swap`` runs it with swapped operands (``launch_moe_gemm``'s ``swap_ab``).
+    ``benchmarks/fp4_kernel_bench.py`` times the variants.
     """
 
     def __init__(self, x: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight,
                  topk_weights: torch.Tensor, topk_ids: torch.Tensor, config: Config,
-                 down_config: Config | None = None, fp4_swap: bool = False) -> None:
+                 down_config: Config | None = None, fp4_swap: bool = False, fp4_atoms: bool = True) -> None:
         M, K = x.shape
         E, up_rows, w13_k = w13.shape
         N = w2.shape[2]
@@ -54,7 +60,8 @@ class MoERunner:
         check_config(down_config, w2)
 
         self.x = x.contiguous()
-        self.w13, self.w2 = launch_layout(w13), launch_layout(w2)
+        self.w13 = self._launch_weight(w13, config, fp4_atoms)
+        self.w2 = self._launch_weight(w2, down_config, fp4_atoms)
         self.topk_ids = topk_ids.to(torch.int32).contiguous()
         self.topk_weights = topk_weights.contiguous()
         self.config, self.down_config = config, down_config
@@ -94,6 +101,15 @@ class MoERunner:
             self._activated_scale = self._scale_buffer(pairs, N, self._mid_group, device)
             self._x_amax = torch.empty(1, dtype=torch.float32, device=device)
             self._activated_amax = torch.empty(1, dtype=torch.float32, device=device)
+
+    @staticmethod
+    def _launch_weight(weight: QuantizedWeight, config: Config, fp4_atoms: bool) -> QuantizedWeight | Fp4Atoms:
+        """The weight as its GEMM reads it: fp4 in the atom layout where asked for and the config
+        covers whole atoms, else ``launch_layout``'s."""
+        fp4 = weight.dtype in (DType.MXFP4, DType.NVFP4)
+        if fp4 and fp4_atoms and fits_atoms(config.BLOCK_SIZE_N, launch_block_k(config, weight.dtype, None)):
+            return prepare_atoms(weight)
+        return launch_layout(weight)
 
     @staticmethod
     def _scale_buffer(rows: int, cols: int, group: int | None, device: torch.device) -> torch.Tensor:

@@ -10,9 +10,9 @@ from workers.records import Config, DType, MoEShape
 
 WORKERS_DIR = Path(__file__).resolve().parent.parent
 JIT_DECORATOR = b"@triton" + b".jit"  # spelled in two parts so this file does not match itself
-TIMED_PATH_SOURCES = ("moe.py", "quant.py", "problem.py", "routing.py", "timing.py")
-"""Besides every ``workers/*.py`` that defines a Triton kernel (a jit decorator): the launcher, the
-quantization it calls, the inputs it is timed on and the timing method. Their hash is part of
+TIMED_PATH_SOURCES = ("moe.py", "fp4_layout.py", "quant.py", "problem.py", "routing.py", "timing.py")
+"""Besides every ``workers/*.py`` that defines a Triton kernel (a jit decorator): the launcher, the fp4
+weight layout it prepares, the quantization it calls, the inputs it is timed on and the timing method. Their hash is part of
 every journal key, so editing any of them invalidates old measurements instead of reusing them."""
 
 
