@@ -446,34 +446,27 @@ def _fused_moe_gemm_kernel(
             a = tl.load(a_ptrs, mask=token_mask[:, None], other=0.0)
         else:
             a = tl.load(a_ptrs, mask=token_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        if FP4_ATOMS:
+        if FP4_GROUP > 0:  # packed E2M1 codes: in the atom layout (FP4_ATOMS) or row-major, 2 per byte
             if EVEN_K:
                 packed = tl.load(b_ptrs)
                 scales = tl.load(b_scale_ptrs)
-            else:
+            elif FP4_ATOMS:
                 packed = tl.load(b_ptrs, mask=offs_j[None, :, None] < tl.cdiv(k_left, 64), other=0)
                 scales = tl.load(b_scale_ptrs, mask=offs_group[None, :] < tl.cdiv(k_left, FP4_GROUP), other=0)
-            b = _dequantize_fp4_atoms(packed, scales, BLOCK_SIZE_N, BLOCK_SIZE_K, FP4_GROUP, INTERPRETER)
-            if SWAP_AB:
-                accumulator = dot(b, tl.trans(a), accumulator, INTERPRETER)
-            else:
-                accumulator = dot(a, tl.trans(b), accumulator, INTERPRETER)
-            b_ptrs += (BLOCK_SIZE_K // 64) * stride_bk
-            b_scale_ptrs += (BLOCK_SIZE_K // FP4_GROUP) * stride_bsk
-        elif FP4_GROUP > 0:
-            if EVEN_K:
-                packed = tl.load(b_ptrs)
-                scales = tl.load(b_scale_ptrs)
             else:
                 packed = tl.load(b_ptrs, mask=offs_kp[None, :] < k_left // 2, other=0)
                 scales = tl.load(b_scale_ptrs, mask=offs_group[None, :] < k_left // FP4_GROUP, other=0)
-            b = _dequantize_fp4_tile(packed, scales, BLOCK_SIZE_N, BLOCK_SIZE_K, FP4_GROUP, INTERPRETER)
+            if FP4_ATOMS:
+                b = _dequantize_fp4_atoms(packed, scales, BLOCK_SIZE_N, BLOCK_SIZE_K, FP4_GROUP, INTERPRETER)
+                b_ptrs += (BLOCK_SIZE_K // 64) * stride_bk
+            else:
+                b = _dequantize_fp4_tile(packed, scales, BLOCK_SIZE_N, BLOCK_SIZE_K, FP4_GROUP, INTERPRETER)
+                b_ptrs += (BLOCK_SIZE_K // 2) * stride_bk
+            b_scale_ptrs += (BLOCK_SIZE_K // FP4_GROUP) * stride_bsk
             if SWAP_AB:
                 accumulator = dot(b, tl.trans(a), accumulator, INTERPRETER)
             else:
                 accumulator = dot(a, tl.trans(b), accumulator, INTERPRETER)
-            b_ptrs += (BLOCK_SIZE_K // 2) * stride_bk
-            b_scale_ptrs += (BLOCK_SIZE_K // FP4_GROUP) * stride_bsk
         elif INT4_W4A16:
             groups = (k_step * BLOCK_SIZE_K + offs_k[:, None]) // group_k
             if EVEN_K:
