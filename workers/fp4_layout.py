@@ -39,7 +39,8 @@ import dataclasses
 
 import torch
 
-from workers.quant import QuantizedWeight
+from workers.formats import format_of
+from workers.quant import E8M0_NAN, QuantizedWeight, unpack_nibbles
 from workers.records import DType
 
 ATOM_ROWS, ATOM_K, ATOM_WORDS = 16, 64, 128
@@ -67,11 +68,6 @@ def fits_atoms(block_n: int, block_k: int) -> bool:
     return block_n % ATOM_ROWS == 0 and block_k % ATOM_K == 0
 
 
-def _unpack(data: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[..., C/2]`` (element 2i low) → codes ``[..., C]``."""
-    return torch.stack((data & 0xF, data >> 4), dim=-1).flatten(-2)
-
-
 NVFP4_SHIFT = 9
 """nvfp4 scales are stored as |s|·2^(126 − NVFP4_SHIFT) (≤ 448·2^117 < 2^126: a normal bf16) and
 the global scale times 2^NVFP4_SHIFT; every product value·|s|·2^−9 stays a normal bf16 (≥ 2^−19)."""
@@ -93,15 +89,15 @@ def prepare_atoms(weight: QuantizedWeight) -> Fp4Atoms:
     if weight.dtype not in (DType.MXFP4, DType.NVFP4):
         raise ValueError(f"the atom layout is for mxfp4/nvfp4, not {weight.dtype.value}")
     E, R, C = weight.shape
-    group = 32 if weight.dtype is DType.MXFP4 else 16
+    group = format_of(weight.dtype).scale_group
     rows, cols = -(-R // ATOM_ROWS) * ATOM_ROWS, -(-C // ATOM_K) * ATOM_K
     if weight.data.is_meta:  # compile-ahead runners: shapes, strides and dtypes only
         scale = torch.empty((E, cols // group, rows), dtype=torch.uint8, device="meta").transpose(1, 2)
-        return Fp4Atoms(weight.dtype, torch.empty((E, rows // 16, cols // 64, ATOM_WORDS), dtype=torch.int32,
-                                                  device="meta"),
+        return Fp4Atoms(weight.dtype, torch.empty((E, rows // ATOM_ROWS, cols // ATOM_K, ATOM_WORDS),
+                                                  dtype=torch.int32, device="meta"),
                         scale, torch.empty(E, dtype=torch.float32, device="meta"), (E, R, C))
     codes = torch.zeros((E, rows, cols), dtype=torch.uint8, device=weight.data.device)
-    codes[:, :R, :C] = _unpack(weight.data)
+    codes[:, :R, :C] = unpack_nibbles(weight.data)
     if weight.dtype is DType.NVFP4:
         # value · s = (−value) · |s| and value · 0 = +0: a block's codes take its scale's sign,
         # and a zero scale zeroes them, so the scale bytes carry |s| > 0 only.
@@ -112,7 +108,7 @@ def prepare_atoms(weight: QuantizedWeight) -> Fp4Atoms:
         block ^= torch.where(s < 0, 8, 0).to(torch.uint8)
         block[s == 0] = 0
     # [E, i, r, g, j, h, c, p, q, e] → [E, i, j, g, q, r, h, c, p, e]
-    codes = codes.to(torch.int64).reshape(E, rows // 16, 2, 8, cols // 64, 2, 2, 2, 4, 2)
+    codes = codes.to(torch.int64).reshape(E, rows // ATOM_ROWS, 2, 8, cols // ATOM_K, 2, 2, 2, 4, 2)
     codes = codes.permute(0, 1, 4, 3, 8, 2, 5, 6, 7, 9)
     words = torch.zeros(codes.shape[:-3], dtype=torch.int64, device=codes.device)
     for c in range(2):
@@ -122,13 +118,13 @@ def prepare_atoms(weight: QuantizedWeight) -> Fp4Atoms:
                 for bit, position in zip((3, 2, 1, 0), WORD_BITS[2 * c + p]):
                     words |= ((code >> bit) & 1) << (position + 16 * e)
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-    data = words.reshape(E, rows // 16, cols // 64, ATOM_WORDS).contiguous()
+    data = words.reshape(E, rows // ATOM_ROWS, cols // ATOM_K, ATOM_WORDS).contiguous()
 
     groups = cols // group
     scale = torch.zeros((E, rows, groups), dtype=torch.uint8, device=weight.data.device)
     if weight.dtype is DType.MXFP4:
         s = weight.scale.to(torch.int32)
-        if bool((s == 255).any()):
+        if bool((s == E8M0_NAN).any()):
             raise ValueError("mxfp4 scale 0xFF (NaN) cannot be prepared for the atom layout")
         top = s.flatten(1).amax(dim=1) if s.numel() else torch.zeros(E, dtype=torch.int32)
         offset = (top - 128).clamp(min=0)
