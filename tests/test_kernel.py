@@ -49,8 +49,8 @@ def make_problem(M, E, N, K, topk, dtype, generator, block_shape=None, experts_u
     return x, w13, w2, topk_weights, topk_ids
 
 
-def run_checked(problem, config, down_config=None, fp4_swap=False) -> float:
-    runner = MoERunner(*problem, config, down_config, fp4_swap=fp4_swap)
+def run_checked(problem, config, down_config=None, fp4_swap=False, fp4_atoms=True) -> float:
+    runner = MoERunner(*problem, config, down_config, fp4_swap=fp4_swap, fp4_atoms=fp4_atoms)
     runner.poison_buffers()
     out = runner.run()
     return rel_error(out, reference_moe(*problem))
@@ -77,12 +77,15 @@ def test_every_dtype_matches_reference(dtype, block_shape, N, K, generator):
     (DType.NVFP4, 20, 1, 48, 80, Config(32, 16, 16, 1, 4, 2)),  # top-1: the down GEMM writes the output
 ])
 def test_fp4_swapped_operands_match_reference(dtype, M, topk, N, K, config, generator):
-    """The transposed tile (weights on the MMA's M side): both GEMMs, routed weights applied along
-    the token axis, partial N and K tiles, tiny M; the same result as the unswapped kernel."""
+    """The transposed tile (weights on the MMA's M side) on the row-major layout (``fp4_atoms=False``:
+    a config of whole atoms would otherwise run the atom path both ways): both GEMMs, routed weights
+    applied along the token axis, partial N and K tiles, tiny M; the same result as the unswapped kernel."""
     problem = make_problem(M, 4, N, K, topk, dtype, generator)
-    assert run_checked(problem, config, fp4_swap=True) < BOUNDS[dtype]
-    swapped = MoERunner(*problem, config, fp4_swap=True).run()
-    plain = MoERunner(*problem, config).run()
+    assert run_checked(problem, config, fp4_swap=True, fp4_atoms=False) < BOUNDS[dtype]
+    swapped = MoERunner(*problem, config, fp4_swap=True, fp4_atoms=False)
+    plain = MoERunner(*problem, config, fp4_atoms=False)
+    assert isinstance(swapped.w13, QuantizedWeight) and isinstance(plain.w13, QuantizedWeight)
+    swapped, plain = swapped.run(), plain.run()
     assert rel_error(swapped, plain.float()) < 1e-2
 
 
