@@ -63,6 +63,12 @@ class Fp4Atoms:
     per_channel = False
 
 
+def group_major(scale: torch.Tensor) -> torch.Tensor:
+    """Block scales ``[E, R, G]`` with the same values stored K-group-major: strides ``(R·G, 1, R)``
+    (a copy). Both fp4 layouts the kernel reads keep their scales so (``launch_layout``, atoms)."""
+    return scale.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def fits_atoms(block_n: int, block_k: int) -> bool:
     """Whether a tile of ``block_n`` weight rows and ``block_k`` K values covers whole atoms."""
     return block_n % ATOM_ROWS == 0 and block_k % ATOM_K == 0
@@ -92,7 +98,7 @@ def prepare_atoms(weight: QuantizedWeight) -> Fp4Atoms:
     group = format_of(weight.dtype).scale_group
     rows, cols = -(-R // ATOM_ROWS) * ATOM_ROWS, -(-C // ATOM_K) * ATOM_K
     if weight.data.is_meta:  # compile-ahead runners: shapes, strides and dtypes only
-        scale = torch.empty((E, cols // group, rows), dtype=torch.uint8, device="meta").transpose(1, 2)
+        scale = group_major(torch.empty((E, rows, cols // group), dtype=torch.uint8, device="meta"))
         return Fp4Atoms(weight.dtype, torch.empty((E, rows // ATOM_ROWS, cols // ATOM_K, ATOM_WORDS),
                                                   dtype=torch.int32, device="meta"),
                         scale, torch.empty(E, dtype=torch.float32, device="meta"), (E, R, C))
@@ -136,5 +142,4 @@ def prepare_atoms(weight: QuantizedWeight) -> Fp4Atoms:
     else:
         scale[:, :R, :C // group] = _nvfp4_scale_bytes(weight.scale)
         global_scale = weight.global_scale.to(torch.float32) * 2.0 ** NVFP4_SHIFT
-    scale = scale.transpose(1, 2).contiguous().transpose(1, 2)
-    return Fp4Atoms(weight.dtype, data, scale, global_scale.contiguous(), (E, R, C))
+    return Fp4Atoms(weight.dtype, data, group_major(scale), global_scale.contiguous(), (E, R, C))

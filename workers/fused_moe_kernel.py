@@ -60,7 +60,7 @@ import triton.language as tl
 
 from workers.align import AlignedTokens
 from workers.formats import format_of, launch_block_k, tile_rule_broken
-from workers.fp4_layout import Fp4Atoms, fits_atoms
+from workers.fp4_layout import Fp4Atoms, fits_atoms, group_major
 from workers.interpreter import dot, interpreting, round_to
 from workers.quant import INT4_ZERO, QuantizedWeight
 from workers.records import Config, DType
@@ -91,7 +91,7 @@ def launch_layout(weight: QuantizedWeight) -> QuantizedWeight:
     copies them ahead with the packed weights (compiled for sm_90, Triton 3.9)."""
     if weight.dtype not in (DType.MXFP4, DType.NVFP4) or weight.scale is None:
         return weight
-    return dataclasses.replace(weight, scale=weight.scale.transpose(1, 2).contiguous().transpose(1, 2))
+    return dataclasses.replace(weight, scale=group_major(weight.scale))
 
 
 def launch_moe_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, b: QuantizedWeight | Fp4Atoms, c: torch.Tensor,
