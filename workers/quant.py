@@ -222,8 +222,7 @@ def round_to_grid(w: torch.Tensor, grid: WeightGrid) -> torch.Tensor:
     C = w.shape[1]
     group = format_of(grid.dtype).scale_group
     if grid.dtype is DType.INT4_W4A16:
-        named = grid.block_shape[1] if grid.block_shape else INT4_DEFAULT_GROUP
-        group = (C + C % 2) if named == -1 else named
+        group = (C + C % 2) if grid.int4_group == -1 else grid.int4_group
     padded = _pad_to_multiple(w.float(), (group,)) if group else w.float()
     quantized = quantize_weight(padded[None], grid.dtype, grid.block_shape, per_channel=grid.per_channel)
     return quantized.dequantize_expert(0)[:, :C]

@@ -155,10 +155,15 @@ class WeightGrid:
     per_channel: bool = False
 
     @property
+    def int4_group(self) -> int:
+        """int4_w4a16's named group size along C (``INT4_DEFAULT_GROUP`` when not given; -1: channel-wise)."""
+        return self.block_shape[1] if self.block_shape else INT4_DEFAULT_GROUP
+
+    @property
     def label(self) -> str:
         """``mxfp4``, ``fp8_w8a8 block [128, 128]``, ``fp8_w8a8 per channel``, ``int4_w4a16 group 128``, ..."""
         if self.dtype is DType.INT4_W4A16:
-            group = self.block_shape[1] if self.block_shape else INT4_DEFAULT_GROUP
+            group = self.int4_group
             return f"{self.dtype.value} " + ("channel-wise" if group == -1 else f"group {group}")
         if self.block_shape:
             return f"{self.dtype.value} block [{self.block_shape[0]}, {self.block_shape[1]}]"
