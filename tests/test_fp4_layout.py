@@ -145,3 +145,25 @@ def test_meta_weights_prepare_by_shape(dtype, generator):
     meta = prepare_atoms(quantize_weight(torch.empty((2, 48, 96), device="meta"), dtype))
     for a, b in ((real.data, meta.data), (real.scale, meta.scale), (real.global_scale, meta.global_scale)):
         assert b.is_meta and (a.shape, a.stride(), a.dtype) == (b.shape, b.stride(), b.dtype)
+
+
+def test_runners_on_one_weight_share_its_prepared_layouts(generator):
+    """The atom preparation (and the K-group-major scale copy) runs once per weight object, not per
+    runner (a tune builds a runner per candidate); the entries go when the weight is freed."""
+    import gc
+
+    from workers import moe
+
+    x, w13, w2, tw, ids = make_problem(4, 2, 64, 128, 1, DType.NVFP4, generator)
+    atoms, rows = Config(16, 64, 64, 1, 4, 2), Config(16, 32, 32, 1, 4, 2)
+    first, again = MoERunner(x, w13, w2, tw, ids, atoms), MoERunner(x, w13, w2, tw, ids, Config(32, 64, 128, 1, 4, 2))
+    assert isinstance(first.w13, Fp4Atoms) and first.w13 is again.w13 and first.w2 is again.w2
+    plain = MoERunner(x, w13, w2, tw, ids, rows)
+    assert isinstance(plain.w13, QuantizedWeight) and plain.w13 is MoERunner(x, w13, w2, tw, ids, rows).w13
+    other = QuantizedWeight(w13.dtype, w13.data, (-w13.scale.float()).to(w13.scale.dtype), w13.global_scale)
+    assert MoERunner(x, other, w2, tw, ids, atoms).w13 is not first.w13  # same packed data, other scales
+    keys = {(id(w13), True), (id(w13), False)}
+    assert keys <= set(moe._prepared)
+    del first, again, plain, other, w13
+    gc.collect()
+    assert not keys & set(moe._prepared)

@@ -10,6 +10,8 @@ height (a few µs) rather than forcing one tile height on both.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from workers.activation import swiglu, swiglu_fp8_groups
@@ -20,6 +22,14 @@ from workers.fp4_layout import Fp4Atoms, fits_atoms, prepare_atoms
 from workers.fused_moe_kernel import check_config, launch_layout, launch_moe_gemm
 from workers.quant import FP8_DTYPE, QuantizedWeight, activation_dtype
 from workers.records import Config, DType
+
+
+_prepared: dict[tuple[int, bool], QuantizedWeight | Fp4Atoms] = {}
+"""fp4 launch layouts by (``id`` of the source ``QuantizedWeight``, atom layout or not): a tune
+builds one runner per candidate on the same weights, and the atom preparation reads and rewrites
+the whole weight. An entry is dropped when its source weight is freed (``weakref.finalize``), so
+it never outlives it nor answers for another object that reuses the id; the source is not
+referenced (``launch_layout``'s copy shares only its packed data)."""
 
 
 class MoERunner:
@@ -105,11 +115,19 @@ class MoERunner:
     @staticmethod
     def _launch_weight(weight: QuantizedWeight, config: Config, fp4_atoms: bool) -> QuantizedWeight | Fp4Atoms:
         """The weight as its GEMM reads it: fp4 in the atom layout where asked for and the config
-        covers whole atoms, else ``launch_layout``'s."""
-        fp4 = weight.dtype in (DType.MXFP4, DType.NVFP4)
-        if fp4 and fp4_atoms and fits_atoms(config.BLOCK_SIZE_N, launch_block_k(config, weight.dtype, None)):
-            return prepare_atoms(weight)
-        return launch_layout(weight)
+        covers whole atoms, else ``launch_layout``'s. An fp4 weight's layouts are prepared once per
+        ``weight`` object (``_prepared``), not once per runner."""
+        if weight.dtype not in (DType.MXFP4, DType.NVFP4):
+            return launch_layout(weight)
+        atoms = fp4_atoms and fits_atoms(config.BLOCK_SIZE_N, launch_block_k(config, weight.dtype, None))
+        key = (id(weight), atoms)
+        if key not in _prepared:
+            prepared = prepare_atoms(weight) if atoms else launch_layout(weight)
+            if prepared is weight:  # nothing to keep (a cache holding its own key would never drop it)
+                return weight
+            _prepared[key] = prepared
+            weakref.finalize(weight, _prepared.pop, key, None)
+        return _prepared[key]
 
     @staticmethod
     def _scale_buffer(rows: int, cols: int, group: int | None, device: torch.device) -> torch.Tensor:
