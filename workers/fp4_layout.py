@@ -107,20 +107,22 @@ def prepare_atoms(weight: QuantizedWeight) -> Fp4Atoms:
     if weight.dtype is DType.NVFP4:
         # value · s = (−value) · |s| and value · 0 = +0: a block's codes take its scale's sign,
         # and a zero scale zeroes them, so the scale bytes carry |s| > 0 only.
-        s = weight.scale.to(torch.float32).repeat_interleave(group, dim=2)
+        # (per block, broadcast over its group: no scale tensor of the weight's size)
+        s = weight.scale.to(torch.float32)
         if not bool(torch.isfinite(s).all()):
             raise ValueError("nvfp4 scale NaN cannot be prepared for the atom layout")
-        block = codes[:, :R, :C]
-        block ^= torch.where(s < 0, 8, 0).to(torch.uint8)
-        block[s == 0] = 0
+        block = codes[:, :R, :C].unflatten(2, (C // group, group))
+        block ^= torch.where(s < 0, 8, 0).to(torch.uint8)[..., None]
+        block.masked_fill_((s == 0)[..., None], 0)
     # [E, i, r, g, j, h, c, p, q, e] → [E, i, j, g, q, r, h, c, p, e]
-    codes = codes.to(torch.int64).reshape(E, rows // ATOM_ROWS, 2, 8, cols // ATOM_K, 2, 2, 2, 4, 2)
+    # uint8 until each (c, p, e) slice is widened: int64 codes of a whole weight would take 8× its values
+    codes = codes.reshape(E, rows // ATOM_ROWS, 2, 8, cols // ATOM_K, 2, 2, 2, 4, 2)
     codes = codes.permute(0, 1, 4, 3, 8, 2, 5, 6, 7, 9)
     words = torch.zeros(codes.shape[:-3], dtype=torch.int64, device=codes.device)
     for c in range(2):
         for p in range(2):
             for e in range(2):
-                code = codes[..., c, p, e]
+                code = codes[..., c, p, e].to(torch.int64)
                 for bit, position in zip((3, 2, 1, 0), WORD_BITS[2 * c + p]):
                     words |= ((code >> bit) & 1) << (position + 16 * e)
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
