@@ -48,13 +48,15 @@ def compile_gemm(dtype: str, bm: int, bn: int, bk: int, warps: int, stages: int,
     from triton.compiler import ASTSource
 
     from workers import fused_moe_kernel as kernel
+    from workers.formats import format_of
+    from workers.records import DType
 
     fn = kernel._fused_moe_gemm_kernel
     types = {"a_ptr": "*bf16", "b_ptr": "*i32" if atoms else "*u8", "c_ptr": "*bf16", "a_scale_ptr": "*bf16", "b_scale_ptr": "*u8",
              "b_global_scale_ptr": "*fp32", "topk_weights_ptr": "*fp32", "sorted_token_ids_ptr": "*i32",
              "expert_ids_ptr": "*i32", "num_tokens_post_padded_ptr": "*i32"}
     constexprs = dict(TOP_K=4, MUL_ROUTED_WEIGHT=False, FP8_W8A8=False, FP8_BLOCK=False, INT8_W8A16=False,
-                      FP4_GROUP=32 if dtype == "mxfp4" else 16, INT4_W4A16=False, INT4_ZERO=8, FP8_CHANNEL=False,
+                      FP4_GROUP=format_of(DType(dtype)).scale_group, INT4_W4A16=False, INT4_ZERO=8, FP8_CHANNEL=False,
                       FP4_ATOMS=atoms, EVEN_K=K % bk == 0, SWAP_AB=swap, INTERPRETER=False, COMPUTE_TYPE=tl.bfloat16,
                       BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, GROUP_SIZE_M=1,
                       stride_ak=1, stride_cn=1, stride_bsn=1)  # scales as launch_layout stores them
