@@ -11,7 +11,7 @@ import pytest
 from tuner.dispatch import Arch, gpu_arch, mxfp4_padding, server_kernel
 from tuner.models import preset_names
 from tuner.plan import build_plan
-from tuner.writers import read_config_folder, server_file, server_files_writer, write_vllm
+from tuner.writers import ServerFilesWriter, read_config_folder, server_file, write_vllm
 from workers.records import Config, DType, MoEShape
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -132,7 +132,7 @@ def test_builtin_fp4_configs_are_written_apart_and_found_again(tmp_path):
     files = read_config_folder(tmp_path)
     assert server_file(files, shape, H200) == (written.path.relative_to(tmp_path).as_posix(), configs)
     # the server-file writer sends fp4 winners there whatever servers the plan names (no SGLang copy)
-    server_files_writer(tmp_path, lambda _: ("vllm", "sglang")).check(H200, {"triton": "3.6.0", "kernel": "builtin"}, {shape: {1, 64}})
+    ServerFilesWriter(tmp_path, lambda _: ("vllm", "sglang")).check(H200, {"triton": "3.6.0", "kernel": "builtin"}, {shape: {1, 64}})
 
 
 def test_int4_checkpoints_plan_the_file_the_servers_read_in_triton():

@@ -296,8 +296,8 @@ def _tune(request: CompareRequest, progress: Progress) -> list[tuple[KernelRun, 
             continue
         tuned = driver.tune(driver.TuneRequest(
             jobs_for_device=lambda device, run=run: [job for job in request.plan_for_device(device) if run.takes(job.job)],
-            write_outputs=writers.server_files_writer(request.configs_out, request.servers_by_shape.__getitem__,
-                                                      request.replace, request.write_builtin_fp4),
+            write_outputs=writers.ServerFilesWriter(request.configs_out, request.servers_by_shape.__getitem__,
+                                                    request.replace, request.write_builtin_fp4),
             journal_path=request.journal, fresh=request.fresh and index == 0, workers=request.workers,
             interpret=request.interpret, kernel=run.kernel, strategy=request.strategy, budget_s=remaining),
             progress)

@@ -43,7 +43,7 @@ from workers.records import Config, Gemm, MoEShape
 
 __all__ = [
     "device_file_name", "vllm_file_name", "sglang_file_name", "builtin_file_name", "write_vllm", "write_sglang",
-    "read_config_folder", "lookup", "atomic_write_text", "server_files_writer", "OutputWriter", "FORMATS",
+    "read_config_folder", "lookup", "atomic_write_text", "OutputWriter", "FORMATS",
     "probe_writable", "check_existing", "FileConflict", "Written", "PROVENANCE_NAME", "vllm_path", "sglang_paths",
     "DEFAULT_OUT", "format_servers", "ServerFilesWriter",
 ]
@@ -459,11 +459,6 @@ class ServerFilesWriter:
                 down = {M: pairs[M].down if M in pairs else c for M, c in configs.items()} if pairs else None
                 written += write_sglang(self.out, shape, device, up, down, env["triton"], env, self.replace)
         return written
-
-
-def server_files_writer(out: Path, servers_of: Callable[[MoEShape], tuple[str, ...]],
-                        replace: bool = False, builtin_fp4: bool = True) -> ServerFilesWriter:
-    return ServerFilesWriter(out, servers_of, replace, builtin_fp4)
 
 
 def key_coverage(keys: list[int] | set[int]) -> list[tuple[int, int, int | None]]:

@@ -282,7 +282,7 @@ def tune_in_session(args: TuneOptions, valid: Validated, session: RaySession, ti
         layouts = writers.format_servers(choice.format)
         request = driver.TuneRequest(
             jobs_for_device=jobs_for(baseline, choice),
-            write_outputs=writers.server_files_writer(valid.out, servers_of(layouts), args.replace),
+            write_outputs=writers.ServerFilesWriter(valid.out, servers_of(layouts), args.replace),
             journal_path=valid.journal, fresh=args.fresh and index == 0, workers=args.workers,
             interpret=args.interpret, kernel=choice.kernel, timeout_s=args.timeout, finalists=args.finalists,
             strategy=args.strategy, split_gemms=args.split_gemms,
