@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from tuner import bench, kernel_choice
@@ -91,27 +92,28 @@ def _shapes(spec: JobSpec) -> dict[tuple[str, Layout, DType], MoEShape]:
     is refused naming ``models.<i>``, a layout it does not split over ``layouts.<j>``, a dtype that
     does not fit ``dtypes.<k>`` (``block_shape`` where the block is what does not fit)."""
     shapes = {}
+    server = gate_server(spec)
     for i, model in enumerate(spec.models):
         try:
             model_spec = load_model(model)
         except UsageError as exc:
             raise _keyed(exc, f"models.{i}") from None
         for j, layout in enumerate(spec.layouts):
+            derive = partial(derive_shape, model_spec, tp=layout.tp, ep=layout.ep, server=server)
             try:  # the layout alone, in the one dtype every model runs
-                derive_shape(model_spec, tp=layout.tp, ep=layout.ep, dtype=DType.BF16, server=gate_server(spec))
+                derive(dtype=DType.BF16)
             except UsageError as exc:
                 raise SpecError(f"layouts.{j}", f"{exc} (tp: {layout.tp}, ep: {layout.ep})") from None
             for k, dtype in enumerate(spec.dtypes or [None]):
                 block = spec.block_shape if dtype is not None and format_of(dtype).block_shapes else None
                 try:
-                    shape = derive_shape(model_spec, tp=layout.tp, ep=layout.ep, dtype=dtype, block_shape=block,
-                                         server=gate_server(spec))
+                    shape = derive(dtype=dtype, block_shape=block)
                 except UsageError as exc:
                     if dtype is None:
                         raise SpecError(f"models.{i}", f"{exc} (no dtypes in the spec: the model's own)") from None
                     if block is not None:
                         try:
-                            derive_shape(model_spec, tp=layout.tp, ep=layout.ep, dtype=dtype, server=gate_server(spec))
+                            derive(dtype=dtype)
                         except UsageError:
                             pass
                         else:
