@@ -161,3 +161,13 @@ def test_bad_input_exits_2_with_one_line(argv: list[str], message: str, capsys) 
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and message in err
+
+
+def test_an_unreadable_config_file_exits_2_with_one_line_before_ray(tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "E=4,N=64,device_name=cpu.json").write_text("{not json")
+    code = main(["bench", "--model", MODEL, "--interpret", "--batch-sizes", "2", "--configs", str(folder)])
+    captured = capsys.readouterr()
+    assert (code, captured.out) == (2, "")
+    assert captured.err.count("\n") == 1 and "cannot read config file" in captured.err

@@ -200,10 +200,9 @@ def run_bench(shapes: list[MoEShape], variants: list[Variant], reference: Varian
               routing: str = "uniform", rounds: int = RETIME_ROUNDS, address: str | None = None,
               interpret: bool = False, kernel: str = BUILTIN, rule: str = VLLM,
               connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> list[BenchResult]:
-    """Bench each of ``shapes`` (e.g. one per dtype) in turn on one worker of one Ray session."""
-    for variant in variants:
-        if variant.folder is not None:
-            read_config_folder(variant.folder)  # unreadable files fail before Ray starts
+    """Bench each of ``shapes`` (e.g. one per dtype) in turn on one worker of one Ray session. The
+    caller has read the variants' folders (``read_config_folder``) so that bad files fail before Ray
+    starts (``moe-tune bench`` does, before its other checks)."""
     with ray_session(address, interpret, workers=1, connect_timeout_s=connect_timeout_s), \
             bench_pool(kernel=kernel) as pool:
         return [bench_on(pool, shape, variants, reference, batch_sizes, routing, rounds, rule) for shape in shapes]
