@@ -11,7 +11,7 @@ import pytest
 from tuner.dispatch import Arch, gpu_arch, mxfp4_padding, server_kernel
 from tuner.models import preset_names
 from tuner.plan import build_plan
-from tuner.writers import ServerFilesWriter, read_config_folder, server_file, write_vllm
+from tuner.writers import FileConflict, ServerFilesWriter, read_config_folder, server_file, write_vllm
 from workers.records import Config, DType, MoEShape
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -133,6 +133,13 @@ def test_builtin_fp4_configs_are_written_apart_and_found_again(tmp_path):
     assert server_file(files, shape, H200) == (written.path.relative_to(tmp_path).as_posix(), configs)
     # the server-file writer sends fp4 winners there whatever servers the plan names (no SGLang copy)
     ServerFilesWriter(tmp_path, lambda _: ("vllm", "sglang")).check(H200, {"triton": "3.6.0", "kernel": "builtin"}, {shape: {1, 64}})
+    # a writer without builtin_fp4 (compare without --builtin-fp4) neither checks nor writes them: M=64,
+    # kept from another Triton version, refuses only the writer that would merge into the file
+    other_triton = {"triton": "3.7.0", "kernel": "builtin"}
+    with pytest.raises(FileConflict):
+        ServerFilesWriter(tmp_path, lambda _: ("vllm",)).check(H200, other_triton, {shape: {1}})
+    ServerFilesWriter(tmp_path, lambda _: ("vllm",), builtin_fp4=False).check(H200, other_triton, {shape: {1}})
+    assert not ServerFilesWriter(tmp_path, lambda _: ("vllm",), builtin_fp4=False).writes(shape)
 
 
 def test_int4_checkpoints_plan_the_file_the_servers_read_in_triton():
