@@ -330,7 +330,8 @@ def _collect(runs: list[tuple[KernelRun, driver.TuneResult]], shapes_for_device:
     return merged, shapes
 
 
-_KERNEL_KEYS = ("device", "kernel", "kernel_entry", "kernel_version", "kernel_hash")
+_KERNEL_KEYS = ("device", *writers.KERNEL_IDENTITY_KEYS)
+"""The worker-environment keys that name the device and kernel, not the software versions."""
 
 
 def _screened_why(selection: Selection, measurements: list[Measurement], budget_ended: bool) -> str:
