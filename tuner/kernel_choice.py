@@ -73,6 +73,7 @@ def kernel_names() -> tuple[str, ...]:
 
 
 def kernel_metavar() -> str:
+    """``--kernel``'s metavar, ``{auto,builtin,...}``: argparse shows no choices for a ``type``."""
     return "{" + ",".join(kernel_names()) + "}"
 
 
