@@ -475,6 +475,12 @@ def sglang_fused_shared_experts(spec: ModelSpec, ep: int = 1, enabled: bool = Tr
                                    f"(--disable-shared-experts-fusion turns it off)")
 
 
+def dtype_block_shape(dtype: DType | None, block_shape: tuple[int, int] | None) -> tuple[int, int] | None:
+    """``block_shape`` for a ``dtype`` whose weights take one (block-quantized fp8), else None; None
+    for ``dtype`` None (the model's own: ``derive_shape`` takes the checkpoint's block)."""
+    return block_shape if dtype is not None and format_of(dtype).block_shapes else None
+
+
 def derive_shape(spec: ModelSpec, tp: int = 1, ep: int = 1, dtype: DType | str | None = None,
                  block_shape: tuple[int, int] | list[int] | None = None, *, server: str = "vllm",
                  fuse_shared_experts: bool = True, device_name: str | None = None) -> MoEShape:

@@ -25,11 +25,12 @@ from dataclasses import dataclass, replace
 from tuner import dispatch
 from tuner.dispatch import Padding, ServerKernel
 from tuner.errors import UsageError
-from tuner.models import SERVERS, ModelSpec, derive_shape, load_model, sglang_fused_shared_experts
+from tuner.models import (SERVERS, ModelSpec, derive_shape, dtype_block_shape, load_model,
+                          sglang_fused_shared_experts)
 from tuner.naming import builtin_file_name, sglang_file_name, vllm_file_name
 from tuner.spaces import DeviceLimits, SearchSpace, load_space, prune
 from tuner.writers import format_servers
-from workers.formats import block_shape_dtypes, format_of
+from workers.formats import block_shape_dtypes
 from workers.records import Config, DType, MoEShape
 
 # vLLM's and SGLang's default tuning batch sizes.
@@ -314,7 +315,7 @@ def plan(models: Sequence[str | ModelSpec], tp: int, ep: int, dtypes: Sequence[D
     if not models:
         raise UsageError("name at least one model")
     wanted = [DType(d) for d in dtypes] if dtypes else [None]
-    if block_shape is not None and not any(d is not None and format_of(d).block_shapes for d in wanted):
+    if block_shape is not None and not any(dtype_block_shape(d, block_shape) for d in wanted):
         names = block_shape_dtypes()
         raise UsageError(f"--block-shape applies to {', '.join(names)}; add --dtype {names[0]}")
     servers = format_servers(formats)
@@ -326,7 +327,7 @@ def plan(models: Sequence[str | ModelSpec], tp: int, ep: int, dtypes: Sequence[D
         loaded = model if isinstance(model, ModelSpec) else load_model(model)
         for spec in loaded.layer_specs():
             for dtype in wanted:
-                block = block_shape if dtype is not None and format_of(dtype).block_shapes else None
+                block = dtype_block_shape(dtype, block_shape)
                 for server in servers:
                     shape = derive_shape(spec, tp=tp, ep=ep, dtype=dtype, block_shape=block, server=server,
                                          fuse_shared_experts=fuse_shared_experts)

@@ -16,11 +16,10 @@ from tuner.commands.arguments import (add_batch_sizes_argument, add_dtype_argume
                                       positive_int,
                                       ratio_arg, routing_arg)
 from tuner.errors import RunFailed
-from tuner.models import SERVERS, derive_shape, load_model
+from tuner.models import SERVERS, derive_shape, dtype_block_shape, load_model
 from tuner.plan import resolve_batch_sizes
 from tuner.ray_session import DEFAULT_CONNECT_TIMEOUT_S
 from tuner.writers import read_config_folder
-from workers.formats import format_of
 from workers.records import DType, MoEShape
 
 
@@ -72,10 +71,10 @@ def bench_shapes(model: str, tp: int, ep: int, dtypes: list[DType] | None, block
     the model's refusal (UsageError) stands."""
     spec = load_model(model)
     wanted = dtypes or [None]
-    takes_block = [d for d in wanted if d is not None and format_of(d).block_shapes]
+    takes_block = any(dtype_block_shape(d, block_shape) for d in wanted)
     shapes = []
     for dtype in wanted:
-        block = block_shape if (dtype in takes_block or not takes_block) else None
+        block = dtype_block_shape(dtype, block_shape) if takes_block else block_shape
         shapes.append(derive_shape(spec, tp=tp, ep=ep, dtype=dtype, block_shape=block, server=server,
                                    fuse_shared_experts=fuse_shared_experts))
     return list(dict.fromkeys(shapes))

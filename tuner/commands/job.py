@@ -27,11 +27,10 @@ from tuner.commands.arguments import interpret_batch_problem, interpret_shape_pr
 from tuner.errors import RunFailed, UsageError
 from tuner.jobspec import (GateCheck, JobSpec, Layout, TuneRun, gate_checks, load_job_spec, reference_markdown,
                            routing_folder, tune_runs)
-from tuner.models import derive_shape, load_model
+from tuner.models import derive_shape, dtype_block_shape, load_model
 from tuner.plan import resolve_batch_sizes
 from tuner.ray_session import RaySession, ray_session
 from tuner.spaces import load_space
-from workers.formats import format_of
 from workers.records import DType, MoEShape
 from workers.routing import pin_file
 
@@ -105,7 +104,7 @@ def _shapes(spec: JobSpec) -> dict[tuple[str, Layout, DType], MoEShape]:
             except UsageError as exc:
                 raise SpecError(f"layouts.{j}", f"{exc} (tp: {layout.tp}, ep: {layout.ep})") from None
             for k, dtype in enumerate(spec.dtypes or [None]):
-                block = spec.block_shape if dtype is not None and format_of(dtype).block_shapes else None
+                block = dtype_block_shape(dtype, spec.block_shape)
                 try:
                     shape = derive(dtype=dtype, block_shape=block)
                 except UsageError as exc:
