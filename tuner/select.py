@@ -124,22 +124,24 @@ def select(measurements: Iterable[Measurement], retime: Retimer, count: int = FI
     chosen: dict[GroupKey, Selection] = {}
     for key, ms in tops.items():
         latencies = retimed.get(key)
-        if latencies is None:
+        was_retimed = latencies is not None
+        if not was_retimed:
             latencies = [m.latency_us for m in ms]
             winner_index = 0
         else:
             winner_index = min(range(len(ms)), key=lambda i: _rank(latencies[i], ms[i].candidate))
         baseline = set((pinned or {}).get(key, ()))
-        pinned_indices = [i for i, m in enumerate(ms) if m.candidate.config in baseline]
-        kept = False
-        baseline_us = min((latencies[i] for i in pinned_indices), default=None)
-        if retimed.get(key) is not None and pinned_indices and winner_index not in pinned_indices:
-            best_pinned = min(pinned_indices, key=lambda i: _rank(latencies[i], ms[i].candidate))
-            if latencies[best_pinned] <= latencies[winner_index] * (1.0 + BASELINE_MARGIN):
-                winner_index, kept = best_pinned, True
+        best_pinned = min((i for i, m in enumerate(ms) if m.candidate.config in baseline),
+                          key=lambda i: _rank(latencies[i], ms[i].candidate), default=None)
+        baseline_us = None if best_pinned is None else latencies[best_pinned]
+        # The winner ranks first overall, so a pinned winner is the best pinned config.
+        kept = (was_retimed and best_pinned is not None and best_pinned != winner_index
+                and baseline_us <= latencies[winner_index] * (1.0 + BASELINE_MARGIN))
+        if kept:
+            winner_index = best_pinned
         winner = ms[winner_index]
         chosen[key] = Selection(winner.candidate, latencies[winner_index], winner.latency_us,
-                                retimed=retimed.get(key) is not None, baseline_us=baseline_us, kept_baseline=kept)
+                                retimed=was_retimed, baseline_us=baseline_us, kept_baseline=kept)
     return chosen
 
 
