@@ -24,7 +24,7 @@ from tuner.journal import Journal, WorkerEnv
 from tuner.pool import Done, Slot
 from tuner.plan import Job as PlanJob
 from tuner.progress import Progress
-from tuner.search import FAST_FULL_MAX, SCREEN_FLOOR, SCREEN_RATIO, Exhaustive, Fast, SearchJob, promoted
+from tuner.search import FAST_FULL_MAX, FULL_RETRY_ROUNDS, SCREEN_FLOOR, SCREEN_RATIO, Exhaustive, Fast, SearchJob, promoted
 from workers.compile_ahead import CompileOutcome
 from workers.records import Candidate, Config, DType, Gemm, Level, Measurement, MoEShape, Status
 
@@ -401,6 +401,24 @@ def test_a_group_whose_full_timings_all_fail_fully_times_the_next_screens(rng: r
     good = [m for m in measured if m.candidate.level is Level.FULL and m.ok]
     assert len(failed_fulls) == FAST_FULL_MAX and len(good) == SCREEN_FLOOR
     assert not {m.candidate.config for m in good} & failed_fulls
+
+
+def test_retries_of_failed_full_timings_are_bounded(rng: random.Random):
+    """Every full timing fails: the next best screens get theirs ``FULL_RETRY_ROUNDS`` times,
+    ``SCREEN_FLOOR`` at a time and never one twice, then the group ends on its screens."""
+    optimum = {k: rng.choice(v) for k, v in SPACE.items()}
+    surface = bowl(optimum, rng)
+    fast = Fast([_search_job({64: CONFIGS[:200]})])
+    fulls: list[list[Config]] = []
+    while round_ := fast.propose():
+        if any(c.level is Level.FULL for c in round_):
+            fulls.append([c.config for c in round_ if c.level is Level.FULL])
+        for c in round_:
+            full = c.level is Level.FULL
+            fast.observe(Measurement(c, Status.CRASHED if full else Status.OK,
+                                     latency_us=None if full else surface(c.config, c.M, c.gemm)))
+    assert [len(r) for r in fulls[1:]] == [SCREEN_FLOOR] * FULL_RETRY_ROUNDS
+    assert len({c for r in fulls for c in r}) == sum(len(r) for r in fulls)
 
 
 class TickCompiler:
