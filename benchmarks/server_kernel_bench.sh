@@ -30,6 +30,8 @@
 #            (about 2.5 minutes per shape for a complete 18-batch tune from a cold cache, then ~20-50 s per
 #            shape to compare; RESUME_JOURNAL=<journal.jsonl.gz of an earlier call> finishes cut tunes)
 #   call 3:  PHASES=exhaustive bash benchmarks/server_kernel_bench.sh     same carry as call 2
+#            (TUNED=<folder>: the tuned files compared, default $WORK/tuned, where the tune phase writes;
+#            e.g. TUNED=results/h200/vllm-0.33-kernel for a host that did not run the tune phase)
 #
 # KERNEL=sglang (default vllm): the same on SGLang's own fused-MoE kernel, SGLang 0.5.10's Python package from
 # .server-kernels/sglang imported through MOE_TUNE_SERVER_CODE=.server-kernels, launcher entry point
@@ -83,6 +85,7 @@ esac
 EXHAUSTIVE_SHAPE=${EXHAUSTIVE_SHAPE:-qwen3-30b-a3b:1:bf16}
 EXHAUSTIVE_BATCH_SIZES=1,64,1024,4096
 SHIPPED=.server-kernels/configs/$KERNEL
+TUNED=${TUNED:-$WORK/tuned}
 TUNE_EXTRA=()
 if [ -n "$DRY" ]; then
   BATCH_SIZES=1,4; EXHAUSTIVE_BATCH_SIZES=1,4; SHAPES=tests/fixtures/tiny-moe.json:1:bf16; EXHAUSTIVE_SHAPE=$SHAPES
@@ -188,22 +191,24 @@ if has compare; then
   args=(); for shape in $SHAPES; do args+=(--shape "$shape"); done
   timeout $(( $(left) > 60 ? $(left) - 10 : 60 )) python3 benchmarks/server_kernel_compare.py --kernel "$KERNEL" \
     --server "$KERNEL" --rule "$RULE" "${args[@]}" \
-    --configs tuned="$WORK/tuned" --configs shipped="$SHIPPED" --versus shipped,default --rounds 3 \
+    --configs tuned="$TUNED" --configs shipped="$SHIPPED" --versus shipped,default --rounds 3 \
     --batch-sizes "$BATCH_SIZES" --out "$OUT" 2>>"$LOG" | tee "$OUT/compare.txt"
   echo "compare exit ${PIPESTATUS[0]}" | tee -a "$LOG"
 fi
 
 if has exhaustive; then
   IFS=: read -r model tp dtype <<<"$EXHAUSTIVE_SHAPE"
-  budget=$(python3 -c "print(round(max(0.5, ($(left) - 170) / 60), 2))")
+  # EXHAUSTIVE_RESERVE_S: kept after the search's budget for its re-timing and writing (at most 50 s of it)
+  # and the comparison that follows
+  budget=$(python3 -c "print(round(max(0.5, ($(left) - ${EXHAUSTIVE_RESERVE_S:-170}) / 60), 2))")
   step "exhaustive $EXHAUSTIVE_SHAPE at M=$EXHAUSTIVE_BATCH_SIZES (budget ${budget} min)"
-  timeout $(( $(left) - 120 )) python3 -m tuner.cli tune --model "$model" --tp "$tp" --dtype "$dtype" \
+  timeout $(( $(left) - ${EXHAUSTIVE_RESERVE_S:-170} + 50 )) python3 -m tuner.cli tune --model "$model" --tp "$tp" --dtype "$dtype" \
     --kernel "$KERNEL" --format "$KERNEL" --strategy exhaustive --batch-sizes $EXHAUSTIVE_BATCH_SIZES --budget-minutes "$budget" \
     --out "$WORK/exhaustive" --journal "$WORK/journal.jsonl" "${TUNE_EXTRA[@]}" --json >"$OUT/exhaustive.json" 2>>"$LOG"
   echo "exhaustive exit $?" | tee -a "$LOG"
   step "compare at M=$EXHAUSTIVE_BATCH_SIZES: tuned vs exhaustive (vs shipped, default)"
   timeout $(( $(left) > 40 ? $(left) - 5 : 40 )) python3 benchmarks/server_kernel_compare.py --kernel "$KERNEL" \
-    --server "$KERNEL" --rule "$RULE" --shape "$EXHAUSTIVE_SHAPE" --configs tuned="$WORK/tuned" \
+    --server "$KERNEL" --rule "$RULE" --shape "$EXHAUSTIVE_SHAPE" --configs tuned="$TUNED" \
     --configs exhaustive="$WORK/exhaustive" --configs shipped="$SHIPPED" --versus exhaustive --rounds 3 --batch-sizes $EXHAUSTIVE_BATCH_SIZES \
     --out "$OUT/vs_exhaustive" 2>>"$LOG" | tee "$OUT/compare_exhaustive.txt"
 fi
