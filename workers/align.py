@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from workers.workspace import PRIVATE, Workspace
+
 _COUNT_CHUNK = 1024
 """Pairs one iteration of the counting loop histograms."""
 _SCATTER_CHUNK = 512
@@ -60,7 +62,8 @@ def padded_capacity(num_pairs: int, num_experts: int, block_m: int) -> int:
 class TokenAligner:
     """Buffers for one (pairs, experts, block_m) problem, allocated once; ``run`` fills them."""
 
-    def __init__(self, num_pairs: int, num_experts: int, block_m: int, device: torch.device | str) -> None:
+    def __init__(self, num_pairs: int, num_experts: int, block_m: int, device: torch.device | str,
+                 workspace: Workspace = PRIVATE) -> None:
         if num_pairs < 1 or num_experts < 1 or block_m < 1:
             raise ValueError(f"need positive sizes, got pairs={num_pairs} experts={num_experts} block_m={block_m}")
         self.num_pairs = num_pairs
@@ -68,14 +71,19 @@ class TokenAligner:
         self.block_m = block_m
         capacity = padded_capacity(num_pairs, num_experts, block_m)
         self.num_blocks = capacity // block_m
+        # One aligner per tile height in a workspace: a runner whose GEMMs sort for two heights
+        # keeps both sorts.
+        def empty(role: str, shape: tuple[int, ...]) -> torch.Tensor:
+            return workspace.empty(f"sort_m{block_m}.{role}", shape, torch.int32, device)
+
         self.aligned = AlignedTokens(
-            sorted_token_ids=torch.empty(capacity, dtype=torch.int32, device=device),
-            expert_ids=torch.empty(self.num_blocks, dtype=torch.int32, device=device),
-            num_tokens_post_padded=torch.empty(1, dtype=torch.int32, device=device),
+            sorted_token_ids=empty("sorted_token_ids", (capacity,)),
+            expert_ids=empty("expert_ids", (self.num_blocks,)),
+            num_tokens_post_padded=empty("num_tokens_post_padded", (1,)),
             block_m=block_m,
         )
         # Per expert: the atomic cursor, the end of its padded run, the end of its real rows.
-        self._expert_rows = torch.empty((3, num_experts), dtype=torch.int32, device=device)
+        self._expert_rows = empty("expert_rows", (3, num_experts))
         self._expert_bins = triton.next_power_of_2(num_experts + 1)
         self._programs = triton.cdiv(num_pairs, _SCATTER_CHUNK)
         self._blocks_per_program = triton.cdiv(self.num_blocks, self._programs)

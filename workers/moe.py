@@ -22,6 +22,7 @@ from workers.fp4_layout import Fp4Atoms, fits_atoms, prepare_atoms
 from workers.fused_moe_kernel import check_config, launch_layout, launch_moe_gemm
 from workers.quant import FP8_DTYPE, QuantizedWeight, activation_dtype
 from workers.records import Config, DType
+from workers.workspace import PRIVATE, Workspace
 
 
 _prepared: dict[tuple[int, bool], QuantizedWeight | Fp4Atoms] = {}
@@ -47,11 +48,13 @@ class MoERunner:
     ``fp4_atoms=False``, the weight keeps the row-major layout with K-group-major scales, and
     ``fp4_swap`` runs it with swapped operands (``launch_moe_gemm``'s ``swap_ab``).
     ``benchmarks/fp4_kernel_bench.py`` times the variants.
+    ``workspace``: where the buffers come from (``workers.workspace``; default: the runner's own).
     """
 
     def __init__(self, x: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight,
                  topk_weights: torch.Tensor, topk_ids: torch.Tensor, config: Config,
-                 down_config: Config | None = None, fp4_swap: bool = False, fp4_atoms: bool = True) -> None:
+                 down_config: Config | None = None, fp4_swap: bool = False, fp4_atoms: bool = True,
+                 workspace: Workspace = PRIVATE) -> None:
         M, K = x.shape
         E, up_rows, w13_k = w13.shape
         N = w2.shape[2]
@@ -95,22 +98,23 @@ class MoERunner:
             self._in_group = self._mid_group = None
         self._group_k = self._in_group
 
-        self._up_sort = TokenAligner(pairs, E, config.BLOCK_SIZE_M, device)
+        self._up_sort = TokenAligner(pairs, E, config.BLOCK_SIZE_M, device, workspace)
         self._down_sort = (self._up_sort if down_config.BLOCK_SIZE_M == config.BLOCK_SIZE_M
-                           else TokenAligner(pairs, E, down_config.BLOCK_SIZE_M, device))
-        self._gate_up = torch.empty((pairs, up_rows), dtype=x.dtype, device=device)
+                           else TokenAligner(pairs, E, down_config.BLOCK_SIZE_M, device, workspace))
+        empty = workspace.empty
+        self._gate_up = empty("gate_up", (pairs, up_rows), x.dtype, device)
         # Block fp8 quantizes inside the SwiGLU kernel: no activation-dtype intermediate.
-        self._activated = None if self._group_k else torch.empty((pairs, N), dtype=x.dtype, device=device)
-        self.output = torch.empty((M, K), dtype=x.dtype, device=device)
+        self._activated = None if self._group_k else empty("activated", (pairs, N), x.dtype, device)
+        self.output = empty("output", (M, K), x.dtype, device)
         # With top-1 the down GEMM's rows are the output rows: no sum needed.
-        self._down = self.output if self.topk == 1 else torch.empty((pairs, K), dtype=x.dtype, device=device)
+        self._down = self.output if self.topk == 1 else empty("down", (pairs, K), x.dtype, device)
         if self._fp8:
-            self._x_fp8 = torch.empty((M, K), dtype=FP8_DTYPE, device=device)
-            self._activated_fp8 = torch.empty((pairs, N), dtype=FP8_DTYPE, device=device)
-            self._x_scale = self._scale_buffer(M, K, self._in_group, device)
-            self._activated_scale = self._scale_buffer(pairs, N, self._mid_group, device)
-            self._x_amax = torch.empty(1, dtype=torch.float32, device=device)
-            self._activated_amax = torch.empty(1, dtype=torch.float32, device=device)
+            self._x_fp8 = empty("x_fp8", (M, K), FP8_DTYPE, device)
+            self._activated_fp8 = empty("activated_fp8", (pairs, N), FP8_DTYPE, device)
+            self._x_scale = self._scale_buffer(empty, "x_scale", M, K, self._in_group, device)
+            self._activated_scale = self._scale_buffer(empty, "activated_scale", pairs, N, self._mid_group, device)
+            self._x_amax = empty("x_amax", (1,), torch.float32, device)
+            self._activated_amax = empty("activated_amax", (1,), torch.float32, device)
 
     @staticmethod
     def _launch_weight(weight: QuantizedWeight, config: Config, fp4_atoms: bool) -> QuantizedWeight | Fp4Atoms:
@@ -130,9 +134,10 @@ class MoERunner:
         return _prepared[key]
 
     @staticmethod
-    def _scale_buffer(rows: int, cols: int, group: int | None, device: torch.device) -> torch.Tensor:
+    def _scale_buffer(empty, role: str, rows: int, cols: int, group: int | None,
+                      device: torch.device) -> torch.Tensor:
         shape = (rows, -(-cols // group)) if group else (1,)
-        return torch.empty(shape, dtype=torch.float32, device=device)
+        return empty(role, shape, torch.float32, device)
 
     def poison_buffers(self) -> None:
         """Fill every buffer the kernels write with values that fail a check if left unwritten.

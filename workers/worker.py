@@ -37,6 +37,7 @@ from workers import backends, faults
 from workers.compile_ahead import STAND_IN_BACKEND, CompileTarget, WorkerTarget
 from workers.failures import ConfigRejected, classify, describe
 from workers.problem import ERROR_BOUNDS, Problem, build_problem, rel_error, release_weights
+from workers.workspace import Workspace
 from workers.records import Candidate, Config, DType, Gemm, Level, Measurement, MoEShape, Status, WeightGrid
 from workers.timing import Timing, time_call, time_interleaved, time_screen
 
@@ -101,6 +102,9 @@ class BenchmarkWorker:
             self.fault_plan.check_start()
         self._problem_key: tuple | None = None
         self._problem: Problem | None = None
+        self._workspace = Workspace()
+        """Buffers shared by every runner of ``_problem`` (``workers.workspace``: candidates compared
+        back to back then differ in their config only, not in where their buffers live)."""
 
     def describe(self) -> dict[str, str]:
         """Everything about this worker that changes a timing (part of every journal key)."""
@@ -148,7 +152,7 @@ class BenchmarkWorker:
         ``configs`` must hold ``reference``."""
         from workers.moe import fused_moe
 
-        self._problem, self._problem_key = None, None
+        self._forget_problem()
         outputs = {}
         touched = 0
         with self.watchdog.guard(f"comparing {len(configs)} dtypes at M={M}"):
@@ -219,7 +223,7 @@ class BenchmarkWorker:
     def _prepare(self, candidate: Candidate) -> tuple[Problem, object]:
         key = (candidate.shape, candidate.routing, candidate.M)
         if key != self._problem_key:
-            self._problem, self._problem_key = None, None
+            self._forget_problem()
             self._problem = build_problem(candidate.shape, candidate.M, routing=candidate.routing, seed=0,
                                           device=self.device)
             self._problem_key = key
@@ -228,7 +232,11 @@ class BenchmarkWorker:
             self.backend.validate(config, candidate.shape)
         except ValueError as exc:
             raise ConfigRejected(str(exc)) from None
-        return problem, self.backend.runner(problem, config)
+        return problem, self.backend.runner(problem, config, workspace=self._workspace)
+
+    def _forget_problem(self) -> None:
+        """Drop the cached problem and its runners' buffers (before building another)."""
+        self._problem, self._problem_key, self._workspace = None, None, Workspace()
 
     def _timed_call(self, runner: object, candidate: Candidate) -> Callable[[], object]:
         """The part of the MoE this candidate is tuned for (the down GEMM reads the up GEMM's output,

@@ -31,6 +31,7 @@ import torch
 
 from workers.quant import QuantizedWeight
 from workers.records import Config, MoEShape
+from workers.workspace import PRIVATE, Workspace
 
 DESCRIBE_KEYS = ("kernel", "kernel_entry", "kernel_version", "kernel_hash")
 """What ``KernelBackend.describe`` returns: the backend name (``builtin``, ``vllm``, ``sglang``,
@@ -105,7 +106,10 @@ class KernelBackend(ABC):
         (recorded as a compile error, never timed). Default: nothing is refused up front."""
 
     @abstractmethod
-    def runner(self, inputs: MoEInputs, config: Config, down_config: Config | None = None) -> KernelRunner:
-        """A runner of ``config`` (``down_config`` for the down GEMM, only where ``splits``) on ``inputs``.
+    def runner(self, inputs: MoEInputs, config: Config, down_config: Config | None = None, *,
+               workspace: Workspace = PRIVATE) -> KernelRunner:
+        """A runner of ``config`` (``down_config`` for the down GEMM, only where ``splits``) on ``inputs``,
+        its buffers from ``workspace`` (``workers.workspace``: the worker shares one among the runners
+        of a problem; default: the runner's own).
 
         Raises ValueError for a shape ``check`` refuses or a config ``validate`` refuses."""

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from workers.backends.base import KernelBackend, MoEInputs
 from workers.records import Config, DType, MoEShape
+from workers.workspace import PRIVATE, Workspace
 
 WORKERS_DIR = Path(__file__).resolve().parent.parent
 JIT_DECORATOR = b"@triton" + b".jit"  # spelled in two parts so this file does not match itself
@@ -43,8 +44,9 @@ class BuiltinBackend(KernelBackend):
 
         validate_config(config, shape.dtype, shape.block_shape)
 
-    def runner(self, inputs: MoEInputs, config: Config, down_config: Config | None = None):
+    def runner(self, inputs: MoEInputs, config: Config, down_config: Config | None = None, *,
+               workspace: Workspace = PRIVATE):
         from workers.moe import MoERunner
 
         return MoERunner(inputs.x, inputs.w13, inputs.w2, inputs.topk_weights, inputs.topk_ids, config,
-                         down_config)
+                         down_config, workspace=workspace)

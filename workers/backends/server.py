@@ -38,6 +38,7 @@ from workers.backends.base import KernelBackend, KernelRunner, MoEInputs
 from workers.fp8_activation import fp8_absmax, fp8_quantize_per_group, fp8_quantize_per_tensor
 from workers.quant import FP8_DTYPE
 from workers.records import Config, DType, MoEShape
+from workers.workspace import PRIVATE, Workspace
 
 SERVER_DTYPES = (DType.BF16, DType.FP16, DType.FP8_W8A8, DType.INT8_W8A16)
 ENTRY_FUSED_EXPERTS = "fused_experts"
@@ -140,11 +141,13 @@ class LauncherRunner:
     activations itself (SGLang's does; vLLM's expects them quantized). ``assignment``, when given,
     maps (topk_ids, config dict, number of experts) to the server's own expert-assignment choice: None when the
     server sorts tokens, else the (sorted_token_ids, expert_ids, num_tokens_post_padded) it passes
-    instead (vLLM's unsorted small-batch path). Every buffer is allocated here.
+    instead (vLLM's unsorted small-batch path). Every buffer moe-tune owns comes from ``workspace``
+    (``workers.workspace``; default: the runner's own).
     """
 
     def __init__(self, launch: Callable, inputs: MoEInputs, config: Config, *, quantizes_input: bool,
-                 assignment: Callable[[torch.Tensor, dict, int], tuple | None] | None = None) -> None:
+                 assignment: Callable[[torch.Tensor, dict, int], tuple | None] | None = None,
+                 workspace: Workspace = PRIVATE) -> None:
         x, w13, w2 = inputs.x, inputs.w13, inputs.w2
         M, K = x.shape
         E, two_n, _ = w13.shape
@@ -163,22 +166,22 @@ class LauncherRunner:
         pairs = M * self.topk
         device = x.device
         self._fixed = assignment(self.topk_ids, dict(self._config), E) if assignment else None
-        self._sort = None if self._fixed else TokenAligner(pairs, E, config.BLOCK_SIZE_M, device)
-        self._up = torch.empty((M, self.topk, 2 * N), dtype=x.dtype, device=device)
-        self._activated = torch.empty((pairs, N), dtype=x.dtype, device=device)
-        self._down = torch.empty((M, self.topk, K), dtype=x.dtype, device=device)
-        self.output = torch.empty((M, K), dtype=x.dtype, device=device)
+        self._sort = None if self._fixed else TokenAligner(pairs, E, config.BLOCK_SIZE_M, device, workspace)
+        empty = workspace.empty
+        self._up = empty("up", (M, self.topk, 2 * N), x.dtype, device)
+        self._activated = empty("activated", (pairs, N), x.dtype, device)
+        self._down = empty("down", (M, self.topk, K), x.dtype, device)
+        self.output = empty("output", (M, K), x.dtype, device)
         self._compute_type = compute_type(x.dtype)
         if self._fp8 and not quantizes_input:
-            self._x_fp8 = torch.empty((M, K), dtype=FP8_DTYPE, device=device)
-            self._act_fp8 = torch.empty((pairs, N), dtype=FP8_DTYPE, device=device)
-            self._x_scale = self._scale(M, K, device)
-            self._act_scale = self._scale(pairs, N, device)
-            self._amax = torch.empty(2, dtype=torch.float32, device=device)
+            self._x_fp8 = empty("x_fp8", (M, K), FP8_DTYPE, device)
+            self._act_fp8 = empty("activated_fp8", (pairs, N), FP8_DTYPE, device)
+            self._x_scale = empty("x_scale", self._scale_shape(M, K), torch.float32, device)
+            self._act_scale = empty("activated_scale", self._scale_shape(pairs, N), torch.float32, device)
+            self._amax = empty("amax", (2,), torch.float32, device)
 
-    def _scale(self, rows: int, cols: int, device: torch.device) -> torch.Tensor:
-        shape = (rows, -(-cols // self._group_k)) if self._group_k else (1,)
-        return torch.empty(shape, dtype=torch.float32, device=device)
+    def _scale_shape(self, rows: int, cols: int) -> tuple[int, ...]:
+        return (rows, -(-cols // self._group_k)) if self._group_k else (1,)
 
     def _quantize(self, a: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, amax: torch.Tensor) -> None:
         if self._group_k:
@@ -250,7 +253,7 @@ class ServerBackend(KernelBackend):
         """Positional and keyword arguments of the server's ``fused_experts`` for ``inputs``."""
 
     @abstractmethod
-    def _launcher_runner(self, inputs: MoEInputs, config: Config) -> LauncherRunner:
+    def _launcher_runner(self, inputs: MoEInputs, config: Config, workspace: Workspace) -> LauncherRunner:
         """The runner around the server's launcher, with its own choices (input quantization, sort)."""
 
     def describe(self) -> dict[str, str]:
@@ -261,13 +264,14 @@ class ServerBackend(KernelBackend):
                 "kernel_version": f"{self.name} {server_code.version(self.name)}",
                 "kernel_hash": server_code.source_hash(self.module)}
 
-    def runner(self, inputs: MoEInputs, config: Config, down_config: Config | None = None) -> KernelRunner:
+    def runner(self, inputs: MoEInputs, config: Config, down_config: Config | None = None, *,
+               workspace: Workspace = PRIVATE) -> KernelRunner:
         reason = self.check(inputs.shape)
         if reason:
             raise ValueError(reason)
         if down_config is not None and down_config != config:
             raise ValueError(f"--kernel {self.name} runs one config for both GEMMs")
         if self.entry == ENTRY_LAUNCHER:
-            return self._launcher_runner(inputs, config)
+            return self._launcher_runner(inputs, config, workspace)
         args, kwargs = self._call_arguments(inputs)
         return ServerCallRunner(lambda: self._fused_experts(*args, **kwargs), self._override, config, inputs)

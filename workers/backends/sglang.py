@@ -31,6 +31,7 @@ from workers.backends.base import BackendUnavailable, MoEInputs
 from workers.backends.server import (ENTRY_FUSED_EXPERTS, ENTRY_LAUNCHER, LauncherRunner, ServerBackend,
                                      compiled_ops_load, keyword_quant_arguments, shape_refusal)
 from workers.records import Config, DType, MoEShape
+from workers.workspace import Workspace
 
 CALL_MODULES = ("sglang.srt.layers.moe.moe_runner.triton_utils", "sglang.srt.layers.moe.fused_moe_triton")
 LAUNCHER_MODULE = "sglang.srt.layers.moe.fused_moe_triton.fused_moe_triton_kernels"
@@ -148,8 +149,8 @@ class SglangBackend(ServerBackend):
             return "SGLang's launcher quantizes fp8 activations with sgl_kernel, which does not import here"
         return None
 
-    def _launcher_runner(self, inputs: MoEInputs, config: Config) -> LauncherRunner:
-        return LauncherRunner(self._launch, inputs, config, quantizes_input=True)
+    def _launcher_runner(self, inputs: MoEInputs, config: Config, workspace: Workspace) -> LauncherRunner:
+        return LauncherRunner(self._launch, inputs, config, quantizes_input=True, workspace=workspace)
 
     def _call_arguments(self, inputs: MoEInputs) -> tuple[tuple, dict]:
         quant = keyword_quant_arguments(inputs)

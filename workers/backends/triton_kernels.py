@@ -40,6 +40,7 @@ from workers.backends.base import BackendUnavailable, KernelBackend, MoEInputs
 from workers.quant import MXFP4_BLOCK, QuantizedWeight
 from workers.records import Config, DType, MoEShape
 from workers.reference import SWIGLU_OAI
+from workers.workspace import PRIVATE, Workspace
 
 PACKAGES = ("triton_kernels", "vllm.third_party.triton_kernels")
 """Where triton_kernels is imported from, first found wins (vLLM vendors a copy)."""
@@ -137,7 +138,7 @@ class OgsRunner:
     and both GEMMs; matmul_ogs allocates its own scratch per call (from torch's caching allocator,
     as in vLLM's CUDA graphs); ``output`` is ``[M, K]``."""
 
-    def __init__(self, package: ModuleType, inputs: MoEInputs) -> None:
+    def __init__(self, package: ModuleType, inputs: MoEInputs, workspace: Workspace = PRIVATE) -> None:
         shape = inputs.shape
         self._routing = _module(package, "routing").routing
         ogs = _module(package, "matmul_ogs")
@@ -151,8 +152,8 @@ class OgsRunner:
         # Router logits whose top-k are the problem's experts, softmax over them its weights.
         logits = torch.full((M, shape.E), ROUTER_MASK, dtype=x.dtype, device=x.device)
         self._logits = logits.scatter(1, inputs.topk_ids.long(), inputs.topk_weights.log().to(x.dtype))
-        self._intermediate = torch.empty((1, M * topk, shape.N), dtype=x.dtype, device=x.device)
-        self.output = torch.empty((1, M, shape.K), dtype=x.dtype, device=x.device)
+        self._intermediate = workspace.empty("intermediate", (1, M * topk, shape.N), x.dtype, x.device)
+        self.output = workspace.empty("output", (1, M, shape.K), x.dtype, x.device)
 
     def run(self) -> torch.Tensor:
         routing_data, gather, scatter = self._routing(self._logits, self._topk, sm_first=False)
@@ -211,11 +212,12 @@ class TritonKernelsBackend(KernelBackend):
         raise ValueError("matmul_ogs takes no fused-MoE config: its launch flags come from triton_kernels' "
                          "heuristic, which no server lets a user override; time it with config None")
 
-    def runner(self, inputs: MoEInputs, config: Config | None, down_config: Config | None = None) -> OgsRunner:
+    def runner(self, inputs: MoEInputs, config: Config | None, down_config: Config | None = None, *,
+               workspace: Workspace = PRIVATE) -> OgsRunner:
         """The matmul_ogs call on ``inputs``; ``config`` must be None (``validate``)."""
         problem = self.check(inputs.shape)
         if problem:
             raise ValueError(problem)
         if config is not None or down_config is not None:
             self.validate(config or down_config, inputs.shape)
-        return OgsRunner(self.package, inputs)
+        return OgsRunner(self.package, inputs, workspace)

@@ -27,6 +27,7 @@ from workers.backends.base import BackendUnavailable, MoEInputs
 from workers.backends.server import (ENTRY_FUSED_EXPERTS, ENTRY_LAUNCHER, LauncherRunner, ServerBackend, block_list,
                                      compiled_ops_load, keyword_quant_arguments, shape_refusal)
 from workers.records import Config, DType, MoEShape
+from workers.workspace import Workspace
 
 PACKAGE = "vllm.model_executor.layers.fused_moe"
 MODULE = PACKAGE + ".fused_moe"
@@ -67,8 +68,9 @@ class VllmBackend(ServerBackend):
     def check(self, shape: MoEShape) -> str | None:
         return shape_refusal(self.name, "vLLM", shape)
 
-    def _launcher_runner(self, inputs: MoEInputs, config: Config) -> LauncherRunner:
-        return LauncherRunner(self._launch, inputs, config, quantizes_input=False, assignment=self._assignment)
+    def _launcher_runner(self, inputs: MoEInputs, config: Config, workspace: Workspace) -> LauncherRunner:
+        return LauncherRunner(self._launch, inputs, config, quantizes_input=False, assignment=self._assignment,
+                              workspace=workspace)
 
     # -- launcher entry ------------------------------------------------------------------------
 
