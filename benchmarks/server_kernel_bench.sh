@@ -30,7 +30,8 @@
 #            (about 2.5 minutes per shape for a complete 18-batch tune from a cold cache, then ~20-50 s per
 #            shape to compare; RESUME_JOURNAL=<journal.jsonl.gz of an earlier call> finishes cut tunes)
 #   call 3:  PHASES=exhaustive bash benchmarks/server_kernel_bench.sh     same carry as call 2
-#            (TUNED=<folder>: the tuned files compared, default $WORK/tuned, where the tune phase writes;
+#            (CONTROL=1 adds the shipped folder again as a control variant to the compare phase;
+#            TUNED=<folder>: the tuned files compared, default $WORK/tuned, where the tune phase writes;
 #            e.g. TUNED=results/h200/vllm-0.33-kernel for a host that did not run the tune phase)
 #
 # KERNEL=sglang (default vllm): the same on SGLang's own fused-MoE kernel, SGLang 0.5.10's Python package from
@@ -189,6 +190,9 @@ fi
 if has compare; then
   step "compare in $SERVER's kernel: tuned vs shipped vs $SERVER's default (rule $RULE; 3 interleaved rounds)"
   args=(); for shape in $SHAPES; do args+=(--shape "$shape"); done
+  # CONTROL=1: the shipped folder a second time (shipped_again): the same configs as separate runners,
+  # the comparison's own floor (identical configs should read alike)
+  [ -n "${CONTROL:-}" ] && args+=(--configs shipped_again="$SHIPPED")
   timeout $(( $(left) > 60 ? $(left) - 10 : 60 )) python3 benchmarks/server_kernel_compare.py --kernel "$KERNEL" \
     --server "$KERNEL" --rule "$RULE" "${args[@]}" \
     --configs tuned="$TUNED" --configs shipped="$SHIPPED" --versus shipped,default --rounds 3 \
