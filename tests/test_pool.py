@@ -12,7 +12,8 @@ import pytest
 import ray
 
 from tuner import pool as pool_module
-from tuner.pool import Done, Lost, WorkerPool
+from tuner.errors import RunFailed
+from tuner.pool import Done, Lost, Raised, WorkerPool
 from workers.records import Status
 
 pytestmark = pytest.mark.timeout(300)
@@ -34,6 +35,11 @@ def toy_class() -> type:
 
         def die(self) -> None:
             os._exit(3)
+
+        def fail(self, changed: bool) -> None:
+            from workers.failures import InputChanged
+
+            raise (InputChanged if changed else ValueError)("routing file ids.pt changed since it was pinned")
 
     return Toy
 
@@ -88,3 +94,14 @@ def test_a_process_that_dies_fast_is_a_crash(toy_pool):
     assert isinstance(lost, Lost) and lost.culprit and lost.cause is Status.CRASHED
     poll_until(workers, lambda _: slot.lost_since is None)
     assert not slot.retired
+
+
+def test_a_changed_input_ends_the_run_where_another_error_is_the_calls(toy_pool):
+    """A worker's InputChanged (a pinned routing file changed during the run) is nobody's status:
+    the pool ends the run with its message; any other error a method raises is that call's."""
+    workers, _ = toy_pool
+    poll_until(workers, lambda _: workers.slots[0].lost_since is None)
+    raised = workers.call("other", lambda actor: actor.fail.remote(False))
+    assert isinstance(raised, Raised) and raised.task == "other"
+    with pytest.raises(RunFailed, match=r"^routing file ids.pt changed since it was pinned$"):
+        workers.call("changed", lambda actor: actor.fail.remote(True))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from workers.records import MoEShape
-from workers.routing import check_file, make_routing, parse_routing, pin_file
+from workers.routing import RoutingFileChanged, check_file, make_routing, parse_routing, pin_file
 
 def seeded(seed: int, offset: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed + offset)
@@ -173,3 +173,37 @@ def test_a_file_routing_is_checked_against_each_shape_before_any_work(tmp_path) 
     torch.save(torch.tensor([[0, 1, 2]]), path)  # top-3 for a top-2 model
     with pytest.raises(ValueError, match=r"\[rows, 2\]"):
         check_file(f"file:{path}", MoEShape(4, 64, 64, 2, "bf16"))
+
+
+def test_a_pinned_file_changed_since_is_refused_wherever_it_is_loaded(tmp_path, capsys, monkeypatch) -> None:
+    """A pinned spec (``file:<path>#sha256:<digest>``) names one content: pinning it again (a resumed
+    run, a job spec) and every load in a worker check the file against the digest, so ids changed in
+    place are never timed under the old content's journal key."""
+    from tuner.cli import main
+    from workers.failures import InputChanged
+    from workers.records import Candidate, Config
+    from workers.worker import BenchmarkWorker
+
+    path = tmp_path / "ids.pt"
+    torch.save(torch.tensor([[0, 1], [2, 3]]), path)
+    pinned = pin_file(f"file:{path}")
+    assert pin_file(pinned) == pinned
+    torch.save(torch.tensor([[1, 0], [3, 2]]), path)
+    shape = MoEShape(4, 64, 64, 2, "bf16")
+    for load in (lambda: pin_file(pinned), lambda: check_file(pinned, shape),
+                 lambda: make_routing(pinned, 4, 4, 2, seeded(0), "cpu")):
+        with pytest.raises(RoutingFileChanged, match=f"routing file {path.resolve()} changed since it was pinned"):
+            load()
+    assert pin_file(f"file:{path}") != pinned  # an unpinned spec takes the new content, under a new key
+
+    argv = ["tune", "--model", "tests/fixtures/tiny-moe.json", "--batch-sizes", "1", "--interpret", "--dry-run",
+            "--search-space", "tests/fixtures/tune-space.yaml", "--out", str(tmp_path / "out"), "--routing", pinned]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "changed since it was pinned" in err[0], err
+
+    # mid-run: the worker lets it out of measure (nobody's status), and the pool ends the run on it
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    worker = BenchmarkWorker(timeout_s=60)
+    with pytest.raises(InputChanged, match="changed since it was pinned"):
+        worker.measure(Candidate(shape, 1, Config(16, 32, 32, 1, 4, 2), routing=pinned))

@@ -15,6 +15,9 @@ the pool pings the restarting actor every ``PROBE_INTERVAL_S`` (calls to an acto
 restarting fail at once) and gives it work again once a ping returns; an actor Ray declares dead,
 or that is not back within ``RESTART_TIMEOUT_S`` (a lost node), is retired.
 
+A worker raising ``workers.failures.InputChanged`` (a pinned routing file changed during the
+run) ends the run (RunFailed naming the file), whichever caller polled it.
+
 This module is the one owner of GPU actors: ``start_pool`` creates them (inside a
 ``tuner.ray_session``) for the tuner's engine, for ``bench`` and for ``compare``'s accuracy pass,
 so restarts, probing and overdue handling exist once.
@@ -33,6 +36,7 @@ from ray.exceptions import ActorDiedError, ActorUnschedulableError, GetTimeoutEr
 
 from tuner import signals
 from tuner.errors import RunFailed
+from workers.failures import InputChanged
 from workers.records import Status
 
 INFLIGHT_PER_WORKER = 2
@@ -197,6 +201,9 @@ class WorkerPool:
             signals.check()  # or a SIGTERM surfaced inside ray.get: not the candidate's failure
             slot.pending.popleft()
             slot.last_done = now
+            changed = _input_changed(exc)
+            if changed is not None:
+                raise RunFailed(changed) from None
             return [Raised(slot, flight.task, exc)]
         slot.pending.popleft()
         slot.last_done = now
@@ -303,6 +310,13 @@ def start_pool(workers: int | None, kernel: str, timeout_s: float, note: Callabl
         pool.shutdown()
         raise RunFailed(str(exc)) from None
     return pool
+
+
+def _input_changed(exc: BaseException) -> str | None:
+    """The message of a worker's ``workers.failures.InputChanged`` (the run's input changed under
+    it: every later call would be keyed as the old input's), or None for any other error."""
+    error = getattr(exc, "cause", None) or exc  # a RayTaskError carries the worker's exception
+    return str(error) if isinstance(error, InputChanged) else None
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -7,7 +7,8 @@ for the GPU worker (``workers.worker``) and the compile-ahead processes (``worke
 - A CUDA error that poisons the context (illegal memory access, misaligned address, unspecified
   launch failure, …; matched on the message, as CUDA reports them as plain ``RuntimeError``s)
   → None: every later CUDA call in that process would fail too, so the process must end.
-- Anything else → ``crashed``.
+- Anything else → ``crashed``, except ``InputChanged`` (the run's input changed under it),
+  which is nobody's status: it ends the run.
 
 Compile-ahead settles a candidate without its GPU only on a ``COMPILE_VERDICTS`` status; any
 other failure there says nothing about the config, and the GPU decides as it always did.
@@ -27,6 +28,13 @@ COMPILE_VERDICTS = (Status.COMPILE_ERROR, Status.OUT_OF_RESOURCES, Status.TIMEOU
 """Compile-ahead outcomes that settle a candidate without the GPU (a hung compile would hang the
 GPU worker too)."""
 MESSAGE_LIMIT = 500
+
+
+class InputChanged(Exception):
+    """The run's input is no longer what the run was started with (a pinned routing file's
+    content changed): no candidate's status. The worker lets it out of ``measure``, and the pool
+    (``tuner.pool``) ends the run with its message instead of recording a measurement whose
+    journal key would name the old input."""
 
 
 class ConfigRejected(Exception):

@@ -10,7 +10,9 @@ and how many experts' weights are read), so the tuner can time under the load a 
   ``[rows, topk]``, global expert ids under expert parallelism); tokens take rows of a
   generator-drawn permutation, cycling when M > rows. ``pin_file`` makes the spec
   ``file:<absolute path>#sha256:<16 hex digits of the content>``, so a journal never hands back
-  timings taken on another content of the same path.
+  timings taken on another content of the same path; every load of a pinned file checks the
+  content against that digest (``RoutingFileChanged``), so a file changed during a run, or
+  between a run and its resume, is never timed under the old spec's journal key.
 
 Under expert parallelism and SGLang's shared-expert fusion ``make_routing`` gives what one GPU's
 kernel sees: picks on other GPUs' experts as -1, the always-routed shared expert in the last slot.
@@ -24,6 +26,7 @@ logits. Everything is drawn from the caller's generator, so a (spec, M, E, topk,
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +34,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+from workers.failures import InputChanged
 
 if TYPE_CHECKING:
     from workers.records import MoEShape
@@ -55,6 +60,19 @@ class RoutingSpec:
 
 
 DIGEST_MARK = "#sha256:"
+DIGEST_HEX_DIGITS = 16
+
+
+class RoutingFileChanged(InputChanged, ValueError):
+    """A pinned routing file whose content no longer has the spec's digest: timings of it would be
+    keyed as the old content's. Bad input where a command pins the spec; mid-run it ends the run
+    (``workers.failures.InputChanged``), never a candidate's status."""
+
+
+def content_digest(content: bytes) -> str:
+    """The digest a pinned ``file:`` spec carries: the first 16 hex digits of the SHA-256 of the
+    file's bytes (the one definition; pinning and every load use it)."""
+    return hashlib.sha256(content).hexdigest()[:DIGEST_HEX_DIGITS]
 
 
 def parse_routing(spec: str) -> RoutingSpec:
@@ -80,15 +98,31 @@ def parse_routing(spec: str) -> RoutingSpec:
 
 def pin_file(spec: str) -> str:
     """``spec`` canonical; a ``file:`` routing with its absolute path and its content's digest
-    (ValueError when the file does not exist). What every command keys its journal on."""
+    (``content_digest``). What every command keys its journal on. ValueError when the file does
+    not exist; ``RoutingFileChanged`` (a ValueError) when ``spec`` is pinned already and the
+    content no longer matches its digest (resuming a run whose file was changed since)."""
     parsed = parse_routing(spec)
     if parsed.kind != "file":
         return str(parsed)
     path = Path(parsed.path).expanduser().resolve()
     if not path.is_file():
         raise ValueError(f"routing file {parsed.path}: no such file")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    digest = content_digest(_read_pinned(path, parsed.digest))
     return str(RoutingSpec("file", path=str(path), digest=digest))
+
+
+def _read_pinned(path: Path, digest: str | None) -> bytes:
+    """The bytes of ``path``; RoutingFileChanged naming the file when ``digest`` is given and
+    the content's differs."""
+    try:
+        content = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"routing file {path} is unreadable: {exc.strerror or exc}") from None
+    if digest is not None and content_digest(content) != digest:
+        raise RoutingFileChanged(f"routing file {path} changed since it was pinned (sha256 {digest}, now "
+                                 f"{content_digest(content)}): its timings would be keyed as the old content's; "
+                                 "restore the file or pass it as file:<path> to tune the new content")
+    return content
 
 
 def check_file(spec: str, shape: MoEShape) -> None:
@@ -97,7 +131,7 @@ def check_file(spec: str, shape: MoEShape) -> None:
     kinds need no check."""
     parsed = parse_routing(spec)
     if parsed.kind == "file":
-        load_topk_ids(parsed.path, shape.routed_experts, shape.topk - (1 if shape.fused_shared else 0))
+        load_topk_ids(parsed.path, shape.routed_experts, shape.topk - (1 if shape.fused_shared else 0), parsed.digest)
 
 
 def make_routing(spec: str, M: int, E: int, topk: int, generator: torch.Generator,
@@ -125,7 +159,7 @@ def make_routing(spec: str, M: int, E: int, topk: int, generator: torch.Generato
                          f"topk={topk}, ep={ep}, fused_shared={fused_shared}")
     first = 0
     if parsed.kind == "file":
-        captured = load_topk_ids(parsed.path, routed, routed_topk)
+        captured = load_topk_ids(parsed.path, routed, routed_topk, parsed.digest)
         if ep > 1:
             per_gpu = torch.bincount(captured.reshape(-1) // routed_here, minlength=ep)
             first = int(per_gpu.argmax()) * routed_here
@@ -155,16 +189,19 @@ def _gumbel(size: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
     return -torch.log(-torch.log(uniform.clamp_min(torch.finfo(torch.float32).tiny)))
 
 
-def load_topk_ids(path: str, E: int, topk: int) -> torch.Tensor:
-    """Captured ``topk_ids`` as int64 ``[rows, topk]`` on the CPU, checked against ``E`` and ``topk``."""
+def load_topk_ids(path: str, E: int, topk: int, digest: str | None = None) -> torch.Tensor:
+    """Captured ``topk_ids`` as int64 ``[rows, topk]`` on the CPU, checked against ``E`` and
+    ``topk``; ValueError naming the file. ``digest`` (a pinned spec's): the bytes loaded are the
+    bytes checked against it, RoutingFileChanged when they differ."""
     file = Path(path)
     if not file.is_file():
         raise ValueError(f"routing file {path} does not exist")
+    content = _read_pinned(file, digest)
     try:
         if file.suffix == ".npy":
-            loaded = torch.from_numpy(np.load(file, allow_pickle=False))
+            loaded = torch.from_numpy(np.load(io.BytesIO(content), allow_pickle=False))
         else:
-            loaded = torch.load(file, map_location="cpu", weights_only=True)
+            loaded = torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input error
         raise ValueError(f"routing file {path} is unreadable: {exc}") from None
     if not isinstance(loaded, torch.Tensor):

@@ -8,7 +8,8 @@ both GEMMs, and only its GEMM is timed (the down GEMM on the intermediate the ch
 
 Failures, and what happens to the process (``workers.failures`` decides the status):
 - Compile errors, out-of-resources and any other Python exception are recorded as the
-  candidate's status; the process lives on.
+  candidate's status; the process lives on. ``InputChanged`` (a pinned routing file changed
+  under the run) is raised to the driver, which ends the run.
 - A CUDA error that poisons the context (illegal memory access, misaligned address, unspecified
   launch failure, …): every later CUDA call in this process would fail too, so the process ends
   (``os._exit``) and Ray restarts it; the driver retries the candidate once on another worker.
@@ -35,7 +36,7 @@ import triton
 
 from workers import backends, faults
 from workers.compile_ahead import STAND_IN_BACKEND, CompileTarget, WorkerTarget
-from workers.failures import ConfigRejected, classify, describe
+from workers.failures import ConfigRejected, InputChanged, classify, describe
 from workers.problem import ERROR_BOUNDS, Problem, build_problem, rel_error, release_weights
 from workers.workspace import Workspace
 from workers.records import Candidate, Config, DType, Gemm, Level, Measurement, MoEShape, Status, WeightGrid
@@ -171,7 +172,9 @@ class BenchmarkWorker:
         with self.watchdog.guard(f"{candidate.config.label} at M={candidate.M}"):
             try:
                 return self._measure(candidate)
-            except Exception as exc:  # noqa: BLE001 - every failure becomes a recorded status
+            except InputChanged:
+                raise  # the run's input changed (workers.failures): no status of this candidate's
+            except Exception as exc:  # noqa: BLE001 - every other failure becomes a recorded status
                 return self._failure(candidate, exc)
 
     def retime(self, candidates: list[Candidate], rounds: int | None = None) -> list[float]:
