@@ -82,6 +82,34 @@ def test_validate_makes_the_checks_run_makes(tmp_path: Path, capsys) -> None:
     assert not list(tmp_path.rglob("*.json*"))  # nothing tuned, nothing written
 
 
+def test_a_tune_runs_refusal_names_the_key_of_the_option_it_is_about(tmp_path: Path, capsys) -> None:
+    """``tune.validate`` raises OptionErrors carrying the option they are about (whatever their
+    line says), and the job names that option's spec key, with the index of the list entry at fault."""
+    from tuner.commands import tune
+    from tuner.errors import OptionError
+    from tuner.options import TuneOptions
+
+    empty, bad = tmp_path / "empty", tmp_path / "bad"
+    empty.mkdir(), bad.mkdir()
+    (bad / "E=4,N=64,device_name=NVIDIA_H200.json").write_text("{")
+    for data, message in [
+        (_minimal(baseline=[str(tmp_path)], layouts=[{"tp": 1}]), f"job.yaml: baseline.0: {tmp_path}: no MoE config"),
+        (_minimal(baseline=[str(empty), str(bad)]), f"job.yaml: baseline.0: {empty}: no MoE config"),
+        (_minimal(baseline=[str(bad)]), f"job.yaml: baseline.0: {bad / 'E=4,N=64,device_name=NVIDIA_H200.json'}: "
+                                        "cannot read config file"),
+        (_minimal(kernel="sglang"), "job.yaml: kernel: --kernel sglang: cannot import SGLang's fused-MoE code"),
+    ]:
+        code = main(["job", "validate", str(_write(tmp_path, data))])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1, (data, err)
+
+    for options, option in [(dict(search_space="missing.yaml"), "search_space"), (dict(block_shape=(128, 128)), "block_shape"),
+                            (dict(baseline=[empty]), "baseline"), (dict(out=str(bad / "E=4,N=64,device_name=NVIDIA_H200.json")), "out")]:
+        with pytest.raises(OptionError) as refused:
+            tune.validate(TuneOptions(model=[MODEL], batch_sizes=[1], interpret=True, **options), probe=False)
+        assert refused.value.option == option, (options, str(refused.value))
+
+
 def test_dtypes_default_to_each_models_own(tmp_path: Path, capsys) -> None:
     spec = JobSpec.model_validate({"models": [MODEL, "deepseek-v3"], "layouts": [{"tp": 8}]})
     runs = tune_runs(spec)

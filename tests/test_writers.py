@@ -260,17 +260,17 @@ def test_files_are_readable_by_others_under_the_umask(tmp_path, rng):
 
 
 def test_an_unwritable_folder_is_found_by_the_probe(tmp_path):
-    probe_writable(tmp_path / "new" / "folder", "--out")
+    probe_writable(tmp_path / "new" / "folder", "out")
     assert not (tmp_path / "new").exists()  # the probe leaves nothing behind
     (tmp_path / "there").mkdir()
-    probe_writable(tmp_path / "there", "--out")
+    probe_writable(tmp_path / "there", "out")
     assert (tmp_path / "there").is_dir() and not list((tmp_path / "there").iterdir())
     (tmp_path / "file").write_text("x")
     for bad in (tmp_path / "file" / "sub", Path("/proc/moe-tune-out")):
         with pytest.raises(UsageError, match="cannot write there"):
-            probe_writable(bad, "--out")
+            probe_writable(bad, "out")
     if os.geteuid() != 0:
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o555)
         with pytest.raises(UsageError, match="--out .*locked: cannot write there"):
-            probe_writable(locked, "--out")
+            probe_writable(locked, "out")

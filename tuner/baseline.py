@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tuner.errors import UsageError
+from tuner.errors import OptionError, about
 from tuner.writers import lookup, read_config_folder, server_file
 from workers.default_config import VLLM, server_default
 from workers.records import Config, MoEShape
@@ -35,10 +35,11 @@ class Baseline:
     @classmethod
     def load(cls, folders: list[Path], rules: Mapping[str, str] | None = None) -> "Baseline":
         files = []
-        for folder in folders:
-            found = read_config_folder(folder)  # UsageError for a missing folder or a bad file
+        for index, folder in enumerate(folders):
+            with about("baseline", index):
+                found = read_config_folder(folder)  # UsageError for a missing folder or a bad file
             if not found:
-                raise UsageError(f"--baseline {folder}: no MoE config files (E=*.json) in it")
+                raise OptionError("baseline", f"{folder}: no MoE config files (E=*.json) in it", index=index)
             files.append(found)
         return cls(tuple(folders), tuple(files), dict(rules or {"vllm": VLLM}))
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuner.errors import UsageError
+from tuner.errors import OptionError
 from tuner.plan import Job
 from tuner.writers import format_servers
 from workers.records import MoEShape
@@ -109,7 +109,7 @@ def use_server_code(path: Path | None) -> None:
         return
     folder = path.expanduser().resolve()
     if not folder.is_dir():
-        raise UsageError(f"--server-code {path}: not a folder")
+        raise OptionError("server_code", f"{path}: not a folder")
     os.environ[SERVER_CODE_ENV] = str(folder)
 
 
@@ -161,13 +161,13 @@ def _server_runs(kernel: str, fmt: str, shapes: list[MoEShape],
     if kernel != AUTO:
         refused = refusal(kernel)
         if refused:
-            raise UsageError(f"--kernel {kernel}: {refused}")
+            raise OptionError("kernel", f"{kernel}: {refused}")
     if not shapes:
         return []
     if kernel != AUTO:
         reason = _unavailable(kernel, shapes)
         if reason:
-            raise UsageError(reason)
+            raise OptionError("kernel", reason, flagged=False)
         return [KernelRun(fmt, kernel)]
     layouts = list(FORMAT_SERVER) if fmt == "both" else [fmt]
     runs = []
@@ -218,4 +218,4 @@ def default_rule(kernel: str, server_version: str | None, server: str = "vllm") 
         except importlib.metadata.PackageNotFoundError:
             return default_config.VLLM
     except ValueError as exc:
-        raise UsageError(f"{exc}") from None
+        raise OptionError("server_version", str(exc)) from None

@@ -29,7 +29,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError
 
 from tuner import dispatch
-from tuner.errors import UsageError
+from tuner.errors import OptionError, UsageError
 from tuner.validation import one_line
 from workers.formats import block_shape_dtypes, format_of, shape_rule_broken
 from workers.records import INT4_DEFAULT_GROUP, DType, MoEShape, WeightGrid
@@ -492,17 +492,17 @@ def derive_shape(spec: ModelSpec, tp: int = 1, ep: int = 1, dtype: DType | str |
     mxfp4 sizes are padded as the servers pad them on ``device_name``'s GPU (``mxfp4_padding``).
     """
     if tp < 1 or ep < 1:
-        raise UsageError(f"--tp and --ep must be at least 1 (got tp={tp}, ep={ep})")
+        raise OptionError("tp", f"--tp and --ep must be at least 1 (got tp={tp}, ep={ep})", flagged=False)
     if server not in SERVERS:
         raise ValueError(f"unknown server {server!r}")
     if tp % ep:
-        raise UsageError(f"--ep {ep} must divide --tp {tp}")
+        raise OptionError("ep", f"{ep} must divide --tp {tp}")
     if spec.num_experts % ep:
-        raise UsageError(f"{spec.name}: {spec.num_experts} experts do not split over ep={ep}")
+        raise OptionError("ep", f"{spec.name}: {spec.num_experts} experts do not split over ep={ep}", flagged=False)
     moe_tp = tp // ep
     if spec.intermediate_size % moe_tp:
-        raise UsageError(f"{spec.name}: intermediate size {spec.intermediate_size} does not split over "
-                         f"tp/ep={moe_tp}")
+        raise OptionError("tp", f"{spec.name}: intermediate size {spec.intermediate_size} does not split over "
+                                f"tp/ep={moe_tp}", flagged=False)
     E, N, K = spec.num_experts // ep, spec.intermediate_size // moe_tp, spec.hidden_size
     if spec.top_k > spec.num_experts:
         raise UsageError(f"{spec.name}: top-k {spec.top_k} exceeds the {spec.num_experts} experts")
@@ -517,10 +517,10 @@ def derive_shape(spec: ModelSpec, tp: int = 1, ep: int = 1, dtype: DType | str |
         resolved = DType(dtype)
     if block_shape is not None:
         if not format_of(resolved).block_shapes:
-            raise UsageError(f"--block-shape applies to {', '.join(block_shape_dtypes())} only, not {resolved.value}")
+            raise OptionError("block_shape", f"applies to {', '.join(block_shape_dtypes())} only, not {resolved.value}")
         block = (int(block_shape[0]), int(block_shape[1]))
         if min(block) < 1:
-            raise UsageError(f"--block-shape values must be positive (got {block[0]},{block[1]})")
+            raise OptionError("block_shape", f"values must be positive (got {block[0]},{block[1]})")
     elif resolved is DType.INT4_W4A16:
         # The checkpoint's group size; GPTQ/AWQ's default for a model quantized another way.
         group = spec.block_shape[1] if spec.natural_dtype is DType.INT4_W4A16 and spec.block_shape else \

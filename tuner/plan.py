@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 
 from tuner import dispatch
 from tuner.dispatch import Padding, ServerKernel
-from tuner.errors import UsageError
+from tuner.errors import OptionError, UsageError
 from tuner.models import (SERVERS, ModelSpec, derive_shape, dtype_block_shape, load_model,
                           sglang_fused_shared_experts)
 from tuner.naming import builtin_file_name, sglang_file_name, vllm_file_name
@@ -300,7 +300,7 @@ def resolve_batch_sizes(batch_sizes: Sequence[int] | None, default: Sequence[int
     if not batch_sizes:
         return sorted(set(default))
     if min(batch_sizes) < 1:
-        raise UsageError(f"batch sizes must be positive (>= 1), got {min(batch_sizes)}")
+        raise OptionError("batch_sizes", f"batch sizes must be positive (>= 1), got {min(batch_sizes)}", flagged=False)
     return sorted(set(batch_sizes))
 
 
@@ -317,7 +317,7 @@ def plan(models: Sequence[str | ModelSpec], tp: int, ep: int, dtypes: Sequence[D
     wanted = [DType(d) for d in dtypes] if dtypes else [None]
     if block_shape is not None and not any(dtype_block_shape(d, block_shape) for d in wanted):
         names = block_shape_dtypes()
-        raise UsageError(f"--block-shape applies to {', '.join(names)}; add --dtype {names[0]}")
+        raise OptionError("block_shape", f"applies to {', '.join(names)}; add --dtype {names[0]}")
     servers = format_servers(formats)
     sizes = resolve_batch_sizes(batch_sizes)
     space = space if isinstance(space, SearchSpace) else load_space(space)

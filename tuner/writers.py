@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tuner import select as selection
-from tuner.errors import UsageError
+from tuner.errors import OptionError, UsageError
 from tuner.dispatch import SERVER_READ_DTYPES
 from tuner.models import SERVERS
 from tuner.naming import (BUILTIN_FOLDER, builtin_file_name, device_file_name, sglang_file_name,
@@ -87,9 +87,10 @@ def _umask() -> int:
     return mask
 
 
-def probe_writable(folder: str | Path, what: str) -> None:
+def probe_writable(folder: str | Path, option: str) -> None:
     """Create ``folder`` (and its parents) if needed, then create, write, fsync, rename and remove
-    a probe file in it, as a real write would; ``UsageError`` with one line when any step fails.
+    a probe file in it, as a real write would; an ``OptionError`` about ``option`` (the command's
+    option naming the folder: ``out``, ``journal``) with one line when any step fails.
     Folders the probe created are removed again: it leaves nothing behind (the run creates them
     when it writes). Run before Ray starts, so an unwritable output is found in seconds, not
     after the tune."""
@@ -110,7 +111,7 @@ def probe_writable(folder: str | Path, what: str) -> None:
         tmp_name = None
     except OSError as exc:
         reason = exc.strerror or str(exc)
-        raise UsageError(f"{what} {path}: cannot write there ({reason})") from None
+        raise OptionError(option, f"{path}: cannot write there ({reason})") from None
     finally:
         if tmp_name is not None:
             Path(tmp_name).unlink(missing_ok=True)

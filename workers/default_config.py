@@ -122,20 +122,20 @@ def default_config(shape: MoEShape, M: int, rule: str = VLLM) -> Config:
 def rule_for_version(server_version: str) -> str:
     """The rule of ``server_version``: a rule name, or ``vllm==X.Y[.Z]`` / ``sglang==X``.
 
-    Raises ValueError for a vLLM release this project cannot place (after PR #34846's merge date,
-    before the oldest release whose rule was read)."""
+    Raises ValueError (starting with ``server_version``) for a vLLM release this project cannot
+    place (after PR #34846's merge date, before the oldest release whose rule was read)."""
     if server_version in RULES:
         return server_version
     match = re.fullmatch(r"(vllm|sglang)==(\d+)\.(\d+)(?:\.\S*)?", server_version.strip())
     if not match:
-        raise ValueError(f"--server-version {server_version!r}: expected one of {', '.join(RULES)}, "
+        raise ValueError(f"{server_version!r}: expected one of {', '.join(RULES)}, "
                          "vllm==X.Y.Z or sglang==X.Y.Z")
     server, major, minor = match.group(1), int(match.group(2)), int(match.group(3))
     if server == "sglang":
         return SGLANG
     if (major, minor) >= VLLM_BATCH_AWARE_VERIFIED:
         return VLLM
-    raise ValueError(f"--server-version {server_version}: which default rule vLLM {major}.{minor} applies is not "
+    raise ValueError(f"{server_version}: which default rule vLLM {major}.{minor} applies is not "
                      f"recorded here; pass --server-version {VLLM} (PR #34846, February 2026, and later) "
                      f"or {VLLM_PRE_34846}")
 

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from tuner.errors import UsageError
+from tuner.errors import OptionError, UsageError
 from workers.records import DType, MoEShape
 
 INTERPRET_MAX_WEIGHTS = 4 * 2 * 128 * 128
@@ -136,7 +136,7 @@ def check_routing_file(routing: str, shapes: Iterable[MoEShape]) -> None:
         try:
             check_file(routing, shape)
         except ValueError as exc:
-            raise UsageError(f"--routing ({shape.label}): {exc}") from None
+            raise OptionError("routing", f"({shape.label}): {exc}") from None
 
 
 def interpret_shape_problem(shapes: Iterable[MoEShape]) -> str | None:
@@ -161,10 +161,10 @@ def check_interpret_limits(shapes: Iterable[MoEShape], batch_sizes: Iterable[int
     """Refuse what ``--interpret`` cannot run in reasonable time: the interpreter runs on the CPU."""
     problem = interpret_shape_problem(shapes)
     if problem:
-        raise UsageError(problem)
+        raise OptionError("interpret", problem, flagged=False)
     problem = interpret_batch_problem(batch_sizes)
     if problem:
-        raise UsageError(f"{problem}; pass --batch-sizes")
+        raise OptionError("batch_sizes", f"{problem}; pass --batch-sizes", flagged=False)
 
 
 def add_layout_arguments(parser: argparse.ArgumentParser, repeatable_model: bool = False) -> None:
@@ -194,7 +194,7 @@ def confirm_fresh(journal: Path, measurements: int, yes: bool) -> None:
         return
     what = f"--fresh sets aside {journal}, which holds {measurements} measurements of this work, and measures again"
     if not (sys.stdin.isatty() and sys.stderr.isatty()):
-        raise UsageError(f"{what}: pass --yes to confirm (no terminal to ask on)")
+        raise OptionError("fresh", f"{what}: pass --yes to confirm (no terminal to ask on)", flagged=False)
     sys.stderr.write(f"moe-tune: {what}. Continue? [y/N] ")
     sys.stderr.flush()
     try:
@@ -202,4 +202,4 @@ def confirm_fresh(journal: Path, measurements: int, yes: bool) -> None:
     except (EOFError, OSError):
         answer = ""
     if answer not in ("y", "yes"):
-        raise UsageError("--fresh not confirmed; nothing was changed")
+        raise OptionError("fresh", "not confirmed; nothing was changed")

@@ -146,9 +146,9 @@ def _kernel_runs(kernel: str, server: str, fmt: str, planned: Plan, interpret: b
 
 def run(args: argparse.Namespace) -> int:
     request, warnings = _request(args)
-    probe_writable(args.out, "--out")  # before Ray starts: the report is written last
-    probe_writable(args.configs_out, "--configs-out")
-    probe_writable(request.journal.parent, "--journal")
+    probe_writable(args.out, "out")  # before Ray starts: the report is written last
+    probe_writable(args.configs_out, "configs_out")
+    probe_writable(request.journal.parent, "journal")
     for line in warnings:  # after every check: refused input stays one line
         print(line, file=sys.stderr)
     try:

@@ -24,7 +24,7 @@ from pathlib import Path
 from tuner import bench, kernel_choice
 from tuner.commands import tune
 from tuner.commands.arguments import interpret_batch_problem, interpret_shape_problem
-from tuner.errors import RunFailed, UsageError
+from tuner.errors import OptionError, RunFailed, UsageError
 from tuner.jobspec import (GateCheck, JobSpec, Layout, TuneRun, gate_checks, load_job_spec, reference_markdown,
                            routing_folder, tune_runs)
 from tuner.models import derive_shape, dtype_block_shape, load_model
@@ -52,18 +52,14 @@ def gate_server(spec: JobSpec) -> str:
     return "sglang" if spec.output.format == "sglang" else "vllm"
 
 
-TUNE_FLAG_KEYS = {"--out": "output.dir", "--journal": "journal", "--baseline": "baseline", "--routing": "routing",
-                  "--search-space": "search_space", "--server-version": "server_version", "--kernel": "kernel",
-                  "--block-shape": "block_shape", "--dtype": "dtypes", "--batch-sizes": "batch_sizes",
-                  "--interpret": "interpret", "--tp": "layouts", "--ep": "layouts", "--workers": "workers",
-                  "--budget-minutes": "budget_minutes", "--strategy": "strategy", "--format": "output.format"}
-"""The spec key of each ``moe-tune tune`` flag a job's tune runs are checked under (``tune.validate``
-speaks in flags): a refusal that starts with a flag names the key instead."""
-
-
-TUNE_MESSAGE_KEYS = {"nothing to tune": "dtypes", "search space": "search_space"}
-"""The spec key of ``tune.validate``'s refusals that name no flag, by how they start; any other is
-put on the tune run's layout."""
+TUNE_OPTION_KEYS = {"model": "models", "out": "output.dir", "format": "output.format", "journal": "journal",
+                    "baseline": "baseline", "routing": "routing", "search_space": "search_space",
+                    "server_version": "server_version", "kernel": "kernel", "block_shape": "block_shape",
+                    "dtype": "dtypes", "batch_sizes": "batch_sizes", "interpret": "interpret", "tp": "layouts",
+                    "ep": "layouts", "workers": "workers", "budget_minutes": "budget_minutes", "strategy": "strategy",
+                    "address": "address", "connect_timeout": "connect_timeout"}
+"""The spec key of each ``tuner.options.TuneOptions`` field a job sets: a refusal of a job's tune
+run (an ``OptionError``, ``tune.validate``) names the key of the option it is about."""
 
 
 class SpecError(UsageError):
@@ -74,15 +70,17 @@ class SpecError(UsageError):
         self.key = key
 
 
-def _keyed(exc: UsageError, key: str) -> SpecError:
-    """``exc`` as a SpecError naming ``key`` (or the spec key of the tune flag it starts with)."""
-    message = str(exc)
+def _keyed(exc: UsageError, key: str, indices: dict[str, int] | None = None) -> SpecError:
+    """``exc`` as a SpecError: an OptionError about a tune option the spec sets names that option's
+    spec key (``TUNE_OPTION_KEYS``; a list key with the index the error gives, else the one in
+    ``indices``: a tune run's ``layouts`` and ``routing`` entries), any other error ``key``."""
     if isinstance(exc, SpecError):
         return exc
-    for flag, flag_key in TUNE_FLAG_KEYS.items():
-        if message.startswith(f"{flag} ") or message.startswith(f"{flag}:"):
-            return SpecError(flag_key, message[len(flag):].lstrip(" :"))
-    return SpecError(key, message)
+    if isinstance(exc, OptionError) and exc.option in TUNE_OPTION_KEYS:
+        spec_key = TUNE_OPTION_KEYS[exc.option]
+        index = exc.index if exc.index is not None else (indices or {}).get(spec_key)
+        return SpecError(spec_key if index is None else f"{spec_key}.{index}", exc.reason)
+    return SpecError(key, str(exc))
 
 
 def _shapes(spec: JobSpec) -> dict[tuple[str, Layout, DType], MoEShape]:
@@ -213,10 +211,8 @@ def _validate(spec: JobSpec) -> tuple[list[tuple[TuneRun, "tune.Validated"]], di
         try:
             tunes.append((tune_run, tune.validate(tune_run.options)))
         except UsageError as exc:
-            message = str(exc)
-            key = next((key for start, key in TUNE_MESSAGE_KEYS.items() if message.startswith(start)),
-                       f"layouts.{spec.layouts.index(tune_run.layout)}")
-            raise _keyed(exc, key) from None
+            indices = {"layouts": spec.layouts.index(tune_run.layout), "routing": spec.routing.index(tune_run.routing)}
+            raise _keyed(exc, f"layouts.{indices['layouts']}", indices) from None
     if spec.gate is not None and not spec.gate.reference.is_dir():
         raise SpecError("gate.reference", f"{spec.gate.reference}: not a folder (create it: an empty folder gates "
                                           "against the server's default config)")

@@ -21,7 +21,7 @@ from tuner.commands.arguments import (add_batch_sizes_argument, add_dtype_argume
                                       add_layout_arguments, block_shape_arg, check_interpret_limits, check_routing_file,
                                       confirm_fresh, positive_float, positive_int, routing_arg)
 from tuner.commands.plan import format_plan, plan_estimate, resolve_device_name
-from tuner.errors import RunFailed, UsageError
+from tuner.errors import OptionError, RunFailed, UsageError, about
 from tuner.dispatch import SERVER_READ_DTYPES
 from tuner.journal import JOURNAL_NAME, JournalBusy, count_measurements
 from tuner.models import load_model
@@ -107,12 +107,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(**TuneOptions.defaults())
 
 
-def _check_writable_location(path: Path, what: str) -> None:
-    """Refuse a path that cannot become a folder/file: an existing non-folder on its way."""
+def _check_writable_location(path: Path, option: str) -> None:
+    """Refuse a path that cannot become a folder/file: an existing non-folder on its way
+    (OptionError about ``option``)."""
     for parent in [path, *path.parents]:
         if parent.exists():
             if parent != path and not parent.is_dir():
-                raise UsageError(f"{what} {path}: {parent} is a file, not a folder")
+                raise OptionError(option, f"{path}: {parent} is a file, not a folder")
             return
 
 
@@ -136,34 +137,39 @@ def print_warnings(valids: list[Validated]) -> None:
 
 
 def validate(args: TuneOptions, probe: bool = True) -> Validated:
-    """Everything ``args`` asks for, checked before Ray starts; UsageError on bad input."""
+    """Everything ``args`` asks for, checked before Ray starts. Bad input raises an OptionError
+    naming the option (a ``TuneOptions`` field) it is about, so ``job`` names its spec key."""
     try:  # a file: its absolute path (workers may run elsewhere) and its content's digest (the journal key)
         routing = parse_routing(pin_file(args.routing))
     except ValueError as exc:
-        raise UsageError(f"--routing {args.routing}: {exc}") from None
+        raise OptionError("routing", f"{args.routing}: {exc}") from None
     kernel_choice.use_server_code(args.server_code)
 
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a folder")
-    _check_writable_location(out, "--out")
+        raise OptionError("out", f"{out}: exists and is not a folder")
+    _check_writable_location(out, "out")
     journal = Path(args.journal).expanduser() if args.journal else out / JOURNAL_NAME
     if journal.exists() and not journal.is_file():
-        raise UsageError(f"--journal {journal}: exists and is not a file")
-    _check_writable_location(journal, "--journal")
+        raise OptionError("journal", f"{journal}: exists and is not a file")
+    _check_writable_location(journal, "journal")
 
-    planned = plan([load_model(m) for m in args.model], args.tp, args.ep, args.dtype, args.block_shape,
-                   args.batch_sizes, load_space(args.search_space), args.format, not args.disable_shared_experts_fusion,
-                   builtin_fp4=args.builtin_fp4)
+    with about("model"):
+        models = [load_model(m) for m in args.model]
+    with about("search_space"):
+        space = load_space(args.search_space)
+    planned = plan(models, args.tp, args.ep, args.dtype, args.block_shape, args.batch_sizes, space, args.format,
+                   not args.disable_shared_experts_fusion, builtin_fp4=args.builtin_fp4)
     preflight = planned.for_device("cpu" if args.interpret else PREFLIGHT_DEVICE)
     if not preflight.jobs:  # which dtypes a server reads files for does not depend on the GPU
-        raise UsageError(nothing_to_tune(preflight))
+        raise OptionError("dtype", nothing_to_tune(preflight), flagged=False)
     if args.interpret:
         check_interpret_limits([s.shape for s in planned.shapes], planned.batch_sizes)
     check_routing_file(str(routing), [s.shape for s in planned.shapes])
     empty = [(job.shape.label, M) for job in preflight.jobs for M, configs in job.candidates.items() if not configs]
     if empty:
-        raise UsageError(f"search space {planned.space.name} leaves no config for {empty[0][0]} at M={empty[0][1]}")
+        raise OptionError("search_space", f"search space {planned.space.name} leaves no config for {empty[0][0]} "
+                          f"at M={empty[0][1]}", flagged=False)
     baseline = Baseline.load(args.baseline)  # bad input is refused (one line) before auto's fallback warning
     if args.server_version:
         kernel_choice.default_rule(args.kernel, args.server_version, writers.format_servers(args.format)[0])
@@ -181,8 +187,8 @@ def validate(args: TuneOptions, probe: bool = True) -> Validated:
         work = {(s.shape, str(routing), M) for s in planned.shapes for M in planned.batch_sizes}
         confirm_fresh(journal, count_measurements(journal, work), args.yes)
     if probe:  # creates the folders: not for --dry-run
-        probe_writable(out, "--out")  # last: input refused earlier leaves no folder behind
-        probe_writable(journal.parent, "--journal")
+        probe_writable(out, "out")  # last: input refused earlier leaves no folder behind
+        probe_writable(journal.parent, "journal")
     return Validated(planned, out, journal, str(routing), runs, baselines, tuple(warnings))
 
 
