@@ -414,3 +414,20 @@ def test_the_shipped_example_and_the_readme_spec_are_valid(capsys) -> None:
     data = yaml.safe_load(block)
     data["dtypes"] = "bf16, fp8_w8a8"
     assert JobSpec.model_validate(data).dtypes == spec.dtypes
+
+
+def test_a_dtypes_string_reads_as_the_dtype_flag_reads_it(tmp_path: Path, capsys) -> None:
+    """One reading of a comma-separated dtype list (``DType.parse_list``): the spec's ``dtypes``
+    string and tune's ``--dtype`` take the same dtypes, each once, and refuse alike."""
+    from tuner.commands.arguments import dtype_list
+
+    for text in ("bf16,fp8_w8a8,bf16", " fp8_w8a8 , bf16,", "mxfp4"):
+        assert JobSpec.model_validate(_minimal(dtypes=text)).dtypes == dtype_list(text) == DType.parse_list(text)
+    for text in ("bf16,fp9", " , "):
+        with pytest.raises(ValueError) as refused:
+            DType.parse_list(text)
+        code = main(["job", "validate", str(_write(tmp_path, _minimal(dtypes=text)))])
+        err = capsys.readouterr().err
+        assert code == 2 and "dtypes" in err and str(refused.value) in err and err.count("\n") == 1, err
+        assert main(["plan", "--model", MODEL, "--dtype", text]) == 2
+        assert str(refused.value) in capsys.readouterr().err

@@ -142,8 +142,8 @@ class JobSpec(_Strict):
     @field_validator("dtypes", mode="before")
     @classmethod
     def _comma_separated(cls, value):
-        """``"bf16,fp8_w8a8"`` as ``[bf16, fp8_w8a8]``, as ``--dtype`` takes it."""
-        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+        """``"bf16,fp8_w8a8"`` as ``[bf16, fp8_w8a8]``, read as ``--dtype`` reads it (``DType.parse_list``)."""
+        return DType.parse_list(value) if isinstance(value, str) else value
 
     @field_validator("strategy")
     @classmethod

@@ -21,6 +21,19 @@ class DType(str, Enum):
     MXFP4 = "mxfp4"
     NVFP4 = "nvfp4"
 
+    @classmethod
+    def parse_list(cls, text: str) -> list["DType"]:
+        """``"bf16,fp8_w8a8"`` → the dtypes, each once, in the order given (blanks around a name
+        ignored): the one reading of a comma-separated dtype list (``--dtype``, a job spec's
+        ``dtypes`` string). ValueError naming the known dtypes, or for an empty list."""
+        try:
+            dtypes = [cls(part.strip()) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError(f"expected dtypes from {', '.join(d.value for d in cls)}, got {text!r}") from None
+        if not dtypes:
+            raise ValueError("expected at least one dtype")
+        return list(dict.fromkeys(dtypes))
+
 
 INT4_DEFAULT_GROUP = 128
 """int4_w4a16's scale group along K when a checkpoint names none: GPTQ's and AWQ's default."""

@@ -61,15 +61,11 @@ def block_shape_arg(text: str) -> tuple[int, int]:
 
 
 def dtype_list(text: str) -> list[DType]:
-    """``"bf16,fp8_w8a8"`` → the dtypes, each once, in the order given."""
+    """``"bf16,fp8_w8a8"`` → the dtypes, each once, in the order given (``DType.parse_list``)."""
     try:
-        dtypes = [DType(part.strip()) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected dtypes from {', '.join(d.value for d in DType)}, got {text!r}") \
-            from None
-    if not dtypes:
-        raise argparse.ArgumentTypeError("expected at least one dtype")
-    return list(dict.fromkeys(dtypes))
+        return DType.parse_list(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 class _DTypes(argparse.Action):
