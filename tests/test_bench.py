@@ -171,3 +171,14 @@ def test_an_unreadable_config_file_exits_2_with_one_line_before_ray(tmp_path: Pa
     captured = capsys.readouterr()
     assert (code, captured.out) == (2, "")
     assert captured.err.count("\n") == 1 and "cannot read config file" in captured.err
+
+
+def test_bench_and_tune_print_one_ratio_convention() -> None:
+    """``bench``'s ratios and ``tune``'s against its baseline are one convention, each phrase
+    naming its own denominator (the text users see)."""
+    from tuner.bench import RATIO_CONVENTION, ratio_convention
+    from tuner.commands.tune import BASELINE_RATIO
+
+    assert RATIO_CONVENTION == ratio_convention("reference") == \
+        "time / reference time (below 1: faster than the reference)"
+    assert BASELINE_RATIO == ratio_convention("baseline") == "time / baseline time (below 1: faster than the baseline)"

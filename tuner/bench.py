@@ -8,8 +8,8 @@ once and checked against the fp32 reference, so a folder whose config fails or c
 on this GPU is reported as such, never timed as a winner. Variants that resolve to the same
 config share one timing (so an identical config always compares as exactly 1.00x).
 
-Ratios are times, as ``tune`` reports against its baseline (``RATIO_CONVENTION``): a variant's
-latency ÷ the reference's latency, below 1 faster than the reference.
+Ratios are times, as ``tune`` reports against its baseline (one convention, ``ratio_convention``):
+a variant's latency ÷ the reference's latency, below 1 faster than the reference.
 
 A folder with no file for the shape falls back to the default rule, as the server would, and the
 result says so; the result names the rule and where its configs came from (the server's own
@@ -39,8 +39,16 @@ from workers.records import Candidate, Config, MoEShape, Status
 
 HEURISTIC = "default"
 RETIME_ROUNDS = 20
-RATIO_CONVENTION = "time / reference time (below 1: faster than the reference)"
-"""What every ratio ``bench`` and ``tune`` print means (``tune``: the reference is its baseline)."""
+
+
+def ratio_convention(reference: str) -> str:
+    """What a time ratio against ``reference`` (what the ratio's denominator timed: ``bench``'s
+    reference, ``tune``'s baseline) means, as the reports print it: time ÷ its time, below 1 faster."""
+    return f"time / {reference} time (below 1: faster than the {reference})"
+
+
+RATIO_CONVENTION = ratio_convention("reference")
+"""What every ratio ``bench`` prints means (``tune``'s against its baseline: ``ratio_convention``)."""
 
 
 def max_time_ratio(fail_if_slower: float) -> float:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tuner import driver, kernel_choice, writers
 from tuner.baseline import Baseline
-from tuner.bench import RATIO_CONVENTION
+from tuner.bench import ratio_convention
 from tuner.commands.arguments import (add_batch_sizes_argument, add_dtype_argument, add_fresh_arguments,
                                       add_layout_arguments, block_shape_arg, check_interpret_limits, check_routing_file,
                                       confirm_fresh, positive_float, positive_int, routing_arg)
@@ -320,7 +320,7 @@ def tune_in_session(args: TuneOptions, valid: Validated, session: RaySession, ti
     return 0
 
 
-BASELINE_RATIO = RATIO_CONVENTION.replace("reference", "baseline")
+BASELINE_RATIO = ratio_convention("baseline")
 """What ``vs_baseline`` means: tuned time / baseline time, below 1 faster (as ``bench``'s ratios)."""
 
 LISTED_FAILURES = (Status.WRONG_RESULT, Status.CRASHED, Status.TIMEOUT)
