@@ -123,6 +123,29 @@ def test_compare_defaults_to_auto_resolved_on_the_dtypes_the_servers_fused_moe_k
     assert not (tmp_path / "report").exists()
 
 
+def test_tune_and_compare_make_their_runs_from_a_plan_in_one_place(servers):
+    """``kernel_choice.plan_runs``: tune's runs are one per layout on its server's kernel, compare's
+    the --server's kernel writing every layout; moe-tune's fp4 jobs go to a builtin run in both."""
+    from tuner.plan import plan
+
+    planned = plan([TINY_MODEL], 1, 1, ["bf16", "mxfp4"], None, [1], "tests/fixtures/tune-space.yaml", "both",
+                   builtin_fp4=True).for_device("cpu")
+    servers("vllm_launcher", "sglang_topk_output")
+    fp4 = kernel_choice.KernelRun("both", "builtin", server_files=False, builtin_fp4=True)
+    warnings: list[str] = []
+    assert kernel_choice.plan_runs("auto", planned, "both", warnings) == [
+        kernel_choice.KernelRun("vllm", "vllm"), kernel_choice.KernelRun("sglang", "sglang"), fp4]
+    assert kernel_choice.plan_runs("auto", planned, "both", warnings, server="sglang") == [
+        kernel_choice.KernelRun("both", "sglang"), fp4]
+    assert kernel_choice.plan_runs("builtin", planned, "vllm", warnings, server="sglang") == [
+        kernel_choice.KernelRun("vllm", "builtin", builtin_fp4=True)]
+    assert warnings == []
+    servers("sglang_topk_output")
+    assert kernel_choice.plan_runs("auto", planned, "both", warnings) == [
+        kernel_choice.KernelRun("vllm", "builtin", builtin_fp4=True), kernel_choice.KernelRun("sglang", "sglang")]
+    assert len(warnings) == 1 and "vllm's kernel is not usable here" in warnings[0]
+
+
 def test_builtin_fp4_jobs_always_run_on_builtin(servers, capsys):
     """moe-tune's own fp4 kernel's jobs go to a builtin run: the server runs' own when they fall
     back to builtin, one of their own otherwise; a server kernel never gets them to refuse."""

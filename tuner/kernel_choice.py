@@ -23,11 +23,11 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tuner.errors import OptionError
-from tuner.plan import Job
+from tuner.plan import DevicePlan, Job
 from tuner.writers import format_servers
 from workers.records import MoEShape
 
@@ -143,6 +143,27 @@ def resolve(kernel: str, fmt: str, shapes: list[MoEShape],
     UsageError (one line) for a named kernel that takes no config, does not import or does not
     run a shape."""
     return _with_builtin_fp4(_server_runs(kernel, fmt, shapes, servers_of, warnings), fmt, builtin_fp4)
+
+
+def plan_runs(kernel: str, preflight: DevicePlan, fmt: str, warnings: list[str],
+              server: str | None = None) -> list[KernelRun]:
+    """The kernel runs of a plan: how ``tune`` and ``compare`` both turn their checked plan
+    (``preflight``, the plan for the device the validation plans for) into runs, here because this
+    module owns which backend times which job (each command keeps only its own policy: ``compare``
+    asks for builtin under ``--interpret``).
+
+    The jobs whose files a server reads are resolved by ``resolve``; moe-tune's own fp4 kernel's
+    jobs go to a builtin run. ``server`` None (``tune``): each layout of ``fmt`` on its own server's
+    kernel, a shape given to the layouts of the servers it is planned for (``Job.servers``).
+    ``server`` given (``compare --server``): every such shape on that server's kernel choice, each
+    run writing the ``fmt`` layouts. Warnings (``auto``'s fallback) are appended to ``warnings``;
+    OptionError as ``resolve``."""
+    servers = {job.shape: job.servers for job in preflight.jobs if job.builtin_file_name is None}
+    builtin_fp4 = any(job.builtin_file_name for job in preflight.jobs)
+    if server is None:
+        return resolve(kernel, fmt, list(servers), servers.__getitem__, warnings, builtin_fp4=builtin_fp4)
+    runs = resolve(kernel, server, list(servers), warnings=warnings, builtin_fp4=builtin_fp4)
+    return [replace(run, format=fmt) for run in runs]
 
 
 def _with_builtin_fp4(runs: list[KernelRun], fmt: str, builtin_fp4: bool) -> list[KernelRun]:

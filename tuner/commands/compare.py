@@ -6,7 +6,6 @@ report.json."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from tuner.dispatch import SERVERS
 from tuner.errors import UsageError
 from tuner.journal import JOURNAL_NAME, JournalBusy, count_measurements
 from tuner.models import derive_shape, load_model
-from tuner.plan import Plan, plan, resolve_batch_sizes
+from tuner.plan import plan, resolve_batch_sizes
 from tuner.search import STRATEGIES
 from tuner.ray_session import DEFAULT_CONNECT_TIMEOUT_S
 from tuner.spaces import load_space
@@ -103,7 +102,11 @@ def _request(args: argparse.Namespace) -> tuple[compare.CompareRequest, list[str
     # moe-tune's own fp4 kernel too: the report's second column (its files written apart)
     planned = plan([spec], args.tp, args.ep, dtypes, None, batch_sizes, space, args.format, builtin_fp4=True)
     warnings: list[str] = []
-    runs = _kernel_runs(args.kernel, args.server, args.format, planned, args.interpret, warnings)
+    # the dtypes --server runs in its fused-MoE Triton kernel on the backend --kernel means (auto under
+    # --interpret: builtin); moe-tune's own fp4 kernel (the second column) always on builtin
+    kernel = "builtin" if args.interpret and args.kernel == kernel_choice.AUTO else args.kernel
+    runs = kernel_choice.plan_runs(kernel, planned.for_device("cpu" if args.interpret else PREFLIGHT_DEVICE),
+                                   args.format, warnings, server=args.server)
     check_routing_file(args.routing, [s.shape for s in planned.shapes])
     grid, reference_weights = compare.accuracy_reference(spec)
     servers_by_shape: dict = {}
@@ -127,21 +130,6 @@ def _request(args: argparse.Namespace) -> tuple[compare.CompareRequest, list[str
         max_rel_err=args.max_rel_err, server=args.server, runs=tuple(runs), ep=args.ep, grid=grid,
         write_builtin_fp4=args.builtin_fp4,
         reference_weights=reference_weights), warnings
-
-
-def _kernel_runs(kernel: str, server: str, fmt: str, planned: Plan, interpret: bool,
-                 warnings: list[str]) -> list[kernel_choice.KernelRun]:
-    """The tuning runs, one per backend (``tuner.kernel_choice.resolve``, as tune resolves them):
-    the dtypes ``server`` runs in its fused-MoE Triton kernel (the plan's server-read jobs) on the
-    backend ``--kernel`` means (auto: the server's kernel where it imports and runs every such
-    shape, else builtin with a warning line appended to ``warnings``; builtin under --interpret; a
-    named kernel that cannot run one is a usage error), moe-tune's own fp4 kernel (the second
-    column) always on builtin. Each run writes the ``fmt`` layouts."""
-    preflight = planned.for_device("cpu" if interpret else PREFLIGHT_DEVICE)
-    shapes = [job.shape for job in preflight.jobs if job.builtin_file_name is None]
-    runs = kernel_choice.resolve("builtin" if interpret and kernel == kernel_choice.AUTO else kernel, server, shapes,
-                                 warnings=warnings, builtin_fp4=any(job.builtin_file_name for job in preflight.jobs))
-    return [dataclasses.replace(run, format=fmt) for run in runs]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -175,10 +175,8 @@ def validate(args: TuneOptions, probe: bool = True) -> Validated:
         kernel_choice.default_rule(args.kernel, args.server_version, writers.format_servers(args.format)[0])
     # which backend times which layout; each backend's check refuses the dtypes and layouts it cannot run
     # (moe-tune's own fp4 kernel's jobs always run on builtin)
-    server_jobs = {job.shape: job.servers for job in preflight.jobs if job.builtin_file_name is None}
     warnings: list[str] = []
-    runs = kernel_choice.resolve(args.kernel, args.format, list(server_jobs), server_jobs.__getitem__, warnings,
-                                 builtin_fp4=any(job.builtin_file_name for job in preflight.jobs))
+    runs = kernel_choice.plan_runs(args.kernel, preflight, args.format, warnings)
     needs_rule = bool(args.baseline or args.server_version)  # the rule matters only where a baseline falls back
     baselines = {run.kernel: replace(baseline, rules={
         server: kernel_choice.default_rule(run.kernel, args.server_version, server)
