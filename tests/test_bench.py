@@ -127,13 +127,22 @@ def test_a_config_that_kills_the_worker_is_crashed_and_a_fresh_worker_times_the_
     assert result["gate"]["regressions"] == [f"deadly at M={M}: crashed ({deadly.label})" for M in BATCH_SIZES]
 
 
-def test_each_dtype_is_benched_against_the_named_servers_default(tmp_path: Path, deterministic, capsys) -> None:
+def test_each_dtype_is_benched_against_the_named_servers_default(tmp_path: Path, deterministic, capsys,
+                                                                 monkeypatch) -> None:
     """``--server sglang`` without ``--server-version``: the default column and a folder without a
-    file run SGLang's default rule (not vLLM's), named in the result, whatever kernel times them
-    (builtin here); two dtypes, given repeated, are two benches."""
+    file for the shape run SGLang's default rule (not vLLM's), named in the result, whatever kernel
+    times them (builtin here); two dtypes, given repeated, are two benches, and the folder's files
+    are read once for both."""
+    from dataclasses import replace
+
+    from tuner import writers
+
     deterministic()
     empty = tmp_path / "empty"
-    empty.mkdir()
+    write_vllm(empty, replace(SHAPE, E=8), "cpu", {1: POOL[0]}, "3.9.0")  # another shape's file: read, never used
+    reads: list[Path] = []
+    read_file = writers._read_config_file
+    monkeypatch.setattr(writers, "_read_config_file", lambda path: reads.append(path) or read_file(path))
     code = main(_bench("--configs", str(empty), "--server", "sglang", "--dtype", "bf16", "--dtype", "fp8_w8a8",
                        "--json"))
     captured = capsys.readouterr()
@@ -148,6 +157,7 @@ def test_each_dtype_is_benched_against_the_named_servers_default(tmp_path: Path,
                 assert Config.from_dict(cell["config"]) == default_config(shape, row["M"], "sglang")
                 assert cell["source"] == "sglang default rule (moe-tune encoding)"
     assert any(default_config(SHAPE, M, "sglang") != default_config(SHAPE, M, "vllm") for M in BATCH_SIZES)
+    assert [path.name for path in reads] == ["E=8,N=64,device_name=cpu.json"]
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -320,9 +320,15 @@ def test_job_run_tunes_then_fails_the_gate_on_a_regression(tmp_path: Path, monke
         "output": {"dir": str(tmp_path / "nightly"), "format": "vllm"},
         "gate": {"reference": str(accepted), "fail_if_slower": 0.999, "rounds": 1}})
 
+    from tuner import writers
+
+    reads: list[Path] = []
+    read_file = writers._read_config_file
+    monkeypatch.setattr(writers, "_read_config_file", lambda path: reads.append(path) or read_file(path))
     code = main(["job", "run", str(spec)])
     captured = capsys.readouterr()
     assert code == 1
+    assert [p for p in reads if p.parent == accepted] == [accepted / "E=4,N=64,device_name=cpu.json"]  # once, 2 checks
     written = sorted(p.name for p in (tmp_path / "nightly").glob("E=*.json"))
     assert written == ["E=4,N=64,device_name=cpu,dtype=fp8_w8a8.json", "E=4,N=64,device_name=cpu.json"]
     tables = re.findall(r"^gate .*? (bf16|fp8_w8a8) routing=uniform$", captured.out, re.MULTILINE)

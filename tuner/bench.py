@@ -23,7 +23,7 @@ regression too.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,12 +56,18 @@ def max_time_ratio(fail_if_slower: float) -> float:
     return 1.0 / fail_if_slower
 
 
+ConfigFiles = Mapping[str, Mapping[int, Config]]
+"""A config folder's files as ``read_config_folder`` reads them (file name → M → config)."""
+
+
 @dataclass(frozen=True)
 class Variant:
-    """A config source: a folder of server files, or (``folder`` None) the server's default rule."""
+    """A config source: a folder of server files, or (``folder`` None) the server's default rule.
+    ``files``: the folder's files, read once when the variant is made (``variants_for``)."""
 
     label: str
     folder: Path | None
+    files: ConfigFiles = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def is_heuristic(self) -> bool:
@@ -137,8 +143,12 @@ class BenchResult:
         return data
 
 
-def variants_for(config_dirs: list[Path], reference: Path | None) -> tuple[list[Variant], Variant]:
-    """The heuristic, each folder once, and the reference folder if it is not among them."""
+def variants_for(config_dirs: list[Path], reference: Path | None,
+                 read: Callable[[Path], ConfigFiles] = read_config_folder) -> tuple[list[Variant], Variant]:
+    """The heuristic, each folder once, and the reference folder if it is not among them; each
+    folder's files read here, once (``read``: ``read_config_folder``, or a caller's reader that
+    reads a folder once for several calls, ``FolderReader``). UsageError (one line) for a path that
+    is not a folder or a file that cannot be read: a command calls this before Ray starts."""
     heuristic = Variant(HEURISTIC, None)
     folders: list[Path] = []
     for folder in [*config_dirs, *([reference] if reference else [])]:
@@ -147,7 +157,7 @@ def variants_for(config_dirs: list[Path], reference: Path | None) -> tuple[list[
         if folder.resolve() not in [f.resolve() for f in folders]:
             folders.append(folder)
     labels = _short_labels(folders)
-    variants = [heuristic] + [Variant(label, folder) for label, folder in zip(labels, folders)]
+    variants = [heuristic] + [Variant(label, folder, read(folder)) for label, folder in zip(labels, folders)]
     ref = heuristic if reference is None else next(v for v in variants if v.folder and
                                                    v.folder.resolve() == reference.resolve())
     return variants, ref
@@ -162,11 +172,26 @@ def _short_labels(folders: list[Path]) -> list[str]:
     return [str(f.resolve()) for f in folders]
 
 
-def resolve_config(variant: Variant, files: dict[str, dict[int, Config]] | None, shape: MoEShape,
-                   device: str, triton_version: str, M: int, rule: str = VLLM) -> tuple[Config, str, bool]:
+class FolderReader:
+    """``read_config_folder`` that reads each folder once (by resolved path), for a command that
+    makes variants many times over the same folders (a job's gate: one bench per check)."""
+
+    def __init__(self) -> None:
+        self._read: dict[Path, ConfigFiles] = {}
+
+    def __call__(self, folder: Path) -> ConfigFiles:
+        key = Path(folder).resolve()
+        if key not in self._read:
+            self._read[key] = read_config_folder(folder)
+        return self._read[key]
+
+
+def resolve_config(variant: Variant, shape: MoEShape, device: str, triton_version: str, M: int,
+                   rule: str = VLLM) -> tuple[Config, str, bool]:
     """The config a server would use from this source at batch size M, where it came from, and
     whether it is the default rule's: vLLM's file for the shape, else SGLang's (this Triton
     version's folder first), else the ``rule`` default."""
+    files = variant.files
     found = None if variant.is_heuristic or not files else server_file(files, shape, device, triton_version)
     if found is None:
         config, source = server_default(shape, M, rule)
@@ -190,15 +215,14 @@ def bench_on(pool: WorkerPool, shape: MoEShape, variants: list[Variant], referen
              batch_sizes: list[int], routing: str = "uniform", rounds: int = RETIME_ROUNDS,
              rule: str = VLLM) -> BenchResult:
     """Bench one shape on an existing pool (a job's gate benches many shapes on one worker);
-    ``rule``: the default rule the ``default`` variant and folders without a file fall back to."""
-    files = {v.label: read_config_folder(v.folder) for v in variants if not v.is_heuristic}
+    ``rule``: the default rule the ``default`` variant and folders without a file fall back to.
+    The folders' files are the variants' (read once, by ``variants_for``)."""
     env = pool.slots[0].env
     device = env["device"]
     result = BenchResult(shape, routing, device, {k: v for k, v in env.items() if k != "device"}, variants, reference,
                          rule)
     for M in batch_sizes:
-        cells = {v.label: Cell(*resolve_config(v, files.get(v.label), shape, device, env["triton"], M, rule))
-                 for v in variants}
+        cells = {v.label: Cell(*resolve_config(v, shape, device, env["triton"], M, rule)) for v in variants}
         _time_batch(pool, shape, routing, M, cells, rounds)
         result.rows[M] = cells
     return result
@@ -208,9 +232,8 @@ def run_bench(shapes: list[MoEShape], variants: list[Variant], reference: Varian
               routing: str = "uniform", rounds: int = RETIME_ROUNDS, address: str | None = None,
               interpret: bool = False, kernel: str = BUILTIN, rule: str = VLLM,
               connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> list[BenchResult]:
-    """Bench each of ``shapes`` (e.g. one per dtype) in turn on one worker of one Ray session. The
-    caller has read the variants' folders (``read_config_folder``) so that bad files fail before Ray
-    starts (``moe-tune bench`` does, before its other checks)."""
+    """Bench each of ``shapes`` (e.g. one per dtype) in turn on one worker of one Ray session, on
+    the folders' files the variants hold (``variants_for`` read them before Ray starts)."""
     with ray_session(address, interpret, workers=1, connect_timeout_s=connect_timeout_s), \
             bench_pool(kernel=kernel) as pool:
         return [bench_on(pool, shape, variants, reference, batch_sizes, routing, rounds, rule) for shape in shapes]

@@ -19,7 +19,6 @@ from tuner.errors import RunFailed
 from tuner.models import SERVERS, derive_shape, dtype_block_shape, load_model
 from tuner.plan import resolve_batch_sizes
 from tuner.ray_session import DEFAULT_CONNECT_TIMEOUT_S
-from tuner.writers import read_config_folder
 from workers.records import DType, MoEShape
 
 
@@ -87,10 +86,8 @@ def run(args: argparse.Namespace) -> int:
     if args.interpret:
         check_interpret_limits(shapes, batch_sizes)
     check_routing_file(args.routing, shapes)
+    # the folders read once, here: an unreadable file is bad input, refused before auto's fallback warning
     variants, reference = bench.variants_for(args.configs, args.reference)
-    for variant in variants:  # an unreadable file is bad input: refused before auto's fallback warning
-        if variant.folder is not None:
-            read_config_folder(variant.folder)
     kernel_choice.use_server_code(args.server_code)
     if args.server_version:  # refused before auto's fallback warning: bad input stays one line
         kernel_choice.default_rule(args.kernel, args.server_version, args.server)

@@ -224,11 +224,12 @@ def _gate(spec: JobSpec, benches: list[GateBench], session: RaySession) -> list[
     gate = spec.gate
     batch_sizes = resolve_batch_sizes(gate.batch_sizes or spec.batch_sizes)
     regressions: list[str] = []
+    read = bench.FolderReader()  # the reference (and each routing's fresh folder) read once for every check
     for kernel in dict.fromkeys(b.kernel for b in benches):
         with bench.bench_pool(kernel=kernel) as pool:
             for planned in [b for b in benches if b.kernel == kernel]:
                 check = planned.check
-                variants, reference = bench.variants_for([check.fresh], gate.reference)
+                variants, reference = bench.variants_for([check.fresh], gate.reference, read)
                 result = bench.bench_on(pool, planned.shape, variants, reference, batch_sizes, check.routing,
                                         gate.rounds, planned.rule)
                 print(f"gate {check.label}", file=session.stdout)
