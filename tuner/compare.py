@@ -53,6 +53,7 @@ from tuner.select import Selection
 from workers.backends import BUILTIN
 from workers.backends.base import describe_label
 from workers.default_config import default_config
+from workers.failures import InputChanged, input_changed
 from workers.records import Config, DType, Gemm, Level, Measurement, MoEShape, WeightGrid
 
 DEFAULT_BUDGET_FRACTION = 0.9  # vLLM's default --gpu-memory-utilization
@@ -210,6 +211,8 @@ def _time_kernels(shapes: dict[DType, MoEShape], ogs_dtypes: list[DType], retime
             try:
                 for dtype in ogs_dtypes:
                     result["ogs"][dtype][M] = _time_ogs(backend, shapes[dtype], M, routing, device, grid)
+            except InputChanged:
+                raise  # the run's input changed under it (workers.failures): ends the compare
             except Exception as exc:  # noqa: BLE001 - goes into the report's notes; the rest still runs
                 result["unavailable"] = f"matmul_ogs failed at M={M}: {type(exc).__name__}: {exc}"
         for dtype, per_m in retime.items():
@@ -255,6 +258,11 @@ def _server_kernel_timings(shapes: dict[DType, MoEShape], ogs_dtypes: list[DType
         ray.cancel(ref, force=True)
         return {"ogs": {}, "builtin": {}, "kernel": None,
                 "unavailable": f"the server-kernel timing did not finish within {limit:.0f} s"}
+    except Exception as exc:
+        changed = input_changed(exc)
+        if changed is not None:
+            raise RunFailed(changed) from None
+        raise
 
 
 def run_compare(request: CompareRequest, progress: Progress | None = None) -> ComparisonResults:

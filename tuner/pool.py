@@ -36,7 +36,7 @@ from ray.exceptions import ActorDiedError, ActorUnschedulableError, GetTimeoutEr
 
 from tuner import signals
 from tuner.errors import RunFailed
-from workers.failures import InputChanged
+from workers.failures import input_changed
 from workers.records import Status
 
 INFLIGHT_PER_WORKER = 2
@@ -201,7 +201,7 @@ class WorkerPool:
             signals.check()  # or a SIGTERM surfaced inside ray.get: not the candidate's failure
             slot.pending.popleft()
             slot.last_done = now
-            changed = _input_changed(exc)
+            changed = input_changed(exc)
             if changed is not None:
                 raise RunFailed(changed) from None
             return [Raised(slot, flight.task, exc)]
@@ -310,13 +310,6 @@ def start_pool(workers: int | None, kernel: str, timeout_s: float, note: Callabl
         pool.shutdown()
         raise RunFailed(str(exc)) from None
     return pool
-
-
-def _input_changed(exc: BaseException) -> str | None:
-    """The message of a worker's ``workers.failures.InputChanged`` (the run's input changed under
-    it: every later call would be keyed as the old input's), or None for any other error."""
-    error = getattr(exc, "cause", None) or exc  # a RayTaskError carries the worker's exception
-    return str(error) if isinstance(error, InputChanged) else None
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -37,6 +37,13 @@ class InputChanged(Exception):
     journal key would name the old input."""
 
 
+def input_changed(exc: BaseException) -> str | None:
+    """The message of an ``InputChanged`` (raised here, or in a Ray worker: a ``RayTaskError``
+    carries it as ``cause``), or None for any other error."""
+    error = getattr(exc, "cause", None) or exc
+    return str(error) if isinstance(error, InputChanged) else None
+
+
 class ConfigRejected(Exception):
     """The kernel refuses this config for this dtype before compiling (e.g. a tile across fp8 blocks)."""
 
