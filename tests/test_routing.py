@@ -207,3 +207,28 @@ def test_a_pinned_file_changed_since_is_refused_wherever_it_is_loaded(tmp_path, 
     worker = BenchmarkWorker(timeout_s=60)
     with pytest.raises(InputChanged, match="changed since it was pinned"):
         worker.measure(Candidate(shape, 1, Config(16, 32, 32, 1, 4, 2), routing=pinned))
+
+
+@pytest.mark.timeout(600)
+def test_a_routing_file_changed_during_a_run_ends_it_naming_the_file(tmp_path, monkeypatch, capsys) -> None:
+    """The file changes after the command pinned it (between validation and the workers' first
+    problem): the run ends with exit 1 and one line naming the file, and no timing of the new
+    content is journalled under the old content's key."""
+    from tune_helpers import run_tune, tune_argv
+    from tuner.commands import tune
+    from tuner.journal import JOURNAL_NAME
+
+    path = tmp_path / "ids.pt"
+    torch.save(torch.tensor([[0, 1], [2, 3], [1, 3]]), path)
+    started = tune.tune_in_session
+
+    def change_then_tune(*args, **kwargs):
+        torch.save(torch.tensor([[3, 2], [1, 0], [0, 2]]), path)
+        return started(*args, **kwargs)
+
+    monkeypatch.setattr(tune, "tune_in_session", change_then_tune)
+    code, _ = run_tune(tune_argv(tmp_path / "out", "--routing", f"file:{path}"))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("moe-tune:")]
+    assert code == 1 and any(f"routing file {path.resolve()} changed since it was pinned" in line for line in err), err
+    journal = tmp_path / "out" / JOURNAL_NAME
+    assert not journal.exists() or journal.read_text().strip() == ""
