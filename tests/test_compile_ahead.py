@@ -67,15 +67,16 @@ import json, time
 import ray
 ray.init(num_cpus=3, num_gpus=1, include_dashboard=False)
 from tuner.compiling import CompileAhead, PrestartedServices
-from workers.compile_ahead import CompileTarget
+from workers.compile_ahead import CompileTarget, TritonCompiler
 from workers.records import Config, DType, MoEShape
 
 node = ray.get_runtime_context().get_node_id()
 shape = MoEShape(E=4, N=64, K=64, topk=2, dtype=DType.BF16)
 # Started before any target is known (as while the GPU workers start), adopted by the group.
-prestarted = PrestartedServices("builtin", 120)
-service = prestarted.take(node, "builtin")
-assert service is not None and prestarted.take(node, "builtin") is None
+compiler = TritonCompiler("builtin")
+prestarted = PrestartedServices(compiler, 120)
+service = prestarted.take(node, compiler)
+assert service is not None and prestarted.take(node, compiler) is None
 ahead = CompileAhead(CompileTarget("cuda", 90, 32, 232448), [service], {shape: (1, 4)}, print)
 configs = [Config(16, 32, 32, 1, 4, 2), Config(16, 32, 16, 1, 4, 2)]
 outcomes = {}

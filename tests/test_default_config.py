@@ -175,3 +175,51 @@ def test_encoding_agrees_with_the_imported_vllm_function() -> None:
         pytest.skip("vLLM's fused-MoE module does not import here (its dependencies are missing)")
     assert "get_default_config, vllm 0." in label
     assert bad == "[]"
+
+
+def _vllm_get_default_config(M, E, N, K, topk, dtype, block_shape=None):  # vLLM 0.33's signature
+    return {"called": dict(M=M, E=E, N=N, K=K, topk=topk, dtype=dtype, block_shape=block_shape)}
+
+
+def _sglang_get_default_config(M, E, N, K, topk, dtype, is_marlin, block_shape=None):  # SGLang 0.5.10's
+    return {"called": dict(M=M, E=E, N=N, K=K, topk=topk, dtype=dtype, is_marlin=is_marlin, block_shape=block_shape)}
+
+
+@pytest.mark.parametrize("rule, function, extra", [(VLLM, _vllm_get_default_config, {}),
+                                                   (SGLANG, _sglang_get_default_config, {"is_marlin": False})])
+def test_each_rule_calls_its_servers_own_function_as_that_server_does(rule, function, extra, monkeypatch) -> None:
+    """With the server's code importable (here a module holding a function of that server
+    version's signature), ``server_default`` calls it with the server's arguments and names it;
+    vLLM's own function is not used for int4_w4a16 nor from a vLLM older than the ``vllm`` rule."""
+    import dataclasses
+    import types
+
+    from workers import default_config as module
+    from workers.backends import server_code
+
+    calls = []
+
+    def get_default_config(*args):
+        calls.append(function(*args)["called"])
+        return {"BLOCK_SIZE_M": 32, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 1}
+
+    own = module._RULES[rule]
+    fake = types.SimpleNamespace(get_default_config=get_default_config)
+    monkeypatch.setitem(module._RULES, rule, dataclasses.replace(own, server=dataclasses.replace(
+        own.server, load=lambda name: fake)))
+    version = "0.33.0"
+    monkeypatch.setattr(server_code, "version", lambda package: version)
+    monkeypatch.setattr(module, "_found", {})
+    shape = MoEShape(E=8, N=768, K=2048, topk=2, dtype=DType.FP8_W8A8, block_shape=(128, 128))
+    config, source = server_default(shape, 48, rule)
+    assert calls == [dict(M=48, E=8, N=768, K=2048, topk=2, dtype="fp8_w8a8", block_shape=[128, 128], **extra)]
+    assert config == Config(32, 64, 128, 1, 4, 3)  # Triton's launch defaults complete the dict
+    assert source.implementation == f"{own.server.module}.get_default_config, {rule} {version}"
+
+    int4 = MoEShape(E=8, N=768, K=2048, topk=2, dtype=DType.INT4_W4A16, block_shape=(0, 128))
+    _, source = server_default(int4, 48, rule)
+    assert (source.implementation == "moe-tune encoding") is (rule == VLLM)
+    monkeypatch.setattr(module, "_found", {})
+    version = "0.32.1"
+    _, source = server_default(shape, 48, rule)
+    assert (source.implementation == "moe-tune encoding") is (rule == VLLM)

@@ -15,12 +15,13 @@ then asks about is promoted to a needed job if it is not done yet; either way it
 Speculation changes only where and when a config compiles, never what the search proposes or
 decides: a speculative outcome is the same outcome the needed job would have had.
 
-``start_compile_ahead`` places it: one service per node of the group's workers, for the target
-the workers report. Starting a service's processes costs what importing the kernel backend costs
-(vLLM's or SGLang's package: ~10 s), so ``PrestartedServices`` starts them while the GPU workers
-start (the driver calls it before ``tuner.pool.start_pool``): one service on every node with GPUs,
-sized to its CPUs minus its GPUs, whose processes import the backend at once
-(``workers.compile_ahead.setup_compile_process``). No target is needed for that: every job
+``start_compile_ahead`` places it: one service per node of the group's workers, running the
+run's ``workers.compile_ahead.Compiler`` (the driver chooses it once) for the target the workers
+report. Starting a service's processes costs what importing the kernel backend costs (vLLM's or
+SGLang's package: ~10 s), so ``PrestartedServices`` starts them while the GPU workers start (the
+driver calls it before ``tuner.pool.start_pool``): one service on every node with GPUs, sized to
+its CPUs minus its GPUs, whose processes import the backend at once (``Compiler.setup``). No
+target is needed for that: every job
 carries the target, which the workers report once up. ``start_compile_ahead`` adopts the
 prestarted service of each of its workers' nodes (else starts one, sized to the node's CPUs minus
 one per GPU worker there); services on nodes without workers are closed when the driver is done.
@@ -42,7 +43,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from tuner import signals
 from tuner.pool import STARTUP_TIMEOUT_S, Slot
-from workers.compile_ahead import CompileJob, CompileOutcome, CompileService, CompileTarget, WorkerTarget
+from workers.compile_ahead import CompileJob, CompileOutcome, CompileService, Compiler, CompileTarget, WorkerTarget
 from workers.records import Config, MoEShape, Status
 
 COLLECT_WAIT_S = 0.5
@@ -86,11 +87,11 @@ class _Service:
     outstanding: int = 0
 
 
-def _start_service(node: str, processes: int, timeout_s: float, kernel: str) -> _Service:
+def _start_service(node: str, processes: int, timeout_s: float, compiler: Compiler) -> _Service:
     """A compile service pinned to ``node`` (returns at once; its processes start in the background)."""
     actor = ray.remote(CompileService).options(
         num_cpus=0, max_concurrency=2, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
-    ).remote(processes, timeout_s, kernel)
+    ).remote(processes, timeout_s, compiler)
     return _Service(node, actor, processes)
 
 
@@ -109,22 +110,23 @@ def _close_services(services: list[_Service]) -> None:
 
 class PrestartedServices:
     """Compile services started before the GPU workers are up, one per alive node with GPUs
-    (processes: the node's CPUs minus its GPUs), their processes importing ``kernel``'s backend
-    meanwhile. ``take`` hands one to the group whose workers run on that node."""
+    (processes: the node's CPUs minus its GPUs), their processes running ``compiler.setup``
+    (importing the kernel backend) meanwhile. ``take`` hands one to the group whose workers run
+    on that node."""
 
-    def __init__(self, kernel: str, timeout_s: float) -> None:
-        self.kernel = kernel
+    def __init__(self, compiler: Compiler, timeout_s: float) -> None:
+        self.compiler = compiler
         self._services: dict[str, _Service] = {}
         for node in ray.nodes():
             resources = node.get("Resources", {})
             gpus = int(resources.get("GPU", 0))
             if node.get("Alive") and gpus > 0:
                 processes = max(1, int(resources.get("CPU", 1)) - gpus)
-                self._services[node["NodeID"]] = _start_service(node["NodeID"], processes, timeout_s, kernel)
+                self._services[node["NodeID"]] = _start_service(node["NodeID"], processes, timeout_s, compiler)
 
-    def take(self, node: str, kernel: str) -> _Service | None:
-        """The service started on ``node`` for ``kernel`` (once), or None."""
-        return self._services.pop(node, None) if kernel == self.kernel else None
+    def take(self, node: str, compiler: Compiler) -> _Service | None:
+        """The service started on ``node`` for ``compiler`` (once), or None."""
+        return self._services.pop(node, None) if compiler == self.compiler else None
 
     def release(self) -> None:
         """Tell the services no group took to stop, without waiting (the search is about to start)."""
@@ -278,27 +280,29 @@ class CompileAhead:
 
 
 def start_compile_ahead(slots: list[Slot], batch_sizes: dict[MoEShape, tuple[int, ...]], timeout_s: float,
-                        note: Callable[[str], None], prestarted: PrestartedServices | None = None
-                        ) -> CompileAhead | None:
-    """Compile-ahead for the GPU workers in ``slots`` (one device group): a service on each of their
-    nodes, the one ``prestarted`` there if any, else a new one sized to the node's CPUs minus one
-    per GPU worker there. None where nothing can be compiled ahead: a worker that reports no
-    target (interpreter, a server's kernel), a worker that does not answer, or no service that
-    starts (the workers then compile for themselves)."""
+                        note: Callable[[str], None], compiler: Compiler,
+                        prestarted: PrestartedServices | None = None) -> CompileAhead | None:
+    """Compile-ahead by ``compiler`` for the GPU workers in ``slots`` (one device group): a service
+    on each of their nodes, the one ``prestarted`` there if any, else a new one sized to the node's
+    CPUs minus one per GPU worker there. None where nothing can be compiled ahead: a worker whose
+    report gives the compiler no target (``Compiler.target``: for Triton's, the interpreter or a
+    server's kernel), a worker that does not answer, or no service that starts (the workers then
+    compile for themselves)."""
     try:
-        reports: list[WorkerTarget | None] = ray.get([slot.actor.compile_target.remote() for slot in slots],
-                                                     timeout=STARTUP_TIMEOUT_S)
+        reports: list[WorkerTarget] = ray.get([slot.actor.compile_target.remote() for slot in slots],
+                                              timeout=STARTUP_TIMEOUT_S)
     except Exception as exc:  # noqa: BLE001 - compile-ahead is an optimisation; the workers can compile themselves
         signals.check()  # a SIGTERM that surfaced inside Ray's call stops the run
         note(f"compile-ahead skipped on {slots[0].device}: {type(exc).__name__}: {exc}".splitlines()[0][:300])
         return None
-    if any(r is None for r in reports):
+    targets = [compiler.target(r.target) for r in reports]
+    if any(t is None for t in targets):
         return None
-    target = reports[0].target
+    target = targets[0]
     cpus = {node["NodeID"]: int(node.get("Resources", {}).get("CPU", 1)) for node in ray.nodes() if node.get("Alive")}
     workers_on = Counter(r.node_id for r in reports)
-    services = [(prestarted.take(node, target.kernel) if prestarted is not None else None)
-                or _start_service(node, max(1, cpus.get(node, 1) - count), timeout_s, target.kernel)
+    services = [(prestarted.take(node, compiler) if prestarted is not None else None)
+                or _start_service(node, max(1, cpus.get(node, 1) - count), timeout_s, compiler)
                 for node, count in workers_on.items()]
     compiler = CompileAhead(target, services, batch_sizes, note)
     if not compiler.available:

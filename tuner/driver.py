@@ -41,6 +41,7 @@ from tuner.spaces import DeviceLimits
 from tuner.timeline import Timeline
 from tuner.writers import FileConflict, OutputWriter, SplitChoices, Written
 from workers import faults
+from workers.compile_ahead import Compiler
 from workers.records import Gemm, Measurement, MoEShape
 
 BUDGET_RETIME_MIN_S = 30.0
@@ -116,27 +117,27 @@ class TuneResult:
         return [w.path for d in self.devices for w in d.files]
 
 
-def _prestart_compile_services(request: TuneRequest) -> PrestartedServices | None:
+def _prestart_compile_services(request: TuneRequest, compiler: Compiler) -> PrestartedServices | None:
     """Compile services started before the GPU workers, so their processes' start-up (importing
-    the kernel backend) overlaps the workers' (``tuner.compiling``). Not under the interpreter,
-    which compiles nothing ahead (unless the fault plan's stand-in compiler stands in)."""
-    plan = faults.read_plan()
-    if not request.compile_ahead or (request.interpret and (plan is None or plan.compile_ahead is None)):
+    the kernel backend) overlaps the workers' (``tuner.compiling``). Not under the interpreter
+    when ``compiler`` needs a GPU target (Triton's: nothing is compiled ahead there)."""
+    if not request.compile_ahead or (request.interpret and compiler.needs_gpu):
         return None
-    return PrestartedServices(request.kernel, request.compile_timeout_s)
+    return PrestartedServices(compiler, request.compile_timeout_s)
 
 
-def _compile_ahead(group: DeviceGroup, request: TuneRequest, progress: Progress,
+def _compile_ahead(group: DeviceGroup, request: TuneRequest, progress: Progress, compiler: Compiler,
                    prestarted: PrestartedServices | None) -> CompileAhead | None:
     """Compile-ahead for one device group; None where nothing compiles ahead (``compile_ahead``
-    off, or workers reporting no target: the interpreter, a backend that cannot)."""
+    off, or workers reporting no target ``compiler`` compiles for: the interpreter, a backend that
+    cannot)."""
     if not request.compile_ahead:
         return None
     batch_sizes: dict[MoEShape, set[int]] = {}
     for job in group.strategy.jobs:
         batch_sizes.setdefault(job.shape, set()).update(job.batch_sizes)
     return start_compile_ahead(group.slots, {shape: tuple(sorted(ms)) for shape, ms in batch_sizes.items()},
-                               request.compile_timeout_s, progress.note, prestarted)
+                               request.compile_timeout_s, progress.note, compiler, prestarted)
 
 
 def _choose_and_write(group: DeviceGroup, retimer: selection.Retimer, request: TuneRequest,
@@ -199,8 +200,9 @@ def tune(request: TuneRequest, progress: Progress | None = None, timeline: Timel
         groups: list[DeviceGroup] = []
         try:
             progress.phase("starting the GPU workers")
+            compiler = faults.compiler(request.kernel)
             with timeline.phase("compile_ahead"):
-                prestarted = _prestart_compile_services(request)
+                prestarted = _prestart_compile_services(request, compiler)
             with timeline.phase("worker_start"):
                 pool = start_pool(request.workers, request.kernel, request.timeout_s, progress.note)
                 strategy_class = STRATEGIES[request.strategy]
@@ -214,7 +216,7 @@ def tune(request: TuneRequest, progress: Progress | None = None, timeline: Timel
                 if limits.note and not request.interpret:
                     progress.note(limits.note)
                 with timeline.phase("compile_ahead"):
-                    g.compiler = _compile_ahead(g, request, progress, prestarted)
+                    g.compiler = _compile_ahead(g, request, progress, compiler, prestarted)
             if all(g.compiler is None for g in groups):
                 timeline.spans.pop("compile_ahead", None)
             if prestarted is not None:

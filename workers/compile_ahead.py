@@ -29,12 +29,12 @@ candidate goes to the GPU, which decides as it always did.
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import ClassVar, Protocol
 
 from workers.compile_pool import CompilePool, PoolFailure
 from workers.failures import COMPILE_VERDICTS, ConfigRejected, classify, describe
@@ -42,9 +42,6 @@ from workers.records import Config, MoEShape, Status
 
 COMPILE_NICENESS = 10
 """How much a compile process lowers its CPU priority (``os.nice``) below the GPU workers'."""
-
-STAND_IN_BACKEND = "stand-in"
-"""The target backend of the fault plan's stand-in compiler (``workers.faults.CompileStandIn``: tests only)."""
 
 
 @dataclass(frozen=True)
@@ -62,10 +59,11 @@ class CompileTarget:
 
 @dataclass(frozen=True)
 class WorkerTarget:
-    """Where one GPU worker's kernels are compiled for: its target and its Ray node (whose Triton
-    cache the worker reads)."""
+    """What one worker reports for compile-ahead (``BenchmarkWorker.compile_target``): its Triton
+    target, None where it has none (the interpreter, a backend whose entry point cannot be driven
+    on meta tensors), and its Ray node (whose Triton cache the worker reads)."""
 
-    target: CompileTarget
+    target: CompileTarget | None
     node_id: str
 
 
@@ -95,6 +93,48 @@ class CompileOutcome:
     @property
     def verdict(self) -> bool:
         return self.status in COMPILE_VERDICTS
+
+
+class Compiler(Protocol):
+    """What compile-ahead runs: ``TritonCompiler``, or in tests a stand-in (``workers.faults``).
+    The driver chooses it once per run and pickles it to every node's ``CompileService``.
+    ``target`` runs in the driver, ``setup`` and ``compile`` in the compile processes."""
+
+    kernel: str
+    """The kernel backend (``workers.backends``) whose kernels it compiles."""
+    needs_gpu: ClassVar[bool]
+    """Whether it compiles only for a GPU's Triton target (then nothing is compiled ahead under the
+    Triton interpreter, and no compile process is started there)."""
+
+    def target(self, reported: CompileTarget | None) -> CompileTarget | None:
+        """The target jobs are compiled for, given the one a worker reported (``WorkerTarget``);
+        None: nothing is compiled ahead for that worker's device group."""
+        ...
+
+    def setup(self) -> None:
+        """Once in each compile process, before its first job."""
+        ...
+
+    def compile(self, job: CompileJob) -> CompileOutcome:
+        """Compile ``job`` in this process; never raises for a bad config."""
+        ...
+
+
+@dataclass(frozen=True)
+class TritonCompiler:
+    """Triton's compiler, driven as this module's docstring says: the ``Compiler`` of every run."""
+
+    kernel: str = "builtin"
+    needs_gpu: ClassVar[bool] = True
+
+    def target(self, reported: CompileTarget | None) -> CompileTarget | None:
+        return reported
+
+    def setup(self) -> None:
+        setup_compile_process(self.kernel)
+
+    def compile(self, job: CompileJob) -> CompileOutcome:
+        return compile_job(job)
 
 
 class _TargetOnlyDriver:
@@ -197,13 +237,7 @@ def setup_compile_process(kernel: str | None = None) -> None:
         pass
     import torch
 
-    from workers import faults
-
     torch.set_num_threads(1)
-    plan = faults.active_plan()
-    if plan is not None and plan.compile_ahead is not None:
-        time.sleep(plan.compile_ahead.setup_s)
-        return
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("compile-ahead needs the Triton compiler, not the interpreter (unset TRITON_INTERPRET)")
     if kernel is not None:
@@ -220,13 +254,6 @@ def compile_job(job: CompileJob) -> CompileOutcome:
     from workers import backends
 
     started = time.monotonic()
-    if job.target.backend == STAND_IN_BACKEND:
-        from workers import faults
-
-        plan = faults.active_plan()
-        time.sleep(plan.compile_ahead.job_s if plan is not None and plan.compile_ahead is not None else 0.0)
-        return CompileOutcome(Status.OK, "not compiled ahead (the fault plan's stand-in compiler)", 0,
-                              time.monotonic() - started)
     shape, config = job.shape, job.config
     compiled: list = []
     try:
@@ -256,12 +283,13 @@ def compile_job(job: CompileJob) -> CompileOutcome:
 class CompileService:
     """One node's compile-ahead processes, behind a Ray actor the driver pins to that node
     (``tuner.compiling``). The actor takes no GPU and no CPU from Ray's accounting; its
-    ``CompilePool`` runs ``compile_job`` on ``processes`` spare cores (the driver sizes it: the
-    node's CPUs minus one per GPU worker there). Being on the GPU worker's node is the point: the
-    Triton cache the processes fill is the one that worker reads."""
+    ``CompilePool`` runs ``compiler.compile`` on ``processes`` spare cores (the driver sizes it: the
+    node's CPUs minus one per GPU worker there), each process ``compiler.setup`` first. Being on
+    the GPU worker's node is the point: the Triton cache the processes fill is the one that worker
+    reads."""
 
-    def __init__(self, processes: int, timeout_s: float, kernel: str | None = None) -> None:
-        self.pool = CompilePool(compile_job, processes, timeout_s, setup=functools.partial(setup_compile_process, kernel))
+    def __init__(self, processes: int, timeout_s: float, compiler: Compiler) -> None:
+        self.pool = CompilePool(compiler.compile, processes, timeout_s, setup=compiler.setup)
 
     def size(self) -> int:
         return self.pool.size

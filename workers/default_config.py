@@ -1,7 +1,8 @@
 """The config a server falls back to when no tuned file exists for a shape: the baseline every
 tuned config is judged against (``moe-tune bench``, ``tune --baseline``).
 
-Each server version has its own rule (``RULES``):
+Each server version has its own rule (``RULES``; each a ``Rule``: moe-tune's encoding and, where the
+server has one, its own function, how to import it and how to call it):
 
 - ``vllm`` — vLLM's batch-aware ``get_default_config`` (vLLM PR #34846, February 2026; the rule
   of vLLM 0.33). Without block quantization (bf16, fp16, fp8 per-tensor, int8 per-channel):
@@ -42,7 +43,9 @@ rather than guessed.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
 from workers.records import Config, DType, MoEShape
 
@@ -51,7 +54,6 @@ TRITON_DEFAULT_STAGES = 3
 VLLM = "vllm"
 VLLM_PRE_34846 = "vllm-pre-34846"
 SGLANG = "sglang"
-RULES = (VLLM, VLLM_PRE_34846, SGLANG)
 VLLM_BATCH_AWARE_VERIFIED = (0, 33)
 """The oldest vLLM release whose ``get_default_config`` was read for the ``vllm`` rule. vLLM
 releases between PR #34846 (2026-02-18) and it are not mapped by number: name the rule."""
@@ -108,15 +110,75 @@ def _sglang(shape: MoEShape, M: int) -> Config:
     return _config(16, 32, 64, 1) if M <= shape.E else _config(64, 64, 32, 8)
 
 
-_ENCODINGS = {VLLM: _vllm, VLLM_PRE_34846: _vllm_pre_34846, SGLANG: _sglang}
+def _import_vllm(module_name: str) -> ModuleType:
+    from workers.backends import server_code
+
+    return server_code.import_module(module_name)
+
+
+def _import_sglang(module_name: str) -> ModuleType:
+    from workers.backends.sglang import ensure_server_args, import_code
+
+    module = import_code(module_name)  # its imports need sgl_kernel on CUDA
+    ensure_server_args()  # its get_default_config reads the server's arguments
+    return module
+
+
+def _call_vllm(function: Callable, shape: MoEShape, M: int, dtype: str | None, block: list[int] | None) -> dict:
+    return function(M, shape.E, shape.N, shape.K, shape.topk, dtype, block)
+
+
+def _call_sglang(function: Callable, shape: MoEShape, M: int, dtype: str | None, block: list[int] | None) -> dict:
+    return function(M, shape.E, shape.N, shape.K, shape.topk, dtype, False, block)  # False: not Marlin
+
+
+@dataclass(frozen=True)
+class ServerFunction:
+    """A server's own ``get_default_config``: where it lives, how it is imported and called."""
+
+    module: str
+    package: str
+    """The distribution whose version names the implementation (``server_code.version``)."""
+    load: Callable[[str], ModuleType]
+    call: Callable[[Callable, MoEShape, int, str | None, list[int] | None], dict]
+    """``call(function, shape, M, dtype, block_shape)``: the function's raw config dict."""
+    int4: bool = True
+    """Whether it serves int4_w4a16 (vLLM's may pick its CUDA wna16 kernel's tile: the encoding serves)."""
+    oldest_release: tuple[int, int] | None = None
+    """Releases before this (major, minor) are not used: their function may be another rule."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One server version's fallback rule: moe-tune's encoding, and the server's own function where
+    it has one (None: only the encoding)."""
+
+    name: str
+    encoding: Callable[[MoEShape, int], Config]
+    server: ServerFunction | None = None
+
+
+_RULES = {rule.name: rule for rule in (
+    Rule(VLLM, _vllm, ServerFunction("vllm.model_executor.layers.fused_moe.fused_moe", "vllm", _import_vllm,
+                                     _call_vllm, int4=False, oldest_release=VLLM_BATCH_AWARE_VERIFIED)),
+    Rule(VLLM_PRE_34846, _vllm_pre_34846),
+    Rule(SGLANG, _sglang, ServerFunction("sglang.srt.layers.moe.fused_moe_triton.fused_moe_triton_config", "sglang",
+                                         _import_sglang, _call_sglang)),
+)}
+RULES = tuple(_RULES)
+
+
+def _rule(name: str) -> Rule:
+    if name not in _RULES:
+        raise ValueError(f"unknown default rule {name!r}; expected one of {', '.join(RULES)}")
+    return _RULES[name]
 
 
 def default_config(shape: MoEShape, M: int, rule: str = VLLM) -> Config:
     """moe-tune's encoding of ``rule``'s fallback config for ``M`` tokens of ``shape``."""
-    if rule not in _ENCODINGS:
-        raise ValueError(f"unknown default rule {rule!r}; expected one of {', '.join(RULES)}")
+    encoding = _rule(rule).encoding
     _check(shape, M)
-    return _ENCODINGS[rule](shape, M)
+    return encoding(shape, M)
 
 
 def rule_for_version(server_version: str) -> str:
@@ -156,56 +218,47 @@ class DefaultSource:
 def server_default(shape: MoEShape, M: int, rule: str) -> tuple[Config, DefaultSource]:
     """``rule``'s config, from the server's own ``get_default_config`` when its code imports here and
     is of that rule (installed package or ``MOE_TUNE_SERVER_CODE``), else from the encoding."""
-    own = None if shape.dtype is DType.INT4_W4A16 and rule != SGLANG else _server_function(rule)
+    server = _rule(rule).server
+    serves = server is not None and (server.int4 or shape.dtype is not DType.INT4_W4A16)
+    own = _server_function(rule) if serves else None
     if own is not None:
         function, implementation = own
         try:
-            return _call_server(function, shape, M, rule), DefaultSource(rule, implementation)
+            return _call_server(server, function, shape, M), DefaultSource(rule, implementation)
         except Exception:  # noqa: BLE001 - e.g. SGLang's rule reads server args that are not set here
             pass
     return default_config(shape, M, rule), DefaultSource(rule, "moe-tune encoding")
 
 
-_SERVER_FUNCTIONS = {VLLM: ("vllm.model_executor.layers.fused_moe.fused_moe", "vllm"),
-                     SGLANG: ("sglang.srt.layers.moe.fused_moe_triton.fused_moe_triton_config", "sglang")}
 _found: dict[str, tuple | None] = {}
 
 
 def _server_function(rule: str) -> tuple | None:
-    if rule not in _SERVER_FUNCTIONS:
-        return None
+    """(``get_default_config``, its label) of ``rule``'s server where its code imports here, else None."""
     if rule not in _found:
         from workers.backends import server_code
 
-        module_name, package = _SERVER_FUNCTIONS[rule]
+        server = _RULES[rule].server
         try:
-            if rule == SGLANG:
-                from workers.backends.sglang import ensure_server_args, import_code
-
-                module = import_code(module_name)  # its imports need sgl_kernel on CUDA
-                ensure_server_args()  # its get_default_config reads the server's arguments
-            else:
-                module = server_code.import_module(module_name)
-            version = server_code.version(package)
-            _found[rule] = (module.get_default_config, f"{module_name}.get_default_config, {package} {version}")
-            if rule == VLLM and _vllm_release(version) < VLLM_BATCH_AWARE_VERIFIED:
-                _found[rule] = None  # an older vLLM: its function may be the other rule
+            module = server.load(server.module)
+            version = server_code.version(server.package)
+            label = f"{server.module}.get_default_config, {server.package} {version}"
+            _found[rule] = (module.get_default_config, label)
+            if server.oldest_release is not None and _release(version) < server.oldest_release:
+                _found[rule] = None  # an older release: its function may be another rule
         except Exception:  # noqa: BLE001 - not importable here: the encoding serves
             _found[rule] = None
     return _found[rule]
 
 
-def _vllm_release(version: str) -> tuple[int, int]:
+def _release(version: str) -> tuple[int, int]:
     match = re.match(r"(\d+)\.(\d+)", version)
     return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
 
 
-def _call_server(function, shape: MoEShape, M: int, rule: str) -> Config:
+def _call_server(server: ServerFunction, function: Callable, shape: MoEShape, M: int) -> Config:
     dtype = {DType.FP8_W8A8: "fp8_w8a8", DType.INT8_W8A16: "int8_w8a16",
              DType.INT4_W4A16: "int4_w4a16"}.get(shape.dtype)
     block = list(shape.block_shape) if shape.block_shape else None
-    if rule == SGLANG:
-        raw = function(M, shape.E, shape.N, shape.K, shape.topk, dtype, False, block)
-    else:
-        raw = function(M, shape.E, shape.N, shape.K, shape.topk, dtype, block)
+    raw = server.call(function, shape, M, dtype, block)
     return Config.from_dict({"num_warps": TRITON_DEFAULT_WARPS, "num_stages": TRITON_DEFAULT_STAGES, **raw})

@@ -14,13 +14,16 @@ forwards the variable to its workers); production runs never set it. The file::
                                                        | "kill_retiming" | "lose" | "poison"}]}
 
 ``M`` is optional (absent: every batch size). ``"compile_ahead": {"setup_s": S, "job_s": J}``
-turns on a stand-in compile-ahead under the interpreter (which has no compiler to run ahead), so
-the driver's compile-ahead path runs on the CPU: workers report a stand-in target, each compile
-process's start-up sleeps S seconds (as importing a server's package does) and each job J seconds,
-ending "not compiled ahead" (the worker then decides on the candidate, as without compile-ahead).
+puts a stand-in compiler (``CompileStandIn``, a ``workers.compile_ahead.Compiler``) in the place
+of Triton's, so the driver's compile-ahead path runs under the interpreter (which has no compiler
+to run ahead) on the CPU: jobs are for a stand-in target, each compile process's start-up sleeps
+S seconds (as importing a server's package does) and each job J seconds, ending "not compiled
+ahead" (the worker then decides on the candidate, as without compile-ahead). The driver takes
+its compiler from ``compiler``, the one place a plan reaches compile-ahead.
 ``"worker_start_s": W`` makes every worker's start take W seconds longer (as a GPU worker
-importing a server's package does), so the start-up's overlaps can be tested on the CPU. ``corrupt`` lets the kernel run, then scales its
-output by ``CORRUPT_SCALE`` (a relative error of 0.5, finite, far above every dtype's bound).
+importing a server's package does), so the start-up's overlaps can be tested on the CPU.
+``corrupt`` lets the kernel run, then scales its output by ``CORRUPT_SCALE`` (a relative error of
+0.5, finite, far above every dtype's bound).
 ``kill_retiming`` leaves the measurement alone and ends the process when the candidate is
 re-timed among finalists. ``lose`` ends the process and makes every later worker start under
 this plan fail (a marker file next to the plan), as a GPU or node gone for good would.
@@ -38,12 +41,15 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
+from workers.compile_ahead import CompileJob, CompileOutcome, CompileTarget, Compiler, TritonCompiler
+from workers.records import Candidate, Status
 
-from workers.records import Candidate
+if TYPE_CHECKING:
+    import torch
 
 ENV_VAR = "MOE_TUNE_FAULTS"
 ACTIONS = ("raise", "kill", "hang", "corrupt", "kill_retiming", "lose", "poison")
@@ -56,12 +62,32 @@ class InjectedFault(RuntimeError):
     a ``lose`` fault)."""
 
 
+STAND_IN_TARGET = "stand-in"
+"""The backend of the stand-in compiler's target."""
+
+
 @dataclass(frozen=True)
 class CompileStandIn:
-    """The plan's stand-in compile-ahead: seconds a compile process takes to start and per job."""
+    """The plan's stand-in for Triton's compiler (a ``workers.compile_ahead.Compiler``): a compile
+    process takes ``setup_s`` seconds to start and ``job_s`` per job, and compiles nothing."""
 
     setup_s: float = 0.0
     job_s: float = 0.0
+    kernel: str = "builtin"
+    needs_gpu: ClassVar[bool] = False
+
+    def target(self, reported: CompileTarget | None) -> CompileTarget:
+        """A stand-in target for every worker, whatever it reported (under the interpreter: none)."""
+        return CompileTarget(STAND_IN_TARGET, 0, 32, 0, self.kernel)
+
+    def setup(self) -> None:
+        time.sleep(self.setup_s)
+
+    def compile(self, job: CompileJob) -> CompileOutcome:
+        started = time.monotonic()
+        time.sleep(self.job_s)
+        return CompileOutcome(Status.OK, "not compiled ahead (the fault plan's stand-in compiler)", 0,
+                              time.monotonic() - started)
 
 
 @dataclass(frozen=True)
@@ -163,6 +189,15 @@ def read_plan() -> FaultPlan | None:
     commands, each with its own plan), or None."""
     path = os.environ.get(ENV_VAR)
     return FaultPlan.from_file(path) if path else None
+
+
+def compiler(kernel: str) -> Compiler:
+    """Compile-ahead's compiler for ``kernel`` in this run: the stand-in of the plan
+    ``MOE_TUNE_FAULTS`` names now, where it has one, else Triton's (``TritonCompiler``)."""
+    plan = read_plan()
+    if plan is not None and plan.compile_ahead is not None:
+        return replace(plan.compile_ahead, kernel=kernel)
+    return TritonCompiler(kernel)
 
 
 @functools.cache

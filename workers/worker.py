@@ -35,7 +35,7 @@ import torch
 import triton
 
 from workers import backends, faults
-from workers.compile_ahead import STAND_IN_BACKEND, CompileTarget, WorkerTarget
+from workers.compile_ahead import CompileTarget, WorkerTarget
 from workers.failures import ConfigRejected, InputChanged, classify, describe
 from workers.problem import ERROR_BOUNDS, Problem, build_problem, rel_error, release_weights
 from workers.workspace import Workspace
@@ -118,24 +118,21 @@ class BenchmarkWorker:
     def ping(self) -> int:
         return os.getpid()
 
-    def compile_target(self) -> WorkerTarget | None:
-        """What compile-ahead processes need to build this worker's kernels without its GPU and the
-        Ray node they must run on to share its Triton cache; None where nothing is compiled ahead
-        (interpreter, a backend whose entry point cannot be driven on meta tensors)."""
+    def compile_target(self) -> WorkerTarget:
+        """What compile-ahead processes need to build this worker's kernels without its GPU: its
+        Triton target (None under the interpreter or for a backend whose entry point cannot be
+        driven on meta tensors), and the Ray node they must run on to share its Triton cache."""
         import ray
 
-        if self.device != "cuda" and self.fault_plan is not None and self.fault_plan.compile_ahead is not None:
-            return WorkerTarget(CompileTarget(STAND_IN_BACKEND, 0, 32, 0, self.kernel),
-                                ray.get_runtime_context().get_node_id())  # the fault plan's stand-in compiler
+        node = ray.get_runtime_context().get_node_id()
         if self.device != "cuda" or not self.backend.compiles_ahead:
-            return None
+            return WorkerTarget(None, node)
         from triton.runtime.driver import driver
 
         target = driver.active.get_current_target()
         properties = driver.active.utils.get_device_properties(torch.cuda.current_device())
         return WorkerTarget(CompileTarget(target.backend, target.arch, target.warp_size,
-                                          int(properties["max_shared_mem"]), self.kernel),
-                            ray.get_runtime_context().get_node_id())
+                                          int(properties["max_shared_mem"]), self.kernel), node)
 
     def device_memory(self) -> tuple[int, str]:
         """Bytes of memory of the device this worker runs kernels on, and where the number comes

@@ -1,0 +1,125 @@
+"""Compile-ahead's driver side (``tuner.compiling.CompileAhead``) without Ray: its service is a real
+``CompileService`` (a ``CompilePool`` of one compile process) in this process, behind a stand-in
+for the Ray actor handle, running a stand-in ``Compiler`` that records the order jobs run in.
+
+Promotion: a speculative job the strategy then proposes (``CompileAhead.status``) becomes a
+needed one, so it runs before every speculative job still waiting, not after them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import ClassVar
+
+import pytest
+
+from workers.compile_ahead import CompileJob, CompileOutcome, CompileService, CompileTarget
+from workers.records import Config, DType, MoEShape, Status
+
+pytestmark = pytest.mark.timeout(120)
+
+SHAPE = MoEShape(E=4, N=64, K=64, topk=2, dtype=DType.BF16)
+TARGET = CompileTarget("stand-in", 0, 32, 0)
+GATE_WAIT_S = 60.0
+
+
+@dataclass(frozen=True)
+class GatedCompiler:
+    """A stand-in ``workers.compile_ahead.Compiler`` (runs in the pool's process: importable by
+    reference). Each job appends its config's label to the file ``log``; the job of ``held``
+    waits until the file ``gate`` exists first, so the one process stays busy while the test
+    submits and promotes."""
+
+    log: str
+    gate: str
+    held: Config
+    kernel: str = "builtin"
+    needs_gpu: ClassVar[bool] = False
+
+    def target(self, reported: CompileTarget | None) -> CompileTarget:
+        return TARGET
+
+    def setup(self) -> None:
+        pass
+
+    def compile(self, job: CompileJob) -> CompileOutcome:
+        if job.config == self.held:
+            deadline = time.monotonic() + GATE_WAIT_S
+            while not os.path.exists(self.gate) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        with open(self.log, "a", encoding="utf-8") as log:
+            log.write(job.config.label + "\n")
+        return CompileOutcome(Status.OK, "", 1, 0.0)
+
+
+@dataclass(frozen=True)
+class _Done:
+    """A finished call's result, standing for Ray's object reference."""
+
+    value: object
+
+
+class _Handle:
+    """A Ray actor handle's surface over an object in this process: ``handle.f.remote(*args)``
+    calls ``f`` at once. ``answers`` override methods (name → function)."""
+
+    def __init__(self, target: object, **answers) -> None:
+        self._target, self._answers = target, answers
+
+    def __getattr__(self, name: str) -> SimpleNamespace:
+        method = self._answers.get(name) or getattr(self._target, name)
+        return SimpleNamespace(remote=lambda *args: _Done(method(*args)))
+
+
+class _Ray:
+    """What ``tuner.compiling`` calls on Ray, for ``_Done`` references."""
+
+    @staticmethod
+    def get(refs, timeout: float | None = None):
+        return [ref.value for ref in refs] if isinstance(refs, list) else refs.value
+
+    @staticmethod
+    def wait(refs, num_returns: int = 1, timeout: float | None = None):
+        return list(refs), []
+
+    @staticmethod
+    def kill(actor, no_restart: bool = True) -> None:
+        pass
+
+
+def test_a_speculative_job_the_strategy_proposes_runs_before_the_speculative_ones_waiting(tmp_path: Path,
+                                                                                        monkeypatch) -> None:
+    """One compile process, held by a needed job. Three speculative jobs and a second needed one
+    wait behind it; then the strategy proposes the last speculative config. Released, the
+    process runs the needed jobs, then the promoted one, then the other speculative ones."""
+    from tuner import compiling
+
+    monkeypatch.setattr(compiling, "ray", _Ray)
+    held, needed, *speculative = [Config(16, n, 32, 1, 4, 2) for n in (16, 32, 64, 128, 256)]
+    log, gate = tmp_path / "order", tmp_path / "gate"
+    service = CompileService(1, 60.0, GatedCompiler(str(log), str(gate), held))
+    # The service counts its processes as CompileAhead does: while the pool has not handed the
+    # speculative jobs out yet (its supervisor's tick), they wait behind needed jobs arriving
+    # meanwhile. Here the one process is held, so that moment lasts, and the service says 4.
+    handle = _Handle(service, size=lambda: 4)
+    ahead = compiling.CompileAhead(TARGET, [compiling._Service("node", handle, 4)], {SHAPE: (1, 8)}, print)
+    try:
+        assert ahead.status(SHAPE, held) is None
+        assert ahead.speculate([(SHAPE, c) for c in speculative]) == 3
+        assert ahead.status(SHAPE, needed) is None
+        promoted = speculative[-1]
+        assert ahead.status(SHAPE, promoted) is None  # proposed now: promoted
+        gate.touch()
+        deadline = time.monotonic() + GATE_WAIT_S
+        while ahead.outstanding and time.monotonic() < deadline:
+            ahead.pump(0.5)
+        assert log.read_text().split() == [c.label for c in (held, needed, promoted, *speculative[:-1])]
+        assert ahead.stats.speculative == 3 and ahead.stats.speculative_used == 1 and ahead.stats.jobs == 5
+        assert all(ahead.status(SHAPE, c) == CompileOutcome(Status.OK, "", 1, 0.0)
+                   for c in (held, needed, *speculative))
+    finally:
+        ahead.close()
