@@ -26,6 +26,9 @@ def test_failures_map_to_statuses():
     assert classify(OutOfResources(232448, 227 * 1024, "shared memory")) is Status.OUT_OF_RESOURCES
     assert classify(CompilationError("def k(): ...", None, "bad tile")) is Status.COMPILE_ERROR
     assert classify(ConfigRejected("block fp8 needs ...")) is Status.COMPILE_ERROR
+    # Triton's compiler raises a failed MLIR pass as a plain RuntimeError (seen on an H200, Triton 3.6)
+    assert classify(RuntimeError("PassManager::run failed")) is Status.COMPILE_ERROR
+    assert classify(RuntimeError("something else failed")) is Status.CRASHED
     assert classify(InjectedFault("boom")) is Status.CRASHED
     assert classify(RuntimeError("CUDA error: an illegal memory access was encountered")) is None
     assert classify(RuntimeError("Triton Error [CUDA]: misaligned address")) is None

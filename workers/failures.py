@@ -2,7 +2,8 @@
 for the GPU worker (``workers.worker``) and the compile-ahead processes (``workers.compile_ahead``).
 
 - The kernel refusing a config before compiling (``ConfigRejected``) and Triton's compile errors
-  (``CompilationError``, ``PTXASError``, the interpreter's ``InterpreterError``) →
+  (``CompilationError``, ``PTXASError``, the interpreter's ``InterpreterError``, and an MLIR pass
+  of Triton's compiler failing, which it raises as a plain ``RuntimeError``: ``COMPILE_MARKERS``) →
   ``compile_error``; ``OutOfResources`` (shared memory, registers) → ``out_of_resources``.
 - A CUDA error that poisons the context (illegal memory access, misaligned address, unspecified
   launch failure, …; matched on the message, as CUDA reports them as plain ``RuntimeError``s)
@@ -24,6 +25,10 @@ POISON_MARKERS = (
     "device-side assert", "an illegal", "launch timed out", "hardware exception", "ECC error",
     "CUDA error: unknown error", "cudaErrorLaunchFailure",
 )
+COMPILE_MARKERS = ("PassManager::run failed",)
+"""Messages of plain ``RuntimeError``s that Triton's compiler raises for a config it cannot lower
+(Triton 3.6 on an H200, vLLM 0.33's fused-MoE kernel: BLOCK_SIZE_M 256, BLOCK_SIZE_N 128,
+BLOCK_SIZE_K 128, 4 warps); the same config fails the same way on every try."""
 COMPILE_VERDICTS = (Status.COMPILE_ERROR, Status.OUT_OF_RESOURCES, Status.TIMEOUT)
 """Compile-ahead outcomes that settle a candidate without the GPU (a hung compile would hang the
 GPU worker too)."""
@@ -66,6 +71,8 @@ def classify(exc: BaseException) -> Status | None:
     if isinstance(exc, (ConfigRejected, *_compile_errors())):
         return Status.COMPILE_ERROR
     text = str(exc)
+    if isinstance(exc, RuntimeError) and any(marker in text for marker in COMPILE_MARKERS):
+        return Status.COMPILE_ERROR
     if any(marker.lower() in text.lower() for marker in POISON_MARKERS):
         return None
     return Status.CRASHED
