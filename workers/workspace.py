@@ -12,7 +12,9 @@ problem run one at a time (measure, re-time), so they can share buffers: a tenso
 the same role, shape and dtype is the same tensor.
 
 A runner built without a workspace (``PRIVATE``) allocates its own buffers, as any caller that
-keeps two runners' outputs side by side needs.
+keeps two runners' outputs side by side needs. A server's whole ``fused_experts`` call
+(``workers.backends.server.ServerCallRunner``) allocates inside the server's code: nothing of it
+is shared.
 """
 
 from __future__ import annotations
