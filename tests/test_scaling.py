@@ -18,6 +18,7 @@ import pytest
 
 from tune_helpers import (BATCH_SIZES, TINY_MODEL, VLLM_FILE, expected_vllm_file, run_tune, tune_argv,
                           write_fault_plan)
+from tuner.journal import JOURNAL_NAME
 from tuner.models import load_model
 from tuner.plan import build_plan
 from tuner.search import Fast, SearchJob
@@ -84,3 +85,48 @@ def test_speculative_compiles_are_counted_and_change_nothing_measured(tmp_path, 
     assert summary["evaluations_run"] == _replayed_evaluations(space)
     speculative = summary["devices"][0]["compile_ahead"]["speculative"]
     assert speculative["jobs"] > 0 and speculative["used"] + speculative["unused"] == speculative["jobs"]
+    # Every finalist ran in this run's search: the re-timing asks compile-ahead for nothing.
+    assert summary["devices"][0]["compile_ahead"]["retiming"] == {
+        "jobs": 0, "batch_sizes_compiled_ahead": 0, "batch_sizes_taken_uncompiled": 0}
+
+
+def test_a_resumed_run_compiles_the_journals_finalists_ahead_of_their_retiming(tmp_path, monkeypatch):
+    """A journal that holds the whole search but no re-timing (the driver killed while re-timing,
+    or a run resumed on another node or with an empty Triton cache): the search ends at once, all
+    reused, and nothing in this run compiled the finalists. They are submitted to compile-ahead
+    before they are re-timed; the one worker takes the first batch size still compiling (and
+    compiles for itself), and the next once compile-ahead has compiled it."""
+    out = tmp_path / "out"
+    argv = tune_argv(out, "--strategy", "exhaustive")
+    argv[argv.index("--workers") + 1] = "1"
+    monkeypatch.setenv(ENV_VAR, str(write_fault_plan(tmp_path / "plain.json")))
+    code, first = run_tune(argv)
+    assert code == 0 and first["retimed_groups"] == len(BATCH_SIZES)
+    journal = out / JOURNAL_NAME
+    lines = journal.read_text().splitlines()
+    kept = [line for line in lines if json.loads(line)["kind"] != "retime"]
+    assert len(kept) == len(lines) - len(BATCH_SIZES)
+    journal.write_text("\n".join(kept) + "\n")
+    (out / VLLM_FILE).unlink()
+
+    # Same measurements (the plan's digest ignores the stand-in compiler and the delays). The
+    # workers start 3 s late, so the compile processes are up when the re-timing asks; each
+    # re-timing takes 2 s longer (a GPU worker compiling the finalists itself), so compile-ahead
+    # finishes the second batch size's while the first is re-timed.
+    plan = json.loads((tmp_path / "plain.json").read_text())
+    plan.update(compile_ahead={"setup_s": 0, "job_s": 0}, worker_start_s=3, retime_s=2)
+    (tmp_path / "faults.json").write_text(json.dumps(plan))
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "faults.json"))
+    code, summary = run_tune(argv)
+    assert code == 0
+    assert summary["evaluations_run"] == 0 and summary["evaluations_reused"] == first["evaluations_run"]
+    assert summary["retimed_groups"] == len(BATCH_SIZES) and summary["retimes_reused"] == 0
+    assert json.loads((out / VLLM_FILE).read_text()) == expected_vllm_file()
+    stats = summary["devices"][0]["compile_ahead"]
+    retiming = stats["retiming"]
+    assert retiming["jobs"] > 0 and stats["outcomes"].get("ok", 0) >= 1, stats
+    assert retiming["batch_sizes_taken_uncompiled"] == 1, stats  # the first, taken at once
+    assert retiming["batch_sizes_compiled_ahead"] == len(BATCH_SIZES) - 1, stats
+    t = summary["timeline"]
+    assert t["compile_ahead"]["end_s"] > t["retiming"]["start_s"], t  # outcomes taken in while re-timing
+    assert t["retiming"]["end_s"] <= t["writing"]["start_s"], t

@@ -33,6 +33,7 @@ they always could.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -69,13 +70,24 @@ class CompileStats:
     """Speculative jobs whose config the strategy did propose later."""
     taken_uncompiled: int = 0
     """Candidates an idle GPU worker took (and compiled itself) before compile-ahead had finished them."""
+    dropped: int = 0
+    """Jobs no process had started when the search ended (``CompileAhead.end_search``)."""
+    retiming_jobs: int = 0
+    """Of ``jobs``, finalists' configs the re-timing asked for: neither run by this run's search on
+    the group's GPUs nor compiled ahead by then (reused from the journal)."""
+    retiming_compiled: int = 0
+    """Batch sizes whose finalists needed ``retiming_jobs`` and were handed to a worker all compiled."""
+    retiming_taken_uncompiled: int = 0
+    """Batch sizes an idle worker took for re-timing (compiling itself) before compile-ahead had finished them."""
 
     def to_json(self) -> dict:
         return {"jobs": self.jobs, "processes": self.processes, "outcomes": dict(sorted(self.outcomes.items())),
                 "compile_s": round(self.compile_s, 1), "not_compiled_ahead": self.not_ahead,
                 "speculative": {"jobs": self.speculative, "used": self.speculative_used,
                                 "unused": self.speculative - self.speculative_used},
-                "taken_uncompiled": self.taken_uncompiled}
+                "taken_uncompiled": self.taken_uncompiled, "dropped_at_search_end": self.dropped,
+                "retiming": {"jobs": self.retiming_jobs, "batch_sizes_compiled_ahead": self.retiming_compiled,
+                             "batch_sizes_taken_uncompiled": self.retiming_taken_uncompiled}}
 
 
 @dataclass
@@ -152,6 +164,7 @@ class CompileAhead:
         self._asked: set[tuple[MoEShape, Config]] = set()
         self._speculated: set[tuple[MoEShape, Config]] = set()  # speculative, not proposed yet
         self._services = list(services)
+        self._released = False
         try:
             sizes = ray.get([s.actor.size.remote() for s in self._services], timeout=SERVICE_START_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - compile-ahead is an optimisation; the run goes on without it
@@ -221,10 +234,20 @@ class CompileAhead:
         return len(jobs)
 
     def pump(self, wait_s: float) -> bool:
-        """Take in finished outcomes (waiting up to ``wait_s`` for one); True if any arrived."""
+        """Take in finished outcomes (waiting up to ``wait_s`` for one); True if any arrived. A
+        collect call stays in flight on every service with outstanding jobs, so the next ``pump(0)``
+        finds what finished meanwhile."""
+        self._collect()
+        arrived = self._take_in(wait_s)
+        self._collect()
+        return arrived
+
+    def _collect(self) -> None:
         for service in self._services:
             if service.collecting is None and service.outstanding:
                 service.collecting = service.actor.collect.remote(COLLECT_WAIT_S)
+
+    def _take_in(self, wait_s: float) -> bool:
         refs = [s.collecting for s in self._services if s.collecting is not None]
         if not refs:
             return False
@@ -266,10 +289,35 @@ class CompileAhead:
             for key in self._asked - set(self._outcomes):
                 self._outcomes[key] = NOT_AHEAD
 
+    def end_search(self) -> None:
+        """The search is over: every job no process has started (speculation, and configs of
+        candidates a time budget dropped) is dropped on every service, so what the re-timing
+        asks for next (``status``: a needed job again) waits behind nothing; running jobs finish.
+        Waits at most ``SERVICE_CLOSE_TIMEOUT_S`` in all; a service that does not answer is dropped."""
+        deadline = time.monotonic() + SERVICE_CLOSE_TIMEOUT_S
+        calls = [(service, service.actor.drop_waiting.remote()) for service in self._services]
+        dropped: set[tuple[MoEShape, Config]] = set()
+        for service, ref in calls:
+            try:
+                keys = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+            except Exception as exc:  # noqa: BLE001
+                signals.check()  # a SIGTERM that surfaced inside Ray's call stops the run
+                self._drop(service, f"{type(exc).__name__}: {exc}")
+                continue
+            service.outstanding -= len(keys)
+            dropped.update(keys)
+        dropped -= set(self._outcomes)
+        self.stats.dropped += len(dropped)
+        self._asked -= dropped
+        self._speculated -= dropped
+
     def release(self) -> None:
-        """Tell the services to stop their processes, without waiting (the search is over; what
-        they still compile is speculation nobody needs): the re-timing need not wait for it.
-        ``close`` still waits for them and ends the actors."""
+        """Tell the services to stop their processes, without waiting (nothing needs what they
+        still compile): the re-timing need not wait for it. ``close`` still waits for them and
+        ends the actors. Once only; ``status`` must not be asked after it."""
+        if self._released:
+            return
+        self._released = True
         for service in self._services:
             service.actor.close.remote()
 

@@ -234,8 +234,15 @@ def tune(request: TuneRequest, progress: Progress | None = None, timeline: Timel
                 progress.note(f"re-timing the finalists found so far (at most {result.retime_cap_s:g}s), so the "
                               "winners are confirmed against the baseline back to back")
             for group in groups:
-                if group.compiler is not None:
-                    group.compiler.release()  # closed in ``finally``; re-timing need not wait for it
+                if group.compiler is None:
+                    continue  # else closed in ``finally``
+                if engine.workers_lost:
+                    group.compiler.release()
+                else:
+                    # What no process has started is dropped: re-timing waits for no speculation
+                    # (``Retimer`` asks for the finalists this run has not compiled, then releases).
+                    group.compiler.end_search()
+            for group in groups:
                 finished = None
                 if engine.workers_lost:
                     group.strategy.propose()  # moves idle groups past rounds that need no GPU; proposals dropped
@@ -248,6 +255,8 @@ def tune(request: TuneRequest, progress: Progress | None = None, timeline: Timel
                     raise _write_failed(exc, journal) from None
                 finally:
                     timeline.touch("writing")
+                if group.compiler is not None:
+                    group.compiler.release()  # where nothing was re-timed
                 result.retimed_groups += retimer.fresh
                 result.retimes_reused += retimer.reused
                 result.retimes_cut += retimer.cut

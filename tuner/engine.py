@@ -41,7 +41,7 @@ from tuner.journal import Journal, WorkerEnv
 from tuner.pool import Done, Lost, Raised, Slot, WorkerPool
 from tuner.progress import Progress
 from tuner.search import Strategy
-from workers.records import Candidate, Level, Measurement, Status
+from workers.records import Candidate, Config, Level, Measurement, MoEShape, Status
 
 MAX_ATTEMPTS = 2
 POLL_S = 0.5
@@ -76,6 +76,8 @@ class DeviceGroup:
     measurements: list[Measurement] = field(default_factory=list)
     speculated_at: tuple[int, int] | None = None
     """(measurements, compile outcomes) when the strategy was last asked for its likely next configs."""
+    ran: set[tuple[MoEShape, Config]] = field(default_factory=set)
+    """(shape, config) a worker of this group ran in this run's search: compiled on its node."""
 
     @property
     def device(self) -> str:
@@ -254,6 +256,7 @@ class Engine:
     def _handle(self, event: Done | Lost | Raised) -> None:
         work: _Work = event.task
         if isinstance(event, Done):
+            work.group.ran.add((work.candidate.shape, work.candidate.config))
             self._finish(work.group, event.value, reused=False, attempts=work.attempts + 1)
         elif isinstance(event, Raised):
             message = f"worker call failed: {type(event.error).__name__}: {event.error}".splitlines()[0][:500]
@@ -299,7 +302,16 @@ class Retimer:
     ``deadline`` (a ``clock()`` instant; None: no bound) caps the re-timing: no group is handed
     to a worker after it; the calls running then finish (each bounded by the per-call timeout),
     and the groups never started keep the search's numbers (counted in ``cut``). ``clock`` is
-    injectable, as the engine's."""
+    injectable, as the engine's.
+
+    Compile-ahead (the group's ``compiler``, its search ended: ``CompileAhead.end_search``): the
+    finalists' configs that no worker of the group ran in this run's search (``DeviceGroup.ran``)
+    and compile-ahead has not compiled — finalists reused from the journal: a resumed run, another
+    node, an empty Triton cache — are submitted as needed jobs before anything is re-timed. A batch
+    size is handed to a worker once all its finalists are compiled; a worker with nothing compiled
+    to take takes the oldest batch size still compiling (preferring the one whose problem it
+    holds) and compiles for itself, as in the search. Once no batch size left waits for a compile,
+    the services are released (``CompileAhead.release``); with nothing to compile, at once."""
 
     def __init__(self, pool: WorkerPool, group: DeviceGroup, journal: Journal, progress: Progress,
                  timeline: Timeline | None = None, deadline: float | None = None,
@@ -324,8 +336,11 @@ class Retimer:
                 self.reused += 1
             else:
                 todo.append((i, candidates))
+        compiling = self._compile_ahead(todo)
         if todo:
-            self.progress.phase(f"re-timing the finalists of {len(todo)} batch sizes on {self.group.device}")
+            jobs = len(set().union(*compiling.values())) if compiling else 0
+            self.progress.phase(f"re-timing the finalists of {len(todo)} batch sizes on {self.group.device}"
+                                + (f" ({jobs} configs compiling ahead)" if jobs else ""))
             self.timeline.touch("retiming")
         slots = {s.index for s in self.group.slots}
         while todo or any(s.pending for s in self.group.slots):
@@ -335,12 +350,11 @@ class Retimer:
                 self.progress.note(f"re-timing cap reached: {len(todo)} batch sizes on {self.group.device} keep "
                                    "the search's numbers")
                 todo = []
+            self._settle(compiling, todo)
             for slot in self.pool.free_slots():
                 if slot.index in slots and todo and not slot.pending:
-                    # Prefer the batch size whose problem this worker holds already.
-                    mine = next((i for i, (_, cs) in enumerate(todo)
-                                 if (cs[0].shape, cs[0].routing, cs[0].M) == slot.last_group), 0)
-                    item = todo.pop(mine)
+                    item = todo.pop(self._pick(todo, slot, compiling))
+                    self._count_handed(compiling, item[0])
                     slot.last_group = (item[1][0].shape, item[1][0].routing, item[1][0].M)
                     self.pool.submit(slot, item, lambda actor, cs=item[1]: actor.retime.remote(cs))
             if not any(not s.retired for s in self.group.slots):
@@ -356,9 +370,63 @@ class Retimer:
                     reason = event.error if isinstance(event, Raised) else event.detail
                     self.progress.note(f"re-timing at M={candidates[0].M} failed ({reason}); "
                                        "choosing on the search's numbers")
+        self._settle(compiling, todo)
         if "retiming" in self.timeline.spans:
             self.timeline.touch("retiming")
         return results
+
+    def _compile_ahead(self, todo: list[tuple[int, list[Candidate]]]) -> dict[int, set[tuple[MoEShape, Config]]]:
+        """Ask compile-ahead for the configs of ``todo`` not compiled in this run: per batch size
+        (its index) the configs still compiling; empty where nothing is."""
+        compiler = self.group.compiler
+        if compiler is None:
+            return {}
+        waiting: dict[int, set[tuple[MoEShape, Config]]] = {}
+        asked: set[tuple[MoEShape, Config]] = set()
+        for index, candidates in todo:
+            keys = dict.fromkeys((c.shape, c.config) for c in candidates if (c.shape, c.config) not in self.group.ran)
+            pending = {key for key in keys if compiler.status(*key) is None}
+            asked |= pending
+            if pending:
+                waiting[index] = pending
+        compiler.stats.retiming_jobs += len(asked)
+        return waiting
+
+    def _settle(self, compiling: dict[int, set[tuple[MoEShape, Config]]],
+                todo: list[tuple[int, list[Candidate]]]) -> None:
+        """Take in compile-ahead's outcomes; release its services once no batch size left waits."""
+        compiler = self.group.compiler
+        if compiler is None:
+            return
+        waiting = [index for index, _ in todo if compiling.get(index)]
+        if waiting:
+            if compiler.pump(0):
+                self.timeline.touch("compile_ahead")
+            for index in waiting:
+                compiling[index] = {key for key in compiling[index] if compiler.status(*key) is None}
+        if not any(compiling.get(index) for index, _ in todo):
+            compiler.release()
+
+    def _pick(self, todo: list[tuple[int, list[Candidate]]], slot: Slot,
+              compiling: dict[int, set[tuple[MoEShape, Config]]]) -> int:
+        """Which of ``todo`` ``slot`` re-times next: a batch size all compiled, the one whose
+        problem it holds first; with none compiled, its own, else the oldest."""
+        def mine(i: int) -> bool:
+            cs = todo[i][1]
+            return (cs[0].shape, cs[0].routing, cs[0].M) == slot.last_group
+
+        ready = [i for i, (index, _) in enumerate(todo) if not compiling.get(index)]
+        candidates = ready or list(range(len(todo)))
+        return next((i for i in candidates if mine(i)), candidates[0])
+
+    def _count_handed(self, compiling: dict[int, set[tuple[MoEShape, Config]]], index: int) -> None:
+        if index not in compiling or self.group.compiler is None:
+            return
+        stats = self.group.compiler.stats
+        if compiling.pop(index):
+            stats.retiming_taken_uncompiled += 1
+        else:
+            stats.retiming_compiled += 1
 
 
 def device_groups(pool: WorkerPool, strategy_for: Callable[[str], Strategy]) -> list[DeviceGroup]:

@@ -304,6 +304,10 @@ class CompileService:
         for key in keys:
             self.pool.promote(key)
 
+    def drop_waiting(self) -> list[Hashable]:
+        """Drop the jobs no process has started; their keys (``CompilePool.drop_waiting``)."""
+        return self.pool.drop_waiting()
+
     def collect(self, wait_s: float) -> list[tuple[Hashable, CompileOutcome]]:
         """Outcomes finished since the last call (waits up to ``wait_s`` for a first one)."""
         out = []

@@ -115,6 +115,17 @@ class CompilePool:
             elif key not in self._submitted:
                 self._promoted.add(key)
 
+    def drop_waiting(self) -> list[Hashable]:
+        """Forget every job no process has started (ordinary and speculative): their keys, in
+        submission order (ordinary ones first). Running jobs finish and report as usual; a key
+        dropped here may be submitted again."""
+        with self._lock:
+            keys = [key for key, _ in self._waiting] + list(self._speculative)
+            self._waiting.clear()
+            self._speculative.clear()
+            self._submitted.difference_update(keys)
+        return keys
+
     def results(self, timeout_s: float = 0.0) -> list[tuple[Hashable, Any, float]]:
         """Everything finished so far; waits up to ``timeout_s`` for the first one if none is."""
         out = []

@@ -22,6 +22,8 @@ ahead" (the worker then decides on the candidate, as without compile-ahead). The
 its compiler from ``compiler``, the one place a plan reaches compile-ahead.
 ``"worker_start_s": W`` makes every worker's start take W seconds longer (as a GPU worker
 importing a server's package does), so the start-up's overlaps can be tested on the CPU.
+``"retime_s": R`` makes every re-timing call take R seconds longer (as a GPU worker compiling
+its finalists itself does), so what the re-timing overlaps with can be tested on the CPU.
 ``corrupt`` lets the kernel run, then scales its output by ``CORRUPT_SCALE`` (a relative error of
 0.5, finite, far above every dtype's bound).
 ``kill_retiming`` leaves the measurement alone and ends the process when the candidate is
@@ -97,6 +99,7 @@ class FaultPlan:
     source: str | None = None  # the plan file (``lose`` puts its marker next to it)
     compile_ahead: CompileStandIn | None = None
     worker_start_s: float = 0.0
+    retime_s: float = 0.0
 
     @classmethod
     def from_file(cls, path: str) -> "FaultPlan":
@@ -111,7 +114,8 @@ class FaultPlan:
         stand_in = data.get("compile_ahead")
         return cls(deterministic_latency=bool(data.get("deterministic_latency", False)), actions=actions,
                    source=path, compile_ahead=CompileStandIn(**stand_in) if stand_in is not None else None,
-                   worker_start_s=float(data.get("worker_start_s", 0.0)))
+                   worker_start_s=float(data.get("worker_start_s", 0.0)),
+                   retime_s=float(data.get("retime_s", 0.0)))
 
     def action_for(self, candidate: Candidate) -> str | None:
         label = candidate.config.label
@@ -145,10 +149,12 @@ class FaultPlan:
             poison_context()
 
     def inject_retiming(self, candidates: list[Candidate]) -> None:
-        """Before a re-timing: end the process if any finalist has a ``kill_retiming`` fault."""
+        """Before a re-timing: end the process if any finalist has a ``kill_retiming`` fault; else
+        take ``retime_s`` longer."""
         for candidate in candidates:
             if self.action_for(candidate) == "kill_retiming":
                 _exit(f"killing worker while re-timing {candidate.config.label} at M={candidate.M}")
+        time.sleep(self.retime_s)
 
     def check_start(self) -> None:
         """At a worker's start: take ``worker_start_s`` longer; refuse (raise InjectedFault) once a

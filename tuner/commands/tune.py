@@ -429,6 +429,11 @@ def format_summary(summary: dict) -> str:
                          f"speculative, {spec['used']} of them used; {c['taken_uncompiled']} taken by idle GPUs "
                          f"still compiling), {c['compile_s']:.0f} CPU-s, "
                          + ", ".join(f"{k} {v}" for k, v in c["outcomes"].items()))
+            r = c["retiming"]
+            if r["jobs"]:
+                lines.append(f"  compile-ahead for the re-timing: {r['jobs']} finalists' configs this run had not "
+                             f"compiled; {r['batch_sizes_compiled_ahead']} batch sizes re-timed compiled ahead, "
+                             f"{r['batch_sizes_taken_uncompiled']} taken by idle GPUs still compiling")
         for shape, per_m in device.get("split_gemms", {}).items():
             lines.append(f"  split GEMMs {shape}:")
             lines += [f"    M={M:>5}  up {s['up']}  down {s['down']}  {s['split_us']:.1f} us"
