@@ -123,3 +123,40 @@ def test_a_speculative_job_the_strategy_proposes_runs_before_the_speculative_one
                    for c in (held, needed, *speculative))
     finally:
         ahead.close()
+
+
+def test_the_search_end_drops_what_no_process_started_and_a_dropped_config_asked_again_compiles(
+        tmp_path: Path, monkeypatch) -> None:
+    """One compile process, held by a needed job; a needed job and two speculative ones wait.
+    ``end_search`` drops the three waiting (counted), leaving the held one running. The re-timing
+    then asks for one dropped speculative config: it is submitted again as a needed job and
+    compiles right after the held one; nothing else dropped ever runs."""
+    from tuner import compiling
+
+    monkeypatch.setattr(compiling, "ray", _Ray)
+    held, needed, *speculative = [Config(16, n, 32, 1, 4, 2) for n in (16, 32, 64, 128)]
+    log, gate = tmp_path / "order", tmp_path / "gate"
+    service = CompileService(1, 60.0, GatedCompiler(str(log), str(gate), held))
+    handle = _Handle(service, size=lambda: 4)
+    ahead = compiling.CompileAhead(TARGET, [compiling._Service("node", handle, 4)], {SHAPE: (1, 8)}, print)
+    try:
+        assert ahead.status(SHAPE, held) is None
+        deadline = time.monotonic() + GATE_WAIT_S
+        while service.pool._processes[0].key is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # the held job reached the process
+        assert ahead.status(SHAPE, needed) is None
+        assert ahead.speculate([(SHAPE, c) for c in speculative]) == 2
+        ahead.end_search()
+        assert ahead.stats.dropped == 3
+        wanted = speculative[-1]
+        assert ahead.status(SHAPE, wanted) is None  # asked again: a needed job
+        assert ahead.stats.speculative_used == 0 and ahead.stats.jobs == 5
+        gate.touch()
+        deadline = time.monotonic() + GATE_WAIT_S
+        while ahead.outstanding and time.monotonic() < deadline:
+            ahead.pump(0.5)
+        assert log.read_text().split() == [held.label, wanted.label]
+        assert ahead.status(SHAPE, wanted) == CompileOutcome(Status.OK, "", 1, 0.0)
+        assert ahead.stats.to_json()["dropped_at_search_end"] == 3
+    finally:
+        ahead.close()
