@@ -4,6 +4,9 @@ for the Ray actor handle, running a stand-in ``Compiler`` that records the order
 
 Promotion: a speculative job the strategy then proposes (``CompileAhead.status``) becomes a
 needed one, so it runs before every speculative job still waiting, not after them.
+
+The search's end (``CompileAhead.end_search``): jobs no process started are dropped, and one the
+re-timing then asks for is submitted again as a needed job.
 """
 
 from __future__ import annotations
@@ -91,32 +94,44 @@ class _Ray:
         pass
 
 
-def test_a_speculative_job_the_strategy_proposes_runs_before_the_speculative_ones_waiting(tmp_path: Path,
-                                                                                        monkeypatch) -> None:
-    """One compile process, held by a needed job. Three speculative jobs and a second needed one
-    wait behind it; then the strategy proposes the last speculative config. Released, the
-    process runs the needed jobs, then the promoted one, then the other speculative ones."""
+def _one_held_process(tmp_path: Path, monkeypatch, held: Config):
+    """``CompileAhead`` over a real ``CompileService`` of one compile process whose job for
+    ``held`` waits for the file ``gate``: (compile-ahead, service, log, gate)."""
     from tuner import compiling
 
     monkeypatch.setattr(compiling, "ray", _Ray)
-    held, needed, *speculative = [Config(16, n, 32, 1, 4, 2) for n in (16, 32, 64, 128, 256)]
     log, gate = tmp_path / "order", tmp_path / "gate"
     service = CompileService(1, 60.0, GatedCompiler(str(log), str(gate), held))
     # The service counts its processes as CompileAhead does: while the pool has not handed the
     # speculative jobs out yet (its supervisor's tick), they wait behind needed jobs arriving
     # meanwhile. Here the one process is held, so that moment lasts, and the service says 4.
     handle = _Handle(service, size=lambda: 4)
-    ahead = compiling.CompileAhead(TARGET, [compiling._Service("node", handle, 4)], {SHAPE: (1, 8)}, print)
+    return compiling.CompileAhead(TARGET, [compiling._Service("node", handle, 4)], {SHAPE: (1, 8)}, print), \
+        service, log, gate
+
+
+def _release(ahead, gate: Path) -> None:
+    """Let the held job finish, then take in every outcome."""
+    gate.touch()
+    deadline = time.monotonic() + GATE_WAIT_S
+    while ahead.outstanding and time.monotonic() < deadline:
+        ahead.pump(0.5)
+
+
+def test_a_speculative_job_the_strategy_proposes_runs_before_the_speculative_ones_waiting(tmp_path: Path,
+                                                                                        monkeypatch) -> None:
+    """One compile process, held by a needed job. Three speculative jobs and a second needed one
+    wait behind it; then the strategy proposes the last speculative config. Released, the
+    process runs the needed jobs, then the promoted one, then the other speculative ones."""
+    held, needed, *speculative = [Config(16, n, 32, 1, 4, 2) for n in (16, 32, 64, 128, 256)]
+    ahead, _, log, gate = _one_held_process(tmp_path, monkeypatch, held)
     try:
         assert ahead.status(SHAPE, held) is None
         assert ahead.speculate([(SHAPE, c) for c in speculative]) == 3
         assert ahead.status(SHAPE, needed) is None
         promoted = speculative[-1]
         assert ahead.status(SHAPE, promoted) is None  # proposed now: promoted
-        gate.touch()
-        deadline = time.monotonic() + GATE_WAIT_S
-        while ahead.outstanding and time.monotonic() < deadline:
-            ahead.pump(0.5)
+        _release(ahead, gate)
         assert log.read_text().split() == [c.label for c in (held, needed, promoted, *speculative[:-1])]
         assert ahead.stats.speculative == 3 and ahead.stats.speculative_used == 1 and ahead.stats.jobs == 5
         assert all(ahead.status(SHAPE, c) == CompileOutcome(Status.OK, "", 1, 0.0)
@@ -131,14 +146,8 @@ def test_the_search_end_drops_what_no_process_started_and_a_dropped_config_asked
     ``end_search`` drops the three waiting (counted), leaving the held one running. The re-timing
     then asks for one dropped speculative config: it is submitted again as a needed job and
     compiles right after the held one; nothing else dropped ever runs."""
-    from tuner import compiling
-
-    monkeypatch.setattr(compiling, "ray", _Ray)
     held, needed, *speculative = [Config(16, n, 32, 1, 4, 2) for n in (16, 32, 64, 128)]
-    log, gate = tmp_path / "order", tmp_path / "gate"
-    service = CompileService(1, 60.0, GatedCompiler(str(log), str(gate), held))
-    handle = _Handle(service, size=lambda: 4)
-    ahead = compiling.CompileAhead(TARGET, [compiling._Service("node", handle, 4)], {SHAPE: (1, 8)}, print)
+    ahead, service, log, gate = _one_held_process(tmp_path, monkeypatch, held)
     try:
         assert ahead.status(SHAPE, held) is None
         deadline = time.monotonic() + GATE_WAIT_S
@@ -151,10 +160,7 @@ def test_the_search_end_drops_what_no_process_started_and_a_dropped_config_asked
         wanted = speculative[-1]
         assert ahead.status(SHAPE, wanted) is None  # asked again: a needed job
         assert ahead.stats.speculative_used == 0 and ahead.stats.jobs == 5
-        gate.touch()
-        deadline = time.monotonic() + GATE_WAIT_S
-        while ahead.outstanding and time.monotonic() < deadline:
-            ahead.pump(0.5)
+        _release(ahead, gate)
         assert log.read_text().split() == [held.label, wanted.label]
         assert ahead.status(SHAPE, wanted) == CompileOutcome(Status.OK, "", 1, 0.0)
         assert ahead.stats.to_json()["dropped_at_search_end"] == 3

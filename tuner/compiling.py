@@ -15,6 +15,10 @@ then asks about is promoted to a needed job if it is not done yet; either way it
 Speculation changes only where and when a config compiles, never what the search proposes or
 decides: a speculative outcome is the same outcome the needed job would have had.
 
+When the search ends, ``end_search`` drops every job no process has started (nothing waits for
+them); the re-timing (``tuner.engine.Retimer``) then asks ``status`` for the finalists this run
+has not compiled, as needed jobs, and ``release`` stops the services once nothing waits.
+
 ``start_compile_ahead`` places it: one service per node of the group's workers, running the
 run's ``workers.compile_ahead.Compiler`` (the driver chooses it once) for the target the workers
 report. Starting a service's processes costs what importing the kernel backend costs (vLLM's or

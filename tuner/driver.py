@@ -3,8 +3,9 @@
 Inside the command's ``tuner.ray_session``: one BenchmarkWorker actor per GPU
 (``tuner.pool.start_pool``), grouped by worker environment, searched by ``tuner.engine`` (with
 compile-ahead from ``tuner.compiling`` on GPUs), every result journaled (``tuner.journal``). Then
-per device group the finalists of every (shape, M) are re-timed back to back (``tuner.select``)
-and the winners written through the request's ``tuner.writers.OutputWriter``. A time budget
+per device group the finalists of every (shape, M) are re-timed back to back (``tuner.select``;
+finalists this run has not compiled are compiled ahead first: ``tuner.engine.Retimer``) and the
+winners written through the request's ``tuner.writers.OutputWriter``. A time budget
 (``budget_s``), counted from the first candidate handed to a GPU (worker start-up is not charged
 to it), stops the search where it is; the finalists found by then (candidates with a correct full
 timing, or a correct screen where a batch size got no full timing) are still re-timed, within a

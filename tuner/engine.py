@@ -5,7 +5,8 @@ results of different GPU types are never mixed) the strategy proposes candidates
 in the journal are answered from it; the rest go on one shared queue, from which every idle actor
 takes the next candidate, preferring one of the (shape, routing, M) it holds a problem for (so
 setup is done once per group, and no GPU idles while work remains). Results are journaled as
-they arrive. ``Retimer`` re-times the finalists of one device group back to back (``tuner.select``).
+they arrive. ``Retimer`` re-times the finalists of one device group back to back (``tuner.select``),
+compiling ahead first those this run has not compiled.
 
 Compile-ahead (``tuner.compiling``): on a GPU, a candidate whose config is not compiled yet waits
 off the queue while CPU processes on its node compile it; compile errors, out-of-resources and
