@@ -385,7 +385,7 @@ class Retimer:
         waiting: dict[int, set[tuple[MoEShape, Config]]] = {}
         asked: set[tuple[MoEShape, Config]] = set()
         for index, candidates in todo:
-            keys = dict.fromkeys((c.shape, c.config) for c in candidates if (c.shape, c.config) not in self.group.ran)
+            keys = {(c.shape, c.config) for c in candidates} - self.group.ran
             pending = {key for key in keys if compiler.status(*key) is None}
             asked |= pending
             if pending:
