@@ -10,8 +10,8 @@ from enum import Enum
 import orjson
 import pytest
 
-from tuner.journal import (Journal, JournalBusy, candidate_from_dict, candidate_to_dict, measurement_key,
-                           measurement_to_record, record_to_measurement, retime_key)
+from tuner.journal import (Journal, JournalBusy, WorkerEnv, candidate_from_dict, candidate_to_dict, measurement_key,
+                           measurement_to_record, record_to_measurement, retime_key, retime_to_record)
 from workers.records import CONFIG_KEYS, Candidate, Config, DType, Gemm, Measurement, MoEShape, Status
 
 ENV = {"device": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "kernel": "builtin", "kernel_hash": "abc"}
@@ -198,3 +198,39 @@ def test_a_journal_created_for_nothing_is_removed_with_its_folders(tmp_path, rng
     with Journal(tmp_path / "folder" / "j.jsonl"):
         pass
     assert (tmp_path / "folder").is_dir() and not (tmp_path / "folder" / "j.jsonl").exists()
+
+
+def test_a_hand_edited_line_is_never_reused_as_another_candidates_outcome(tmp_path, rng):
+    """A line whose key is a real candidate's but whose content is not (an edited config, a shape
+    copied from elsewhere, a latency of 0 or below) is not handed back: its config would be written."""
+    env = WorkerEnv.of(ENV)
+    measured = [random_measurement(rng) for _ in range(4)]
+    records = [measurement_to_record(measurement_key(ENV, m.candidate), m, 1) for m in measured]
+    records[0]["candidate"]["config"]["BLOCK_SIZE_M"] = 3
+    records[1]["candidate"]["shape"]["E"] *= 2
+    records[2]["latency_us"] = -1.0
+    (tmp_path / "j.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
+    with Journal(tmp_path / "j.jsonl") as journal:
+        assert [journal.measurement(env, m.candidate) for m in measured[:3]] == [None] * 3
+        assert journal.measurement(env, measured[3].candidate) == measured[3]
+
+
+def test_a_retiming_is_handed_back_per_finalist_or_not_at_all(tmp_path, rng):
+    """Latencies come back in the order the finalists are asked in (the key ignores order); a
+    record with a latency missing, one not above 0, or other finalists is not used."""
+    env = WorkerEnv.of(ENV)
+    finalists = list(dict.fromkeys(random_candidate(rng) for _ in range(3)))
+    keys = [measurement_key(ENV, c) for c in finalists]
+    latencies = [rng.uniform(10, 100) for _ in finalists]
+    path = tmp_path / "j.jsonl"
+    with Journal(path) as journal:
+        journal.append(retime_to_record(retime_key(keys), keys[::-1], latencies[::-1]))
+    with Journal(path) as journal:
+        assert journal.retime(env, finalists) == latencies
+        assert journal.retime(env, finalists[::-1]) == latencies[::-1]
+    for bad in ({"latency_us": latencies[:-1]}, {"latency_us": [0.0, *latencies[1:]]},
+                {"latency_us": [-5.0, *latencies[1:]]}, {"finalists": [keys[0]] * len(keys)},
+                {"finalists": [keys[0], keys[1], "f" * 64]}):
+        path.write_bytes(orjson.dumps({**retime_to_record(retime_key(keys), keys, latencies), **bad}) + b"\n")
+        with Journal(path) as journal:
+            assert journal.retime(env, finalists) is None, bad

@@ -107,6 +107,8 @@ def retime_to_record(key: str, finalist_keys: list[str], latencies_us: list[floa
 
 
 PositiveInt = Annotated[int, Field(ge=1)]
+PositiveTime = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+"""A latency or spread in µs as a journal line must hold it (a hand-edited -1 or 0 would win the selection)."""
 
 
 class _Strict(BaseModel):
@@ -137,9 +139,9 @@ class _MeasureRecord(_Strict):
     key: str
     candidate: _CandidateRecord
     status: Status
-    latency_us: float | None
-    spread_us: float | None
-    rel_err: float | None
+    latency_us: PositiveTime | None
+    spread_us: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None
+    rel_err: Annotated[float, Field(ge=0)] | None
     device: str
     versions: dict[str, str]
     message: str
@@ -155,8 +157,14 @@ class _RetimeRecord(_Strict):
     v: Literal[FORMAT_VERSION]
     kind: Literal["retime"]
     key: str
-    finalists: list[str]
-    latency_us: list[float]
+    finalists: list[str] = Field(min_length=1)
+    latency_us: list[PositiveTime]
+
+    @model_validator(mode="after")
+    def _one_latency_per_finalist(self) -> "_RetimeRecord":
+        if len(self.latency_us) != len(self.finalists) or len(set(self.finalists)) != len(self.finalists):
+            raise ValueError("a re-timing needs one latency per distinct finalist")
+        return self
 
 
 _RECORD = TypeAdapter(Annotated[Union[_MeasureRecord, _RetimeRecord], Field(discriminator="kind")])
@@ -270,19 +278,30 @@ class Journal:
         record = self.get(measurement_key(env.as_dict(), candidate))
         if record is None or record.get("kind") != "measure":
             return None
-        return record_to_measurement(record)
+        try:
+            measurement = record_to_measurement(record)
+        except (KeyError, TypeError, ValueError):
+            return None
+        # A line whose key is not its own candidate's (hand-edited or copied): never reuse it as this
+        # candidate's outcome, whose config or shape it would carry into the selection.
+        return measurement if measurement.candidate == candidate else None
 
     def record_measurement(self, env: WorkerEnv, measurement: Measurement, attempts: int) -> None:
         self.append(measurement_to_record(measurement_key(env.as_dict(), measurement.candidate), measurement,
                                           attempts))
 
     def retime(self, env: WorkerEnv, finalists: Iterable[Candidate]) -> list[float] | None:
-        """The journaled back-to-back latencies (µs, in the order of the re-timing) of one group of
-        finalists in ``env``, or None if that group was never re-timed there."""
-        record = self.get(retime_key(measurement_key(env.as_dict(), c) for c in finalists))
+        """The journaled back-to-back latencies (µs) of one group of finalists in ``env``, in the
+        order of ``finalists`` (the key ignores order; the record names each latency's finalist), or
+        None if that group was never re-timed there or the record is not of these finalists."""
+        keys = [measurement_key(env.as_dict(), c) for c in finalists]
+        record = self.get(retime_key(keys))
         if record is None or record.get("kind") != "retime":
             return None
-        return list(record["latency_us"])
+        latencies = dict(zip(record["finalists"], record["latency_us"]))
+        if sorted(latencies) != sorted(keys):
+            return None
+        return [float(latencies[key]) for key in keys]
 
     def record_retime(self, env: WorkerEnv, finalists: list[Candidate], latencies_us: list[float]) -> None:
         keys = [measurement_key(env.as_dict(), c) for c in finalists]
