@@ -35,7 +35,7 @@ from tuner.options import TuneOptions
 from tuner.plan import resolve_batch_sizes
 from tuner.ray_session import DEFAULT_CONNECT_TIMEOUT_S
 from tuner.search import STRATEGIES
-from tuner.validation import one_line
+from tuner.validation import one_line, parse_yaml
 from tuner.writers import DEFAULT_OUT
 from workers.records import DType
 from workers.routing import parse_routing
@@ -256,11 +256,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def load_job_spec(path: Path) -> JobSpec:
     """Read and validate a job file; every problem is a one-line UsageError naming the file."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise UsageError(f"{path}: cannot read job spec: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: cannot read job spec: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+        data = parse_yaml(text, _UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError
 
 from tuner import dispatch
 from tuner.errors import OptionError, UsageError
-from tuner.validation import one_line
+from tuner.validation import one_line, parse_json
 from workers.formats import block_shape_dtypes, format_of, shape_rule_broken
 from workers.records import INT4_DEFAULT_GROUP, DType, MoEShape, WeightGrid
 
@@ -367,7 +367,7 @@ def _ranges(indices: list[int]) -> str:
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return parse_json(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise UsageError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     except (OSError, UnicodeDecodeError) as exc:

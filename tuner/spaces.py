@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tuner.devices import device_facts, largest_shared_memory
 from tuner.errors import UsageError
-from tuner.validation import one_line
+from tuner.validation import one_line, parse_yaml
 from workers.formats import format_of, tile_rule_broken
 from workers.records import CONFIG_KEYS, Config, DType, MoEShape
 
@@ -111,7 +111,7 @@ def load_space(path_or_name: str | Path) -> SearchSpace:
         raise UsageError(f"search space {str(path_or_name)!r} not found: give a YAML file or one of "
                          f"{', '.join(space_names())}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = parse_yaml(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         reason = str(exc).replace("\n", " ")
         raise UsageError(f"{path}: cannot read search space ({reason})") from None

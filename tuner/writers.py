@@ -39,6 +39,7 @@ from tuner.dispatch import SERVER_READ_DTYPES
 from tuner.models import SERVERS
 from tuner.naming import (BUILTIN_FOLDER, builtin_file_name, device_file_name, sglang_file_name,
                           sglang_version_folder, vllm_file_name)
+from tuner.validation import parse_json
 from workers.records import Config, Gemm, MoEShape
 
 __all__ = [
@@ -166,7 +167,7 @@ def _provenance_root(path: Path) -> Path:
 
 def _read_provenance(root: Path) -> dict[str, dict]:
     try:
-        data = json.loads((root / PROVENANCE_NAME).read_text(encoding="utf-8"))
+        data = parse_json((root / PROVENANCE_NAME).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}
     files = data.get("files") if isinstance(data, dict) else None
@@ -191,7 +192,7 @@ def _existing(path: Path) -> tuple[dict[str, dict], str | None] | None:
     if not path.exists():
         return None
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = parse_json(path.read_text(encoding="utf-8"))
         if not isinstance(raw, dict):
             raise ValueError("not a JSON object")
         version = raw.pop(TRITON_VERSION_KEY, None)
@@ -317,7 +318,7 @@ def write_sglang(folder: str | Path, shape: MoEShape, device_name: str, up_confi
 
 def _read_config_file(path: Path) -> dict[int, Config]:
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = parse_json(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UsageError(f"{path}: cannot read config file ({exc})") from None
     if not isinstance(raw, dict):

@@ -16,6 +16,7 @@ from pathlib import Path
 from tuner.commands.arguments import (add_batch_sizes_argument, add_dtype_argument, block_shape_arg,
                                       check_interpret_limits, int_list)
 from tuner.errors import RunFailed, UsageError
+from tuner.validation import parse_json
 from workers.formats import block_shape_dtypes, format_of, shape_rule_broken
 from workers.records import CONFIG_KEYS, INT4_DEFAULT_GROUP, Config, DType, MoEShape
 
@@ -128,8 +129,9 @@ def _shapes(args: argparse.Namespace, dtypes: list[DType] | None) -> list[MoESha
 def _parse_config(text: str) -> Config:
     path = Path(text)
     try:
-        raw = json.loads(path.read_text() if not text.lstrip().startswith("{") and path.is_file() else text)
-    except (OSError, json.JSONDecodeError) as exc:
+        raw = parse_json(path.read_text(encoding="utf-8") if not text.lstrip().startswith("{") and path.is_file()
+                         else text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UsageError(f"--config: not a JSON object or a readable JSON file ({exc})") from None
     if not isinstance(raw, dict):
         raise UsageError("--config: expected a JSON object with the six config keys")

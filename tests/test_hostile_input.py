@@ -1,0 +1,54 @@
+"""Hostile and broken input files, through the CLI as a user meets them: each is one line on
+stderr and exit code 2 before any work starts, never a traceback (no GPU, no Ray: every case is
+refused while the command checks its input)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import tuner.cli as cli
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY = str(FIXTURES / "tiny-moe.json")
+SPACE = str(FIXTURES / "tune-space.yaml")
+DEEP = 100_000  # far past Python's recursion limit
+
+
+def _refused(argv: list[str], capsys, *needles: str) -> str:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("moe-tune: error: "), err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_files_nested_too_deeply_to_parse_are_bad_input(tmp_path: Path, capsys) -> None:
+    """``[[[[…`` in any file the commands read (model config, config folder, --config, search
+    space, job spec) is refused like other unparsable text, not a RecursionError traceback."""
+    deep_json = "[" * DEEP + "]" * DEEP
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(deep_json)
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "E=4,N=64,device_name=cpu.json").write_text('{"1": ' + deep_json + "}")
+    (tmp_path / "space.yaml").write_text("BLOCK_SIZE_M: " + "[" * 5000 + "]" * 5000 + "\n")
+    (tmp_path / "job.yaml").write_text("models: " + "[" * 5000 + "]" * 5000 + "\n")
+    (tmp_path / "config.json").write_text(deep_json)
+
+    _refused(["plan", "--model", str(tmp_path / "model"), "--device-name", "NVIDIA H200"], capsys, "nested too deeply")
+    _refused(["plan", "--model", TINY, "--device-name", "cpu", "--search-space", str(tmp_path / "space.yaml")],
+             capsys, "space.yaml", "nested too deeply")
+    _refused(["job", "validate", str(tmp_path / "job.yaml")], capsys, "job.yaml", "nested too deeply")
+    _refused(["check", "--shape", "4,64,64,2", "--interpret", "--batch-sizes", "1", "--config",
+              str(tmp_path / "config.json")], capsys, "--config", "nested too deeply")
+    _refused(["tune", "--model", TINY, "--search-space", SPACE, "--batch-sizes", "1", "--device-name", "cpu",
+              "--dry-run", "--out", str(tmp_path / "out"), "--baseline", str(folder)], capsys, "nested too deeply")
+
+
+def test_a_job_spec_that_is_not_utf8_text_is_bad_input(tmp_path: Path, capsys) -> None:
+    spec = tmp_path / "job.yaml"
+    spec.write_bytes(b"\xff\xfemodels: [x]\n")
+    _refused(["job", "validate", str(spec)], capsys, str(spec), "not UTF-8")
