@@ -191,7 +191,7 @@ def test_routing_folders_are_safe_names_equal_only_for_equal_routings() -> None:
     (_minimal(bogus=1), "bogus: Extra inputs are not permitted"),
     (_minimal(dtypes=["fp9"]), "dtypes.0: Input should be"),
     (_minimal(models=[]), "models: List should have at least 1 item"),
-    (_minimal(layouts=[{"tp": 2, "ep": 3}]), "layouts.0.ep: Value error, ep=3 must divide tp=2"),
+    (_minimal(layouts=[{"tp": 2, "ep": 3}]), "layouts.0.ep: ep=3 must divide tp=2"),
     (_minimal(batch_sizes=[0]), "batch_sizes.0: Input should be greater than 0"),
     (_minimal(gate={"reference": "r", "fail_if_slower": 1.5}), "gate.fail_if_slower: Input should be less than"),
     (_minimal(gate={"fail_if_slower": 0.9}), "gate.reference: Field required"),
@@ -202,6 +202,9 @@ def test_routing_folders_are_safe_names_equal_only_for_equal_routings() -> None:
     (_minimal(layouts=[{"tp": 8, "ep": 8}]), "job.yaml: layouts.0: job-tiny-moe: 4 experts do not split over ep=8"),
     (_minimal(dtypes=["bf16", "fp8_w8a8"], block_shape=[48, 64]), "job.yaml: block_shape: job-tiny-moe: N=64 per GPU "
                                                                    "is not a multiple of block shape [48,64]"),
+    (_minimal(dtypes=["fp8_w8a8"], block_shape=[8, 8]), "job.yaml: block_shape: expected [block_n, block_k], two "
+                                                        "multiples of 16 (e.g. 128,128), got [8, 8]"),
+    (_minimal(block_shape=[128, 128]), "job.yaml: block_shape: applies to fp8_w8a8 only: add fp8_w8a8 to the dtypes"),
     (_minimal(dtypes=["bf16", "int4_w4a16"], models=[str(FIXTURES / "mixtral-8x7b.json")], layouts=[{"tp": 128}]),
      "job.yaml: dtypes.1: mixtral-8x7b: int4_w4a16 needs K and N per GPU multiples of its group size 128"),
     ("models: [x]\nlayouts: [{tp: 1, tp: 2}]\n",
@@ -211,11 +214,11 @@ def test_routing_folders_are_safe_names_equal_only_for_equal_routings() -> None:
     (_minimal(routing=["zipf:x"]), "job.yaml: routing.0: "),
     (_minimal(interpret=True, batch_sizes=[128]), "job.yaml: batch_sizes: interpret: true takes batch sizes up to 64"),
     (_minimal(budget_minutes=0), "budget_minutes: Input should be greater than 0"),
-    (_minimal(strategy="magic"), "strategy: Value error, unknown strategy 'magic'; expected one of exhaustive, fast"),
+    (_minimal(strategy="magic"), "strategy: unknown strategy 'magic'; expected one of exhaustive, fast"),
     (_minimal(dtypes=["mxfp4"]), "job.yaml: dtypes: nothing to tune: no server reads a fused-MoE config file"),
-    (_minimal(kernel="triton_kernels"), "kernel: Value error, triton_kernels: triton_kernels' matmul_ogs takes no "
+    (_minimal(kernel="triton_kernels"), "kernel: triton_kernels: triton_kernels' matmul_ogs takes no "
                                         "fused-MoE config"),
-    (_minimal(kernel="tensorrt"), "kernel: Value error, tensorrt: unknown kernel; expected one of auto, builtin"),
+    (_minimal(kernel="tensorrt"), "kernel: tensorrt: unknown kernel; expected one of auto, builtin"),
     (_minimal(server_version="vllm==0.1"), "job.yaml: server_version: vllm==0.1: which default rule vLLM 0.1 applies"),
 ])
 def test_invalid_specs_exit_2_with_one_line(tmp_path: Path, data, message: str, capsys) -> None:

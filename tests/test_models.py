@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tuner.errors import UsageError
-from tuner.models import ModelSpec, derive_shape, load_model, preset_names
+from tuner.models import ModelSpec, derive_shape, load_model, parse_config, preset_names
 from workers.records import DType, MoEShape
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -216,3 +216,14 @@ def test_random_layouts_either_shard_exactly_or_refuse(rng: random.Random):
         else:
             assert shape.N * (tp // ep) == spec.intermediate_size, f"{spec.name} tp={tp} ep={ep}"
         assert (shape.K, shape.topk) == (spec.hidden_size, spec.top_k)
+
+
+def test_a_checkpoint_block_no_kernel_tile_divides_is_refused() -> None:
+    """A ``weight_block_size`` the kernel cannot tile (each must be a multiple of 16) is refused
+    as ``--block-shape`` and a job spec's ``block_shape`` are, not tuned into an empty search."""
+    raw = {"hidden_size": 64, "intermediate_size": 64, "num_local_experts": 4, "num_experts_per_tok": 2,
+           "quantization_config": {"quant_method": "fp8", "weight_block_size": [8, 8]}}
+    spec = parse_config(raw, "m", "m")
+    with pytest.raises(UsageError, match=r"checkpoint's fp8 weight block: expected \[block_n, block_k\]"):
+        derive_shape(spec)
+    assert derive_shape(spec, dtype="bf16").block_shape is None

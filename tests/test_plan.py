@@ -97,7 +97,7 @@ def test_block_shape_flag_applies_to_fp8_jobs_only():
     plan = build_plan([MIXTRAL], tp=2, ep=1, dtypes=["bf16", "fp8_w8a8"], block_shape=(128, 128),
                       batch_sizes=[8], space="default", device_name="NVIDIA H200")
     assert [j.shape.block_shape for j in plan.jobs] == [None, (128, 128)]
-    with pytest.raises(UsageError, match="add --dtype fp8_w8a8"):
+    with pytest.raises(UsageError, match="add fp8_w8a8 to the dtypes"):
         build_plan([MIXTRAL], tp=2, ep=1, dtypes=["bf16"], block_shape=(128, 128), batch_sizes=[8],
                    space="default", device_name="NVIDIA H200")
 
@@ -132,8 +132,8 @@ def test_detected_device_is_the_default(moe_tune, monkeypatch):
     (["--model", MIXTRAL, "--batch-sizes", "0,4"], ">= 1"),
     (["--model", MIXTRAL, "--dtype", "int4"], "expected dtypes from bf16, fp16, fp8_w8a8, int8_w8a16, int4_w4a16, "
                                               "mxfp4, nvfp4, got 'int4'"),
-    (["--model", MIXTRAL, "--block-shape", "128"], "BN,BK"),
-    (["--model", MIXTRAL, "--block-shape", "128,128"], "add --dtype fp8_w8a8"),
+    (["--model", MIXTRAL, "--block-shape", "128"], "[block_n, block_k]"),
+    (["--model", MIXTRAL, "--block-shape", "128,128"], "add fp8_w8a8 to the dtypes"),
     (["--model", MIXTRAL, "--search-space", "nope"], "search space 'nope' not found"),
     (["--tp", "2"], "--model"),
 ])

@@ -37,6 +37,7 @@ from tuner.ray_session import DEFAULT_CONNECT_TIMEOUT_S
 from tuner.search import STRATEGIES
 from tuner.validation import one_line, parse_yaml
 from tuner.writers import DEFAULT_OUT
+from workers.formats import block_shape_broken
 from workers.records import DType
 from workers.routing import parse_routing
 
@@ -98,7 +99,7 @@ class JobSpec(_Strict):
                                        description="kernel dtypes, a list or one comma-separated string (as tune's "
                                                    "--dtype; default: each model's own, as tune)")
     block_shape: tuple[PositiveInt, PositiveInt] | None = Field(
-        None, description="[bn, bk] weight block shape for block-quantized fp8_w8a8")
+        None, description="[bn, bk] weight block shape for block-quantized fp8_w8a8, two multiples of 16")
     layouts: list[Layout] = Field(default_factory=lambda: [Layout()], min_length=1,
                                   description="parallel layouts; one tune run per layout and routing")
     batch_sizes: list[PositiveInt] | None = Field(None, description="default: vLLM's 18 batch sizes")
@@ -144,6 +145,14 @@ class JobSpec(_Strict):
     def _comma_separated(cls, value):
         """``"bf16,fp8_w8a8"`` as ``[bf16, fp8_w8a8]``, read as ``--dtype`` reads it (``DType.parse_list``)."""
         return DType.parse_list(value) if isinstance(value, str) else value
+
+    @field_validator("block_shape")
+    @classmethod
+    def _kernel_block(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        problem = block_shape_broken(value) if value is not None else None
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @field_validator("strategy")
     @classmethod

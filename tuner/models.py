@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError
 from tuner import dispatch
 from tuner.errors import OptionError, UsageError
 from tuner.validation import one_line, parse_json
-from workers.formats import block_shape_dtypes, format_of, shape_rule_broken
+from workers.formats import block_shape_broken, block_shape_dtypes, format_of, shape_rule_broken
 from workers.records import INT4_DEFAULT_GROUP, DType, MoEShape, WeightGrid
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -519,8 +519,9 @@ def derive_shape(spec: ModelSpec, tp: int = 1, ep: int = 1, dtype: DType | str |
         if not format_of(resolved).block_shapes:
             raise OptionError("block_shape", f"applies to {', '.join(block_shape_dtypes())} only, not {resolved.value}")
         block = (int(block_shape[0]), int(block_shape[1]))
-        if min(block) < 1:
-            raise OptionError("block_shape", f"values must be positive (got {block[0]},{block[1]})")
+        problem = block_shape_broken(block)
+        if problem:
+            raise OptionError("block_shape", problem)
     elif resolved is DType.INT4_W4A16:
         # The checkpoint's group size; GPTQ/AWQ's default for a model quantized another way.
         group = spec.block_shape[1] if spec.natural_dtype is DType.INT4_W4A16 and spec.block_shape else \
@@ -534,6 +535,9 @@ def derive_shape(spec: ModelSpec, tp: int = 1, ep: int = 1, dtype: DType | str |
         block = spec.block_shape if resolved is spec.natural_dtype and format_of(resolved).block_shapes else None
 
     if block is not None and resolved is DType.FP8_W8A8:
+        problem = block_shape_broken(block)
+        if problem:  # the checkpoint's own block (``block_shape`` was checked above)
+            raise UsageError(f"{spec.name}: the checkpoint's fp8 weight block: {problem}")
         bn, bk = block
         # As vLLM's fp8 weight loader: gate/up rows split at block boundaries, and so does the
         # down projection's input once tensor parallelism cuts it.

@@ -317,7 +317,7 @@ def plan(models: Sequence[str | ModelSpec], tp: int, ep: int, dtypes: Sequence[D
     wanted = [DType(d) for d in dtypes] if dtypes else [None]
     if block_shape is not None and not any(dtype_block_shape(d, block_shape) for d in wanted):
         names = block_shape_dtypes()
-        raise OptionError("block_shape", f"applies to {', '.join(names)}; add --dtype {names[0]}")
+        raise OptionError("block_shape", f"applies to {', '.join(names)} only: add {names[0]} to the dtypes")
     servers = format_servers(formats)
     sizes = resolve_batch_sizes(batch_sizes)
     space = space if isinstance(space, SearchSpace) else load_space(space)

@@ -38,4 +38,6 @@ def one_line(exc: ValidationError, source: str) -> str:
     first = errors[0]
     where = ".".join(str(part) for part in first["loc"]) or "(top level)"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{source}: {where}: {first['msg']}{more}"
+    # A validator's own ValueError/assert reads as its message: pydantic prefixes "Value error, ".
+    message = first["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    return f"{source}: {where}: {message}{more}"

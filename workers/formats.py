@@ -16,6 +16,7 @@ int4_w4a16 one bf16 scale per output channel and checkpoint group along K (``blo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from workers.records import Config, DType
@@ -105,6 +106,18 @@ def format_of(dtype: DType) -> Format:
 def block_shape_dtypes() -> list[str]:
     """The dtypes that take a ``[block_n, block_k]`` weight block shape."""
     return [fmt.dtype.value for fmt in FORMATS.values() if fmt.block_shapes]
+
+
+def block_shape_broken(block: Sequence[int]) -> str | None:
+    """Why ``block`` cannot be a weight block shape ``[block_n, block_k]`` (block-quantized fp8),
+    or None: two multiples of ``MIN_TILE``, since a kernel tile (a power of two, at least 16 for
+    ``tl.dot``) must divide it. The one rule ``--block-shape``, a job spec's ``block_shape`` and a
+    checkpoint's ``weight_block_size`` are held to."""
+    values = list(block)
+    if len(values) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in values) \
+            or min(values) < MIN_TILE or any(v % MIN_TILE for v in values):
+        return f"expected [block_n, block_k], two multiples of {MIN_TILE} (e.g. 128,128), got {values}"
+    return None
 
 
 def shape_rule_broken(dtype: DType, N: int, K: int) -> str | None:

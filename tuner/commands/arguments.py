@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from tuner.errors import OptionError, UsageError
+from workers.formats import block_shape_broken
 from workers.records import DType, MoEShape
 
 INTERPRET_MAX_WEIGHTS = 4 * 2 * 128 * 128
@@ -52,11 +53,12 @@ def add_batch_sizes_argument(parser: argparse.ArgumentParser, default: Sequence[
 
 
 def block_shape_arg(text: str) -> tuple[int, int]:
-    """``"128,128"`` → ``(128, 128)``: an fp8 weight block ``[block_n, block_k]``. Each must be a
-    multiple of 16: a kernel tile (a power of two, at least 16 for ``tl.dot``) must divide it."""
+    """``"128,128"`` → ``(128, 128)``: an fp8 weight block ``[block_n, block_k]``
+    (``workers.formats.block_shape_broken``)."""
     values = int_list(text)
-    if len(values) != 2 or min(values) < 16 or any(v % 16 for v in values):
-        raise argparse.ArgumentTypeError(f"expected BN,BK (two multiples of 16, e.g. 128,128), got {text!r}")
+    problem = block_shape_broken(values)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
     return values[0], values[1]
 
 
