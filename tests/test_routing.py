@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from workers.records import MoEShape
+from workers.records import DType, MoEShape
 from workers.routing import RoutingFileChanged, check_file, make_routing, parse_routing, pin_file
 
 def seeded(seed: int, offset: int = 0) -> torch.Generator:
@@ -232,3 +232,35 @@ def test_a_routing_file_changed_during_a_run_ends_it_naming_the_file(tmp_path, m
     assert code == 1 and any(f"routing file {path.resolve()} changed since it was pinned" in line for line in err), err
     journal = tmp_path / "out" / JOURNAL_NAME
     assert not journal.exists() or journal.read_text().strip() == ""
+
+
+class _Payload:
+    """A pickle that would create a file when loaded."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".npy"])
+def test_an_unloadable_routing_file_is_one_plain_line_and_runs_no_pickle(tmp_path, suffix) -> None:
+    """torch's and NumPy's refusals run over lines, carry terminal escapes and suggest loading the
+    file unsafely; a routing file's refusal is one plain line saying what the file must be."""
+    marker = tmp_path / "ran"
+    pickled = tmp_path / f"pickled{suffix}"
+    if suffix == ".pt":
+        torch.save(_Payload(str(marker)), pickled)
+    else:
+        np.save(pickled, np.array([_Payload(str(marker))], dtype=object), allow_pickle=True)
+    garbage = tmp_path / f"garbage{suffix}"
+    garbage.write_bytes(b"hello")
+    shape = MoEShape(E=4, N=64, K=64, topk=2, dtype=DType.BF16)
+    for path in (pickled, garbage):
+        with pytest.raises(ValueError) as refused:
+            check_file(f"file:{path}", shape)
+        line = str(refused.value)
+        assert "\n" not in line and "\x1b" not in line and "trust" not in line, line
+        assert "is unreadable: not a " in line and "never loaded" in line, line
+    assert not marker.exists()

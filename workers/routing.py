@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -189,6 +190,17 @@ def _gumbel(size: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
     return -torch.log(-torch.log(uniform.clamp_min(torch.finfo(torch.float32).tiny)))
 
 
+def _load_failure(suffix: str, exc: Exception) -> str:
+    """Why ``torch.load``/``np.load`` refused a routing file, in one line: their messages run over
+    several lines, carry terminal escapes and suggest loading the file unsafely, which a routing
+    file never is (no pickled code runs: ``weights_only``, ``allow_pickle=False``)."""
+    what = "not a NumPy .npy array of integers" if suffix == ".npy" else "not a torch.save file of one integer tensor"
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    first = text.splitlines()[0] if text else ""
+    detail = f"{type(exc).__name__}: {first.split('. ')[0].rstrip('.')}" if first else type(exc).__name__
+    return f"{what}; pickled objects in it are never loaded ({detail})"
+
+
 def load_topk_ids(path: str, E: int, topk: int, digest: str | None = None) -> torch.Tensor:
     """Captured ``topk_ids`` as int64 ``[rows, topk]`` on the CPU, checked against ``E`` and
     ``topk``; ValueError naming the file. ``digest`` (a pinned spec's): the bytes loaded are the
@@ -203,7 +215,7 @@ def load_topk_ids(path: str, E: int, topk: int, digest: str | None = None) -> to
         else:
             loaded = torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input error
-        raise ValueError(f"routing file {path} is unreadable: {exc}") from None
+        raise ValueError(f"routing file {path} is unreadable: {_load_failure(file.suffix, exc)}") from None
     if not isinstance(loaded, torch.Tensor):
         raise ValueError(f"routing file {path} must hold one tensor of topk_ids, got {type(loaded).__name__}")
     if loaded.dtype.is_floating_point or loaded.dtype.is_complex or loaded.dtype == torch.bool:
