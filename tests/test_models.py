@@ -227,3 +227,15 @@ def test_a_checkpoint_block_no_kernel_tile_divides_is_refused() -> None:
     with pytest.raises(UsageError, match=r"checkpoint's fp8 weight block: expected \[block_n, block_k\]"):
         derive_shape(spec)
     assert derive_shape(spec, dtype="bf16").block_shape is None
+
+
+@pytest.mark.parametrize("quantization", [
+    {"quant_method": "gptq", "bits": 4, "group_size": -5},
+    {"quant_method": "compressed-tensors", "config_groups": {"group_0": {"weights": {
+        "num_bits": 4, "type": "int", "strategy": "group", "group_size": -3}}}},
+])
+def test_an_int4_group_size_that_is_no_size_is_a_malformed_config(quantization) -> None:
+    raw = {"hidden_size": 64, "intermediate_size": 64, "num_local_experts": 4, "num_experts_per_tok": 2,
+           "quantization_config": quantization}
+    with pytest.raises(UsageError, match=r"^m: malformed config.json: .*group size -\d: expected a positive size"):
+        parse_config(raw, "m", "m")

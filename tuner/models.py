@@ -327,6 +327,9 @@ def parse_config(raw: Any, name: str, source: str) -> ModelSpec:
         raise UsageError(one_line(exc, f"{source}: malformed config.json")) from None
     torch_dtype = level.get("torch_dtype") or level.get("dtype") or raw.get("torch_dtype") or raw.get("dtype")
     dtype, block, quant_format, per_channel = _natural_dtype(quant, torch_dtype if isinstance(torch_dtype, str) else None)
+    if dtype is DType.INT4_W4A16 and block is not None and block[1] != -1 and block[1] < 1:
+        raise UsageError(f"{source}: malformed config.json: {quant_format} group size {block[1]}: expected a "
+                         "positive size or -1 (one group per row)")
     architectures = raw.get("architectures") or level.get("architectures")
     architecture = str(architectures[0]) if isinstance(architectures, list) and architectures else None
 

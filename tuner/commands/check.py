@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tuner.commands.arguments import (add_batch_sizes_argument, add_dtype_argument, block_shape_arg,
                                       check_interpret_limits, int_list)
-from tuner.errors import RunFailed, UsageError
+from tuner.errors import OptionError, RunFailed, UsageError
 from tuner.validation import parse_json
 from workers.formats import block_shape_dtypes, format_of, shape_rule_broken
 from workers.records import CONFIG_KEYS, INT4_DEFAULT_GROUP, Config, DType, MoEShape
@@ -115,6 +115,8 @@ def _shapes(args: argparse.Namespace, dtypes: list[DType] | None) -> list[MoESha
         block = args.block_shape
         if dtype is DType.INT4_W4A16:
             int4_group = args.group_size if args.group_size is not None else INT4_DEFAULT_GROUP
+            if int4_group != -1 and int4_group < 1:
+                raise OptionError("group_size", f"expected a positive size or -1 (per row), got {int4_group}")
             if int4_group != -1 and (int4_group < 2 or K % int4_group or N % int4_group):
                 raise UsageError(f"int4_w4a16 needs K and N multiples of the group size {int4_group} (K={K}, N={N}); "
                                  f"pass --group-size")
