@@ -52,3 +52,12 @@ def test_a_job_spec_that_is_not_utf8_text_is_bad_input(tmp_path: Path, capsys) -
     spec = tmp_path / "job.yaml"
     spec.write_bytes(b"\xff\xfemodels: [x]\n")
     _refused(["job", "validate", str(spec)], capsys, str(spec), "not UTF-8")
+
+
+@pytest.mark.parametrize("name", ["../../etc/x", "NVIDIA H200/x", "NVIDIA\tH200", "  "])
+def test_a_device_name_no_file_name_can_hold_is_bad_input(tmp_path: Path, name: str, capsys) -> None:
+    """``--device-name`` becomes part of a file name: a ``/`` would put the file elsewhere."""
+    _refused(["plan", "--model", TINY, "--device-name", name], capsys, "device name")
+    _refused(["tune", "--model", TINY, "--dry-run", "--device-name", name, "--batch-sizes", "1", "--out",
+              str(tmp_path / "out")], capsys, "device name")
+    assert not (tmp_path / "out").exists()

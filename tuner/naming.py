@@ -62,6 +62,18 @@ BUILTIN_FOLDER = "moe-tune-builtin"
 """Subfolder (of a configs folder) holding configs only moe-tune's builtin kernel reads."""
 
 
+def device_name_problem(device_name: str) -> str | None:
+    """Why ``device_name`` cannot name a GPU in a config file's name (one line), or None: it is
+    blank, or holds a path separator or a control character (torch's GPU names hold none; a
+    ``/`` would put the file in another folder)."""
+    if not device_name.strip():
+        return "the device name is empty"
+    if "/" in device_name or "\\" in device_name or any(ord(c) < 32 or ord(c) == 127 for c in device_name):
+        return (f"device name {device_name!r} holds a path separator or control character, which a config file "
+                "name cannot: give the GPU's name as torch reports it, e.g. \"NVIDIA H200\"")
+    return None
+
+
 def device_file_name(device_name: str) -> str:
     """vLLM's file-name form of a device name: ``NVIDIA H100 80GB HBM3`` → ``NVIDIA_H100_80GB_HBM3``,
     ``NVIDIA H200 NVL`` → ``NVIDIA_H200``."""

@@ -27,7 +27,7 @@ from tuner.dispatch import Padding, ServerKernel
 from tuner.errors import OptionError, UsageError
 from tuner.models import (SERVERS, ModelSpec, derive_shape, dtype_block_shape, load_model,
                           sglang_fused_shared_experts)
-from tuner.naming import builtin_file_name, sglang_file_name, vllm_file_name
+from tuner.naming import builtin_file_name, device_name_problem, sglang_file_name, vllm_file_name
 from tuner.spaces import DeviceLimits, SearchSpace, load_space, prune
 from tuner.writers import format_servers
 from workers.formats import block_shape_dtypes
@@ -206,8 +206,9 @@ class Plan:
     def for_device(self, device_name: str) -> "DevicePlan":
         """The plan for ``device_name`` (as torch names the GPU; UsageError when empty): the jobs
         whose files a server reads there (or builtin fp4 jobs), pruned for its limits."""
-        if not device_name.strip():
-            raise UsageError("the device name is empty")
+        problem = device_name_problem(device_name)
+        if problem:
+            raise UsageError(problem)
         configs = self.space.expand()
         limits = DeviceLimits.for_device(device_name)
         arch = dispatch.gpu_arch(device_name)
@@ -354,7 +355,8 @@ def build_plan(models: Sequence[str | ModelSpec], tp: int, ep: int, dtypes: Sequ
                space: SearchSpace | str, device_name: str, formats: str = "both",
                fuse_shared_experts: bool = True, builtin_fp4: bool = False) -> DevicePlan:
     """``plan(...)`` for ``device_name`` (``moe-tune plan``)."""
-    if not device_name.strip():
-        raise UsageError("the device name is empty")
+    problem = device_name_problem(device_name)
+    if problem:
+        raise UsageError(problem)
     return plan(models, tp, ep, dtypes, block_shape, batch_sizes, space, formats,
                 fuse_shared_experts, builtin_fp4).for_device(device_name)

@@ -7,9 +7,10 @@ import json
 
 from tuner.commands.arguments import (add_batch_sizes_argument, add_dtype_argument, add_layout_arguments,
                                       block_shape_arg, positive_int)
-from tuner.errors import UsageError
+from tuner.errors import OptionError, UsageError
 from tuner.estimate import Estimate, default_compile_processes, estimate, format_estimate
 from tuner.models import load_model
+from tuner.naming import device_name_problem
 from tuner.plan import BUILTIN_FP4_HELP, DevicePlan, build_plan
 from tuner.search import STRATEGIES, SearchJob
 from tuner.spaces import REASONS
@@ -24,9 +25,14 @@ def detect_device_name() -> str | None:
 
 
 def resolve_device_name(given: str | None) -> str:
-    name = given or detect_device_name()
-    if not name:
+    """``--device-name`` when given (checked: ``tuner.naming.device_name_problem``), else this
+    host's GPU; UsageError without either."""
+    name = given if given is not None else detect_device_name()
+    if name is None:
         raise UsageError('no CUDA GPU here: pass --device-name for the target GPU, e.g. --device-name "NVIDIA H200"')
+    problem = device_name_problem(name)
+    if problem:
+        raise OptionError("device_name", problem, flagged=False)
     return name
 
 
