@@ -61,3 +61,21 @@ def test_a_device_name_no_file_name_can_hold_is_bad_input(tmp_path: Path, name: 
     _refused(["tune", "--model", TINY, "--dry-run", "--device-name", name, "--batch-sizes", "1", "--out",
               str(tmp_path / "out")], capsys, "device name")
     assert not (tmp_path / "out").exists()
+
+
+GOOD_CONFIG = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 1, "num_warps": 4,
+               "num_stages": 2}
+
+
+@pytest.mark.parametrize("value", ["1e400", "2.5", '"2"', "true", "0", "-2", "null"])
+def test_a_config_value_no_server_can_launch_is_bad_input(tmp_path: Path, value: str, capsys) -> None:
+    """A config file's or ``--config``'s value that is not a positive integer (a server hands it to
+    Triton as it is) is refused naming it, not truncated (2.5 → 2) nor an OverflowError traceback."""
+    text = '{"1": {' + ", ".join(f'"{k}": {value if k == "num_stages" else v}' for k, v in GOOD_CONFIG.items()) + "}}"
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "E=4,N=64,device_name=cpu.json").write_text(text)
+    _refused(["bench", "--model", TINY, "--interpret", "--batch-sizes", "1", "--configs", str(folder)], capsys,
+             "E=4,N=64,device_name=cpu.json", "positive integers")
+    _refused(["check", "--shape", "4,64,64,2", "--interpret", "--batch-sizes", "1", "--config", text[6:-1]], capsys,
+             "--config", "positive integers")

@@ -57,10 +57,18 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Config":
-        """Build from a server config entry; extra keys (e.g. ``num_ctas``) are ignored."""
+        """Build from a server config entry; extra keys (e.g. ``num_ctas``) are ignored. ValueError
+        when a key is missing or a value is not a positive integer (a server passes the values to
+        Triton as they are: ``16.5``, ``"16"`` or ``1e400`` are no launch parameter)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"config entry must be a JSON object, got {data!r:.60}")
         missing = [k for k in CONFIG_KEYS if k not in data]
         if missing:
             raise ValueError(f"config entry lacks {', '.join(missing)}: {data}")
+        bad = {k: data[k] for k in CONFIG_KEYS
+               if isinstance(data[k], bool) or not isinstance(data[k], int) or data[k] < 1}
+        if bad:
+            raise ValueError(f"config values must be positive integers, got {bad}")
         return cls(**{k: int(data[k]) for k in CONFIG_KEYS})
 
     @property
