@@ -79,3 +79,10 @@ def test_a_config_value_no_server_can_launch_is_bad_input(tmp_path: Path, value:
              "E=4,N=64,device_name=cpu.json", "positive integers")
     _refused(["check", "--shape", "4,64,64,2", "--interpret", "--batch-sizes", "1", "--config", text[6:-1]], capsys,
              "--config", "positive integers")
+
+
+@pytest.mark.parametrize("flag", ["--timeout", "--budget-minutes", "--compile-timeout", "--connect-timeout"])
+@pytest.mark.parametrize("value", ["inf", "nan", "0"])
+def test_a_duration_that_is_no_number_of_seconds_is_bad_input(tmp_path: Path, flag: str, value: str, capsys) -> None:
+    _refused(["tune", "--model", TINY, "--dry-run", "--device-name", "cpu", "--out", str(tmp_path), flag, value],
+             capsys, f"argument {flag}: expected a positive number")

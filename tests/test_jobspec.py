@@ -214,6 +214,8 @@ def test_routing_folders_are_safe_names_equal_only_for_equal_routings() -> None:
     (_minimal(routing=["zipf:x"]), "job.yaml: routing.0: "),
     (_minimal(interpret=True, batch_sizes=[128]), "job.yaml: batch_sizes: interpret: true takes batch sizes up to 64"),
     (_minimal(budget_minutes=0), "budget_minutes: Input should be greater than 0"),
+    (_minimal(budget_minutes=float("inf")), "budget_minutes: Input should be a finite number"),
+    (_minimal(connect_timeout=float("inf")), "connect_timeout: Input should be a finite number"),
     (_minimal(strategy="magic"), "strategy: unknown strategy 'magic'; expected one of exhaustive, fast"),
     (_minimal(dtypes=["mxfp4"]), "job.yaml: dtypes: nothing to tune: no server reads a fused-MoE config file"),
     (_minimal(kernel="triton_kernels"), "kernel: triton_kernels: triton_kernels' matmul_ogs takes no "

@@ -24,11 +24,11 @@ import typing
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import annotated_types
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
+from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
 from tuner.errors import UsageError
 from tuner.options import TuneOptions
@@ -40,6 +40,9 @@ from tuner.writers import DEFAULT_OUT
 from workers.formats import block_shape_broken
 from workers.records import DType
 from workers.routing import parse_routing
+
+FinitePositive = Annotated[float, annotated_types.Gt(0), AllowInfNan(False)]
+"""A duration or budget: above 0 and finite (``.inf`` is no number of minutes), as the flags take it."""
 
 
 class _Strict(BaseModel):
@@ -116,7 +119,7 @@ class JobSpec(_Strict):
                           "to where a folder has no file: vllm, vllm-pre-34846, sglang, or vllm==X.Y.Z / "
                           "sglang==X.Y.Z (default: the tuned server's version, else the installed vLLM's, else "
                           "vLLM's newest rule)")
-    budget_minutes: PositiveFloat | None = Field(
+    budget_minutes: FinitePositive | None = Field(
         None, description="per tune run: stop searching and write the best found so far")
     baseline: list[Path] = Field(default_factory=list, description="config folders (e.g. vLLM's shipped JSONs) "
                                                                    "timed against the winners; must exist")
@@ -126,7 +129,7 @@ class JobSpec(_Strict):
                                                    "kernel, Triton, torch and GPU")
     address: str | None = Field(None, description='Ray cluster to join ("auto" inside a Ray job; default: '
                                                   "RAY_ADDRESS, else a Ray started here)")
-    connect_timeout: PositiveFloat = Field(DEFAULT_CONNECT_TIMEOUT_S, description="seconds to join address before "
+    connect_timeout: FinitePositive = Field(DEFAULT_CONNECT_TIMEOUT_S, description="seconds to join address before "
                                                                           "the job fails with one line")
     workers: PositiveInt | None = Field(None, description="use at most this many GPU workers")
     interpret: bool = Field(False, description="no GPU: Triton interpreter on CPU workers (tiny shapes only, "

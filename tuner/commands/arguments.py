@@ -7,6 +7,7 @@ Each ``*_arg``/``*_list`` function is an argparse ``type``: a bad value raises
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -107,7 +108,7 @@ def positive_int(text: str) -> int:
 
 
 def positive_float(text: str) -> float:
-    return _number(text, float, lambda v: v > 0, "a positive number")
+    return _number(text, float, lambda v: 0 < v < math.inf, "a positive number")
 
 
 def ratio_arg(text: str) -> float:
