@@ -86,3 +86,21 @@ def test_a_config_value_no_server_can_launch_is_bad_input(tmp_path: Path, value:
 def test_a_duration_that_is_no_number_of_seconds_is_bad_input(tmp_path: Path, flag: str, value: str, capsys) -> None:
     _refused(["tune", "--model", TINY, "--dry-run", "--device-name", "cpu", "--out", str(tmp_path), flag, value],
              capsys, f"argument {flag}: expected a positive number")
+
+
+@pytest.mark.parametrize("command", [
+    ["tune", "--model", TINY, "--dry-run", "--device-name", "cpu", "--out", ""],
+    ["tune", "--model", TINY, "--dry-run", "--device-name", "cpu", "--journal", ""],
+    ["tune", "--model", TINY, "--dry-run", "--device-name", "cpu", "--baseline", ""],
+    ["tune", "--model", TINY, "--dry-run", "--device-name", "cpu", "--server-code", ""],
+    ["plan", "--model", "", "--device-name", "cpu"],
+    ["plan", "--model", TINY, "--device-name", "cpu", "--search-space", " "],
+    ["bench", "--model", TINY, "--interpret", "--configs", ""],
+    ["compare", "--model", TINY, "--interpret", "--out", ""],
+])
+def test_an_empty_path_is_bad_input_not_the_current_folder(command: list[str], capsys, monkeypatch,
+                                                           tmp_path: Path) -> None:
+    """``--out "$OUT"`` with ``OUT`` unset: refused, not a run writing into the current folder."""
+    monkeypatch.chdir(tmp_path)
+    _refused(command, capsys, "expected a name or path, got an empty string")
+    assert list(tmp_path.iterdir()) == []

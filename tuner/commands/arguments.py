@@ -22,6 +22,19 @@ interpreter runs each Triton program in numpy, so one candidate at that size tak
 INTERPRET_MAX_M = 64
 
 
+def nonblank(text: str) -> str:
+    """A name or path as given; a blank one (``--out "$OUT"`` with ``OUT`` unset) is refused rather
+    than read as the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a name or path, got an empty string")
+    return text
+
+
+def path_arg(text: str) -> Path:
+    """``nonblank`` as a ``Path``."""
+    return Path(nonblank(text))
+
+
 def int_list(text: str) -> list[int]:
     """``"1,2,4"`` → ``[1, 2, 4]``."""
     try:
@@ -169,10 +182,10 @@ def check_interpret_limits(shapes: Iterable[MoEShape], batch_sizes: Iterable[int
 def add_layout_arguments(parser: argparse.ArgumentParser, repeatable_model: bool = False) -> None:
     """``--model``, ``--tp`` and ``--ep``: the model and the parallel layout, alike in every command."""
     if repeatable_model:
-        parser.add_argument("--model", action="append", required=True, metavar="NAME|PATH",
+        parser.add_argument("--model", action="append", required=True, type=nonblank, metavar="NAME|PATH",
                             help="preset name, config.json, model folder or cached HF repo id (repeatable)")
     else:
-        parser.add_argument("--model", required=True, metavar="NAME|PATH",
+        parser.add_argument("--model", required=True, type=nonblank, metavar="NAME|PATH",
                             help="preset name, config.json, model folder or cached HF repo id")
     parser.add_argument("--tp", type=int, default=1, help="GPUs serving the MoE layer (tensor-parallel size)")
     parser.add_argument("--ep", type=int, default=1,

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from tuner import bench, kernel_choice
 from tuner.commands.arguments import (add_batch_sizes_argument, add_dtype_argument, add_layout_arguments,
                                       block_shape_arg, check_interpret_limits, check_routing_file, positive_float,
-                                      positive_int,
+                                      path_arg, positive_int,
                                       ratio_arg, routing_arg)
 from tuner.errors import RunFailed
 from tuner.models import SERVERS, derive_shape, dtype_block_shape, load_model
@@ -28,9 +27,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-shape", type=block_shape_arg, metavar="BN,BK",
                         help="fp8 weight block shape (for the dtypes that take one)")
     add_batch_sizes_argument(parser)
-    parser.add_argument("--configs", type=Path, nargs="+", required=True, metavar="DIR",
+    parser.add_argument("--configs", type=path_arg, nargs="+", required=True, metavar="DIR",
                         help="config folders to time (vLLM or SGLang layout)")
-    parser.add_argument("--reference", type=Path, metavar="DIR",
+    parser.add_argument("--reference", type=path_arg, metavar="DIR",
                         help="the folder the others must not be slower than (default: the server's default config)")
     parser.add_argument("--fail-if-slower", type=ratio_arg, metavar="RATIO",
                         help="exit 1 if a folder is slower than the reference by more than this speed fraction at "
@@ -44,7 +43,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="kernel to time in: auto (default: --server's where it imports and runs the shape, else "
                              "builtin with a warning), "
                              "builtin, vllm, sglang")
-    parser.add_argument("--server-code", type=Path, metavar="DIR",
+    parser.add_argument("--server-code", type=path_arg, metavar="DIR",
                         help="folder with the server's extracted Python packages (also MOE_TUNE_SERVER_CODE)")
     parser.add_argument("--server-version", metavar="RULE|SERVER==VERSION",
                         help="whose default config is the baseline: vllm (PR #34846 and later, e.g. vLLM 0.33), "

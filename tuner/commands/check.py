@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from tuner.commands.arguments import (add_batch_sizes_argument, add_dtype_argument, block_shape_arg,
-                                      check_interpret_limits, int_list)
+                                      check_interpret_limits, int_list, nonblank)
 from tuner.errors import OptionError, RunFailed, UsageError
 from tuner.validation import parse_json
 from workers.formats import block_shape_dtypes, format_of, shape_rule_broken
@@ -22,7 +22,7 @@ from workers.records import INT4_DEFAULT_GROUP, Config, DType, MoEShape
 
 def configure(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", metavar="NAME|PATH", help="preset name, config.json, model folder or cached HF repo id")
+    source.add_argument("--model", type=nonblank, metavar="NAME|PATH", help="preset name, config.json, model folder or cached HF repo id")
     source.add_argument("--shape", type=int_list, metavar="E,N,K,TOPK",
                         help="experts, intermediate size per GPU, hidden size, top-k")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (with --model)")

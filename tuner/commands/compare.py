@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from tuner import compare, kernel_choice, report
 from tuner.commands.arguments import (add_batch_sizes_argument, add_dtype_argument, add_fresh_arguments,
                                       add_layout_arguments, check_interpret_limits, check_routing_file, confirm_fresh,
-                                      dtype_list, positive_float, positive_int, routing_arg)
+                                      dtype_list, nonblank, path_arg, positive_float, positive_int, routing_arg)
 from tuner.commands.tune import PREFLIGHT_DEVICE
 from tuner.dispatch import SERVERS
 from tuner.errors import UsageError
@@ -35,20 +34,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                f"{DEFAULT_DTYPES})", "--dtypes", "--dtype", default=dtype_list(DEFAULT_DTYPES))
     add_batch_sizes_argument(parser)
     parser.add_argument("--routing", type=routing_arg, default="uniform", help="uniform | zipf:<alpha> | file:<path>")
-    parser.add_argument("--search-space", default="default", metavar="NAME|PATH", help="search space name or YAML file")
+    parser.add_argument("--search-space", default="default", type=nonblank, metavar="NAME|PATH", help="search space name or YAML file")
     parser.add_argument("--strategy", default="fast", choices=sorted(STRATEGIES),
                         help="search strategy (default fast, as for tune)")
     parser.add_argument("--budget-minutes", type=positive_float, metavar="MINUTES",
                         help="stop tuning after this long; the report uses the best found by then and says so")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for report.md/.html/.json")
-    parser.add_argument("--configs-out", type=Path, default=DEFAULT_OUT, metavar="DIR",
+    parser.add_argument("--out", type=path_arg, required=True, metavar="DIR", help="folder for report.md/.html/.json")
+    parser.add_argument("--configs-out", type=path_arg, default=DEFAULT_OUT, metavar="DIR",
                         help=f"folder for the tuned config files (default: ./{DEFAULT_OUT}/, as tune)")
     parser.add_argument("--builtin-fp4", action="store_true",
                         help="also write the configs of moe-tune's own fp4 kernel (the mxfp4/nvfp4 second column, "
                              f"tuned either way) to <configs-out>/{BUILTIN_FOLDER}/, which no server reads")
     parser.add_argument("--format", default="vllm", choices=("vllm", "sglang", "both"),
                         help="config file layout (default: vllm)")
-    parser.add_argument("--journal", type=Path, metavar="PATH",
+    parser.add_argument("--journal", type=path_arg, metavar="PATH",
                         help=f"journal (default: <configs-out>/{JOURNAL_NAME}, shared with tune)")
     add_fresh_arguments(parser)
     parser.add_argument("--moe-layers", type=positive_int, default=1, metavar="N",

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from tuner.commands.arguments import (add_batch_sizes_argument, add_dtype_argument, add_layout_arguments,
-                                      block_shape_arg, positive_int)
+                                      block_shape_arg, nonblank, positive_int)
 from tuner.errors import OptionError, UsageError
 from tuner.estimate import Estimate, default_compile_processes, estimate, format_estimate
 from tuner.models import load_model
@@ -42,7 +42,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-shape", type=block_shape_arg, metavar="BN,BK",
                         help="fp8 weight block shape, e.g. 128,128")
     add_batch_sizes_argument(parser)
-    parser.add_argument("--search-space", default="default", metavar="NAME|PATH",
+    parser.add_argument("--search-space", default="default", type=nonblank, metavar="NAME|PATH",
                         help="search space name (search_spaces/<name>.yaml) or YAML file")
     parser.add_argument("--device-name", help='target GPU as torch names it, e.g. "NVIDIA H200" (default: this GPU)')
     add_estimate_arguments(parser)

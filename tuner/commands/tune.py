@@ -19,7 +19,7 @@ from tuner.baseline import Baseline
 from tuner.bench import ratio_convention
 from tuner.commands.arguments import (add_batch_sizes_argument, add_dtype_argument, add_fresh_arguments,
                                       add_layout_arguments, block_shape_arg, check_interpret_limits, check_routing_file,
-                                      confirm_fresh, positive_float, positive_int, routing_arg)
+                                      confirm_fresh, nonblank, path_arg, positive_float, positive_int, routing_arg)
 from tuner.commands.plan import format_plan, plan_estimate, resolve_device_name
 from tuner.errors import OptionError, RunFailed, UsageError, about
 from tuner.dispatch import SERVER_READ_DTYPES
@@ -48,7 +48,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_dtype_argument(parser, "kernel dtype; default: each model's own")
     parser.add_argument("--block-shape", type=block_shape_arg, metavar="BN,BK", help="fp8 weight block shape")
     add_batch_sizes_argument(parser)
-    parser.add_argument("--search-space", metavar="NAME|PATH",
+    parser.add_argument("--search-space", type=nonblank, metavar="NAME|PATH",
                         help="search space name (search_spaces/<name>.yaml) or YAML file")
     parser.add_argument("--routing", type=routing_arg, help="uniform (default), zipf:<alpha> or file:<topk_ids.pt|.npy>")
     parser.add_argument("--strategy", choices=sorted(STRATEGIES),
@@ -56,7 +56,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-minutes", type=positive_float, metavar="MINUTES",
                         help="stop searching this long after the first measurement (Ray and worker start-up "
                              "are not counted) and write the best found so far")
-    parser.add_argument("--baseline", action="append", type=Path, metavar="DIR",
+    parser.add_argument("--baseline", action="append", type=path_arg, metavar="DIR",
                         help="config folder a server uses today (vLLM's shipped JSONs, last night's output; "
                              "repeatable): its config at each M is always timed against the winner, and the "
                              "summary reports the ratio")
@@ -70,7 +70,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="kernel to tune on: auto (default: the kernel of the server each --format is for, "
                              "builtin with a warning where it does not import), builtin (moe-tune's), vllm, sglang "
                              "(triton_kernels is refused: its matmul_ogs takes no config)")
-    parser.add_argument("--server-code", type=Path, metavar="DIR",
+    parser.add_argument("--server-code", type=path_arg, metavar="DIR",
                         help="folder with the server's extracted Python packages (DIR/vllm, DIR/sglang) to use "
                              "instead of the installed ones (also MOE_TUNE_SERVER_CODE)")
     parser.add_argument("--server-version", metavar="RULE|SERVER==VERSION",
@@ -83,14 +83,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"give up joining --address after this long (default {DEFAULT_CONNECT_TIMEOUT_S:g})")
     parser.add_argument("--workers", type=positive_int, metavar="N",
                         help="use at most N GPUs (default: every GPU Ray reports; --interpret: 2 logical GPUs)")
-    parser.add_argument("--out", help=f"output folder (default: ./{writers.DEFAULT_OUT}/)")
+    parser.add_argument("--out", type=nonblank, help=f"output folder (default: ./{writers.DEFAULT_OUT}/)")
     parser.add_argument("--format", choices=FORMATS, help="file layout to write (default: vllm)")
     parser.add_argument("--replace", action="store_true",
                         help="overwrite existing config files; by default their entries for batch sizes not tuned "
                              "now are kept when tuned for the same kernel and Triton version, else the run refuses")
     parser.add_argument("--disable-shared-experts-fusion", action="store_true",
                         help="SGLang layout: the server runs with this SGLang flag (shared experts not fused into E)")
-    parser.add_argument("--journal", metavar="PATH", help=f"journal file (default: <out>/{JOURNAL_NAME})")
+    parser.add_argument("--journal", type=nonblank, metavar="PATH", help=f"journal file (default: <out>/{JOURNAL_NAME})")
     add_fresh_arguments(parser)
     parser.add_argument("--interpret", action="store_true",
                         help="no GPU: Triton interpreter on CPU workers (tiny shapes only)")
