@@ -104,3 +104,22 @@ def test_an_empty_path_is_bad_input_not_the_current_folder(command: list[str], c
     monkeypatch.chdir(tmp_path)
     _refused(command, capsys, "expected a name or path, got an empty string")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_fifo_under_a_config_file_name_is_refused_not_read_forever(tmp_path: Path, capsys) -> None:
+    """A FIFO (or any non-regular file) named like a config file in a folder a command reads."""
+    import os
+    import threading
+
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    os.mkfifo(folder / "E=4,N=64,device_name=cpu.json")
+    # Without the check the read blocks until a writer comes: this opener ends such a hang.
+    unblock = threading.Timer(20, lambda: open(folder / "E=4,N=64,device_name=cpu.json", "w").close())
+    unblock.daemon = True
+    unblock.start()
+    try:
+        _refused(["bench", "--model", TINY, "--interpret", "--batch-sizes", "1", "--configs", str(folder)], capsys,
+                 "not a regular file")
+    finally:
+        unblock.cancel()

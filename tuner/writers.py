@@ -24,6 +24,7 @@ any tuning starts. Entries for the batch sizes tuned now always take the new con
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -160,6 +161,14 @@ def _identity(kernel: dict[str, str] | None, triton_version: str) -> dict[str, s
     return {**{k: kernel[k] for k in KERNEL_IDENTITY_KEYS if k in kernel}, "triton": triton_version}
 
 
+def _read_text(path: Path) -> str:
+    """The UTF-8 text of the regular file ``path``; OSError for anything else found under a config
+    file's name (reading a FIFO would block the command forever; a folder cannot be read)."""
+    if not path.is_file():
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return path.read_text(encoding="utf-8")
+
+
 def _provenance_root(path: Path) -> Path:
     """The output folder a file belongs to (SGLang files sit one level down, in ``triton_*/``)."""
     return path.parent.parent if path.parent.name.startswith("triton_") else path.parent
@@ -167,7 +176,7 @@ def _provenance_root(path: Path) -> Path:
 
 def _read_provenance(root: Path) -> dict[str, dict]:
     try:
-        data = parse_json((root / PROVENANCE_NAME).read_text(encoding="utf-8"))
+        data = parse_json(_read_text(root / PROVENANCE_NAME))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}
     files = data.get("files") if isinstance(data, dict) else None
@@ -192,7 +201,7 @@ def _existing(path: Path) -> tuple[dict[str, dict], str | None] | None:
     if not path.exists():
         return None
     try:
-        raw = parse_json(path.read_text(encoding="utf-8"))
+        raw = parse_json(_read_text(path))
         if not isinstance(raw, dict):
             raise ValueError("not a JSON object")
         version = raw.pop(TRITON_VERSION_KEY, None)
@@ -318,7 +327,7 @@ def write_sglang(folder: str | Path, shape: MoEShape, device_name: str, up_confi
 
 def _read_config_file(path: Path) -> dict[int, Config]:
     try:
-        raw = parse_json(path.read_text(encoding="utf-8"))
+        raw = parse_json(_read_text(path))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UsageError(f"{path}: cannot read config file ({exc})") from None
     if not isinstance(raw, dict):
