@@ -212,6 +212,8 @@ def test_routing_folders_are_safe_names_equal_only_for_equal_routings() -> None:
     (_minimal(routing=["zipf:1.2", "uniform", "zipf:1.20"]),
      "job.yaml: routing.2: 'zipf:1.2' and 'zipf:1.20' are the same routing"),
     (_minimal(routing=["zipf:x"]), "job.yaml: routing.0: "),
+    (_minimal(layouts=[{"tp": 1}, {"tp": 2, "ep": 2}, {"tp": 1, "ep": 1}]),
+     "job.yaml: layouts.2: repeats layouts.0 (tp=1): each layout is one tune run"),
     (_minimal(interpret=True, batch_sizes=[128]), "job.yaml: batch_sizes: interpret: true takes batch sizes up to 64"),
     (_minimal(budget_minutes=0), "budget_minutes: Input should be greater than 0"),
     (_minimal(budget_minutes=float("inf")), "budget_minutes: Input should be a finite number"),
@@ -442,3 +444,17 @@ def test_a_dtypes_string_reads_as_the_dtype_flag_reads_it(tmp_path: Path, capsys
         assert code == 2 and "dtypes" in err and str(refused.value) in err and err.count("\n") == 1, err
         assert main(["plan", "--model", MODEL, "--dtype", text]) == 2
         assert str(refused.value) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("output,reference", [("accepted", "accepted"), ("out", "out/routing=uniform"),
+                                              ("out/../accepted", "accepted")])
+def test_a_gate_against_the_folder_the_job_writes_is_refused(tmp_path: Path, output: str, reference: str,
+                                                            capsys) -> None:
+    """A gate whose reference is where the job writes its fresh configs would time them against
+    themselves and always pass."""
+    (tmp_path / reference).mkdir(parents=True)
+    routing = ["uniform", "zipf:1.2"] if "routing=" in reference else ["uniform"]
+    spec = _write(tmp_path, _minimal(output={"dir": output}, routing=routing, gate={"reference": reference}))
+    assert main(["job", "validate", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "job.yaml: gate.reference: " in err and "against themselves" in err, err

@@ -234,3 +234,10 @@ def test_a_retiming_is_handed_back_per_finalist_or_not_at_all(tmp_path, rng):
         path.write_bytes(orjson.dumps({**retime_to_record(retime_key(keys), keys, latencies), **bad}) + b"\n")
         with Journal(path) as journal:
             assert journal.retime(env, finalists) is None, bad
+
+
+def test_a_journal_never_removes_a_folder_it_did_not_create(tmp_path) -> None:
+    (tmp_path / "given").mkdir()
+    with Journal(tmp_path / "out" / ".." / "given" / "j.jsonl"):
+        pass
+    assert (tmp_path / "given").is_dir() and not (tmp_path / "out").exists()

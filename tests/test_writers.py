@@ -274,3 +274,11 @@ def test_an_unwritable_folder_is_found_by_the_probe(tmp_path):
         locked.mkdir(mode=0o555)
         with pytest.raises(UsageError, match="--out .*locked: cannot write there"):
             probe_writable(locked, "out")
+
+
+def test_the_probe_never_removes_a_folder_it_did_not_create(tmp_path: Path) -> None:
+    """``out/../given`` with no ``out``: ``given`` exists (empty, the user's); the probe leaves it."""
+
+    (tmp_path / "given").mkdir()
+    probe_writable(tmp_path / "out" / ".." / "given", "out")
+    assert (tmp_path / "given").is_dir() and not (tmp_path / "out").exists()

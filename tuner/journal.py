@@ -213,7 +213,9 @@ class Journal:
     """
 
     def __init__(self, path: Path, fresh: bool = False) -> None:
-        self.path = Path(path)
+        # Resolved: in ``out/../given`` with no ``out`` yet, ``given`` does not "exist" lexically, and an
+        # empty folder the user made there would be removed as one this journal created.
+        self.path = Path(path).resolve()
         self._created_folders = [p for p in self.path.parents if not p.exists()]  # deepest first
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._created = not self.path.exists()

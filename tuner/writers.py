@@ -98,10 +98,13 @@ def probe_writable(folder: str | Path, option: str) -> None:
     after the tune."""
     path = Path(folder)
     tmp_name = None
-    created = [p for p in (path, *path.parents) if not p.exists()]
+    # Resolved: in ``out/../given`` with no ``out`` yet, ``given`` does not "exist" lexically, and an
+    # empty folder the user made there would be removed as one the probe created.
+    resolved = path.resolve()
+    created = [p for p in (resolved, *resolved.parents) if not p.exists()]
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=".moe-tune-probe.", dir=path)
+        resolved.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=".moe-tune-probe.", dir=resolved)
         with os.fdopen(fd, "wb") as handle:
             handle.write(b"probe\n")
             handle.flush()

@@ -25,8 +25,8 @@ from tuner import bench, kernel_choice
 from tuner.commands import tune
 from tuner.commands.arguments import interpret_batch_problem, interpret_shape_problem
 from tuner.errors import OptionError, RunFailed, UsageError
-from tuner.jobspec import (GateCheck, JobSpec, Layout, TuneRun, gate_checks, load_job_spec, reference_markdown,
-                           routing_folder, tune_runs)
+from tuner.jobspec import (GateCheck, JobSpec, Layout, TuneRun, gate_checks, load_job_spec, output_dir,
+                           reference_markdown, routing_folder, tune_runs)
 from tuner.models import derive_shape, dtype_block_shape, load_model
 from tuner.plan import resolve_batch_sizes
 from tuner.ray_session import RaySession, ray_session
@@ -179,6 +179,10 @@ def validate(spec: JobSpec, source: str | None = None
 
 
 def _validate(spec: JobSpec) -> tuple[list[tuple[TuneRun, "tune.Validated"]], dict, list[GateBench]]:
+    for index, layout in enumerate(spec.layouts):
+        if layout in spec.layouts[:index]:
+            raise SpecError(f"layouts.{index}", f"repeats layouts.{spec.layouts.index(layout)} ({layout.label}): "
+                                                "each layout is one tune run")
     shapes = _shapes(spec)
     folders: dict[str, str] = {}
     for index, routing in enumerate(spec.routing):
@@ -216,6 +220,11 @@ def _validate(spec: JobSpec) -> tuple[list[tuple[TuneRun, "tune.Validated"]], di
     if spec.gate is not None and not spec.gate.reference.is_dir():
         raise SpecError("gate.reference", f"{spec.gate.reference}: not a folder (create it: an empty folder gates "
                                           "against the server's default config)")
+    if spec.gate is not None:
+        written = {spec.output.dir.resolve(), *(output_dir(spec, r).resolve() for r in spec.routing)}
+        if spec.gate.reference.resolve() in written:
+            raise SpecError("gate.reference", f"{spec.gate.reference}: the folder the job writes its configs to "
+                                              "(output.dir): the gate would time them against themselves")
     return tunes, shapes, gate_benches(spec, tunes, shapes)
 
 
