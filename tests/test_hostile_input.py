@@ -123,3 +123,34 @@ def test_a_fifo_under_a_config_file_name_is_refused_not_read_forever(tmp_path: P
                  "not a regular file")
     finally:
         unblock.cancel()
+
+
+@pytest.mark.parametrize("command", ["tune", "compare"])
+def test_a_file_that_is_no_journal_is_refused_not_appended_to(tmp_path: Path, command: str, capsys,
+                                                              monkeypatch) -> None:
+    """``--journal config.json`` by mistake: a run appends to its journal, which would corrupt the
+    file; an earlier run's journal (even with hostile lines after its first) and an empty file pass."""
+    monkeypatch.chdir(tmp_path)  # compare's default --configs-out is relative
+    victim = tmp_path / "config.json"
+    victim.write_text(Path(TINY).read_text())
+    before = victim.read_bytes()
+    argv = [command, "--model", TINY, "--interpret", "--batch-sizes", "1", "--search-space", SPACE,
+            "--out", str(tmp_path / "out"), "--journal", str(victim)]
+    if command == "tune":
+        argv.append("--dry-run")
+    _refused(argv, capsys, f"--journal {victim}: not a moe-tune journal")
+    assert victim.read_bytes() == before
+
+
+def test_not_a_journal_tells_journals_from_other_files(tmp_path: Path) -> None:
+    from tuner.journal import not_a_journal
+
+    cases = {"missing": None, "empty": b"", "torn": b'{"v": 1, "kind": "meas',
+             "journal": b'\n{"v": 1, "kind": "retime", "key": "k"}\n[1, 2]\n{oops\n',
+             "config": b'{"hidden_size": 64}\n', "text": b"hello\n", "list": b"[1, 2]\n"}
+    for name, content in cases.items():
+        if content is not None:
+            (tmp_path / name).write_bytes(content)
+    verdicts = {name: not_a_journal(tmp_path / name) is None for name in cases}
+    assert verdicts == {"missing": True, "empty": True, "torn": True, "journal": True, "config": False,
+                        "text": False, "list": False}

@@ -179,6 +179,31 @@ def record_to_measurement(record: dict) -> Measurement:
                        device=record["device"], versions=dict(record["versions"]), message=record["message"])
 
 
+def not_a_journal(path: Path) -> str | None:
+    """Why the existing file at ``path`` is not a moe-tune journal (one line), or None: it is one
+    (its first complete line is a record this module writes, however hostile the lines after it),
+    it is empty or holds only a torn first record, or it does not exist. A run appends to its
+    journal, so a file given as one by mistake (a ``config.json``) would be corrupted."""
+    try:
+        with open(path, "rb") as handle:
+            lines = iter(lambda: handle.readline(1 << 20), b"")
+            first = next((line for line in lines if line.strip()), b"")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot read it ({exc.strerror or exc})"
+    if not first.endswith(b"\n"):
+        return None  # nothing, or a record torn by a killed run: opening the journal cuts it
+    try:
+        record = orjson.loads(first)
+    except orjson.JSONDecodeError:
+        record = None
+    if isinstance(record, dict) and "v" in record and record.get("kind") in ("measure", "retime"):
+        return None
+    return ("not a moe-tune journal (its first line is no journal record) and a run appends to its journal; "
+            "give a new file or an earlier run's journal")
+
+
 def count_measurements(path: Path, work: set[tuple[MoEShape, str, int]]) -> int:
     """How many ``measure`` records of the journal at ``path`` belong to ``work`` — (shape, routing,
     batch size) triples, on any device and software stack — without opening it for writing (a

@@ -14,8 +14,8 @@ from tuner.commands.arguments import (add_batch_sizes_argument, add_dtype_argume
                                       dtype_list, nonblank, path_arg, positive_float, positive_int, routing_arg)
 from tuner.commands.tune import PREFLIGHT_DEVICE
 from tuner.dispatch import SERVERS
-from tuner.errors import UsageError
-from tuner.journal import JOURNAL_NAME, JournalBusy, count_measurements
+from tuner.errors import OptionError, UsageError
+from tuner.journal import JOURNAL_NAME, JournalBusy, count_measurements, not_a_journal
 from tuner.models import derive_shape, load_model
 from tuner.plan import plan, resolve_batch_sizes
 from tuner.search import STRATEGIES
@@ -110,6 +110,11 @@ def _request(args: argparse.Namespace) -> tuple[compare.CompareRequest, list[str
     grid, reference_weights = compare.accuracy_reference(spec)
     servers_by_shape: dict = {}
     journal = args.journal or args.configs_out / JOURNAL_NAME
+    if journal.exists() and not journal.is_file():
+        raise OptionError("journal", f"{journal}: exists and is not a file")
+    foreign = not_a_journal(journal)
+    if foreign:
+        raise OptionError("journal", f"{journal}: {foreign}")
     if args.fresh:
         work = {(s.shape, args.routing, M) for s in planned.shapes for M in planned.batch_sizes}
         confirm_fresh(journal, count_measurements(journal, work), args.yes)

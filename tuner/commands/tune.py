@@ -23,7 +23,7 @@ from tuner.commands.arguments import (add_batch_sizes_argument, add_dtype_argume
 from tuner.commands.plan import format_plan, plan_estimate, resolve_device_name
 from tuner.errors import OptionError, RunFailed, UsageError, about
 from tuner.dispatch import SERVER_READ_DTYPES
-from tuner.journal import JOURNAL_NAME, JournalBusy, count_measurements
+from tuner.journal import JOURNAL_NAME, JournalBusy, count_measurements, not_a_journal
 from tuner.models import load_model
 from tuner.options import TuneOptions
 from tuner.select import BASELINE_MARGIN
@@ -153,6 +153,9 @@ def validate(args: TuneOptions, probe: bool = True) -> Validated:
     if journal.exists() and not journal.is_file():
         raise OptionError("journal", f"{journal}: exists and is not a file")
     _check_writable_location(journal, "journal")
+    foreign = not_a_journal(journal)
+    if foreign:
+        raise OptionError("journal", f"{journal}: {foreign}")
 
     with about("model"):
         models = [load_model(m) for m in args.model]
