@@ -105,3 +105,18 @@ def test_a_changed_input_ends_the_run_where_another_error_is_the_calls(toy_pool)
     assert isinstance(raised, Raised) and raised.task == "other"
     with pytest.raises(RunFailed, match=r"^routing file ids.pt changed since it was pinned$"):
         workers.call("changed", lambda actor: actor.fail.remote(True))
+
+
+def test_a_raised_call_reads_as_one_line_of_its_own_exception():
+    """Progress notes and run failures quote a failed call as one line: the actor method's own
+    exception (a Ray task error's ``cause``), never Ray's multi-line traceback."""
+
+    class TaskError(Exception):  # the shape of ray.exceptions.RayTaskError: a traceback text, the cause
+        def __init__(self, cause: BaseException) -> None:
+            super().__init__("ray::BenchmarkWorker.retime() (pid=1, ip=10.0.0.1)\n  File \"x.py\", line 3\n    boom")
+            self.cause = cause
+
+    raised = Raised(slot=None, task=None, error=TaskError(ValueError("bad finalists\nsecond line")))
+    assert raised.reason == "ValueError: bad finalists"
+    assert Raised(slot=None, task=None, error=RuntimeError("plain\nmore")).reason == "RuntimeError: plain"
+    assert Lost(slot=None, task=None, culprit=True, cause=Status.CRASHED, detail="worker died").reason == "worker died"

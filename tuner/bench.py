@@ -252,15 +252,14 @@ def _time_batch(pool: WorkerPool, shape: MoEShape, routing: str, M: int, cells: 
         elif isinstance(event, Lost):
             outcome[config] = (event.cause, f"the worker process died on this config ({event.detail})")
         else:
-            outcome[config] = (Status.CRASHED, f"worker call failed: {type(event.error).__name__}: {event.error}"[:500])
+            outcome[config] = (Status.CRASHED, f"worker call failed: {event.reason}")
     correct = [c for c in distinct if outcome[c][0] is Status.OK]
     latencies = {}
     if correct:
         finalists = [Candidate(shape, M, c, routing=routing) for c in correct]
         event = pool.call(finalists, lambda actor: actor.retime.remote(finalists, rounds))
         if not isinstance(event, Done):
-            reason = event.detail if isinstance(event, Lost) else f"{type(event.error).__name__}: {event.error}"
-            raise RunFailed(f"the GPU worker failed while re-timing at M={M}: {reason.splitlines()[0]}")
+            raise RunFailed(f"the GPU worker failed while re-timing at M={M}: {event.reason}")
         latencies = dict(zip(correct, event.value))
     for cell in cells.values():
         cell.status, cell.message = outcome[cell.config]

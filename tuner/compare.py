@@ -43,7 +43,7 @@ from tuner.errors import RunFailed
 from tuner.kernel_choice import KernelRun
 from tuner.models import ModelSpec
 from tuner.plan import Plan
-from tuner.pool import Done, Lost, start_pool
+from tuner.pool import Done, start_pool
 from tuner.progress import Progress
 from tuner.ray_session import DEFAULT_CONNECT_TIMEOUT_S, ray_session
 from tuner.report import (DEFAULT_MAX_REL_ERR, REFERENCE, ComparisonResults, PointResult, measured_point,
@@ -155,8 +155,7 @@ def _errors_vs_bf16(shapes: dict[DType, MoEShape], configs: dict[DType, dict[int
     try:
         event = pool.call("memory", lambda actor: actor.device_memory.remote())
         if not isinstance(event, Done):
-            reason = event.detail if isinstance(event, Lost) else f"{type(event.error).__name__}: {event.error}"
-            raise RunFailed(f"the worker could not report its device's memory: {reason.splitlines()[0]}")
+            raise RunFailed(f"the worker could not report its device's memory: {event.reason}")
         memory = event.value
         for M in request.batch_sizes:
             groups: dict[MoEShape, list[DType]] = {}
@@ -171,8 +170,7 @@ def _errors_vs_bf16(shapes: dict[DType, MoEShape], configs: dict[DType, dict[int
                 event = pool.call(M, lambda actor, s=group_shapes, c=at_m, m=M: actor.relative_errors.remote(
                     s, c, m, request.routing, REFERENCE, request.grid))
                 if not isinstance(event, Done):
-                    reason = event.detail if isinstance(event, Lost) else f"{type(event.error).__name__}: {event.error}"
-                    raise RunFailed(f"the accuracy pass failed at M={M}: {reason.splitlines()[0]}")
+                    raise RunFailed(f"the accuracy pass failed at M={M}: {event.reason}")
                 per_dtype, touched[M] = event.value
                 for dtype in dtypes:
                     errors[dtype][M] = per_dtype[dtype]

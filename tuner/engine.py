@@ -260,7 +260,7 @@ class Engine:
             work.group.ran.add((work.candidate.shape, work.candidate.config))
             self._finish(work.group, event.value, reused=False, attempts=work.attempts + 1)
         elif isinstance(event, Raised):
-            message = f"worker call failed: {type(event.error).__name__}: {event.error}".splitlines()[0][:500]
+            message = f"worker call failed: {event.reason}"
             self._finish(work.group, self._failure(work, Status.CRASHED, message), reused=False,
                          attempts=work.attempts + 1)
         elif not event.culprit:
@@ -368,8 +368,7 @@ class Retimer:
                     self.fresh += 1
                     self.journal.record_retime(self.group.env, candidates, results[index])
                 else:
-                    reason = event.error if isinstance(event, Raised) else event.detail
-                    self.progress.note(f"re-timing at M={candidates[0].M} failed ({reason}); "
+                    self.progress.note(f"re-timing at M={candidates[0].M} failed ({event.reason}); "
                                        "choosing on the search's numbers")
         self._settle(compiling, todo)
         if "retiming" in self.timeline.spans:

@@ -36,7 +36,7 @@ from ray.exceptions import ActorDiedError, ActorUnschedulableError, GetTimeoutEr
 
 from tuner import signals
 from tuner.errors import RunFailed
-from workers.failures import input_changed
+from workers.failures import describe, input_changed
 from workers.records import Status
 
 INFLIGHT_PER_WORKER = 2
@@ -97,6 +97,11 @@ class Lost:
     cause: Status
     detail: str
 
+    @property
+    def reason(self) -> str:
+        """One line saying why the call failed."""
+        return self.detail
+
 
 @dataclass
 class Raised:
@@ -105,6 +110,12 @@ class Raised:
     slot: Slot
     task: Any
     error: BaseException
+
+    @property
+    def reason(self) -> str:
+        """One line saying why the call failed: the method's own exception (a Ray task error's
+        ``cause``) as ``Type: first line of its message``, not Ray's traceback."""
+        return describe(getattr(self.error, "cause", None) or self.error)
 
 
 class WorkerPool:
