@@ -55,6 +55,9 @@ def test_idle_workers_do_not_wait_for_compile_ahead(tmp_path, monkeypatch):
     stats = summary["devices"][0]["compile_ahead"]
     assert stats["outcomes"] == {}  # not one compile-ahead job finished
     assert stats["taken_uncompiled"] == summary["evaluations_run"] > 0
+    # Every finalist ran on a worker in this search (compiled there): the re-timing asks compile-ahead
+    # for none of them, though compile-ahead never finished one (``DeviceGroup.ran``).
+    assert stats["retiming"]["jobs"] == 0, stats
     t = summary["timeline"]
     assert t["first_measurement_s"] - t["worker_start"]["end_s"] < 5, t
 
