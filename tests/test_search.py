@@ -19,7 +19,7 @@ import pytest
 from tuner import select as selection
 from tuner.compiling import CompileStats
 from tuner.cost_model import predict_seconds
-from tuner.engine import DeviceGroup, Engine
+from tuner.engine import DeviceGroup, Engine, Retimer
 from tuner.journal import Journal, WorkerEnv
 from tuner.pool import Done, Slot
 from tuner.plan import Job as PlanJob
@@ -532,3 +532,82 @@ def test_an_idle_worker_takes_a_candidate_still_compiling(tmp_path, rng: random.
     assert Counter(m.candidate for m in measured) == Counter(m.candidate for m in reference)
     assert stuck.stats.taken_uncompiled == len(pool.submitted) == len(measured)
     assert stuck.stats.outcomes.total() == 0
+
+
+# -- the re-timing's compile-ahead (``tuner.engine.Retimer``) -----------------------------------
+
+
+@dataclass
+class RetimePool:
+    """One slot; answers each re-timing call at once (one latency per finalist), logging it."""
+
+    log: list[str]
+    slots: list[Slot] = field(default_factory=lambda: [Slot(0, None, dict(ENV))])
+
+    def free_slots(self) -> list[Slot]:
+        return [s for s in self.slots if not s.pending]
+
+    def submit(self, slot: Slot, task, call) -> None:
+        self.log.append(f"retime M={task[1][0].M}")
+        slot.pending.append(task)
+
+    def poll(self, timeout_s: float) -> list[Done]:
+        tasks = [(s, s.pending.popleft()) for s in self.slots if s.pending]
+        return [Done(slot, task, [1.0] * len(task[1])) for slot, task in tasks]
+
+
+class RetimeCompiler(NoSpeculation):
+    """Compile-ahead after the search: ``slow`` compiles after ``pumps`` pumps (None: never); no
+    other config ever does (the workers took them uncompiled in the search). Logs release, and
+    fails on a status asked after it."""
+
+    def __init__(self, slow: Config, pumps: int | None, log: list[str]) -> None:
+        super().__init__()
+        self.slow, self.pumps, self.log = slow, pumps, log
+        self.pumped = 0
+        self.released = False
+
+    def status(self, shape: MoEShape, config: Config) -> CompileOutcome | None:
+        assert not self.released, "status asked after release"
+        if config == self.slow and self.pumps is not None and self.pumped >= self.pumps:
+            return CompileOutcome(Status.OK)
+        return None
+
+    def pump(self, wait_s: float) -> bool:
+        self.pumped += 1
+        return self.pumps is not None and self.pumped == self.pumps
+
+    def release(self) -> None:
+        if not self.released:
+            self.log.append("release")
+        self.released = True
+
+
+@pytest.mark.parametrize("pumps", [3, None], ids=["compiled-in-time", "never-compiled"])
+def test_the_retiming_takes_compiled_batch_sizes_first_and_releases_compile_ahead_once_none_waits(
+        tmp_path, pumps):
+    """Three batch sizes; M=2's finalists hold a config no worker ran and compile-ahead has not
+    compiled; the others' configs ran on the group's workers (never compiled ahead). The one worker re-times M=1 and M=4 first (compiled); M=2 once compiled (counted as
+    compiled ahead), else last, compiling for itself (counted as taken uncompiled). Compile-ahead
+    is released as soon as no batch size left waits for it (before M=2 is handed over when it
+    compiled; right after, when it never does), and is never asked anything after."""
+    configs = CONFIGS[:3]
+    groups = [[Candidate(SHAPE, M, c) for c in configs] for M in (1, 2, 4)]
+    slow = CONFIGS[3]
+    groups[1].append(Candidate(SHAPE, 2, slow))
+    log: list[str] = []
+    pool = RetimePool(log)
+    compiler = RetimeCompiler(slow, pumps, log)
+    group = DeviceGroup(env=WorkerEnv.of(ENV), slots=pool.slots, strategy=None, compiler=compiler)
+    group.ran = {(SHAPE, c) for c in configs}
+    journal = Journal(tmp_path / "journal.jsonl")
+    results = Retimer(pool, group, journal, Progress(io.StringIO(), live=False))(groups)
+    assert [len(r) for r in results] == [3, 4, 3]
+    stats = compiler.stats
+    assert stats.retiming_jobs == 1
+    if pumps is None:
+        assert log == ["retime M=1", "retime M=4", "retime M=2", "release"]
+        assert (stats.retiming_compiled, stats.retiming_taken_uncompiled) == (0, 1)
+    else:
+        assert log == ["retime M=1", "retime M=4", "release", "retime M=2"]
+        assert (stats.retiming_compiled, stats.retiming_taken_uncompiled) == (1, 0)
