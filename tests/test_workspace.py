@@ -47,11 +47,13 @@ same_problem = runner_a.output.data_ptr() == runner_b.output.data_ptr()
 del runner_a, runner_b
 retimed = worker.retime([a, b])
 measured = [worker.measure(c).status.value for c in (a, b)]
+worker._prepare(Candidate(shape, 4, up16))  # another problem: the last one's buffers are let go
+after_switch = len(worker._workspace)
 print(json.dumps({"bound": ERROR_BOUNDS[DType.BF16], "errors": errors,
                   "shared_output": split.output.data_ptr() == plain.output.data_ptr(),
                   "private_output": private.output.data_ptr() != plain.output.data_ptr(),
                   "worker_shares": same_problem, "retimed": retimed, "measured": measured,
-                  "buffers": len(shared)}))
+                  "buffers": len(shared), "after_switch": after_switch}))
 """
 
 
@@ -66,6 +68,8 @@ def test_runners_of_one_problem_share_buffers_and_stay_correct():
     assert report["measured"] == ["ok", "ok"] and len(report["retimed"]) == 2
     # gate_up, activated, output, down + 4 sort buffers for each of the two tile heights
     assert report["buffers"] == 12
+    # one runner of the new problem (one tile height): nothing of the last problem is kept
+    assert report["after_switch"] == 8
 
 
 def test_workspace_shares_by_role_shape_and_dtype():
