@@ -61,29 +61,47 @@ class GatedCompiler:
 
 @dataclass(frozen=True)
 class _Done:
-    """A finished call's result, standing for Ray's object reference."""
+    """A finished call's result (or the exception it raised), standing for Ray's object reference."""
 
     value: object
+    error: Exception | None = None
+
+    def result(self) -> object:
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 class _Handle:
     """A Ray actor handle's surface over an object in this process: ``handle.f.remote(*args)``
-    calls ``f`` at once. ``answers`` override methods (name → function)."""
+    calls ``f`` at once (``ray.get`` raises what it raised). ``answers`` override methods (name →
+    function); ``calls`` lists the names called."""
 
     def __init__(self, target: object, **answers) -> None:
         self._target, self._answers = target, answers
+        self.calls: list[str] = []
 
     def __getattr__(self, name: str) -> SimpleNamespace:
         method = self._answers.get(name) or getattr(self._target, name)
-        return SimpleNamespace(remote=lambda *args: _Done(method(*args)))
+
+        def remote(*args) -> _Done:
+            self.calls.append(name)
+            try:
+                return _Done(method(*args))
+            except Exception as exc:  # noqa: BLE001 - surfaces at ``get``, as Ray's do
+                return _Done(None, exc)
+
+        return SimpleNamespace(remote=remote)
 
 
 class _Ray:
-    """What ``tuner.compiling`` calls on Ray, for ``_Done`` references."""
+    """What ``tuner.compiling`` calls on Ray, for ``_Done`` references; ``killed``: the handles killed."""
+
+    killed: list = []
 
     @staticmethod
     def get(refs, timeout: float | None = None):
-        return [ref.value for ref in refs] if isinstance(refs, list) else refs.value
+        return [ref.result() for ref in refs] if isinstance(refs, list) else refs.result()
 
     @staticmethod
     def wait(refs, num_returns: int = 1, timeout: float | None = None):
@@ -91,7 +109,7 @@ class _Ray:
 
     @staticmethod
     def kill(actor, no_restart: bool = True) -> None:
-        pass
+        _Ray.killed.append(actor)
 
 
 def _one_held_process(tmp_path: Path, monkeypatch, held: Config):
@@ -166,3 +184,31 @@ def test_the_search_end_drops_what_no_process_started_and_a_dropped_config_asked
         assert ahead.stats.to_json()["dropped_at_search_end"] == 3
     finally:
         ahead.close()
+
+
+def test_a_service_dropped_at_the_search_end_is_told_to_stop_and_killed_at_close(tmp_path: Path,
+                                                                                 monkeypatch) -> None:
+    """A service whose ``drop_waiting`` fails (as one that does not answer in time) is dropped
+    by ``end_search``: it is told to stop its processes at once (nobody takes in what they would
+    compile), and ``close`` kills its actor as it does the others'; what the re-timing then asks
+    is not compiled ahead."""
+    from tuner import compiling
+
+    monkeypatch.setattr(compiling, "ray", _Ray)
+    monkeypatch.setattr(_Ray, "killed", [])
+    service = CompileService(1, 60.0, GatedCompiler(str(tmp_path / "order"), str(tmp_path / "gate"), None))
+
+    def no_answer() -> list:
+        raise TimeoutError("no answer")
+
+    handle = _Handle(service, size=lambda: 1, drop_waiting=no_answer)
+    ahead = compiling.CompileAhead(TARGET, [compiling._Service("node", handle, 1)], {SHAPE: (1, 8)}, lambda _: None)
+    try:
+        ahead.end_search()
+        assert not ahead.available
+        assert handle.calls[-2:] == ["drop_waiting", "close"]
+        assert service.pool._closed  # its processes were stopped
+        assert ahead.status(SHAPE, Config(16, 16, 32, 1, 4, 2)) == compiling.NOT_AHEAD
+    finally:
+        ahead.close()
+    assert _Ray.killed == [handle]

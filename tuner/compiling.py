@@ -168,6 +168,7 @@ class CompileAhead:
         self._asked: set[tuple[MoEShape, Config]] = set()
         self._speculated: set[tuple[MoEShape, Config]] = set()  # speculative, not proposed yet
         self._services = list(services)
+        self._dropped: list[_Service] = []  # told to stop when dropped; killed by ``close``
         self._released = False
         try:
             sizes = ray.get([s.actor.size.remote() for s in self._services], timeout=SERVICE_START_TIMEOUT_S)
@@ -289,6 +290,11 @@ class CompileAhead:
         self.note(f"compile service on node {service.node[:8]} failed ({reason.splitlines()[0][:200]}); "
                   "going on without it")
         self._services.remove(service)
+        self._dropped.append(service)
+        try:
+            service.actor.close.remote()  # one that still runs stops its processes: nobody takes in their outcomes
+        except Exception:  # noqa: BLE001 - best effort; ``close`` kills the actor
+            pass
         if not self._services:
             for key in self._asked - set(self._outcomes):
                 self._outcomes[key] = NOT_AHEAD
@@ -326,9 +332,14 @@ class CompileAhead:
             service.actor.close.remote()
 
     def close(self) -> None:
-        """Stop the compile processes, then the actors."""
+        """Stop the compile processes, then the actors (those dropped too)."""
         _close_services(self._services)
-        self._services = []
+        for service in self._dropped:  # not waited for: one that does not answer would hold up the rest
+            try:
+                ray.kill(service.actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - best effort at exit
+                pass
+        self._services, self._dropped = [], []
 
 
 def start_compile_ahead(slots: list[Slot], batch_sizes: dict[MoEShape, tuple[int, ...]], timeout_s: float,
