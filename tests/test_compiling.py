@@ -182,6 +182,11 @@ def test_the_search_end_drops_what_no_process_started_and_a_dropped_config_asked
         assert log.read_text().split() == [held.label, wanted.label]
         assert ahead.status(SHAPE, wanted) == CompileOutcome(Status.OK, "", 1, 0.0)
         assert ahead.stats.to_json()["dropped_at_search_end"] == 3
+        ahead.release()  # after it, what was not compiled is the GPU worker's to compile: never waited for
+        from tuner.compiling import NOT_AHEAD
+
+        assert ahead.status(SHAPE, Config(16, 256, 32, 1, 4, 2)) == NOT_AHEAD
+        assert ahead.status(SHAPE, wanted) == CompileOutcome(Status.OK, "", 1, 0.0)
     finally:
         ahead.close()
 

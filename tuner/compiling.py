@@ -196,7 +196,7 @@ class CompileAhead:
                     service.actor.promote.remote([key])
         if key in self._outcomes:
             return self._outcomes[key]
-        if not self._services:
+        if not self._services or self._released:  # nothing will compile it: the GPU worker compiles
             return NOT_AHEAD
         if key not in self._asked:
             self._asked.add(key)
@@ -324,7 +324,8 @@ class CompileAhead:
     def release(self) -> None:
         """Tell the services to stop their processes, without waiting (nothing needs what they
         still compile): the re-timing need not wait for it. ``close`` still waits for them and
-        ends the actors. Once only; ``status`` must not be asked after it."""
+        ends the actors. Once only; ``status`` answers ``NOT_AHEAD`` after it for anything not
+        compiled yet."""
         if self._released:
             return
         self._released = True
