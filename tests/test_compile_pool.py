@@ -97,6 +97,32 @@ def test_speculative_jobs_run_only_while_no_needed_job_waits():
         pool.close()
 
 
+def test_drop_waiting_forgets_jobs_not_started():
+    """``drop_waiting`` returns the keys no process has started (ordinary ones first, in submission
+    order), none of them is ever reported, the running job still is, and a dropped key is new
+    again: promoted before its next (speculative) submission, it runs as an ordinary job."""
+    pool = CompilePool(stand_in_compile, processes=1, timeout_s=60.0)
+    try:
+        pool.submit("block", ("sleep", 1.5))
+        deadline = time.monotonic() + 60
+        while pool._processes[0].key is None and time.monotonic() < deadline:  # the process took it
+            time.sleep(0.01)
+        pool.submit("n1", ("ok", 1))
+        pool.submit("s1", ("ok", 2), speculative=True)
+        pool.submit("n2", ("ok", 3))
+        assert pool.drop_waiting() == ["n1", "n2", "s1"]
+        pool.submit("s2", ("ok", 4), speculative=True)
+        pool.promote("n2")
+        pool.submit("n2", ("ok", 5), speculative=True)
+        order = []
+        while len(order) < 3 and time.monotonic() < deadline:
+            order += [(key, result[0]) for key, result, _ in pool.results(timeout_s=0.5)]
+        assert order == [("block", 2.25), ("n2", 25), ("s2", 16)]
+        assert pool.results(timeout_s=1.0) == []  # the dropped jobs never run
+    finally:
+        pool.close()
+
+
 def test_close_ends_busy_processes_at_once():
     pool = CompilePool(stand_in_compile, processes=2, timeout_s=600.0)
     pool.submit("hang", ("hang", 0))
