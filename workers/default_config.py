@@ -234,21 +234,25 @@ _found: dict[str, tuple | None] = {}
 
 
 def _server_function(rule: str) -> tuple | None:
-    """(``get_default_config``, its label) of ``rule``'s server where its code imports here, else None."""
+    """(``get_default_config``, its label) of ``rule``'s server where its code imports here and its
+    release is one of the rule's, else None (looked up once per process: ``_found``)."""
     if rule not in _found:
-        from workers.backends import server_code
-
-        server = _RULES[rule].server
-        try:
-            module = server.load(server.module)
-            version = server_code.version(server.package)
-            label = f"{server.module}.get_default_config, {server.package} {version}"
-            _found[rule] = (module.get_default_config, label)
-            if server.oldest_release is not None and _release(version) < server.oldest_release:
-                _found[rule] = None  # an older release: its function may be another rule
-        except Exception:  # noqa: BLE001 - not importable here: the encoding serves
-            _found[rule] = None
+        _found[rule] = _find_server_function(_RULES[rule].server)
     return _found[rule]
+
+
+def _find_server_function(server: ServerFunction) -> tuple | None:
+    from workers.backends import server_code
+
+    try:
+        module = server.load(server.module)
+        version = server_code.version(server.package)
+        function = module.get_default_config
+    except Exception:  # noqa: BLE001 - not importable here: the encoding serves
+        return None
+    if server.oldest_release is not None and _release(version) < server.oldest_release:
+        return None  # an older release: its function may be another rule
+    return function, f"{server.module}.get_default_config, {server.package} {version}"
 
 
 def _release(version: str) -> tuple[int, int]:
