@@ -23,6 +23,12 @@ _BLOCK = 2048
 _MAX_GROUPS_PER_PROGRAM = 16
 
 
+def fp8_scale_shape(rows: int, cols: int, group_k: int | None) -> tuple[int, ...]:
+    """The fp32 scale buffer's shape for ``[rows, cols]`` activations: ``[rows, ceil(cols/group_k)]``
+    (``fp8_quantize_per_group``), or ``[1]`` when ``group_k`` is None (``fp8_quantize_per_tensor``)."""
+    return (rows, triton.cdiv(cols, group_k)) if group_k else (1,)
+
+
 def fp8_absmax(x: torch.Tensor, amax: torch.Tensor) -> None:
     """``amax[0] = max(amax[0], max |x|)`` for contiguous ``x``; zero ``amax`` first."""
     numel = x.numel()

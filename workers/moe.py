@@ -16,7 +16,7 @@ import torch
 
 from workers.activation import swiglu, swiglu_fp8_groups
 from workers.align import TokenAligner
-from workers.fp8_activation import fp8_absmax, fp8_quantize_per_group, fp8_quantize_per_tensor
+from workers.fp8_activation import fp8_absmax, fp8_quantize_per_group, fp8_quantize_per_tensor, fp8_scale_shape
 from workers.formats import launch_block_k
 from workers.fp4_layout import Fp4Atoms, fits_atoms, prepare_atoms
 from workers.fused_moe_kernel import check_config, launch_layout, launch_moe_gemm
@@ -111,8 +111,9 @@ class MoERunner:
         if self._fp8:
             self._x_fp8 = empty("x_fp8", (M, K), FP8_DTYPE, device)
             self._activated_fp8 = empty("activated_fp8", (pairs, N), FP8_DTYPE, device)
-            self._x_scale = self._scale_buffer(empty, "x_scale", M, K, self._in_group, device)
-            self._activated_scale = self._scale_buffer(empty, "activated_scale", pairs, N, self._mid_group, device)
+            self._x_scale = empty("x_scale", fp8_scale_shape(M, K, self._in_group), torch.float32, device)
+            self._activated_scale = empty("activated_scale", fp8_scale_shape(pairs, N, self._mid_group),
+                                          torch.float32, device)
             self._x_amax = empty("x_amax", (1,), torch.float32, device)
             self._activated_amax = empty("activated_amax", (1,), torch.float32, device)
 
@@ -132,12 +133,6 @@ class MoERunner:
             _prepared[key] = prepared
             weakref.finalize(weight, _prepared.pop, key, None)
         return _prepared[key]
-
-    @staticmethod
-    def _scale_buffer(empty, role: str, rows: int, cols: int, group: int | None,
-                      device: torch.device) -> torch.Tensor:
-        shape = (rows, -(-cols // group)) if group else (1,)
-        return empty(role, shape, torch.float32, device)
 
     def poison_buffers(self) -> None:
         """Fill every buffer the kernels write with values that fail a check if left unwritten.

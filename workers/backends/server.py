@@ -35,7 +35,7 @@ from workers.activation import swiglu, swiglu_fp8_groups
 from workers.align import TokenAligner
 from workers.backends import server_code
 from workers.backends.base import KernelBackend, KernelRunner, MoEInputs
-from workers.fp8_activation import fp8_absmax, fp8_quantize_per_group, fp8_quantize_per_tensor
+from workers.fp8_activation import fp8_absmax, fp8_quantize_per_group, fp8_quantize_per_tensor, fp8_scale_shape
 from workers.quant import FP8_DTYPE
 from workers.records import Config, DType, MoEShape
 from workers.workspace import PRIVATE, Workspace
@@ -176,12 +176,9 @@ class LauncherRunner:
         if self._fp8 and not quantizes_input:
             self._x_fp8 = empty("x_fp8", (M, K), FP8_DTYPE, device)
             self._act_fp8 = empty("activated_fp8", (pairs, N), FP8_DTYPE, device)
-            self._x_scale = empty("x_scale", self._scale_shape(M, K), torch.float32, device)
-            self._act_scale = empty("activated_scale", self._scale_shape(pairs, N), torch.float32, device)
+            self._x_scale = empty("x_scale", fp8_scale_shape(M, K, self._group_k), torch.float32, device)
+            self._act_scale = empty("activated_scale", fp8_scale_shape(pairs, N, self._group_k), torch.float32, device)
             self._amax = empty("amax", (2,), torch.float32, device)
-
-    def _scale_shape(self, rows: int, cols: int) -> tuple[int, ...]:
-        return (rows, -(-cols // self._group_k)) if self._group_k else (1,)
 
     def _quantize(self, a: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, amax: torch.Tensor) -> None:
         if self._group_k:
