@@ -100,7 +100,9 @@ def test_speculative_jobs_run_only_while_no_needed_job_waits():
 def test_drop_waiting_forgets_jobs_not_started():
     """``drop_waiting`` returns the keys no process has started (ordinary ones first, in submission
     order), none of them is ever reported, the running job still is, and a dropped key is new
-    again: promoted before its next (speculative) submission, it runs as an ordinary job."""
+    again: promoted before its next (speculative) submission, it runs as an ordinary job, while a
+    promotion made before the drop is forgotten with it (its job, submitted speculative later,
+    stays speculative)."""
     pool = CompilePool(stand_in_compile, processes=1, timeout_s=60.0)
     try:
         pool.submit("block", ("sleep", 1.5))
@@ -110,14 +112,16 @@ def test_drop_waiting_forgets_jobs_not_started():
         pool.submit("n1", ("ok", 1))
         pool.submit("s1", ("ok", 2), speculative=True)
         pool.submit("n2", ("ok", 3))
+        pool.promote("s3")  # a promotion whose job has not arrived: forgotten with the waiting jobs
         assert pool.drop_waiting() == ["n1", "n2", "s1"]
+        pool.submit("s3", ("ok", 6), speculative=True)  # speculative again: runs after the ordinary n2
         pool.submit("s2", ("ok", 4), speculative=True)
         pool.promote("n2")
         pool.submit("n2", ("ok", 5), speculative=True)
         order = []
-        while len(order) < 3 and time.monotonic() < deadline:
+        while len(order) < 4 and time.monotonic() < deadline:
             order += [(key, result[0]) for key, result, _ in pool.results(timeout_s=0.5)]
-        assert order == [("block", 2.25), ("n2", 25), ("s2", 16)]
+        assert order == [("block", 2.25), ("n2", 25), ("s3", 36), ("s2", 16)]
         assert pool.results(timeout_s=1.0) == []  # the dropped jobs never run
     finally:
         pool.close()

@@ -116,13 +116,15 @@ class CompilePool:
                 self._promoted.add(key)
 
     def drop_waiting(self) -> list[Hashable]:
-        """Forget every job no process has started (ordinary and speculative): their keys, in
-        submission order (ordinary ones first). Running jobs finish and report as usual; a key
-        dropped here may be submitted again."""
+        """Forget every job no process has started (ordinary and speculative) and every promotion
+        still waiting for its job's submission: the keys of the jobs, in submission order
+        (ordinary ones first). Running jobs finish and report as usual; a key dropped here may be
+        submitted again, as what it is submitted as."""
         with self._lock:
             keys = [key for key, _ in self._waiting] + list(self._speculative)
             self._waiting.clear()
             self._speculative.clear()
+            self._promoted.clear()
             self._submitted.difference_update(keys)
         return keys
 
