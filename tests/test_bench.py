@@ -192,3 +192,24 @@ def test_bench_and_tune_print_one_ratio_convention() -> None:
     assert RATIO_CONVENTION == ratio_convention("reference") == \
         "time / reference time (below 1: faster than the reference)"
     assert BASELINE_RATIO == ratio_convention("baseline") == "time / baseline time (below 1: faster than the baseline)"
+
+
+def test_a_gate_reading_the_same_folders_for_every_check_reads_each_once(tmp_path: Path, monkeypatch) -> None:
+    """``FolderReader`` (a job's gate: ``variants_for`` once per check) reads a folder once, by
+    resolved path, and every check's variants hold the same files."""
+    from tuner import bench, writers
+
+    reference, fresh = tmp_path / "reference", tmp_path / "fresh"
+    write_vllm(reference, SHAPE, "cpu", {1: POOL[0]}, "3.9.0")
+    write_vllm(fresh, SHAPE, "cpu", {1: POOL[1]}, "3.9.0")
+    reads: list[Path] = []
+    read_file = writers._read_config_file
+    monkeypatch.setattr(writers, "_read_config_file", lambda path: reads.append(path) or read_file(path))
+    read = bench.FolderReader()
+    checks = [bench.variants_for([folder], reference, read) for folder in (fresh, reference / ".." / "fresh", fresh)]
+    assert sorted(path.parent.name for path in reads) == ["fresh", "reference"]
+    for variants, ref in checks:
+        files = {v.label: v.files for v in variants}
+        assert ref.label == "reference" and {label: dict(f) for label, f in files.items()} == {
+            "default": {}, "fresh": {"E=4,N=64,device_name=cpu.json": {1: POOL[1]}},
+            "reference": {"E=4,N=64,device_name=cpu.json": {1: POOL[0]}}}
