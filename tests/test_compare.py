@@ -200,3 +200,36 @@ def test_a_screen_only_winner_is_explained_by_what_happened() -> None:
     failed = [Measurement(Candidate(shape, 4096, Config(16, 32, b, 1, 4, 2)), status)
               for b, status in ((32, Status.CRASHED), (64, Status.TIMEOUT), (128, Status.CRASHED))]
     assert _screened_why(won, failed, budget_ended=True) == "its full timings failed (crashed 2, timeout 1)"
+
+
+def test_a_routing_file_changed_during_the_server_kernel_timing_ends_the_compare(monkeypatch) -> None:
+    """The server-kernel timing task's ``InputChanged`` (a pinned routing file changed: Ray hands it
+    back as a task error's ``cause``) ends the compare with its message, one line; any other error
+    of the task is let out as it came, never reported as an input change."""
+    from types import SimpleNamespace
+
+    import ray
+
+    from tuner import compare
+    from workers.failures import InputChanged
+
+    class TaskError(Exception):
+        def __init__(self, cause: BaseException) -> None:
+            super().__init__(f"task failed\ntraceback ...\n{cause}")
+            self.cause = cause
+
+    raised: list[BaseException] = []
+
+    def get(ref, timeout):  # noqa: ARG001 - ray.get's signature
+        raise raised[-1]
+
+    monkeypatch.setattr(compare, "_time_kernels", SimpleNamespace(remote=lambda *args: "ref"))
+    monkeypatch.setattr(ray, "get", get)
+    request = SimpleNamespace(batch_sizes=[2], routing="file:ids.pt", grid=None)
+    raised.append(TaskError(InputChanged("routing file ids.pt changed since it was pinned")))
+    with pytest.raises(RunFailed, match=r"^routing file ids.pt changed since it was pinned$"):
+        compare._server_kernel_timings({}, [DType.MXFP4], {}, request)
+    raised.append(TaskError(ValueError("matmul_ogs went wrong")))
+    with pytest.raises(TaskError) as other:
+        compare._server_kernel_timings({}, [DType.MXFP4], {}, request)
+    assert other.value is raised[-1]
