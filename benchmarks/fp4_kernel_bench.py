@@ -136,14 +136,20 @@ def builtin_runner(variant: str, problem, config, folder: Path):
                fp4_swap=variant == "swap", fp4_atoms=variant == "atoms")
 
 
-def configs_for(M: int, interpret: bool, variant: str = "rows"):
-    """The candidate configs at ``M`` (the atom variant: those whose tiles cover whole atoms, so
+def runs_config(variant: str, config) -> bool:
+    """Whether ``variant`` runs ``config`` (the atom variant: only tiles that cover whole atoms, so
     no row of its table is a row-major fallback)."""
     from workers.fp4_layout import fits_atoms
+
+    return variant != "atoms" or fits_atoms(config.BLOCK_SIZE_N, config.BLOCK_SIZE_K)
+
+
+def configs_for(M: int, interpret: bool, variant: str = "rows"):
+    """The candidate configs at ``M`` that ``variant`` runs (``runs_config``)."""
     from workers.records import Config
 
     configs = [Config(*c) for c in (TINY_CANDIDATES if interpret else CANDIDATES[M])]
-    return [c for c in configs if variant != "atoms" or fits_atoms(c.BLOCK_SIZE_N, c.BLOCK_SIZE_K)]
+    return [c for c in configs if runs_config(variant, c)]
 
 
 # ------------------------------------------------------------------ compile ahead (GPU)
@@ -156,11 +162,9 @@ def _compile_job(dtype: str, variant: str, configs: list[tuple], folder: str) ->
     start = time.perf_counter()
     shape = MoEShape(**{**GPU_SHAPE, "E": COMPILE_E}, dtype=DType(dtype))
     problem = build_problem(shape, 16, device="cuda")
-    from workers.fp4_layout import fits_atoms
-
-    for config in configs:
-        if variant != "atoms" or fits_atoms(config[1], config[2]):
-            builtin_runner(variant, problem, Config(*config), Path(folder)).run()
+    for config in (Config(*c) for c in configs):
+        if runs_config(variant, config):
+            builtin_runner(variant, problem, config, Path(folder)).run()
     import torch
 
     torch.cuda.synchronize()
