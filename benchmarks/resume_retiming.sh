@@ -89,6 +89,8 @@ timeout 30 python3 - "$OUT" <<'EOF' | tee "$OUT/summary.txt"
 import json, sys
 from pathlib import Path
 
+from workers.backends.base import describe_label
+
 out = Path(sys.argv[1])
 kernel = {}
 print(f"{'run':<10} {'exit':>4} {'wall s':>7} {'re-timing s':>11} {'re-timed':>8} {'reused evals':>12}  compile-ahead for the re-timing")
@@ -108,7 +110,6 @@ for name in ("full", "resumed", "no_ahead"):
             f"compiling {r['batch_sizes_taken_uncompiled']}" if r else "off")
     print(f"{name:<10} {code:>4} {s.get('wall_s', 0):>7.1f} {span.get('duration_s', float('nan')):>11.1f} "
           f"{s.get('retimed_groups', 0):>8} {s.get('evaluations_reused', 0):>12}  {what}")
-print(f"kernel: {kernel.get('kernel')} ({kernel.get('kernel_entry', '')} {kernel.get('kernel_version', '')}, "
-      f"hash {kernel.get('kernel_hash')}), torch {kernel.get('torch')}, triton {kernel.get('triton')}, "
+print(f"kernel: {describe_label(kernel)}, torch {kernel.get('torch')}, triton {kernel.get('triton')}, "
       f"{kernel.get('device')}")
 EOF
