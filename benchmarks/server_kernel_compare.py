@@ -28,6 +28,7 @@ from pathlib import Path
 
 from tuner.models import derive_shape, load_model
 from tuner.writers import lookup, read_config_folder, server_file
+from workers.backends.base import describe_label
 from workers.default_config import RULES, VLLM, server_default
 from workers.records import Candidate, MoEShape
 from workers.worker import BenchmarkWorker
@@ -70,7 +71,7 @@ def main() -> int:
     worker = BenchmarkWorker(kernel=args.kernel, timeout_s=300)
     env = worker.describe()
     versus = args.versus.split(",")
-    lines = [f"kernel: {env['kernel']} ({env['kernel_entry']}, {env['kernel_version']}, source {env['kernel_hash']}); "
+    lines = [f"kernel: {describe_label(env)}; "
              f"{env['device']}, torch {env['torch']}, triton {env['triton']}; median of {args.rounds} interleaved "
              f"rounds, µs (spread)"]
     for name, shape in shapes:
