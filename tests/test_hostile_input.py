@@ -140,9 +140,15 @@ def test_a_file_that_is_no_journal_is_refused_not_appended_to(tmp_path: Path, co
         argv.append("--dry-run")
     _refused(argv, capsys, f"--journal {victim}: not a moe-tune journal")
     assert victim.read_bytes() == before
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    argv[argv.index(str(victim))] = str(folder)
+    _refused(argv, capsys, f"--journal {folder}: exists and is not a file")
 
 
 def test_not_a_journal_tells_journals_from_other_files(tmp_path: Path) -> None:
+    import os
+
     from tuner.journal import not_a_journal
 
     cases = {"missing": None, "empty": b"", "torn": b'{"v": 1, "kind": "meas',
@@ -154,3 +160,6 @@ def test_not_a_journal_tells_journals_from_other_files(tmp_path: Path) -> None:
     verdicts = {name: not_a_journal(tmp_path / name) is None for name in cases}
     assert verdicts == {"missing": True, "empty": True, "torn": True, "journal": True, "config": False,
                         "text": False, "list": False}
+    (tmp_path / "folder").mkdir()
+    os.mkfifo(tmp_path / "fifo")  # would block a reader: refused without being opened
+    assert not_a_journal(tmp_path / "folder") == not_a_journal(tmp_path / "fifo") == "exists and is not a file"

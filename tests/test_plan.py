@@ -102,6 +102,13 @@ def test_block_shape_flag_applies_to_fp8_jobs_only():
                    space="default", device_name="NVIDIA H200")
 
 
+@pytest.mark.parametrize("name", ["NVIDIA H200/x", " "])
+def test_a_device_name_no_file_name_can_hold_is_refused(name):
+    with pytest.raises(UsageError, match="device name"):
+        build_plan([MIXTRAL], tp=2, ep=1, dtypes=["bf16"], block_shape=None, batch_sizes=[8], space="default",
+                   device_name=name)
+
+
 def test_human_table(moe_tune):
     rc, out, _ = moe_tune("plan", "--model", MIXTRAL, "--tp", "2", "--dtype", "fp8_w8a8", "--batch-sizes",
                           "1,4096", "--device-name", "NVIDIA H200")

@@ -180,10 +180,13 @@ def record_to_measurement(record: dict) -> Measurement:
 
 
 def not_a_journal(path: Path) -> str | None:
-    """Why the existing file at ``path`` is not a moe-tune journal (one line), or None: it is one
+    """Why the existing path ``path`` cannot be a moe-tune journal (one line), or None: it is one
     (its first complete line is a record this module writes, however hostile the lines after it),
     it is empty or holds only a torn first record, or it does not exist. A run appends to its
-    journal, so a file given as one by mistake (a ``config.json``) would be corrupted."""
+    journal, so a file given as one by mistake (a ``config.json``) would be corrupted; a folder or
+    a FIFO is no file at all (and is never opened here: reading a FIFO would block)."""
+    if path.exists() and not path.is_file():
+        return "exists and is not a file"
     try:
         with open(path, "rb") as handle:
             lines = iter(lambda: handle.readline(1 << 20), b"")

@@ -536,11 +536,11 @@ def derive_shape(spec: ModelSpec, tp: int = 1, ep: int = 1, dtype: DType | str |
     else:
         # A block-quantized checkpoint (DeepSeek-V3) keeps its blocks when asked for fp8.
         block = spec.block_shape if resolved is spec.natural_dtype and format_of(resolved).block_shapes else None
+        problem = block_shape_broken(block) if block is not None else None
+        if problem:
+            raise UsageError(f"{spec.name}: the checkpoint's fp8 weight block: {problem}")
 
     if block is not None and resolved is DType.FP8_W8A8:
-        problem = block_shape_broken(block)
-        if problem:  # the checkpoint's own block (``block_shape`` was checked above)
-            raise UsageError(f"{spec.name}: the checkpoint's fp8 weight block: {problem}")
         bn, bk = block
         # As vLLM's fp8 weight loader: gate/up rows split at block boundaries, and so does the
         # down projection's input once tensor parallelism cuts it.

@@ -354,9 +354,7 @@ def build_plan(models: Sequence[str | ModelSpec], tp: int, ep: int, dtypes: Sequ
                block_shape: tuple[int, int] | None, batch_sizes: Sequence[int] | None,
                space: SearchSpace | str, device_name: str, formats: str = "both",
                fuse_shared_experts: bool = True, builtin_fp4: bool = False) -> DevicePlan:
-    """``plan(...)`` for ``device_name`` (``moe-tune plan``)."""
-    problem = device_name_problem(device_name)
-    if problem:
-        raise UsageError(problem)
+    """``plan(...)`` for ``device_name`` (``moe-tune plan``; UsageError for a device name no file
+    name can hold, ``Plan.for_device``)."""
     return plan(models, tp, ep, dtypes, block_shape, batch_sizes, space, formats,
                 fuse_shared_experts, builtin_fp4).for_device(device_name)

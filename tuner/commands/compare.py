@@ -110,8 +110,6 @@ def _request(args: argparse.Namespace) -> tuple[compare.CompareRequest, list[str
     grid, reference_weights = compare.accuracy_reference(spec)
     servers_by_shape: dict = {}
     journal = args.journal or args.configs_out / JOURNAL_NAME
-    if journal.exists() and not journal.is_file():
-        raise OptionError("journal", f"{journal}: exists and is not a file")
     foreign = not_a_journal(journal)
     if foreign:
         raise OptionError("journal", f"{journal}: {foreign}")

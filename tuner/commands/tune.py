@@ -150,8 +150,6 @@ def validate(args: TuneOptions, probe: bool = True) -> Validated:
         raise OptionError("out", f"{out}: exists and is not a folder")
     _check_writable_location(out, "out")
     journal = Path(args.journal).expanduser() if args.journal else out / JOURNAL_NAME
-    if journal.exists() and not journal.is_file():
-        raise OptionError("journal", f"{journal}: exists and is not a file")
     _check_writable_location(journal, "journal")
     foreign = not_a_journal(journal)
     if foreign:
