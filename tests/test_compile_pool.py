@@ -72,15 +72,22 @@ def test_results_failures_and_timeouts():
         pool.close()
 
 
+def _one_process_held() -> tuple[CompilePool, float]:
+    """A pool of one process running the job ``block`` (1.5 s), and a deadline 60 s away for the
+    caller's waits: what is submitted next queues."""
+    pool = CompilePool(stand_in_compile, processes=1, timeout_s=60.0)
+    pool.submit("block", ("sleep", 1.5))
+    deadline = time.monotonic() + 60
+    while pool._processes[0].key is None and time.monotonic() < deadline:  # the process took it
+        time.sleep(0.01)
+    return pool, deadline
+
+
 def test_speculative_jobs_run_only_while_no_needed_job_waits():
     """One process: a needed job runs while speculative and needed ones arrive; every needed one
     (and a promoted one, in promotion order) then runs before the speculative ones, oldest first."""
-    pool = CompilePool(stand_in_compile, processes=1, timeout_s=60.0)
+    pool, deadline = _one_process_held()
     try:
-        pool.submit("block", ("sleep", 1.5))
-        deadline = time.monotonic() + 60
-        while pool._processes[0].key is None and time.monotonic() < deadline:  # the process took it
-            time.sleep(0.01)
         for key in ("s1", "s2", "s3"):
             pool.submit(key, ("ok", 1), speculative=True)
         pool.submit("n1", ("ok", 2))
@@ -103,12 +110,8 @@ def test_drop_waiting_forgets_jobs_not_started():
     again: promoted before its next (speculative) submission, it runs as an ordinary job, while a
     promotion made before the drop is forgotten with it (its job, submitted speculative later,
     stays speculative)."""
-    pool = CompilePool(stand_in_compile, processes=1, timeout_s=60.0)
+    pool, deadline = _one_process_held()
     try:
-        pool.submit("block", ("sleep", 1.5))
-        deadline = time.monotonic() + 60
-        while pool._processes[0].key is None and time.monotonic() < deadline:  # the process took it
-            time.sleep(0.01)
         pool.submit("n1", ("ok", 1))
         pool.submit("s1", ("ok", 2), speculative=True)
         pool.submit("n2", ("ok", 3))
