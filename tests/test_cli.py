@@ -93,6 +93,34 @@ def test_ray_start_up_chatter_stays_out_of_the_terminal_unless_verbose() -> None
             assert "Token authentication" not in done.stderr
 
 
+def test_without_address_ray_session_starts_its_own_ray_even_where_ray_start_left_a_cluster_address() -> None:
+    """``ray.init()`` without an address joins the cluster the last ``ray start`` on this host
+    recorded (``$RAY_TMPDIR/ray/ray_current_cluster``): a moe-tune run without ``--address``
+    would land on somebody else's cluster, or fail (--interpret's logical GPUs: "When connecting
+    to an existing cluster, num_cpus and num_gpus must not be provided"), or wait on a dead one
+    whose file was left behind. Here the file names a port nothing listens on."""
+    import os
+    import socket
+    import tempfile
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    probe = ("import ray, sys; from tuner.ray_session import ray_session\n"
+             "with ray_session(None, True, workers=2) as session:\n"
+             "    print(int(ray.cluster_resources().get('GPU', 0)), ray.get_runtime_context().gcs_address,\n"
+             "          file=session.stdout)\n")
+    with tempfile.TemporaryDirectory(prefix="mt-", dir="/tmp") as tmp:  # short: Ray's socket paths are limited
+        (Path(tmp) / "ray").mkdir()
+        (Path(tmp) / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}\n")
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": tmp}
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                              env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    gpus, gcs = done.stdout.split()
+    assert gpus == "2" and not gcs.endswith(f":{port}")
+
+
 def test_verbose_flag_sets_the_variable_ray_session_reads(monkeypatch, capsys) -> None:
     from tuner import ray_session
 

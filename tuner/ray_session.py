@@ -4,7 +4,9 @@
 Why Ray even for one GPU: under ``ray job submit`` on KubeRay the driver runs on a head pod with
 no GPU, so the GPU work must be placed on a worker node. The rules: ``--address`` (or
 ``RAY_ADDRESS``, as under ``ray job submit``) joins a cluster, and a cluster that cannot be joined
-is a run failure (``RunFailed``, exit 1); otherwise an embedded Ray starts. With ``--interpret`` it
+is a run failure (``RunFailed``, exit 1); otherwise an embedded Ray starts, a new one even
+where a ``ray start`` on this host left its address behind (``ray.init()`` would join that
+cluster, or fail on a dead one; joining is only ever asked for). With ``--interpret`` it
 gets ``workers`` logical GPUs (default ``INTERPRET_NUM_GPUS``) and ``TRITON_INTERPRET=1`` is set in
 the worker processes before they import a kernel; the fault-injection variable (so tests can make
 latencies deterministic) and ``MOE_TUNE_SERVER_CODE`` (where a server's code is) are forwarded.
@@ -125,8 +127,8 @@ class RaySession:
 @contextlib.contextmanager
 def ray_session(address: str | None, interpret: bool, workers: int | None = None,
                 connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> Iterator[RaySession]:
-    """Start an embedded Ray, or join the cluster at ``address`` / ``RAY_ADDRESS`` within
-    ``connect_timeout_s``; shut it down on exit.
+    """Start an embedded Ray (always a new one), or join the cluster at ``address`` /
+    ``RAY_ADDRESS`` within ``connect_timeout_s``; shut it down on exit.
 
     ``workers``: the GPU workers the command will use at most (under ``--interpret``, the number
     of logical GPUs). Raises RunFailed when the cluster cannot be joined.
@@ -145,8 +147,10 @@ def ray_session(address: str | None, interpret: bool, workers: int | None = None
             gpus = workers or INTERPRET_NUM_GPUS
             resources = {"num_cpus": max(2, gpus), "num_gpus": gpus} if interpret else {}
             try:
-                ray.init(include_dashboard=False, runtime_env=runtime_env, logging_level=ray_logging_level(),
-                         **resources)
+                # "local": a new instance even where a ``ray start`` on this host left its address
+                # (``ray.init()`` would join that cluster; only --address / RAY_ADDRESS join one).
+                ray.init(address="local", include_dashboard=False, runtime_env=runtime_env,
+                         logging_level=ray_logging_level(), **resources)
             except SystemExit as exc:
                 if exc.code != signal.SIGTERM:
                     raise
