@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from workers.backends.base import describe_label
+from workers.backends.base import BackendUnavailable, describe_label
 from workers.problem import ERROR_BOUNDS, build_problem, rel_error
 from workers.records import Config, DType, MoEShape
 
@@ -149,7 +149,7 @@ def test_unsupported_shapes_and_missing_servers(stand_in, seed, monkeypatch):
         backend.runner(problem(DType.MXFP4, seed), CONFIG)
     _forget_servers()
     monkeypatch.setitem(sys.modules, "sglang", None)
-    with pytest.raises(backends.BackendUnavailable, match="--kernel sglang"):
+    with pytest.raises(BackendUnavailable, match="--kernel sglang"):
         backends.load("sglang")
     with pytest.raises(ValueError, match="unknown kernel backend"):
         backends.load("tensorrt")
@@ -199,7 +199,7 @@ def test_missing_server_dependency_is_named(tmp_path, monkeypatch):
     from workers import backends
 
     with extracted_vllm(tmp_path, monkeypatch, "import cbor2_not_installed_here\n"):
-        with pytest.raises(backends.BackendUnavailable, match="cbor2_not_installed_here"):
+        with pytest.raises(BackendUnavailable, match="cbor2_not_installed_here"):
             backends.load("vllm")
 
 
@@ -313,7 +313,7 @@ def test_a_vllm_that_disabled_triton_is_refused_by_name(tmp_path, monkeypatch):
     placeholder = ("def fused_moe_kernel(*args, **kwargs):  # what vLLM's placeholder jit leaves\n    pass\n"
                    "def invoke_fused_moe_triton_kernel(*args, **kwargs):\n    fused_moe_kernel[(1,)](*args)\n")
     with extracted_vllm(tmp_path, monkeypatch, placeholder):
-        with pytest.raises(backends.BackendUnavailable, match="disabled Triton"):
+        with pytest.raises(BackendUnavailable, match="disabled Triton"):
             backends.load("vllm")
 
 

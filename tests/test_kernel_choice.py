@@ -234,3 +234,27 @@ def test_a_baseline_times_the_default_config_of_each_server_reading_the_file(tmp
     assert baseline.configs_for(fp8, "cpu", [M], servers=("vllm",)) == {M: (vllm_default,)}
     assert baseline.configs_for(fp8, "cpu", [M], servers=("vllm", "sglang")) == {M: (vllm_default, sglang_default)}
     assert baseline.configs_for(BF16, "cpu", [M], servers=("sglang",))[M][0] == Config(16, 32, 32, 1, 4, 2)
+
+
+def test_the_kernel_names_are_read_without_importing_torch():
+    """``--kernel``'s names and refusals come from ``workers.backends``, which imports no backend:
+    building a command's arguments does not pay torch's import for them, and the names are one
+    owner's (every backend's own ``name`` is its registry name)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom tuner import kernel_choice\n"
+             "assert kernel_choice.kernel_metavar() == '{auto,builtin,vllm,sglang}', kernel_choice.kernel_metavar()\n"
+             "assert 'takes no fused-MoE config' in kernel_choice.refusal('triton_kernels')\n"
+             "assert 'torch' not in sys.modules, 'torch imported'\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    from workers import backends
+    from workers.backends.builtin import BuiltinBackend
+    from workers.backends.sglang import SglangBackend
+    from workers.backends.triton_kernels import TritonKernelsBackend
+    from workers.backends.vllm import VllmBackend
+
+    assert (BuiltinBackend.name, VllmBackend.name, SglangBackend.name, TritonKernelsBackend.name) == (
+        backends.BUILTIN, backends.VLLM, backends.SGLANG, backends.TRITON_KERNELS)

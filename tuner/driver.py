@@ -42,6 +42,7 @@ from tuner.spaces import DeviceLimits
 from tuner.timeline import Timeline
 from tuner.writers import FileConflict, OutputWriter, SplitChoices, Written
 from workers import faults
+from workers.backends import BUILTIN
 from workers.compile_ahead import Compiler
 from workers.records import Gemm, Measurement, MoEShape
 
@@ -65,7 +66,7 @@ class TuneRequest:
     fresh: bool = False
     workers: int | None = None
     interpret: bool = False
-    kernel: str = "builtin"
+    kernel: str = BUILTIN
     timeout_s: float = 300.0
     finalists: int = selection.FINALISTS
     strategy: str = "fast"

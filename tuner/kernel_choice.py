@@ -29,11 +29,12 @@ from pathlib import Path
 from tuner.errors import OptionError
 from tuner.plan import DevicePlan, Job
 from tuner.writers import format_servers
+from workers import backends
 from workers.records import MoEShape
 
 AUTO = "auto"
-FORMAT_SERVER = {"vllm": "vllm", "sglang": "sglang"}
-"""The server whose kernel reads each output layout."""
+FORMAT_SERVER = {"vllm": backends.VLLM, "sglang": backends.SGLANG}
+"""The server whose kernel reads each output layout (its backend bears the server's name)."""
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,6 @@ class KernelRun:
 def kernel_names() -> tuple[str, ...]:
     """What ``--kernel`` accepts: ``auto`` and every backend whose kernel takes a fused-MoE config
     (``workers.backends.config_names``)."""
-    from workers import backends
-
     return (AUTO, *backends.config_names())
 
 
@@ -80,8 +79,6 @@ def kernel_metavar() -> str:
 def refusal(kernel: str) -> str | None:
     """Why ``--kernel kernel`` is refused before anything is probed (a phrase: an unknown name, or
     a backend that takes no config), or None."""
-    from workers import backends
-
     if kernel in backends.NO_CONFIG:
         return f"{backends.NO_CONFIG[kernel]}: nothing to tune or bench in it"
     if kernel not in kernel_names():
@@ -115,11 +112,11 @@ def use_server_code(path: Path | None) -> None:
 
 def _unavailable(kernel: str, shapes: list[MoEShape]) -> str | None:
     """None when backend ``kernel`` imports here and runs every shape, else why not (one line)."""
-    from workers import backends
+    from workers.backends.base import BackendUnavailable  # torch: only once a backend is probed
 
     try:
         backend = backends.load(kernel)
-    except backends.BackendUnavailable as exc:
+    except BackendUnavailable as exc:
         return str(exc)
     for shape in shapes:
         reason = backend.check(shape)
@@ -171,9 +168,9 @@ def _with_builtin_fp4(runs: list[KernelRun], fmt: str, builtin_fp4: bool) -> lis
     if not builtin_fp4:
         return runs
     for index, run in enumerate(runs):
-        if run.kernel == "builtin":
+        if run.kernel == backends.BUILTIN:
             return [*runs[:index], KernelRun(run.format, run.kernel, run.server_files, True), *runs[index + 1:]]
-    return [*runs, KernelRun(fmt, "builtin", server_files=False, builtin_fp4=True)]
+    return [*runs, KernelRun(fmt, backends.BUILTIN, server_files=False, builtin_fp4=True)]
 
 
 def _server_runs(kernel: str, fmt: str, shapes: list[MoEShape],
@@ -205,7 +202,7 @@ def _server_runs(kernel: str, fmt: str, shapes: list[MoEShape],
                 print(line, file=sys.stderr)
             else:
                 warnings.append(line)
-        runs.append(KernelRun(layout, "builtin" if reason else server))
+        runs.append(KernelRun(layout, backends.BUILTIN if reason else server))
     if len(runs) > 1 and len({run.kernel for run in runs}) == 1:
         return [KernelRun(fmt, runs[0].kernel)]
     return runs
@@ -227,10 +224,8 @@ def default_rule(kernel: str, server_version: str | None, server: str = "vllm") 
             return default_config.rule_for_version(server_version)
         if server == "sglang":
             return default_config.SGLANG
-        if kernel == "vllm":
-            from workers import backends
-
-            version = backends.load("vllm").describe()["kernel_version"].split(" ", 1)[1]
+        if kernel == backends.VLLM:
+            version = backends.load(backends.VLLM).describe()["kernel_version"].split(" ", 1)[1]
             return default_config.rule_for_version(f"vllm=={version}")
         import importlib.metadata
 

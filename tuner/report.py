@@ -19,6 +19,7 @@ import orjson
 
 from tuner import report_plots, roofline
 from tuner.devices import DeviceFacts
+from workers.backends import BUILTIN
 from workers.records import Config, DType, MoEShape
 
 REFERENCE = DType.BF16
@@ -68,7 +69,7 @@ class PointResult:
     hbm_floor_fraction: float | None  # None where the device's peaks are unknown
     compute_floor_fraction: float | None
     spread_us: float | None = None  # interquartile range of the full timing; None where unknown
-    kernel: str = "builtin"
+    kernel: str = BUILTIN
     server_kernel: bool = True
     builtin_latency_us: float | None = None
     builtin_config: Config | None = None
@@ -153,7 +154,7 @@ def summarize_dtype(shape: MoEShape, moe_layers: int) -> DTypeSummary:
 
 def measured_point(shape: MoEShape, M: int, latency_us: float, config: Config | None, rel_err_vs_bf16: float,
                    experts_touched: float, peaks: DeviceFacts | None, spread_us: float | None = None, *,
-                   kernel: str = "builtin", server_kernel: bool = True, builtin_latency_us: float | None = None,
+                   kernel: str = BUILTIN, server_kernel: bool = True, builtin_latency_us: float | None = None,
                    screened: bool = False, screened_why: str = "", note: str = "") -> PointResult:
     """A point with its floor fractions (None when ``peaks`` is None, e.g. on CPU)."""
     fractions = None if peaks is None else roofline.floor_fractions(shape, M, latency_us, peaks, experts_touched)

@@ -36,6 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
+from workers.backends import BUILTIN
 from workers.compile_pool import CompilePool, PoolFailure
 from workers.failures import COMPILE_VERDICTS, ConfigRejected, classify, describe
 from workers.records import Config, MoEShape, Status
@@ -53,7 +54,7 @@ class CompileTarget:
     arch: int
     warp_size: int
     max_shared_mem: int
-    kernel: str = "builtin"
+    kernel: str = BUILTIN
     """The worker's kernel backend (``workers.backends``): what the compile process drives."""
 
 
@@ -124,7 +125,7 @@ class Compiler(Protocol):
 class TritonCompiler:
     """Triton's compiler, driven as this module's docstring says: the ``Compiler`` of every run."""
 
-    kernel: str = "builtin"
+    kernel: str = BUILTIN
     needs_gpu: ClassVar[bool] = True
 
     def target(self, reported: CompileTarget | None) -> CompileTarget | None:
@@ -192,7 +193,7 @@ def _compile_instead_of_launch(compiled: list) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class _MetaInputs:
-    """``workers.backends.MoEInputs`` on torch's ``meta`` device."""
+    """``workers.backends.base.MoEInputs`` on torch's ``meta`` device."""
 
     shape: MoEShape
     x: object
@@ -202,7 +203,7 @@ class _MetaInputs:
     topk_ids: object
 
 
-def _meta_runner(shape: MoEShape, M: int, config: Config, kernel: str = "builtin"):
+def _meta_runner(shape: MoEShape, M: int, config: Config, kernel: str = BUILTIN):
     """The ``kernel`` backend's runner for ``shape`` at batch size ``M``, all its tensors on ``meta``."""
     import torch
 

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
+from workers.backends import BUILTIN
 from workers.compile_ahead import CompileJob, CompileOutcome, CompileTarget, Compiler, TritonCompiler
 from workers.records import Candidate, Status
 
@@ -75,7 +76,7 @@ class CompileStandIn:
 
     setup_s: float = 0.0
     job_s: float = 0.0
-    kernel: str = "builtin"
+    kernel: str = BUILTIN
     needs_gpu: ClassVar[bool] = False
 
     def target(self, reported: CompileTarget | None) -> CompileTarget:

@@ -23,6 +23,7 @@ from tuner.ray_session import DEFAULT_CONNECT_TIMEOUT_S
 from tuner.spaces import load_space
 from tuner.naming import BUILTIN_FOLDER
 from tuner.writers import DEFAULT_OUT, probe_writable
+from workers.backends import BUILTIN
 from workers.records import DType, MoEShape
 
 DEFAULT_DTYPES = "bf16,fp8_w8a8,int8_w8a16,mxfp4,nvfp4"
@@ -103,7 +104,7 @@ def _request(args: argparse.Namespace) -> tuple[compare.CompareRequest, list[str
     warnings: list[str] = []
     # the dtypes --server runs in its fused-MoE Triton kernel on the backend --kernel means (auto under
     # --interpret: builtin); moe-tune's own fp4 kernel (the second column) always on builtin
-    kernel = "builtin" if args.interpret and args.kernel == kernel_choice.AUTO else args.kernel
+    kernel = BUILTIN if args.interpret and args.kernel == kernel_choice.AUTO else args.kernel
     runs = kernel_choice.plan_runs(kernel, planned.for_device("cpu" if args.interpret else PREFLIGHT_DEVICE),
                                    args.format, warnings, server=args.server)
     check_routing_file(args.routing, [s.shape for s in planned.shapes])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from workers.backends import BUILTIN
 from workers.backends.base import KernelBackend, MoEInputs
 from workers.records import Config, DType, MoEShape
 from workers.workspace import PRIVATE, Workspace
@@ -28,7 +29,7 @@ def kernel_source_hash() -> str:
 
 
 class BuiltinBackend(KernelBackend):
-    name = "builtin"
+    name = BUILTIN
     splits = True
     compiles_ahead = True
 

@@ -36,6 +36,7 @@ from types import ModuleType
 
 import torch
 
+from workers.backends import TRITON_KERNELS
 from workers.backends.base import BackendUnavailable, KernelBackend, MoEInputs
 from workers.quant import MXFP4_BLOCK, QuantizedWeight
 from workers.records import Config, DType, MoEShape
@@ -184,7 +185,7 @@ def _source_hash(package: ModuleType) -> str:
 
 
 class TritonKernelsBackend(KernelBackend):
-    name = "triton_kernels"
+    name = TRITON_KERNELS
     activation = ACTIVATION
 
     def __init__(self) -> None:

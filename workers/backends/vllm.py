@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from workers.backends import server_code
+from workers.backends import VLLM, server_code
 from workers.backends.base import BackendUnavailable, MoEInputs
 from workers.backends.server import (ENTRY_FUSED_EXPERTS, ENTRY_LAUNCHER, LauncherRunner, ServerBackend, block_list,
                                      compiled_ops_load, keyword_quant_arguments, shape_refusal)
@@ -35,7 +35,7 @@ LAUNCHERS = ("invoke_fused_moe_triton_kernel", "invoke_fused_moe_kernel")
 
 
 class VllmBackend(ServerBackend):
-    name = "vllm"
+    name = VLLM
 
     def _import(self) -> tuple[str, Any, Any, Any, Any]:
         failure: str | None = None
