@@ -258,3 +258,23 @@ def test_the_kernel_names_are_read_without_importing_torch():
 
     assert (BuiltinBackend.name, VllmBackend.name, SglangBackend.name, TritonKernelsBackend.name) == (
         backends.BUILTIN, backends.VLLM, backends.SGLANG, backends.TRITON_KERNELS)
+
+
+def test_a_bad_server_version_is_the_one_line_before_any_kernel_error_or_warning(servers, moe_tune, tmp_path):
+    """``--server-version`` names the default rule whatever kernel runs (``pinned_rule``): tune and
+    bench refuse a version without a recorded rule first, as their only line, before a named server
+    kernel that cannot run here is refused and before ``auto`` prints its fallback warning."""
+    servers()  # no server importable: --kernel vllm is refused, auto falls back with a warning
+    assert kernel_choice.pinned_rule(None) is None and kernel_choice.pinned_rule("") is None
+    assert kernel_choice.pinned_rule("sglang==0.5.2") == "sglang"
+    with pytest.raises(UsageError) as refused:
+        kernel_choice.pinned_rule("vllm==0.1")
+    assert refused.value.option == "server_version"
+    bench = ["bench", "--model", str(TINY_MODEL), "--configs", str(tmp_path), "--interpret", "--batch-sizes", "1"]
+    for argv in (tune_argv(tmp_path / "out"), bench):
+        for kernel in ("vllm", "auto"):
+            rc, out, err = moe_tune(*argv, "--kernel", kernel, "--server-version", "vllm==0.1")
+            assert (rc, out) == (2, ""), err
+            (line,) = err.strip().splitlines()
+            assert line.startswith("moe-tune: error: --server-version vllm==0.1"), line
+    assert not (tmp_path / "out").exists()

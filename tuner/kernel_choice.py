@@ -208,22 +208,39 @@ def _server_runs(kernel: str, fmt: str, shapes: list[MoEShape],
     return runs
 
 
+def pinned_rule(server_version: str | None) -> str | None:
+    """The default-config rule ``--server-version`` names (``workers.default_config.RULES``), None
+    when it is not given. It depends on nothing else, so a command takes it first among its kernel
+    checks: a bad ``--server-version`` is its one line of bad input, before ``--kernel``'s errors
+    and ``auto``'s fallback warning. UsageError (one line) for a version whose rule is not recorded."""
+    from workers import default_config
+
+    if not server_version:
+        return None
+    try:
+        return default_config.rule_for_version(server_version)
+    except ValueError as exc:
+        raise OptionError("server_version", str(exc)) from None
+
+
 def default_rule(kernel: str, server_version: str | None, server: str = "vllm") -> str:
     """The default-config rule (``workers.default_config.RULES``) of ``server``, the server whose
     file is tuned or benched (what it runs where that file is missing): ``--server-version``'s rule
-    when given; else SGLang's rule for ``sglang``; else, for ``vllm``, the rule of the vLLM version
-    whose kernel is timed (``kernel`` ``vllm``, as imported), else of the installed vLLM, else vLLM's
+    when given (``server_version``: the flag's value, or the rule ``pinned_rule`` made of it);
+    else SGLang's rule for ``sglang``; else, for ``vllm``, the rule of the vLLM version whose
+    kernel is timed (``kernel`` ``vllm``, as imported), else of the installed vLLM, else vLLM's
     newest rule. Whatever ``kernel`` times the configs (builtin included), the default is the
     server's. UsageError (one line) for a version whose rule is not recorded."""
     from workers import default_config
 
     if server not in FORMAT_SERVER.values():
         raise ValueError(f"unknown server {server!r}")
+    pinned = pinned_rule(server_version)
+    if pinned:
+        return pinned
+    if server == "sglang":
+        return default_config.SGLANG
     try:
-        if server_version:
-            return default_config.rule_for_version(server_version)
-        if server == "sglang":
-            return default_config.SGLANG
         if kernel == backends.VLLM:
             version = backends.load(backends.VLLM).describe()["kernel_version"].split(" ", 1)[1]
             return default_config.rule_for_version(f"vllm=={version}")

@@ -88,10 +88,10 @@ def run(args: argparse.Namespace) -> int:
     # the folders read once, here: an unreadable file is bad input, refused before auto's fallback warning
     variants, reference = bench.variants_for(args.configs, args.reference)
     kernel_choice.use_server_code(args.server_code)
-    if args.server_version:  # refused before auto's fallback warning: bad input stays one line
-        kernel_choice.default_rule(args.kernel, args.server_version, args.server)
+    # refused before --kernel's errors and auto's fallback warning: bad input stays one line
+    pinned = kernel_choice.pinned_rule(args.server_version)
     (run,) = kernel_choice.resolve(args.kernel, args.server, shapes)  # auto: the kernel of --server
-    rule = kernel_choice.default_rule(run.kernel, args.server_version, args.server)
+    rule = kernel_choice.default_rule(run.kernel, pinned, args.server)
     results = bench.run_bench(shapes, variants, reference, batch_sizes, routing=args.routing, rounds=args.rounds,
                               address=args.address, interpret=args.interpret, kernel=run.kernel, rule=rule,
                               connect_timeout_s=args.connect_timeout)

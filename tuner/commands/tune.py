@@ -172,15 +172,14 @@ def validate(args: TuneOptions, probe: bool = True) -> Validated:
         raise OptionError("search_space", f"search space {planned.space.name} leaves no config for {empty[0][0]} "
                           f"at M={empty[0][1]}", flagged=False)
     baseline = Baseline.load(args.baseline)  # bad input is refused (one line) before auto's fallback warning
-    if args.server_version:
-        kernel_choice.default_rule(args.kernel, args.server_version, writers.format_servers(args.format)[0])
+    pinned = kernel_choice.pinned_rule(args.server_version)  # likewise, and before --kernel's errors
     # which backend times which layout; each backend's check refuses the dtypes and layouts it cannot run
     # (moe-tune's own fp4 kernel's jobs always run on builtin)
     warnings: list[str] = []
     runs = kernel_choice.plan_runs(args.kernel, preflight, args.format, warnings)
-    needs_rule = bool(args.baseline or args.server_version)  # the rule matters only where a baseline falls back
+    needs_rule = bool(args.baseline or pinned)  # the rule matters only where a baseline falls back
     baselines = {run.kernel: replace(baseline, rules={
-        server: kernel_choice.default_rule(run.kernel, args.server_version, server)
+        server: kernel_choice.default_rule(run.kernel, pinned, server)
         for server in writers.format_servers(run.format)}) if needs_rule else baseline for run in runs}
     if args.fresh:
         work = {(s.shape, str(routing), M) for s in planned.shapes for M in planned.batch_sizes}
