@@ -94,6 +94,21 @@ def test_compare_refuses_bad_input_before_tuning(tmp_path: Path, capsys) -> None
     assert main(["compare", "--model", MODEL, "--dtypes", "fp9", "--out", str(tmp_path / "r")]) == 2
 
 
+@pytest.mark.parametrize("option", ["--out", "--configs-out", "--journal"])
+def test_compare_refuses_an_output_under_a_file_as_tune_does(tmp_path: Path, capsys, option: str) -> None:
+    """compare's output paths are checked by tune's check (``check_output_location``: one line about
+    the option, before anything is made): a file on the way is named, not met later as an unwritable
+    place."""
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    paths = {"--out": tmp_path / "report", "--configs-out": tmp_path / "configs", "--journal": tmp_path / "j.jsonl"}
+    paths[option] = a_file / "below"
+    assert main(["compare", "--model", MODEL, "--dtypes", "fp8_w8a8", "--batch-sizes", "2", "--interpret",
+                 *(word for flag, path in paths.items() for word in (flag, str(path)))]) == 2
+    assert capsys.readouterr().err == f"moe-tune: error: {option} {a_file / 'below'}: {a_file} is a file, not a folder\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
 def test_budget_and_strategy_reach_the_tuning_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen = []
 

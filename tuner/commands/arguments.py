@@ -151,6 +151,20 @@ def check_routing_file(routing: str, shapes: Iterable[MoEShape]) -> None:
             raise OptionError("routing", f"({shape.label}): {exc}") from None
 
 
+def check_output_location(path: Path, option: str, *, folder: bool) -> None:
+    """Refuse, before anything is created, an output path that cannot become a folder (``folder``)
+    or a file: an existing non-folder given as a folder, or a file on its way. An ``OptionError``
+    about ``option`` (the command's option: ``out``, ``configs_out``, ``journal``), one line.
+    Whether the place can be written is ``tuner.writers.probe_writable``'s check, made last."""
+    if folder and path.exists() and not path.is_dir():
+        raise OptionError(option, f"{path}: exists and is not a folder")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OptionError(option, f"{path}: {parent} is a file, not a folder")
+            return
+
+
 def interpret_shape_problem(shapes: Iterable[MoEShape]) -> str | None:
     """Why ``--interpret`` cannot run one of ``shapes`` in reasonable time (one line), or None."""
     for shape in shapes:

@@ -10,8 +10,9 @@ import sys
 
 from tuner import compare, kernel_choice, report
 from tuner.commands.arguments import (add_batch_sizes_argument, add_dtype_argument, add_fresh_arguments,
-                                      add_layout_arguments, check_interpret_limits, check_routing_file, confirm_fresh,
-                                      dtype_list, nonblank, path_arg, positive_float, positive_int, routing_arg)
+                                      add_layout_arguments, check_interpret_limits, check_output_location,
+                                      check_routing_file, confirm_fresh, dtype_list, nonblank, path_arg,
+                                      positive_float, positive_int, routing_arg)
 from tuner.commands.tune import PREFLIGHT_DEVICE
 from tuner.dispatch import SERVERS
 from tuner.errors import OptionError, UsageError
@@ -95,9 +96,8 @@ def _request(args: argparse.Namespace) -> tuple[compare.CompareRequest, list[str
     batch_sizes = resolve_batch_sizes(args.batch_sizes)
     if args.interpret:
         check_interpret_limits(list(shapes.values()), batch_sizes)
-    for path, what in ((args.out, "--out"), (args.configs_out, "--configs-out")):
-        if path.exists() and not path.is_dir():
-            raise UsageError(f"{what} {path}: exists and is not a folder")
+    check_output_location(args.out, "out", folder=True)
+    check_output_location(args.configs_out, "configs_out", folder=True)
     space = load_space(args.search_space)
     # moe-tune's own fp4 kernel too: the report's second column (its files written apart)
     planned = plan([spec], args.tp, args.ep, dtypes, None, batch_sizes, space, args.format, builtin_fp4=True)
@@ -111,6 +111,7 @@ def _request(args: argparse.Namespace) -> tuple[compare.CompareRequest, list[str
     grid, reference_weights = compare.accuracy_reference(spec)
     servers_by_shape: dict = {}
     journal = args.journal or args.configs_out / JOURNAL_NAME
+    check_output_location(journal, "journal", folder=False)
     foreign = not_a_journal(journal)
     if foreign:
         raise OptionError("journal", f"{journal}: {foreign}")

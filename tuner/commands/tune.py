@@ -18,8 +18,9 @@ from tuner import driver, kernel_choice, writers
 from tuner.baseline import Baseline
 from tuner.bench import ratio_convention
 from tuner.commands.arguments import (add_batch_sizes_argument, add_dtype_argument, add_fresh_arguments,
-                                      add_layout_arguments, block_shape_arg, check_interpret_limits, check_routing_file,
-                                      confirm_fresh, nonblank, path_arg, positive_float, positive_int, routing_arg)
+                                      add_layout_arguments, block_shape_arg, check_interpret_limits,
+                                      check_output_location, check_routing_file, confirm_fresh, nonblank, path_arg,
+                                      positive_float, positive_int, routing_arg)
 from tuner.commands.plan import format_plan, plan_estimate, resolve_device_name
 from tuner.errors import OptionError, RunFailed, UsageError, about
 from tuner.dispatch import SERVER_READ_DTYPES
@@ -107,16 +108,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(**TuneOptions.defaults())
 
 
-def _check_writable_location(path: Path, option: str) -> None:
-    """Refuse a path that cannot become a folder/file: an existing non-folder on its way
-    (OptionError about ``option``)."""
-    for parent in [path, *path.parents]:
-        if parent.exists():
-            if parent != path and not parent.is_dir():
-                raise OptionError(option, f"{path}: {parent} is a file, not a folder")
-            return
-
-
 @dataclass(frozen=True)
 class Validated:
     plan: Plan
@@ -146,11 +137,9 @@ def validate(args: TuneOptions, probe: bool = True) -> Validated:
     kernel_choice.use_server_code(args.server_code)
 
     out = Path(args.out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise OptionError("out", f"{out}: exists and is not a folder")
-    _check_writable_location(out, "out")
+    check_output_location(out, "out", folder=True)
     journal = Path(args.journal).expanduser() if args.journal else out / JOURNAL_NAME
-    _check_writable_location(journal, "journal")
+    check_output_location(journal, "journal", folder=False)
     foreign = not_a_journal(journal)
     if foreign:
         raise OptionError("journal", f"{journal}: {foreign}")
