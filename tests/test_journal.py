@@ -241,3 +241,80 @@ def test_a_journal_never_removes_a_folder_it_did_not_create(tmp_path) -> None:
     with Journal(tmp_path / "out" / ".." / "given" / "j.jsonl"):
         pass
     assert (tmp_path / "given").is_dir() and not (tmp_path / "out").exists()
+
+
+HOSTILE_VALUES = [None, True, False, 0, 1, -1, 4, 128, 1.0, 0.5, 5.0, 1e308, 2**62, "", "4", "fp8_w8a8", "FP8_W8A8",
+                  "ok", "measure", "retime", "both", "full", "uniform", [], [1], [128, 128], [128, 128, 1],
+                  ["128", 128], [128.0, 128], [True, 1], {}, {"BLOCK_SIZE_M": 16}]
+"""JSON values put in place of each part of a journal record: other types, the values of other
+fields, the spellings of an enum's member, arrays of the wrong length and item type."""
+
+
+def _paths(value: object, path: tuple = ()):
+    """Every part of a decoded JSON value, as a path of keys and indices (the whole value first)."""
+    yield path
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        yield from _paths(item, (*path, key))
+
+
+def _with(record: dict, path: tuple, value: object, delete: bool = False) -> object:
+    """``record`` with the part at ``path`` replaced by ``value`` (or deleted)."""
+    if not path:
+        return value
+    record = orjson.loads(orjson.dumps(record))
+    parent = record
+    for key in path[:-1]:
+        parent = parent[key]
+    if delete:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+    return record
+
+
+def test_a_line_is_used_exactly_when_strict_json_validation_takes_it(tmp_path, rng):
+    """The journal decodes each line once (orjson) and validates the decoded record; what it uses,
+    skips as invalid and skips as unreadable is what validating the line's JSON strictly against
+    the same record models decides, for every part of a measure and a retime record replaced by
+    hostile values or left out."""
+    from pydantic import ValidationError
+
+    from tuner.journal import _RECORD
+
+    ok = random_measurement(rng)
+    failed = random_measurement(rng, Status.CRASHED)
+    block = replace(ok, candidate=replace(ok.candidate, shape=MoEShape(8, 64, 128, 2, DType.FP8_W8A8, (128, 128))))
+    records = [measurement_to_record("m", m, 1) for m in (ok, failed, block)]
+    records.append(retime_to_record("r", ["a", "b"], [1.5, 2.0]))
+    lines = []
+    for record in records:
+        for path in _paths(record):
+            lines += [orjson.dumps(_with(record, path, value)) for value in HOSTILE_VALUES]
+            if path:
+                lines.append(orjson.dumps(_with(record, path, None, delete=True)))
+    lines += [b'{"v": 1.0, "kind": "retime", "key": "r", "finalists": ["a"], "latency_us": [1]}',
+              b'{"v": 1, "kind": "retime", "key": "r", "finalists": ["a"], "latency_us": [1e999]}',
+              b"{torn", b"\xff\xfe", b"[1, 2, 3]", b"null"]
+    keyed, used, invalid, unreadable = [], set(), 0, 0
+    for index, line in enumerate(lines):
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            unreadable += 1
+            keyed.append(line)
+            continue
+        if isinstance(record, dict) and isinstance(record.get("key"), str):  # its own key: which lines were used
+            record["key"] = f"{index}:{record['key']}"
+            line = orjson.dumps(record)
+        keyed.append(line)
+        try:
+            used.add(_RECORD.validate_json(line, strict=True).key)
+        except ValidationError:
+            invalid += 1
+    assert used and invalid and unreadable
+    path = tmp_path / "j.jsonl"
+    path.write_bytes(b"".join(line + b"\n" for line in keyed))
+    with Journal(path) as journal:
+        assert set(journal.records) == used
+        assert (journal.invalid_records, journal.unreadable_lines) == (invalid, unreadable)

@@ -112,7 +112,16 @@ PositiveTime = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 class _Strict(BaseModel):
+    """A journal record's part, validated strictly as the JSON of a line holds it (the dict orjson
+    made of it: one parse). Strict validation of Python objects takes an enum only as a member and
+    a tuple only as a tuple, where JSON can only hold the value and an array; the fields of those
+    two types alone are marked ``_AS_JSON`` and take them so (a value, an array), nothing looser."""
+
     model_config = ConfigDict(strict=True, extra="ignore")
+
+
+_AS_JSON = Field(strict=False)
+"""An enum's value or a tuple's array, as JSON spells them (see ``_Strict``): their items stay strict."""
 
 
 class _ShapeRecord(_Strict):
@@ -120,17 +129,17 @@ class _ShapeRecord(_Strict):
     N: PositiveInt
     K: PositiveInt
     topk: PositiveInt
-    dtype: DType
-    block_shape: tuple[PositiveInt, PositiveInt] | None
+    dtype: Annotated[DType, _AS_JSON]
+    block_shape: Annotated[tuple[PositiveInt, PositiveInt], _AS_JSON] | None
 
 
 class _CandidateRecord(_Strict):
     shape: _ShapeRecord
     M: PositiveInt
     config: dict[Literal[CONFIG_KEYS], PositiveInt] = Field(min_length=len(CONFIG_KEYS))  # type: ignore[valid-type]
-    gemm: Gemm
+    gemm: Annotated[Gemm, _AS_JSON]
     routing: str
-    level: Level
+    level: Annotated[Level, _AS_JSON]
 
 
 class _MeasureRecord(_Strict):
@@ -138,7 +147,7 @@ class _MeasureRecord(_Strict):
     kind: Literal["measure"]
     key: str
     candidate: _CandidateRecord
-    status: Status
+    status: Annotated[Status, _AS_JSON]
     latency_us: PositiveTime | None
     spread_us: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None
     rel_err: Annotated[float, Field(ge=0)] | None
@@ -294,7 +303,7 @@ class Journal:
                 self.unreadable_lines += 1
                 continue
             try:
-                _RECORD.validate_json(line)
+                _RECORD.validate_python(record)
             except ValidationError:
                 self.invalid_records += 1
                 continue
