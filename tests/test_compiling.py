@@ -6,7 +6,8 @@ Promotion: a speculative job the strategy then proposes (``CompileAhead.status``
 needed one, so it runs before every speculative job still waiting, not after them.
 
 The search's end (``CompileAhead.end_search``): jobs no process started are dropped, and one the
-re-timing then asks for is submitted again as a needed job.
+re-timing then asks for is submitted again as a needed job; over two nodes, one dropped on one
+node while the other compiles it is submitted again to the node that dropped it only.
 """
 
 from __future__ import annotations
@@ -217,3 +218,49 @@ def test_a_service_dropped_at_the_search_end_is_told_to_stop_and_killed_at_close
     finally:
         ahead.close()
     assert _Ray.killed == [handle]
+
+
+def test_a_config_dropped_on_one_node_and_compiling_on_another_is_not_compiled_twice(tmp_path: Path,
+                                                                                      monkeypatch) -> None:
+    """A device group over two nodes, one compile process each. Node A's process is held by the
+    first config, so the second waits there; node B finished the first and is compiling the
+    second when the search ends. ``end_search`` drops the second on A only: it is still being
+    compiled (on B), so it is not counted dropped, and the re-timing's ask for it submits it again
+    to A alone — B, which is compiling it, does not get it a second time."""
+    from tuner import compiling
+
+    monkeypatch.setattr(compiling, "ray", _Ray)
+    first, second = Config(16, 16, 32, 1, 4, 2), Config(16, 32, 32, 1, 4, 2)
+    nodes = {}
+    for node, held in (("A", first), ("B", second)):
+        service = CompileService(1, 60.0, GatedCompiler(str(tmp_path / f"order-{node}"),
+                                                        str(tmp_path / f"gate-{node}"), held))
+        nodes[node] = service, compiling._Service(node, _Handle(service, size=lambda: 1), 1)
+    ahead = compiling.CompileAhead(TARGET, [s for _, s in nodes.values()], {SHAPE: (1, 8)}, lambda _: None)
+
+    def running(node: str, config: Config) -> None:
+        deadline = time.monotonic() + GATE_WAIT_S
+        while nodes[node][0].pool._processes[0].key != (SHAPE, config) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert nodes[node][0].pool._processes[0].key == (SHAPE, config)
+
+    try:
+        assert ahead.status(SHAPE, first) is None
+        assert ahead.status(SHAPE, second) is None
+        running("A", first)
+        running("B", second)
+        ahead.end_search()
+        assert ahead.stats.dropped == 0  # B still compiles it: its outcome will come
+        assert ahead.status(SHAPE, second) is None  # the re-timing asks for it
+        assert ahead.stats.jobs == 2
+        for node in nodes:
+            (tmp_path / f"gate-{node}").touch()
+        deadline = time.monotonic() + GATE_WAIT_S
+        while ahead.outstanding and time.monotonic() < deadline:
+            ahead.pump(0.5)
+        assert not ahead.outstanding
+        assert (tmp_path / "order-A").read_text().split() == [first.label, second.label]  # submitted again to A
+        assert (tmp_path / "order-B").read_text().split() == [first.label, second.label]  # once, not twice
+        assert ahead.status(SHAPE, second) == CompileOutcome(Status.OK, "", 1, 0.0)
+    finally:
+        ahead.close()

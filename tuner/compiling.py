@@ -17,7 +17,10 @@ decides: a speculative outcome is the same outcome the needed job would have had
 
 When the search ends, ``end_search`` drops every job no process has started (nothing waits for
 them); the re-timing (``tuner.engine.Retimer``) then asks ``status`` for the finalists this run
-has not compiled, as needed jobs, and ``release`` stops the services once nothing waits.
+has not compiled, as needed jobs, and ``release`` stops the services once nothing waits. A job
+that one node dropped while another still compiles it stays asked: the re-timing's ask submits
+it again to the nodes that dropped it, never to one that holds it (``_Service.holds``), so no
+node compiles a config twice.
 
 ``start_compile_ahead`` places it: one service per node of the group's workers, running the
 run's ``workers.compile_ahead.Compiler`` (the driver chooses it once) for the target the workers
@@ -75,7 +78,7 @@ class CompileStats:
     taken_uncompiled: int = 0
     """Candidates an idle GPU worker took (and compiled itself) before compile-ahead had finished them."""
     dropped: int = 0
-    """Jobs no process had started when the search ended (``CompileAhead.end_search``)."""
+    """Jobs no process had started on any node when the search ended (``CompileAhead.end_search``)."""
     retiming_jobs: int = 0
     """Of ``jobs``, finalists' configs the re-timing asked for: neither run by this run's search on
     the group's GPUs nor compiled ahead by then (reused from the journal)."""
@@ -100,7 +103,8 @@ class _Service:
     actor: Any
     size: int
     collecting: Any = None
-    outstanding: int = 0
+    holds: set[tuple[MoEShape, Config]] = field(default_factory=set)
+    """Jobs submitted to this service whose outcome has not come in (waiting or running there)."""
 
 
 def _start_service(node: str, processes: int, timeout_s: float, compiler: Compiler) -> _Service:
@@ -193,7 +197,8 @@ class CompileAhead:
             self.stats.speculative_used += 1
             if key not in self._outcomes:
                 for service in self._services:
-                    service.actor.promote.remote([key])
+                    if key in service.holds:
+                        service.actor.promote.remote([key])
         if key in self._outcomes:
             return self._outcomes[key]
         if not self._services or self._released:  # nothing will compile it: the GPU worker compiles
@@ -201,20 +206,24 @@ class CompileAhead:
         if key not in self._asked:
             self._asked.add(key)
             self.stats.jobs += 1
+        # every service without it: all of them for a new job; after ``end_search``, those that
+        # dropped a job another one still compiles
+        missing = [service for service in self._services if key not in service.holds]
+        if missing:
             job = CompileJob(shape, config, self.batch_sizes[shape], self.target)
-            for service in self._services:
+            for service in missing:
                 service.actor.submit.remote([(key, job)])
-                service.outstanding += 1
+                service.holds.add(key)
         return None
 
     @property
     def outstanding(self) -> bool:
         """Jobs submitted whose outcome has not come in (needed or speculative)."""
-        return any(s.outstanding for s in self._services)
+        return any(s.holds for s in self._services)
 
     def spare(self) -> int:
         """Processes no job waits for, on the busiest service (every job goes to every service)."""
-        return min((s.size - s.outstanding for s in self._services), default=0)
+        return min((s.size - len(s.holds) for s in self._services), default=0)
 
     def speculate(self, likely: Iterable[tuple[MoEShape, Config]]) -> int:
         """Submit the first configs of ``likely`` (most likely first) not asked about yet as
@@ -235,7 +244,7 @@ class CompileAhead:
             self.stats.speculative += len(jobs)
             for service in self._services:
                 service.actor.submit.remote(jobs, True)
-                service.outstanding += len(jobs)
+                service.holds.update(key for key, _ in jobs)
         return len(jobs)
 
     def pump(self, wait_s: float) -> bool:
@@ -249,7 +258,7 @@ class CompileAhead:
 
     def _collect(self) -> None:
         for service in self._services:
-            if service.collecting is None and service.outstanding:
+            if service.collecting is None and service.holds:
                 service.collecting = service.actor.collect.remote(COLLECT_WAIT_S)
 
     def _take_in(self, wait_s: float) -> bool:
@@ -271,8 +280,8 @@ class CompileAhead:
                 self._drop(service, f"{type(exc).__name__}: {exc}")
                 continue
             service.collecting = None
-            service.outstanding -= len(results)
             for key, outcome in results:
+                service.holds.discard(key)
                 arrived |= self._record(key, outcome)
         return arrived
 
@@ -303,7 +312,9 @@ class CompileAhead:
         """The search is over: every job no process has started (speculation, and configs of
         candidates a time budget dropped) is dropped on every service, so what the re-timing
         asks for next (``status``: a needed job again) waits behind nothing; running jobs finish.
-        Waits at most ``SERVICE_CLOSE_TIMEOUT_S`` in all; a service that does not answer is dropped."""
+        A job no service holds any more is forgotten (counted in ``stats.dropped``); one still
+        running on another node stays asked, its outcome to come from there. Waits at most
+        ``SERVICE_CLOSE_TIMEOUT_S`` in all; a service that does not answer is dropped."""
         deadline = time.monotonic() + SERVICE_CLOSE_TIMEOUT_S
         calls = [(service, service.actor.drop_waiting.remote()) for service in self._services]
         dropped: set[tuple[MoEShape, Config]] = set()
@@ -314,9 +325,11 @@ class CompileAhead:
                 signals.check()  # a SIGTERM that surfaced inside Ray's call stops the run
                 self._drop(service, f"{type(exc).__name__}: {exc}")
                 continue
-            service.outstanding -= len(keys)
+            service.holds.difference_update(keys)
             dropped.update(keys)
         dropped -= set(self._outcomes)
+        for service in self._services:
+            dropped -= service.holds  # still compiling there
         self.stats.dropped += len(dropped)
         self._asked -= dropped
         self._speculated -= dropped
