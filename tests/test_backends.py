@@ -260,6 +260,25 @@ def get_global_server_args():
 """
 
 
+def _sglang_launcher_tree(root: Path, compiled_ops: str | None = None) -> None:
+    """SGLang's layout on the GPU host under ``root`` (see the test below); with ``compiled_ops``,
+    ``root/sgl_kernel/__init__.py`` holds that text."""
+    files = {"__init__.py": "import ipython_not_installed_here\n",
+             "version.py": '__version__ = "7.7.post1"\n',
+             "srt/__init__.py": "", "srt/layers/__init__.py": "",
+             "srt/server_args.py": SGLANG_SERVER_ARGS_STAND_IN,
+             "srt/layers/moe/__init__.py": "MoeRunner = object\n",
+             "srt/layers/moe/fused_moe_triton/__init__.py": "import sgl_kernel_not_installed_here\n",
+             "srt/layers/moe/fused_moe_triton/fused_moe_triton_kernels.py": SGLANG_LAUNCHER_STAND_IN}
+    for name, text in files.items():
+        path = root / "sglang" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    if compiled_ops is not None:
+        (root / "sgl_kernel").mkdir()
+        (root / "sgl_kernel" / "__init__.py").write_text(compiled_ops)
+
+
 def test_sglang_package_whose_init_fails_imports_its_launcher(tmp_path, monkeypatch):
     """SGLang's layout on the GPU host: the top-level ``__init__`` fails (it imports the frontend
     language: IPython), the version is in ``sglang/version.py``, a parent package ``__init__`` runs
@@ -269,17 +288,7 @@ def test_sglang_package_whose_init_fails_imports_its_launcher(tmp_path, monkeypa
     does not load here: its ops imported at module level are ones that raise when called."""
     from workers import backends
 
-    files = {"__init__.py": "import ipython_not_installed_here\n",
-             "version.py": '__version__ = "7.7.post1"\n',
-             "srt/__init__.py": "", "srt/layers/__init__.py": "",
-             "srt/server_args.py": SGLANG_SERVER_ARGS_STAND_IN,
-             "srt/layers/moe/__init__.py": "MoeRunner = object\n",
-             "srt/layers/moe/fused_moe_triton/__init__.py": "import sgl_kernel_not_installed_here\n",
-             "srt/layers/moe/fused_moe_triton/fused_moe_triton_kernels.py": SGLANG_LAUNCHER_STAND_IN}
-    for name, text in files.items():
-        path = tmp_path / "sglang" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+    _sglang_launcher_tree(tmp_path)
     monkeypatch.setenv("MOE_TUNE_SERVER_CODE", str(tmp_path))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     _forget_servers()
@@ -302,6 +311,44 @@ def test_sglang_package_whose_init_fails_imports_its_launcher(tmp_path, monkeypa
         if str(tmp_path) in sys.path:
             sys.path.remove(str(tmp_path))
         _forget_servers()
+
+
+BROKEN_COMPILED_OPS = """
+with open(__file__ + ".tries", "a") as tries:
+    tries.write("x")
+raise OSError("common_ops.abi3.so: undefined symbol: _ZN3c10 (a wheel built for another torch)")
+"""
+
+
+def test_compiled_ops_that_fail_to_load_are_tried_once_per_server_code_location(tmp_path, monkeypatch, stand_in):
+    """An ``sgl_kernel`` that is there but fails to load (its wheel built for another torch): a
+    backend's start asks whether it loads several times (the backend, the launcher's import, the
+    server arguments' import), and a second start asks again. It is imported once per location
+    it is found at: not again in the same folder, again in another (the tests switch server
+    trees), and a folder where it loads still gets the package entry."""
+    from workers import backends
+
+    trees = [tmp_path / "a", tmp_path / "b"]
+    for tree in trees:
+        _sglang_launcher_tree(tree, BROKEN_COMPILED_OPS)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    tries = [tree / "sgl_kernel" / "__init__.py.tries" for tree in trees]
+    try:
+        for tree in trees:
+            monkeypatch.setenv("MOE_TUNE_SERVER_CODE", str(tree))
+            for _ in range(2):
+                _forget_servers()
+                backend = backends.load("sglang")
+                assert backend.entry == "launcher"
+                assert "sgl_kernel" in backend.check(MoEShape(E=4, N=64, K=128, topk=2, dtype=DType.FP8_W8A8))
+            sys.path.remove(str(tree))
+        assert [path.read_text() for path in tries] == ["x", "x"]
+    finally:
+        for tree in trees:
+            if str(tree) in sys.path:
+                sys.path.remove(str(tree))
+    monkeypatch.delenv("MOE_TUNE_SERVER_CODE")
+    assert stand_in("sglang_topk_output").entry == "fused_experts"
 
 
 def test_a_vllm_that_disabled_triton_is_refused_by_name(tmp_path, monkeypatch):

@@ -24,6 +24,7 @@ the same fp32 reference as the builtin kernel's.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 from abc import abstractmethod
 from collections.abc import Callable
@@ -47,13 +48,34 @@ ENTRY_LAUNCHER = "launcher"
 """Entry point: the server's own per-GEMM launcher of its Triton kernel (compiled ops absent)."""
 
 
+_FAILED_LOADS: set[tuple[str, str]] = set()
+"""(module, where its top-level package was found) of compiled extensions whose import failed in
+this process."""
+
+
 def compiled_ops_load(module: str) -> bool:
     """Whether the server's compiled extension ``module`` (``vllm._C``, ``sgl_kernel``) imports here
-    (looked for in ``MOE_TUNE_SERVER_CODE`` first, as the server's Python code is)."""
+    (looked for in ``MOE_TUNE_SERVER_CODE`` first, as the server's Python code is).
+
+    A backend's start asks several times (its own check, then each import of the server's code);
+    an extension that is there but fails (a wheel built for another torch: loading its shared
+    library fails) is imported once per place its package is found, not at every ask: the answer
+    is remembered per (module, location), so another server tree (``MOE_TUNE_SERVER_CODE``,
+    ``sys.path``) is asked afresh."""
     try:
         server_code.use_server_code_dir()
+        spec = importlib.util.find_spec(module.split(".")[0])
+    except (ImportError, ValueError):  # no server-code folder; a module registered without a spec
+        return False
+    if spec is None:
+        return False
+    where = (module, spec.origin or ":".join(spec.submodule_search_locations or ()))
+    if where in _FAILED_LOADS:
+        return False
+    try:
         importlib.import_module(module)
     except Exception:  # noqa: BLE001 - a wheel built for another torch fails with any of several errors
+        _FAILED_LOADS.add(where)
         return False
     return True
 
