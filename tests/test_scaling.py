@@ -5,8 +5,9 @@ compile-ahead job takes, under the interpreter, which has no compiler to run ahe
 - Idle workers never wait for compile-ahead: with compiles that never finish, every candidate is
   taken by an idle worker (which compiles it itself) and the run writes the clean run's file.
 - Speculation: with spare compile processes the fast strategy's likely next configs are
-  compiled before they are proposed (counted in the summary), and the run measures exactly what
-  the strategy, replayed offline on the same latencies, measures.
+  compiled before they are proposed (counted in the summary: used where the strategy, replayed
+  offline on the same latencies, proposed the config, unused otherwise), and the run measures
+  exactly what that replay measures.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from tuner.plan import build_plan
 from tuner.search import Fast, SearchJob
 from tuner.spaces import load_space
 from workers.faults import ENV_VAR, FaultPlan
-from workers.records import Measurement, Status
+from workers.records import Candidate, Measurement, Status
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -62,19 +63,19 @@ def test_idle_workers_do_not_wait_for_compile_ahead(tmp_path, monkeypatch):
     assert t["first_measurement_s"] - t["worker_start"]["end_s"] < 5, t
 
 
-def _replayed_evaluations(space: Path) -> int:
+def _replayed_candidates(space: Path) -> list[Candidate]:
     """What the fast strategy measures on the tiny model when every candidate takes the fault
     hook's deterministic latency."""
     plan = build_plan([load_model(str(TINY_MODEL))], 1, 1, None, None, list(BATCH_SIZES), load_space(str(space)),
                       "cpu")
     strategy = Fast([SearchJob(job) for job in plan.jobs])
     latency = FaultPlan(deterministic_latency=True).latency_us
-    total = 0
+    measured = []
     while proposed := strategy.propose():
         for candidate in proposed:
             strategy.observe(Measurement(candidate, Status.OK, latency_us=latency(candidate)))
-            total += 1
-    return total
+            measured.append(candidate)
+    return measured
 
 
 def test_speculative_compiles_are_counted_and_change_nothing_measured(tmp_path, monkeypatch):
@@ -85,9 +86,16 @@ def test_speculative_compiles_are_counted_and_change_nothing_measured(tmp_path, 
     argv[argv.index("--search-space") + 1] = str(space)
     code, summary = run_tune(argv)
     assert code == 0
-    assert summary["evaluations_run"] == _replayed_evaluations(space)
-    speculative = summary["devices"][0]["compile_ahead"]["speculative"]
-    assert speculative["jobs"] > 0 and speculative["used"] + speculative["unused"] == speculative["jobs"]
+    proposed = _replayed_candidates(space)
+    assert summary["evaluations_run"] == len(proposed)
+    # Every config the strategy proposed was asked for once, as a needed job or taken from
+    # speculation (used); every other job is a speculative one the strategy never proposed
+    # (unused), whichever configs were speculated and when.
+    stats = summary["devices"][0]["compile_ahead"]
+    unused = stats["jobs"] - len({(c.shape, c.config) for c in proposed})
+    speculative = stats["speculative"]
+    assert speculative["unused"] == unused, stats
+    assert speculative["used"] == speculative["jobs"] - unused > 0, stats
     # Every finalist ran in this run's search: the re-timing asks compile-ahead for nothing.
     assert summary["devices"][0]["compile_ahead"]["retiming"] == {
         "jobs": 0, "batch_sizes_compiled_ahead": 0, "batch_sizes_taken_uncompiled": 0}
