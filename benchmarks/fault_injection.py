@@ -64,6 +64,7 @@ num_warps: [4, 8]
 num_stages: [3]
 """
 RAISE_FRACTION = 0.05
+READ_GRACE_S = 5.0
 ALL_18 = "1,2,4,8,16,24,32,48,64,96,128,256,512,1024,1536,2048,3072,4096"
 
 
@@ -110,14 +111,49 @@ def _launch(argv: list[str], env: dict, log: Path) -> subprocess.Popen:
     return subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=handle, start_new_session=True)
 
 
-def _finish(proc: subprocess.Popen, limit_s: float) -> tuple[int, str]:
+@dataclass
+class Finished:
+    """How a launched command ended: its exit code (124: killed at its limit), its stdout, and
+    (``time.monotonic()``) when its first stdout line arrived (None: it printed nothing) and when
+    it ended."""
+
+    rc: int
+    stdout: str
+    printed_at: float | None
+    ended_at: float
+
+
+def _finish(proc: subprocess.Popen, limit_s: float) -> Finished:
+    """Wait for ``proc`` up to ``limit_s`` (then SIGKILL its process group: exit code 124). Its
+    stdout is read meanwhile in a thread, so when the summary (one line) arrives is known apart
+    from when the process ends; the reader gets ``READ_GRACE_S`` after the end for the rest."""
+    printed: list[float] = []
+    lines: list[bytes] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            printed.append(time.monotonic())
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
-        stdout, _ = proc.communicate(timeout=max(1.0, limit_s))
+        rc = proc.wait(timeout=max(1.0, limit_s))
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        stdout, _ = proc.communicate()
-        return 124, stdout.decode(errors="replace")
-    return proc.returncode, stdout.decode(errors="replace")
+        proc.wait()
+        rc = 124
+    ended = time.monotonic()
+    reader.join(READ_GRACE_S)
+    return Finished(rc, b"".join(lines).decode(errors="replace"), printed[0] if printed else None, ended)
+
+
+def _summary(run: Run, stdout: str) -> None:
+    """The command's JSON summary (its stdout) into ``run.summary``; a note where it is none."""
+    try:
+        run.summary = json.loads(stdout) if stdout.strip() else {}
+    except json.JSONDecodeError:
+        run.notes.append("stdout was not the JSON summary")
 
 
 def _records(journal: Path) -> list[dict]:
@@ -190,10 +226,10 @@ def _tune(setup: Setup, name: str, faults: list[dict], kill_worker_at: int | Non
             os.killpg(proc.pid, signal.SIGKILL)  # the driver and the embedded Ray it started, as when its node dies
             run.notes.append(f"SIGKILLed the driver after {len(_records(journal))} records")
         _when_records(journal, kill_driver_at, proc, kill_driver, left)
-    rc, stdout = _finish(proc, left)
+    done = _finish(proc, left)
     if kill_driver_at is not None:
         before = len(_records(journal))
-        if rc == 0:
+        if done.rc == 0:
             run.notes.append("the driver finished before it could be killed")
         else:
             time.sleep(2)
@@ -201,13 +237,10 @@ def _tune(setup: Setup, name: str, faults: list[dict], kill_worker_at: int | Non
             if lingering:
                 run.notes.append(f"{len(lingering)} Ray processes outlived the killed driver")
             proc = _launch(setup.tune_argv(out), env, log)
-            rc, stdout = _finish(proc, setup.deadline - time.monotonic())
+            done = _finish(proc, setup.deadline - time.monotonic())
             run.notes.append(f"resumed over {before} journal records")
-    run.rc, run.wall_s = rc, time.monotonic() - started
-    try:
-        run.summary = json.loads(stdout) if stdout.strip() else {}
-    except json.JSONDecodeError:
-        run.notes.append("stdout was not the JSON summary")
+    run.rc, run.wall_s = done.rc, done.ended_at - started
+    _summary(run, done.stdout)
     return run, out
 
 
@@ -350,34 +383,12 @@ def _scaling_run(setup: Setup, workers: int, cache: Path, name: str) -> Run:
     _log(f"== {name}")
     env = {k: v for k, v in os.environ.items() if k != "MOE_TUNE_FAULTS"}
     started = time.monotonic()
-    proc = _launch(argv, env, setup.out / f"{name}.log")
-    printed: list[float] = []
-    lines: list[bytes] = []
-
-    def read() -> None:  # when the summary (one line) arrives, apart from when the process ends
-        for line in proc.stdout:
-            printed.append(time.monotonic())
-            lines.append(line)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        proc.wait(timeout=max(1.0, setup.deadline - started))
-        rc = proc.returncode
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        rc = 124
-    ended = time.monotonic()
-    reader.join(5)
-    run = Run(name, rc=rc, wall_s=ended - started)
-    try:
-        run.summary = json.loads(b"".join(lines)) if lines else {}
-    except json.JSONDecodeError:
-        run.notes.append("stdout was not the JSON summary")
-    if run.summary and printed:
-        run.fixed = {"pre_timeline_s": round(printed[0] - started - run.summary["wall_s"], 2),
-                     "tail_s": round(ended - printed[0], 2)}
+    done = _finish(_launch(argv, env, setup.out / f"{name}.log"), setup.deadline - started)
+    run = Run(name, rc=done.rc, wall_s=done.ended_at - started)
+    _summary(run, done.stdout)
+    if run.summary and done.printed_at is not None:
+        run.fixed = {"pre_timeline_s": round(done.printed_at - started - run.summary["wall_s"], 2),
+                     "tail_s": round(done.ended_at - done.printed_at, 2)}
     return run
 
 
