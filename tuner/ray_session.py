@@ -11,6 +11,13 @@ gets ``workers`` logical GPUs (default ``INTERPRET_NUM_GPUS``) and ``TRITON_INTE
 the worker processes before they import a kernel; the fault-injection variable (so tests can make
 latencies deterministic) and ``MOE_TUNE_SERVER_CODE`` (where a server's code is) are forwarded.
 
+An address is checked before anything starts (``cluster_address``: exit 2, one line naming
+``--address`` or ``RAY_ADDRESS``): ``auto``; ``local`` (a Ray started here, as without an
+address); ``host:port`` with a host name, an IPv4 address or a bracketed IPv6 one (``[::1]:6379``,
+Ray's own form) and a port 1-65535; or ``ray://host:port`` (Ray Client, which needs the
+``ray[client]`` extra). Another scheme (``http://…:8265`` is the dashboard's Jobs address, for
+``ray job submit``), a host without a port, a bare IPv6 literal and the like are refused.
+
 Nothing here waits without a bound. Joining a cluster takes at most ``connect_timeout_s``
 (``--connect-timeout``, default ``DEFAULT_CONNECT_TIMEOUT_S``): a ``host:port`` address is first
 reached with a plain TCP connection (retried each second: a head may still be starting), then
@@ -28,8 +35,11 @@ to stderr while the session is open, and ``RaySession.stdout`` is the command's 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import ipaddress
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -37,13 +47,14 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TextIO
 
 import ray
 
 from tuner import signals
 from tuner.cli import VERBOSE_ENV
-from tuner.errors import RunFailed
+from tuner.errors import OptionError, RunFailed, UsageError
 from tuner.options import TuneOptions
 from workers import faults
 from workers.backends.server_code import SERVER_CODE_ENV
@@ -62,19 +73,102 @@ def ray_logging_level() -> int:
     return logging.INFO if os.environ.get(VERBOSE_ENV) == "1" else logging.ERROR
 
 
+CLIENT_SCHEME = "ray://"
+HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+"""A host name or an IPv4 address: letters, digits, ``-``, ``.``, ``_`` (RFC 952/1123, plus the
+underscore some cluster DNS names carry)."""
+
+
 def _host_port(address: str) -> tuple[str, int] | None:
-    """``host:port`` of ``address`` (``ray://`` stripped); None for ``auto``/``local`` and the like."""
-    text = address.removeprefix("ray://")
+    """``(host, port)`` of a checked ``host:port`` / ``[v6]:port`` / ``ray://…`` address; None for ``auto``."""
+    text = address.removeprefix(CLIENT_SCHEME)
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit():
         return None
-    return host.strip("[]") or "127.0.0.1", int(port)
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def _address_problem(address: str) -> str | None:
+    """Why ``address`` is no Ray cluster address moe-tune can join (None: it is one)."""
+    if address == "auto":
+        return None
+    if "://" in address:
+        scheme = address.split("://", 1)[0] + "://"
+        if scheme != CLIENT_SCHEME:
+            return (f"not a Ray cluster address ({scheme}host:8265 is the dashboard's, for 'ray job submit'); "
+                    "give the head's host:port (port 6379 unless 'ray start --port' said otherwise) or "
+                    "ray://host:10001")
+        if importlib.util.find_spec("grpc") is None:
+            return ("ray:// joins through Ray Client, which needs pip install 'ray[client]' here; or give "
+                    "the head's host:port (port 6379 unless 'ray start --port' said otherwise)")
+    text = address.removeprefix(CLIENT_SCHEME)
+    host, sep, port = text.rpartition(":")
+    if text.startswith("["):
+        literal = host[1:-1] if host.endswith("]") else None
+        try:
+            ipaddress.IPv6Address(literal or "")
+        except ValueError:
+            return "malformed IPv6 host (write [address]:port, e.g. [::1]:6379)"
+    elif ":" in host:
+        return "more than one ':' (an IPv6 host goes in brackets, with a port: [address]:port, e.g. [::1]:6379)"
+    elif not sep:
+        return "no port (give host:port; port 6379 unless 'ray start --port' said otherwise)"
+    elif not HOST_NAME.fullmatch(host):
+        return f"invalid host name {host!r}"
+    if not (port.isdigit() and 1 <= int(port) <= 65535):
+        return f"invalid port {port!r} (an integer 1-65535)"
+    return None
+
+
+def cluster_address(address: str | None) -> str | None:
+    """The cluster a command joins: ``address`` (``--address``, a job spec's ``address``) or else
+    ``RAY_ADDRESS``, checked; None where an embedded Ray is to start (neither given, an empty
+    ``RAY_ADDRESS``, or ``local``). Surrounding blanks are dropped.
+
+    Raises OptionError (``address``) for a bad ``address``, UsageError naming ``RAY_ADDRESS`` for a
+    bad variable: one line, before anything starts."""
+    if address is not None:
+        text, option = address.strip(), True
+        if not text:
+            raise OptionError("address", "is blank (an unset variable?); leave it out to start a Ray here")
+    else:
+        text, option = os.environ.get("RAY_ADDRESS", "").strip(), False
+        if not text:
+            return None
+    if text == "local":
+        return None
+    problem = _address_problem(text)
+    if problem is None:
+        return text
+    if option:
+        raise OptionError("address", f"{text}: {problem}")
+    raise UsageError(f"RAY_ADDRESS={text}: {problem}")
+
+
+def _auto_target(address: str) -> tuple[tuple[str, int] | None, str]:
+    """Where ``auto`` leads (Ray's own rule: ``RAY_ADDRESS``, else the cluster the last ``ray
+    start`` on this host recorded, else the one Ray process found running) and how it was found;
+    RunFailed with Ray's line when there is none or more than one."""
+    from ray._common.utils import get_ray_address_file
+    from ray._private import services
+
+    try:
+        found = services.canonicalize_bootstrap_address_or_die("auto")
+    except ConnectionError as exc:
+        raise RunFailed(f"--address {address}: {str(exc).splitlines()[0]}") from None
+    except Exception:  # noqa: BLE001 - a Ray internal that changed: ray.init alone decides then
+        return None, ""
+    recorded = Path(get_ray_address_file(None))
+    how = (f"RAY_ADDRESS={os.environ['RAY_ADDRESS']}" if os.environ.get("RAY_ADDRESS")
+           else f"recorded by 'ray start' in {recorded} (stale if that cluster was stopped)" if recorded.is_file()
+           else "a Ray process found running on this host")
+    return _host_port(found), f"{found}, {how}"
 
 
 def join(address: str, runtime_env: dict | None, timeout_s: float) -> None:
     """``ray.init(address=...)`` within ``timeout_s`` seconds, or ``RunFailed`` with one line."""
     deadline = time.monotonic() + timeout_s
-    target = _host_port(address)
+    target, where = _auto_target(address) if address == "auto" else (_host_port(address), "")
     if target is not None:
         last = ""
         while True:
@@ -84,7 +178,8 @@ def join(address: str, runtime_env: dict | None, timeout_s: float) -> None:
             except OSError as exc:
                 last = exc.strerror or type(exc).__name__
             if time.monotonic() + TCP_RETRY_S >= deadline:
-                raise RunFailed(f"cannot reach the Ray cluster at {address} within {timeout_s:g}s ({last}); "
+                at = f"{address} ({where})" if where else address
+                raise RunFailed(f"cannot reach the Ray cluster at {at} within {timeout_s:g}s ({last}); "
                                 "check --address, or raise --connect-timeout")
             time.sleep(TCP_RETRY_S)
     outcome: dict[str, BaseException | None] = {}
@@ -110,6 +205,11 @@ def join(address: str, runtime_env: dict | None, timeout_s: float) -> None:
     error = outcome["error"]
     if error is not None:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        if address != "auto" and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+            # Ray sends its token only to a cluster it found itself (auto); the head then refuses
+            # the connection with nothing but "Failed to connect" on the driver's side.
+            first += ("; a cluster started by 'ray start' checks a token: join it with RAY_AUTH_MODE=token "
+                      "(the token in RAY_AUTH_TOKEN or ~/.ray/auth_token)")
         raise RunFailed(f"cannot join the Ray cluster at {address}: {first}")
 
 
@@ -128,37 +228,102 @@ class RaySession:
 def ray_session(address: str | None, interpret: bool, workers: int | None = None,
                 connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> Iterator[RaySession]:
     """Start an embedded Ray (always a new one), or join the cluster at ``address`` /
-    ``RAY_ADDRESS`` within ``connect_timeout_s``; shut it down on exit.
+    ``RAY_ADDRESS`` (``cluster_address``) within ``connect_timeout_s``; shut it down on exit,
+    however the session ends (a signal while Ray starts included), and end the Ray processes
+    started under this one that outlive ``ray.shutdown`` (``reap``).
 
     ``workers``: the GPU workers the command will use at most (under ``--interpret``, the number
-    of logical GPUs). Raises RunFailed when the cluster cannot be joined.
+    of logical GPUs). Raises OptionError/UsageError for a bad address (nothing started), RunFailed
+    when the cluster cannot be joined.
     """
+    address = cluster_address(address)
     env_vars = {"TRITON_INTERPRET": "1"} if interpret else {}
     for name in (faults.ENV_VAR, SERVER_CODE_ENV):
         if os.environ.get(name):
             env_vars[name] = os.environ[name]
     runtime_env = {"env_vars": env_vars} if env_vars else None
-    address = address or os.environ.get("RAY_ADDRESS")
     session = RaySession(stdout=sys.stdout)
+    before = set(ray_processes_below(os.getpid()))
     with contextlib.redirect_stdout(sys.stderr):
-        if address:
-            join(address, runtime_env, connect_timeout_s)
-        else:
-            gpus = workers or INTERPRET_NUM_GPUS
-            resources = {"num_cpus": max(2, gpus), "num_gpus": gpus} if interpret else {}
-            try:
-                # "local": a new instance even where a ``ray start`` on this host left its address
-                # (``ray.init()`` would join that cluster; only --address / RAY_ADDRESS join one).
-                ray.init(address="local", include_dashboard=False, runtime_env=runtime_env,
-                         logging_level=ray_logging_level(), **resources)
-            except SystemExit as exc:
-                if exc.code != signal.SIGTERM:
-                    raise
-                # Ray's own SIGTERM handler (active while ray.init runs) exits with the signal's number.
-                ray.shutdown()
-                raise signals.arrived_elsewhere() from None
-        signals.restore()
         try:
+            if address:
+                join(address, runtime_env, connect_timeout_s)
+            else:
+                gpus = workers or INTERPRET_NUM_GPUS
+                resources = {"num_cpus": max(2, gpus), "num_gpus": gpus} if interpret else {}
+                try:
+                    # "local": a new instance even where a ``ray start`` on this host left its address
+                    # (``ray.init()`` would join that cluster; only --address / RAY_ADDRESS join one).
+                    ray.init(address="local", include_dashboard=False, runtime_env=runtime_env,
+                             logging_level=ray_logging_level(), **resources)
+                except SystemExit as exc:
+                    if exc.code != signal.SIGTERM:
+                        raise
+                    # Ray's own SIGTERM handler (active while ray.init runs) exits with the signal's number.
+                    raise signals.arrived_elsewhere() from None
+            signals.restore()
             yield session
         finally:
-            ray.shutdown()
+            if not connect_stranded():  # a ray.init still running in a helper thread: the CLI ends the process
+                started = [pid for pid in ray_processes_below(os.getpid()) if pid not in before]
+                ray.shutdown()
+                reap(started)
+
+
+REAP_GRACE_S = 3.0
+"""How long Ray processes started by this session may take to exit after ``ray.shutdown``
+before they are killed."""
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2:].split()[0] not in ("Z", "X")
+
+
+def ray_processes_below(root: int) -> list[int]:
+    """The live Ray processes descending from ``root`` (gcs_server, raylet, its agents, workers:
+    a command line naming Ray's package or a ``ray::`` process title); [] where ``/proc`` is not."""
+    try:
+        pids = [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+    except OSError:
+        return []
+    children: dict[int, list[int]] = {}
+    for pid in pids:
+        parent = _parent(pid)
+        if parent is not None:
+            children.setdefault(parent, []).append(pid)
+    found, frontier = [], [root]
+    while frontier:
+        for pid in children.get(frontier.pop(), []):
+            frontier.append(pid)
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmdline.startswith(b"ray::") or b"/ray/" in cmdline:
+                found.append(pid)
+    return found
+
+
+def reap(pids: list[int], grace_s: float = REAP_GRACE_S) -> None:
+    """Wait up to ``grace_s`` for ``pids`` to exit, then SIGKILL the rest. ``ray.shutdown`` after
+    a signal that arrived while ``ray.init`` ran leaves the raylet's dashboard and runtime-env
+    agents running for a minute or more; a nightly job's next run must not meet them."""
+    deadline = time.monotonic() + grace_s
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in pids:
+        if _alive(pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)

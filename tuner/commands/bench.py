@@ -17,7 +17,7 @@ from tuner.commands.arguments import (add_batch_sizes_argument, add_dtype_argume
 from tuner.errors import RunFailed
 from tuner.models import SERVERS, derive_shape, dtype_block_shape, load_model
 from tuner.plan import resolve_batch_sizes
-from tuner.ray_session import DEFAULT_CONNECT_TIMEOUT_S
+from tuner.ray_session import DEFAULT_CONNECT_TIMEOUT_S, cluster_address
 from workers.records import DType, MoEShape
 
 
@@ -79,6 +79,7 @@ def bench_shapes(model: str, tp: int, ep: int, dtypes: list[DType] | None, block
 
 
 def run(args: argparse.Namespace) -> int:
+    cluster_address(args.address)  # a bad --address / RAY_ADDRESS: refused before anything else
     shapes = bench_shapes(args.model, args.tp, args.ep, args.dtype, args.block_shape, args.server,
                           not args.disable_shared_experts_fusion)
     batch_sizes = resolve_batch_sizes(args.batch_sizes)

@@ -29,7 +29,7 @@ from tuner.jobspec import (GateCheck, JobSpec, Layout, TuneRun, gate_checks, loa
                            reference_markdown, routing_folder, tune_runs)
 from tuner.models import derive_shape, dtype_block_shape, load_model
 from tuner.plan import resolve_batch_sizes
-from tuner.ray_session import RaySession, ray_session
+from tuner.ray_session import RaySession, cluster_address, ray_session
 from tuner.spaces import load_space
 from workers.records import DType, MoEShape
 from workers.routing import pin_file
@@ -179,6 +179,12 @@ def validate(spec: JobSpec, source: str | None = None
 
 
 def _validate(spec: JobSpec) -> tuple[list[tuple[TuneRun, "tune.Validated"]], dict, list[GateBench]]:
+    try:
+        cluster_address(spec.address)
+    except OptionError as exc:
+        raise SpecError("address", exc.reason) from None
+    except UsageError as exc:  # RAY_ADDRESS, taken where the spec sets no address
+        raise SpecError("address", f"not set, and {exc}") from None
     for index, layout in enumerate(spec.layouts):
         if layout in spec.layouts[:index]:
             raise SpecError(f"layouts.{index}", f"repeats layouts.{spec.layouts.index(layout)} ({layout.label}): "

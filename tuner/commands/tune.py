@@ -30,7 +30,8 @@ from tuner.options import TuneOptions
 from tuner.select import BASELINE_MARGIN
 from tuner.plan import BUILTIN_FP4_HELP, DEFAULT_BATCH_SIZES, Plan, nothing_to_tune, plan
 from tuner.progress import Progress, format_duration
-from tuner.ray_session import DEFAULT_CONNECT_TIMEOUT_S, INTERPRET_NUM_GPUS, RaySession, ray_session
+from tuner.ray_session import (DEFAULT_CONNECT_TIMEOUT_S, INTERPRET_NUM_GPUS, RaySession, cluster_address,
+                                ray_session)
 from tuner.search import STRATEGIES, SearchJob
 from tuner.spaces import load_space
 from tuner.timeline import Timeline
@@ -130,6 +131,7 @@ def print_warnings(valids: list[Validated]) -> None:
 def validate(args: TuneOptions, probe: bool = True) -> Validated:
     """Everything ``args`` asks for, checked before Ray starts. Bad input raises an OptionError
     naming the option (a ``TuneOptions`` field) it is about, so ``job`` names its spec key."""
+    cluster_address(args.address)  # a bad --address / RAY_ADDRESS: refused before anything else
     try:  # a file: its absolute path (workers may run elsewhere) and its content's digest (the journal key)
         routing = parse_routing(pin_file(args.routing))
     except ValueError as exc:
