@@ -114,6 +114,67 @@ def test_an_address_where_something_else_listens_fails_within_the_connect_timeou
     assert elapsed < 60  # interpreter start-up (torch, Triton) included
 
 
+@pytest.mark.parametrize("address, why", [
+    ("localhost", "no port"), ("garbage!!", "no port"), ("::1", "IPv6 host goes in brackets"),
+    ("[::1]", "malformed IPv6"), ("[zz]:6379", "malformed IPv6"), (":", "invalid host name"),
+    ("bad host:6379", "invalid host name"), ("10.0.0.1:99999", "invalid port"), ("10.0.0.1:0", "invalid port"),
+    ("10.0.0.1:port", "invalid port"), ("host:6379:1", "IPv6 host goes in brackets"),
+    ("http://127.0.0.1:8265", "dashboard"), ("", "blank"),
+])
+def test_a_malformed_address_exits_2_with_one_line_before_ray_starts(address, why, tmp_path, capsys):
+    """Ray took such an address into ``ray.init`` (a traceback for ':'; 'localhost' failed as a run
+    failure after start-up); now each is bad input, refused before anything starts."""
+    import ray
+
+    out = tmp_path / "out"
+    assert main(tune_argv(out, "--address", address, "--connect-timeout", "2")) == 2
+    line = _one_error_line(capsys.readouterr().err, "moe-tune: error: --address")
+    assert why in line and not out.exists() and not ray.is_initialized()
+
+
+def test_ray_address_is_checked_like_address_and_local_means_a_ray_started_here(monkeypatch, tmp_path, capsys):
+    from tuner.ray_session import cluster_address
+
+    for value, expected in [("", None), ("   ", None), ("local", None), (" 10.0.0.1:6379 ", "10.0.0.1:6379"),
+                            ("[fe80::1]:6379", "[fe80::1]:6379"), ("auto", "auto")]:
+        monkeypatch.setenv("RAY_ADDRESS", value)
+        assert cluster_address(None) == expected, value
+    assert cluster_address("local") is None and cluster_address("my-head.svc_1:6379") == "my-head.svc_1:6379"
+    monkeypatch.setenv("RAY_ADDRESS", "head.example")
+    assert main(tune_argv(tmp_path / "out")) == 2
+    assert "RAY_ADDRESS=head.example: no port" in _one_error_line(capsys.readouterr().err, "moe-tune: error:")
+    spec = {"models": [str(Path(__file__).parent / "fixtures" / "job-tiny-moe.json")], "batch_sizes": [2],
+            "interpret": True, "output": {"dir": str(tmp_path / "job-out")}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["job", "validate", str(tmp_path / "job.yaml")]) == 2
+    line = _one_error_line(capsys.readouterr().err, "moe-tune: error:")
+    assert "job.yaml: address: not set, and RAY_ADDRESS=head.example: no port" in line
+    monkeypatch.delenv("RAY_ADDRESS")
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump({**spec, "address": "ray-head"}))
+    assert main(["job", "validate", str(tmp_path / "job.yaml")]) == 2
+    assert "job.yaml: address: ray-head: no port" in _one_error_line(capsys.readouterr().err, "moe-tune: error:")
+
+
+def test_auto_with_a_stale_ray_current_cluster_says_where_the_address_came_from(monkeypatch, tmp_path, capsys):
+    """``--address auto`` follows the address the last ``ray start`` recorded; once that cluster
+    is stopped the file stays behind. The run fails within the timeout naming the file, not with
+    "something answers there"."""
+    ray_tmp = Path(f"/tmp/mt-{os.getpid()}")  # Ray's temp dir: short (socket paths are length-limited)
+    (ray_tmp / "ray").mkdir(parents=True, exist_ok=True)
+    try:
+        (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_free_port()}\n")
+        monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # auto would turn token mode on for this process
+        started = time.monotonic()
+        assert main(tune_argv(tmp_path / "out", "--address", "auto", "--connect-timeout", "2")) == 1
+        assert time.monotonic() - started < 15
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    line = _one_error_line(capsys.readouterr().err, "moe-tune: run failed: cannot reach the Ray cluster at auto")
+    assert f"recorded by 'ray start' in {ray_tmp}/ray/ray_current_cluster" in line and "within 2s" in line
+
+
 # -- 5: outputs checked before Ray starts -----------------------------------------------------------
 
 @pytest.mark.parametrize("where", ["under a file", "under /proc"])
@@ -323,6 +384,37 @@ def test_sigterm_while_ray_starts_exits_143_and_leaves_no_ray_process(tmp_path):
     assert "Traceback" not in err and "SystemExit" not in err, err[-3000:]
     ours.update(_descendants(driver.pid) if driver.poll() is None else {})
     deadline = time.monotonic() + 10
+    while _alive(ours) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(ours), [ours[pid] for pid in _alive(ours)]
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_while_ray_starts_its_agents_leaves_no_ray_process(tmp_path, sig, code):
+    """Later in ``ray.init`` than the test above: the raylet has started its dashboard and
+    runtime-env agents. ``ray.shutdown`` left those running for a minute or more; now every Ray
+    process the run started is gone within seconds of its exit."""
+    driver = subprocess.Popen([sys.executable, "-m", "tuner.cli", *tune_argv(tmp_path / "out")], cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    ours: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while driver.poll() is None and time.monotonic() < deadline:
+            ours = _descendants(driver.pid)
+            if sum(name in cmdline for cmdline in ours.values()
+                   for name in ("ray::DashboardAgent", "ray::RuntimeEnvAgent")) == 2:
+                break
+            time.sleep(0.02)
+        assert driver.poll() is None and ours, "Ray never started its agents"
+        driver.send_signal(sig)
+        assert driver.wait(60) == code
+        err = driver.stderr.read()
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.stderr.close()
+    assert "Traceback" not in err, err[-3000:]
+    deadline = time.monotonic() + 8
     while _alive(ours) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _alive(ours), [ours[pid] for pid in _alive(ours)]

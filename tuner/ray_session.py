@@ -145,30 +145,58 @@ def cluster_address(address: str | None) -> str | None:
     raise UsageError(f"RAY_ADDRESS={text}: {problem}")
 
 
-def _auto_target(address: str) -> tuple[tuple[str, int] | None, str]:
-    """Where ``auto`` leads (Ray's own rule: ``RAY_ADDRESS``, else the cluster the last ``ray
-    start`` on this host recorded, else the one Ray process found running) and how it was found;
-    RunFailed with Ray's line when there is none or more than one."""
+def _resolve_auto() -> tuple[str, tuple[str, int] | None, str]:
+    """Where ``auto`` leads: ``RAY_ADDRESS``; else the cluster the last ``ray start`` on this host
+    recorded (``$RAY_TMPDIR/ray/ray_current_cluster``); else, as Ray does, the one Ray head found
+    running here. Returns the address to give ``ray.init``, the ``(host, port)`` to reach first
+    (None: unknown) and how it was found. RunFailed with Ray's line when there is none.
+
+    Ray's own ``auto`` prefers a Ray process found running over the recorded cluster whenever
+    exactly one is running: on a shared host, another user's short-lived ``ray.init()``."""
     from ray._common.utils import get_ray_address_file
     from ray._private import services
 
+    if os.environ.get("RAY_ADDRESS", "").strip():
+        found = cluster_address(None)  # checked: bad input refused, "local" is no cluster
+        if found is None:
+            raise UsageError("--address auto: RAY_ADDRESS=local names no cluster to join")
+        return "auto", _host_port(found), f"RAY_ADDRESS={found}"
+    recorded = Path(get_ray_address_file(None))
+    text = recorded.read_text(errors="replace").strip() if recorded.is_file() else ""
+    if text:
+        if _address_problem(text) is not None:
+            raise RunFailed(f"--address auto: {recorded} holds no Ray address ({text[:60]!r}); "
+                            "give the head's host:port instead")
+        try:  # the token Ray would send to a cluster it found itself (ray.init does this for "auto")
+            from ray._private.authentication import authentication_token_setup as auth
+        except ImportError:  # a Ray without token authentication
+            pass
+        else:
+            notes = logging.getLogger(auth.__name__)
+            level = notes.level
+            notes.setLevel(ray_logging_level())  # its "Token authentication is enabled" notice: --verbose only
+            try:
+                auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+            finally:
+                notes.setLevel(level)
+        return text, _host_port(text), f"recorded by 'ray start' in {recorded}; stale if that cluster was stopped"
     try:
         found = services.canonicalize_bootstrap_address_or_die("auto")
     except ConnectionError as exc:
-        raise RunFailed(f"--address {address}: {str(exc).splitlines()[0]}") from None
+        raise RunFailed(f"--address auto: {str(exc).splitlines()[0]}") from None
     except Exception:  # noqa: BLE001 - a Ray internal that changed: ray.init alone decides then
-        return None, ""
-    recorded = Path(get_ray_address_file(None))
-    how = (f"RAY_ADDRESS={os.environ['RAY_ADDRESS']}" if os.environ.get("RAY_ADDRESS")
-           else f"recorded by 'ray start' in {recorded} (stale if that cluster was stopped)" if recorded.is_file()
-           else "a Ray process found running on this host")
-    return _host_port(found), f"{found}, {how}"
+        return "auto", None, ""
+    return "auto", _host_port(found), f"{found}, the Ray head found running on this host"
 
 
 def join(address: str, runtime_env: dict | None, timeout_s: float) -> None:
     """``ray.init(address=...)`` within ``timeout_s`` seconds, or ``RunFailed`` with one line."""
     deadline = time.monotonic() + timeout_s
-    target, where = _auto_target(address) if address == "auto" else (_host_port(address), "")
+    shown = address
+    if address == "auto":
+        address, target, where = _resolve_auto()
+    else:
+        target, where = _host_port(address), ""
     if target is not None:
         last = ""
         while True:
@@ -178,7 +206,7 @@ def join(address: str, runtime_env: dict | None, timeout_s: float) -> None:
             except OSError as exc:
                 last = exc.strerror or type(exc).__name__
             if time.monotonic() + TCP_RETRY_S >= deadline:
-                at = f"{address} ({where})" if where else address
+                at = f"{shown} ({where})" if where else shown
                 raise RunFailed(f"cannot reach the Ray cluster at {at} within {timeout_s:g}s ({last}); "
                                 "check --address, or raise --connect-timeout")
             time.sleep(TCP_RETRY_S)
