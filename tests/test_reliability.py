@@ -456,6 +456,42 @@ def test_termination_is_recognised_however_it_surfaces():
     assert not signals.received()
 
 
+def test_a_swallowed_ctrl_c_still_ends_the_command_with_130(monkeypatch, capsys):
+    """Ctrl-C while Ray forks its processes raised KeyboardInterrupt inside an at-fork handler,
+    where Python reports and ignores it: the run went on to the end and exited 0. Inside Ray's
+    compiled core it surfaces as a SystemError. Either way the command now ends as interrupted."""
+    from tuner import cli, signals
+    from tuner.commands import plan
+
+    def swallowed(args) -> int:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs here
+        except KeyboardInterrupt:
+            pass  # as an at-fork handler does
+        return 0
+
+    def wrapped(args) -> int:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        except KeyboardInterrupt:
+            raise SystemError("<cyfunction CoreWorker.get_objects> returned a result with an exception set")
+        return 0
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        for command in (swallowed, wrapped):
+            monkeypatch.setattr(plan, "run", command)
+            assert cli.main(["plan", "--model", "mixtral-8x7b", "--device-name", "X"]) == 130
+            assert capsys.readouterr().err.strip().splitlines()[-1] == "moe-tune: interrupted"
+            with pytest.raises(KeyboardInterrupt):
+                signals.check()  # and every waiting loop stops on it
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        signals.install()
+
+
 # -- 9: start-up -------------------------------------------------------------------------------------
 
 def test_compile_processes_start_while_the_workers_start(tmp_path, monkeypatch):

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ[VERBOSE_ENV] = "1"
         module = importlib.import_module(f"tuner.commands.{args.command}")
         code = int(module.run(args) or 0)
-        signals.check()  # a SIGTERM swallowed in clean-up code still ends the command as one
+        signals.check()  # a SIGTERM or SIGINT swallowed on the way still ends the command as one
         return code
     except BaseException as exc:  # noqa: BLE001 - dispatched below; anything else propagates
         if signals.caused(exc):
@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"moe-tune: terminated by SIGTERM; Ray stopped; {hint}", file=sys.stderr)
             _exit_now_if_stranded(signals.EXIT_CODE)
             return signals.EXIT_CODE
+        if signals.interrupted() and not isinstance(exc, (UsageError, RunFailed)):
+            exc = KeyboardInterrupt()  # however it surfaced (a SystemError out of Ray's compiled core)
         return _failure(exc)
 
 
@@ -156,6 +158,7 @@ def _failure(exc: BaseException) -> int:
         return 0
     if isinstance(exc, KeyboardInterrupt):
         print("moe-tune: interrupted", file=sys.stderr)
+        _exit_now_if_stranded(130)
         return 130
     raise exc
 

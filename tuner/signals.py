@@ -18,6 +18,12 @@ the handler also sets a flag, and termination is recognised by the flag, not by 
 type: ``caused(exc)`` at the command's top level, ``check()`` in every waiting loop (so a
 swallowed one still stops the run within one wait). A second SIGTERM while the stop is under way
 is ignored, so it cannot cut the clean-up short.
+
+SIGINT (Ctrl-C) stays Python's ``KeyboardInterrupt`` (exit 130), but is flagged the same way: a
+``KeyboardInterrupt`` raised where Python only reports and ignores it (an at-fork handler while
+Ray starts its processes: the run went on to the end and exited 0) or inside Ray's compiled core
+(a SystemError that a candidate's ``except Exception`` took for the candidate's failure) still
+ends the command at the next ``check()``.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ class Terminated(BaseException):
 
 
 _received = False
+_interrupted = False
 _held = 0
 _pending = False
 
@@ -55,13 +62,22 @@ def _handler(signum: int, frame: object) -> None:
     raise Terminated()
 
 
+def _interrupt_handler(signum: int, frame: object) -> None:
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
 def install() -> None:
-    """Route SIGTERM to ``Terminated`` for a new command (forgetting an earlier command's SIGTERM
-    in this process). Only the main thread may set signal handlers; elsewhere a no-op."""
-    global _received, _pending
+    """Route SIGTERM to ``Terminated`` and flag SIGINT for a new command (forgetting an earlier
+    command's signals in this process). Only the main thread may set signal handlers; elsewhere a
+    no-op. SIGINT is left alone where it is ignored (a job started in the background by a shell)."""
+    global _received, _interrupted, _pending
     if threading.current_thread() is threading.main_thread():
-        _received = _pending = False
+        _received = _interrupted = _pending = False
         signal.signal(signal.SIGTERM, _handler)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _interrupt_handler)
 
 
 def restore() -> None:
@@ -83,13 +99,21 @@ def received() -> bool:
     return _received
 
 
+def interrupted() -> bool:
+    """True once SIGINT arrived during this command."""
+    return _interrupted
+
+
 def check() -> None:
-    """Raise ``Terminated`` if SIGTERM arrived (and is not being held): for loops that wait on Ray,
-    where the exception raised by the handler may have been swallowed or converted."""
+    """Raise ``Terminated`` if SIGTERM arrived (and is not being held), ``KeyboardInterrupt`` if
+    SIGINT did: for loops that wait on Ray, where the exception raised by the handler may have
+    been swallowed or converted."""
     global _pending
     if _received and not _held:
         _pending = False
         raise Terminated()
+    if _interrupted:
+        raise KeyboardInterrupt
 
 
 def caused(exc: BaseException) -> bool:
