@@ -226,7 +226,7 @@ class WorkerPool:
         elapsed = now - slot.head_started()
         timed_out = slot.killed_overdue or elapsed >= self.timeout_s
         cause = Status.TIMEOUT if timed_out else Status.CRASHED
-        detail = (f"worker {slot.index} ran past the {self.timeout_s:.0f}s timeout" if timed_out
+        detail = (f"worker {slot.index} ran past the {self.timeout_s:g}s timeout" if timed_out
                   else f"worker {slot.index}'s process died during the call")
         flights = list(slot.pending)
         slot.pending.clear()

@@ -225,7 +225,7 @@ class CompilePool:
         now = time.monotonic()
         for proc in self._processes:
             if proc.key is not None and now - proc.started > self.timeout_s:
-                self._fail(proc, Status.TIMEOUT, f"compile ran past {self.timeout_s:.0f}s; its process was killed")
+                self._fail(proc, Status.TIMEOUT, f"compile ran past {self.timeout_s:g}s; its process was killed")
 
     def _fail(self, proc: _Process, status: Status, message: str) -> None:
         key, seconds = proc.key, time.monotonic() - proc.started

@@ -74,7 +74,7 @@ class Watchdog:
             time.sleep(self._poll_s)
             deadline = self._deadline
             if deadline is not None and time.monotonic() > deadline:
-                print(f"moe-tune worker: {self._what} ran past {self.timeout_s:.0f}s; ending this process",
+                print(f"moe-tune worker: {self._what} ran past {self.timeout_s:g}s; ending this process",
                       file=sys.stderr, flush=True)
                 os._exit(WATCHDOG_EXIT_CODE)
 
