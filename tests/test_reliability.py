@@ -175,6 +175,21 @@ def test_auto_with_a_stale_ray_current_cluster_says_where_the_address_came_from(
     assert f"recorded by 'ray start' in {ray_tmp}/ray/ray_current_cluster" in line and "within 2s" in line
 
 
+def test_a_huge_connect_timeout_joins_instead_of_overflowing(monkeypatch):
+    """``--connect-timeout 1e308`` is a positive number, but a thread wait that long raised
+    OverflowError (a traceback) even where the cluster answered at once."""
+    from tuner import ray_session
+
+    joined = []
+    monkeypatch.setattr(ray_session.ray, "init", lambda **kwargs: joined.append(kwargs["address"]))
+    with socket.socket() as head:
+        head.bind(("127.0.0.1", 0))
+        head.listen(4)
+        address = f"127.0.0.1:{head.getsockname()[1]}"
+        ray_session.join(address, None, 1e308)
+    assert joined == [address]
+
+
 # -- 5: outputs checked before Ray starts -----------------------------------------------------------
 
 @pytest.mark.parametrize("where", ["under a file", "under /proc"])

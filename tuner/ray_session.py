@@ -222,7 +222,8 @@ def join(address: str, runtime_env: dict | None, timeout_s: float) -> None:
     thread = threading.Thread(target=connect, name="moe-tune-ray-connect", daemon=True)
     thread.start()
     try:
-        thread.join(max(0.0, deadline - time.monotonic()))
+        # A lock wait past threading.TIMEOUT_MAX (--connect-timeout 1e308) raises OverflowError.
+        thread.join(min(max(0.0, deadline - time.monotonic()), threading.TIMEOUT_MAX))
     except BaseException:  # SIGTERM while waiting: the thread stays inside ray.init
         _stranded.append(thread)
         raise
