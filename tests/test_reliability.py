@@ -366,7 +366,35 @@ def test_sigterm_while_the_driver_waits_on_ray_exits_143_quietly(tmp_path, monke
     assert "run the same command again to resume" in line and str(out / JOURNAL_NAME) in line
     assert "SystemError" not in err and "Traceback" not in err, err[-3000:]
     assert _records(out / JOURNAL_NAME) == []  # nothing finished, nothing half-written
-    deadline = time.monotonic() + 10
+    _gone_within(ours, 10)
+
+
+def _signal_once_ray_shows(out: Path, sig: int, ready) -> tuple[int, str, dict[int, str]]:
+    """Start a tune, send ``sig`` as soon as ``ready(descendants)`` holds (polled every 20 ms, at
+    most 120 s); its exit code, stderr and the Ray processes seen under it."""
+    driver = subprocess.Popen([sys.executable, "-m", "tuner.cli", *tune_argv(out)], cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    ours: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while driver.poll() is None and time.monotonic() < deadline:
+            ours = _descendants(driver.pid)
+            if ready(ours):
+                break
+            time.sleep(0.02)
+        assert driver.poll() is None and ready(ours), "Ray never got that far"
+        driver.send_signal(sig)
+        code = driver.wait(60)
+        err = driver.stderr.read()
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.stderr.close()
+    return code, err, ours
+
+
+def _gone_within(ours: dict[int, str], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
     while _alive(ours) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _alive(ours), [ours[pid] for pid in _alive(ours)]
@@ -375,33 +403,12 @@ def test_sigterm_while_the_driver_waits_on_ray_exits_143_quietly(tmp_path, monke
 def test_sigterm_while_ray_starts_exits_143_and_leaves_no_ray_process(tmp_path):
     """While ``ray.init`` runs, Ray's own SIGTERM handler is the active one (it exits with code 15):
     the signal still ends the command as a termination. Sent as soon as Ray's first process is up."""
-    out = tmp_path / "out"
-    driver = subprocess.Popen([sys.executable, "-m", "tuner.cli", *tune_argv(out)], cwd=REPO,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    ours: dict[int, str] = {}
-    try:
-        deadline = time.monotonic() + 120
-        while driver.poll() is None and time.monotonic() < deadline:
-            ours = _descendants(driver.pid)
-            if any("gcs_server" in cmdline for cmdline in ours.values()):
-                break
-            time.sleep(0.02)
-        assert driver.poll() is None and ours, "Ray never started"
-        driver.send_signal(signal.SIGTERM)
-        code = driver.wait(60)
-        err = driver.stderr.read()
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-        driver.stderr.close()
+    code, err, ours = _signal_once_ray_shows(
+        tmp_path / "out", signal.SIGTERM, lambda ours: any("gcs_server" in cmdline for cmdline in ours.values()))
     assert code == 143, err[-3000:]
     _one_error_line(err, "moe-tune: terminated by SIGTERM")
     assert "Traceback" not in err and "SystemExit" not in err, err[-3000:]
-    ours.update(_descendants(driver.pid) if driver.poll() is None else {})
-    deadline = time.monotonic() + 10
-    while _alive(ours) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _alive(ours), [ours[pid] for pid in _alive(ours)]
+    _gone_within(ours, 10)
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
@@ -409,30 +416,12 @@ def test_a_signal_while_ray_starts_its_agents_leaves_no_ray_process(tmp_path, si
     """Later in ``ray.init`` than the test above: the raylet has started its dashboard and
     runtime-env agents. ``ray.shutdown`` left those running for a minute or more; now every Ray
     process the run started is gone within seconds of its exit."""
-    driver = subprocess.Popen([sys.executable, "-m", "tuner.cli", *tune_argv(tmp_path / "out")], cwd=REPO,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    ours: dict[int, str] = {}
-    try:
-        deadline = time.monotonic() + 120
-        while driver.poll() is None and time.monotonic() < deadline:
-            ours = _descendants(driver.pid)
-            if sum(name in cmdline for cmdline in ours.values()
-                   for name in ("ray::DashboardAgent", "ray::RuntimeEnvAgent")) == 2:
-                break
-            time.sleep(0.02)
-        assert driver.poll() is None and ours, "Ray never started its agents"
-        driver.send_signal(sig)
-        assert driver.wait(60) == code
-        err = driver.stderr.read()
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-        driver.stderr.close()
+    agents = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+    exit_code, err, ours = _signal_once_ray_shows(
+        tmp_path / "out", sig, lambda ours: sum(name in cmdline for cmdline in ours.values() for name in agents) == 2)
+    assert exit_code == code, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
-    deadline = time.monotonic() + 8
-    while _alive(ours) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _alive(ours), [ours[pid] for pid in _alive(ours)]
+    _gone_within(ours, 8)
 
 
 def test_termination_is_recognised_however_it_surfaces():
