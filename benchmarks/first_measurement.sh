@@ -9,14 +9,17 @@
 #
 #   bash benchmarks/first_measurement.sh      carry [".gpu-wheels"]
 # DRY=1: the same on the CPU (the tiny fixture model, --interpret, a Ray started with two logical GPUs).
-# It ends with `ray stop --force`, which stops every Ray of this host: run it where no other Ray runs.
+# Its Ray is its own, whatever else runs on the host: RAY_TMPDIR under $WORK (where `ray start` records its
+# address and --address auto finds it), a free port, and `ray start --block` in a session of its own whose
+# processes are killed at the end (never `ray stop`, which would end every Ray cluster of the host).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/moe-first-out}
 WORK=${WORK:-/tmp/moe-first}
 ROUNDS=${ROUNDS:-3}
 rm -rf "$WORK" && mkdir -p "$OUT" "$WORK"
-export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$WORK/triton-cache
+export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$WORK/triton-cache RAY_TMPDIR=$WORK/rt
+mkdir -p "$RAY_TMPDIR"
 if [ -n "${DRY:-}" ]; then
   MODEL=(--model tests/fixtures/tiny-moe.json --interpret); HEAD=(--num-gpus 2 --num-cpus 2)
 else
@@ -51,14 +54,38 @@ print(f"{name:<16} exit {rc:>3}  process {float(t1) - float(t0):5.1f}s  first me
 PY
 }
 
+stop_head() {  # every process of the head's session: its id is the pid setsid kept (a background job of
+  # a script is no process group leader, so setsid makes it a session leader without forking)
+  timeout 30 python3 - "$HEAD_SESSION" <<'PY'
+import os, signal, sys
+session = int(sys.argv[1])
+for entry in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        if os.getsid(int(entry)) == session:
+            os.kill(int(entry), signal.SIGKILL)
+    except OSError:
+        pass
+PY
+  wait "$HEAD_SESSION" 2>/dev/null  # reaped quietly
+}
+port=$(python3 -c "import socket; s = socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])")
 started=$(date +%s.%N)
-timeout 90 python3 -m ray.scripts.scripts start --head --include-dashboard=false --disable-usage-stats "${HEAD[@]}" \
-  >"$OUT/ray_start.log" 2>&1
-echo "ray start: exit $?, $(python3 -c "import time; print(round(time.time() - $started, 1))")s" >>"$OUT/table.txt"
+setsid python3 -m ray.scripts.scripts start --head --block --port "$port" --include-dashboard=false \
+  --disable-usage-stats "${HEAD[@]}" >"$OUT/ray_start.log" 2>&1 &
+HEAD_SESSION=$!
+trap stop_head EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+# up once it has recorded its address (which `ray start` does after "Ray runtime started")
+for _ in $(seq 900); do
+  [ -s "$RAY_TMPDIR/ray/ray_current_cluster" ] || ! kill -0 "$HEAD_SESSION" 2>/dev/null && break
+  sleep 0.1
+done
+echo "ray start: $([ -s "$RAY_TMPDIR/ray/ray_current_cluster" ] && echo up || echo failed), port $port," \
+  "$(python3 -c "import time; print(round(time.time() - $started, 1))")s" >>"$OUT/table.txt"
 one cluster_warmup --address auto
 for round in $(seq 1 "$ROUNDS"); do
   one "embedded_$round"
   one "cluster_$round" --address auto
 done
-timeout 60 python3 -m ray.scripts.scripts stop --force >/dev/null 2>&1
 cat "$OUT/table.txt"
