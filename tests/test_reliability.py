@@ -149,25 +149,39 @@ def test_ray_address_is_checked_like_address_and_local_means_a_ray_started_here(
     assert main(["job", "validate", str(tmp_path / "job.yaml")]) == 2
     line = _one_error_line(capsys.readouterr().err, "moe-tune: error:")
     assert "job.yaml: address: not set, and RAY_ADDRESS=head.example: no port" in line
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump({**spec, "address": "auto"}))  # auto follows RAY_ADDRESS
+    assert main(["job", "validate", str(tmp_path / "job.yaml")]) == 2
+    line = _one_error_line(capsys.readouterr().err, "moe-tune: error:")
+    assert "job.yaml: address: auto: RAY_ADDRESS=head.example: no port" in line
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    assert main(tune_argv(tmp_path / "out", "--address", "auto")) == 2
+    assert "RAY_ADDRESS=local: names no cluster for --address auto" in _one_error_line(
+        capsys.readouterr().err, "moe-tune: error:")
+    assert not (tmp_path / "out").exists()
     monkeypatch.delenv("RAY_ADDRESS")
     (tmp_path / "job.yaml").write_text(yaml.safe_dump({**spec, "address": "ray-head"}))
     assert main(["job", "validate", str(tmp_path / "job.yaml")]) == 2
     assert "job.yaml: address: ray-head: no port" in _one_error_line(capsys.readouterr().err, "moe-tune: error:")
 
 
-def test_auto_with_a_stale_ray_current_cluster_says_where_the_address_came_from(monkeypatch, tmp_path, capsys):
+@pytest.mark.parametrize("option, variable", [(["--address", "auto"], None), ([], "auto")])
+def test_auto_with_a_stale_ray_current_cluster_says_where_the_address_came_from(option, variable, monkeypatch,
+                                                                                 tmp_path, capsys):
     """``--address auto`` follows the address the last ``ray start`` recorded; once that cluster
     is stopped the file stays behind. The run fails within the timeout naming the file, not with
-    "something answers there"."""
+    "something answers there". ``RAY_ADDRESS=auto`` is the same ``auto`` (it went to Ray's own)."""
     ray_tmp = Path(f"/tmp/mt-{os.getpid()}")  # Ray's temp dir: short (socket paths are length-limited)
     (ray_tmp / "ray").mkdir(parents=True, exist_ok=True)
     try:
         (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_free_port()}\n")
         monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
-        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        if variable:
+            monkeypatch.setenv("RAY_ADDRESS", variable)
+        else:
+            monkeypatch.delenv("RAY_ADDRESS", raising=False)
         monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # auto would turn token mode on for this process
         started = time.monotonic()
-        assert main(tune_argv(tmp_path / "out", "--address", "auto", "--connect-timeout", "2")) == 1
+        assert main(tune_argv(tmp_path / "out", *option, "--connect-timeout", "2")) == 1
         assert time.monotonic() - started < 15
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)

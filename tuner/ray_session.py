@@ -138,15 +138,24 @@ def cluster_address(address: str | None) -> str | None:
     if text == "local":
         return None
     problem = _address_problem(text)
-    if problem is None:
-        return text
-    if option:
-        raise OptionError("address", f"{text}: {problem}")
-    raise UsageError(f"RAY_ADDRESS={text}: {problem}")
+    if problem is not None:
+        if option:
+            raise OptionError("address", f"{text}: {problem}")
+        raise UsageError(f"RAY_ADDRESS={text}: {problem}")
+    if text == "auto" and option and _ray_address_variable() and cluster_address(None) is None:
+        # auto follows RAY_ADDRESS (checked just now), as Ray's own does
+        raise UsageError("RAY_ADDRESS=local: names no cluster for --address auto to join")
+    return text
+
+
+def _ray_address_variable() -> str:
+    """``RAY_ADDRESS`` where it names where ``auto`` leads: "" when unset, blank or ``auto``."""
+    text = os.environ.get("RAY_ADDRESS", "").strip()
+    return "" if text == "auto" else text
 
 
 def _resolve_auto() -> tuple[str, tuple[str, int] | None, str]:
-    """Where ``auto`` leads: ``RAY_ADDRESS``; else the cluster the last ``ray start`` on this host
+    """Where ``auto`` leads: ``RAY_ADDRESS`` (unless it says ``auto`` too); else the cluster the last ``ray start`` on this host
     recorded (``$RAY_TMPDIR/ray/ray_current_cluster``); else, as Ray does, the one Ray head found
     running here. Returns the address to give ``ray.init``, the ``(host, port)`` to reach first
     (None: unknown) and how it was found. RunFailed with Ray's line when there is none.
@@ -156,11 +165,11 @@ def _resolve_auto() -> tuple[str, tuple[str, int] | None, str]:
     from ray._common.utils import get_ray_address_file
     from ray._private import services
 
-    if os.environ.get("RAY_ADDRESS", "").strip():
-        found = cluster_address(None)  # checked: bad input refused, "local" is no cluster
+    if _ray_address_variable():
+        found = cluster_address(None)  # refused before the session started (cluster_address("auto"))
         if found is None:
-            raise UsageError("--address auto: RAY_ADDRESS=local names no cluster to join")
-        return "auto", _host_port(found), f"RAY_ADDRESS={found}"
+            raise UsageError("RAY_ADDRESS=local: names no cluster for --address auto to join")
+        return found, _host_port(found), f"RAY_ADDRESS={found}"
     recorded = Path(get_ray_address_file(None))
     text = recorded.read_text(errors="replace").strip() if recorded.is_file() else ""
     if text:

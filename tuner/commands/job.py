@@ -183,8 +183,8 @@ def _validate(spec: JobSpec) -> tuple[list[tuple[TuneRun, "tune.Validated"]], di
         cluster_address(spec.address)
     except OptionError as exc:
         raise SpecError("address", exc.reason) from None
-    except UsageError as exc:  # RAY_ADDRESS, taken where the spec sets no address
-        raise SpecError("address", f"not set, and {exc}") from None
+    except UsageError as exc:  # RAY_ADDRESS, taken where the spec sets no address or auto
+        raise SpecError("address", f"{spec.address}: {exc}" if spec.address else f"not set, and {exc}") from None
     for index, layout in enumerate(spec.layouts):
         if layout in spec.layouts[:index]:
             raise SpecError(f"layouts.{index}", f"repeats layouts.{spec.layouts.index(layout)} ({layout.label}): "
