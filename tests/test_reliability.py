@@ -438,6 +438,29 @@ def test_a_signal_while_ray_starts_its_agents_leaves_no_ray_process(tmp_path, si
     _gone_within(ours, 8)
 
 
+def test_reap_kills_only_the_ray_processes_it_found_and_not_a_pid_given_to_another_process():
+    """What ``ray_session`` ends after ``ray.shutdown``: the Ray processes under the driver (here a
+    stand-in whose command line names Ray's package), each known by pid and start time, so a pid
+    the system has since given to another process is left alone."""
+    from tuner.ray_session import ray_processes_below, reap
+
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    ray_like = subprocess.Popen([*sleeper, "/site-packages/ray/stand-in"])
+    other = subprocess.Popen(sleeper)
+    try:
+        found = {pid: start for pid, start in ray_processes_below(os.getpid())}
+        assert ray_like.pid in found and other.pid not in found
+        reap([(ray_like.pid, str(int(found[ray_like.pid]) - 1))], grace_s=0.2)  # an older process's pid
+        with pytest.raises(subprocess.TimeoutExpired):
+            ray_like.wait(1)  # still running
+        reap([(ray_like.pid, found[ray_like.pid])], grace_s=0.2)
+        assert ray_like.wait(10) == -signal.SIGKILL and other.poll() is None
+    finally:
+        for process in (ray_like, other):
+            process.kill()
+            process.wait(10)
+
+
 def test_termination_is_recognised_however_it_surfaces():
     """The cases the handler produces, without a process: Ray's SystemError around ``Terminated``
     (its ``__context__``), one raised ``from`` it, and an exception after a swallowed one."""

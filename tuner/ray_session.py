@@ -303,7 +303,7 @@ def ray_session(address: str | None, interpret: bool, workers: int | None = None
             yield session
         finally:
             if not connect_stranded():  # a ray.init still running in a helper thread: the CLI ends the process
-                started = [pid for pid in ray_processes_below(os.getpid()) if pid not in before]
+                started = [process for process in ray_processes_below(os.getpid()) if process not in before]
                 ray.shutdown()
                 reap(started)
 
@@ -313,55 +313,61 @@ REAP_GRACE_S = 3.0
 before they are killed."""
 
 
-def _parent(pid: int) -> int | None:
+def _stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state, parent, …; ``proc(5)``'s
+    fields 3 on), or None where the process (or ``/proc``) is not."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(stat[stat.rindex(")") + 2:].split()[1])
+    return stat[stat.rindex(")") + 2:].split()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2:].split()[0] not in ("Z", "X")
+_STATE, _PARENT, _START_TIME = 0, 1, 19
+"""Indices in ``_stat``: the state letter, the parent's pid, the start time (clock ticks since boot)."""
 
 
-def ray_processes_below(root: int) -> list[int]:
-    """The live Ray processes descending from ``root`` (gcs_server, raylet, its agents, workers:
-    a command line naming Ray's package or a ``ray::`` process title); [] where ``/proc`` is not."""
+def _alive(process: tuple[int, str]) -> bool:
+    """Whether ``(pid, start time)`` still runs: not a zombie, and not a newer process given the pid."""
+    fields = _stat(process[0])
+    return fields is not None and fields[_START_TIME] == process[1] and fields[_STATE] not in ("Z", "X")
+
+
+def ray_processes_below(root: int) -> list[tuple[int, str]]:
+    """The Ray processes descending from ``root`` (gcs_server, raylet, its agents, workers: a
+    command line naming Ray's package or a ``ray::`` process title), each as ``(pid, start time)``
+    so that a pid the system gives to a newer process is not taken for it; [] where ``/proc`` is not."""
     try:
         pids = [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
     except OSError:
         return []
-    children: dict[int, list[int]] = {}
+    children: dict[int, list[tuple[int, str]]] = {}
     for pid in pids:
-        parent = _parent(pid)
-        if parent is not None:
-            children.setdefault(parent, []).append(pid)
+        fields = _stat(pid)
+        if fields is not None:
+            children.setdefault(int(fields[_PARENT]), []).append((pid, fields[_START_TIME]))
     found, frontier = [], [root]
     while frontier:
-        for pid in children.get(frontier.pop(), []):
-            frontier.append(pid)
+        for process in children.get(frontier.pop(), []):
+            frontier.append(process[0])
             try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                cmdline = Path(f"/proc/{process[0]}/cmdline").read_bytes()
             except OSError:
                 continue
             if cmdline.startswith(b"ray::") or b"/ray/" in cmdline:
-                found.append(pid)
+                found.append(process)
     return found
 
 
-def reap(pids: list[int], grace_s: float = REAP_GRACE_S) -> None:
-    """Wait up to ``grace_s`` for ``pids`` to exit, then SIGKILL the rest. ``ray.shutdown`` after
-    a signal that arrived while ``ray.init`` ran leaves the raylet's dashboard and runtime-env
-    agents running for a minute or more; a nightly job's next run must not meet them."""
+def reap(processes: list[tuple[int, str]], grace_s: float = REAP_GRACE_S) -> None:
+    """Wait up to ``grace_s`` for ``processes`` (``ray_processes_below``'s) to exit, then SIGKILL
+    the rest (a pid now another process's is left alone). ``ray.shutdown`` after a signal that
+    arrived while ``ray.init`` ran leaves the raylet's dashboard and runtime-env agents running
+    for a minute or more; a nightly job's next run must not meet them."""
     deadline = time.monotonic() + grace_s
-    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+    while any(_alive(process) for process in processes) and time.monotonic() < deadline:
         time.sleep(0.1)
-    for pid in pids:
-        if _alive(pid):
+    for process in processes:
+        if _alive(process):
             with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+                os.kill(process[0], signal.SIGKILL)
