@@ -4,14 +4,17 @@ survival of a torn last line, --fresh keeping the old file aside, one run at a t
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from dataclasses import fields, replace
 from enum import Enum
+from pathlib import Path
 
 import orjson
 import pytest
 
-from tuner.journal import (Journal, JournalBusy, WorkerEnv, candidate_from_dict, candidate_to_dict, measurement_key,
-                           measurement_to_record, record_to_measurement, retime_key, retime_to_record)
+from tuner.journal import (Journal, JournalBusy, WorkerEnv, candidate_from_dict, candidate_to_dict, check_not_busy,
+                           measurement_key, measurement_to_record, record_to_measurement, retime_key, retime_to_record)
 from workers.records import CONFIG_KEYS, Candidate, Config, DType, Gemm, Measurement, MoEShape, Status
 
 ENV = {"device": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "kernel": "builtin", "kernel_hash": "abc"}
@@ -165,6 +168,55 @@ def test_one_run_at_a_time(tmp_path):
         with pytest.raises(JournalBusy):
             Journal(path)
     Journal(path).close()  # the lock goes with the first run
+
+
+def test_a_journal_held_by_a_live_run_is_found_without_taking_it(tmp_path):
+    """``check_not_busy`` (what the commands ask before Ray starts) tries the run's own lock and
+    lets it go at once: refused while another process's run holds it, and never in the way of
+    the run that takes it next."""
+    path = tmp_path / "j.jsonl"
+    check_not_busy(path)  # no file yet: nothing holds it (and nothing is created)
+    assert not path.exists()
+    path.touch()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_JOURNAL, str(path)], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parent.parent)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(JournalBusy, match="in use by another moe-tune run"):
+            check_not_busy(path)
+    finally:
+        holder.kill()
+        holder.wait(30)
+    check_not_busy(path)  # the lock died with its process
+    with Journal(path):  # and the check did not keep it
+        with pytest.raises(JournalBusy):
+            check_not_busy(path)
+
+
+HOLD_JOURNAL = """
+import sys, time
+from tuner.journal import Journal
+journal = Journal(sys.argv[1])
+print("held", flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_journal_not_started_is_not_named_as_holding_measurements(tmp_path, rng):
+    """A run that ends before its first record (SIGTERM, every worker lost) removes the journal it
+    created: its hint says nothing was measured, never "0 measurements are in" a missing file."""
+    path = tmp_path / "out" / "j.jsonl"
+    with Journal(path) as journal:
+        assert not journal.started
+        assert journal.holds() == f"nothing was measured and the journal {path} was not started"
+        assert journal.resume_hint().endswith("run the same command again to start over")
+        m = random_measurement(rng)
+        journal.append(measurement_to_record(measurement_key(ENV, m.candidate), m, attempts=1))
+        assert journal.started
+        assert journal.resume_hint() == (f"1 measurements are in the journal {path}; run the same command again "
+                                         "to resume")
+    with Journal(path) as journal:  # reopened: its record is what a rerun reuses
+        assert journal.started and journal.holds().startswith("1 measurements are in the journal")
 
 
 def test_retime_key_ignores_finalist_order(rng):

@@ -231,6 +231,127 @@ def test_compare_out_under_a_file_exits_2(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
+class _RayStarted(Exception):
+    pass
+
+
+def _forbid_ray(monkeypatch) -> None:
+    """``ray.init`` fails as a run failure (exit 1, "Ray started"): a check that ought to refuse
+    the input before Ray starts shows as exit 1 instead of 2, one passed as exit 1 with that line."""
+    import ray
+
+    from tuner.errors import RunFailed
+
+    def init(*args, **kwargs):
+        raise RunFailed("Ray started")
+    monkeypatch.setattr(ray, "init", init)
+
+
+def _compare_argv(configs: Path, *extra: str) -> list[str]:
+    return ["compare", "--model", str(REPO / "tests/fixtures/tiny-moe.json"), "--dtypes", "bf16",
+            "--batch-sizes", "1", "--search-space", str(REPO / "tests/fixtures/tune-space.yaml"), "--interpret",
+            "--out", str(configs.parent / "report"), "--configs-out", str(configs), *extra]
+
+
+@pytest.mark.parametrize("command", ["tune", "compare", "job run"])
+def test_a_journal_another_live_run_holds_exits_2_before_ray_starts(command, tmp_path, monkeypatch, capsys):
+    """The lock the run takes in ``Journal`` is tried (and let go) while the input is checked:
+    refused in well under a second, not after Ray and the workers started (13-16 s)."""
+    _forbid_ray(monkeypatch)
+    journal = tmp_path / "held" / JOURNAL_NAME
+    if command == "tune":
+        argv = tune_argv(tmp_path / "out", "--journal", str(journal))
+    elif command == "compare":
+        argv = _compare_argv(tmp_path / "configs", "--journal", str(journal))
+    else:
+        shutil.copy(REPO / "tests/fixtures/tiny-moe.json", tmp_path)
+        spec = {"name": "held", "models": ["tiny-moe.json"], "batch_sizes": [1], "interpret": True,
+                "search_space": str(REPO / "tests/fixtures/tune-space.yaml"), "output": {"dir": "out"},
+                "journal": str(journal)}
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+        argv = ["job", "run", str(tmp_path / "job.yaml")]
+    with Journal(journal):  # another run, live
+        started = time.monotonic()
+        assert main(argv) == 2
+        assert time.monotonic() - started < 30
+    line = _one_error_line(capsys.readouterr().err, "moe-tune: error:")
+    assert f"journal {journal} is in use by another moe-tune run" in line, line
+    assert main(argv) == 1  # once it is free, the same input passes every check
+    _one_error_line(capsys.readouterr().err, "moe-tune: run failed: Ray started")
+
+
+def _existing_file(out: Path, triton_version: str | None, kernel_hash: str | None) -> Path:
+    """A config file of the tiny model on "cpu" with an entry for M=8 (not re-tuned by ``tune_argv``):
+    written by this tool for ``kernel_hash``/``triton_version`` (None: this host's), or, with
+    ``triton_version`` "unrecorded", by something else."""
+    from workers import backends
+    from tuner.writers import write_vllm
+    from tune_helpers import tiny_candidates
+
+    import triton
+
+    candidate = tiny_candidates()[0]
+    if triton_version == "unrecorded":
+        out.mkdir(parents=True)
+        (out / VLLM_FILE).write_text(json.dumps({"8": candidate.config.to_dict()}))
+        return out / VLLM_FILE
+    env = {"device": "cpu", **backends.load("builtin").describe()}
+    if kernel_hash is not None:
+        env["kernel_hash"] = kernel_hash
+    return write_vllm(out, candidate.shape, "cpu", {8: candidate.config}, triton_version or triton.__version__,
+                      kernel=env).path
+
+
+@pytest.mark.parametrize("existing, refused", [
+    (("unrecorded", None), "this tool has no record of the kernel it was tuned for"),
+    (("0.0.1", None), "it was tuned for another triton"),
+    ((None, "0" * 16), "it was tuned for another kernel_hash"),
+    ((None, None), None),  # same kernel and Triton: merged, so not refused
+])
+def test_a_config_file_writing_would_refuse_exits_2_before_ray_starts(existing, refused, tmp_path, monkeypatch,
+                                                                      capsys):
+    """Under --interpret in a Ray started here the workers' device name ("cpu"), Triton and kernel
+    are this host's: a file in --out that the write would refuse is refused before Ray starts."""
+    _forbid_ray(monkeypatch)
+    out = tmp_path / "out"
+    path = _existing_file(out, *existing)
+    before = path.read_bytes()
+    started = time.monotonic()
+    code = main(tune_argv(out))
+    err = capsys.readouterr().err
+    if refused is None:
+        assert code == 1, err
+        _one_error_line(err, "moe-tune: run failed: Ray started")
+    else:
+        assert code == 2 and time.monotonic() - started < 30, err
+        line = _one_error_line(err, f"moe-tune: error: {path} holds configs for batch sizes 8")
+        assert refused in line and "--replace" in line, line
+        assert main(tune_argv(out, "--replace")) == 1  # --replace: every check passes
+        _one_error_line(capsys.readouterr().err, "moe-tune: run failed: Ray started")
+    assert path.read_bytes() == before
+
+
+def test_a_cluster_leaves_the_config_file_check_to_the_workers(tmp_path, monkeypatch, capsys):
+    """With --address the workers may run other GPUs and software than this host: only they know
+    the file names, so the file is not judged before Ray starts (``tuner.driver`` checks it then)."""
+    from tuner.commands.tune import known_device_name
+    from tuner.options import TuneOptions
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert known_device_name(TuneOptions(model=("x",), interpret=True)) == "cpu"
+    assert known_device_name(TuneOptions(model=("x",), interpret=True, address="10.0.0.1:6379")) is None
+    assert known_device_name(TuneOptions(model=("x",))) is None
+    from tuner.errors import RunFailed
+
+    def ray_session(*args, **kwargs):
+        raise RunFailed("Ray started")
+    monkeypatch.setattr("tuner.commands.tune.ray_session", ray_session)
+    out = tmp_path / "out"
+    _existing_file(out, "unrecorded", None)
+    assert main(tune_argv(out, "--address", "127.0.0.1:6379", "--connect-timeout", "2")) == 1
+    _one_error_line(capsys.readouterr().err, "moe-tune: run failed: Ray started")
+
+
 # -- 6: hostile journals ----------------------------------------------------------------------------
 
 def test_hostile_journal_lines_are_skipped_and_counted_in_one_warning(tmp_path):
@@ -377,9 +498,11 @@ def test_sigterm_while_the_driver_waits_on_ray_exits_143_quietly(tmp_path, monke
     err = "".join(lines)
     assert code == 143, err[-3000:]
     line = _one_error_line(err, "moe-tune: terminated by SIGTERM")
-    assert "run the same command again to resume" in line and str(out / JOURNAL_NAME) in line
+    # Nothing finished: no journal is left, and the line does not pretend one is.
+    assert f"nothing was measured and the journal {out / JOURNAL_NAME} was not started" in line, line
+    assert "run the same command again to start over" in line and "measurements are in" not in line
     assert "SystemError" not in err and "Traceback" not in err, err[-3000:]
-    assert _records(out / JOURNAL_NAME) == []  # nothing finished, nothing half-written
+    assert not (out / JOURNAL_NAME).exists()
     _gone_within(ours, 10)
 
 

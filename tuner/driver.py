@@ -179,7 +179,7 @@ def _write_failed(exc: BaseException, journal: Journal) -> RunFailed:
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
     where = f" {exc.filename}" if isinstance(exc, OSError) and exc.filename else ""
     return RunFailed(f"writing the config files failed{where}: {reason}; rerun with a writable --out (or --replace): "
-                     f"{journal.measured()} measurements are in the journal {journal.path}, nothing is measured twice")
+                     f"{journal.holds()}, nothing is measured twice")
 
 
 def tune(request: TuneRequest, progress: Progress | None = None, timeline: Timeline | None = None,
@@ -264,16 +264,14 @@ def tune(request: TuneRequest, progress: Progress | None = None, timeline: Timel
                 result.retimes_cut += retimer.cut
             if engine.workers_lost:
                 wrote = ", ".join(str(p) for p in result.files_written) or "no file (no batch size had finished)"
-                raise RunFailed(f"every worker was lost; wrote {wrote}; {journal.measured()} measurements are in the "
-                                f"journal {journal.path}: run the same command again to resume")
+                raise RunFailed(f"every worker was lost; wrote {wrote}; {journal.resume_hint()}")
         except FileConflict as exc:
             raise UsageError(str(exc)) from None
         except BaseException as exc:
             if not signals.caused(exc):
                 raise
             # However the signal surfaced (``Terminated``, or Ray's call ending in a SystemError around it).
-            raise signals.Terminated(f"{journal.measured()} measurements are in the journal {journal.path}; "
-                                     "run the same command again to resume") from None
+            raise signals.Terminated(journal.resume_hint()) from None
         finally:
             for group in groups:
                 if group.compiler is not None:

@@ -37,6 +37,39 @@ class JournalBusy(Exception):
     """Another live run holds the journal."""
 
 
+def _try_lock(fd: int) -> bool:
+    """Take the journal lock on ``fd`` (an exclusive ``flock``) without waiting; False when
+    another open file holds it (a live moe-tune run: the lock dies with its process)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _busy(path: Path) -> JournalBusy:
+    return JournalBusy(f"journal {path} is in use by another moe-tune run")
+
+
+def check_not_busy(path: Path) -> None:
+    """``JournalBusy`` (one line) when a live run holds the journal at ``path``: its lock is tried
+    without waiting and released at once, so bad input is refused before any work starts.
+    ``Journal`` takes the same lock for the run (the real guard: a run may start in between). A
+    missing file, or one that is not a regular file (``not_a_journal`` refuses it), is not busy."""
+    resolved = Path(path).resolve()
+    if not resolved.is_file():
+        return
+    try:
+        fd = os.open(resolved, os.O_RDONLY | os.O_NONBLOCK)  # flock needs no write access
+    except OSError:
+        return  # an unreadable or vanished file: the run's own open says why
+    try:
+        if not _try_lock(fd):
+            raise _busy(resolved)
+    finally:
+        os.close(fd)  # releases the lock taken
+
+
 @dataclass(frozen=True)
 class WorkerEnv:
     """What a worker is (``BenchmarkWorker.describe``: device name, torch and Triton versions,
@@ -258,11 +291,9 @@ class Journal:
         self._created = not self.path.exists()
         self.set_aside: Path | None = None
         self._handle = open(self.path, "a+b")
-        try:
-            fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _try_lock(self._handle.fileno()):
             self._handle.close()
-            raise JournalBusy(f"journal {self.path} is in use by another moe-tune run") from None
+            raise _busy(self.path)
         if fresh and self.path.stat().st_size > 0:
             self.set_aside = self.path.with_name(f"{self.path.name}.{time.strftime('%Y%m%d-%H%M%S')}.old")
             os.replace(self.path, self.set_aside)
@@ -359,11 +390,32 @@ class Journal:
         """Measurement records held (reused ones included): what a resumed run will not redo."""
         return sum(1 for r in self.records.values() if r.get("kind") == "measure")
 
+    @property
+    def started(self) -> bool:
+        """False while the journal is one this object created and nothing was recorded in it yet:
+        ``close`` then removes it again, as if it had never been."""
+        if self._handle.closed:
+            return self.path.exists()
+        return not (self._created and self.set_aside is None and os.fstat(self._handle.fileno()).st_size == 0)
+
+    def holds(self) -> str:
+        """What a rerun finds here, as the clause a resume hint starts with: ``N measurements are in
+        the journal PATH``, or, for a journal not started (``started``), that nothing was measured
+        and no journal was started at PATH (so no message names a file that does not exist)."""
+        if not self.started:
+            return f"nothing was measured and the journal {self.path} was not started"
+        return f"{self.measured()} measurements are in the journal {self.path}"
+
+    def resume_hint(self) -> str:
+        """``holds`` and what to do: run the same command again to resume (or, with nothing
+        started, to start over)."""
+        return f"{self.holds()}; run the same command again to {'resume' if self.started else 'start over'}"
+
     def close(self) -> None:
         if self._handle.closed:
             return
         try:
-            if self._created and self.set_aside is None and os.fstat(self._handle.fileno()).st_size == 0:
+            if not self.started:
                 self.path.unlink(missing_ok=True)  # still holding the lock: no other run writes to it
                 for folder in self._created_folders:
                     folder.rmdir()

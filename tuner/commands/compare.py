@@ -16,7 +16,7 @@ from tuner.commands.arguments import (add_batch_sizes_argument, add_dtype_argume
 from tuner.commands.tune import PREFLIGHT_DEVICE
 from tuner.dispatch import SERVERS
 from tuner.errors import OptionError, UsageError
-from tuner.journal import JOURNAL_NAME, JournalBusy, count_measurements, not_a_journal
+from tuner.journal import JOURNAL_NAME, JournalBusy, check_not_busy, count_measurements, not_a_journal
 from tuner.models import derive_shape, load_model
 from tuner.plan import plan, resolve_batch_sizes
 from tuner.search import STRATEGIES
@@ -115,6 +115,10 @@ def _request(args: argparse.Namespace) -> tuple[compare.CompareRequest, list[str
     foreign = not_a_journal(journal)
     if foreign:
         raise OptionError("journal", f"{journal}: {foreign}")
+    try:
+        check_not_busy(journal)
+    except JournalBusy as exc:
+        raise OptionError("journal", str(exc), flagged=False) from None
     if args.fresh:
         work = {(s.shape, args.routing, M) for s in planned.shapes for M in planned.batch_sizes}
         confirm_fresh(journal, count_measurements(journal, work), args.yes)

@@ -24,11 +24,11 @@ from tuner.commands.arguments import (add_batch_sizes_argument, add_dtype_argume
 from tuner.commands.plan import format_plan, plan_estimate, resolve_device_name
 from tuner.errors import OptionError, RunFailed, UsageError, about
 from tuner.dispatch import SERVER_READ_DTYPES
-from tuner.journal import JOURNAL_NAME, JournalBusy, count_measurements, not_a_journal
+from tuner.journal import JOURNAL_NAME, JournalBusy, check_not_busy, count_measurements, not_a_journal
 from tuner.models import load_model
 from tuner.options import TuneOptions
 from tuner.select import BASELINE_MARGIN
-from tuner.plan import BUILTIN_FP4_HELP, DEFAULT_BATCH_SIZES, Plan, nothing_to_tune, plan
+from tuner.plan import BUILTIN_FP4_HELP, DEFAULT_BATCH_SIZES, DevicePlan, Plan, nothing_to_tune, plan
 from tuner.progress import Progress, format_duration
 from tuner.ray_session import (DEFAULT_CONNECT_TIMEOUT_S, INTERPRET_NUM_GPUS, RaySession, cluster_address,
                                 ray_session)
@@ -36,6 +36,7 @@ from tuner.search import STRATEGIES, SearchJob
 from tuner.spaces import load_space
 from tuner.timeline import Timeline
 from tuner.writers import FORMATS, partial_file_warnings, probe_writable
+from workers import backends
 from workers.backends.base import describe_label
 from workers.records import Status
 from workers.routing import parse_routing, pin_file
@@ -175,10 +176,62 @@ def validate(args: TuneOptions, probe: bool = True) -> Validated:
     if args.fresh:
         work = {(s.shape, str(routing), M) for s in planned.shapes for M in planned.batch_sizes}
         confirm_fresh(journal, count_measurements(journal, work), args.yes)
-    if probe:  # creates the folders: not for --dry-run
-        probe_writable(out, "out")  # last: input refused earlier leaves no folder behind
+    valid = Validated(planned, out, journal, str(routing), runs, baselines, tuple(warnings))
+    if probe:  # a run's checks, not --dry-run's (which starts nothing and writes nothing)
+        try:
+            check_not_busy(journal)
+        except JournalBusy as exc:
+            raise OptionError("journal", str(exc), flagged=False) from None
+        check_existing_files(args, valid)
+        probe_writable(out, "out")  # last: creates folders; input refused earlier leaves no folder behind
         probe_writable(journal.parent, "journal")
-    return Validated(planned, out, journal, str(routing), runs, baselines, tuple(warnings))
+    return valid
+
+
+def known_device_name(args: TuneOptions) -> str | None:
+    """The device name the workers will report, where it is known before Ray starts, else None.
+
+    Known under ``--interpret`` in a Ray this command starts (no ``--address``/``RAY_ADDRESS``):
+    the workers are this host's processes on the CPU ("cpu"), with this host's Triton and kernel
+    code. Not known for GPUs (the driver never initializes CUDA: a context there would hold
+    memory on a GPU the workers measure on) nor on a cluster (its nodes may run other GPUs and
+    software): there only the workers know it, and ``tuner.driver.tune`` refuses conflicting
+    files once they report it, still before any measurement."""
+    if args.interpret and cluster_address(args.address) is None:
+        return "cpu"
+    return None
+
+
+def _servers_of(plan: DevicePlan, layouts: tuple[str, ...]):
+    """The servers whose files a run in ``layouts`` writes for a shape of ``plan``: the shape's own."""
+    servers = {job.shape: job.servers for job in plan.jobs}
+    return lambda shape: tuple(server for server in servers[shape] if server in layouts)
+
+
+def check_existing_files(args: TuneOptions, valid: Validated) -> None:
+    """Refuse (``OptionError`` about ``out``, one line) config files already in the output folder
+    that writing would refuse after the tune (``tuner.writers``' rule: entries of batch sizes not
+    re-tuned, written for another kernel or Triton version or without a record, and no
+    ``--replace``), where the device name is known before Ray starts (``known_device_name``);
+    elsewhere ``tuner.driver.tune`` checks them when the workers have reported it."""
+    import triton
+
+    device = known_device_name(args)
+    if device is None:
+        return
+    planned = valid.plan.for_device(device)
+    for choice in valid.runs:
+        env = {"device": device, "triton": triton.__version__, **backends.load(choice.kernel).describe()}
+        writer = writers.ServerFilesWriter(valid.out, _servers_of(planned, writers.format_servers(choice.format)),
+                                           args.replace)
+        batch_sizes: dict = {}
+        for job in planned.jobs:
+            if choice.takes(job):
+                batch_sizes.setdefault(job.shape, set()).update(job.batch_sizes)
+        try:
+            writer.check(device, env, batch_sizes)
+        except writers.FileConflict as exc:
+            raise OptionError("out", str(exc), flagged=False) from None
 
 
 def _dry_run(args: TuneOptions, device_name: str, valid: Validated) -> None:
@@ -188,8 +241,6 @@ def _dry_run(args: TuneOptions, device_name: str, valid: Validated) -> None:
 
     planned = valid.plan.for_device(device_name)
     workers = args.workers or (INTERPRET_NUM_GPUS if args.interpret else _local_gpus())
-    from workers import backends
-
     compiles_ahead = all(backends.load(run.kernel).compiles_ahead for run in valid.runs)
     processes = 1 if args.interpret or not compiles_ahead or args.no_compile_ahead else None
     expected = plan_estimate(planned, args.strategy, workers, processes, valid.routing, args.split_gemms)
