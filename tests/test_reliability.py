@@ -584,6 +584,36 @@ def test_reap_kills_only_the_ray_processes_it_found_and_not_a_pid_given_to_anoth
             process.wait(10)
 
 
+@pytest.mark.parametrize("records", [0, 1])
+def test_a_sigterm_before_any_measurement_says_so_and_names_no_missing_journal(records, tmp_path, monkeypatch):
+    """SIGTERM while the workers start: a journal this run created holds nothing and is removed,
+    so the hint says nothing was measured (it said "0 measurements are in the journal" of a file
+    that was gone); an earlier run's journal keeps its records, and the hint counts them."""
+    from tuner import driver, signals
+    from tune_helpers import tiny_candidates
+
+    def start_pool(*args, **kwargs):
+        raise signals.Terminated()
+    monkeypatch.setattr(driver, "start_pool", start_pool)
+    journal = tmp_path / "out" / JOURNAL_NAME
+    if records:
+        with Journal(journal) as earlier:
+            m = Measurement(tiny_candidates()[0], Status.OK, latency_us=5.0, device="cpu")
+            earlier.append(measurement_to_record(measurement_key({"device": "cpu"}, m.candidate), m, attempts=1))
+    request = driver.TuneRequest(jobs_for_device=lambda device: [], write_outputs=lambda *args: [],
+                                 journal_path=journal, compile_ahead=False)
+    with pytest.raises(signals.Terminated) as ended:
+        driver.tune(request)
+    if records:
+        assert ended.value.hint == (f"1 measurements are in the journal {journal}; run the same command again to "
+                                    "resume")
+        assert len(_records(journal)) == 1
+    else:
+        assert ended.value.hint == (f"nothing was measured and the journal {journal} was not started; run the same "
+                                    "command again to start over")
+        assert not journal.exists() and not journal.parent.exists()
+
+
 def test_termination_is_recognised_however_it_surfaces():
     """The cases the handler produces, without a process: Ray's SystemError around ``Terminated``
     (its ``__context__``), one raised ``from`` it, and an exception after a swallowed one."""
