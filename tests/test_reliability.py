@@ -331,16 +331,30 @@ def test_a_config_file_writing_would_refuse_exits_2_before_ray_starts(existing, 
     assert path.read_bytes() == before
 
 
+def test_compare_refuses_a_config_file_writing_would_refuse_before_ray_starts(tmp_path, monkeypatch, capsys):
+    _forbid_ray(monkeypatch)
+    configs = tmp_path / "configs"
+    path = _existing_file(configs, "0.0.1", None)
+    assert main(_compare_argv(configs)) == 2
+    line = _one_error_line(capsys.readouterr().err, f"moe-tune: error: {path} holds configs for batch sizes 8")
+    assert "it was tuned for another triton" in line, line
+    assert main(_compare_argv(configs, "--replace")) == 1
+    _one_error_line(capsys.readouterr().err, "moe-tune: run failed: Ray started")
+    assert not (tmp_path / "report").exists()
+
+
 def test_a_cluster_leaves_the_config_file_check_to_the_workers(tmp_path, monkeypatch, capsys):
     """With --address the workers may run other GPUs and software than this host: only they know
     the file names, so the file is not judged before Ray starts (``tuner.driver`` checks it then)."""
     from tuner.commands.tune import known_device_name
-    from tuner.options import TuneOptions
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert known_device_name(TuneOptions(model=("x",), interpret=True)) == "cpu"
-    assert known_device_name(TuneOptions(model=("x",), interpret=True, address="10.0.0.1:6379")) is None
-    assert known_device_name(TuneOptions(model=("x",))) is None
+    assert known_device_name(True, None) == "cpu" and known_device_name(True, "local") == "cpu"
+    assert known_device_name(True, "10.0.0.1:6379") is None
+    assert known_device_name(False, None) is None
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert known_device_name(True, None) is None
+    monkeypatch.delenv("RAY_ADDRESS")
     from tuner.errors import RunFailed
 
     def ray_session(*args, **kwargs):

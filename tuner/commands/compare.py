@@ -13,7 +13,7 @@ from tuner.commands.arguments import (add_batch_sizes_argument, add_dtype_argume
                                       add_layout_arguments, check_interpret_limits, check_output_location,
                                       check_routing_file, confirm_fresh, dtype_list, nonblank, path_arg,
                                       positive_float, positive_int, routing_arg)
-from tuner.commands.tune import PREFLIGHT_DEVICE
+from tuner.commands.tune import PREFLIGHT_DEVICE, known_device_name, refuse_existing_files
 from tuner.dispatch import SERVERS
 from tuner.errors import OptionError, UsageError
 from tuner.journal import JOURNAL_NAME, JournalBusy, check_not_busy, count_measurements, not_a_journal
@@ -23,7 +23,7 @@ from tuner.search import STRATEGIES
 from tuner.ray_session import DEFAULT_CONNECT_TIMEOUT_S
 from tuner.spaces import load_space
 from tuner.naming import BUILTIN_FOLDER
-from tuner.writers import DEFAULT_OUT, probe_writable
+from tuner.writers import DEFAULT_OUT, ServerFilesWriter, probe_writable
 from workers.backends import BUILTIN
 from workers.records import DType, MoEShape
 
@@ -122,6 +122,12 @@ def _request(args: argparse.Namespace) -> tuple[compare.CompareRequest, list[str
     if args.fresh:
         work = {(s.shape, args.routing, M) for s in planned.shapes for M in planned.batch_sizes}
         confirm_fresh(journal, count_measurements(journal, work), args.yes)
+
+    device = known_device_name(args.interpret, args.address)
+    if device is not None:  # else ``tuner.driver.tune`` checks the files once the workers report it
+        servers = {job.shape: job.servers for job in planned.for_device(device).jobs}  # as ``search_jobs``
+        refuse_existing_files(planned.for_device(device), runs, lambda choice: ServerFilesWriter(
+            args.configs_out, servers.__getitem__, args.replace, args.builtin_fp4), "configs_out")
 
     def plan_for_device(device_name: str):
         return compare.search_jobs(planned, args.routing, device_name, servers_by_shape)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -182,22 +183,27 @@ def validate(args: TuneOptions, probe: bool = True) -> Validated:
             check_not_busy(journal)
         except JournalBusy as exc:
             raise OptionError("journal", str(exc), flagged=False) from None
-        check_existing_files(args, valid)
+        device = known_device_name(args.interpret, args.address)
+        if device is not None:  # else ``tuner.driver.tune`` checks the files once the workers report it
+            planned = valid.plan.for_device(device)
+            refuse_existing_files(planned, runs, lambda choice: writers.ServerFilesWriter(
+                out, _servers_of(planned, writers.format_servers(choice.format)), args.replace), "out")
         probe_writable(out, "out")  # last: creates folders; input refused earlier leaves no folder behind
         probe_writable(journal.parent, "journal")
     return valid
 
 
-def known_device_name(args: TuneOptions) -> str | None:
+def known_device_name(interpret: bool, address: str | None) -> str | None:
     """The device name the workers will report, where it is known before Ray starts, else None.
 
-    Known under ``--interpret`` in a Ray this command starts (no ``--address``/``RAY_ADDRESS``):
-    the workers are this host's processes on the CPU ("cpu"), with this host's Triton and kernel
-    code. Not known for GPUs (the driver never initializes CUDA: a context there would hold
-    memory on a GPU the workers measure on) nor on a cluster (its nodes may run other GPUs and
-    software): there only the workers know it, and ``tuner.driver.tune`` refuses conflicting
-    files once they report it, still before any measurement."""
-    if args.interpret and cluster_address(args.address) is None:
+    Known under ``--interpret`` in a Ray the command starts (no ``--address``/``RAY_ADDRESS``,
+    ``address``: the option as given): the workers are this host's processes on the CPU ("cpu"),
+    with this host's Triton and kernel code. Not known for GPUs (the driver never initializes
+    CUDA: a context there would hold memory on a GPU the workers measure on) nor on a cluster
+    (its nodes may run other GPUs and software): there only the workers know it, and
+    ``tuner.driver.tune`` refuses conflicting files once they report it, still before any
+    measurement."""
+    if interpret and cluster_address(address) is None:
         return "cpu"
     return None
 
@@ -208,30 +214,27 @@ def _servers_of(plan: DevicePlan, layouts: tuple[str, ...]):
     return lambda shape: tuple(server for server in servers[shape] if server in layouts)
 
 
-def check_existing_files(args: TuneOptions, valid: Validated) -> None:
-    """Refuse (``OptionError`` about ``out``, one line) config files already in the output folder
-    that writing would refuse after the tune (``tuner.writers``' rule: entries of batch sizes not
-    re-tuned, written for another kernel or Triton version or without a record, and no
-    ``--replace``), where the device name is known before Ray starts (``known_device_name``);
-    elsewhere ``tuner.driver.tune`` checks them when the workers have reported it."""
+def refuse_existing_files(plan: DevicePlan, runs: list[kernel_choice.KernelRun],
+                          writer_for: Callable[[kernel_choice.KernelRun], writers.ServerFilesWriter],
+                          option: str) -> None:
+    """Refuse (``OptionError`` about ``option``, the output folder's option; one line) config files
+    already there that writing would refuse after the tune (``tuner.writers``' rule: entries of
+    batch sizes not re-tuned, written for another kernel or Triton version or without a record,
+    and no ``--replace``). ``plan``: the plan for the device the workers will report
+    (``known_device_name``); ``writer_for``: the writer each run of ``runs`` writes through. The
+    worker environment is this host's (``known_device_name`` says when it is the workers')."""
     import triton
 
-    device = known_device_name(args)
-    if device is None:
-        return
-    planned = valid.plan.for_device(device)
-    for choice in valid.runs:
-        env = {"device": device, "triton": triton.__version__, **backends.load(choice.kernel).describe()}
-        writer = writers.ServerFilesWriter(valid.out, _servers_of(planned, writers.format_servers(choice.format)),
-                                           args.replace)
+    for choice in runs:
+        env = {"device": plan.device_name, "triton": triton.__version__, **backends.load(choice.kernel).describe()}
         batch_sizes: dict = {}
-        for job in planned.jobs:
+        for job in plan.jobs:
             if choice.takes(job):
                 batch_sizes.setdefault(job.shape, set()).update(job.batch_sizes)
         try:
-            writer.check(device, env, batch_sizes)
+            writer_for(choice).check(plan.device_name, env, batch_sizes)
         except writers.FileConflict as exc:
-            raise OptionError("out", str(exc), flagged=False) from None
+            raise OptionError(option, str(exc), flagged=False) from None
 
 
 def _dry_run(args: TuneOptions, device_name: str, valid: Validated) -> None:
