@@ -557,7 +557,8 @@ def test_sigterm_while_ray_starts_exits_143_and_leaves_no_ray_process(tmp_path):
     code, err, ours = _signal_once_ray_shows(
         tmp_path / "out", signal.SIGTERM, lambda ours: any("gcs_server" in cmdline for cmdline in ours.values()))
     assert code == 143, err[-3000:]
-    _one_error_line(err, "moe-tune: terminated by SIGTERM")
+    line = _one_error_line(err, "moe-tune: terminated by SIGTERM")
+    assert line.endswith("run the same command again"), line  # no journal was opened: nothing to resume from
     assert "Traceback" not in err and "SystemExit" not in err, err[-3000:]
     _gone_within(ours, 10)
 

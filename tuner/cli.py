@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:  # noqa: BLE001 - dispatched below; anything else propagates
         if signals.caused(exc):
             # However it surfaced: Terminated, or a Ray call ended by it (a SystemError around it).
-            hint = signals.hint_of(exc) or "run the same command again to resume"
+            # The command's hint (a tune's: what its journal holds); else no claim about a journal.
+            hint = signals.hint_of(exc) or "run the same command again"
             print(f"moe-tune: terminated by SIGTERM; Ray stopped; {hint}", file=sys.stderr)
             _exit_now_if_stranded(signals.EXIT_CODE)
             return signals.EXIT_CODE

@@ -2,8 +2,10 @@
 
 Everything the user gave is validated here, before Ray starts and before anything is written:
 models, layout, dtypes, batch sizes, the search space, routing, the output and journal paths
-(each folder is probed: a file is created, written, renamed and removed there), and (with
-``--interpret``) that the shapes are small enough for the CPU interpreter.
+(each folder is probed: a file is created, written, renamed and removed there), that no live
+run holds the journal, config files already in ``--out`` that writing would refuse (where the
+device name is known before Ray starts: ``known_device_name``), and (with ``--interpret``) that
+the shapes are small enough for the CPU interpreter.
 """
 
 from __future__ import annotations
