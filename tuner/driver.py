@@ -16,12 +16,13 @@ Existing output files that writing would refuse are refused before any measureme
 (``FileConflict`` → exit 2): here, once the workers have reported their device (a file's name
 holds it); where it is known before Ray starts the command refused them already
 (``tuner.commands.tune.known_device_name``). The journal's lock is taken here, the real guard
-against a second live run (the command tried it before Ray started: ``check_not_busy``). When every worker is lost, the batch sizes whose search had finished
-are still chosen (without re-timing) and written, and the run then fails (exit 1) saying how many
-measurements the journal holds for the resume. A failure to write says how to recover. On SIGTERM
-(``tuner.signals``) the actors are killed and the resume hint names the journal
-(``Journal.resume_hint``: nothing measured and the journal not started, when it was not). The summary's
-``timeline`` (``tuner.timeline``) measures each phase.
+against a second live run (the command tried it before Ray started: ``check_not_busy``). When
+every worker is lost, the batch sizes whose search had finished are still chosen (without
+re-timing) and written, and the run then fails (exit 1) saying how many measurements the journal
+holds for the resume. A failure to write says how to recover. On SIGTERM (``tuner.signals``) the
+actors are killed and the resume hint names the journal (``Journal.resume_hint``: nothing
+measured and the journal not started, when it was not). The summary's ``timeline``
+(``tuner.timeline``) measures each phase.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@
 ``validate`` makes every check ``run`` makes before it starts (the spec's fields, every
 model × layout × dtype shape, the routings, the search space, then each tune run exactly as
 ``moe-tune tune`` checks its input — its ``TuneOptions`` built from the spec: models, search
-space, routing files, output and journal locations, a journal another live run holds, baseline
-folders — and the gate's reference folder) and exits 0 or 2. ``run`` validates the same way, then, in one Ray session, runs the tunes
+space, routing files, output and journal locations, baseline folders — and the gate's reference
+folder) and exits 0 or 2. ``run`` validates the same way, then, in one Ray session, runs the tunes
 in order and, when the spec has a gate, benches the fresh configs against the reference folder on
 one GPU worker per kernel, each routing's configs (its own subfolder when the spec has several
 routings) under that routing, on the kernel the tune run that wrote them tuned on (the job's
