@@ -248,3 +248,14 @@ def test_a_routing_file_changed_during_the_server_kernel_timing_ends_the_compare
     with pytest.raises(TaskError) as other:
         compare._server_kernel_timings({}, [DType.MXFP4], {}, request)
     assert other.value is raised[-1]
+
+
+def test_a_malformed_address_is_refused_first_like_tune_does(tmp_path: Path, capsys) -> None:
+    """compare checked --address only when its Ray session opened, after loading the model and
+    planning; it is refused first now, as tune refuses it (here before a model that does not exist)."""
+    code = main(["compare", "--model", str(tmp_path / "missing.json"), "--address", "localhost",
+                 "--out", str(tmp_path / "r"), "--interpret"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("moe-tune: error: --address") and "no port" in err[0], err
+    assert not (tmp_path / "r").exists()

@@ -20,7 +20,7 @@ from tuner.journal import JOURNAL_NAME, JournalBusy, check_not_busy, count_measu
 from tuner.models import derive_shape, load_model
 from tuner.plan import plan, resolve_batch_sizes
 from tuner.search import STRATEGIES
-from tuner.ray_session import DEFAULT_CONNECT_TIMEOUT_S
+from tuner.ray_session import DEFAULT_CONNECT_TIMEOUT_S, cluster_address
 from tuner.spaces import load_space
 from tuner.naming import BUILTIN_FOLDER
 from tuner.writers import DEFAULT_OUT, ServerFilesWriter, probe_writable
@@ -82,6 +82,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def _request(args: argparse.Namespace) -> tuple[compare.CompareRequest, list[str]]:
     """The request, and ``--kernel auto``'s fallback warning (if any) to print once all input is accepted."""
+    cluster_address(args.address)  # a bad --address / RAY_ADDRESS: refused before anything else
     spec = load_model(args.model)
     dtypes = [DType.BF16] + [d for d in args.dtypes if d is not DType.BF16]
     # The dtypes are compared on the shape of the server whose files are asked for (vLLM's for "both").
