@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from workers.backends import server_code
+from workers.backends import SGLANG, server_code
 from workers.backends.base import BackendUnavailable, MoEInputs
 from workers.backends.server import (ENTRY_FUSED_EXPERTS, ENTRY_LAUNCHER, LauncherRunner, ServerBackend,
                                      compiled_ops_load, keyword_quant_arguments, shape_refusal)
@@ -112,7 +112,7 @@ def ensure_server_args() -> None:
 
 
 class SglangBackend(ServerBackend):
-    name = "sglang"
+    name = SGLANG
 
     def __init__(self) -> None:
         self._ops = compiled_ops_load(COMPILED_OPS)
