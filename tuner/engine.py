@@ -59,8 +59,13 @@ class _Work:
 
     @property
     def affinity(self) -> tuple:
-        c = self.candidate
-        return (c.shape, c.routing, c.M)
+        return _affinity(self.candidate)
+
+
+def _affinity(candidate: Candidate) -> tuple:
+    """The problem a worker sets up for ``candidate``: (shape, routing, M); a worker that holds it
+    takes the candidate without setting up again (``Slot.last_group``)."""
+    return (candidate.shape, candidate.routing, candidate.M)
 
 
 @dataclass
@@ -356,7 +361,7 @@ class Retimer:
                 if slot.index in slots and todo and not slot.pending:
                     item = todo.pop(self._pick(todo, slot, compiling))
                     self._count_handed(compiling, item[0])
-                    slot.last_group = (item[1][0].shape, item[1][0].routing, item[1][0].M)
+                    slot.last_group = _affinity(item[1][0])
                     self.pool.submit(slot, item, lambda actor, cs=item[1]: actor.retime.remote(cs))
             if not any(not s.retired for s in self.group.slots):
                 break
@@ -412,8 +417,7 @@ class Retimer:
         """Which of ``todo`` ``slot`` re-times next: a batch size all compiled, the one whose
         problem it holds first; with none compiled, its own, else the oldest."""
         def mine(i: int) -> bool:
-            cs = todo[i][1]
-            return (cs[0].shape, cs[0].routing, cs[0].M) == slot.last_group
+            return _affinity(todo[i][1][0]) == slot.last_group
 
         ready = [i for i, (index, _) in enumerate(todo) if not compiling.get(index)]
         candidates = ready or list(range(len(todo)))
