@@ -344,7 +344,7 @@ class Retimer:
                 todo.append((i, candidates))
         compiling = self._compile_ahead(todo)
         if todo:
-            jobs = len(set().union(*compiling.values())) if compiling else 0
+            jobs = len(set().union(*compiling.values()))
             self.progress.phase(f"re-timing the finalists of {len(todo)} batch sizes on {self.group.device}"
                                 + (f" ({jobs} configs compiling ahead)" if jobs else ""))
             self.timeline.touch("retiming")
@@ -424,7 +424,9 @@ class Retimer:
         return next((i for i in candidates if mine(i)), candidates[0])
 
     def _count_handed(self, compiling: dict[int, set[tuple[MoEShape, Config]]], index: int) -> None:
-        if index not in compiling or self.group.compiler is None:
+        """Count batch size ``index`` handed to a worker, if the re-timing asked compile-ahead for
+        it (``compiling`` is empty without compile-ahead): compiled by then, or still compiling."""
+        if index not in compiling:
             return
         stats = self.group.compiler.stats
         if compiling.pop(index):
