@@ -587,7 +587,8 @@ class RetimeCompiler(NoSpeculation):
 def test_the_retiming_takes_compiled_batch_sizes_first_and_releases_compile_ahead_once_none_waits(
         tmp_path, pumps):
     """Three batch sizes; M=2's finalists hold a config no worker ran and compile-ahead has not
-    compiled; the others' configs ran on the group's workers (never compiled ahead). The one worker re-times M=1 and M=4 first (compiled); M=2 once compiled (counted as
+    compiled; the others' configs ran on the group's workers (never compiled ahead). The one
+    worker re-times M=1 and M=4 first (compiled); M=2 once compiled (counted as
     compiled ahead), else last, compiling for itself (counted as taken uncompiled). Compile-ahead
     is released as soon as no batch size left waits for it (before M=2 is handed over when it
     compiled; right after, when it never does), and is never asked anything after."""
