@@ -276,8 +276,7 @@ class CompileAhead:
             try:
                 results = ray.get(service.collecting)
             except Exception as exc:  # noqa: BLE001
-                signals.check()  # a SIGTERM that surfaced inside Ray's call stops the run
-                self._drop(service, f"{type(exc).__name__}: {exc}")
+                self._drop(service, exc)
                 continue
             service.collecting = None
             for key, outcome in results:
@@ -295,7 +294,11 @@ class CompileAhead:
             self.stats.not_ahead += 1
         return True
 
-    def _drop(self, service: _Service, reason: str) -> None:
+    def _drop(self, service: _Service, exc: Exception) -> None:
+        """Go on without ``service``, whose call raised ``exc``; a SIGTERM that surfaced inside
+        Ray's call stops the run instead."""
+        signals.check()
+        reason = f"{type(exc).__name__}: {exc}"
         self.note(f"compile service on node {service.node[:8]} failed ({reason.splitlines()[0][:200]}); "
                   "going on without it")
         self._services.remove(service)
@@ -322,8 +325,7 @@ class CompileAhead:
             try:
                 keys = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
             except Exception as exc:  # noqa: BLE001
-                signals.check()  # a SIGTERM that surfaced inside Ray's call stops the run
-                self._drop(service, f"{type(exc).__name__}: {exc}")
+                self._drop(service, exc)
                 continue
             service.holds.difference_update(keys)
             dropped.update(keys)
