@@ -719,6 +719,24 @@ def test_a_swallowed_ctrl_c_still_ends_the_command_with_130(monkeypatch, capsys)
         signals.install()
 
 
+def test_a_command_started_with_sigint_ignored_keeps_it_ignored():
+    """A job a shell starts in the background has SIGINT ignored (a Ctrl-C at the terminal is not
+    for it): ``signals.install`` flags SIGINT only where Python's own handler is in place."""
+    from tuner import signals
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signals.install()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signals.install()
+        assert signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, signal.default_int_handler)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        signals.install()
+
+
 # -- 9: start-up -------------------------------------------------------------------------------------
 
 def test_compile_processes_start_while_the_workers_start(tmp_path, monkeypatch):
