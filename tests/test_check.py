@@ -30,7 +30,7 @@ def test_interpreted_check_passes_and_prints_each_m(capfd):
     (["--shape", "4,64,64,2", "--dtype", "fp8_w8a8", "--block-shape", "48,48"], "powers of two"),
     (["--shape", "4,64,64,2", "--dtype", "fp8_w8a8", "--block-shape", "20,32"], "multiples of 16"),
     (["--shape", "4,64,64,2", "--dtype", "int4_w4a16", "--group-size", "0"],
-     "--group-size expected a positive size or -1 (per row), got 0"),
+     "argument --group-size: expected a positive size or -1 (per row), got '0'"),
     (["--model", "mixtral-8x7b"], "tiny shapes only"),
     (["--shape", "256,64,64,8"], "tiny shapes only"),
     (["--shape", "4,32,64,2", "--batch-sizes", "1,65"], "batch sizes up to 64"),

@@ -189,6 +189,24 @@ def test_auto_with_a_stale_ray_current_cluster_says_where_the_address_came_from(
     assert f"recorded by 'ray start' in {ray_tmp}/ray/ray_current_cluster" in line and "within 2s" in line
 
 
+def test_auto_joins_the_cluster_ray_address_names(monkeypatch):
+    """``--address auto`` under ``RAY_ADDRESS=host:port`` joins that address (as Ray's own auto
+    does), not the recorded cluster nor a Ray head found running here."""
+    from tuner import ray_session
+
+    joined = []
+    monkeypatch.setattr(ray_session.ray, "init", lambda **kwargs: joined.append(kwargs["address"]))
+    monkeypatch.setenv("RAY_TMPDIR", "/nonexistent-moe-tune")  # no recorded cluster to prefer
+    with socket.socket() as head:
+        head.bind(("127.0.0.1", 0))
+        head.listen(4)
+        address = f"127.0.0.1:{head.getsockname()[1]}"
+        monkeypatch.setenv("RAY_ADDRESS", f" {address} ")
+        assert ray_session.cluster_address("auto") == "auto"
+        ray_session.join("auto", None, 5)
+    assert joined == [address]
+
+
 def test_a_huge_connect_timeout_joins_instead_of_overflowing(monkeypatch):
     """``--connect-timeout 1e308`` is a positive number, but a thread wait that long raised
     OverflowError (a traceback) even where the cluster answered at once."""
@@ -696,6 +714,24 @@ def test_a_swallowed_ctrl_c_still_ends_the_command_with_130(monkeypatch, capsys)
             assert capsys.readouterr().err.strip().splitlines()[-1] == "moe-tune: interrupted"
             with pytest.raises(KeyboardInterrupt):
                 signals.check()  # and every waiting loop stops on it
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        signals.install()
+
+
+def test_a_command_started_with_sigint_ignored_keeps_it_ignored():
+    """A job a shell starts in the background has SIGINT ignored (a Ctrl-C at the terminal is not
+    for it): ``signals.install`` flags SIGINT only where Python's own handler is in place."""
+    from tuner import signals
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signals.install()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signals.install()
+        assert signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, signal.default_int_handler)
     finally:
         signal.signal(signal.SIGINT, previous)
         signals.install()

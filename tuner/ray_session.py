@@ -165,11 +165,9 @@ def _resolve_auto() -> tuple[str, tuple[str, int] | None, str]:
     from ray._common.utils import get_ray_address_file
     from ray._private import services
 
-    if _ray_address_variable():
-        found = cluster_address(None)  # refused before the session started (cluster_address("auto"))
-        if found is None:
-            raise UsageError("RAY_ADDRESS=local: names no cluster for --address auto to join")
-        return found, _host_port(found), f"RAY_ADDRESS={found}"
+    variable = _ray_address_variable()
+    if variable:  # checked, and local refused, by cluster_address("auto") before the session opened
+        return variable, _host_port(variable), f"RAY_ADDRESS={variable}"
     recorded = Path(get_ray_address_file(None))
     text = recorded.read_text(errors="replace").strip() if recorded.is_file() else ""
     if text:

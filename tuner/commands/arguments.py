@@ -120,6 +120,11 @@ def positive_int(text: str) -> int:
     return _number(text, int, lambda v: v >= 1, "a positive integer")
 
 
+def group_size_arg(text: str) -> int:
+    """An int4 scale group along K: a positive size, or ``-1`` (one group per row)."""
+    return _number(text, int, lambda v: v == -1 or v >= 1, "a positive size or -1 (per row)")
+
+
 def positive_float(text: str) -> float:
     return _number(text, float, lambda v: 0 < v < math.inf, "a positive number")
 

@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 
 from tuner.commands.arguments import (add_batch_sizes_argument, add_dtype_argument, block_shape_arg,
-                                      check_interpret_limits, int_list, nonblank)
-from tuner.errors import OptionError, RunFailed, UsageError
+                                      check_interpret_limits, group_size_arg, int_list, nonblank)
+from tuner.errors import RunFailed, UsageError
 from tuner.validation import parse_json
 from workers.formats import block_shape_dtypes, format_of, shape_rule_broken
 from workers.records import INT4_DEFAULT_GROUP, Config, DType, MoEShape
@@ -29,7 +29,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ep", type=int, default=1, help="expert-parallel size, dividing --tp (with --model)")
     add_dtype_argument(parser, "kernel dtype; default: the model's own, or bf16 with --shape")
     parser.add_argument("--block-shape", type=block_shape_arg, metavar="BN,BK", help="fp8 weight block shape, e.g. 128,128")
-    parser.add_argument("--group-size", type=int, metavar="G",
+    parser.add_argument("--group-size", type=group_size_arg, metavar="G",
                         help=f"int4_w4a16 scale group along K with --shape (default {INT4_DEFAULT_GROUP}; -1: per row)")
     add_batch_sizes_argument(parser, default=(1, 7, 33))
     parser.add_argument("--config", metavar="JSON|PATH",
@@ -115,8 +115,6 @@ def _shapes(args: argparse.Namespace, dtypes: list[DType] | None) -> list[MoESha
         block = args.block_shape
         if dtype is DType.INT4_W4A16:
             int4_group = args.group_size if args.group_size is not None else INT4_DEFAULT_GROUP
-            if int4_group != -1 and int4_group < 1:
-                raise OptionError("group_size", f"expected a positive size or -1 (per row), got {int4_group}")
             if int4_group != -1 and (int4_group < 2 or K % int4_group or N % int4_group):
                 raise UsageError(f"int4_w4a16 needs K and N multiples of the group size {int4_group} (K={K}, N={N}); "
                                  f"pass --group-size")
