@@ -13,10 +13,10 @@ from tuner.commands.arguments import (add_batch_sizes_argument, add_dtype_argume
                                       add_layout_arguments, check_interpret_limits, check_output_location,
                                       check_routing_file, confirm_fresh, dtype_list, nonblank, path_arg,
                                       positive_float, positive_int, routing_arg)
-from tuner.commands.tune import PREFLIGHT_DEVICE, known_device_name, refuse_existing_files
+from tuner.commands.tune import PREFLIGHT_DEVICE, check_journal, known_device_name, refuse_existing_files
 from tuner.dispatch import SERVERS
-from tuner.errors import OptionError, UsageError
-from tuner.journal import JOURNAL_NAME, JournalBusy, check_not_busy, count_measurements, not_a_journal
+from tuner.errors import UsageError
+from tuner.journal import JOURNAL_NAME, JournalBusy, count_measurements
 from tuner.models import derive_shape, load_model
 from tuner.plan import plan, resolve_batch_sizes
 from tuner.search import STRATEGIES
@@ -112,14 +112,7 @@ def _request(args: argparse.Namespace) -> tuple[compare.CompareRequest, list[str
     grid, reference_weights = compare.accuracy_reference(spec)
     servers_by_shape: dict = {}
     journal = args.journal or args.configs_out / JOURNAL_NAME
-    check_output_location(journal, "journal", folder=False)
-    foreign = not_a_journal(journal)
-    if foreign:
-        raise OptionError("journal", f"{journal}: {foreign}")
-    try:
-        check_not_busy(journal)
-    except JournalBusy as exc:
-        raise OptionError("journal", str(exc), flagged=False) from None
+    check_journal(journal, busy=True)
     if args.fresh:
         work = {(s.shape, args.routing, M) for s in planned.shapes for M in planned.batch_sizes}
         confirm_fresh(journal, count_measurements(journal, work), args.yes)

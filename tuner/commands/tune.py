@@ -145,10 +145,7 @@ def validate(args: TuneOptions, probe: bool = True) -> Validated:
     out = Path(args.out).expanduser()
     check_output_location(out, "out", folder=True)
     journal = Path(args.journal).expanduser() if args.journal else out / JOURNAL_NAME
-    check_output_location(journal, "journal", folder=False)
-    foreign = not_a_journal(journal)
-    if foreign:
-        raise OptionError("journal", f"{journal}: {foreign}")
+    check_journal(journal, busy=probe)  # a live run's lock: a run's check, not --dry-run's
 
     with about("model"):
         models = [load_model(m) for m in args.model]
@@ -181,10 +178,6 @@ def validate(args: TuneOptions, probe: bool = True) -> Validated:
         confirm_fresh(journal, count_measurements(journal, work), args.yes)
     valid = Validated(planned, out, journal, str(routing), runs, baselines, tuple(warnings))
     if probe:  # a run's checks, not --dry-run's (which starts nothing and writes nothing)
-        try:
-            check_not_busy(journal)
-        except JournalBusy as exc:
-            raise OptionError("journal", str(exc), flagged=False) from None
         device = known_device_name(args.interpret, args.address)
         if device is not None:  # else ``tuner.driver.tune`` checks the files once the workers report it
             planned = valid.plan.for_device(device)
@@ -193,6 +186,22 @@ def validate(args: TuneOptions, probe: bool = True) -> Validated:
         probe_writable(out, "out")  # last: creates folders; input refused earlier leaves no folder behind
         probe_writable(journal.parent, "journal")
     return valid
+
+
+def check_journal(journal: Path, *, busy: bool) -> None:
+    """Refuse (``OptionError`` about ``journal``, one line) a journal path a run cannot use: one
+    that cannot become a file (``check_output_location``), an existing file that is no journal
+    (``tuner.journal.not_a_journal``: a run appends to it) and, with ``busy``, one a live run holds
+    (``tuner.journal.check_not_busy``)."""
+    check_output_location(journal, "journal", folder=False)
+    foreign = not_a_journal(journal)
+    if foreign:
+        raise OptionError("journal", f"{journal}: {foreign}")
+    if busy:
+        try:
+            check_not_busy(journal)
+        except JournalBusy as exc:
+            raise OptionError("journal", str(exc), flagged=False) from None
 
 
 def known_device_name(interpret: bool, address: str | None) -> str | None:
