@@ -119,8 +119,9 @@ def _request(args: argparse.Namespace) -> tuple[compare.CompareRequest, list[str
 
     device = known_device_name(args.interpret, args.address)
     if device is not None:  # else ``tuner.driver.tune`` checks the files once the workers report it
-        servers = {job.shape: job.servers for job in planned.for_device(device).jobs}  # as ``search_jobs``
-        refuse_existing_files(planned.for_device(device), runs, lambda choice: ServerFilesWriter(
+        device_plan = planned.for_device(device)
+        servers = {job.shape: job.servers for job in device_plan.jobs}  # as ``search_jobs``
+        refuse_existing_files(device_plan, runs, lambda choice: ServerFilesWriter(
             args.configs_out, servers.__getitem__, args.replace, args.builtin_fp4), "configs_out")
 
     def plan_for_device(device_name: str):

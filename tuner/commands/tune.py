@@ -180,9 +180,9 @@ def validate(args: TuneOptions, probe: bool = True) -> Validated:
     if probe:  # a run's checks, not --dry-run's (which starts nothing and writes nothing)
         device = known_device_name(args.interpret, args.address)
         if device is not None:  # else ``tuner.driver.tune`` checks the files once the workers report it
-            planned = valid.plan.for_device(device)
-            refuse_existing_files(planned, runs, lambda choice: writers.ServerFilesWriter(
-                out, _servers_of(planned, writers.format_servers(choice.format)), args.replace), "out")
+            device_plan = planned.for_device(device)
+            refuse_existing_files(device_plan, runs, lambda choice: writers.ServerFilesWriter(
+                out, _servers_of(device_plan, writers.format_servers(choice.format)), args.replace), "out")
         probe_writable(out, "out")  # last: creates folders; input refused earlier leaves no folder behind
         probe_writable(journal.parent, "journal")
     return valid
