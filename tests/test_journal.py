@@ -280,12 +280,15 @@ def test_a_retiming_is_handed_back_per_finalist_or_not_at_all(tmp_path, rng):
     with Journal(path) as journal:
         assert journal.retime(env, finalists) == latencies
         assert journal.retime(env, finalists[::-1]) == latencies[::-1]
-    for bad in ({"latency_us": latencies[:-1]}, {"latency_us": [0.0, *latencies[1:]]},
-                {"latency_us": [-5.0, *latencies[1:]]}, {"finalists": [keys[0]] * len(keys)},
-                {"finalists": [keys[0], keys[1], "f" * 64]}):
+    # Malformed records are counted invalid when read (their candidates re-timed); a well-formed one
+    # of other finalists under this key (hand-edited) is read but not used for these.
+    for bad, invalid in (({"latency_us": latencies[:-1]}, 1), ({"latency_us": [0.0, *latencies[1:]]}, 1),
+                         ({"latency_us": [-5.0, *latencies[1:]]}, 1), ({"finalists": [keys[0]] * len(keys)}, 1),
+                         ({"finalists": [keys[0], keys[1], "f" * 64]}, 0)):
         path.write_bytes(orjson.dumps({**retime_to_record(retime_key(keys), keys, latencies), **bad}) + b"\n")
         with Journal(path) as journal:
             assert journal.retime(env, finalists) is None, bad
+            assert journal.invalid_records == invalid, bad
 
 
 def test_a_journal_never_removes_a_folder_it_did_not_create(tmp_path) -> None:
