@@ -393,9 +393,7 @@ class Journal:
     @property
     def started(self) -> bool:
         """False while the journal is one this object created and nothing was recorded in it yet:
-        ``close`` then removes it again, as if it had never been."""
-        if self._handle.closed:
-            return self.path.exists()
+        ``close`` then removes it again, as if it had never been. Asked while the journal is open."""
         return not (self._created and self.set_aside is None and os.fstat(self._handle.fileno()).st_size == 0)
 
     def holds(self) -> str:
