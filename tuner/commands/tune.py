@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -41,7 +41,7 @@ from tuner.timeline import Timeline
 from tuner.writers import FORMATS, partial_file_warnings, probe_writable
 from workers import backends
 from workers.backends.base import describe_label
-from workers.records import Status
+from workers.records import MoEShape, Status
 from workers.routing import parse_routing, pin_file
 
 PREFLIGHT_DEVICE = "preflight"
@@ -182,7 +182,8 @@ def validate(args: TuneOptions, probe: bool = True) -> Validated:
         if device is not None:  # else ``tuner.driver.tune`` checks the files once the workers report it
             device_plan = planned.for_device(device)
             refuse_existing_files(device_plan, runs, lambda choice: writers.ServerFilesWriter(
-                out, _servers_of(device_plan, writers.format_servers(choice.format)), args.replace), "out")
+                out, _servers_of({job.shape: job.servers for job in device_plan.jobs},
+                                 writers.format_servers(choice.format)), args.replace), "out")
         probe_writable(out, "out")  # last: creates folders; input refused earlier leaves no folder behind
         probe_writable(journal.parent, "journal")
     return valid
@@ -219,10 +220,10 @@ def known_device_name(interpret: bool, address: str | None) -> str | None:
     return None
 
 
-def _servers_of(plan: DevicePlan, layouts: tuple[str, ...]):
-    """The servers whose files a run in ``layouts`` writes for a shape of ``plan``: the shape's own."""
-    servers = {job.shape: job.servers for job in plan.jobs}
-    return lambda shape: tuple(server for server in servers[shape] if server in layouts)
+def _servers_of(servers_by_shape: Mapping[MoEShape, tuple[str, ...]], layouts: tuple[str, ...]):
+    """The servers whose files a run in ``layouts`` writes for a shape (``ServerFilesWriter``'s
+    ``servers_of``): the shape's own (``servers_by_shape``, a plan's ``job.servers``), in ``layouts``."""
+    return lambda shape: tuple(server for server in servers_by_shape[shape] if server in layouts)
 
 
 def refuse_existing_files(plan: DevicePlan, runs: list[kernel_choice.KernelRun],
@@ -332,17 +333,13 @@ def tune_in_session(args: TuneOptions, valid: Validated, session: RaySession, ti
                     for job in jobs]
         return jobs_for_device
 
-    def servers_of(layouts: tuple[str, ...]):
-        """The servers whose files a run writes for a shape: the shape's own, in that run's layouts."""
-        return lambda shape: tuple(server for server in servers_by_shape[shape] if server in layouts)
-
     summaries = []
     for index, choice in enumerate(valid.runs):
         baseline = valid.baselines[choice.kernel]
         layouts = writers.format_servers(choice.format)
         request = driver.TuneRequest(
             jobs_for_device=jobs_for(baseline, choice),
-            write_outputs=writers.ServerFilesWriter(valid.out, servers_of(layouts), args.replace),
+            write_outputs=writers.ServerFilesWriter(valid.out, _servers_of(servers_by_shape, layouts), args.replace),
             journal_path=valid.journal, fresh=args.fresh and index == 0, workers=args.workers,
             interpret=args.interpret, kernel=choice.kernel, timeout_s=args.timeout, finalists=args.finalists,
             strategy=args.strategy, split_gemms=args.split_gemms,
