@@ -153,14 +153,14 @@ def test_not_a_journal_tells_journals_from_other_files(tmp_path: Path) -> None:
 
     cases = {"missing": None, "empty": b"", "torn": b'{"v": 1, "kind": "meas',
              "journal": b'\n{"v": 1, "kind": "retime", "key": "k"}\n[1, 2]\n{oops\n',
-             "config": b'{"hidden_size": 64}\n', "unterminated": b'{"hidden_size": 64}', "text": b"hello\n",
+             "config": b'{"hidden_size": 64}\n', "unterminated": b'{"hidden_size": 64}', "text": b"hello\n", "unterminated text": b"hello",
              "list": b"[1, 2]\n"}
     for name, content in cases.items():
         if content is not None:
             (tmp_path / name).write_bytes(content)
     verdicts = {name: not_a_journal(tmp_path / name) is None for name in cases}
     assert verdicts == {"missing": True, "empty": True, "torn": True, "journal": True, "config": False,
-                        "unterminated": False, "text": False, "list": False}
+                        "unterminated": False, "text": False, "unterminated text": False, "list": False}
     (tmp_path / "folder").mkdir()
     os.mkfifo(tmp_path / "fifo")  # would block a reader: refused without being opened
     assert not_a_journal(tmp_path / "folder") == not_a_journal(tmp_path / "fifo") == "exists and is not a file"

@@ -224,9 +224,9 @@ def record_to_measurement(record: dict) -> Measurement:
 def not_a_journal(path: Path) -> str | None:
     """Why the existing path ``path`` cannot be a moe-tune journal (one line), or None: it is one
     (its first complete line is a record this module writes, however hostile the lines after it),
-    it is empty or holds only a torn first record (an unterminated line that is no whole JSON
-    value: a one-line ``{...}`` without a newline is a file, which opening would cut), or it does
-    not exist. A run appends to its
+    it is empty or holds only a torn first record (an unterminated line that starts as a record
+    does and is no whole JSON value: any other unterminated line is a file's, which opening would
+    cut), or it does not exist. A run appends to its
     journal, so a file given as one by mistake (a ``config.json``) would be corrupted; a folder or
     a FIFO is no file at all (and is never opened here: reading a FIFO would block)."""
     if path.exists() and not path.is_file():
@@ -242,8 +242,8 @@ def not_a_journal(path: Path) -> str | None:
     try:
         record = orjson.loads(first)
     except orjson.JSONDecodeError:
-        if not first.endswith(b"\n"):
-            return None  # nothing, or a record torn by a killed run: opening the journal cuts it
+        if not first.endswith(b"\n") and (not first or first.startswith(b'{"v"')):
+            return None  # nothing, or a record (``{"v": ...``) torn by a killed run: opening the journal cuts it
         record = None
     if isinstance(record, dict) and "v" in record and record.get("kind") in ("measure", "retime"):
         return None
